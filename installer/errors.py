@@ -1,0 +1,92 @@
+"""One error type for everything a user can meet, and the exit codes.
+
+Every error carries what happened, why, and how to fix it.  The CLI prints those three lines and exits with the
+error's code; a traceback is shown only with ``--debug``.  The codes are shared with ``setup.sh``.
+"""
+
+from __future__ import annotations
+
+# Exit codes: documented in README.md ("Exit codes") and used by setup.sh.
+OK = 0
+INTERNAL = 1  # a bug in lorastrap: please report it
+USAGE = 2  # bad command-line flags or arguments
+NO_PROFILE = 3  # no environment profile fits this machine
+CONFIG = 4  # malformed profiles.yaml, spec, lock or fixture
+NETWORK = 5  # a channel or mirror could not be reached
+INTEGRITY = 6  # a package's checksum does not match its lock
+DISK = 7  # not enough free disk
+BUSY = 8  # another lorastrap holds the lock (with --no-wait)
+VERIFY = 9  # the verification run failed
+INTERRUPTED = 130  # Ctrl-C / SIGTERM
+
+EXIT_CODES = {
+    OK: "success",
+    INTERNAL: "internal error (a bug: please report it with --debug output)",
+    USAGE: "usage error",
+    NO_PROFILE: "no environment profile fits this machine",
+    CONFIG: "malformed configuration (profiles, spec or lock file)",
+    NETWORK: "a channel or mirror could not be reached",
+    INTEGRITY: "a package does not match the checksum in its lock",
+    DISK: "not enough free disk space",
+    BUSY: "another lorastrap run holds the lock",
+    VERIFY: "the verification run failed",
+    INTERRUPTED: "interrupted",
+}
+
+
+class LorastrapError(Exception):
+    """A failure explained to the user: what happened, why, and how to fix it."""
+
+    exit_code = INTERNAL
+
+    def __init__(self, what: str, *, why: str = "", fix: str = "", exit_code: int | None = None):
+        super().__init__(what)
+        self.what = what
+        self.why = why
+        self.fix = fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def to_dict(self) -> dict:
+        return {"error": type(self).__name__, "what": self.what, "why": self.why, "fix": self.fix,
+                "exit_code": self.exit_code}
+
+    def render(self) -> str:
+        lines = [f"error: {self.what}"]
+        if self.why:
+            lines.append(f"  why: {self.why}")
+        if self.fix:
+            lines.append(f"  fix: {self.fix}")
+        return "\n".join(lines)
+
+
+class UsageError(LorastrapError):
+    exit_code = USAGE
+
+
+class NoProfileError(LorastrapError):
+    exit_code = NO_PROFILE
+
+
+class ConfigError(LorastrapError):
+    exit_code = CONFIG
+
+
+class NetworkError(LorastrapError):
+    exit_code = NETWORK
+
+
+class IntegrityError(LorastrapError):
+    exit_code = INTEGRITY
+
+
+class DiskError(LorastrapError):
+    exit_code = DISK
+
+
+class BusyError(LorastrapError):
+    exit_code = BUSY
+
+
+class VerifyError(LorastrapError):
+    exit_code = VERIFY

@@ -1,0 +1,240 @@
+"""Step 2: from what the machine has (detect.Machine) and the matrix (profiles.Matrix) to a choice, with reasons.
+
+A pure function: no I/O.  Every rule it checks comes from envs/profiles.yaml; nothing here knows a GPU by name.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from installer.detect import Machine
+from installer.errors import NoProfileError
+from installer.profiles import Matrix, Profile
+
+SCHEMA_VERSION = 1
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Check(Model):
+    rule: str
+    ok: bool
+    message: str
+    source: str | None = None
+
+
+class Candidate(Model):
+    profile: str
+    auto: bool
+    fits: bool
+    checks: list[Check]
+
+    @property
+    def unmet(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+class Warning_(Model):
+    severity: Literal["info", "warning"]
+    message: str
+    source: str | None = None
+
+
+class Plan(Model):
+    schema_version: int = SCHEMA_VERSION
+    profile: str | None = Field(description="the chosen profile; null when none fits")
+    forced: bool = Field(False, description="chosen with --profile")
+    platform: str | None
+    reasons: list[str] = Field(description="why this profile")
+    broken: list[Check] = Field([], description="requirements a forced profile does not meet")
+    warnings: list[Warning_] = []
+    hints: list[str] = Field([], description="what would unlock a better profile")
+    candidates: list[Candidate]
+
+
+def _v(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("."))
+
+
+def _fmt_ccs(ccs: list[str]) -> str:
+    return ", ".join(sorted(set(ccs), key=_v))
+
+
+def device_ccs(machine: Machine) -> list[str]:
+    """The compute capabilities to judge: the __cuda_arch override if given, else every CUDA device's."""
+    if "CONDA_OVERRIDE_CUDA_ARCH" in machine.overrides and machine.cuda_arch:
+        return [machine.cuda_arch]
+    return [d.compute_capability for d in machine.devices if d.compute_capability]
+
+
+def check(profile: Profile, machine: Machine) -> list[Check]:
+    checks = [Check(rule="platform", ok=machine.platform in profile.platforms,
+                    message=f"platform {machine.platform or machine.arch + ' (unsupported)'} "
+                            f"{'is' if machine.platform in profile.platforms else 'is not'} one of "
+                            f"{', '.join(profile.platforms)}")]
+    req = profile.requires
+    cuda = machine.cuda
+    if req.gpu is not None and req.gpu.value:
+        why = ("no usable NVIDIA GPU" + (f" (NVML: {machine.nvidia.nvml_status})"
+                                          if machine.nvidia.nvml_status != "ok" else "")
+               if cuda is None else f"driver supports CUDA {cuda}")
+        checks.append(Check(rule="gpu", ok=cuda is not None,
+                            message=f"needs an NVIDIA GPU: {why}", source=req.gpu.source))
+    if req.driver_cuda_min is not None:
+        need = req.driver_cuda_min.value
+        ok = cuda is not None and _v(cuda) >= _v(need)
+        checks.append(Check(rule="driver_cuda_min", ok=ok,
+                            message=f"driver must support CUDA >= {need}: "
+                                    + (f"it supports {cuda}" if cuda else "no CUDA driver"),
+                            source=req.driver_cuda_min.source))
+    if req.compute_capability is not None and cuda is not None:
+        lo, hi = req.compute_capability.min, req.compute_capability.max
+        ccs = device_ccs(machine)
+        if not ccs:
+            checks.append(Check(rule="compute_capability", ok=True,
+                                message="compute capability unknown (set CONDA_OVERRIDE_CUDA_ARCH to check it)",
+                                source=req.compute_capability.source))
+        else:
+            bad = [cc for cc in ccs if not (_v(lo) <= _v(cc) <= _v(hi))]
+            checks.append(Check(rule="compute_capability", ok=not bad,
+                                message=f"every GPU's compute capability must be in {lo}..{hi}: "
+                                        + (f"{_fmt_ccs(bad)} outside" if bad else f"{_fmt_ccs(ccs)} inside"),
+                                source=req.compute_capability.source))
+    if req.gpu_memory_min_mib is not None and cuda is not None:
+        need = req.gpu_memory_min_mib.value
+        mems = [d.memory_total_mib for d in machine.devices if d.memory_total_mib is not None]
+        if mems:
+            small = [m for m in mems if m < need]
+            checks.append(Check(rule="gpu_memory_min_mib", ok=not small,
+                                message=f"every CUDA device needs >= {need} MiB: "
+                                        + (f"smallest has {min(mems)} MiB"),
+                                source=req.gpu_memory_min_mib.source))
+    if req.glibc_min is not None and machine.os == "linux":
+        glibc = machine.glibc
+        ok = glibc is None or _v(glibc) >= _v(req.glibc_min.value)
+        checks.append(Check(rule="glibc_min", ok=ok,
+                            message=f"glibc must be >= {req.glibc_min.value}: it is {glibc or 'unknown'}",
+                            source=req.glibc_min.source))
+    return checks
+
+
+def _driver_hint(matrix: Matrix, machine: Machine, name: str, profile: Profile) -> str | None:
+    need = profile.requires.driver_cuda_min
+    if need is None:
+        return None
+    major = need.value.split(".")[0]
+    table = {d.cuda: d for d in matrix.cuda_drivers}
+    row = table.get(major)
+    if row is None:
+        return f"a driver supporting CUDA {need.value} enables {name}"
+    driver = row.windows if machine.os == "win" or machine.wsl else row.linux
+    kind = "Windows " if machine.os == "win" or machine.wsl else ""
+    if driver is None:
+        return f"a driver supporting CUDA {need.value} enables {name}"
+    return f"{kind}driver >= {driver} enables {name} (CUDA {major}.x; source: {row.source})"
+
+
+def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen: str | None) -> list[str]:
+    chosen_priority = matrix.profiles[chosen].priority if chosen else -1
+    hints = []
+    nvml_blocked = []
+    for cand in candidates:
+        profile = matrix.profiles[cand.profile]
+        if not cand.auto or cand.fits or profile.priority <= chosen_priority:
+            continue
+        unmet = {c.rule for c in cand.unmet}
+        if unmet == {"driver_cuda_min"}:
+            hint = _driver_hint(matrix, machine, cand.profile, profile)
+            if hint:
+                hints.append(hint)
+        elif "gpu" in unmet and machine.nvidia.nvml_status not in ("ok", "LibraryNotFound"):
+            nvml_blocked.append(cand.profile)
+        elif "compute_capability" in unmet and machine.cuda is not None:
+            cc = profile.requires.compute_capability
+            hints.append(f"{cand.profile} supports compute capability {cc.min}..{cc.max} only "
+                         f"(this machine: {_fmt_ccs(device_ccs(machine))})")
+    if nvml_blocked:
+        hints.append(f"fixing the NVML error ({machine.nvidia.nvml_status}; see `python -m installer detect`) "
+                     f"may enable {', '.join(nvml_blocked)}")
+    return hints
+
+
+def _warnings(matrix: Matrix, machine: Machine, profile: Profile) -> list[Warning_]:
+    out = [Warning_(severity=n.severity, message=n.message, source=n.source) for n in profile.notes]
+    if profile.requires.gpu is not None and profile.requires.gpu.value:
+        ccs = device_ccs(machine)
+        for adv in matrix.advisories:
+            low = [cc for cc in ccs if _v(cc) < _v(adv.compute_capability_below)]
+            if low:
+                out.append(Warning_(severity=adv.severity, message=f"GPU compute capability {_fmt_ccs(low)}: "
+                                    + adv.message, source=adv.source))
+    return out
+
+
+def plan(machine: Machine, matrix: Matrix, *, profile: str | None = None) -> Plan:
+    """Choose the best-fitting automatic profile (highest priority whose rules all pass), or judge a forced one."""
+    candidates = [Candidate(profile=name, auto=p.auto, fits=all(c.ok for c in checks), checks=checks)
+                  for name, p in sorted(matrix.profiles.items(), key=lambda kv: -kv[1].priority)
+                  for checks in [check(p, machine)]]
+    by_name = {c.profile: c for c in candidates}
+    if profile is not None:
+        from installer.profiles import get
+        chosen = get(matrix, profile)
+        cand = by_name[profile]
+        reasons = [f"{profile} was asked for by name (--profile)"]
+        if cand.fits:
+            reasons.append("it meets all its requirements here")
+        return Plan(profile=profile, forced=True, platform=machine.platform, reasons=reasons, broken=cand.unmet,
+                    warnings=_warnings(matrix, machine, chosen), hints=[], candidates=candidates)
+    fitting = [c for c in candidates if c.auto and c.fits]
+    if not fitting:
+        return Plan(profile=None, platform=machine.platform,
+                    reasons=["no automatic profile meets its requirements here"],
+                    hints=_hints(matrix, machine, candidates, None), candidates=candidates)
+    best = fitting[0]
+    chosen = matrix.profiles[best.profile]
+    reasons = [f"{best.profile}: {chosen.description}"] + [c.message for c in best.checks]
+    passed_over = [c for c in candidates if c.auto and not c.fits and matrix.profiles[c.profile].priority > chosen.priority]
+    for cand in passed_over:
+        reasons.append(f"not {cand.profile}: " + "; ".join(c.message for c in cand.unmet))
+    return Plan(profile=best.profile, platform=machine.platform, reasons=reasons,
+                warnings=_warnings(matrix, machine, chosen), hints=_hints(matrix, machine, candidates, best.profile),
+                candidates=candidates)
+
+
+def require_profile(result: Plan) -> str:
+    if result.profile is None:
+        raise NoProfileError("no environment profile fits this machine",
+                             why="; ".join(f"{c.profile}: " + "; ".join(u.message for u in c.unmet)
+                                           for c in result.candidates if c.auto),
+                             fix="See `python -m installer plan --why-not NAME`, or force one with --profile NAME.")
+    return result.profile
+
+
+def format_plan(result: Plan, why_not: str | None = None) -> str:
+    lines = []
+    if why_not:
+        cand = next(c for c in result.candidates if c.profile == why_not)
+        if cand.fits:
+            lines.append(f"{why_not} fits this machine" + ("" if cand.auto else " (chosen only by name)") + ":")
+        else:
+            lines.append(f"{why_not} does not fit this machine:")
+        for c in cand.checks:
+            lines.append(f"  [{'ok' if c.ok else 'unmet'}] {c.message}" + (f"\n      source: {c.source}" if c.source and not c.ok else ""))
+        return "\n".join(lines)
+    if result.profile is None:
+        lines.append("no profile fits this machine")
+    else:
+        lines.append(f"profile: {result.profile}" + (" (forced)" if result.forced else ""))
+    lines += [f"  - {r}" for r in result.reasons]
+    for c in result.broken:
+        lines.append(f"  ! breaks: {c.message}")
+    for w in result.warnings:
+        lines.append(f"  [{w.severity}] {w.message}")
+    for h in result.hints:
+        lines.append(f"  hint: {h}")
+    return "\n".join(lines)
