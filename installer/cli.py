@@ -39,7 +39,99 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--profile", default=None, help="force a profile; the plan says which requirements it breaks")
     p.add_argument("--why-not", default=None, metavar="NAME", help="list each rule of profile NAME and whether it is met")
+    p = sub.add_parser("lock", help="solve a profile's spec and write its conda-lock file")
+    _common(p)
+    p.add_argument("--profile", default=None, help="profile to lock (default: the one plan chooses)")
+    p.add_argument("--platform", action="append", default=None,
+                   help="conda platform to lock for (repeatable; default: all of the profile's platforms)")
+    p.add_argument("--channel", action="append", default=None,
+                   help="channel URL, name or path (repeatable; replaces the spec's channels)")
+    p.add_argument("--mirror", default=None, help="a mirror of the spec's channel (http(s), file:// or a path)")
+    p.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
+    p.add_argument("-o", "--output", type=Path, default=None, help="where to write (default: envs/PROFILE.conda-lock.yml)")
+    p = sub.add_parser("install", help="install the chosen profile's locked environment (atomically) and verify it")
+    _common(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--prefix", type=Path, default=None, help="environment path")
+    where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+    p.add_argument("--profile", default=None, help="force a profile (default: the one plan chooses)")
+    p.add_argument("--engine", choices=["auto", "micromamba", "mamba", "rattler"], default="auto")
+    p.add_argument("--frozen", action="store_true", help="install only from a committed lock; never re-lock")
+    p.add_argument("--channel", action="append", default=None,
+                   help="channel to lock from / mirror to fetch from (URL, file:// or path; repeatable)")
+    p.add_argument("--mirror", default=None, help="mirror of the lock's channel (http(s), file:// or a path)")
+    p.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for locking pip: entries")
+    p.add_argument("--keep-backup", action="store_true", help="keep the previous environment as PREFIX.lorastrap-backup")
+    p.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+    p.add_argument("--no-verify", action="store_true", help="skip the verification run (the smoke test still runs)")
+    p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
+    p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
+    p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
     return top
+
+
+def say(msg: str) -> None:
+    print(f"lorastrap: {msg}", file=sys.stderr, flush=True)
+
+
+def _envs_dir(args) -> Path:
+    from installer import paths
+    return (args.envs_dir or paths.ENVS).absolute()
+
+
+def cmd_lock(args) -> int:
+    from installer import lock, plan as planner, profiles
+    from installer.detect import detect
+    envs = _envs_dir(args)
+    matrix = profiles.load(envs)
+    name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
+    profile = profiles.get(matrix, name)
+    channels = args.channel or ([args.mirror] if args.mirror else None)
+    out = lock.lock(envs_dir=envs, name=name, profile=profile, platforms=args.platform, channels=channels,
+                    out=args.output, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, narrate=say)
+    written = lock.read_lock(out)
+    result = {"profile": name, "lock": str(out), "platforms": written.platforms,
+              "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
+    print(json.dumps(result, indent=2) if args.json else f"wrote {out} ({', '.join(f'{p}: {n} packages' for p, n in result['packages'].items())})")
+    return errors.OK
+
+
+def cmd_install(args) -> int:
+    from installer import install as inst, lock, paths, plan as planner, profiles
+    from installer.detect import detect
+    envs = _envs_dir(args)
+    matrix = profiles.load(envs)
+    machine = detect(disk_path=args.prefix)
+    result_plan = planner.plan(machine, matrix, profile=args.profile)
+    name = planner.require_profile(result_plan)
+    for c in result_plan.broken:
+        say(f"warning: {name} breaks a requirement here: {c.message}")
+    if machine.platform is None:
+        from installer.errors import NoProfileError
+        raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
+                             fix="lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 and win-64.")
+    prefix = args.prefix or paths.envs_dir() / (args.name or "lora")
+    say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
+    mirror = args.mirror or (args.channel[0] if args.channel else None)
+    result = inst.install(
+        prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), platform=machine.platform,
+        engine=args.engine, frozen=args.frozen, channels=args.channel or ([args.mirror] if args.mirror else None),
+        mirror=mirror, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, keep_backup=args.keep_backup,
+        wait=not args.no_wait, run_verify=not args.no_verify, min_free_mib=args.min_free_mib,
+        plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}),
+        narrate=say)
+    doc = inst.result_dict(result)
+    if args.report:
+        args.report.write_text(json.dumps(doc, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        state = "installed and verified" if result.changed and result.verify else (
+            "installed" if result.changed else "already up to date")
+        print(f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
+              f"{result.pip_packages} pip packages, engine {result.engine}, {result.timings.get('total', 0):.1f} s)")
+        print(f"activate with: {inst.activation_hint(Path(result.prefix))}")
+    return errors.OK
 
 
 def cmd_detect(args) -> int:
@@ -64,7 +156,7 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan}
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,3 +68,47 @@ def python_module(module: str, *args: str, timeout: float, env: dict[str, str] |
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return run([sys.executable, "-m", f"installer.{module}", *args], timeout=timeout, env=env, cwd=ROOT)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when lorastrap dies (even by SIGKILL), so no orphan keeps writing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def worker(module: str, request: dict, *, timeout: float) -> dict:
+    """Run ``installer.<module>`` with a JSON request; return the JSON answer it wrote to its result file.
+
+    The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
+    No answer at all means the worker died before finishing."""
+    import json
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
+        result = Path(tmp) / "result.json"
+        request = {**request, "result": str(result)}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        argv = [sys.executable, "-m", f"installer.{module}"]
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, cwd=ROOT, start_new_session=True,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        try:
+            out, err = proc.communicate(json.dumps(request), timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            proc.communicate()
+            return {"ok": False, "error": f"the engine did not finish within {timeout:.0f} s", "timed_out": True}
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        if result.exists():
+            answer = json.loads(result.read_text())
+            answer["exit_code"] = proc.returncode
+            return answer
+        tail = (err or out).strip().splitlines()[-3:]
+        return {"ok": False, "error": f"the engine exited with {proc.returncode} before answering: "
+                                      + (" | ".join(tail) or "no output"), "exit_code": proc.returncode}

@@ -1,0 +1,150 @@
+"""The package cache: every archive a lock names, downloaded once and checked against the lock's sha256.
+
+Entries are content-addressed (``archives/<sha256>/<filename>``), written to a temporary name in the same folder
+and renamed into place only after their hash matched: an entry either is complete and verified or is absent.
+Several installers (one node, or many nodes on a shared filesystem) may fill one cache at once; each archive is
+fetched under its own lock, and an entry another installer finished is used as is.  py-rattler does not check
+hashes of file:// URLs — this module checks every archive, whatever its URL, before an engine sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from installer import filelock
+from installer.errors import DiskError, IntegrityError, NetworkError
+
+CHUNK = 1 << 20
+RETRIES = 3
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Cache:
+    def __init__(self, root: Path):
+        self.root = root
+        self.archives = root / "archives"
+
+    def entry(self, sha256: str, filename: str) -> Path:
+        return self.archives / sha256 / filename
+
+    def _verified_marker(self, path: Path) -> Path:
+        return path.with_name("." + path.name + ".verified")
+
+    def is_ready(self, sha256: str, filename: str) -> bool:
+        """Present, and unchanged since it was verified (size, mtime and inode as recorded then)."""
+        path = self.entry(sha256, filename)
+        try:
+            st = path.stat()
+            return self._verified_marker(path).read_text() == f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        except OSError:
+            return False
+
+    def fetch(self, url: str, sha256: str, filename: str, *, progress=None) -> tuple[Path, int]:
+        """The verified archive's path, and how many bytes were downloaded for it (0 when cached)."""
+        path = self.entry(sha256, filename)
+        if self.is_ready(sha256, filename):
+            return path, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with filelock.held(path.parent / ".lock", what=f"cache entry {filename}"):
+            if self.is_ready(sha256, filename):  # another installer finished it while we waited
+                return path, 0
+            if path.exists():
+                got = sha256_file(path)
+                if got == sha256:
+                    self._mark(path)
+                    return path, 0
+                path.unlink()
+            tmp = path.with_name(f".{filename}.{os.getpid()}.part")
+            try:
+                size = _download(url, tmp, progress=progress)
+                got = sha256_file(tmp)
+                if got != sha256:
+                    raise IntegrityError(
+                        f"{filename}: checksum mismatch (want sha256 {sha256}, got {got})",
+                        why=f"the archive at {url} is not the one the lock names: altered, corrupted, or a "
+                            f"different build on the mirror",
+                        fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
+                            "with `python -m installer lock`.")
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, path)
+                self._mark(path)
+                return path, size
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+
+    def _mark(self, path: Path) -> None:
+        st = path.stat()
+        marker = self._verified_marker(path)
+        tmp = marker.with_name(marker.name + f".{os.getpid()}")
+        tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {st.st_ino}")
+        os.replace(tmp, marker)
+
+
+def _download(url: str, dest: Path, *, progress=None) -> int:
+    if url.startswith("file://") or url.startswith("/"):
+        src = Path(urllib.request.url2pathname(url[7:])) if url.startswith("file://") else Path(url)
+        try:
+            shutil.copyfile(src, dest)
+        except FileNotFoundError:
+            raise NetworkError(f"{src} does not exist", why="the lock names a local file that is not there",
+                               fix="Point --channel/--mirror at the folder that holds the packages.")
+        except OSError as exc:
+            if exc.errno == 28:
+                raise DiskError(f"the package cache's disk is full while copying {src.name}",
+                                fix="Free disk space or set LORASTRAP_HOME to a larger disk.")
+            raise
+        return dest.stat().st_size
+    last: Exception | None = None
+    for attempt in range(RETRIES):
+        try:
+            req = urllib.request.Request(url, headers={"User-Agent": "lorastrap"})
+            with urllib.request.urlopen(req, timeout=60) as resp, open(dest, "wb") as out:
+                total = int(resp.headers.get("Content-Length") or 0)
+                done = 0
+                for block in iter(lambda: resp.read(CHUNK), b""):
+                    out.write(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+            return done
+        except urllib.error.HTTPError as exc:
+            last = exc
+            if exc.code < 500:
+                break
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            last = exc
+        except OSError as exc:
+            if exc.errno == 28:
+                raise DiskError("the package cache's disk is full", fix="Free disk space or set LORASTRAP_HOME.")
+            last = exc
+        time.sleep(0.5 * (attempt + 1))
+    reason = getattr(last, "reason", None) or last
+    raise NetworkError(f"could not download {url}", why=str(reason),
+                       fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
+                           "or a bundle/local channel for offline machines.")
+
+
+def progress_printer(label: str):
+    """A download progress line on stderr, only when stderr is a terminal (never in --json output)."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        pct = f"{100 * done // total:3d}%" if total else ""
+        print(f"\r  {label} {done / 2**20:7.1f} MiB {pct}", end="", file=sys.stderr, flush=True)
+    return show

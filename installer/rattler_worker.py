@@ -1,0 +1,78 @@
+"""The embedded engine (py-rattler), run in a child process only.
+
+py-rattler can crash at interpreter shutdown after its work succeeded (SIGSEGV/SIGABRT while finalizing; see
+shared/docs/field-notes.md).  So it never runs in a long-lived process: the parent sends a JSON request on stdin,
+the worker writes its JSON answer to the result file named in the request (atomically), flushes, and leaves with
+os._exit.  The parent judges the outcome by that file alone — an exit code mangled at shutdown cannot turn a
+success into a failure or the reverse.
+
+Requests:
+  {"op": "solve", "channels": [...], "specs": [...], "platform": "linux-64", "virtual_packages": {"__cuda": "12.0"},
+   "cache_dir": "...", "result": "/path/result.json"}
+  {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
+   "result": "..."}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+
+
+def _solve(req: dict) -> dict:
+    import rattler
+    from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
+
+    vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
+           for n, v in req["virtual_packages"].items()]
+    records = asyncio.run(rattler.solve(
+        sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
+        platforms=[req["platform"], "noarch"], virtual_packages=vps,
+        gateway=Gateway(cache_dir=req["cache_dir"])))
+    out = []
+    for r in records:
+        out.append({
+            "name": r.name.normalized, "version": str(r.version), "build": str(r.build),
+            "build_number": r.build_number, "subdir": r.subdir, "url": str(r.url),
+            "sha256": r.sha256.hex() if r.sha256 else None, "md5": r.md5.hex() if r.md5 else None,
+            "depends": list(r.depends), "noarch": str(r.noarch) if r.noarch else None,
+        })
+    return {"ok": True, "records": out}
+
+
+def _install(req: dict) -> dict:
+    import rattler
+
+    lock = rattler.LockFile.from_path(req["lock"])
+    env = lock.default_environment()
+    platform = next((p for p in env.platforms() if str(p) == req["platform"]), None)
+    if platform is None:
+        return {"ok": False, "error": f"platform {req['platform']} is not in {req['lock']}"}
+    records = env.conda_repodata_records_for_platform(platform) or []
+    asyncio.run(rattler.install(records, target_prefix=req["prefix"], cache_dir=req["cache_dir"],
+                                show_progress=False, execute_link_scripts=False))
+    return {"ok": True, "installed": len(records)}
+
+
+def main() -> None:
+    req = json.loads(sys.stdin.read())
+    try:
+        result = {"solve": _solve, "install": _install}[req["op"]](req)
+    except BaseException as exc:  # everything goes into the answer; the parent decides
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    tmp = req["result"] + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, req["result"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
