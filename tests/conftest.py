@@ -28,3 +28,26 @@ def fake_nvml_lib(tmp_path_factory):
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / "libnvidia-ml.so.1"),
                     str(ROOT / "tests" / "fake_nvml" / "libnvidia-ml.c")], check=True)
     return out
+
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def channel(tmp_path_factory):
+    """The test channel (real .conda packages) and pip index, built once, served on 127.0.0.1."""
+    import testchannel
+    out = tmp_path_factory.mktemp("testchannel")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(out)], check=True,
+                   capture_output=True, timeout=300)
+    server, url = testchannel.serve(out)
+    yield {"root": out, "dir": out / "channel", "url": f"{url}/channel", "simple": f"{url}/simple", "base": url}
+    server.shutdown()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh lorastrap data dir (cache, locks, envs) for one test."""
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CONDA_OVERRIDE_CUDA", raising=False)
+    return tmp_path / "home"

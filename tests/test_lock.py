@@ -1,0 +1,130 @@
+"""lock: real solves with py-rattler over the test channel; files conda-lock itself reads and renders."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+
+from installer import lock as locking
+from installer import profiles
+
+TEST_ENVS = ROOT / "tests" / "envs"
+VENV_BIN = Path(sys.executable).parent
+
+
+def do_lock(channel, out, *args):
+    res = run_cli("lock", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+                  channel["simple"], "-o", str(out), *args)
+    assert res.returncode == 0, res.stderr
+    return locking.read_lock(out)
+
+
+def builds(lk, platform, name):
+    return [e.build for e in lk.for_platform(platform) if e.name == name]
+
+
+def test_lock_both_platforms_with_and_without_cuda(channel, home, tmp_path):
+    cuda = do_lock(channel, tmp_path / "cuda.conda-lock.yml", "--profile", "test-cuda")
+    cpu = do_lock(channel, tmp_path / "cpu.conda-lock.yml", "--profile", "test-cpu")
+    for platform in ("linux-64", "linux-aarch64"):  # aarch64 solved from this x86_64 machine
+        assert builds(cuda, platform, "pytorch")[0].startswith("cuda")
+        assert builds(cuda, platform, "bitsandbytes")[0].startswith("cuda")
+        assert builds(cpu, platform, "pytorch")[0].startswith("cpu")
+        assert not any(e.name in ("libcublas", "cuda-cudart", "cuda-version") for e in cpu.for_platform(platform))
+        assert [e.platform for e in cuda.entries if e.name == "python"] .count(platform) == 1
+        urls = [e.url for e in cpu.for_platform(platform) if e.name == "pytorch"]
+        assert f"/{platform}/" in urls[0]
+    pip = [e for e in cpu.entries if e.manager == "pip"]
+    assert {e.platform for e in pip} == {"linux-64", "linux-aarch64"}
+    assert all(e.name == "lorastrap-testwheel" and e.url.startswith(channel["simple"]) and len(e.sha256) == 64
+               for e in pip)
+    assert cpu.custom["lorastrap_profile"] == "test-cpu"
+    assert set(cpu.content_hash) == {"linux-64", "linux-aarch64"}
+
+
+def _conda_lock_reads(path):
+    """conda-lock's own parser, in a child (in this process `installer` is lorastrap, not pypa's)."""
+    code = ("import sys, pathlib; from conda_lock.lockfile import parse_conda_lock_file; "
+            "lf = parse_conda_lock_file(pathlib.Path(sys.argv[1])); print(len(lf.package), lf.metadata.platforms)")
+    return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd="/")
+
+
+def test_conda_lock_parses_and_renders_our_lock(channel, home, tmp_path):
+    out = tmp_path / "test-cpu.conda-lock.yml"
+    do_lock(channel, out, "--profile", "test-cpu")
+    res = _conda_lock_reads(out)
+    assert res.returncode == 0, res.stderr
+    assert "linux-64" in res.stdout
+    render = subprocess.run([str(VENV_BIN / "conda-lock"), "render", "--kind", "explicit", "-p", "linux-64",
+                             str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert render.returncode == 0, render.stderr
+    explicit = (tmp_path / "conda-linux-64.lock").read_text()
+    assert "@EXPLICIT" in explicit and "pytorch-2.10.0-cpu" in explicit
+
+
+def test_a_changed_spec_makes_the_lock_stale(channel, home, tmp_path):
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    out = envs / "test-cpu.conda-lock.yml"
+    res = run_cli("lock", "--envs-dir", str(envs), "--profile", "test-cpu", "--platform", "linux-64",
+                  "--channel", channel["url"], "--pip-index-url", channel["simple"])
+    assert res.returncode == 0, res.stderr
+    matrix = profiles.load(envs)
+    lk = locking.read_lock(out)
+    assert not locking.is_stale(lk, envs, matrix.profiles["test-cpu"])
+    before = lk.content_hash["linux-64"]
+    (envs / "test-cpu.yml").write_text((envs / "test-cpu.yml").read_text().replace("  - peft\n", "  - peft >=0.20\n"))
+    assert locking.is_stale(lk, envs, matrix.profiles["test-cpu"])
+    # conda-lock's own content hash changes too (what `conda-lock --check-input-hash` compares).
+    res = run_cli("lock", "--envs-dir", str(envs), "--profile", "test-cpu", "--platform", "linux-64",
+                  "--channel", channel["url"], "--pip-index-url", channel["simple"])
+    assert res.returncode == 0
+    assert locking.read_lock(out).content_hash["linux-64"] != before
+
+
+def test_unreachable_channel_is_a_clear_network_error(home, tmp_path):
+    res = run_cli("lock", "--envs-dir", str(TEST_ENVS), "--profile", "test-cpu", "--platform", "linux-64",
+                  "--channel", "http://127.0.0.1:9/nothing", "-o", str(tmp_path / "x.conda-lock.yml"))
+    assert res.returncode == 5, res.stderr
+    assert "could not read the channel" in res.stderr and "--mirror" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("case,edit,expect", [
+    ("bad-yaml", lambda t: "version: 1\npackage: [\n", "not valid YAML"),
+    ("missing-hash", lambda t: t.replace("    sha256: ", "    sha999: ", 1), ".hash.sha256': missing"),
+    ("unknown-manager", lambda t: t.replace("manager: conda", "manager: cargo", 1), "unknown manager 'cargo'"),
+    ("no-version", lambda t: t.replace("version: 1\n", "", 1), "field 'version'"),
+])
+def test_malformed_lock_names_file_and_field(channel, home, tmp_path, case, edit, expect):
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    lk = envs / "test-cpu.conda-lock.yml"
+    do_lock(channel, lk, "--profile", "test-cpu", "--platform", "linux-64")
+    lk.write_text(edit(lk.read_text()))
+    res = run_cli("install", "--envs-dir", str(envs), "--frozen", "--prefix", str(tmp_path / "env"))
+    assert res.returncode == 4, res.stderr
+    assert str(lk) in res.stderr and expect in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "env").exists()
+
+
+def test_platform_missing_from_a_frozen_lock(channel, home, tmp_path):
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    do_lock(channel, envs / "test-cpu.conda-lock.yml", "--profile", "test-cpu", "--platform", "linux-aarch64")
+    res = run_cli("install", "--envs-dir", str(envs), "--frozen", "--prefix", str(tmp_path / "env"))
+    assert res.returncode == 4
+    assert "has no linux-64 section" in res.stderr and "--frozen" in res.stderr
+
+
+def test_cpu_lock_never_uses_conda_lock_default_cuda(channel, home, tmp_path):
+    # conda-lock's defaults would add __cuda 11.4 for linux-64; the profile's virtual packages have none.
+    vp = yaml.safe_load((TEST_ENVS / "test-cpu.virtual-packages.yml").read_text())
+    assert "__cuda" not in json.dumps(vp)
+    lk = do_lock(channel, tmp_path / "cpu.conda-lock.yml", "--profile", "test-cpu", "--platform", "linux-64")
+    assert all(not (e.build or "").startswith("cuda") for e in lk.entries)
