@@ -67,6 +67,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
+    p = sub.add_parser("verify", help="prove an environment loads a model in 8 bits and LoRA-trains it")
+    _common(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--prefix", type=Path, default=None, help="environment (conda env or virtualenv) to verify")
+    where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+    p.add_argument("--steps", type=int, default=10, help="LoRA optimizer steps")
+    p.add_argument("--report", type=Path, default=None, help="also write the JSON report to this file")
     return top
 
 
@@ -119,7 +126,7 @@ def cmd_install(args) -> int:
         mirror=mirror, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, keep_backup=args.keep_backup,
         wait=not args.no_wait, run_verify=not args.no_verify, min_free_mib=args.min_free_mib,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}),
-        narrate=say)
+        driver_cuda=machine.cuda, narrate=say)
     doc = inst.result_dict(result)
     if args.report:
         args.report.write_text(json.dumps(doc, indent=2) + "\n")
@@ -132,6 +139,19 @@ def cmd_install(args) -> int:
               f"{result.pip_packages} pip packages, engine {result.engine}, {result.timings.get('total', 0):.1f} s)")
         print(f"activate with: {inst.activation_hint(Path(result.prefix))}")
     return errors.OK
+
+
+def cmd_verify(args) -> int:
+    from installer import paths, verify
+    from installer.detect import detect
+    prefix = (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
+    machine = detect(disk_path=prefix)
+    say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
+    report = verify.run(prefix, driver_cuda=machine.cuda, steps=args.steps)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2) if args.json else verify.summary(report))
+    return verify.exit_code(report)
 
 
 def cmd_detect(args) -> int:
@@ -156,7 +176,7 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install}
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,17 +210,19 @@ def resolve_command(prefix: Path, argv: list[str], verify_script: Path) -> list[
     return [str(exe)] + argv[1:] if exe.exists() else argv
 
 
-def env_in(prefix: Path) -> dict[str, str]:
+def env_in(prefix: Path, driver_cuda: str | None = None) -> dict[str, str]:
     """The environment a command inside PREFIX runs with: activated PATH, no outside Python or conda leaking in."""
-    env = subproc.clean_env(drop=("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"), prefixes=("CONDA_",),
-                            CONDA_PREFIX=str(prefix), HF_HUB_OFFLINE="1")
+    env = subproc.clean_env(drop=("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LORASTRAP_DRIVER_CUDA"),
+                            prefixes=("CONDA_",), CONDA_PREFIX=str(prefix), HF_HUB_OFFLINE="1")
+    if driver_cuda:
+        env["LORASTRAP_DRIVER_CUDA"] = driver_cuda
     env["PATH"] = f"{prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
-def run_in(prefix: Path, argv: list[str], *, timeout: float) -> subproc.Result:
+def run_in(prefix: Path, argv: list[str], *, timeout: float, driver_cuda: str | None = None) -> subproc.Result:
     return subproc.run(resolve_command(prefix, argv, paths.SCRIPTS / "verify_lora.py"), timeout=timeout,
-                       env=env_in(prefix), cwd=prefix)
+                       env=env_in(prefix, driver_cuda), cwd=prefix)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,7 +305,7 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
             frozen: bool = False, channels: list[str] | None = None, mirror: str | None = None,
             pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, wait: bool = True,
             run_verify: bool = True, min_free_mib: int = 512, plan_info: dict | None = None,
-            narrate=lambda m: None) -> Result:
+            driver_cuda: str | None = None, narrate=lambda m: None) -> Result:
     prefix = prefix.expanduser().absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -391,7 +393,7 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
                     t = time.perf_counter()
                     narrate("verifying: " + " ".join(profile.verify))
                     _pause_point("verify", narrate)
-                    result.verify = _verify(prefix, profile)
+                    result.verify = _verify(prefix, profile, driver_cuda)
                     timings["verify"] = time.perf_counter() - t
                 _write_record(prefix, lk, platform, name, result, plan_info)
                 _write_json(journal, {"state": "committing", "had_old": had_old, "keep_backup": keep_backup})
@@ -430,20 +432,19 @@ def _tail(res: subproc.Result, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or f"exit code {res.returncode}"
 
 
-def _verify(prefix: Path, profile: Profile) -> dict:
-    res = run_in(prefix, profile.verify, timeout=VERIFY_TIMEOUT_S)
-    report = None
-    for line in reversed(res.stdout.strip().splitlines()):
-        try:
-            report = json.loads(line)
-            break
-        except ValueError:
-            continue
+def _verify(prefix: Path, profile: Profile, driver_cuda: str | None) -> dict:
+    from installer import verify
+    res = run_in(prefix, profile.verify, timeout=VERIFY_TIMEOUT_S, driver_cuda=driver_cuda)
+    report = verify.parse(res.stdout)
     if not res.ok:
+        failed = [f"{c['name']}: {c.get('cause') or c['detail']}" for c in (report or {}).get("checks", [])
+                  if c["status"] == "fail"]
         raise VerifyError("the new environment failed verification: " + " ".join(profile.verify),
-                          why=_tail(res), fix="Nothing changed: the previous environment was restored. "
-                                              "Run `python -m installer plan` to check the profile fits.")
-    return {"ok": True, "command": profile.verify, "report": report}
+                          why="; ".join(failed[:3]) or _tail(res),
+                          fix="Nothing changed: the previous environment was restored. "
+                              "Run `python -m installer plan` to check the profile fits.")
+    return {"ok": True, "command": profile.verify, "verdict": (report or {}).get("verdict", "pass"),
+            "report": report}
 
 
 def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> None:

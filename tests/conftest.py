@@ -51,3 +51,30 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CONDA_OVERRIDE_CUDA", raising=False)
     return tmp_path / "home"
+
+
+def _venv(path, requirements):
+    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    res = subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                          "-r", str(requirements)], capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"could not create {path} from {requirements}:\n{res.stderr[-2000:]}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml_venv(tmp_path_factory):
+    """A real CPU environment with the current LoRA stack (created once per run; LORASTRAP_ML_VENV reuses one)."""
+    given = os.environ.get("LORASTRAP_ML_VENV")
+    if given:
+        return Path(given)
+    return _venv(tmp_path_factory.mktemp("ml") / "venv", ROOT / "tests" / "requirements-ml.txt")
+
+
+@pytest.fixture(scope="session")
+def venv_2023(tmp_path_factory):
+    """The 2023 article's pins in a venv (LORASTRAP_2023_VENV reuses one)."""
+    given = os.environ.get("LORASTRAP_2023_VENV")
+    if given:
+        return Path(given)
+    return _venv(tmp_path_factory.mktemp("v2023") / "venv", ROOT / "tests" / "requirements-2023.txt")
