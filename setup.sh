@@ -1,58 +1,81 @@
 #!/bin/sh
 # lorastrap bootstrap: from a bare machine to a verified LoRA + 8-bit conda environment.
 #
-#   curl -fsSL <url>/setup.sh | sh            # or, in a checkout:  sh setup.sh [flags]
+#   curl -fsSL https://<host>/setup.sh | LORASTRAP_SOURCE_URL=https://<host>/lorastrap.tar.gz sh
+#   sh setup.sh [flags]                       # from a checkout
 #
-# Every line is inside a function and `main "$@"` is the last line, so a download cut short runs nothing.
-# `sh setup.sh --help` lists the flags and their LORASTRAP_* environment variables.
+# Every line is inside a function and `main "$@"` is the last line: a download cut short runs nothing.
+# `sh setup.sh --help` lists the flags and their LORASTRAP_* variables.  Exit codes are the CLI's (README).
 
 set -u
 
-say() { printf 'lorastrap: %s\n' "$1" >&2; }
-warn() { printf 'lorastrap: warning: %s\n' "$1" >&2; }
+EXIT_USAGE=2
+EXIT_NETWORK=5
+EXIT_INTEGRITY=6
+EXIT_PREREQ=10
+MICROMAMBA_VERSION_DEFAULT="2.0.5-0"
+
+say() {
+    if [ -z "${LORASTRAP_QUIET:-}" ]; then
+        printf 'lorastrap: %s\n' "$1" >&2
+    fi
+}
+
+warn() {
+    printf 'lorastrap: warning: %s\n' "$1" >&2
+}
+
 err() {
     printf 'lorastrap: error: %s\n' "$1" >&2
     exit "${2:-1}"
 }
-need_cmd() { command -v "$1" >/dev/null 2>&1 || err "need '$1' (command not found)" 1; }
-check_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+check_cmd() {
+    command -v "$1" >/dev/null 2>&1
+}
+
+need_cmd() {
+    if ! check_cmd "$1"; then
+        err "need '$1' (command not found)" "$EXIT_PREREQ"
+    fi
+}
 
 usage() {
     cat <<'USAGE'
-lorastrap setup.sh: detect the machine, choose a locked LoRA + 8-bit environment, install it, verify it.
+lorastrap setup.sh: detect the machine, choose a locked LoRA + 8-bit conda environment, install it, verify it.
 
-usage: sh setup.sh [flags]
+usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s -- [flags])
 
-  --prefix PATH       install the environment at PATH          (LORASTRAP_PREFIX)
-  --name NAME         ... or as NAME under the data dir         (LORASTRAP_NAME)
-  --profile NAME      force a profile (cuda12, cuda11, cpu, ...) (LORASTRAP_PROFILE)
-  --engine E          auto | micromamba | mamba | rattler       (LORASTRAP_ENGINE)
-  --channel URL       conda channel (default conda-forge)       (LORASTRAP_CHANNEL)
-  --mirror URL        mirror for conda-forge                    (LORASTRAP_MIRROR)
-  --envs-dir PATH     profiles folder (default envs/)           (LORASTRAP_ENVS_DIR)
-  --frozen            use only committed locks, never re-lock   (LORASTRAP_FROZEN=1)
-  --yes               do not ask                                (LORASTRAP_YES=1)
-  --dry-run           detect and plan only; change nothing      (LORASTRAP_DRY_RUN=1)
-  --json              print the result as JSON                  (LORASTRAP_JSON=1)
-  --report FILE       write the JSON report to FILE             (LORASTRAP_REPORT)
-  --verbose/--quiet   more / less narration                     (LORASTRAP_VERBOSE=1 / LORASTRAP_QUIET=1)
-  --help              this text
+  --prefix PATH        install the environment at PATH              LORASTRAP_PREFIX
+  --name NAME          ... or as NAME in the data dir (default lora) LORASTRAP_NAME
+  --profile NAME       force a profile (cuda12, cuda11, cpu, ...)    LORASTRAP_PROFILE
+  --engine E           auto | micromamba | mamba | rattler           LORASTRAP_ENGINE
+  --channel URL        conda channel to lock from (repeat: no)       LORASTRAP_CHANNEL
+  --mirror URL         mirror of the lock's channel                  LORASTRAP_MIRROR
+  --pip-index-url URL  index for the spec's pip: entries             LORASTRAP_PIP_INDEX_URL
+  --envs-dir PATH      profiles folder (default: envs/)              LORASTRAP_ENVS_DIR
+  --frozen             install only from committed locks             LORASTRAP_FROZEN=1
+  --yes                never ask (setup.sh never asks anyway)        LORASTRAP_YES=1
+  --dry-run            detect and plan only; change nothing          LORASTRAP_DRY_RUN=1
+  --json               print the result as JSON on stdout            LORASTRAP_JSON=1
+  --report FILE        write the JSON result to FILE                 LORASTRAP_REPORT
+  --verbose            more detail (tracebacks on errors)            LORASTRAP_VERBOSE=1
+  --quiet              only errors and the result                    LORASTRAP_QUIET=1
+  --help               this text
 
-Other variables: LORASTRAP_HOME (data dir; default $XDG_DATA_HOME/lorastrap or ~/.local/share/lorastrap),
-LORASTRAP_PYTHON (the python3 to build the runtime with).
+More variables:
+  LORASTRAP_HOME            data dir (runtime, package cache, logs, environments);
+                            default $XDG_DATA_HOME/lorastrap, else ~/.local/share/lorastrap
+  LORASTRAP_PYTHON          the python3 (>= 3.10) to build lorastrap's runtime with
+  LORASTRAP_SOURCE_URL      when piped: lorastrap's source archive (.tar.gz) to fetch
+  LORASTRAP_SOURCE_SHA256   its expected sha256 (checked when given)
+  LORASTRAP_MICROMAMBA_URL  where to fetch micromamba when no usable python3 exists
+  LORASTRAP_MICROMAMBA_SHA256  its pinned sha256 (else the release's .sha256 file is used)
+  TMPDIR                    temporary files (a noexec TMPDIR is detected and avoided)
+
 Exit codes: 0 ok, 1 internal, 2 usage, 3 no profile fits, 4 bad config, 5 network, 6 checksum,
-7 disk, 8 busy, 9 verification failed, 10 no runtime possible, 130 interrupted.
+7 disk, 8 busy, 9 verification failed, 10 a prerequisite is missing (python3/venv, curl/wget), 130 interrupted.
 USAGE
-}
-
-# The project checkout this script belongs to (when run as `sh setup.sh` from a checkout).
-find_root() {
-    _dir=$(dirname "$0")
-    if [ -f "$_dir/installer/__main__.py" ] && [ -f "$_dir/requirements.txt" ]; then
-        (cd "$_dir" && pwd)
-        return 0
-    fi
-    return 1
 }
 
 data_dir() {
@@ -63,11 +86,141 @@ data_dir() {
     fi
 }
 
-# A python3 >= 3.10 with a working venv module, or nothing.
+# uname → conda platform, through an explicit list (corrected for Rosetta 2 on macOS).
+get_platform() {
+    _os=$(uname -s)
+    _cpu=$(uname -m)
+    if [ "$_os" = Darwin ] && [ "$_cpu" = x86_64 ]; then
+        if [ "$(sysctl -n sysctl.proc_translated 2>/dev/null || true)" = 1 ]; then
+            _cpu=arm64
+        fi
+    fi
+    case "$_os/$_cpu" in
+        Linux/x86_64 | Linux/amd64) echo linux-64 ;;
+        Linux/aarch64 | Linux/arm64) echo linux-aarch64 ;;
+        Linux/ppc64le) echo linux-ppc64le ;;
+        Darwin/arm64) echo osx-arm64 ;;
+        Darwin/x86_64) echo osx-64 ;;
+        MINGW*/x86_64 | MSYS*/x86_64 | CYGWIN*/x86_64) echo win-64 ;;
+        *) return 1 ;;
+    esac
+}
+
+# A temporary folder where files can be executed (TMPDIR honoured; a noexec mount detected and avoided).
+make_tmp() {
+    _base="${TMPDIR:-/tmp}"
+    _t=$(mktemp -d "$_base/lorastrap.XXXXXX" 2>/dev/null) || _t=""
+    if [ -n "$_t" ]; then
+        printf '#!/bin/sh\nexit 0\n' >"$_t/probe.sh"
+        chmod +x "$_t/probe.sh"
+        if "$_t/probe.sh" 2>/dev/null; then
+            rm -f "$_t/probe.sh"
+            printf '%s\n' "$_t"
+            return 0
+        fi
+        rm -rf "$_t"
+        warn "$_base is mounted noexec; using $(data_dir)/tmp instead (set TMPDIR to choose)"
+    fi
+    mkdir -p "$(data_dir)/tmp" || return 1
+    mktemp -d "$(data_dir)/tmp/lorastrap.XXXXXX"
+}
+
+sha256_of() {
+    if check_cmd sha256sum; then
+        sha256sum "$1" | cut -d' ' -f1
+    elif check_cmd shasum; then
+        shasum -a 256 "$1" | cut -d' ' -f1
+    else
+        err "need sha256sum or shasum to check downloads" "$EXIT_PREREQ"
+    fi
+}
+
+# The one downloader: curl, else wget; https only (plain http only to this machine's loopback), TLS >= 1.2,
+# retries on server errors, an empty file refused, and the sha256 checked when one is given.
+download() {
+    _url="$1"
+    _dest="$2"
+    _want="${3:-}"
+    case "$_url" in
+        https://*) _https=1 ;;
+        http://127.0.0.1[:/]* | http://localhost[:/]* | http://\[::1\][:/]*) _https=0 ;;
+        *) err "refusing to download $_url: only https:// URLs are allowed" "$EXIT_USAGE" ;;
+    esac
+    rm -f "$_dest"
+    if check_cmd curl; then
+        if [ "$_https" = 1 ]; then
+            curl --proto '=https' --tlsv1.2 --silent --show-error --fail --location --retry 3 --retry-delay 1 \
+                --output "$_dest" "$_url" || return "$EXIT_NETWORK"
+        else
+            curl --silent --show-error --fail --location --retry 3 --retry-delay 1 \
+                --output "$_dest" "$_url" || return "$EXIT_NETWORK"
+        fi
+    elif check_cmd wget; then
+        if [ "$_https" = 1 ]; then
+            wget --https-only --secure-protocol=TLSv1_2 --quiet --tries=4 --waitretry=1 --retry-on-http-error=500,502,503,504 \
+                --output-document="$_dest" "$_url" || return "$EXIT_NETWORK"
+        else
+            wget --quiet --tries=4 --waitretry=1 --retry-on-http-error=500,502,503,504 \
+                --output-document="$_dest" "$_url" || return "$EXIT_NETWORK"
+        fi
+    else
+        err "need curl or wget to download $_url (install one, e.g. 'apt-get install curl')" "$EXIT_PREREQ"
+    fi
+    if [ ! -s "$_dest" ]; then
+        rm -f "$_dest"
+        warn "the download of $_url is empty"
+        return "$EXIT_NETWORK"
+    fi
+    if [ -n "$_want" ]; then
+        _got=$(sha256_of "$_dest")
+        if [ "$_got" != "$_want" ]; then
+            rm -f "$_dest"
+            printf 'lorastrap: error: checksum mismatch for %s\n  want: %s\n  got:  %s\n' "$_url" "$_want" "$_got" >&2
+            return "$EXIT_INTEGRITY"
+        fi
+    fi
+    return 0
+}
+
+# The project checkout this script runs from, or (piped) the source archive fetched and unpacked.
+find_root() {
+    _dir=$(dirname "$0")
+    if [ -f "$_dir/installer/__main__.py" ] && [ -f "$_dir/requirements.txt" ]; then
+        (cd "$_dir" && pwd)
+        return 0
+    fi
+    if [ -z "${LORASTRAP_SOURCE_URL:-}" ]; then
+        err "not run from a lorastrap checkout and LORASTRAP_SOURCE_URL is not set: set it to lorastrap's source archive (.tar.gz), or run 'sh setup.sh' in a checkout" "$EXIT_USAGE"
+    fi
+    need_cmd tar
+    _src="$(data_dir)/src"
+    mkdir -p "$_src" || err "cannot create $_src" 1
+    say "fetching lorastrap from $LORASTRAP_SOURCE_URL"
+    download "$LORASTRAP_SOURCE_URL" "$_tmp/source.tar.gz" "${LORASTRAP_SOURCE_SHA256:-}" || exit $?
+    _into="$_src/$(sha256_of "$_tmp/source.tar.gz" | cut -c1-16)"
+    if [ ! -f "$_into/installer/__main__.py" ]; then
+        rm -rf "$_into.part"
+        mkdir -p "$_into.part" || exit 1
+        tar -xzf "$_tmp/source.tar.gz" -C "$_into.part" || err "the source archive is not a .tar.gz" "$EXIT_INTEGRITY"
+        # Archives made by `git archive --prefix=x/` hold one top folder: use it.
+        _top="$_into.part"
+        if [ ! -f "$_top/installer/__main__.py" ]; then
+            for _d in "$_into.part"/*; do
+                if [ -f "$_d/installer/__main__.py" ]; then _top="$_d"; fi
+            done
+        fi
+        [ -f "$_top/installer/__main__.py" ] || err "the source archive holds no lorastrap (installer/__main__.py)" "$EXIT_INTEGRITY"
+        rm -rf "$_into"
+        mv "$_top" "$_into" || exit 1
+        rm -rf "$_into.part"
+    fi
+    printf '%s\n' "$_into"
+}
+
+# A python3 >= 3.10, or nothing.
 find_python() {
     for _py in ${LORASTRAP_PYTHON:-} python3 python3.13 python3.12 python3.11 python3.10; do
-        check_cmd "$_py" || continue
-        if "$_py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
+        if check_cmd "$_py" && "$_py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' 2>/dev/null; then
             command -v "$_py"
             return 0
         fi
@@ -75,71 +228,180 @@ find_python() {
     return 1
 }
 
-sha256_of() {
-    if check_cmd sha256sum; then
-        sha256sum "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 "$1" | cut -d' ' -f1
-    fi
-}
-
-# The runtime: a private venv in the data dir with the hash-pinned requirements; reused while they are unchanged.
+# lorastrap's own runtime, reused while requirements.txt is unchanged: a venv from python3, else micromamba.
 ensure_runtime() {
     _root="$1"
-    _venv="$(data_dir)/runtime"
+    _rt="$(data_dir)/runtime"
     _want=$(sha256_of "$_root/requirements.txt")
-    if [ -x "$_venv/bin/python" ] && [ "$(cat "$_venv/.requirements.sha256" 2>/dev/null)" = "$_want" ]; then
-        printf '%s\n' "$_venv/bin/python"
+    if [ -x "$_rt/bin/python" ] && [ "$(cat "$_rt/.requirements.sha256" 2>/dev/null)" = "$_want" ]; then
+        say "reusing the runtime in $_rt"
+        RUNTIME_PY="$_rt/bin/python"
         return 0
     fi
-    _py=$(find_python) || err "no python3 >= 3.10 found; install one (e.g. 'apt-get install python3 python3-venv') and run again" 10
-    if ! "$_py" -c 'import venv, ensurepip' 2>/dev/null; then
-        _v=$("$_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-        err "$_py has no working venv/ensurepip; on Debian/Ubuntu: 'sudo apt-get install python${_v}-venv'" 10
+    if _py=$(find_python); then
+        if ! "$_py" -c 'import venv, ensurepip' 2>/dev/null; then
+            _v=$("$_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+            err "$_py has no working venv module: on Debian/Ubuntu run 'sudo apt-get install python$_v-venv' (or python3-venv), then run setup.sh again" "$EXIT_PREREQ"
+        fi
+        say "creating the runtime in $_rt with $_py (requirements.txt, hashes required)"
+        rm -rf "$_rt.part"
+        "$_py" -m venv "$_rt.part" >&2 || err "could not create a virtual environment in $_rt.part" "$EXIT_PREREQ"
+        "$_rt.part/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+            -r "$_root/requirements.txt" >&2 ||
+            err "could not install lorastrap's runtime from requirements.txt (network or proxy? see above)" "$EXIT_NETWORK"
+    else
+        runtime_from_micromamba "$_root" "$_rt.part" || exit $?
     fi
-    say "creating the runtime in $_venv (from requirements.txt)"
-    rm -rf "$_venv.tmp"
-    "$_py" -m venv "$_venv.tmp" >&2 || err "could not create a virtual environment in $_venv.tmp" 10
-    "$_venv.tmp/bin/python" -m pip install -q --disable-pip-version-check --require-hashes \
-        -r "$_root/requirements.txt" >&2 || err "could not install lorastrap's runtime requirements (network? see above)" 5
-    printf '%s\n' "$_want" >"$_venv.tmp/.requirements.sha256"
-    rm -rf "$_venv"
-    mv "$_venv.tmp" "$_venv" || err "could not move the runtime into place at $_venv" 1
-    printf '%s\n' "$_venv/bin/python"
+    printf '%s\n' "$_want" >"$_rt.part/.requirements.sha256"
+    rm -rf "$_rt"
+    mv "$_rt.part" "$_rt" || err "could not move the runtime into $_rt" 1
+    RUNTIME_PY="$_rt/bin/python"
+}
+
+find_micromamba() {
+    for _m in "${MAMBA_EXE:-}" "$(command -v micromamba 2>/dev/null || true)" "$(data_dir)/bin/micromamba"; do
+        if [ -n "$_m" ] && [ -x "$_m" ]; then
+            printf '%s\n' "$_m"
+            return 0
+        fi
+    done
+    return 1
+}
+
+runtime_from_micromamba() {
+    _root="$1"
+    _dest="$2"
+    if ! _mm=$(find_micromamba); then
+        _plat=$(get_platform) || _plat=unknown
+        _ver="${LORASTRAP_MICROMAMBA_VERSION:-$MICROMAMBA_VERSION_DEFAULT}"
+        _url="${LORASTRAP_MICROMAMBA_URL:-https://github.com/mamba-org/micromamba-releases/releases/download/$_ver/micromamba-$_plat}"
+        _sum="${LORASTRAP_MICROMAMBA_SHA256:-}"
+        say "no python3 >= 3.10 with venv here: fetching micromamba from $_url"
+        if [ -z "$_sum" ]; then
+            if download "$_url.sha256" "$_tmp/micromamba.sha256"; then
+                _sum=$(cut -d' ' -f1 <"$_tmp/micromamba.sha256")
+            fi
+        fi
+        if [ -z "$_sum" ] || ! download "$_url" "$_tmp/micromamba" "$_sum"; then
+            err "no python3 >= 3.10 (with venv) and no micromamba could be had. Ways out: install python3 (>= 3.10) and its venv package ('apt-get install python3 python3-venv', 'dnf install python3'); or put micromamba on PATH / set MAMBA_EXE; or set LORASTRAP_MICROMAMBA_URL (+ LORASTRAP_MICROMAMBA_SHA256) to a reachable copy" "$EXIT_PREREQ"
+        fi
+        mkdir -p "$(data_dir)/bin"
+        chmod +x "$_tmp/micromamba"
+        mv "$_tmp/micromamba" "$(data_dir)/bin/micromamba"
+        _mm="$(data_dir)/bin/micromamba"
+    fi
+    say "creating the runtime with $_mm from envs/runtime.yml"
+    MAMBA_ROOT_PREFIX="$(data_dir)/mamba-root" "$_mm" create --yes --no-rc --prefix "$_dest" \
+        --file "$_root/envs/runtime.yml" >&2 || err "micromamba could not create the runtime (network? a mirror: --mirror)" "$EXIT_NETWORK"
+    "$_dest/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+        -r "$_root/requirements.txt" >&2 || err "could not install lorastrap's runtime requirements" "$EXIT_NETWORK"
+}
+
+# Run the installer with the full narration copied to a log file; the log's path is printed on failure.
+run_logged() {
+    _log="$1"
+    shift
+    _status="$_tmp/status"
+    {
+        "$@"
+        echo "$?" >"$_status"
+    } 2>&1 1>&3 | tee -a "$_log" >&2
+    _rc=$(cat "$_status" 2>/dev/null || echo 1)
+    if [ "$_rc" != 0 ]; then
+        printf 'lorastrap: failed (exit %s); the full log is %s\n' "$_rc" "$_log" >&2
+    fi
+    return "$_rc"
 }
 
 main() {
-    _args=""
-    _dry_run="${LORASTRAP_DRY_RUN:-}"
-    for _a in "$@"; do
-        case "$_a" in
+    _prefix="${LORASTRAP_PREFIX:-}"
+    _name="${LORASTRAP_NAME:-}"
+    _profile="${LORASTRAP_PROFILE:-}"
+    _engine="${LORASTRAP_ENGINE:-}"
+    _channel="${LORASTRAP_CHANNEL:-}"
+    _mirror="${LORASTRAP_MIRROR:-}"
+    _pipidx="${LORASTRAP_PIP_INDEX_URL:-}"
+    _envs="${LORASTRAP_ENVS_DIR:-}"
+    _frozen="${LORASTRAP_FROZEN:-}"
+    _dry="${LORASTRAP_DRY_RUN:-}"
+    _json="${LORASTRAP_JSON:-}"
+    _report="${LORASTRAP_REPORT:-}"
+    _verbose="${LORASTRAP_VERBOSE:-}"
+    while [ $# -gt 0 ]; do
+        case "$1" in
             --help | -h)
                 usage
                 return 0
                 ;;
-            --dry-run) _dry_run=1 ;;
+            --prefix | --name | --profile | --engine | --channel | --mirror | --pip-index-url | --envs-dir | --report)
+                [ $# -ge 2 ] || err "$1 needs a value (see --help)" "$EXIT_USAGE"
+                case "$1" in
+                    --prefix) _prefix="$2" ;;
+                    --name) _name="$2" ;;
+                    --profile) _profile="$2" ;;
+                    --engine) _engine="$2" ;;
+                    --channel) _channel="$2" ;;
+                    --mirror) _mirror="$2" ;;
+                    --pip-index-url) _pipidx="$2" ;;
+                    --envs-dir) _envs="$2" ;;
+                    --report) _report="$2" ;;
+                esac
+                shift
+                ;;
+            --frozen) _frozen=1 ;;
+            --yes | -y) LORASTRAP_YES=1 ;;
+            --dry-run) _dry=1 ;;
+            --json) _json=1 ;;
+            --verbose | -v) _verbose=1 ;;
+            --quiet | -q) LORASTRAP_QUIET=1 ;;
+            *) err "unknown flag '$1' (see 'sh setup.sh --help')" "$EXIT_USAGE" ;;
         esac
+        shift
     done
-    _root=$(find_root) || err "run setup.sh from a lorastrap checkout (piped installs come with the bootstrap issue)" 2
-    _python=$(ensure_runtime "$_root") || exit $?
-    if [ -n "$_dry_run" ]; then
-        say "dry run: detecting this machine and planning; nothing is changed"
-        PYTHONPATH="$_root" "$_python" -m installer detect || return $?
-        _filtered=""
-        # Only the flags plan understands.
-        while [ $# -gt 0 ]; do
-            case "$1" in
-                --profile | --envs-dir) _filtered="$_filtered $1 $2"; shift ;;
-                --json) _filtered="$_filtered $1" ;;
-            esac
-            shift
-        done
-        # shellcheck disable=SC2086 # word splitting of the collected flags is intended
-        PYTHONPATH="$_root" "$_python" -m installer plan $_filtered
+    export LORASTRAP_QUIET
+    : "${LORASTRAP_YES:=}"
+
+    _plat=$(get_platform) || err "unsupported platform $(uname -s)/$(uname -m): lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64, win-64" "$EXIT_USAGE"
+    _tmp=$(make_tmp) || err "cannot create a temporary folder (TMPDIR=${TMPDIR:-/tmp})" 1
+    trap 'rm -rf "$_tmp"' EXIT
+    trap 'rm -rf "$_tmp"; exit 130' INT TERM
+    mkdir -p "$(data_dir)/logs" || err "cannot create $(data_dir)/logs (set LORASTRAP_HOME to a writable folder)" 1
+    _log="$(data_dir)/logs/setup-$(date +%Y%m%d-%H%M%S)-$$.log"
+    say "platform $_plat; data dir $(data_dir)"
+
+    _root=$(find_root) || exit $?
+    RUNTIME_PY=""
+    ensure_runtime "$_root"
+
+    # The installer's flags (set -- rebuilds the argument list without word-splitting values).
+    if [ -n "$_dry" ]; then
+        set -- plan
+    else
+        set -- install
+        [ -n "$_prefix" ] && set -- "$@" --prefix "$_prefix"
+        [ -n "$_name" ] && set -- "$@" --name "$_name"
+        [ -n "$_engine" ] && set -- "$@" --engine "$_engine"
+        [ -n "$_channel" ] && set -- "$@" --channel "$_channel"
+        [ -n "$_mirror" ] && set -- "$@" --mirror "$_mirror"
+        [ -n "$_pipidx" ] && set -- "$@" --pip-index-url "$_pipidx"
+        [ -n "$_frozen" ] && set -- "$@" --frozen
+        [ -n "$_report" ] && set -- "$@" --report "$_report"
+        [ -n "$LORASTRAP_YES" ] && set -- "$@" --yes
+    fi
+    [ -n "$_profile" ] && set -- "$@" --profile "$_profile"
+    [ -n "$_envs" ] && set -- "$@" --envs-dir "$_envs"
+    [ -n "$_json" ] && set -- "$@" --json
+    [ -n "$_verbose" ] && set -- "$@" --debug
+
+    if [ -n "$_dry" ]; then
+        say "dry run: detecting this machine and planning; nothing is installed"
+        if [ -z "$_json" ]; then  # with --json, plan's output carries the detection too
+            PYTHONPATH="$_root" "$RUNTIME_PY" -m installer detect || return $?
+        fi
+        PYTHONPATH="$_root" run_logged "$_log" "$RUNTIME_PY" -m installer "$@" 3>&1
         return $?
     fi
-    : "$_args"
-    PYTHONPATH="$_root" exec "$_python" -m installer install "$@"
+    PYTHONPATH="$_root" run_logged "$_log" "$RUNTIME_PY" -m installer "$@" 3>&1
 }
 
 main "$@" || exit $?

@@ -78,7 +78,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def say(msg: str) -> None:
-    print(f"lorastrap: {msg}", file=sys.stderr, flush=True)
+    """Narration on stderr (LORASTRAP_QUIET=1 silences it; errors and results are still printed)."""
+    if not os.environ.get("LORASTRAP_QUIET"):
+        print(f"lorastrap: {msg}", file=sys.stderr, flush=True)
 
 
 def _envs_dir(args) -> Path:

@@ -14,7 +14,10 @@ import json
 import os
 import sys
 
-sys.path.pop(0)  # this folder holds lorastrap's modules; never let them shadow a third-party one
+# Neither this folder (lorastrap's modules) nor the checkout (lorastrap's `installer`, e.g. via PYTHONPATH) may
+# shadow a third-party module here.
+sys.path[:] = [p for p in sys.path[1:]
+               if not os.path.exists(os.path.join(p or ".", "installer", "condalock_writer.py"))]
 
 
 def main() -> int:

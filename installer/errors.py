@@ -17,6 +17,7 @@ INTEGRITY = 6  # a package's checksum does not match its lock
 DISK = 7  # not enough free disk
 BUSY = 8  # another lorastrap holds the lock (with --no-wait)
 VERIFY = 9  # the verification run failed
+PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl or wget, micromamba)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -30,6 +31,7 @@ EXIT_CODES = {
     DISK: "not enough free disk space",
     BUSY: "another lorastrap run holds the lock",
     VERIFY: "the verification run failed",
+    PREREQ: "setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl/wget, or micromamba)",
     INTERRUPTED: "interrupted",
 }
 

@@ -213,7 +213,7 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
                "custom_metadata": {"lorastrap_profile": name,
                                    "lorastrap_inputs_sha256": inputs_sha256(envs_dir, profile)}}
     res = subproc.run([sys.executable, str(Path(__file__).with_name("condalock_writer.py"))],
-                      timeout=300, stdin=json.dumps(request))
+                      timeout=300, stdin=json.dumps(request), env=subproc.clean_env(drop=("PYTHONPATH",)))
     if not res.ok:
         raise ConfigError(f"conda-lock could not write {out}", why=(res.stderr.strip().splitlines() or ["?"])[-1],
                           fix="Rerun with --debug; this is likely a bug in lorastrap.")

@@ -1,0 +1,239 @@
+"""setup.sh: POSIX sh (run by dash), end to end against the test channel, piped mode, downloader, failures."""
+
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+DASH = shutil.which("dash") or "/bin/sh"
+TEST_ENVS = "tests/envs"
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory):
+    """A clean copy of the project as a clone would have it (tracked + untracked-not-ignored files)."""
+    dest = tmp_path_factory.mktemp("clone") / "lorastrap"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for f in filter(None, files):
+        src = ROOT / f
+        if src.is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / f)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """One data dir for the module, so the runtime is created once and reused (as on a real machine)."""
+    return tmp_path_factory.mktemp("data") / "lorastrap"
+
+
+def sh(args, *, cwd, env, stdin=None, timeout=900):
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("LORASTRAP_", "CONDA_OVERRIDE"))}
+    full.update(env)
+    return subprocess.run(args, cwd=cwd, env=full, input=stdin, capture_output=True, timeout=timeout,
+                          text=isinstance(stdin, str) or stdin is None)
+
+
+def snapshot(root: Path, skip=("logs",)):
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts and rel.parts[0] in skip:
+            continue
+        if p.name.endswith(".lock"):  # file locks: taken (and stamped with the holder's pid) on every run
+            continue
+        if p.is_file() and not p.is_symlink():
+            out[str(rel)] = p.stat().st_mtime_ns
+    return out
+
+
+def test_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        if os.environ.get("CI"):
+            pytest.fail("shellcheck is not installed (.ci/run installs it from Debian)")
+        pytest.skip("shellcheck not installed here (.ci/run installs it)")
+    res = subprocess.run(["shellcheck", "-s", "sh", str(ROOT / "setup.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_end_to_end_under_dash_then_a_rerun_changes_nothing(checkout, data_dir, channel, tmp_path):
+    args = [DASH, "setup.sh", "--envs-dir", TEST_ENVS, "--channel", channel["url"],
+            "--pip-index-url", channel["simple"]]
+    env = {"LORASTRAP_HOME": str(data_dir), "HOME": str(tmp_path)}
+    res = sh(args, cwd=checkout, env=env, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "installed and verified:" in res.stdout and "profile test-cpu" in res.stdout
+    assert f"activate with: conda activate {data_dir}/envs/lora" in res.stdout
+    assert (data_dir / "runtime" / "bin" / "python").exists()
+    before = snapshot(data_dir)
+    res = sh(args, cwd=checkout, env=env, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "reusing the runtime" in res.stderr and "already up to date" in res.stdout
+    assert snapshot(data_dir) == before
+
+
+def test_dry_run_writes_nothing_outside_the_data_dir(checkout, data_dir, tmp_path):
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    tree_before = snapshot(checkout)
+    data_before = snapshot(data_dir, skip=("logs", "runtime"))
+    res = sh([DASH, "setup.sh", "--dry-run"], cwd=checkout,
+             env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home), "TMPDIR": str(tmp)}, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "NVML" in res.stdout and "LibraryNotFound" in res.stdout  # the detection
+    assert "profile: cpu" in res.stdout  # the plan
+    assert snapshot(checkout) == tree_before
+    assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []
+    assert snapshot(data_dir, skip=("logs", "runtime")) == data_before
+
+
+def test_a_truncated_download_executes_nothing(tmp_path):
+    text = (ROOT / "setup.sh").read_bytes()
+    last_line = text.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    assert last_line == b'main "$@" || exit $?'
+    # Any cut before `main` is complete runs nothing (a cut after it has the whole script anyway).
+    limit = len(text) - len(last_line) - 1 + len(b"mai")
+    offsets = sorted(set(list(range(0, limit, max(1, limit // 150))) + [limit - 1, limit]))
+    for n in offsets:
+        data = tmp_path / f"d{n}"
+        res = subprocess.run([DASH], input=text[:n], capture_output=True, timeout=30,
+                             env={"PATH": os.environ["PATH"], "LORASTRAP_HOME": str(data), "HOME": str(tmp_path)})
+        assert not data.exists(), f"cut at byte {n} created the data dir"
+        assert b"lorastrap:" not in res.stderr and b"lorastrap" not in res.stdout, f"cut at {n}: {res.stderr!r}"
+
+
+# --- piped mode and the downloader, against a loopback server ----------------------------------------------------
+
+class Files(http.server.BaseHTTPRequestHandler):
+    routes: dict = {}
+    hits: list = []
+
+    def do_GET(self):
+        Files.hits.append((self.path, self.headers.get("User-Agent", "")))
+        route = Files.routes.get(self.path)
+        if callable(route):
+            route = route()
+        if route is None:
+            self.send_error(404)
+            return
+        code, body = route
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture(scope="module")
+def server(checkout, tmp_path_factory):
+    archive = tmp_path_factory.mktemp("src") / "lorastrap.tar.gz"
+    subprocess.run(["tar", "-czf", str(archive), "-C", str(checkout.parent), checkout.name], check=True)
+    body = archive.read_bytes()
+    flaky = {"n": 0}
+
+    def flaky_route():
+        flaky["n"] += 1
+        return (503, b"busy") if flaky["n"] <= 2 else (200, body)
+    Files.routes = {"/src.tar.gz": (200, body), "/empty.tar.gz": (200, b""), "/flaky.tar.gz": flaky_route}
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "sha": hashlib.sha256(body).hexdigest()}
+    srv.shutdown()
+
+
+def piped(server, tmp_path, data_dir, path_name, *, sha=None, path=None):
+    env = {"LORASTRAP_HOME": str(data_dir), "HOME": str(tmp_path), "LORASTRAP_SOURCE_URL": server["url"] + path_name}
+    if sha:
+        env["LORASTRAP_SOURCE_SHA256"] = sha
+    if path:
+        env["PATH"] = path
+    script = (ROOT / "setup.sh").read_text()
+    return sh([DASH, "-s", "--", "--dry-run"], cwd=tmp_path, env=env, stdin=script)
+
+
+def test_piped_install_fetches_checks_and_runs_the_source(server, tmp_path, data_dir):
+    res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha=server["sha"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "fetching lorastrap from" in res.stderr and "profile: cpu" in res.stdout
+
+
+def test_checksum_mismatch_is_refused_with_want_and_got(server, tmp_path, data_dir):
+    res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha="0" * 64)
+    assert res.returncode == 6, res.stderr
+    assert f"want: {'0' * 64}" in res.stderr and f"got:  {server['sha']}" in res.stderr
+
+
+def test_empty_download_is_refused(server, tmp_path, data_dir):
+    res = piped(server, tmp_path, data_dir, "/empty.tar.gz")
+    assert res.returncode == 5 and "is empty" in res.stderr
+
+
+def test_server_errors_are_retried(server, tmp_path, data_dir):
+    Files.hits.clear()
+    res = piped(server, tmp_path, data_dir, "/flaky.tar.gz", sha=server["sha"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [p for p, _ in Files.hits].count("/flaky.tar.gz") == 3
+
+
+def tools_dir(tmp_path, *names):
+    """A PATH folder holding only the named programs (to take curl, wget or python3 away)."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for name in names:
+        target = shutil.which(name)
+        if target:
+            (d / name).symlink_to(target)
+    return str(d)
+
+
+BASICS = ("sh", "dash", "uname", "mktemp", "chmod", "rm", "mkdir", "cat", "cut", "sha256sum", "dirname", "date",
+          "tee", "tar", "gzip", "mv", "ls", "env")
+
+
+def test_without_curl_wget_is_used(server, tmp_path, data_dir):
+    if not shutil.which("wget"):
+        pytest.skip("wget is not installed")
+    Files.hits.clear()
+    path = tools_dir(tmp_path, *BASICS, "wget", "python3")
+    res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha=server["sha"], path=path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Files.hits and all(ua.lower().startswith("wget") for _, ua in Files.hits)
+
+
+def test_without_curl_and_wget_a_clear_message(server, tmp_path, data_dir):
+    path = tools_dir(tmp_path, *BASICS, "python3")
+    res = piped(server, tmp_path, data_dir, "/src.tar.gz", path=path)
+    assert res.returncode == 10 and "need curl or wget" in res.stderr
+
+
+def test_no_python_and_no_micromamba_a_clear_message(checkout, server, tmp_path):
+    path = tools_dir(tmp_path, *BASICS, "curl")
+    res = sh([DASH, "setup.sh", "--dry-run"], cwd=checkout,
+             env={"LORASTRAP_HOME": str(tmp_path / "fresh"), "HOME": str(tmp_path), "PATH": path,
+                  "LORASTRAP_MICROMAMBA_URL": server["url"] + "/no-such-micromamba"}, stdin="")
+    assert res.returncode == 10, res.stderr
+    assert "no python3 >= 3.10" in res.stderr and "Ways out" in res.stderr and "MAMBA_EXE" in res.stderr
+
+
+def test_help_lists_flags_and_variables():
+    res = subprocess.run([DASH, str(ROOT / "setup.sh"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    for flag, var in (("--prefix", "LORASTRAP_PREFIX"), ("--dry-run", "LORASTRAP_DRY_RUN"),
+                      ("--mirror", "LORASTRAP_MIRROR"), ("--report", "LORASTRAP_REPORT")):
+        assert flag in res.stdout and var in res.stdout
+
+
+def test_unknown_flag_is_a_usage_error():
+    res = subprocess.run([DASH, str(ROOT / "setup.sh"), "--bogus"], capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown flag '--bogus'" in res.stderr
