@@ -74,6 +74,27 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
     p.add_argument("--steps", type=int, default=10, help="LoRA optimizer steps")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report to this file")
+    for cmd, text in (("doctor", "diagnose an environment: files, lock, pip on top, the machine, imports"),
+                      ("repair", "rebuild a broken environment through the install transaction (keeps a backup)")):
+        p = sub.add_parser(cmd, help=text)
+        _common(p)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--prefix", type=Path, default=None, help="environment path")
+        where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+        p.add_argument("--machine", type=Path, default=None,
+                       help="judge against this machine description (`detect --json` of another node) instead of "
+                            "detecting this one")
+        if cmd == "doctor":
+            p.add_argument("--no-imports", action="store_true", help="skip the import and version-gate pre-checks")
+        else:
+            p.add_argument("--replan", action="store_true", help="rebuild with the profile plan chooses now")
+            p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
+            p.add_argument("--drop-backup", action="store_true", help="remove the old environment once the new one verified")
+            p.add_argument("--engine", choices=["auto", "micromamba", "mamba", "rattler"], default="auto")
+            p.add_argument("--channel", action="append", default=None)
+            p.add_argument("--mirror", default=None)
+            p.add_argument("--pip-index-url", default=None)
+            p.add_argument("--no-verify", action="store_true")
     return top
 
 
@@ -156,6 +177,54 @@ def cmd_verify(args) -> int:
     return verify.exit_code(report)
 
 
+def _machine(args):
+    from installer.detect import Machine, detect
+    if getattr(args, "machine", None):
+        from installer.errors import ConfigError
+        try:
+            return Machine.model_validate_json(args.machine.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{args.machine}: not a machine description", why=str(exc).splitlines()[0],
+                              fix="Pass the output of `python -m installer detect --json`.")
+    return detect(disk_path=getattr(args, "prefix", None))
+
+
+def _prefix(args) -> Path:
+    from installer import paths
+    return (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
+
+
+def cmd_doctor(args) -> int:
+    from installer import doctor
+    diag = doctor.diagnose(_prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), imports=not args.no_imports)
+    print(json.dumps(diag.to_dict(), indent=2) if args.json else doctor.format_diagnosis(diag))
+    return diag.exit_code
+
+
+def cmd_repair(args) -> int:
+    from installer import doctor, install as inst, lock
+
+    def confirm() -> bool:
+        if not sys.stdin.isatty():
+            return True  # non-interactive (cluster jobs, pipes): never prompt
+        return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
+
+    prefix = _prefix(args)
+    diag, result = doctor.repair(
+        prefix, envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
+        keep_backup=not args.drop_backup, confirm=confirm, narrate=say, engine=args.engine,
+        channels=args.channel or ([args.mirror] if args.mirror else None),
+        mirror=args.mirror or (args.channel[0] if args.channel else None),
+        pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, run_verify=not args.no_verify)
+    doc = {"before": diag.to_dict(), "result": inst.result_dict(result)}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
+              f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
+    return errors.OK
+
+
 def cmd_detect(args) -> int:
     from installer.detect import detect, format_table
     machine = detect(disk_path=args.prefix)
@@ -178,7 +247,7 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify}
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "doctor": cmd_doctor, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:

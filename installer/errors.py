@@ -18,6 +18,8 @@ DISK = 7  # not enough free disk
 BUSY = 8  # another lorastrap holds the lock (with --no-wait)
 VERIFY = 9  # the verification run failed
 PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl or wget, micromamba)
+DOCTOR_REPAIRABLE = 11  # doctor: problems that `repair` fixes from the environment's own lock
+DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (`repair --replan`)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -32,6 +34,8 @@ EXIT_CODES = {
     BUSY: "another lorastrap run holds the lock",
     VERIFY: "the verification run failed",
     PREREQ: "setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl/wget, or micromamba)",
+    DOCTOR_REPAIRABLE: "doctor: the environment is broken and `repair` can fix it",
+    DOCTOR_UNREPAIRABLE: "doctor: the environment no longer fits this machine (`repair --replan`)",
     INTERRUPTED: "interrupted",
 }
 

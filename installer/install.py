@@ -305,15 +305,21 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
             frozen: bool = False, channels: list[str] | None = None, mirror: str | None = None,
             pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, wait: bool = True,
             run_verify: bool = True, min_free_mib: int = 512, plan_info: dict | None = None,
-            driver_cuda: str | None = None, narrate=lambda m: None) -> Result:
+            driver_cuda: str | None = None, lock_file: Path | None = None, force: bool = False,
+            carry_over: tuple[str, ...] = (), narrate=lambda m: None) -> Result:
+    """Install (or rebuild, with force) PREFIX from a lock; see the module's docstring for the transaction.
+
+    lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
+    package owns) copied from the previous environment into the new one."""
     prefix = prefix.expanduser().absolute()
     prefix.parent.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with filelock.held(lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate), _signals_raise():
         recovered = recover(prefix, narrate)
-        lk = choose_lock(envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen,
-                         channels=channels, pip_index_url=pip_index_url, narrate=narrate)
+        lk = locking.read_lock(lock_file) if lock_file else choose_lock(
+            envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen, channels=channels,
+            pip_index_url=pip_index_url, narrate=narrate)
         entries = lk.for_platform(platform)
         if not entries:
             raise ConfigError(f"{lk.path}: no packages for {platform}",
@@ -327,7 +333,7 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
 
         # No-op: the same lock is already installed and intact.
         record = _read_record(prefix)
-        if record and record.get("lock_digest") == lk.digest(platform) and not mismatches(prefix, entries):
+        if not force and record and record.get("lock_digest") == lk.digest(platform) and not mismatches(prefix, entries):
             timings["total"] = time.perf_counter() - t0
             narrate(f"{prefix} already matches the lock ({len(entries)} packages): nothing to do")
             return result
@@ -376,6 +382,8 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
                     narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
                     engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
                     timings["pip"] = time.perf_counter() - t
+                if carry_over and had_old:
+                    _carry_over(backup_path(prefix), prefix, carry_over, narrate)
                 _pause_point("linked", narrate)
                 t = time.perf_counter()
                 problems = mismatches(prefix, entries)
@@ -415,6 +423,19 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
+    """Copy the user's files (owned by no package) from the previous environment; never over a package's file."""
+    copied = 0
+    for rel in rels:
+        src, dst = old / rel, new / rel
+        if dst.exists() or dst.is_symlink() or not (src.is_file() or src.is_symlink()):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst, follow_symlinks=False)
+        copied += 1
+    narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
 
 
 def _rollback(prefix: Path, had_old: bool, narrate) -> None:

@@ -205,6 +205,7 @@ def _build_stack_variants(work: Path, ch: Path, platform: str) -> None:
         for variant in ("cuda", "cpu"):
             cuda = variant == "cuda"
             extra = (f'BUILD = "{variant}"\n'
+                     + (f'supported_torch_devices = {["cpu", "cuda"] if cuda else ["cpu"]!r}\n' if name == "bitsandbytes" else "")
                      + ("class version:\n    cuda = " + ('"12.9"' if cuda else "None") + "\n" if name == "pytorch" else ""))
             files = _files(work, mod, version, "py", 0, extra)
             lib = files / "lib"

@@ -447,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--driver-cuda", default=os.environ.get("LORASTRAP_DRIVER_CUDA") or None,
                     help="highest CUDA the driver supports (lorastrap detect; env LORASTRAP_DRIVER_CUDA)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--pre-checks-only", action="store_true",
+                    help="imports, version gates, devices and backends only (what `lorastrap doctor` runs)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     rep = Report()
@@ -459,7 +461,7 @@ def main(argv=None) -> int:
         device = args.device
     rep.info["device"] = device
     check_bnb_backend(rep, mods, device)
-    if not rep.failed() and not rep.unsupported:
+    if not rep.failed() and not rep.unsupported and not args.pre_checks_only:
         run_functional(rep, mods, device, args.steps)
     report = rep.finish()
     report["timings"] = {"imports_s": round(imports_s, 3), "total_s": round(time.perf_counter() - start, 3),
