@@ -54,6 +54,7 @@ usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s
   --mirror URL         mirror of the lock's channel                  LORASTRAP_MIRROR
   --pip-index-url URL  index for the spec's pip: entries             LORASTRAP_PIP_INDEX_URL
   --envs-dir PATH      profiles folder (default: envs/)              LORASTRAP_ENVS_DIR
+  --bundle PATH        install offline from a bundle (folder/.tar)   LORASTRAP_BUNDLE
   --frozen             install only from committed locks             LORASTRAP_FROZEN=1
   --yes                never ask (setup.sh never asks anyway)        LORASTRAP_YES=1
   --dry-run            detect and plan only; change nothing          LORASTRAP_DRY_RUN=1
@@ -189,6 +190,10 @@ find_root() {
         (cd "$_dir" && pwd)
         return 0
     fi
+    if [ -n "$_bundle" ] && [ -f "$_bundle/source/installer/__main__.py" ]; then
+        (cd "$_bundle/source" && pwd)
+        return 0
+    fi
     if [ -z "${LORASTRAP_SOURCE_URL:-}" ]; then
         err "not run from a lorastrap checkout and LORASTRAP_SOURCE_URL is not set: set it to lorastrap's source archive (.tar.gz), or run 'sh setup.sh' in a checkout" "$EXIT_USAGE"
     fi
@@ -246,7 +251,12 @@ ensure_runtime() {
         say "creating the runtime in $_rt with $_py (requirements.txt, hashes required)"
         rm -rf "$_rt.part"
         "$_py" -m venv "$_rt.part" >&2 || err "could not create a virtual environment in $_rt.part" "$EXIT_PREREQ"
-        "$_rt.part/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
+        if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only
+            set -- --no-index --find-links "$_bundle/runtime/wheels"
+        else
+            set --
+        fi
+        "$_rt.part/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes "$@" \
             -r "$_root/requirements.txt" >&2 ||
             err "could not install lorastrap's runtime from requirements.txt (network or proxy? see above)" "$EXIT_NETWORK"
     else
@@ -327,13 +337,14 @@ main() {
     _json="${LORASTRAP_JSON:-}"
     _report="${LORASTRAP_REPORT:-}"
     _verbose="${LORASTRAP_VERBOSE:-}"
+    _bundle="${LORASTRAP_BUNDLE:-}"
     while [ $# -gt 0 ]; do
         case "$1" in
             --help | -h)
                 usage
                 return 0
                 ;;
-            --prefix | --name | --profile | --engine | --channel | --mirror | --pip-index-url | --envs-dir | --report)
+            --prefix | --name | --profile | --engine | --channel | --mirror | --pip-index-url | --envs-dir | --report | --bundle)
                 [ $# -ge 2 ] || err "$1 needs a value (see --help)" "$EXIT_USAGE"
                 case "$1" in
                     --prefix) _prefix="$2" ;;
@@ -345,6 +356,7 @@ main() {
                     --pip-index-url) _pipidx="$2" ;;
                     --envs-dir) _envs="$2" ;;
                     --report) _report="$2" ;;
+                    --bundle) _bundle="$2" ;;
                 esac
                 shift
                 ;;
@@ -369,6 +381,22 @@ main() {
     _log="$(data_dir)/logs/setup-$(date +%Y%m%d-%H%M%S)-$$.log"
     say "platform $_plat; data dir $(data_dir)"
 
+    if [ -n "$_bundle" ]; then
+        case "$_bundle" in
+            *.tar)
+                need_cmd tar
+                _unpacked="${_bundle%.tar}"
+                if [ ! -f "$_unpacked/manifest.json" ]; then
+                    say "unpacking $_bundle"
+                    tar -xf "$_bundle" -C "$(dirname "$_bundle")" || err "cannot unpack $_bundle" "$EXIT_INTEGRITY"
+                fi
+                _bundle="$_unpacked"
+                ;;
+        esac
+        [ -f "$_bundle/manifest.json" ] || err "$_bundle is not a lorastrap bundle (no manifest.json)" "$EXIT_USAGE"
+        _bundle=$(cd "$_bundle" && pwd)
+        [ -n "$_envs" ] || _envs="$_bundle/envs"  # the profiles the bundle was made from
+    fi
     _root=$(find_root) || exit $?
     RUNTIME_PY=""
     ensure_runtime "$_root"
@@ -386,6 +414,7 @@ main() {
         [ -n "$_pipidx" ] && set -- "$@" --pip-index-url "$_pipidx"
         [ -n "$_frozen" ] && set -- "$@" --frozen
         [ -n "$_report" ] && set -- "$@" --report "$_report"
+        [ -n "$_bundle" ] && set -- "$@" --bundle "$_bundle"
         [ -n "$LORASTRAP_YES" ] && set -- "$@" --yes
     fi
     [ -n "$_profile" ] && set -- "$@" --profile "$_profile"

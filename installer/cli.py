@@ -67,6 +67,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
+    p.add_argument("--bundle", type=Path, default=None, help="install from an offline bundle (folder or .tar)")
+
+    p = sub.add_parser("bundle", help="an offline bundle: lock, archives, runtime wheels, source, manifest")
+    _common(p)
+    p.add_argument("--profile", default=None, help="profile (default: the one plan chooses)")
+    p.add_argument("--platform", default=None, help="target conda platform (default: this machine's)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder, or a file ending in .tar")
+    p.add_argument("--channel", action="append", default=None, help="channel to lock from when no lock exists")
+    p.add_argument("--mirror", default=None, help="mirror to fetch the archives from")
+    p.add_argument("--pip-index-url", default=None)
+    p.add_argument("--python-version", default=None, help="the nodes' Python for the runtime wheels (default: this one)")
+
     p = sub.add_parser("verify", help="prove an environment loads a model in 8 bits and LoRA-trains it")
     _common(p)
     where = p.add_mutually_exclusive_group()
@@ -130,6 +142,9 @@ def cmd_install(args) -> int:
     from installer import install as inst, lock, paths, plan as planner, profiles
     from installer.detect import detect
     envs = _envs_dir(args)
+    if args.bundle and not args.envs_dir:
+        from installer import bundle
+        envs = bundle.open_bundle(args.bundle) / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs)
     machine = detect(disk_path=args.prefix)
     result_plan = planner.plan(machine, matrix, profile=args.profile)
@@ -141,16 +156,33 @@ def cmd_install(args) -> int:
         raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
                              fix="lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 and win-64.")
     prefix = args.prefix or paths.envs_dir() / (args.name or "lora")
+    lock_file = None
+    if args.bundle:
+        from installer import bundle
+        where = bundle.open_bundle(args.bundle)
+        lk, _, manifest = bundle.install_inputs(where)
+        if manifest["platform"] != machine.platform:
+            from installer.errors import ConfigError
+            raise ConfigError(f"bundle {where} is for {manifest['platform']}, this machine is {machine.platform}",
+                              fix=f"Build a bundle with --platform {machine.platform}.")
+        name = manifest["profile"]
+        result_plan = planner.plan(machine, matrix, profile=name)
+        for c in result_plan.broken:
+            say(f"warning: {name} breaks a requirement here: {c.message}")
+        lock_dir = paths.data_dir() / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = bundle.local_urls(lk, where, lock_dir / f"{name}.bundle.conda-lock.yml")
+        say(f"installing from bundle {where} (profile {name}, {manifest['packages']} packages, no network)")
     say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
     mirror = args.mirror or (args.channel[0] if args.channel else None)
-    result = inst.install(
+    result = inst.install(lock_file=lock_file, 
         prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), platform=machine.platform,
         engine=args.engine, frozen=args.frozen, channels=args.channel or ([args.mirror] if args.mirror else None),
         mirror=mirror, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, keep_backup=args.keep_backup,
         wait=not args.no_wait, run_verify=not args.no_verify, min_free_mib=args.min_free_mib,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}),
         driver_cuda=machine.cuda, narrate=say)
-    doc = inst.result_dict(result)
+    doc = inst.node_report(result, machine)
     if args.report:
         args.report.write_text(json.dumps(doc, indent=2) + "\n")
     if args.json:
@@ -161,6 +193,31 @@ def cmd_install(args) -> int:
         print(f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
               f"{result.pip_packages} pip packages, engine {result.engine}, {result.timings.get('total', 0):.1f} s)")
         print(f"activate with: {inst.activation_hint(Path(result.prefix))}")
+    return errors.OK
+
+
+def cmd_bundle(args) -> int:
+    from installer import bundle, install as inst, lock, paths, plan as planner, profiles
+    from installer.detect import detect
+    envs = _envs_dir(args)
+    matrix = profiles.load(envs)
+    machine = detect()
+    name = args.profile or planner.require_profile(planner.plan(machine, matrix))
+    profile = profiles.get(matrix, name)
+    platform = args.platform or machine.platform
+    lk = inst.choose_lock(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
+                          channels=args.channel or ([args.mirror] if args.mirror else None),
+                          pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, narrate=say)
+    out = args.output.absolute()
+    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
+                           python_version=args.python_version, narrate=say)
+    summary = {k: manifest[k] for k in ("profile", "platform", "python_version", "packages", "bytes")}
+    summary["path"] = str(out)
+    print(json.dumps(summary, indent=2) if args.json else
+          f"bundle {out}: profile {name} for {platform}, {manifest['packages']} packages, "
+          f"{manifest['bytes'] / 2**20:.1f} MiB; install on a node with: "
+          + (f"tar -xf {out} -C {out.parent} && " if out.suffix == ".tar" else "")
+          + f"sh {out.with_suffix('') if out.suffix == '.tar' else out}/source/setup.sh --bundle {out}")
     return errors.OK
 
 
@@ -247,7 +304,7 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "doctor": cmd_doctor, "repair": cmd_repair}
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -502,6 +502,30 @@ def result_dict(result: Result) -> dict:
     return asdict(result)
 
 
+KEY_PACKAGES = ("python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes", "cuda-version")
+
+
+def node_report(result: Result, machine) -> dict:
+    """The JSON a node reports (setup.sh --report, install --report, the fleet report's rows): schema_version 1."""
+    import socket
+    doc = {"schema_version": 1, "host": socket.gethostname(), "ok": True}
+    doc.update(asdict(result))
+    versions = {}
+    try:
+        for e in locking.read_lock(Path(result.lock)).for_platform(result.platform):
+            if e.name in KEY_PACKAGES:
+                versions[e.name] = f"{e.version} ({e.build})" if e.build else e.version
+    except LorastrapError:
+        pass
+    doc["versions"] = versions
+    doc["machine"] = {"platform": machine.platform, "driver": machine.nvidia.driver_version,
+                      "driver_cuda": machine.cuda,
+                      "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]}
+    doc["verify_verdict"] = (result.verify or {}).get("verdict") if result.verify else (
+        "unchanged" if not result.changed else "skipped")
+    return doc
+
+
 def activation_hint(prefix: Path) -> str:
     return f"conda activate {prefix}   (or: micromamba activate {prefix}; or: export PATH={prefix}/bin:$PATH)"
 

@@ -23,6 +23,10 @@ def envs_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """The package cache: $LORASTRAP_PKGS_DIR (e.g. one folder on a shared filesystem for many nodes), else
+    the data dir's pkgs/."""
+    if os.environ.get("LORASTRAP_PKGS_DIR"):
+        return Path(os.environ["LORASTRAP_PKGS_DIR"]).expanduser()
     return data_dir() / "pkgs"
 
 

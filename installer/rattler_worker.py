@@ -57,10 +57,16 @@ def _install(req: dict) -> dict:
     return {"ok": True, "installed": len(records)}
 
 
+def _index(req: dict) -> dict:
+    import rattler
+    asyncio.run(rattler.index.index_fs(req["channel"], write_zst=False, write_shards=False, force=True))
+    return {"ok": True}
+
+
 def main() -> None:
     req = json.loads(sys.stdin.read())
     try:
-        result = {"solve": _solve, "install": _install}[req["op"]](req)
+        result = {"solve": _solve, "install": _install, "index": _index}[req["op"]](req)
     except BaseException as exc:  # everything goes into the answer; the parent decides
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
     tmp = req["result"] + ".tmp"

@@ -78,3 +78,12 @@ def venv_2023(tmp_path_factory):
     if given:
         return Path(given)
     return _venv(tmp_path_factory.mktemp("v2023") / "venv", ROOT / "tests" / "requirements-2023.txt")
+
+
+@pytest.fixture(scope="session")
+def ansible_venv(tmp_path_factory):
+    """ansible-core (< 2.20 on Python 3.11) in its own venv (LORASTRAP_ANSIBLE_VENV reuses one)."""
+    given = os.environ.get("LORASTRAP_ANSIBLE_VENV")
+    if given:
+        return Path(given)
+    return _venv(tmp_path_factory.mktemp("ansible") / "venv", ROOT / "tests" / "requirements-ansible.txt")

@@ -1,0 +1,188 @@
+"""Offline bundles for fleets: one folder (or .tar) holding everything a node needs, checked as it is made.
+
+    bundle/
+      manifest.json          what is inside, with sizes and sha256 (schema_version 1)
+      lock/PROFILE.conda-lock.yml
+      channel/SUBDIR/…       every archive the lock names (sha256 checked while bundling) + repodata.json:
+                             a valid conda channel folder (micromamba and conda can use it too)
+      pip/…                  the lock's pip wheels
+      runtime/wheels/…       lorastrap's own runtime (requirements.txt) as wheels for the target platform
+      source/…               lorastrap itself (setup.sh, installer/, envs/, scripts/, requirements*.txt)
+      envs/…                 the profiles the bundle was made from (profiles.yaml, specs, virtual packages)
+
+`sh setup.sh --bundle PATH` (or `python -m installer install --bundle PATH`) installs from it with no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from installer import lock as locking, paths, subproc
+from installer.cache import Cache
+from installer.errors import ConfigError, IntegrityError
+
+SCHEMA_VERSION = 1
+SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "README.md",
+                "deploy"]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _copy_source(dest: Path) -> None:
+    for item in SOURCE_ITEMS:
+        src = paths.ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.is_file():
+            shutil.copy2(src, dest / item)
+
+
+def _runtime_wheels(dest: Path, platform: str, python_version: str) -> None:
+    argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--isolated",
+            "--require-hashes", "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
+            "-r", str(paths.ROOT / "requirements.txt"), "-d", str(dest)]
+    for tag in locking.WHEEL_PLATFORMS.get(platform, []):
+        argv += ["--platform", tag]
+    res = subproc.run(argv, timeout=1800)
+    if not res.ok:
+        from installer.errors import NetworkError
+        raise NetworkError("could not download lorastrap's runtime wheels for the bundle",
+                           why=(res.stderr.strip().splitlines() or ["?"])[-1],
+                           fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
+
+
+def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, out: Path,
+         mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> dict:
+    """Build the bundle at out (a folder, or a .tar file).  Returns the manifest."""
+    entries = lock_file.for_platform(platform)
+    if not entries:
+        raise ConfigError(f"{lock_file.path} has no {platform} section",
+                          fix=f"Lock for it: `python -m installer lock --profile {name} --platform {platform}`.")
+    as_tar = out.suffix == ".tar"
+    work = Path(tempfile.mkdtemp(prefix=".lorastrap-bundle-", dir=out.parent if out.parent.exists() else None))
+    try:
+        root = work / "bundle"
+        for d in ("lock", "channel", "pip", "runtime/wheels", "source"):
+            (root / d).mkdir(parents=True)
+        shutil.copyfile(lock_file.path, root / "lock" / f"{name}.conda-lock.yml")
+        cache = Cache(paths.cache_dir())
+        pip_bytes = conda_bytes = 0
+        for e in entries:
+            url = locking.mirrored(e.url, lock_file.channels, mirror)
+            cached, _ = cache.fetch(url, e.sha256, e.filename)  # sha256 checked here
+            if e.manager == "conda":
+                subdir = e.url.rsplit("/", 2)[-2]
+                target = root / "channel" / subdir / e.filename
+                conda_bytes += cached.stat().st_size
+            else:
+                target = root / "pip" / e.filename
+                pip_bytes += cached.stat().st_size
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(cached, target)
+        narrate(f"{len(entries)} packages checked and copied ({(conda_bytes + pip_bytes) / 2**20:.1f} MiB)")
+        (root / "channel" / "noarch").mkdir(exist_ok=True)
+        answer = subproc.worker("rattler_worker", {"op": "index", "channel": str(root / "channel")}, timeout=600)
+        if not answer.get("ok"):
+            raise ConfigError("could not index the bundle's channel", why=answer.get("error", ""))
+        pyver = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+        narrate(f"downloading lorastrap's runtime wheels for {platform}, Python {pyver}")
+        _runtime_wheels(root / "runtime" / "wheels", platform, pyver)
+        _copy_source(root / "source")
+        shutil.copytree(envs_dir, root / "envs", ignore=shutil.ignore_patterns("*.conda-lock.yml"))
+        files = {}
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(root).as_posix()
+                files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        manifest = {"schema_version": SCHEMA_VERSION, "profile": name, "platform": platform,
+                    "python_version": pyver, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "lock": f"lock/{name}.conda-lock.yml", "channel": "channel", "packages": len(entries),
+                    "bytes": sum(f["size"] for f in files.values()), "files": files}
+        (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if as_tar:
+            tmp_tar = work / out.name
+            with tarfile.open(tmp_tar, "w") as t:
+                t.add(root, arcname=out.stem)
+            os.replace(tmp_tar, out)
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(root, out)
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def open_bundle(path: Path) -> Path:
+    """A bundle folder (a .tar is unpacked next to it, once)."""
+    path = path.absolute()
+    if path.is_file() and path.suffix == ".tar":
+        dest = path.with_suffix("")
+        if not (dest / "manifest.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=path.parent))
+            with tarfile.open(path) as t:
+                t.extractall(tmp, filter="data")
+            inner = next(p for p in tmp.iterdir() if (p / "manifest.json").exists())
+            os.rename(inner, dest)
+            shutil.rmtree(tmp, ignore_errors=True)
+        path = dest
+    if not (path / "manifest.json").is_file():
+        raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json)",
+                          fix="Build one with `python -m installer bundle --profile P --platform X -o PATH`.")
+    return path
+
+
+def check(path: Path, *, deep: bool = False) -> dict:
+    """Read the manifest; every file it lists must be there at its size (deep: and its sha256)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for rel, meta in manifest["files"].items():
+        p = path / rel
+        if not p.is_file():
+            raise IntegrityError(f"bundle {path}: {rel} is missing", why="the bundle is incomplete",
+                                 fix="Copy the whole bundle again, or rebuild it.")
+        if p.stat().st_size != meta["size"] or (deep and _sha256(p) != meta["sha256"]):
+            raise IntegrityError(f"bundle {path}: {rel} was altered (size or sha256 differs from the manifest)",
+                                 why="the bundle was modified or damaged in transit",
+                                 fix="Copy the bundle again, or rebuild it on the head node.")
+    return manifest
+
+
+def install_inputs(path: Path) -> tuple[locking.Lock, Path, dict]:
+    """The lock, a rewritten copy whose URLs point into the bundle, and the manifest."""
+    manifest = check(path)
+    lk = locking.read_lock(path / manifest["lock"])
+    return lk, path, manifest
+
+
+def local_urls(lk: locking.Lock, bundle: Path, out: Path) -> Path:
+    """A copy of the lock whose conda and pip URLs are the bundle's files."""
+    import yaml
+    raw = dict(lk.raw)
+    pkgs = []
+    for p in raw["package"]:
+        p = dict(p)
+        fn = p["url"].rsplit("/", 1)[-1]
+        if p["manager"] == "conda":
+            subdir = p["url"].rsplit("/", 2)[-2]
+            p["url"] = (bundle / "channel" / subdir / fn).as_uri()
+        else:
+            p["url"] = (bundle / "pip" / fn).as_uri()
+        pkgs.append(p)
+    raw["package"] = pkgs
+    raw["metadata"] = dict(raw["metadata"], channels=[{"url": (bundle / "channel").as_uri(), "used_env_vars": []}])
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
