@@ -183,3 +183,39 @@ lorastrap_pkgs_dir={tmp_path}/shared-pkgs
     fleet = json.loads((reports / "fleet.json").read_text())
     assert {r["host"]: r["status"] for r in fleet["hosts"]}["node1"] == "planned"
     assert {r["host"]: r["profile"] for r in fleet["hosts"]}["node1"] == "test-cpu"
+
+
+# --- Ansible, tier B: hosts in network namespaces, over real SSH --------------------------------------------------
+
+def test_ansible_fleet_tier_b_over_ssh(ansible_venv, bundle, tmp_path):
+    import netns_fleet
+    why = netns_fleet.unavailable()
+    if why:
+        pytest.skip(f"tier B: {why}")
+    b = _unpacked(bundle, tmp_path)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    with netns_fleet.fleet(3, tmp_path) as (hub, nodes, key):
+        lines = [f"{ns} ansible_host={addr} lorastrap_home={tmp_path}/{ns}" for ns, addr in nodes]
+        inv = tmp_path / "inventory.ini"
+        inv.write_text("[nodes]\n" + "\n".join(lines) + f"""
+
+[nodes:vars]
+ansible_user=root
+ansible_ssh_private_key_file={key}
+ansible_ssh_common_args=-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o ControlMaster=no
+ansible_python_interpreter={ansible_venv / "bin" / "python"}
+lorastrap_bundle={b}
+""")
+        env = dict(os.environ, ANSIBLE_HOME=str(tmp_path / ".ansible"), ANSIBLE_LOCAL_TEMP=str(tmp_path / ".ansible/tmp"),
+                   ANSIBLE_REMOTE_TEMP=str(tmp_path / ".ansible/rtmp"), ANSIBLE_HOST_KEY_CHECKING="False",
+                   ANSIBLE_SSH_ARGS="-o ControlMaster=no", ANSIBLE_NOCOLOR="1")
+        env.pop("LORASTRAP_HOME", None)
+        res = subprocess.run(["ip", "netns", "exec", hub, str(ansible_venv / "bin" / "ansible-playbook"), "-i",
+                              str(inv), str(ROOT / "deploy" / "ansible" / "site.yml"), "-e",
+                              f"lorastrap_report_dir={reports}", "-f", "3"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=1800)
+        assert res.returncode == 0, res.stdout[-4000:]
+        fleet = json.loads((reports / "fleet.json").read_text())
+        assert [r["status"] for r in fleet["hosts"]] == ["ok"] * 3
+        assert all(r["verify"] == "pass" for r in fleet["hosts"])
