@@ -375,6 +375,8 @@ main() {
 
     _plat=$(get_platform) || err "unsupported platform $(uname -s)/$(uname -m): lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64, win-64" "$EXIT_USAGE"
     _tmp=$(make_tmp) || err "cannot create a temporary folder (TMPDIR=${TMPDIR:-/tmp})" 1
+    TMPDIR="$_tmp"  # pip and the installer use it too (a noexec or small TMPDIR breaks them as well)
+    export TMPDIR
     trap 'rm -rf "$_tmp"' EXIT
     trap 'rm -rf "$_tmp"; exit 130' INT TERM
     mkdir -p "$(data_dir)/logs" || err "cannot create $(data_dir)/logs (set LORASTRAP_HOME to a writable folder)" 1

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,20 +25,13 @@ import time
 from pathlib import Path
 
 from installer import lock as locking, paths, subproc
-from installer.cache import Cache
+from installer.cache import Cache, sha256_file
 from installer.errors import ConfigError, IntegrityError
 
 SCHEMA_VERSION = 1
 SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "README.md",
                 "deploy"]
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _copy_source(dest: Path) -> None:
@@ -107,7 +99,7 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, o
         for p in sorted(root.rglob("*")):
             if p.is_file():
                 rel = p.relative_to(root).as_posix()
-                files[rel] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {"schema_version": SCHEMA_VERSION, "profile": name, "platform": platform,
                     "python_version": pyver, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "lock": f"lock/{name}.conda-lock.yml", "channel": "channel", "packages": len(entries),
@@ -154,7 +146,7 @@ def check(path: Path, *, deep: bool = False) -> dict:
         if not p.is_file():
             raise IntegrityError(f"bundle {path}: {rel} is missing", why="the bundle is incomplete",
                                  fix="Copy the whole bundle again, or rebuild it.")
-        if p.stat().st_size != meta["size"] or (deep and _sha256(p) != meta["sha256"]):
+        if p.stat().st_size != meta["size"] or (deep and sha256_file(p) != meta["sha256"]):
             raise IntegrityError(f"bundle {path}: {rel} was altered (size or sha256 differs from the manifest)",
                                  why="the bundle was modified or damaged in transit",
                                  fix="Copy the bundle again, or rebuild it on the head node.")

@@ -197,7 +197,7 @@ def cmd_install(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from installer import bundle, install as inst, lock, paths, plan as planner, profiles
+    from installer import bundle, install as inst, lock, plan as planner, profiles
     from installer.detect import detect
     envs = _envs_dir(args)
     matrix = profiles.load(envs)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import platform as _platform
-import sys
 from pathlib import Path
 from typing import Literal
 

@@ -15,7 +15,6 @@ repair (see repair()) rebuilds through the install transaction; doctor itself ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from installer import install as inst, lock as locking, paths, plan as planner, profiles, subproc
+from installer.cache import sha256_file
 from installer.detect import Machine
 from installer.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, UsageError
 
@@ -67,13 +67,6 @@ class Diagnosis:
         return d
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _mapping() -> dict[str, str]:
     """PyPI distribution name → conda package name (envs/pypi-to-conda.json)."""
@@ -109,7 +102,7 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, dict], set[str
             if entry.get("path_type", "hardlink") == "softlink" or path.is_symlink():
                 continue
             want = entry.get("sha256_in_prefix") or entry.get("sha256")
-            if want and _sha256(path) != want:
+            if want and sha256_file(path) != want:
                 altered.append(rel)
         if missing:
             diag.findings.append(Finding(

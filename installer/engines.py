@@ -73,9 +73,10 @@ class EngineError(LorastrapError):
 def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path) -> None:
     """Create the environment at prefix from lock_file.  Raises EngineError on failure."""
     if engine.kind == "rattler":
+        import sys
         answer = subproc.worker("rattler_worker", {
             "op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
-            "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
+            "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S, show_progress=sys.stderr.isatty())
         if not answer.get("ok"):
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
                               fix="Rerun with --debug; if it persists, try --engine micromamba.")

@@ -53,7 +53,7 @@ def _install(req: dict) -> dict:
         return {"ok": False, "error": f"platform {req['platform']} is not in {req['lock']}"}
     records = env.conda_repodata_records_for_platform(platform) or []
     asyncio.run(rattler.install(records, target_prefix=req["prefix"], cache_dir=req["cache_dir"],
-                                show_progress=False, execute_link_scripts=False))
+                                show_progress=bool(req.get("show_progress")), execute_link_scripts=False))
     return {"ok": True, "installed": len(records)}
 
 

@@ -79,7 +79,7 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def worker(module: str, request: dict, *, timeout: float) -> dict:
+def worker(module: str, request: dict, *, timeout: float, show_progress: bool = False) -> dict:
     """Run ``installer.<module>`` with a JSON request; return the JSON answer it wrote to its result file.
 
     The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
@@ -92,7 +92,9 @@ def worker(module: str, request: dict, *, timeout: float) -> dict:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         argv = [sys.executable, "-m", f"installer.{module}"]
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        request["show_progress"] = show_progress
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=None if show_progress else subprocess.PIPE,  # progress bars: the terminal
                                 text=True, env=env, cwd=ROOT, start_new_session=True,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
@@ -109,6 +111,6 @@ def worker(module: str, request: dict, *, timeout: float) -> dict:
             answer = json.loads(result.read_text())
             answer["exit_code"] = proc.returncode
             return answer
-        tail = (err or out).strip().splitlines()[-3:]
+        tail = (err or out or "").strip().splitlines()[-3:]
         return {"ok": False, "error": f"the engine exited with {proc.returncode} before answering: "
                                       + (" | ".join(tail) or "no output"), "exit_code": proc.returncode}

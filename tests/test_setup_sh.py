@@ -237,3 +237,20 @@ def test_help_lists_flags_and_variables():
 def test_unknown_flag_is_a_usage_error():
     res = subprocess.run([DASH, str(ROOT / "setup.sh"), "--bogus"], capture_output=True, text=True)
     assert res.returncode == 2 and "unknown flag '--bogus'" in res.stderr
+
+
+def test_a_noexec_tmpdir_is_detected_and_avoided(checkout, data_dir, tmp_path):
+    noexec = tmp_path / "noexec"
+    noexec.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=16m", "tmpfs", str(noexec)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a noexec tmpfs here: {mounted.stderr.strip()}")
+    try:
+        res = sh([DASH, "setup.sh", "--dry-run"], cwd=checkout,
+                 env={"LORASTRAP_HOME": str(data_dir), "HOME": str(tmp_path), "TMPDIR": str(noexec)}, stdin="")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"{noexec} is mounted noexec; using {data_dir}/tmp instead" in res.stderr
+        assert list(noexec.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(noexec)], capture_output=True)

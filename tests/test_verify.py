@@ -2,10 +2,7 @@
 
 import contextlib
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
