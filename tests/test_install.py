@@ -189,8 +189,10 @@ def test_sigkill_while_the_engine_links(channel, home, tmp_path):
         if Path(str(prefix) + ".lorastrap-backup").exists() and (prefix / "conda-meta").exists():
             break
         time.sleep(0.001)
+    assert proc.poll() is None, "the install finished before it could be killed mid-way"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert Path(str(prefix) + ".lorastrap-txn.json").exists()  # killed inside the transaction
     assert _usable_or_restorable(prefix)
     res = install(channel, prefix)
     assert res.returncode == 0, res.stderr
