@@ -45,9 +45,16 @@ def meta_state(prefix):
     return sorted((p.name, p.stat().st_mtime_ns) for p in (prefix / "conda-meta").glob("*.json"))
 
 
-def test_install_then_noop_then_switch_profile(channel, home, tmp_path):
+MAMBA = shutil.which("micromamba") or shutil.which("mamba")
+ENGINES = ["rattler"] + ([pytest.param(Path(MAMBA).name, id=Path(MAMBA).name)] if MAMBA else
+                         [pytest.param("micromamba", marks=pytest.mark.skip(
+                             reason="no micromamba or mamba on PATH (none can be installed on these machines)"))])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_install_then_noop_then_switch_profile(channel, home, tmp_path, engine):
     prefix = tmp_path / "env"
-    res = install(channel, prefix, "--json")
+    res = install(channel, prefix, "--json", "--engine", engine)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["profile"] == "test-cpu" and out["changed"] and out["verify"]["ok"]
@@ -62,12 +69,12 @@ def test_install_then_noop_then_switch_profile(channel, home, tmp_path):
     assert not Path(str(prefix) + ".lorastrap-backup").exists()
 
     before = meta_state(prefix)
-    res = install(channel, prefix, "--json")
+    res = install(channel, prefix, "--json", "--engine", engine)
     assert res.returncode == 0 and not json.loads(res.stdout)["changed"]
     assert "nothing to do" in res.stderr
     assert meta_state(prefix) == before
 
-    res = install(channel, prefix, env=CUDA)  # a GPU node now: the cuda builds replace the cpu ones
+    res = install(channel, prefix, "--engine", engine, env=CUDA)  # a GPU node now: cuda builds replace cpu ones
     assert res.returncode == 0, res.stderr
     report = smoke(prefix)
     assert report["torch_build"] == "cuda" and report["bitsandbytes"] == "cuda"
@@ -317,15 +324,3 @@ def test_engine_auto_skips_shims_and_falls_back_to_rattler(tmp_path, monkeypatch
     with pytest.raises(Exception) as info:
         engines.find("micromamba")
     assert "no micromamba executable found" in str(info.value)
-
-
-MAMBA = shutil.which("micromamba") or shutil.which("mamba")
-
-
-@pytest.mark.skipif(MAMBA is None, reason="no micromamba or mamba on PATH (none can be installed on these machines)")
-def test_install_with_micromamba(channel, home, tmp_path):
-    prefix = tmp_path / "env"
-    res = install(channel, prefix, "--engine", "micromamba" if "micromamba" in MAMBA else "mamba")
-    assert res.returncode == 0, res.stderr
-    smoke(prefix)
-    assert_placeholders(prefix)
