@@ -122,8 +122,9 @@ def _solve_error(answer: dict, channels: list[str], platform: str) -> Exception:
                               "failed to fetch", "no such file")):
         return NetworkError(f"could not read the channel(s) {', '.join(channels)} for {platform}",
                             why=text.splitlines()[0][:500],
-                            fix="Check the network or proxy; use --mirror URL for a reachable mirror, or --channel "
-                                "for a local channel (file:// or a path), or install from a lock with --frozen.")
+                            fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
+                                "--channel for a local channel (file:// or a path), or an offline bundle "
+                                "(--bundle, made with `python -m installer bundle` on a connected machine).")
     return ConfigError(f"the spec cannot be solved for {platform}", why=text.splitlines()[0][:800] if text else "",
                        fix="Relax the version pins in the spec, or check that the channel has these packages.")
 

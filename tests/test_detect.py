@@ -38,7 +38,8 @@ def test_detect_table_is_readable():
 
 
 @pytest.mark.parametrize("code,name", [(4, "NoPermission"), (9, "DriverNotLoaded"), (18, "LibRmVersionMismatch"),
-                                       (17, "OperatingSystem"), (999, "Unknown")])
+                                       (17, "OperatingSystem"), (3, "NotSupported"), (13, "FunctionNotFound"),
+                                       (15, "GpuIsLost"), (999, "Unknown")])
 def test_probe_child_reports_nvml_init_errors(fake_nvml_lib, monkeypatch, code, name):
     monkeypatch.setenv("LD_LIBRARY_PATH", str(fake_nvml_lib))
     monkeypatch.setenv("FAKE_NVML_INIT", str(code))
