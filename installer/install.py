@@ -32,7 +32,7 @@ import yaml
 
 from installer import engines, filelock, lock as locking, paths, subproc
 from installer.cache import Cache, progress_printer
-from installer.errors import ConfigError, DiskError, LorastrapError, VerifyError, INTERRUPTED
+from installer.errors import ConfigError, DiskError, LorastrapError, UsageError, VerifyError, INTERRUPTED
 from installer.profiles import Profile
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
@@ -317,6 +317,10 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
     t0 = time.perf_counter()
     with filelock.held(lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate), _signals_raise():
         recovered = recover(prefix, narrate)
+        if prefix.exists() and not (prefix / "conda-meta").is_dir() and any(prefix.iterdir()):
+            raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
+                             why="lorastrap replaces only environments; it never moves or deletes other folders",
+                             fix="Choose another --prefix/--name, or empty that folder yourself.")
         lk = locking.read_lock(lock_file) if lock_file else choose_lock(
             envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen, channels=channels,
             pip_index_url=pip_index_url, narrate=narrate)

@@ -269,6 +269,15 @@ def test_not_enough_disk_is_refused_before_any_change(channel, home, tmp_path):
     assert meta_state(prefix) == before and smoke(prefix)["torch_build"] == "cpu"
 
 
+def test_a_folder_that_is_not_an_environment_is_never_replaced(channel, home, tmp_path):
+    prefix = tmp_path / "work"
+    prefix.mkdir()
+    (prefix / "thesis.tex").write_text("precious")
+    res = install(channel, prefix)
+    assert res.returncode == 2 and "is not a conda environment" in res.stderr
+    assert (prefix / "thesis.tex").read_text() == "precious" and not Path(str(prefix) + ".lorastrap-backup").exists()
+
+
 def test_unreachable_channel_on_install(home, tmp_path):
     res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", "http://127.0.0.1:9/none",
                   "--prefix", str(tmp_path / "env"))
