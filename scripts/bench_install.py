@@ -1,6 +1,9 @@
 """Benchmark the install of the test channel's lock (embedded engine; micromamba too when on PATH).
 
-    python scripts/bench_install.py [RUNS]
+    python scripts/bench_install.py [RUNS] [FILES_PER_PACKAGE]
+
+FILES_PER_PACKAGE (default 0) adds that many 2 KiB files to every package of the test channel, to see the
+engine against the floor at a realistic file count (a conda-forge CUDA LoRA environment has tens of thousands).
 
 Prints cold-cache and warm-cache install time, lorastrap's own overhead (total minus the engine's call), the
 no-op re-run time, and the physical floor: `cp -al` of the same extracted package set.  Medians over RUNS (5).
@@ -36,11 +39,13 @@ def run(args, home, extra_env=None):
 
 def main() -> None:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    extra_files = int(sys.argv[2]) if len(sys.argv) > 2 else 0
     engines = ["rattler"] + (["micromamba"] if shutil.which("micromamba") else [])
     with tempfile.TemporaryDirectory(prefix="lorastrap-bench-") as tmp:
         tmp = Path(tmp)
         subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(tmp / "tc")],
-                       check=True, capture_output=True)
+                       check=True, capture_output=True,
+                       env=dict(os.environ, LORASTRAP_TESTCHANNEL_FILES=str(extra_files)))
         server, url = testchannel.serve(tmp / "tc")
         base = ["install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", f"{url}/channel",
                 "--pip-index-url", f"{url}/simple", "--json", "--no-verify"]
@@ -63,6 +68,7 @@ def main() -> None:
                 overhead.append(wall - t["engine"] - t.get("pip", 0.0) - t.get("check", 0.0))
                 eng.append(t["engine"])
                 pip.append(t.get("pip", 0.0))
+                nfiles = sum(1 for p in prefix.rglob("*") if p.is_file())
                 wall, out = run(args, home)  # no-op
                 assert not out["changed"]
                 noop.append(wall)
@@ -76,14 +82,16 @@ def main() -> None:
                 floor.append(time.perf_counter() - start)
             rows.append((engine, statistics.median(cold), statistics.median(warm), statistics.median(overhead),
                          statistics.median(noop), statistics.median(floor), len(extracted),
-                         statistics.median(eng), statistics.median(pip)))
+                         statistics.median(eng), statistics.median(pip), nfiles))
         server.shutdown()
-    print(f"test channel lock (test-cpu, linux-64), medians of {runs} runs, wall time incl. interpreter start")
-    print("| engine | packages | cold install | warm install | engine call (warm) | pip step | overhead | no-op | cp -al floor | engine / floor |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for engine, cold, warm, ovh, noop, floor, n, e, p in rows:
-        print(f"| {engine} | {n} | {cold:.2f} s | {warm:.2f} s | {e:.3f} s | {p:.2f} s | {ovh:.2f} s | {noop:.2f} s "
-              f"| {floor * 1000:.0f} ms | {e / floor:.1f}x |")
+    print(f"test channel lock (test-cpu, linux-64, +{extra_files} files per package), medians of {runs} runs, "
+          "wall time incl. interpreter start")
+    print("| engine | packages | files | cold install | warm install | engine call (warm) | pip step | overhead | no-op "
+          "| cp -al floor | warm / floor | engine / floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for engine, cold, warm, ovh, noop, floor, n, e, p, nf in rows:
+        print(f"| {engine} | {n} | {nf} | {cold:.2f} s | {warm:.2f} s | {e:.3f} s | {p:.2f} s | {ovh:.2f} s | "
+              f"{noop:.2f} s | {floor * 1000:.0f} ms | {warm / floor:.1f}x | {e / floor:.1f}x |")
     print("overhead = warm wall time - engine call - pip step - conda-meta/smoke check (interpreter start, detect,")
     print("plan, lock read, cache check, journal, record); engine call includes starting the py-rattler worker process.")
     sys.stdout.flush()

@@ -3,6 +3,8 @@
     python scripts/testchannel.py build DIR          # build the channel (and a pip index) into DIR
     python scripts/testchannel.py serve DIR [PORT]   # serve DIR on http://127.0.0.1:PORT until Ctrl-C
 
+LORASTRAP_TESTCHANNEL_FILES=N adds N small files to each package (benchmarks at realistic file counts).
+
 Packages are made with py-rattler-build's assemble_package with a fixed timestamp (identical bytes every run) and
 indexed with rattler.  ~40 packages for linux-64 and linux-aarch64 plus noarch ones: run-export-style pins
 (`libgcc >=13`), noarch python and generic packages, `pytorch` and `bitsandbytes` with a cuda build (higher build
@@ -112,6 +114,13 @@ def _files(root: Path, name: str, version: str, kind: str, payload: int, extra: 
         (d / "lib").mkdir(exist_ok=True)
         rng = random.Random(f"{name}-{version}")
         (d / "lib" / f"lib{mod}.so").write_bytes(rng.randbytes(payload))
+    extra_files = int(os.environ.get("LORASTRAP_TESTCHANNEL_FILES", "0"))  # benchmarks: real-size file counts
+    if extra_files:
+        bulk = d / "share" / "lorastrap-bulk" / name
+        bulk.mkdir(parents=True, exist_ok=True)
+        rng = random.Random(f"bulk-{name}-{version}")
+        for i in range(extra_files):
+            (bulk / f"f{i:05d}.dat").write_bytes(rng.randbytes(2048))
     return d
 
 
