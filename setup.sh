@@ -50,7 +50,7 @@ usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s
   --name NAME          ... or as NAME in the data dir (default lora) LORASTRAP_NAME
   --profile NAME       force a profile (cuda12, cuda11, cpu, ...)    LORASTRAP_PROFILE
   --engine E           auto | micromamba | mamba | rattler           LORASTRAP_ENGINE
-  --channel URL        conda channel to lock from (repeat: no)       LORASTRAP_CHANNEL
+  --channel URL        conda channel to lock from                    LORASTRAP_CHANNEL
   --mirror URL         mirror of the lock's channel                  LORASTRAP_MIRROR
   --pip-index-url URL  index for the spec's pip: entries             LORASTRAP_PIP_INDEX_URL
   --envs-dir PATH      profiles folder (default: envs/)              LORASTRAP_ENVS_DIR

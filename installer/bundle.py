@@ -162,19 +162,9 @@ def install_inputs(path: Path) -> tuple[locking.Lock, Path, dict]:
 
 def local_urls(lk: locking.Lock, bundle: Path, out: Path) -> Path:
     """A copy of the lock whose conda and pip URLs are the bundle's files."""
-    import yaml
-    raw = dict(lk.raw)
-    pkgs = []
-    for p in raw["package"]:
-        p = dict(p)
+    def url_for(p: dict) -> str:
         fn = p["url"].rsplit("/", 1)[-1]
         if p["manager"] == "conda":
-            subdir = p["url"].rsplit("/", 2)[-2]
-            p["url"] = (bundle / "channel" / subdir / fn).as_uri()
-        else:
-            p["url"] = (bundle / "pip" / fn).as_uri()
-        pkgs.append(p)
-    raw["package"] = pkgs
-    raw["metadata"] = dict(raw["metadata"], channels=[{"url": (bundle / "channel").as_uri(), "used_env_vars": []}])
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return out
+            return (bundle / "channel" / p["url"].rsplit("/", 2)[-2] / fn).as_uri()
+        return (bundle / "pip" / fn).as_uri()
+    return locking.rewritten(lk, out, url_for, channels=[(bundle / "channel").as_uri()])

@@ -155,7 +155,7 @@ def cmd_install(args) -> int:
         from installer.errors import NoProfileError
         raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
                              fix="lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 and win-64.")
-    prefix = args.prefix or paths.envs_dir() / (args.name or "lora")
+    prefix = _prefix(args)
     lock_file = None
     if args.bundle:
         from installer import bundle
@@ -222,9 +222,9 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from installer import paths, verify
+    from installer import verify
     from installer.detect import detect
-    prefix = (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
+    prefix = _prefix(args)
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
     report = verify.run(prefix, driver_cuda=machine.cuda, steps=args.steps)

@@ -166,7 +166,8 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
     conda_names = {inst._norm(n) for n in records}
     owned: set[str] = set()
     sp = inst.site_packages(prefix)
-    for name, version, dist in pip_distributions(prefix):
+    dists = pip_distributions(prefix)
+    for name, version, dist in dists:
         try:
             for line in (dist / "RECORD").read_text().splitlines():
                 rel = line.split(",", 1)[0]
@@ -191,7 +192,7 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
                                          "does not have", why="added with pip after the environment was built",
                                          fix="Add it to the spec's pip: section and re-lock, or remove it."))
     python = prefix / "bin" / "python"
-    if python.exists() and pip_distributions(prefix):
+    if python.exists() and dists:
         import sys
         res = subproc.run([sys.executable, "-m", "pip", "--python", str(python), "check", "--isolated",
                            "--disable-pip-version-check"], timeout=120)
@@ -355,7 +356,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     own = prefix / inst.RECORD_DIR / "conda-lock.yml"
     tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
     try:
-        if replan or record is None or not own.exists() or diag.verdict == "not-repairable" and replan:
+        if replan or record is None or not own.exists():
             name = planner.require_profile(planner.plan(machine, matrix))
             lock_file = None
             source = f"the profile plan chooses now ({name})"

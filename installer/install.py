@@ -28,8 +28,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
 from installer import engines, filelock, lock as locking, paths, subproc
 from installer.cache import Cache, progress_printer
 from installer.errors import ConfigError, DiskError, LorastrapError, UsageError, VerifyError, INTERRUPTED
@@ -260,22 +258,6 @@ def choose_lock(*, envs_dir: Path, name: str, profile: Profile, platform: str, f
     return locking.read_lock(local)
 
 
-def _local_lock(lk: locking.Lock, platform: str, local: dict[str, Path], out: Path) -> Path:
-    """A copy of the lock for one platform whose conda URLs point at the checked archives in the cache."""
-    raw = dict(lk.raw)
-    raw["package"] = []
-    for p in lk.raw["package"]:
-        if p["platform"] != platform:
-            continue
-        p = dict(p)
-        if p["manager"] == "conda":
-            p["url"] = local[p["name"]].as_uri()
-        raw["package"].append(p)
-    raw["metadata"] = dict(raw["metadata"], platforms=[platform])
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return out
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The transaction
 
@@ -365,7 +347,10 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
 
         work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
         try:
-            local_lock = _local_lock(lk, platform, local, work / f"{name}.{platform}.conda-lock.yml")
+            # The engine gets the archives checked above, not the channel's URLs.
+            local_lock = locking.rewritten(
+                lk, work / f"{name}.{platform}.conda-lock.yml", platform=platform,
+                url_for=lambda p: local[p["name"]].as_uri() if p["manager"] == "conda" else p["url"])
             had_old = prefix.exists()
             journal = journal_path(prefix)
             _write_json(journal, {"state": "aside", "had_old": had_old, "pid": os.getpid(), "lock": str(lk.path)})

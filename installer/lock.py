@@ -320,3 +320,18 @@ def mirrored(url: str, channels: list[str], mirror: str | None) -> str:
         if url.startswith(base + "/"):
             return channel_url(mirror) + url[len(base):]
     return url
+
+
+def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, channels: list[str] | None = None) -> Path:
+    """Write a copy of the lock whose package URLs are url_for(raw_entry) (for one platform, if given)."""
+    raw = dict(lk.raw)
+    raw["package"] = [dict(p, url=url_for(p)) for p in lk.raw["package"]
+                      if platform is None or p["platform"] == platform]
+    meta = dict(raw["metadata"])
+    if platform is not None:
+        meta["platforms"] = [platform]
+    if channels is not None:
+        meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
+    raw["metadata"] = meta
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out

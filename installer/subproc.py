@@ -62,12 +62,18 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def python_module(module: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> Result:
-    """Run ``python -m installer.<module>`` from the checkout with this interpreter (-I is not used: the
-    runtime's site-packages are needed; the checkout goes first on PYTHONPATH so pypa's `installer` cannot win)."""
+def _checkout_first(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment with the checkout first on PYTHONPATH, so pypa's `installer` cannot win (-I is not used:
+    the runtime's site-packages are needed)."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return run([sys.executable, "-m", f"installer.{module}", *args], timeout=timeout, env=env, cwd=ROOT)
+    return env
+
+
+def python_module(module: str, *args: str, timeout: float, env: dict[str, str] | None = None) -> Result:
+    """Run ``python -m installer.<module>`` from the checkout with this interpreter."""
+    return run([sys.executable, "-m", f"installer.{module}", *args], timeout=timeout, env=_checkout_first(env),
+               cwd=ROOT)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -89,8 +95,7 @@ def worker(module: str, request: dict, *, timeout: float, show_progress: bool = 
     with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
         result = Path(tmp) / "result.json"
         request = {**request, "result": str(result)}
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env = _checkout_first(None)
         argv = [sys.executable, "-m", f"installer.{module}"]
         request["show_progress"] = show_progress
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -62,28 +62,27 @@ def _venv(path, requirements):
     return path
 
 
-@pytest.fixture(scope="session")
-def ml_venv(tmp_path_factory):
-    """A real CPU environment with the current LoRA stack (created once per run; LORASTRAP_ML_VENV reuses one)."""
-    given = os.environ.get("LORASTRAP_ML_VENV")
+def _session_venv(factory, variable: str, requirements: str) -> Path:
+    """A venv from tests/REQUIREMENTS, created once per run; the variable names an existing one to reuse."""
+    given = os.environ.get(variable)
     if given:
         return Path(given)
-    return _venv(tmp_path_factory.mktemp("ml") / "venv", ROOT / "tests" / "requirements-ml.txt")
+    return _venv(factory.mktemp(requirements.split(".")[0]) / "venv", ROOT / "tests" / requirements)
+
+
+@pytest.fixture(scope="session")
+def ml_venv(tmp_path_factory):
+    """A real CPU environment with the current LoRA stack."""
+    return _session_venv(tmp_path_factory, "LORASTRAP_ML_VENV", "requirements-ml.txt")
 
 
 @pytest.fixture(scope="session")
 def venv_2023(tmp_path_factory):
-    """The 2023 article's pins in a venv (LORASTRAP_2023_VENV reuses one)."""
-    given = os.environ.get("LORASTRAP_2023_VENV")
-    if given:
-        return Path(given)
-    return _venv(tmp_path_factory.mktemp("v2023") / "venv", ROOT / "tests" / "requirements-2023.txt")
+    """The 2023 article's pins in a venv."""
+    return _session_venv(tmp_path_factory, "LORASTRAP_2023_VENV", "requirements-2023.txt")
 
 
 @pytest.fixture(scope="session")
 def ansible_venv(tmp_path_factory):
-    """ansible-core (< 2.20 on Python 3.11) in its own venv (LORASTRAP_ANSIBLE_VENV reuses one)."""
-    given = os.environ.get("LORASTRAP_ANSIBLE_VENV")
-    if given:
-        return Path(given)
-    return _venv(tmp_path_factory.mktemp("ansible") / "venv", ROOT / "tests" / "requirements-ansible.txt")
+    """ansible-core (< 2.20 on Python 3.11) in its own venv."""
+    return _session_venv(tmp_path_factory, "LORASTRAP_ANSIBLE_VENV", "requirements-ansible.txt")
