@@ -102,7 +102,6 @@ get_platform() {
         Linux/ppc64le) echo linux-ppc64le ;;
         Darwin/arm64) echo osx-arm64 ;;
         Darwin/x86_64) echo osx-64 ;;
-        MINGW*/x86_64 | MSYS*/x86_64 | CYGWIN*/x86_64) echo win-64 ;;
         *) return 1 ;;
     esac
 }
@@ -186,11 +185,11 @@ download() {
 # The project checkout this script runs from, or (piped) the source archive fetched and unpacked.
 find_root() {
     _dir=$(dirname "$0")
-    if [ -f "$_dir/installer/__main__.py" ] && [ -f "$_dir/requirements.txt" ]; then
+    if [ -f "$_dir/installer/lorastrap/__main__.py" ] && [ -f "$_dir/requirements.txt" ]; then
         (cd "$_dir" && pwd)
         return 0
     fi
-    if [ -n "$_bundle" ] && [ -f "$_bundle/source/installer/__main__.py" ]; then
+    if [ -n "$_bundle" ] && [ -f "$_bundle/source/installer/lorastrap/__main__.py" ]; then
         (cd "$_bundle/source" && pwd)
         return 0
     fi
@@ -203,18 +202,18 @@ find_root() {
     say "fetching lorastrap from $LORASTRAP_SOURCE_URL"
     download "$LORASTRAP_SOURCE_URL" "$_tmp/source.tar.gz" "${LORASTRAP_SOURCE_SHA256:-}" || exit $?
     _into="$_src/$(sha256_of "$_tmp/source.tar.gz" | cut -c1-16)"
-    if [ ! -f "$_into/installer/__main__.py" ]; then
+    if [ ! -f "$_into/installer/lorastrap/__main__.py" ]; then
         rm -rf "$_into.part"
         mkdir -p "$_into.part" || exit 1
         tar -xzf "$_tmp/source.tar.gz" -C "$_into.part" || err "the source archive is not a .tar.gz" "$EXIT_INTEGRITY"
         # Archives made by `git archive --prefix=x/` hold one top folder: use it.
         _top="$_into.part"
-        if [ ! -f "$_top/installer/__main__.py" ]; then
+        if [ ! -f "$_top/installer/lorastrap/__main__.py" ]; then
             for _d in "$_into.part"/*; do
-                if [ -f "$_d/installer/__main__.py" ]; then _top="$_d"; fi
+                if [ -f "$_d/installer/lorastrap/__main__.py" ]; then _top="$_d"; fi
             done
         fi
-        [ -f "$_top/installer/__main__.py" ] || err "the source archive holds no lorastrap (installer/__main__.py)" "$EXIT_INTEGRITY"
+        [ -f "$_top/installer/lorastrap/__main__.py" ] || err "the source archive holds no lorastrap (installer/lorastrap/__main__.py)" "$EXIT_INTEGRITY"
         rm -rf "$_into"
         mv "$_top" "$_into" || exit 1
         rm -rf "$_into.part"
@@ -373,7 +372,7 @@ main() {
     export LORASTRAP_QUIET
     : "${LORASTRAP_YES:=}"
 
-    _plat=$(get_platform) || err "unsupported platform $(uname -s)/$(uname -m): lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64, win-64" "$EXIT_USAGE"
+    _plat=$(get_platform) || err "unsupported platform $(uname -s)/$(uname -m): lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 (on Windows: use WSL2)" "$EXIT_USAGE"
     _tmp=$(make_tmp) || err "cannot create a temporary folder (TMPDIR=${TMPDIR:-/tmp})" 1
     TMPDIR="$_tmp"  # pip and the installer use it too (a noexec or small TMPDIR breaks them as well)
     export TMPDIR
@@ -427,12 +426,12 @@ main() {
     if [ -n "$_dry" ]; then
         say "dry run: detecting this machine and planning; nothing is installed"
         if [ -z "$_json" ]; then  # with --json, plan's output carries the detection too
-            PYTHONPATH="$_root" "$RUNTIME_PY" -m installer detect || return $?
+            PYTHONPATH="$_root/installer" "$RUNTIME_PY" -m lorastrap detect || return $?
         fi
-        PYTHONPATH="$_root" run_logged "$_log" "$RUNTIME_PY" -m installer "$@" 3>&1
+        PYTHONPATH="$_root/installer" run_logged "$_log" "$RUNTIME_PY" -m lorastrap "$@" 3>&1
         return $?
     fi
-    PYTHONPATH="$_root" run_logged "$_log" "$RUNTIME_PY" -m installer "$@" 3>&1
+    PYTHONPATH="$_root/installer" run_logged "$_log" "$RUNTIME_PY" -m lorastrap "$@" 3>&1
 }
 
 main "$@" || exit $?

@@ -1,4 +1,4 @@
-"""Benchmark: median wall time of `python -m installer detect --json` and `plan --json`, interpreter start
+"""Benchmark: median wall time of `lorastrap detect --json` and `plan --json`, interpreter start
 included, over N runs (default 15).   python scripts/bench_detect.py [N]"""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def median_s(args: list[str], n: int) -> float:
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "installer", *args], cwd=ROOT, check=False,
+        subprocess.run([sys.executable, "-m", "lorastrap", *args], cwd=ROOT, check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - start)
     return statistics.median(times)

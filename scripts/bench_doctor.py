@@ -26,7 +26,7 @@ def main() -> None:
         env = dict(os.environ, LORASTRAP_HOME=str(tmp / "home"))
         envs = str(ROOT / "tests" / "envs")
         prefix = str(tmp / "env")
-        subprocess.run([sys.executable, "-m", "installer", "install", "--envs-dir", envs, "--channel", f"{url}/channel",
+        subprocess.run([sys.executable, "-m", "lorastrap", "install", "--envs-dir", envs, "--channel", f"{url}/channel",
                         "--pip-index-url", f"{url}/simple", "--prefix", prefix], cwd=ROOT, env=env, check=True,
                        capture_output=True)
         files = sum(1 for _ in Path(prefix).rglob("*") if _.is_file())
@@ -34,7 +34,7 @@ def main() -> None:
             times = []
             for _ in range(n):
                 start = time.perf_counter()
-                res = subprocess.run([sys.executable, "-m", "installer", "doctor", "--envs-dir", envs, "--prefix",
+                res = subprocess.run([sys.executable, "-m", "lorastrap", "doctor", "--envs-dir", envs, "--prefix",
                                       prefix, *extra], cwd=ROOT, env=env, capture_output=True)
                 times.append(time.perf_counter() - start)
                 assert res.returncode == 0, res.stdout

@@ -30,7 +30,7 @@ def main() -> None:
                        check=True, capture_output=True)
         server, url = testchannel.serve(tmp / "tc")
         bundle = tmp / "bundle"
-        subprocess.run([sys.executable, "-m", "installer", "bundle", "--envs-dir", str(ROOT / "tests" / "envs"),
+        subprocess.run([sys.executable, "-m", "lorastrap", "bundle", "--envs-dir", str(ROOT / "tests" / "envs"),
                         "--profile", "test-cpu", "--channel", f"{url}/channel", "--pip-index-url", f"{url}/simple",
                         "-o", str(bundle)], cwd=ROOT, check=True, capture_output=True,
                        env=dict(os.environ, LORASTRAP_HOME=str(tmp / "head")))

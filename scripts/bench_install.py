@@ -30,7 +30,7 @@ import testchannel  # noqa: E402
 def run(args, home, extra_env=None):
     env = dict(os.environ, LORASTRAP_HOME=str(home), **(extra_env or {}))
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "installer", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "lorastrap", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if res.returncode != 0:
         sys.exit(f"failed: {' '.join(args)}\n{res.stderr}")

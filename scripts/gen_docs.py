@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "installer"))
 
-from installer import detect, plan, profiles  # noqa: E402
+from lorastrap import detect, plan, profiles  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 

@@ -39,17 +39,17 @@ MISSING = {
                    "pip install 'accelerate>={accel}' (older transformers: \"Using `load_in_8bit=True` requires "
                    "Accelerate: `pip install accelerate` and the latest version of bitsandbytes\")",
                    "accelerate is not installed in this environment (or cannot be imported)",
-                   "install the profile's accelerate (`python -m installer repair`), or `pip install 'accelerate>={accel}'`"),
+                   "install the profile's accelerate (`lorastrap repair`), or `pip install 'accelerate>={accel}'`"),
     "bitsandbytes": ("ImportError: Using `bitsandbytes` 8-bit quantization requires bitsandbytes: "
                      "pip install -U bitsandbytes>={bnb}",
                      "bitsandbytes is not installed in this environment (or cannot be imported)",
-                     "reinstall the environment (`python -m installer repair`), or `pip install -U 'bitsandbytes>={bnb}'`"),
+                     "reinstall the environment (`lorastrap repair`), or `pip install -U 'bitsandbytes>={bnb}'`"),
     "peft": ("ModuleNotFoundError: No module named 'peft'", "peft is not installed in this environment",
-             "reinstall the environment (`python -m installer repair`), or `pip install peft`"),
+             "reinstall the environment (`lorastrap repair`), or `pip install peft`"),
     "torch": ("ModuleNotFoundError: No module named 'torch'", "PyTorch is not installed in this environment",
-              "reinstall the environment (`python -m installer repair`)"),
+              "reinstall the environment (`lorastrap repair`)"),
     "transformers": ("ModuleNotFoundError: No module named 'transformers'", "transformers is not installed",
-                     "reinstall the environment (`python -m installer repair`)"),
+                     "reinstall the environment (`lorastrap repair`)"),
 }
 
 
@@ -168,7 +168,7 @@ def check_transformers_gates(rep: Report, mods: dict) -> None:
                     error="ImportError: " + message.format(v=min_v or "?"),
                     cause=(f"{pkg} {have} is older than the {min_v} this transformers requires" if old else
                            f"transformers' {fn_name}() returned False"),
-                    fix=f"install the profile's set (`python -m installer repair`), or `pip install -U '{pkg}>={min_v}'`")
+                    fix=f"install the profile's set (`lorastrap repair`), or `pip install -U '{pkg}>={min_v}'`")
 
 
 def check_devices(rep: Report, mods: dict, driver_cuda: str | None) -> str:
@@ -257,7 +257,7 @@ def check_bnb_backend(rep: Report, mods: dict, device: str) -> None:
         rep.add("bitsandbytes backend for this device", "fail", str(exc).splitlines()[0][:300],
                 error=f"RuntimeError: {str(exc).splitlines()[0][:300]}",
                 cause="the installed bitsandbytes has no backend for any device torch can use",
-                fix="install the bitsandbytes build of the profile lorastrap plans (`python -m installer repair`)")
+                fix="install the bitsandbytes build of the profile lorastrap plans (`lorastrap repair`)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -397,7 +397,7 @@ def run_functional(rep: Report, mods: dict, device: str, steps: int) -> None:
         state["tmp"] = tmp
         _timed(rep, "int8 layer vs fp32", int8_layer,
                cause="bitsandbytes' int8 kernels do not work on this device",
-               fix="reinstall the profile's bitsandbytes build (`python -m installer repair`)")
+               fix="reinstall the profile's bitsandbytes build (`lorastrap repair`)")
         c = _timed(rep, "tiny Llama loads in 8 bits", load_8bit,
                    cause="transformers could not quantize the model with bitsandbytes",
                    fix="check the pre-checks above; reinstall the profile's set")

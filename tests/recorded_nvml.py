@@ -1,7 +1,7 @@
 """Recorded NVML answers of real machines: the one fake in the test suite, at the hardware boundary.
 
 A fixture (tests/fixtures/nvml/*.json) says what each NVML call answered on a machine; RecordedNVML replays it
-with nvidia-ml-py's own error classes, so installer.nvml_probe.probe runs unchanged against it.  A value given as
+with nvidia-ml-py's own error classes, so lorastrap.nvml_probe.probe runs unchanged against it.  A value given as
 {"error": "Name"} raises NVMLError with that NVML_ERROR_* code.
 """
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pynvml
 
-from installer.nvml_probe import ERROR_NAMES
+from lorastrap.nvml_probe import ERROR_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
 CODES = {name: code for code, name in ERROR_NAMES.items()}

@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import run_cli
 
-from installer import detect
-from installer.detect import Host, build_machine
+from lorastrap import detect
+from lorastrap.detect import Host, build_machine
 
 
 def test_real_nvml_on_this_machine_reports_library_not_found():

@@ -15,9 +15,9 @@ import yaml
 from conftest import ROOT, run_cli
 from recorded_nvml import RecordedNVML, load
 
-from installer import subproc
-from installer.detect import Host, build_machine
-from installer.nvml_probe import probe
+from lorastrap import subproc
+from lorastrap.detect import Host, build_machine
+from lorastrap.nvml_probe import probe
 
 TEST_ENVS = ROOT / "tests" / "envs"
 CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}
@@ -189,7 +189,7 @@ def test_repair_killed_midway_leaves_the_original_restorable(channel, env):
     victim = env / "etc" / "torch.conf"
     victim.write_text("edited\n")
     full = dict(os.environ, LORASTRAP_PAUSE_AT="linked")
-    proc = subprocess.Popen([sys.executable, "-m", "installer", "repair", "--envs-dir", str(TEST_ENVS), "--prefix",
+    proc = subprocess.Popen([sys.executable, "-m", "lorastrap", "repair", "--envs-dir", str(TEST_ENVS), "--prefix",
                              str(env), "--yes", "--channel", channel["url"]], cwd=ROOT, env=full,
                             stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:

@@ -96,7 +96,7 @@ def test_shared_cache_with_concurrent_installers(bundle, tmp_path):
     procs = []
     for i in range(4):
         env = dict(os.environ, LORASTRAP_HOME=str(tmp_path / f"node{i}"), LORASTRAP_PKGS_DIR=str(shared))
-        procs.append(subprocess.Popen([sys.executable, "-m", "installer", "install", "--bundle", str(b), "--prefix",
+        procs.append(subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--bundle", str(b), "--prefix",
                                        str(tmp_path / f"env{i}"), "--json"], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]

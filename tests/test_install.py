@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from installer import engines
+from lorastrap import engines
 
 TEST_ENVS = ROOT / "tests" / "envs"
 
@@ -116,7 +116,7 @@ def test_tampered_archive_on_the_mirror_is_refused(channel, home, tmp_path):
 
 def _start(channel, prefix, stage, env):
     full = dict(os.environ, LORASTRAP_PAUSE_AT=stage, **env)
-    return subprocess.Popen([sys.executable, "-m", "installer", "install", "--envs-dir", str(TEST_ENVS),
+    return subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS),
                              "--channel", channel["url"], "--pip-index-url", channel["simple"],
                              "--prefix", str(prefix)], cwd=ROOT, env=full, stderr=subprocess.PIPE, text=True)
 
@@ -188,7 +188,7 @@ def test_sigkill_while_the_engine_links(channel, home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     full = dict(os.environ, **CUDA)
-    proc = subprocess.Popen([sys.executable, "-m", "installer", "install", "--envs-dir", str(TEST_ENVS),
+    proc = subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS),
                              "--channel", channel["url"], "--prefix", str(prefix)], cwd=ROOT, env=full,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -229,7 +229,7 @@ def test_a_second_installer_waits_or_fails_fast(channel, home, tmp_path):
     try:
         res = install(channel, prefix, "--no-wait")
         assert res.returncode == 8 and "locked by another lorastrap run" in res.stderr
-        proc = subprocess.Popen([sys.executable, "-m", "installer", "install", "--envs-dir", str(TEST_ENVS),
+        proc = subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS),
                                  "--channel", channel["url"], "--pip-index-url", channel["simple"],
                                  "--prefix", str(prefix)], cwd=ROOT, stderr=subprocess.PIPE, text=True)
         line = proc.stderr.readline()
@@ -246,7 +246,7 @@ def test_a_second_installer_waits_or_fails_fast(channel, home, tmp_path):
 
 def test_two_concurrent_installs_of_one_prefix(channel, home, tmp_path):
     prefix = tmp_path / "env"
-    cmd = [sys.executable, "-m", "installer", "install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"],
+    cmd = [sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"],
            "--pip-index-url", channel["simple"], "--prefix", str(prefix), "--json"]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

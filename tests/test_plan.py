@@ -9,11 +9,11 @@ import pytest
 from conftest import ROOT, run_cli
 from recorded_nvml import RecordedNVML, all_fixtures, load
 
-from installer import plan as planner
-from installer import profiles
-from installer.detect import Host, build_machine
-from installer.errors import ConfigError
-from installer.nvml_probe import probe
+from lorastrap import plan as planner
+from lorastrap import profiles
+from lorastrap.detect import Host, build_machine
+from lorastrap.errors import ConfigError
+from lorastrap.nvml_probe import probe
 
 MATRIX = profiles.load()
 

@@ -126,10 +126,10 @@ def test_2023_set_missing_setuptools_and_scipy_then_cuda_only(venv_2023):
 
 def test_gpu_report_fixture_parses():
     """A report from a real GPU machine, when one was recorded (tests/fixtures/verify/*.json)."""
-    from installer import verify as v
+    from lorastrap import verify as v
     fixtures = sorted((ROOT / "tests" / "fixtures" / "verify").glob("*.json"))
     if not fixtures:
-        pytest.skip("no GPU machine was lent to a session yet: no recorded GPU verification report")
+        pytest.skip("no recorded GPU verification report (tests/fixtures/verify/)")
     for path in fixtures:
         report = v.parse(path.read_text())
         assert report and report["device"] == "cuda" and report["torch"]["cuda_available"]

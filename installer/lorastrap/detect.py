@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from installer import subproc
+from lorastrap import subproc, versions
 
 SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
@@ -282,10 +282,6 @@ def _cuda_str(value: int | None) -> str | None:
     return None if value is None else f"{value // 1000}.{(value % 1000) // 10}"
 
 
-def _ver(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split(".") if p.isdigit())
-
-
 def _devices(gpus: list[Gpu]) -> list[Device]:
     devices = []
     for gpu in gpus:
@@ -309,7 +305,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
     if conda_platform is None:
         findings.append(Finding(severity="error", code="unsupported-platform",
                                 what=f"{host.system}/{host.machine} has no conda platform lorastrap knows",
-                                fix="Use linux-64, linux-aarch64, osx-arm64, osx-64 or win-64."))
+                                fix="Use linux-64, linux-aarch64, osx-arm64 or osx-64; on Windows, run lorastrap inside WSL2."))
 
     status = nvml.get("init_error") or "ok"
     if status != "ok":
@@ -365,7 +361,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
         vp["__cuda"] = nvidia.cuda_driver_version
         ccs = [d.compute_capability for d in devices if d.compute_capability]
         if ccs:
-            vp["__cuda_arch"] = min(ccs, key=_ver)  # CEP 46: the lowest compute capability
+            vp["__cuda_arch"] = min(ccs, key=versions.key)  # CEP 46: the lowest compute capability
     if host.glibc:
         vp["__glibc"] = host.glibc
     if osname in ("linux", "osx"):
@@ -380,6 +376,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
         if var in environ:
             overrides[var] = environ[var]
             if environ[var].strip():
+                versions.parse(environ[var], var)  # a user's value: refused with what / why / fix
                 vp[name] = environ[var].strip()
             else:
                 vp.pop(name, None)
@@ -397,7 +394,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
 
 def detect(disk_path: Path | None = None, environ: dict[str, str] | None = None,
            nvml_timeout: float = NVML_TIMEOUT_S) -> Machine:
-    from installer import paths
+    from lorastrap import paths
     host = host_facts(disk_path or paths.envs_dir())
     return build_machine(host, nvml_facts(nvml_timeout), environ)
 

@@ -10,7 +10,7 @@
       source/…               lorastrap itself (setup.sh, installer/, envs/, scripts/, requirements*.txt)
       envs/…                 the profiles the bundle was made from (profiles.yaml, specs, virtual packages)
 
-`sh setup.sh --bundle PATH` (or `python -m installer install --bundle PATH`) installs from it with no network.
+`sh setup.sh --bundle PATH` (or `lorastrap install --bundle PATH`) installs from it with no network.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from installer import lock as locking, paths, subproc
-from installer.cache import Cache, sha256_file
-from installer.errors import ConfigError, IntegrityError
+from lorastrap import lock as locking, paths, subproc
+from lorastrap.cache import Cache, sha256_file
+from lorastrap.errors import ConfigError, IntegrityError
 
 SCHEMA_VERSION = 1
-SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "README.md",
-                "deploy"]
+SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "pyproject.toml",
+                "README.md", "deploy"]
 
 
 
 def _copy_source(dest: Path) -> None:
+    if paths.ROOT is None:
+        raise ConfigError("a bundle carries lorastrap's source (setup.sh, installer/, envs/), and this lorastrap "
+                          "was installed without it", fix="Run `lorastrap bundle` from a lorastrap checkout.")
     for item in SOURCE_ITEMS:
         src = paths.ROOT / item
         if src.is_dir():
@@ -43,27 +46,28 @@ def _copy_source(dest: Path) -> None:
             shutil.copy2(src, dest / item)
 
 
-def _runtime_wheels(dest: Path, platform: str, python_version: str) -> None:
+def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_version: str) -> None:
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--isolated",
             "--require-hashes", "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
-            "-r", str(paths.ROOT / "requirements.txt"), "-d", str(dest)]
-    for tag in locking.WHEEL_PLATFORMS.get(platform, []):
+            "-r", str(paths.REQUIREMENTS), "-d", str(dest)]
+    for tag in locking.wheel_platforms(platform, vps):  # the nodes the profile admits
         argv += ["--platform", tag]
     res = subproc.run(argv, timeout=1800)
     if not res.ok:
-        from installer.errors import NetworkError
+        from lorastrap.errors import NetworkError
         raise NetworkError("could not download lorastrap's runtime wheels for the bundle",
                            why=(res.stderr.strip().splitlines() or ["?"])[-1],
                            fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
 
 
-def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, out: Path,
+def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, virtual_packages: dict[str, str],
+         out: Path,
          mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> dict:
     """Build the bundle at out (a folder, or a .tar file).  Returns the manifest."""
     entries = lock_file.for_platform(platform)
     if not entries:
         raise ConfigError(f"{lock_file.path} has no {platform} section",
-                          fix=f"Lock for it: `python -m installer lock --profile {name} --platform {platform}`.")
+                          fix=f"Lock for it: `lorastrap lock --profile {name} --platform {platform}`.")
     as_tar = out.suffix == ".tar"
     work = Path(tempfile.mkdtemp(prefix=".lorastrap-bundle-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -92,7 +96,7 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, o
             raise ConfigError("could not index the bundle's channel", why=answer.get("error", ""))
         pyver = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
         narrate(f"downloading lorastrap's runtime wheels for {platform}, Python {pyver}")
-        _runtime_wheels(root / "runtime" / "wheels", platform, pyver)
+        _runtime_wheels(root / "runtime" / "wheels", platform, virtual_packages, pyver)
         _copy_source(root / "source")
         shutil.copytree(envs_dir, root / "envs", ignore=shutil.ignore_patterns("*.conda-lock.yml"))
         files = {}
@@ -134,7 +138,7 @@ def open_bundle(path: Path) -> Path:
         path = dest
     if not (path / "manifest.json").is_file():
         raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json)",
-                          fix="Build one with `python -m installer bundle --profile P --platform X -o PATH`.")
+                          fix="Build one with `lorastrap bundle --profile P --platform X -o PATH`.")
     return path
 
 

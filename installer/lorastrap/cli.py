@@ -12,8 +12,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from installer import errors
-from installer.errors import LorastrapError
+from lorastrap import errors
+from lorastrap.errors import LorastrapError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.EXIT_CODES.items())
-    top = argparse.ArgumentParser(prog="python -m installer",
+    top = argparse.ArgumentParser(prog="lorastrap",
                                   description="lorastrap: detect the machine, choose and install a locked "
                                               "LoRA + 8-bit environment, verify it.",
                                   epilog=f"exit codes:\n{codes}", formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,13 +117,13 @@ def say(msg: str) -> None:
 
 
 def _envs_dir(args) -> Path:
-    from installer import paths
+    from lorastrap import paths
     return (args.envs_dir or paths.ENVS).absolute()
 
 
 def cmd_lock(args) -> int:
-    from installer import lock, plan as planner, profiles
-    from installer.detect import detect
+    from lorastrap import lock, plan as planner, profiles
+    from lorastrap.detect import detect
     envs = _envs_dir(args)
     matrix = profiles.load(envs)
     name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
@@ -139,11 +139,11 @@ def cmd_lock(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from installer import install as inst, lock, paths, plan as planner, profiles
-    from installer.detect import detect
+    from lorastrap import install as inst, lock, paths, plan as planner, profiles
+    from lorastrap.detect import detect
     envs = _envs_dir(args)
     if args.bundle and not args.envs_dir:
-        from installer import bundle
+        from lorastrap import bundle
         envs = bundle.open_bundle(args.bundle) / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs)
     machine = detect(disk_path=args.prefix)
@@ -152,17 +152,17 @@ def cmd_install(args) -> int:
     for c in result_plan.broken:
         say(f"warning: {name} breaks a requirement here: {c.message}")
     if machine.platform is None:
-        from installer.errors import NoProfileError
+        from lorastrap.errors import NoProfileError
         raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
-                             fix="lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 and win-64.")
+                             fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run it inside WSL2.")
     prefix = _prefix(args)
     lock_file = None
     if args.bundle:
-        from installer import bundle
+        from lorastrap import bundle
         where = bundle.open_bundle(args.bundle)
         lk, _, manifest = bundle.install_inputs(where)
         if manifest["platform"] != machine.platform:
-            from installer.errors import ConfigError
+            from lorastrap.errors import ConfigError
             raise ConfigError(f"bundle {where} is for {manifest['platform']}, this machine is {machine.platform}",
                               fix=f"Build a bundle with --platform {machine.platform}.")
         name = manifest["profile"]
@@ -197,8 +197,8 @@ def cmd_install(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from installer import bundle, install as inst, lock, plan as planner, profiles
-    from installer.detect import detect
+    from lorastrap import bundle, install as inst, lock, plan as planner, profiles
+    from lorastrap.detect import detect
     envs = _envs_dir(args)
     matrix = profiles.load(envs)
     machine = detect()
@@ -210,6 +210,7 @@ def cmd_bundle(args) -> int:
                           pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, narrate=say)
     out = args.output.absolute()
     manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
+                           virtual_packages=lock.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, narrate=say)
     summary = {k: manifest[k] for k in ("profile", "platform", "python_version", "packages", "bytes")}
     summary["path"] = str(out)
@@ -222,8 +223,8 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from installer import verify
-    from installer.detect import detect
+    from lorastrap import verify
+    from lorastrap.detect import detect
     prefix = _prefix(args)
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
@@ -235,31 +236,31 @@ def cmd_verify(args) -> int:
 
 
 def _machine(args):
-    from installer.detect import Machine, detect
+    from lorastrap.detect import Machine, detect
     if getattr(args, "machine", None):
-        from installer.errors import ConfigError
+        from lorastrap.errors import ConfigError
         try:
             return Machine.model_validate_json(args.machine.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.machine}: not a machine description", why=str(exc).splitlines()[0],
-                              fix="Pass the output of `python -m installer detect --json`.")
+                              fix="Pass the output of `lorastrap detect --json`.")
     return detect(disk_path=getattr(args, "prefix", None))
 
 
 def _prefix(args) -> Path:
-    from installer import paths
+    from lorastrap import paths
     return (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
 
 
 def cmd_doctor(args) -> int:
-    from installer import doctor
+    from lorastrap import doctor
     diag = doctor.diagnose(_prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), imports=not args.no_imports)
     print(json.dumps(diag.to_dict(), indent=2) if args.json else doctor.format_diagnosis(diag))
     return diag.exit_code
 
 
 def cmd_repair(args) -> int:
-    from installer import doctor, install as inst, lock
+    from lorastrap import doctor, install as inst, lock
 
     def confirm() -> bool:
         if not sys.stdin.isatty():
@@ -283,15 +284,15 @@ def cmd_repair(args) -> int:
 
 
 def cmd_detect(args) -> int:
-    from installer.detect import detect, format_table
+    from lorastrap.detect import detect, format_table
     machine = detect(disk_path=args.prefix)
     print(machine.model_dump_json(indent=2) if args.json else format_table(machine))
     return errors.OK
 
 
 def cmd_plan(args) -> int:
-    from installer import plan as planner, profiles
-    from installer.detect import detect
+    from lorastrap import plan as planner, profiles
+    from lorastrap.detect import detect
     matrix = profiles.load(args.envs_dir)
     if args.why_not:
         profiles.get(matrix, args.why_not)
@@ -337,3 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc}\n"
               f"  fix: this is a bug in lorastrap; rerun with --debug and report the output", file=sys.stderr)
         return errors.INTERNAL
+
+
+def run() -> None:
+    """The console script `lorastrap` (and `python -m lorastrap`)."""
+    sys.exit(main())

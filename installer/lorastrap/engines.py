@@ -12,8 +12,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from installer import paths, subproc
-from installer.errors import LorastrapError, UsageError
+from lorastrap import paths, subproc
+from lorastrap.errors import LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
 

@@ -5,7 +5,7 @@ conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  The file is writt
 writer, with conda-lock's own content hash, so `conda-lock` judges its staleness as it would its own.  `pip:`
 entries are resolved by pip (`--dry-run --report`, no dependency resolution) and locked with their sha256.
 
-Reading a lock (install, doctor) does not import conda-lock (0.4 s): ``read_lock`` checks the fields it uses and
+Reading a lock (install, doctor) does not import conda-lock (0.6 s): ``read_lock`` checks the fields it uses and
 names the file and the field when one is wrong.
 """
 
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -21,26 +23,58 @@ from pathlib import Path
 
 import yaml
 
-from installer import paths, subproc
-from installer.errors import ConfigError, NetworkError
-from installer.profiles import Profile
+from lorastrap import paths, subproc
+from lorastrap.errors import ConfigError, NetworkError
+from lorastrap.profiles import Profile
 
 DEFAULT_CHANNEL_ALIAS = "https://conda.anaconda.org"
 DEFAULT_PIP_INDEX = "https://pypi.org/simple"
 SOLVE_TIMEOUT_S = 900
 PIP_TIMEOUT_S = 600
 
-# conda platform → the wheel platform tags pip may take for it (pip matches each tag exactly).
-WHEEL_PLATFORMS = {
-    "linux-64": ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
-                 "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64", "linux_x86_64"],
-    "linux-aarch64": ["manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_24_aarch64",
-                      "manylinux_2_17_aarch64", "manylinux2014_aarch64", "linux_aarch64"],
-    "osx-arm64": ["macosx_14_0_arm64", "macosx_13_0_arm64", "macosx_12_0_arm64", "macosx_11_0_arm64"],
-    "osx-64": ["macosx_13_0_x86_64", "macosx_12_0_x86_64", "macosx_11_0_x86_64", "macosx_10_15_x86_64",
-               "macosx_10_13_x86_64", "macosx_10_9_x86_64"],
-    "win-64": ["win_amd64"],
-}
+# The CPU architecture in a conda platform's wheel tags.
+WHEEL_ARCH = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "linux-ppc64le": "ppc64le", "osx-64": "x86_64",
+              "osx-arm64": "arm64"}
+# PEP 600: the legacy manylinux names are aliases of manylinux_2_5, _2_12 and _2_17.
+LEGACY_MANYLINUX = {5: "manylinux1", 12: "manylinux2010", 17: "manylinux2014"}
+
+
+def _major_minor(value: str, what: str) -> tuple[int, int]:
+    m = re.match(r"^(\d+)(?:\.(\d+))?", value)
+    if not m:
+        raise ConfigError(f"virtual package {what}={value!r} is not a version", fix=f"Give {what} as MAJOR.MINOR.")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def wheel_platforms(platform: str, vps: dict[str, str]) -> list[str]:
+    """The wheel platform tags a machine admitted by these virtual packages can install (pip matches each exactly).
+
+    Linux: manylinux_2_N for every N up to the profile's __glibc (and their legacy aliases); macOS: macosx_M_0 up to
+    the profile's __osx.  A wheel that needs more than the profile's minimum is not one it may lock."""
+    arch = WHEEL_ARCH.get(platform)
+    if arch is None:
+        raise ConfigError(f"no wheel tags for platform {platform}", fix="Lock pip: entries for a supported platform.")
+    if platform.startswith("linux"):
+        if "__glibc" not in vps:
+            raise ConfigError(f"the virtual packages for {platform} have no __glibc",
+                              why="the manylinux tags of pip: wheels derive from the profile's glibc minimum",
+                              fix="Add __glibc to the profile's virtual-packages file.")
+        major, minor = _major_minor(vps["__glibc"], "__glibc")
+        tags = []
+        for n in range(minor if major == 2 else 0, 4, -1):
+            tags.append(f"manylinux_2_{n}_{arch}")
+            if n in LEGACY_MANYLINUX:
+                tags.append(f"{LEGACY_MANYLINUX[n]}_{arch}")
+        return tags + [f"linux_{arch}"]
+    if "__osx" not in vps:
+        raise ConfigError(f"the virtual packages for {platform} have no __osx",
+                          why="the macosx tags of pip: wheels derive from the profile's macOS minimum",
+                          fix="Add __osx to the profile's virtual-packages file.")
+    major, minor = _major_minor(vps["__osx"], "__osx")
+    tags = [f"macosx_{m}_0_{arch}" for m in range(major, 10, -1)]
+    if arch == "x86_64":
+        tags += [f"macosx_10_{m}_{arch}" for m in range(minor if major == 10 else 15, 8, -1)]
+    return tags
 
 
 def lock_path(envs_dir: Path, profile: str) -> Path:
@@ -124,7 +158,7 @@ def _solve_error(answer: dict, channels: list[str], platform: str) -> Exception:
                             why=text.splitlines()[0][:500],
                             fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
                                 "--channel for a local channel (file:// or a path), or an offline bundle "
-                                "(--bundle, made with `python -m installer bundle` on a connected machine).")
+                                "(--bundle, made with `lorastrap bundle` on a connected machine).")
     return ConfigError(f"the spec cannot be solved for {platform}", why=text.splitlines()[0][:800] if text else "",
                        fix="Relax the version pins in the spec, or check that the channel has these packages.")
 
@@ -138,7 +172,7 @@ def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], c
     return answer["records"]
 
 
-def lock_pip(reqs: list[str], platform: str, python_version: str, index_url: str) -> list[dict]:
+def lock_pip(reqs: list[str], platform: str, vps: dict[str, str], python_version: str, index_url: str) -> list[dict]:
     """Resolve pip requirements to one wheel each (no dependency resolution), with url and sha256."""
     with tempfile.TemporaryDirectory(prefix="lorastrap-pip-") as tmp:
         report = Path(tmp) / "report.json"
@@ -146,7 +180,7 @@ def lock_pip(reqs: list[str], platform: str, python_version: str, index_url: str
                 "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:", "--report", str(report),
                 "--target", str(Path(tmp) / "target"), "--index-url", index_url,
                 "--python-version", python_version, "--implementation", "cp"]
-        for tag in WHEEL_PLATFORMS.get(platform, []):
+        for tag in wheel_platforms(platform, vps):
             argv += ["--platform", tag]
         res = subproc.run(argv + reqs, timeout=PIP_TIMEOUT_S)
         if not res.ok:
@@ -206,18 +240,55 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
             narrate(f"resolving pip entries for {platform} (Python {pyver}): {', '.join(spec.pip)}")
             packages += [{"name": p["name"], "version": p["version"], "manager": "pip", "platform": platform,
                           "url": p["url"], "sha256": p["sha256"]}
-                         for p in lock_pip(spec.pip, platform, pyver, pip_index_url)]
-    request = {"spec": str(spec_path.absolute()), "virtual_packages": str((envs_dir / profile.virtual_packages).absolute()),
-               "mapping_url": str(paths.ENVS / "pypi-to-conda.json"), "channels": urls, "platforms": platforms,
-               "packages": packages, "output": str(out),
-               "custom_metadata": {"lorastrap_profile": name,
-                                   "lorastrap_inputs_sha256": inputs_sha256(envs_dir, profile)}}
-    res = subproc.run([sys.executable, str(Path(__file__).with_name("condalock_writer.py"))],
-                      timeout=300, stdin=json.dumps(request), env=subproc.clean_env(drop=("PYTHONPATH",)))
-    if not res.ok:
-        raise ConfigError(f"conda-lock could not write {out}", why=(res.stderr.strip().splitlines() or ["?"])[-1],
-                          fix="Rerun with --debug; this is likely a bug in lorastrap.")
+                         for p in lock_pip(spec.pip, platform, vps, pyver, pip_index_url)]
+    _write(out, spec=spec_path.absolute(), virtual_packages=(envs_dir / profile.virtual_packages).absolute(),
+           channels=urls, platforms=platforms, packages=packages,
+           custom_metadata={"lorastrap_profile": name, "lorastrap_inputs_sha256": inputs_sha256(envs_dir, profile)})
     return out
+
+
+def _write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
+           packages: list[dict], custom_metadata: dict[str, str]) -> None:
+    """Write the lock with conda-lock's own models, writer and content hash (imported here: 0.6 s).
+
+    Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
+    from conda_lock.models.channel import Channel
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+
+    deps = [LockedDependency(
+        name=p["name"], version=p["version"], manager=p["manager"], platform=p["platform"],
+        dependencies=p.get("dependencies", {}), url=p["url"],
+        hash=HashModel(md5=p.get("md5"), sha256=p["sha256"]), categories={"main"}, build=p.get("build"))
+        for p in packages]
+    wanted = set(platforms)
+    if out.exists():
+        try:
+            old = parse_conda_lock_file(out)
+        except Exception as exc:  # conda-lock raises pydantic and YAML errors alike
+            raise ConfigError(f"{out}: cannot be read to update it", why=str(exc).splitlines()[0],
+                              fix="Delete it (or restore it from version control) and lock again.")
+        if [c.url for c in old.metadata.channels] == channels:
+            deps += [p for p in old.package if p.platform not in wanted]
+            wanted |= set(old.metadata.platforms)
+    all_platforms = sorted(wanted)
+    lock_spec = make_lock_spec(src_files=[spec], channel_overrides=channels, platform_overrides=all_platforms,
+                               mapping_url=str(paths.ENVS / "pypi-to-conda.json"))
+    meta = LockMeta(content_hash=compute_content_hashes(lock_spec, virtual_package_repo_from_specification(virtual_packages)),
+                    channels=[Channel.from_string(u) for u in channels], platforms=all_platforms,
+                    sources=[os.path.relpath(spec, out.parent)], custom_metadata=custom_metadata)
+    lockfile = Lockfile(package=deps, metadata=meta)
+    lockfile.toposort_inplace()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".lock-", dir=out.parent))
+    try:  # the same name (the writer's help text quotes it), then an atomic rename into place
+        write_conda_lock_file(lockfile, tmpdir / out.name, metadata_choices=set())
+        os.replace(tmpdir / out.name, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,19 +333,19 @@ class Lock:
 
 def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
     return ConfigError(f"{path}: field '{field_name}': {problem}", why="the lock file is malformed or was edited",
-                       fix="Regenerate it with `python -m installer lock`, or restore it from version control.")
+                       fix="Regenerate it with `lorastrap lock`, or restore it from version control.")
 
 
 def read_lock(path: Path) -> Lock:
     try:
         raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist", fix="Run `python -m installer lock` to create it.")
+        raise ConfigError(f"{path} does not exist", fix="Run `lorastrap lock` to create it.")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
-                          fix="Regenerate it with `python -m installer lock`.")
+                          fix="Regenerate it with `lorastrap lock`.")
     if not isinstance(raw, dict):
         raise _bad(path, "(top level)", "not a mapping")
     if raw.get("version") != 1:

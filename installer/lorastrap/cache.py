@@ -18,8 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from installer import filelock
-from installer.errors import DiskError, IntegrityError, NetworkError
+from lorastrap import filelock
+from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
 RETRIES = 3
@@ -78,7 +78,7 @@ class Cache:
                         why=f"the archive at {url} is not the one the lock names: altered, corrupted, or a "
                             f"different build on the mirror",
                         fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
-                            "with `python -m installer lock`.")
+                            "with `lorastrap lock`.")
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, path)
                 self._mark(path)

@@ -9,7 +9,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from installer.errors import BusyError
+from lorastrap.errors import BusyError
 
 
 @contextmanager

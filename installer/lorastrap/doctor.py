@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from installer import install as inst, lock as locking, paths, plan as planner, profiles, subproc
-from installer.cache import sha256_file
-from installer.detect import Machine
-from installer.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, UsageError
+from lorastrap import install as inst, lock as locking, paths, plan as planner, profiles, subproc
+from lorastrap.cache import sha256_file
+from lorastrap.detect import Machine
+from lorastrap.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, UsageError
 
 Repair = Literal["rebuild", "replan", "none"]
 
@@ -88,7 +88,7 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, dict], set[str
         except (ValueError, KeyError, TypeError, OSError) as exc:
             diag.findings.append(Finding("error", "broken-record", f"conda-meta/{meta.name} cannot be read",
                                          why=f"{type(exc).__name__}: {exc}",
-                                         fix="`python -m installer repair` rebuilds the environment from its lock."))
+                                         fix="`lorastrap repair` rebuilds the environment from its lock."))
             continue
         records[name] = rec
         missing, altered = [], []
@@ -108,12 +108,12 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, dict], set[str
             diag.findings.append(Finding(
                 "error", "missing-files", f"{name}: {len(missing)} file(s) missing, e.g. {missing[0]}",
                 why="files were deleted after the package was installed",
-                fix="`python -m installer repair` reinstalls the package."))
+                fix="`lorastrap repair` reinstalls the package."))
         if altered:
             diag.findings.append(Finding(
                 "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",
                 why="the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
-                fix="`python -m installer repair` restores the package's files (the edited ones stay in the backup)."))
+                fix="`lorastrap repair` restores the package's files (the edited ones stay in the backup)."))
     return records, owned
 
 
@@ -121,7 +121,7 @@ def check_lock(prefix: Path, lk: locking.Lock | None, platform: str, records: di
     if lk is None:
         diag.findings.append(Finding("info", "no-lock", "no lock to compare this environment against",
                                      why="it was not made by lorastrap and no committed lock fits this platform",
-                                     fix="`python -m installer repair --replan` rebuilds it from the profile plan "
+                                     fix="`lorastrap repair --replan` rebuilds it from the profile plan "
                                          "chooses.", repair="none"))
         return
     entries = [e for e in lk.for_platform(platform) if e.manager == "conda"]
@@ -131,16 +131,16 @@ def check_lock(prefix: Path, lk: locking.Lock | None, platform: str, records: di
         if rec is None:
             diag.findings.append(Finding("error", "package-missing", f"{name} {e.version} is in the lock but not "
                                          "installed", why="removed by hand, or a conda-meta record was deleted",
-                                         fix="`python -m installer repair` reinstalls it."))
+                                         fix="`lorastrap repair` reinstalls it."))
         elif rec.get("sha256") != e.sha256 or str(rec.get("version")) != e.version:
             diag.findings.append(Finding("error", "package-changed", f"{name}: installed {rec.get('version')} "
                                          f"({rec.get('build')}), the lock has {e.version} ({e.build})",
                                          why="updated or replaced after the environment was built",
-                                         fix="`python -m installer repair` puts back the locked build."))
+                                         fix="`lorastrap repair` puts back the locked build."))
     for name in sorted(set(records) - set(want)):
         diag.findings.append(Finding("warning", "package-extra", f"{name} {records[name].get('version')} is "
                                      "installed but not in the lock", why="added after the environment was built",
-                                     fix="`python -m installer repair` rebuilds without it (or add it to the spec "
+                                     fix="`lorastrap repair` rebuilds without it (or add it to the spec "
                                          "and re-lock)."))
 
 
@@ -185,7 +185,7 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
                 f"{mapping.get(n, name)} {records.get(conda_name, records.get(mapping.get(n, name), {})).get('version', '')}".rstrip(),
                 why="a `pip install` into this conda environment replaced a locked package's files (the classic "
                     "`pip install -U bitsandbytes` over a conda environment)",
-                fix="`python -m installer repair` removes it and restores the locked package; to change a version, "
+                fix="`lorastrap repair` removes it and restores the locked package; to change a version, "
                     "edit the profile's spec and re-lock instead."))
         else:
             diag.findings.append(Finding("warning", "pip-extra", f"pip installed {name} {version}, which the lock "
@@ -201,7 +201,7 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
             diag.findings.append(Finding("warning", "pip-check", f"pip check: {first[0]}"
                                          + (f" (+{len(first) - 1} more)" if len(first) > 1 else ""),
                                          why="installed distributions' requirements are not met",
-                                         fix="`python -m installer repair`, or fix the spec and re-lock."))
+                                         fix="`lorastrap repair`, or fix the spec and re-lock."))
     return owned
 
 
@@ -210,7 +210,7 @@ def check_machine(profile_name: str | None, record: dict | None, matrix: profile
     if record and record.get("platform") and machine.platform and record["platform"] != machine.platform:
         diag.findings.append(Finding("error", "platform-changed", f"built for {record['platform']}, this machine "
                                      f"is {machine.platform}", why="the environment was copied to another kind of "
-                                     "machine", fix="`python -m installer repair --replan`", repair="replan"))
+                                     "machine", fix="`lorastrap repair --replan`", repair="replan"))
     if not profile_name or matrix is None or profile_name not in matrix.profiles:
         return
     for c in planner.check(matrix.profiles[profile_name], machine):
@@ -219,16 +219,16 @@ def check_machine(profile_name: str | None, record: dict | None, matrix: profile
                 "error", f"machine-{c.rule}", f"profile {profile_name} no longer fits this machine: {c.message}",
                 why="the machine moved under the environment (driver changed, GPU changed, moved to another node); "
                     f"rule source: {c.source}",
-                fix="`python -m installer repair --replan` rebuilds with the profile that fits now "
-                    "(`python -m installer plan` shows it), or upgrade the driver.", repair="replan"))
+                fix="`lorastrap repair --replan` rebuilds with the profile that fits now "
+                    "(`lorastrap plan` shows it), or upgrade the driver.", repair="replan"))
 
 
 def check_imports(prefix: Path, machine: Machine, diag: Diagnosis) -> None:
-    from installer import verify
+    from lorastrap import verify
     python = prefix / "bin" / "python"
     if not python.exists():
         diag.findings.append(Finding("error", "no-python", "the environment has no bin/python",
-                                     fix="`python -m installer repair`"))
+                                     fix="`lorastrap repair`"))
         return
     res = subproc.run([str(python), str(verify.VERIFY_SCRIPT), "--json", "--pre-checks-only"]
                       + (["--driver-cuda", machine.cuda] if machine.cuda else []),
@@ -236,7 +236,7 @@ def check_imports(prefix: Path, machine: Machine, diag: Diagnosis) -> None:
     report = verify.parse(res.stdout)
     if report is None:
         diag.findings.append(Finding("error", "python-broken", "the environment's Python could not run the "
-                                     "pre-checks", why=inst._tail(res), fix="`python -m installer repair`"))
+                                     "pre-checks", why=inst._tail(res), fix="`lorastrap repair`"))
         return
     for c in report.get("checks", []):
         if c["status"] == "fail" or (c["status"] == "warn" and not c["required"] and "cause" in c):
@@ -249,8 +249,8 @@ def check_imports(prefix: Path, machine: Machine, diag: Diagnosis) -> None:
         intact = not any(f.severity == "error" and f.code != "precheck" for f in diag.findings)
         diag.findings.append(Finding("error", "precheck-unsupported", report.get("unsupported_reason") or "",
                                      why="this environment's set cannot do 8-bit on this machine",
-                                     fix="`python -m installer repair --replan`" if intact else
-                                     "`python -m installer repair` first (the environment is damaged), then doctor again",
+                                     fix="`lorastrap repair --replan`" if intact else
+                                     "`lorastrap repair` first (the environment is damaged), then doctor again",
                                      repair="replan" if intact else "rebuild"))
 
 
@@ -302,7 +302,7 @@ def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = 
     if inst.journal_path(prefix).exists():
         diag.findings.append(Finding("error", "interrupted-transaction", "an install or repair of this "
                                      "environment was interrupted", why=f"{inst.journal_path(prefix)} is still there",
-                                     fix="Run `python -m installer repair` (or the same install) again: it finishes "
+                                     fix="Run `lorastrap repair` (or the same install) again: it finishes "
                                          "the rollback first."))
     platform = (record or {}).get("platform") or machine.platform or ""
     records, owned = check_files(prefix, diag)
@@ -329,8 +329,8 @@ def format_diagnosis(diag: Diagnosis) -> str:
         if f.fix:
             lines.append(f"    fix: {f.fix}")
     lines.append({"healthy": "verdict: healthy",
-                  "repairable": "verdict: repairable — `python -m installer repair` rebuilds it from its lock",
-                  "not-repairable": "verdict: not repairable as locked — `python -m installer repair --replan` "
+                  "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
+                  "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
                                     "rebuilds it with the profile that fits this machine now"}[diag.verdict])
     return "\n".join(lines)
 
@@ -344,7 +344,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     failure; files no package owns are carried over."""
     import shutil
     import tempfile
-    from installer import filelock
+    from lorastrap import filelock
     prefix = prefix.absolute()
     with filelock.held(inst.lock_file_path(prefix), what=str(prefix), narrate=narrate):
         done = inst.recover(prefix, narrate)  # an interrupted run first

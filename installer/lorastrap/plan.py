@@ -9,9 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from installer.detect import Machine
-from installer.errors import NoProfileError
-from installer.profiles import Matrix, Profile
+from lorastrap import versions
+from lorastrap.detect import Machine
+from lorastrap.errors import NoProfileError
+from lorastrap.profiles import Matrix, Profile
 
 SCHEMA_VERSION = 1
 
@@ -56,12 +57,8 @@ class Plan(Model):
     candidates: list[Candidate]
 
 
-def _v(text: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in text.split("."))
-
-
 def _fmt_ccs(ccs: list[str]) -> str:
-    return ", ".join(sorted(set(ccs), key=_v))
+    return ", ".join(sorted(set(ccs), key=versions.key))
 
 
 def device_ccs(machine: Machine) -> list[str]:
@@ -86,7 +83,7 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
                             message=f"needs an NVIDIA GPU: {why}", source=req.gpu.source))
     if req.driver_cuda_min is not None:
         need = req.driver_cuda_min.value
-        ok = cuda is not None and _v(cuda) >= _v(need)
+        ok = cuda is not None and versions.key(cuda) >= versions.key(need)
         checks.append(Check(rule="driver_cuda_min", ok=ok,
                             message=f"driver must support CUDA >= {need}: "
                                     + (f"it supports {cuda}" if cuda else "no CUDA driver"),
@@ -99,7 +96,7 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
                                 message="compute capability unknown (set CONDA_OVERRIDE_CUDA_ARCH to check it)",
                                 source=req.compute_capability.source))
         else:
-            bad = [cc for cc in ccs if not (_v(lo) <= _v(cc) <= _v(hi))]
+            bad = [cc for cc in ccs if not (versions.key(lo) <= versions.key(cc) <= versions.key(hi))]
             checks.append(Check(rule="compute_capability", ok=not bad,
                                 message=f"every GPU's compute capability must be in {lo}..{hi}: "
                                         + (f"{_fmt_ccs(bad)} outside" if bad else f"{_fmt_ccs(ccs)} inside"),
@@ -115,7 +112,7 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
                                 source=req.gpu_memory_min_mib.source))
     if req.glibc_min is not None and machine.os == "linux":
         glibc = machine.glibc
-        ok = glibc is None or _v(glibc) >= _v(req.glibc_min.value)
+        ok = glibc is None or versions.key(glibc) >= versions.key(req.glibc_min.value)
         checks.append(Check(rule="glibc_min", ok=ok,
                             message=f"glibc must be >= {req.glibc_min.value}: it is {glibc or 'unknown'}",
                             source=req.glibc_min.source))
@@ -158,7 +155,7 @@ def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen
             hints.append(f"{cand.profile} supports compute capability {cc.min}..{cc.max} only "
                          f"(this machine: {_fmt_ccs(device_ccs(machine))})")
     if nvml_blocked:
-        hints.append(f"fixing the NVML error ({machine.nvidia.nvml_status}; see `python -m installer detect`) "
+        hints.append(f"fixing the NVML error ({machine.nvidia.nvml_status}; see `lorastrap detect`) "
                      f"may enable {', '.join(nvml_blocked)}")
     return hints
 
@@ -168,7 +165,7 @@ def _warnings(matrix: Matrix, machine: Machine, profile: Profile) -> list[Warnin
     if profile.requires.gpu is not None and profile.requires.gpu.value:
         ccs = device_ccs(machine)
         for adv in matrix.advisories:
-            low = [cc for cc in ccs if _v(cc) < _v(adv.compute_capability_below)]
+            low = [cc for cc in ccs if versions.key(cc) < versions.key(adv.compute_capability_below)]
             if low:
                 out.append(Warning_(severity=adv.severity, message=f"GPU compute capability {_fmt_ccs(low)}: "
                                     + adv.message, source=adv.source))
@@ -182,7 +179,7 @@ def plan(machine: Machine, matrix: Matrix, *, profile: str | None = None) -> Pla
                   for checks in [check(p, machine)]]
     by_name = {c.profile: c for c in candidates}
     if profile is not None:
-        from installer.profiles import get
+        from lorastrap.profiles import get
         chosen = get(matrix, profile)
         cand = by_name[profile]
         reasons = [f"{profile} was asked for by name (--profile)"]
@@ -211,7 +208,7 @@ def require_profile(result: Plan) -> str:
         raise NoProfileError("no environment profile fits this machine",
                              why="; ".join(f"{c.profile}: " + "; ".join(u.message for u in c.unmet)
                                            for c in result.candidates if c.auto),
-                             fix="See `python -m installer plan --why-not NAME`, or force one with --profile NAME.")
+                             fix="See `lorastrap plan --why-not NAME`, or force one with --profile NAME.")
     return result.profile
 
 

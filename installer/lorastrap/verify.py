@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from installer import paths, subproc
-from installer.errors import LorastrapError, NO_PROFILE, UsageError, VERIFY
+from lorastrap import paths, subproc
+from lorastrap.errors import LorastrapError, NO_PROFILE, UsageError, VERIFY
 
 VERIFY_SCRIPT = paths.SCRIPTS / "verify_lora.py"
 TIMEOUT_S = 1800
@@ -28,7 +28,7 @@ def python_of(prefix: Path) -> Path:
 
 def run(prefix: Path, *, driver_cuda: str | None = None, steps: int = 10, timeout: float = TIMEOUT_S) -> dict:
     """The report of one verification run (never raises for a failing environment; see verdict())."""
-    from installer.install import env_in
+    from lorastrap.install import env_in
     argv = [str(python_of(prefix)), str(VERIFY_SCRIPT), "--json", "--steps", str(steps)]
     if driver_cuda:
         argv += ["--driver-cuda", driver_cuda]
@@ -42,7 +42,7 @@ def run(prefix: Path, *, driver_cuda: str | None = None, steps: int = 10, timeou
         tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
         raise LorastrapError(f"the verification run in {prefix} gave no report (exit {res.returncode})",
                              why=" | ".join(tail) or "no output",
-                             fix="The environment's Python may be broken; try `python -m installer repair`.",
+                             fix="The environment's Python may be broken; try `lorastrap repair`.",
                              exit_code=VERIFY)
     return report
 

@@ -12,10 +12,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from installer import paths
-from installer.errors import ConfigError
+from lorastrap import paths
+from lorastrap.errors import ConfigError
 
 VERSION_PATTERN = r"^\d+(\.\d+)*$"
+# The conda platforms lorastrap itself runs on (POSIX file locks and process groups: not native Windows).
+RUNS_ON = frozenset({"linux-64", "linux-aarch64", "linux-ppc64le", "osx-64", "osx-arm64"})
 
 
 class Strict(BaseModel):
@@ -74,10 +76,10 @@ class Profile(Strict):
     @field_validator("platforms")
     @classmethod
     def _known_platforms(cls, value: list[str]) -> list[str]:
-        known = {"linux-64", "linux-aarch64", "linux-ppc64le", "osx-64", "osx-arm64", "win-64", "win-arm64"}
-        unknown = [p for p in value if p not in known]
+        unknown = [p for p in value if p not in RUNS_ON]
         if unknown:
-            raise ValueError(f"unknown conda platform(s) {unknown}; known: {sorted(known)}")
+            raise ValueError(f"platform(s) {unknown}: lorastrap itself does not run there (file locks, process "
+                             f"groups); it runs on {sorted(RUNS_ON)} (Windows: inside WSL2, as linux-64)")
         return value
 
 
@@ -145,9 +147,9 @@ def load(envs_dir: Path | None = None) -> Matrix:
 
 def get(matrix: Matrix, name: str) -> Profile:
     if name not in matrix.profiles:
-        from installer.errors import UsageError
+        from lorastrap.errors import UsageError
         raise UsageError(f"unknown profile {name!r}", why=f"profiles.yaml defines {', '.join(matrix.profiles)}",
-                         fix="Pick one of those (`python -m installer plan` lists them with their requirements).")
+                         fix="Pick one of those (`lorastrap plan` lists them with their requirements).")
     return matrix.profiles[name]
 
 

@@ -28,10 +28,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from installer import engines, filelock, lock as locking, paths, subproc
-from installer.cache import Cache, progress_printer
-from installer.errors import ConfigError, DiskError, LorastrapError, UsageError, VerifyError, INTERRUPTED
-from installer.profiles import Profile
+from lorastrap import engines, filelock, lock as locking, paths, subproc
+from lorastrap.cache import Cache, progress_printer
+from lorastrap.errors import ConfigError, DiskError, LorastrapError, UsageError, VerifyError, INTERRUPTED
+from lorastrap.profiles import Profile
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
@@ -248,7 +248,7 @@ def choose_lock(*, envs_dir: Path, name: str, profile: Profile, platform: str, f
     if frozen:
         raise ConfigError(f"no usable lock for profile {name} on {platform}: {reason}",
                           why="--frozen installs only from committed locks",
-                          fix=f"Run `python -m installer lock --profile {name} --platform {platform}` and commit "
+                          fix=f"Run `lorastrap lock --profile {name} --platform {platform}` and commit "
                               f"the lock, or drop --frozen.")
     narrate(f"{reason}: locking {name} for {platform} now")
     if local.exists():
@@ -309,7 +309,7 @@ def install(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platfo
         entries = lk.for_platform(platform)
         if not entries:
             raise ConfigError(f"{lk.path}: no packages for {platform}",
-                              fix=f"Lock for {platform}: `python -m installer lock --platform {platform}`.")
+                              fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
         eng = engines.find(engine)
@@ -443,7 +443,7 @@ def _tail(res: subproc.Result, lines: int = 5) -> str:
 
 
 def _verify(prefix: Path, profile: Profile, driver_cuda: str | None) -> dict:
-    from installer import verify
+    from lorastrap import verify
     res = run_in(prefix, profile.verify, timeout=VERIFY_TIMEOUT_S, driver_cuda=driver_cuda)
     report = verify.parse(res.stdout)
     if not res.ok:
@@ -452,13 +452,13 @@ def _verify(prefix: Path, profile: Profile, driver_cuda: str | None) -> dict:
         raise VerifyError("the new environment failed verification: " + " ".join(profile.verify),
                           why="; ".join(failed[:3]) or _tail(res),
                           fix="Nothing changed: the previous environment was restored. "
-                              "Run `python -m installer plan` to check the profile fits.")
+                              "Run `lorastrap plan` to check the profile fits.")
     return {"ok": True, "command": profile.verify, "verdict": (report or {}).get("verdict", "pass"),
             "report": report}
 
 
 def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> None:
-    from installer.detect import existing_parent
+    from lorastrap.detect import existing_parent
     base = existing_parent(where)
     free = shutil.disk_usage(base).free
     need = need_bytes + min_free_mib * 2**20

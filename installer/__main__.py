@@ -1,5 +1,0 @@
-import sys
-
-from installer.cli import main
-
-sys.exit(main())

@@ -1,0 +1,3 @@
+from lorastrap.cli import run
+
+run()

@@ -1,0 +1,116 @@
+"""The one module that starts processes: the NVML probe, engines, pip, the verification run.
+
+Output is captured (stdout and stderr apart, read together so no pipe can fill and deadlock), every call has a
+timeout, and on a timeout or an interrupt the whole process group is killed.  On Linux every child also gets
+SIGKILL when lorastrap itself dies (PR_SET_PDEATHSIG), so nothing outlives a killed run.  The environment passed in
+is taken as is; callers build it with ``clean_env`` so a user's conda configuration or ``CUDA_VISIBLE_DEVICES``
+cannot leak in by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    returncode: int | None  # None when it timed out
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def tail(self, lines: int = 3) -> str:
+        """The last lines of what it printed (stderr first), for a one-line "why"."""
+        text = (self.stderr or self.stdout or "").strip().splitlines()
+        return " | ".join(text[-lines:]) or ("timed out" if self.timed_out else f"exit code {self.returncode}")
+
+
+def clean_env(drop: tuple[str, ...] = (), prefixes: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """The current environment without the named variables and variable prefixes, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(prefixes)}
+    env.update(extra)
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGKILL when lorastrap dies (even by SIGKILL), so no orphan keeps writing."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+_PREEXEC = _die_with_parent if sys.platform.startswith("linux") else None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def _communicate(proc: subprocess.Popen, stdin: str | None, timeout: float) -> tuple[str, str, bool]:
+    try:
+        out, err = proc.communicate(stdin, timeout=timeout)
+        return out or "", err or "", False
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return out or "", err or "", True
+    except BaseException:  # Ctrl-C or SIGTERM while waiting: the child goes with us
+        _kill_group(proc)
+        proc.wait()
+        raise
+
+
+def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+        stdin: str | None = None) -> Result:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                            env=env, cwd=cwd, text=True, start_new_session=True, preexec_fn=_PREEXEC)
+    out, err, timed_out = _communicate(proc, stdin, timeout)
+    return Result(argv, None if timed_out else proc.returncode, out, err, timed_out=timed_out)
+
+
+def python_module(module: str, *args: str, timeout: float, env: dict[str, str] | None = None,
+                  stdin: str | None = None) -> Result:
+    """Run ``python -m lorastrap.<module>`` with this interpreter (lorastrap is importable there: it is this one)."""
+    return run([sys.executable, "-m", f"lorastrap.{module}", *args], timeout=timeout, env=env, stdin=stdin)
+
+
+def worker(module: str, request: dict, *, timeout: float, show_progress: bool = False) -> dict:
+    """Run ``lorastrap.<module>`` with a JSON request; return the JSON answer it wrote to its result file.
+
+    The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
+    No answer at all means the worker died before finishing."""
+    with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
+        result = Path(tmp) / "result.json"
+        request = {**request, "result": str(result), "show_progress": show_progress}
+        proc = subprocess.Popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE,
+                                stderr=None if show_progress else subprocess.PIPE,  # progress bars: the terminal
+                                text=True, start_new_session=True, preexec_fn=_PREEXEC)
+        out, err, timed_out = _communicate(proc, json.dumps(request), timeout)
+        if timed_out:
+            return {"ok": False, "error": f"the engine did not finish within {timeout:.0f} s", "timed_out": True}
+        if result.exists():
+            answer = json.loads(result.read_text())
+            answer["exit_code"] = proc.returncode
+            return answer
+        tail = Result([], proc.returncode, out, err or "").tail()
+        return {"ok": False, "error": f"the engine exited with {proc.returncode} before answering: {tail}",
+                "exit_code": proc.returncode}
