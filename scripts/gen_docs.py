@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))
 
-from lorastrap import detect, plan, profiles  # noqa: E402
+from lorastrap import detect, plan, profiles, records  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 
@@ -23,7 +23,8 @@ def schemas() -> dict[Path, str]:
     out = {}
     for name, schema in (("profiles", profiles.json_schema()),
                          ("machine", detect.Machine.model_json_schema()),
-                         ("plan", plan.Plan.model_json_schema())):
+                         ("plan", plan.Plan.model_json_schema()),
+                         *((n, m.model_json_schema()) for n, m in records.SCHEMAS.items())):
         schema.setdefault("$schema", "https://json-schema.org/draft/2020-12/schema")
         out[ROOT / "envs" / "schemas" / f"{name}.schema.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return out

@@ -4,6 +4,8 @@ Runs with the environment's own Python and only its packages plus the standard l
 (HF_HUB_OFFLINE=1: the tiny Llama model is created here, from random weights).
 
     python verify_lora.py [--json] [--report FILE] [--steps N] [--driver-cuda X.Y] [--device cpu|cuda]
+                          [--int8-min-cc 7.5] [--accelerate-min V] [--bitsandbytes-min V]   (lorastrap passes these
+                          from envs/profiles.yaml)
 
 Exit codes: 0 every required check passed; 1 a required check failed; 3 this environment cannot do 8-bit on this
 machine (e.g. a CUDA-only bitsandbytes on a CPU-only machine) — said in plain words, not a failure of the
@@ -111,9 +113,9 @@ def _quiet():
 # ------------------------------------------------------------------------------------------------------------
 # Pre-checks
 
-def check_imports(rep: Report, mods: dict) -> None:
+def check_imports(rep: Report, mods: dict, facts: argparse.Namespace) -> None:
     import importlib
-    accel_min, bnb_min = "1.1.0", "0.46.1"
+    accel_min, bnb_min = facts.accelerate_min or "?", facts.bitsandbytes_min or "?"
     for name in PACKAGES:
         start = time.perf_counter()
         try:
@@ -138,7 +140,7 @@ def check_imports(rep: Report, mods: dict) -> None:
                     fix=fix.format(accel=accel_min, bnb=bnb_min), seconds=time.perf_counter() - start)
 
 
-def check_transformers_gates(rep: Report, mods: dict) -> None:
+def check_transformers_gates(rep: Report, mods: dict, facts: argparse.Namespace) -> None:
     tr = mods.get("transformers")
     if tr is None:
         return
@@ -146,8 +148,9 @@ def check_transformers_gates(rep: Report, mods: dict) -> None:
         from transformers.utils import import_utils
     except Exception:
         return
-    accel_min = getattr(import_utils, "ACCELERATE_MIN_VERSION", None)
-    bnb_min = getattr(import_utils, "BITSANDBYTES_MIN_VERSION", None)
+    # The installed transformers' own minimums first; the facts lorastrap passes when it does not say them.
+    accel_min = getattr(import_utils, "ACCELERATE_MIN_VERSION", None) or facts.accelerate_min
+    bnb_min = getattr(import_utils, "BITSANDBYTES_MIN_VERSION", None) or facts.bitsandbytes_min
     gates = [("accelerate", "is_accelerate_available", accel_min,
               "Using `bitsandbytes` 8-bit quantization requires accelerate: pip install 'accelerate>={v}'"),
              ("bitsandbytes", "is_bitsandbytes_available", bnb_min,
@@ -171,7 +174,7 @@ def check_transformers_gates(rep: Report, mods: dict) -> None:
                     fix=f"install the profile's set (`lorastrap repair`), or `pip install -U '{pkg}>={min_v}'`")
 
 
-def check_devices(rep: Report, mods: dict, driver_cuda: str | None) -> str:
+def check_devices(rep: Report, mods: dict, driver_cuda: str | None, int8_min_cc: str | None) -> str:
     torch = mods.get("torch")
     if torch is None:
         return "cpu"
@@ -208,12 +211,12 @@ def check_devices(rep: Report, mods: dict, driver_cuda: str | None) -> str:
         rep.add("torch CUDA build vs driver", "warn", f"torch built for CUDA {build} but no CUDA device is usable"
                 + (f" ({tinfo['cuda_error']})" if tinfo.get("cuda_error") else ""), required=False,
                 cause="no NVIDIA GPU or driver on this machine", fix="none needed for a CPU run")
-    for dev in tinfo["devices"][1:]:
-        if _version_tuple(dev["compute_capability"]) < (7, 5):
+    for dev in tinfo["devices"][1:] if int8_min_cc else []:
+        if _version_tuple(dev["compute_capability"]) < _version_tuple(int8_min_cc):
             rep.add(f"GPU {dev['index']} int8 fast path", "warn",
-                    f"{dev['name']} has compute capability {dev['compute_capability']} < 7.5: "
+                    f"{dev['name']} has compute capability {dev['compute_capability']} < {int8_min_cc}: "
                     "LLM.int8() takes the slow path", required=False,
-                    cause="bitsandbytes' int8 matmul kernels need compute capability >= 7.5",
+                    cause=f"bitsandbytes' int8 matmul kernels need compute capability >= {int8_min_cc}",
                     fix="expect slower 8-bit inference; 8-bit optimizers and LoRA still work")
     return "cuda" if tinfo["cuda_available"] else "cpu"
 
@@ -447,16 +450,20 @@ def main(argv=None) -> int:
     ap.add_argument("--driver-cuda", default=os.environ.get("LORASTRAP_DRIVER_CUDA") or None,
                     help="highest CUDA the driver supports (lorastrap detect; env LORASTRAP_DRIVER_CUDA)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--int8-min-cc", default=None, help="lowest compute capability with the int8 fast path")
+    ap.add_argument("--accelerate-min", default=None, help="accelerate version transformers' 8-bit gate needs "
+                    "(used when the installed transformers does not say)")
+    ap.add_argument("--bitsandbytes-min", default=None, help="bitsandbytes version the gate needs (as above)")
     ap.add_argument("--pre-checks-only", action="store_true",
                     help="imports, version gates, devices and backends only (what `lorastrap doctor` runs)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     rep = Report()
     mods: dict = {}
-    check_imports(rep, mods)
+    check_imports(rep, mods, args)
     imports_s = time.perf_counter() - start
-    check_transformers_gates(rep, mods)
-    device = check_devices(rep, mods, args.driver_cuda)
+    check_transformers_gates(rep, mods, args)
+    device = check_devices(rep, mods, args.driver_cuda, args.int8_min_cc)
     if args.device != "auto":
         device = args.device
     rep.info["device"] = device

@@ -47,10 +47,37 @@ def channel(tmp_path_factory):
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A fresh lorastrap data dir (cache, locks, envs) for one test."""
+    """A fresh lorastrap data dir (cache, locks, envs) for one test: the first run on a new machine."""
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LORASTRAP_PKGS_DIR", raising=False)
     monkeypatch.delenv("CONDA_OVERRIDE_CUDA", raising=False)
     return tmp_path / "home"
+
+
+@pytest.fixture(scope="session")
+def session_state(channel, tmp_path_factory):
+    """The test profiles locked once (test-cpu and test-cuda for linux-64, against the test channel) and their
+    archives downloaded and checked once, by real `lorastrap install` runs."""
+    root = tmp_path_factory.mktemp("session-state")
+    env = {k: v for k, v in os.environ.items() if k not in ("CONDA_OVERRIDE_CUDA", "LORASTRAP_PKGS_DIR")}
+    env["LORASTRAP_HOME"] = str(root / "home")
+    for extra in ({}, {"CONDA_OVERRIDE_CUDA": "12.4"}):
+        res = subprocess.run([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(ROOT / "tests" / "envs"),
+                              "--channel", channel["url"], "--pip-index-url", channel["simple"], "--no-verify",
+                              "--prefix", str(root / "env")], capture_output=True, text=True, timeout=600,
+                             env={**env, **extra}, cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+    return root / "home"
+
+
+@pytest.fixture
+def warm_home(home, session_state):
+    """A fresh data dir holding the session's locks and checked archives (hard links: the cache's archives are
+    never written in place), as on a machine that installed before.  Extracted packages are not shared: each test
+    extracts its own, so a test that edits a file of its environment cannot reach another test."""
+    shutil.copytree(session_state / "locks", home / "locks")
+    shutil.copytree(session_state / "pkgs" / "archives", home / "pkgs" / "archives", copy_function=os.link)
+    return home
 
 
 def _venv(path, requirements):

@@ -61,7 +61,7 @@ def healthy_after_repair(channel, prefix, *extra, env=None):
 
 
 @pytest.fixture
-def env(channel, home, tmp_path):
+def env(channel, warm_home, tmp_path):
     return install(channel, tmp_path / "env")
 
 
@@ -159,7 +159,7 @@ def machine_file(tmp_path, fixture):
     return str(path)
 
 
-def test_cuda12_environment_on_a_driver_that_says_11_4(channel, home, tmp_path):
+def test_cuda12_environment_on_a_driver_that_says_11_4(channel, warm_home, tmp_path):
     prefix = install(channel, tmp_path / "env", env=CUDA)
     v100 = machine_file(tmp_path, "v100-sxm2_driver-470--cuda11.json")  # NVML: driver 470, CUDA 11.4
     rc, report = doctor(prefix, "--machine", v100)

@@ -52,7 +52,7 @@ ENGINES = ["rattler"] + ([pytest.param(Path(MAMBA).name, id=Path(MAMBA).name)] i
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_install_then_noop_then_switch_profile(channel, home, tmp_path, engine):
+def test_install_then_noop_then_switch_profile(channel, warm_home, tmp_path, engine):
     prefix = tmp_path / "env"
     res = install(channel, prefix, "--json", "--engine", engine)
     assert res.returncode == 0, res.stderr
@@ -147,7 +147,7 @@ def _usable_or_restorable(prefix):
 
 @pytest.mark.parametrize("stage,final", [("download", "cpu"), ("aside", "cpu"), ("linked", "cpu"),
                                          ("verify", "cpu"), ("commit", "cuda")])
-def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, home, tmp_path, stage, final):
+def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, warm_home, tmp_path, stage, final):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0  # the previous environment: cpu builds
     proc = _start(channel, prefix, stage, CUDA)
@@ -170,7 +170,7 @@ def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, home
     assert res.returncode == 0 and smoke(prefix)["torch_build"] == "cuda"
 
 
-def test_sigkill_at_commit_completes_on_the_next_run(channel, home, tmp_path):
+def test_sigkill_at_commit_completes_on_the_next_run(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     proc = _start(channel, prefix, "commit", CUDA)
@@ -184,30 +184,47 @@ def test_sigkill_at_commit_completes_on_the_next_run(channel, home, tmp_path):
     assert not Path(str(prefix) + ".lorastrap-backup").exists()
 
 
-def test_sigkill_while_the_engine_links(channel, home, tmp_path):
+def test_sigkill_while_the_engine_links(channel, warm_home, tmp_path):
+    """Killed with half the packages linked: the engine's worker pauses there (LORASTRAP_PAUSE_AT=mid-link) and
+    leaves a marker, so the kill lands inside the link step every time."""
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
-    full = dict(os.environ, **CUDA)
-    proc = subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS),
-                             "--channel", channel["url"], "--prefix", str(prefix)], cwd=ROOT, env=full,
-                            stderr=subprocess.DEVNULL)
+    proc = _start(channel, prefix, "mid-link", CUDA)
+    marker = Path(str(prefix) + ".paused-mid-link")
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the old env is aside and the engine has started writing the new one
-        if Path(str(prefix) + ".lorastrap-backup").exists() and (prefix / "conda-meta").exists():
-            break
-        time.sleep(0.001)
-    assert proc.poll() is None, "the install finished before it could be killed mid-way"
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the engine never reached the middle of linking"
+    worker = int(marker.read_text())
+    linked = len(list((prefix / "conda-meta").glob("*.json")))
+    assert 0 < linked and Path(str(prefix) + ".lorastrap-backup").exists()  # old env aside, new one half made
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:  # the worker dies with its parent (death signal)
+        time.sleep(0.05)
+    assert not _alive(worker), "the engine's worker outlived the killed install"
     assert Path(str(prefix) + ".lorastrap-txn.json").exists()  # killed inside the transaction
     assert _usable_or_restorable(prefix)
+    marker.unlink()
     res = install(channel, prefix)
     assert res.returncode == 0, res.stderr
     assert smoke(prefix)["torch_build"] == "cpu"
     assert_placeholders(prefix)
 
 
-def test_sigterm_rolls_back_at_once(channel, home, tmp_path):
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_rolls_back_at_once(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     proc = _start(channel, prefix, "verify", CUDA)
@@ -220,7 +237,7 @@ def test_sigterm_rolls_back_at_once(channel, home, tmp_path):
     assert not Path(str(prefix) + ".lorastrap-txn.json").exists()
 
 
-def test_a_second_installer_waits_or_fails_fast(channel, home, tmp_path):
+def test_a_second_installer_waits_or_fails_fast(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     prefix.parent.mkdir(parents=True, exist_ok=True)
     lockfile = Path(str(prefix) + ".lorastrap.lock")
@@ -244,7 +261,7 @@ def test_a_second_installer_waits_or_fails_fast(channel, home, tmp_path):
     smoke(prefix)
 
 
-def test_two_concurrent_installs_of_one_prefix(channel, home, tmp_path):
+def test_two_concurrent_installs_of_one_prefix(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     cmd = [sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"],
            "--pip-index-url", channel["simple"], "--prefix", str(prefix), "--json"]
@@ -258,7 +275,7 @@ def test_two_concurrent_installs_of_one_prefix(channel, home, tmp_path):
     assert_placeholders(prefix)
 
 
-def test_not_enough_disk_is_refused_before_any_change(channel, home, tmp_path):
+def test_not_enough_disk_is_refused_before_any_change(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     before = meta_state(prefix)
@@ -269,7 +286,7 @@ def test_not_enough_disk_is_refused_before_any_change(channel, home, tmp_path):
     assert meta_state(prefix) == before and smoke(prefix)["torch_build"] == "cpu"
 
 
-def test_a_folder_that_is_not_an_environment_is_never_replaced(channel, home, tmp_path):
+def test_a_folder_that_is_not_an_environment_is_never_replaced(channel, warm_home, tmp_path):
     prefix = tmp_path / "work"
     prefix.mkdir()
     (prefix / "thesis.tex").write_text("precious")
@@ -284,7 +301,7 @@ def test_unreachable_channel_on_install(home, tmp_path):
     assert res.returncode == 5 and "--mirror" in res.stderr and not (tmp_path / "env").exists()
 
 
-def test_failed_verification_restores_the_previous_environment(channel, home, tmp_path):
+def test_failed_verification_restores_the_previous_environment(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     envs = tmp_path / "envs"
@@ -298,7 +315,7 @@ def test_failed_verification_restores_the_previous_environment(channel, home, tm
     assert_placeholders(prefix)
 
 
-def test_keep_backup(channel, home, tmp_path):
+def test_keep_backup(channel, warm_home, tmp_path):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     assert install(channel, prefix, "--keep-backup", env=CUDA).returncode == 0

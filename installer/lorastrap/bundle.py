@@ -15,20 +15,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-from lorastrap import lock as locking, paths, subproc
+from lorastrap import lock as locking, paths, prefix as pfx, subproc
 from lorastrap.cache import Cache, sha256_file
-from lorastrap.errors import ConfigError, IntegrityError
+from lorastrap.errors import ConfigError, IntegrityError, NetworkError
+from lorastrap.records import BundleManifest
 
-SCHEMA_VERSION = 1
 SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "pyproject.toml",
                 "README.md", "deploy"]
 
@@ -54,15 +52,13 @@ def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_versi
         argv += ["--platform", tag]
     res = subproc.run(argv, timeout=1800)
     if not res.ok:
-        from lorastrap.errors import NetworkError
-        raise NetworkError("could not download lorastrap's runtime wheels for the bundle",
-                           why=(res.stderr.strip().splitlines() or ["?"])[-1],
+        raise NetworkError("could not download lorastrap's runtime wheels for the bundle", why=res.tail(1),
                            fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
 
 
 def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, virtual_packages: dict[str, str],
          out: Path,
-         mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> dict:
+         mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> BundleManifest:
     """Build the bundle at out (a folder, or a .tar file).  Returns the manifest."""
     entries = lock_file.for_platform(platform)
     if not entries:
@@ -104,11 +100,10 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, v
             if p.is_file():
                 rel = p.relative_to(root).as_posix()
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {"schema_version": SCHEMA_VERSION, "profile": name, "platform": platform,
-                    "python_version": pyver, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "lock": f"lock/{name}.conda-lock.yml", "channel": "channel", "packages": len(entries),
-                    "bytes": sum(f["size"] for f in files.values()), "files": files}
-        (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest = BundleManifest(profile=name, platform=platform, python_version=pyver, created=pfx.now(),
+                                  lock=f"lock/{name}.conda-lock.yml", channel="channel", packages=len(entries),
+                                  bytes=sum(f["size"] for f in files.values()), files=files)
+        (root / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         if as_tar:
             tmp_tar = work / out.name
             with tarfile.open(tmp_tar, "w") as t:
@@ -142,33 +137,40 @@ def open_bundle(path: Path) -> Path:
     return path
 
 
-def check(path: Path, *, deep: bool = False) -> dict:
+def check(path: Path, *, deep: bool = False) -> BundleManifest:
     """Read the manifest; every file it lists must be there at its size (deep: and its sha256)."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    for rel, meta in manifest["files"].items():
+    try:
+        manifest = BundleManifest.model_validate_json((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path / 'manifest.json'} is not a lorastrap bundle manifest",
+                          why=str(exc).splitlines()[0], fix="Copy the whole bundle again, or rebuild it.")
+    for rel, meta in manifest.files.items():
         p = path / rel
         if not p.is_file():
             raise IntegrityError(f"bundle {path}: {rel} is missing", why="the bundle is incomplete",
                                  fix="Copy the whole bundle again, or rebuild it.")
-        if p.stat().st_size != meta["size"] or (deep and sha256_file(p) != meta["sha256"]):
+        if p.stat().st_size != meta.size or (deep and sha256_file(p) != meta.sha256):
             raise IntegrityError(f"bundle {path}: {rel} was altered (size or sha256 differs from the manifest)",
                                  why="the bundle was modified or damaged in transit",
                                  fix="Copy the bundle again, or rebuild it on the head node.")
     return manifest
 
 
-def install_inputs(path: Path) -> tuple[locking.Lock, Path, dict]:
-    """The lock, a rewritten copy whose URLs point into the bundle, and the manifest."""
-    manifest = check(path)
-    lk = locking.read_lock(path / manifest["lock"])
-    return lk, path, manifest
+def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
+    """The bundle's profile, and a copy of its lock (in the data dir) whose URLs are the bundle's files."""
+    manifest = check(bundle)
+    if manifest.platform != machine.platform:
+        raise ConfigError(f"bundle {bundle} is for {manifest.platform}, this machine is {machine.platform}",
+                          fix=f"Build a bundle with --platform {machine.platform}.")
+    lk = locking.read_lock(bundle / manifest.lock)
+    lock_dir = paths.data_dir() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
 
-
-def local_urls(lk: locking.Lock, bundle: Path, out: Path) -> Path:
-    """A copy of the lock whose conda and pip URLs are the bundle's files."""
     def url_for(p: dict) -> str:
         fn = p["url"].rsplit("/", 1)[-1]
         if p["manager"] == "conda":
             return (bundle / "channel" / p["url"].rsplit("/", 2)[-2] / fn).as_uri()
         return (bundle / "pip" / fn).as_uri()
-    return locking.rewritten(lk, out, url_for, channels=[(bundle / "channel").as_uri()])
+    out = locking.rewritten(lk, lock_dir / f"{manifest.profile}.bundle.conda-lock.yml", url_for,
+                            channels=[(bundle / "channel").as_uri()])
+    return manifest.profile, out

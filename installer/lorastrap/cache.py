@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lorastrap import filelock
+from lorastrap import fsutil, locks
 from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
@@ -59,7 +59,7 @@ class Cache:
         if self.is_ready(sha256, filename):
             return path, 0
         path.parent.mkdir(parents=True, exist_ok=True)
-        with filelock.held(path.parent / ".lock", what=f"cache entry {filename}"):
+        with locks.held(path.parent / ".lock", what=f"cache entry {filename}"):
             if self.is_ready(sha256, filename):  # another installer finished it while we waited
                 return path, 0
             if path.exists():
@@ -89,10 +89,7 @@ class Cache:
 
     def _mark(self, path: Path) -> None:
         st = path.stat()
-        marker = self._verified_marker(path)
-        tmp = marker.with_name(marker.name + f".{os.getpid()}")
-        tmp.write_text(f"{st.st_size} {st.st_mtime_ns} {st.st_ino}")
-        os.replace(tmp, marker)
+        fsutil.write_atomic(self._verified_marker(path), f"{st.st_size} {st.st_mtime_ns} {st.st_ino}")
 
 
 def _download(url: str, dest: Path, *, progress=None) -> int:

@@ -12,15 +12,44 @@ import sys
 import traceback
 from pathlib import Path
 
-from lorastrap import errors
+from lorastrap import __version__, errors
 from lorastrap.errors import LorastrapError
 
+ENGINES = ["auto", "micromamba", "mamba", "rattler"]
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--envs-dir", type=Path, default=None,
-                   help="folder with profiles.yaml and the profiles' specs and locks (default: envs/ of the checkout)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared options (parent parsers)
+
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument("--envs-dir", type=Path, default=None,
+                        help="folder with profiles.yaml and the profiles' specs and locks (default: lorastrap's envs/)")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    where = argparse.ArgumentParser(add_help=False)
+    group = where.add_mutually_exclusive_group()
+    group.add_argument("--prefix", type=Path, default=None, help="environment path")
+    group.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+
+    sources = argparse.ArgumentParser(add_help=False)
+    sources.add_argument("--channel", action="append", default=None,
+                         help="channel URL, name or path to lock from (repeatable; replaces the spec's channels)")
+    sources.add_argument("--mirror", default=None, help="a mirror of the lock's channel (http(s), file:// or a path)")
+    sources.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
+
+    transaction = argparse.ArgumentParser(add_help=False)
+    transaction.add_argument("--engine", choices=ENGINES, default="auto")
+    transaction.add_argument("--no-verify", action="store_true",
+                             help="skip the verification run (the smoke test still runs)")
+    transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+
+    machine = argparse.ArgumentParser(add_help=False)
+    machine.add_argument("--machine", type=Path, default=None,
+                         help="judge against this machine description (`detect --json` of another node) instead of "
+                              "detecting this one")
+    return {"common": common, "where": where, "sources": sources, "transaction": transaction, "machine": machine}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,84 +58,56 @@ def parser() -> argparse.ArgumentParser:
                                   description="lorastrap: detect the machine, choose and install a locked "
                                               "LoRA + 8-bit environment, verify it.",
                                   epilog=f"exit codes:\n{codes}", formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--version", action="version", version=f"lorastrap {__version__}")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    pp = _parents()
+    common, where, sources, transaction, machine = (pp[k] for k in ("common", "where", "sources", "transaction",
+                                                                    "machine"))
 
-    p = sub.add_parser("detect", help="what this machine has (GPUs, driver, CUDA, platform)")
-    _common(p)
+    p = sub.add_parser("detect", parents=[common], help="what this machine has (GPUs, driver, CUDA, platform)")
     p.add_argument("--prefix", type=Path, default=None, help="where the environment will go (for free disk)")
 
-    p = sub.add_parser("plan", help="which environment profile fits this machine, and why")
-    _common(p)
+    p = sub.add_parser("plan", parents=[common], help="which environment profile fits this machine, and why")
     p.add_argument("--profile", default=None, help="force a profile; the plan says which requirements it breaks")
     p.add_argument("--why-not", default=None, metavar="NAME", help="list each rule of profile NAME and whether it is met")
-    p = sub.add_parser("lock", help="solve a profile's spec and write its conda-lock file")
-    _common(p)
+
+    p = sub.add_parser("lock", parents=[common, sources], help="solve a profile's spec and write its conda-lock file")
     p.add_argument("--profile", default=None, help="profile to lock (default: the one plan chooses)")
     p.add_argument("--platform", action="append", default=None,
                    help="conda platform to lock for (repeatable; default: all of the profile's platforms)")
-    p.add_argument("--channel", action="append", default=None,
-                   help="channel URL, name or path (repeatable; replaces the spec's channels)")
-    p.add_argument("--mirror", default=None, help="a mirror of the spec's channel (http(s), file:// or a path)")
-    p.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write (default: envs/PROFILE.conda-lock.yml)")
-    p = sub.add_parser("install", help="install the chosen profile's locked environment (atomically) and verify it")
-    _common(p)
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--prefix", type=Path, default=None, help="environment path")
-    where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+
+    p = sub.add_parser("install", parents=[common, where, sources, transaction],
+                       help="install the chosen profile's locked environment (atomically) and verify it")
     p.add_argument("--profile", default=None, help="force a profile (default: the one plan chooses)")
-    p.add_argument("--engine", choices=["auto", "micromamba", "mamba", "rattler"], default="auto")
     p.add_argument("--frozen", action="store_true", help="install only from a committed lock; never re-lock")
-    p.add_argument("--channel", action="append", default=None,
-                   help="channel to lock from / mirror to fetch from (URL, file:// or path; repeatable)")
-    p.add_argument("--mirror", default=None, help="mirror of the lock's channel (http(s), file:// or a path)")
-    p.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for locking pip: entries")
     p.add_argument("--keep-backup", action="store_true", help="keep the previous environment as PREFIX.lorastrap-backup")
-    p.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
-    p.add_argument("--no-verify", action="store_true", help="skip the verification run (the smoke test still runs)")
     p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--bundle", type=Path, default=None, help="install from an offline bundle (folder or .tar)")
 
-    p = sub.add_parser("bundle", help="an offline bundle: lock, archives, runtime wheels, source, manifest")
-    _common(p)
+    p = sub.add_parser("bundle", parents=[common, sources],
+                       help="an offline bundle: lock, archives, runtime wheels, source, manifest")
     p.add_argument("--profile", default=None, help="profile (default: the one plan chooses)")
     p.add_argument("--platform", default=None, help="target conda platform (default: this machine's)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder, or a file ending in .tar")
-    p.add_argument("--channel", action="append", default=None, help="channel to lock from when no lock exists")
-    p.add_argument("--mirror", default=None, help="mirror to fetch the archives from")
-    p.add_argument("--pip-index-url", default=None)
     p.add_argument("--python-version", default=None, help="the nodes' Python for the runtime wheels (default: this one)")
 
-    p = sub.add_parser("verify", help="prove an environment loads a model in 8 bits and LoRA-trains it")
-    _common(p)
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--prefix", type=Path, default=None, help="environment (conda env or virtualenv) to verify")
-    where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
+    p = sub.add_parser("verify", parents=[common, where],
+                       help="prove an environment loads a model in 8 bits and LoRA-trains it")
     p.add_argument("--steps", type=int, default=10, help="LoRA optimizer steps")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report to this file")
-    for cmd, text in (("doctor", "diagnose an environment: files, lock, pip on top, the machine, imports"),
-                      ("repair", "rebuild a broken environment through the install transaction (keeps a backup)")):
-        p = sub.add_parser(cmd, help=text)
-        _common(p)
-        where = p.add_mutually_exclusive_group()
-        where.add_argument("--prefix", type=Path, default=None, help="environment path")
-        where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
-        p.add_argument("--machine", type=Path, default=None,
-                       help="judge against this machine description (`detect --json` of another node) instead of "
-                            "detecting this one")
-        if cmd == "doctor":
-            p.add_argument("--no-imports", action="store_true", help="skip the import and version-gate pre-checks")
-        else:
-            p.add_argument("--replan", action="store_true", help="rebuild with the profile plan chooses now")
-            p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
-            p.add_argument("--drop-backup", action="store_true", help="remove the old environment once the new one verified")
-            p.add_argument("--engine", choices=["auto", "micromamba", "mamba", "rattler"], default="auto")
-            p.add_argument("--channel", action="append", default=None)
-            p.add_argument("--mirror", default=None)
-            p.add_argument("--pip-index-url", default=None)
-            p.add_argument("--no-verify", action="store_true")
+
+    p = sub.add_parser("doctor", parents=[common, where, machine],
+                       help="diagnose an environment: files, lock, pip on top, the machine, imports")
+    p.add_argument("--no-imports", action="store_true", help="skip the import and version-gate pre-checks")
+
+    p = sub.add_parser("repair", parents=[common, where, machine, sources, transaction],
+                       help="rebuild a broken environment through the install transaction (keeps a backup)")
+    p.add_argument("--replan", action="store_true", help="rebuild with the profile plan chooses now")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
+    p.add_argument("--drop-backup", action="store_true", help="remove the old environment once the new one verified")
     return top
 
 
@@ -121,118 +122,18 @@ def _envs_dir(args) -> Path:
     return (args.envs_dir or paths.ENVS).absolute()
 
 
-def cmd_lock(args) -> int:
-    from lorastrap import lock, plan as planner, profiles
-    from lorastrap.detect import detect
-    envs = _envs_dir(args)
-    matrix = profiles.load(envs)
-    name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
-    profile = profiles.get(matrix, name)
-    channels = args.channel or ([args.mirror] if args.mirror else None)
-    out = lock.lock(envs_dir=envs, name=name, profile=profile, platforms=args.platform, channels=channels,
-                    out=args.output, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, narrate=say)
-    written = lock.read_lock(out)
-    result = {"profile": name, "lock": str(out), "platforms": written.platforms,
-              "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
-    print(json.dumps(result, indent=2) if args.json else f"wrote {out} ({', '.join(f'{p}: {n} packages' for p, n in result['packages'].items())})")
-    return errors.OK
+def _prefix(args) -> Path:
+    from lorastrap import paths
+    return (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
 
 
-def cmd_install(args) -> int:
-    from lorastrap import install as inst, lock, paths, plan as planner, profiles
-    from lorastrap.detect import detect
-    envs = _envs_dir(args)
-    if args.bundle and not args.envs_dir:
-        from lorastrap import bundle
-        envs = bundle.open_bundle(args.bundle) / "envs"  # the profiles the bundle was made from
-    matrix = profiles.load(envs)
-    machine = detect(disk_path=args.prefix)
-    result_plan = planner.plan(machine, matrix, profile=args.profile)
-    name = planner.require_profile(result_plan)
-    for c in result_plan.broken:
-        say(f"warning: {name} breaks a requirement here: {c.message}")
-    if machine.platform is None:
-        from lorastrap.errors import NoProfileError
-        raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
-                             fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run it inside WSL2.")
-    prefix = _prefix(args)
-    lock_file = None
-    if args.bundle:
-        from lorastrap import bundle
-        where = bundle.open_bundle(args.bundle)
-        lk, _, manifest = bundle.install_inputs(where)
-        if manifest["platform"] != machine.platform:
-            from lorastrap.errors import ConfigError
-            raise ConfigError(f"bundle {where} is for {manifest['platform']}, this machine is {machine.platform}",
-                              fix=f"Build a bundle with --platform {machine.platform}.")
-        name = manifest["profile"]
-        result_plan = planner.plan(machine, matrix, profile=name)
-        for c in result_plan.broken:
-            say(f"warning: {name} breaks a requirement here: {c.message}")
-        lock_dir = paths.data_dir() / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        lock_file = bundle.local_urls(lk, where, lock_dir / f"{name}.bundle.conda-lock.yml")
-        say(f"installing from bundle {where} (profile {name}, {manifest['packages']} packages, no network)")
-    say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
-    mirror = args.mirror or (args.channel[0] if args.channel else None)
-    result = inst.install(lock_file=lock_file, 
-        prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), platform=machine.platform,
-        engine=args.engine, frozen=args.frozen, channels=args.channel or ([args.mirror] if args.mirror else None),
-        mirror=mirror, pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, keep_backup=args.keep_backup,
-        wait=not args.no_wait, run_verify=not args.no_verify, min_free_mib=args.min_free_mib,
-        plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}),
-        driver_cuda=machine.cuda, narrate=say)
-    doc = inst.node_report(result, machine)
-    if args.report:
-        args.report.write_text(json.dumps(doc, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        state = "installed and verified" if result.changed and result.verify else (
-            "installed" if result.changed else "already up to date")
-        print(f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
-              f"{result.pip_packages} pip packages, engine {result.engine}, {result.timings.get('total', 0):.1f} s)")
-        print(f"activate with: {inst.activation_hint(Path(result.prefix))}")
-    return errors.OK
-
-
-def cmd_bundle(args) -> int:
-    from lorastrap import bundle, install as inst, lock, plan as planner, profiles
-    from lorastrap.detect import detect
-    envs = _envs_dir(args)
-    matrix = profiles.load(envs)
-    machine = detect()
-    name = args.profile or planner.require_profile(planner.plan(machine, matrix))
-    profile = profiles.get(matrix, name)
-    platform = args.platform or machine.platform
-    lk = inst.choose_lock(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
-                          channels=args.channel or ([args.mirror] if args.mirror else None),
-                          pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, narrate=say)
-    out = args.output.absolute()
-    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
-                           virtual_packages=lock.virtual_packages(envs, profile, platform),
-                           python_version=args.python_version, narrate=say)
-    summary = {k: manifest[k] for k in ("profile", "platform", "python_version", "packages", "bytes")}
-    summary["path"] = str(out)
-    print(json.dumps(summary, indent=2) if args.json else
-          f"bundle {out}: profile {name} for {platform}, {manifest['packages']} packages, "
-          f"{manifest['bytes'] / 2**20:.1f} MiB; install on a node with: "
-          + (f"tar -xf {out} -C {out.parent} && " if out.suffix == ".tar" else "")
-          + f"sh {out.with_suffix('') if out.suffix == '.tar' else out}/source/setup.sh --bundle {out}")
-    return errors.OK
-
-
-def cmd_verify(args) -> int:
-    from lorastrap import verify
-    from lorastrap.detect import detect
-    prefix = _prefix(args)
-    machine = detect(disk_path=prefix)
-    say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
-    report = verify.run(prefix, driver_cuda=machine.cuda, steps=args.steps)
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2) if args.json else verify.summary(report))
-    return verify.exit_code(report)
+def _sources(args) -> dict:
+    """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
+    from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
+    from lorastrap import lock
+    return {"channels": args.channel or ([args.mirror] if args.mirror else None),
+            "mirror": args.mirror or (args.channel[0] if args.channel else None),
+            "pip_index_url": args.pip_index_url or lock.DEFAULT_PIP_INDEX}
 
 
 def _machine(args):
@@ -247,41 +148,12 @@ def _machine(args):
     return detect(disk_path=getattr(args, "prefix", None))
 
 
-def _prefix(args) -> Path:
-    from lorastrap import paths
-    return (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
+def _print(args, doc: dict, text: str) -> None:
+    print(json.dumps(doc, indent=2) if args.json else text)
 
 
-def cmd_doctor(args) -> int:
-    from lorastrap import doctor
-    diag = doctor.diagnose(_prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), imports=not args.no_imports)
-    print(json.dumps(diag.to_dict(), indent=2) if args.json else doctor.format_diagnosis(diag))
-    return diag.exit_code
-
-
-def cmd_repair(args) -> int:
-    from lorastrap import doctor, install as inst, lock
-
-    def confirm() -> bool:
-        if not sys.stdin.isatty():
-            return True  # non-interactive (cluster jobs, pipes): never prompt
-        return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
-
-    prefix = _prefix(args)
-    diag, result = doctor.repair(
-        prefix, envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
-        keep_backup=not args.drop_backup, confirm=confirm, narrate=say, engine=args.engine,
-        channels=args.channel or ([args.mirror] if args.mirror else None),
-        mirror=args.mirror or (args.channel[0] if args.channel else None),
-        pip_index_url=args.pip_index_url or lock.DEFAULT_PIP_INDEX, run_verify=not args.no_verify)
-    doc = {"before": diag.to_dict(), "result": inst.result_dict(result)}
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        print(f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
-              f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
-    return errors.OK
-
+# --------------------------------------------------------------------------------------------------------------
+# Commands
 
 def cmd_detect(args) -> int:
     from lorastrap.detect import detect, format_table
@@ -298,14 +170,135 @@ def cmd_plan(args) -> int:
         profiles.get(matrix, args.why_not)
     machine = detect()
     result = planner.plan(machine, matrix, profile=args.profile)
-    if args.json:
-        print(json.dumps({"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")}, indent=2))
-    else:
-        print(planner.format_plan(result, why_not=args.why_not))
+    _print(args, {"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")},
+           planner.format_plan(result, why_not=args.why_not))
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
+def cmd_lock(args) -> int:
+    from lorastrap import lock, plan as planner, profiles
+    from lorastrap.detect import detect
+    envs = _envs_dir(args)
+    matrix = profiles.load(envs)
+    name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
+    src = _sources(args)
+    out = lock.lock(envs_dir=envs, name=name, profile=profiles.get(matrix, name), platforms=args.platform,
+                    channels=src["channels"], out=args.output, pip_index_url=src["pip_index_url"], narrate=say)
+    written = lock.read_lock(out)
+    result = {"profile": name, "lock": str(out), "platforms": written.platforms,
+              "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
+    _print(args, result, f"wrote {out} (" + ", ".join(f"{p}: {n} packages" for p, n in result["packages"].items()) + ")")
+    return errors.OK
+
+
+def cmd_install(args) -> int:
+    from lorastrap import bundle, install as inst, plan as planner, profiles
+    from lorastrap.detect import detect
+    from lorastrap.errors import NoProfileError
+    envs = _envs_dir(args)
+    opened = bundle.open_bundle(args.bundle) if args.bundle else None
+    if opened and not args.envs_dir:
+        envs = opened / "envs"  # the profiles the bundle was made from
+    matrix = profiles.load(envs)
+    machine = detect(disk_path=args.prefix)
+    if machine.platform is None:
+        raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
+                             fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run "
+                                 "it inside WSL2.")
+    lock_file = None
+    profile = args.profile
+    if opened:
+        profile, lock_file = bundle.install_inputs(opened, machine)
+        say(f"installing from bundle {opened} (profile {profile}, no network)")
+    result_plan = planner.plan(machine, matrix, profile=profile)
+    name = planner.require_profile(result_plan)
+    for c in result_plan.broken:
+        say(f"warning: {name} breaks a requirement here: {c.message}")
+    prefix = _prefix(args)
+    say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
+    result = inst.install(
+        prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
+        platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **_sources(args),
+        keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
+        min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
+        plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    doc = inst.node_report(result, machine).model_dump(mode="json")
+    if args.report:
+        args.report.write_text(json.dumps(doc, indent=2) + "\n")
+    state = "installed and verified" if result.changed and result.verify else (
+        "installed" if result.changed else "already up to date")
+    _print(args, doc, f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
+                      f"{result.pip_packages} pip packages, engine {result.engine}, "
+                      f"{result.timings.get('total', 0):.1f} s)\n"
+                      f"activate with: {inst.activation_hint(Path(result.prefix))}")
+    return errors.OK
+
+
+def cmd_bundle(args) -> int:
+    from lorastrap import bundle, lock, plan as planner, profiles
+    from lorastrap.detect import detect
+    envs = _envs_dir(args)
+    matrix = profiles.load(envs)
+    machine = detect()
+    name = args.profile or planner.require_profile(planner.plan(machine, matrix))
+    profile = profiles.get(matrix, name)
+    platform = args.platform or machine.platform
+    src = _sources(args)
+    lk = lock.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
+                     channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
+    out = args.output.absolute()
+    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
+                           virtual_packages=lock.virtual_packages(envs, profile, platform),
+                           python_version=args.python_version, narrate=say)
+    summary = {"profile": manifest.profile, "platform": manifest.platform, "python_version": manifest.python_version,
+               "packages": manifest.packages, "bytes": manifest.bytes, "path": str(out)}
+    _print(args, summary, f"bundle {out}: profile {name} for {platform}, {manifest.packages} packages, "
+                          f"{manifest.bytes / 2**20:.1f} MiB; install on a node with: "
+                          + (f"tar -xf {out} -C {out.parent} && " if out.suffix == ".tar" else "")
+                          + f"sh {out.with_suffix('') if out.suffix == '.tar' else out}/source/setup.sh --bundle {out}")
+    return errors.OK
+
+
+def cmd_verify(args) -> int:
+    from lorastrap import profiles, verify
+    from lorastrap.detect import detect
+    prefix = _prefix(args)
+    machine = detect(disk_path=prefix)
+    say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
+    report = verify.report(prefix, matrix=profiles.load(_envs_dir(args)), driver_cuda=machine.cuda, steps=args.steps)
+    if args.report:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    _print(args, report, verify.summary(report))
+    return verify.exit_code(report)
+
+
+def cmd_doctor(args) -> int:
+    from lorastrap import doctor
+    diag = doctor.diagnose(_prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), imports=not args.no_imports)
+    _print(args, diag.to_dict(), doctor.format_diagnosis(diag))
+    return diag.exit_code
+
+
+def cmd_repair(args) -> int:
+    from lorastrap import doctor
+
+    def confirm() -> bool:
+        if not sys.stdin.isatty():
+            return True  # non-interactive (cluster jobs, pipes): never prompt
+        return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
+
+    diag, result = doctor.repair(
+        _prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
+        keep_backup=not args.drop_backup, confirm=confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
+        run_verify=not args.no_verify, **_sources(args))
+    _print(args, {"before": diag.to_dict(), "result": result.to_dict()},
+           f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
+           f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
+    return errors.OK
+
+
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify,
+            "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorastrap import subproc, versions
+from lorastrap.errors import Finding
 
 SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
@@ -59,14 +60,6 @@ NVML_EXPLAINED = {
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Finding(Model):
-    severity: Literal["info", "warning", "error"]
-    code: str
-    what: str
-    why: str = ""
-    fix: str = ""
 
 
 class MigInstance(Model):
@@ -425,7 +418,7 @@ def format_table(machine: Machine) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     for f in machine.findings:
-        lines.append(f"[{f.severity}] {f.what}" + (f"\n    why: {f.why}" if f.why else "") + (f"\n    fix: {f.fix}" if f.fix else ""))
+        lines.append(f.render())
     return "\n".join(lines)
 
 

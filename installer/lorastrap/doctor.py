@@ -17,26 +17,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from lorastrap import install as inst, lock as locking, paths, plan as planner, profiles, subproc
+from packaging.utils import canonicalize_name
+
+from lorastrap import install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles, subproc, txn, verify
 from lorastrap.cache import sha256_file
 from lorastrap.detect import Machine
-from lorastrap.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, UsageError
+from lorastrap.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
+from lorastrap.records import EnvRecord
 
-Repair = Literal["rebuild", "replan", "none"]
 
-
-@dataclass
-class Finding:
-    severity: Literal["info", "warning", "error"]
-    code: str
-    what: str
-    why: str = ""
-    fix: str = ""
-    repair: Repair = "rebuild"
+def Finding(severity: str, code: str, what: str, why: str = "", fix: str = "", repair: str = "rebuild") -> _Finding:
+    """A doctor finding: by default one that a rebuild from the environment's own lock fixes."""
+    return _Finding(severity=severity, code=code, what=what, why=why, fix=fix, repair=repair)
 
 
 @dataclass
@@ -44,7 +43,7 @@ class Diagnosis:
     prefix: str
     profile: str | None
     lock: str | None
-    findings: list[Finding] = field(default_factory=list)
+    findings: list[_Finding] = field(default_factory=list)
     unowned_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -63,6 +62,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["findings"] = [f.model_dump() for f in self.findings]
         d.update(schema_version=1, verdict=self.verdict, exit_code=self.exit_code)
         return d
 
@@ -71,28 +71,21 @@ class Diagnosis:
 def _mapping() -> dict[str, str]:
     """PyPI distribution name → conda package name (envs/pypi-to-conda.json)."""
     raw = json.loads((paths.ENVS / "pypi-to-conda.json").read_text())
-    return {inst._norm(k): v["conda_name"] for k, v in raw.items()}
+    return {canonicalize_name(k): v["conda_name"] for k, v in raw.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
 
-def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, dict], set[str]]:
-    """conda-meta records vs files.  Returns the parsed records and the set of paths they own."""
-    records: dict[str, dict] = {}
+def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecord], set[str]]:
+    """conda-meta records vs files.  Returns the readable records and the set of paths they own."""
+    meta = pfx.conda_meta(prefix)
+    for file, why in meta.broken.items():
+        diag.findings.append(Finding("error", "broken-record", f"conda-meta/{file} cannot be read", why=why,
+                                     fix="`lorastrap repair` rebuilds the environment from its lock."))
     owned: set[str] = set()
-    for meta in sorted((prefix / "conda-meta").glob("*.json")):
-        try:
-            rec = json.loads(meta.read_text())
-            name = rec["name"]
-            entries = rec["paths_data"]["paths"] if "paths_data" in rec else [{"_path": p} for p in rec["files"]]
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            diag.findings.append(Finding("error", "broken-record", f"conda-meta/{meta.name} cannot be read",
-                                         why=f"{type(exc).__name__}: {exc}",
-                                         fix="`lorastrap repair` rebuilds the environment from its lock."))
-            continue
-        records[name] = rec
+    for name, rec in meta.records.items():
         missing, altered = [], []
-        for entry in entries:
+        for entry in rec.paths:
             rel = entry["_path"]
             owned.add(rel)
             path = prefix / rel
@@ -114,86 +107,63 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, dict], set[str
                 "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",
                 why="the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
                 fix="`lorastrap repair` restores the package's files (the edited ones stay in the backup)."))
-    return records, owned
+    return meta.records, owned
 
 
-def check_lock(prefix: Path, lk: locking.Lock | None, platform: str, records: dict[str, dict], diag: Diagnosis) -> None:
+def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.CondaRecord], diag: Diagnosis) -> None:
     if lk is None:
         diag.findings.append(Finding("info", "no-lock", "no lock to compare this environment against",
                                      why="it was not made by lorastrap and no committed lock fits this platform",
                                      fix="`lorastrap repair --replan` rebuilds it from the profile plan "
                                          "chooses.", repair="none"))
         return
-    entries = [e for e in lk.for_platform(platform) if e.manager == "conda"]
-    want = {e.name: e for e in entries}
+    want = {e.name: e for e in lk.for_platform(platform) if e.manager == "conda"}
     for name, e in sorted(want.items()):
         rec = records.get(name)
         if rec is None:
             diag.findings.append(Finding("error", "package-missing", f"{name} {e.version} is in the lock but not "
                                          "installed", why="removed by hand, or a conda-meta record was deleted",
                                          fix="`lorastrap repair` reinstalls it."))
-        elif rec.get("sha256") != e.sha256 or str(rec.get("version")) != e.version:
-            diag.findings.append(Finding("error", "package-changed", f"{name}: installed {rec.get('version')} "
-                                         f"({rec.get('build')}), the lock has {e.version} ({e.build})",
+        elif rec.sha256 != e.sha256 or rec.version != e.version:
+            diag.findings.append(Finding("error", "package-changed", f"{name}: installed {rec.version} "
+                                         f"({rec.build}), the lock has {e.version} ({e.build})",
                                          why="updated or replaced after the environment was built",
                                          fix="`lorastrap repair` puts back the locked build."))
     for name in sorted(set(records) - set(want)):
-        diag.findings.append(Finding("warning", "package-extra", f"{name} {records[name].get('version')} is "
+        diag.findings.append(Finding("warning", "package-extra", f"{name} {records[name].version} is "
                                      "installed but not in the lock", why="added after the environment was built",
                                      fix="`lorastrap repair` rebuilds without it (or add it to the spec "
                                          "and re-lock)."))
 
 
-def pip_distributions(prefix: Path) -> list[tuple[str, str, Path]]:
-    """(name, version, dist-info) for every distribution pip installed into the environment."""
-    sp = inst.site_packages(prefix)
-    out = []
-    for d in sorted(sp.glob("*.dist-info")) if sp else []:
-        try:
-            installer = (d / "INSTALLER").read_text().strip()
-        except OSError:
-            continue
-        if installer == "pip":
-            name, _, version = d.name[: -len(".dist-info")].partition("-")
-            out.append((name, version, d))
-    return out
-
-
-def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dict[str, dict], diag: Diagnosis) -> set[str]:
-    """pip on top of conda.  Returns the paths pip's RECORDs own."""
-    locked = {inst._norm(e.name): e.version for e in (lk.for_platform(platform) if lk else []) if e.manager == "pip"}
+def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dict[str, pfx.CondaRecord],
+              diag: Diagnosis) -> set[str]:
+    """pip on top of conda.  Returns the paths the pip-installed distributions own."""
+    locked = {canonicalize_name(e.name): e.version for e in (lk.for_platform(platform) if lk else [])
+              if e.manager == "pip"}
     mapping = _mapping()
-    conda_names = {inst._norm(n) for n in records}
+    conda_names = {canonicalize_name(n): n for n in records}
     owned: set[str] = set()
-    sp = inst.site_packages(prefix)
-    dists = pip_distributions(prefix)
-    for name, version, dist in dists:
-        try:
-            for line in (dist / "RECORD").read_text().splitlines():
-                rel = line.split(",", 1)[0]
-                if rel:
-                    owned.add(os.path.relpath(os.path.normpath(sp / rel), prefix))
-        except OSError:
-            pass
-        n = inst._norm(name)
-        if locked.get(n) == version:
+    pip_dists = [d for d in pfx.distributions(prefix).values() if d.installer == "pip"]
+    for dist in sorted(pip_dists, key=lambda d: d.name):
+        owned.update(dist.files)
+        if locked.get(dist.name) == dist.version:
             continue  # a pip entry of the lock
-        conda_name = inst._norm(mapping.get(n, name))
-        if conda_name in conda_names:
+        conda_name = conda_names.get(canonicalize_name(mapping.get(dist.name, dist.name)))
+        if conda_name:
             diag.findings.append(Finding(
-                "error", "pip-shadows-conda", f"pip installed {name} {version} over the conda package "
-                f"{mapping.get(n, name)} {records.get(conda_name, records.get(mapping.get(n, name), {})).get('version', '')}".rstrip(),
+                "error", "pip-shadows-conda", f"pip installed {dist.name} {dist.version} over the conda package "
+                f"{conda_name} {records[conda_name].version}",
                 why="a `pip install` into this conda environment replaced a locked package's files (the classic "
                     "`pip install -U bitsandbytes` over a conda environment)",
                 fix="`lorastrap repair` removes it and restores the locked package; to change a version, "
                     "edit the profile's spec and re-lock instead."))
         else:
-            diag.findings.append(Finding("warning", "pip-extra", f"pip installed {name} {version}, which the lock "
-                                         "does not have", why="added with pip after the environment was built",
+            diag.findings.append(Finding("warning", "pip-extra", f"pip installed {dist.name} {dist.version}, which "
+                                         "the lock does not have", why="added with pip after the environment was built",
                                          fix="Add it to the spec's pip: section and re-lock, or remove it."))
-    python = prefix / "bin" / "python"
-    if python.exists() and dists:
-        import sys
+    python = pfx.python_of(prefix)
+    if python and pip_dists:
         res = subproc.run([sys.executable, "-m", "pip", "--python", str(python), "check", "--isolated",
                            "--disable-pip-version-check"], timeout=120)
         if res.returncode not in (0, None) and res.stdout.strip():
@@ -205,10 +175,10 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
     return owned
 
 
-def check_machine(profile_name: str | None, record: dict | None, matrix: profiles.Matrix | None, machine: Machine,
-                  diag: Diagnosis) -> None:
-    if record and record.get("platform") and machine.platform and record["platform"] != machine.platform:
-        diag.findings.append(Finding("error", "platform-changed", f"built for {record['platform']}, this machine "
+def check_machine(profile_name: str | None, record: EnvRecord | None, matrix: profiles.Matrix | None,
+                  machine: Machine, diag: Diagnosis) -> None:
+    if record and machine.platform and record.platform != machine.platform:
+        diag.findings.append(Finding("error", "platform-changed", f"built for {record.platform}, this machine "
                                      f"is {machine.platform}", why="the environment was copied to another kind of "
                                      "machine", fix="`lorastrap repair --replan`", repair="replan"))
     if not profile_name or matrix is None or profile_name not in matrix.profiles:
@@ -223,20 +193,16 @@ def check_machine(profile_name: str | None, record: dict | None, matrix: profile
                     "(`lorastrap plan` shows it), or upgrade the driver.", repair="replan"))
 
 
-def check_imports(prefix: Path, machine: Machine, diag: Diagnosis) -> None:
-    from lorastrap import verify
-    python = prefix / "bin" / "python"
-    if not python.exists():
+def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag: Diagnosis) -> None:
+    if pfx.python_of(prefix) is None:
         diag.findings.append(Finding("error", "no-python", "the environment has no bin/python",
                                      fix="`lorastrap repair`"))
         return
-    res = subproc.run([str(python), str(verify.VERIFY_SCRIPT), "--json", "--pre-checks-only"]
-                      + (["--driver-cuda", machine.cuda] if machine.cuda else []),
-                      timeout=600, env=inst.env_in(prefix), cwd=prefix)
-    report = verify.parse(res.stdout)
+    report, res = verify.run(prefix, matrix=matrix, driver_cuda=machine.cuda, pre_checks_only=True,
+                             timeout=verify.PRE_CHECKS_TIMEOUT_S)
     if report is None:
         diag.findings.append(Finding("error", "python-broken", "the environment's Python could not run the "
-                                     "pre-checks", why=inst._tail(res), fix="`lorastrap repair`"))
+                                     "pre-checks", why=res.tail(5), fix="`lorastrap repair`"))
         return
     for c in report.get("checks", []):
         if c["status"] == "fail" or (c["status"] == "warn" and not c["required"] and "cause" in c):
@@ -273,12 +239,12 @@ def unowned(prefix: Path, owned: set[str]) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------------------
 
-def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix, machine: Machine) -> tuple[locking.Lock | None, str | None, dict | None]:
+def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
+             machine: Machine) -> tuple[locking.Lock | None, str | None, EnvRecord | None]:
     """The environment's own lock and profile (kept by install), or for a foreign one the planned profile's."""
-    record = inst._read_record(prefix)
-    own = prefix / inst.RECORD_DIR / "conda-lock.yml"
-    if record and own.exists():
-        return locking.read_lock(own), record.get("profile"), record
+    record = pfx.read_record(prefix)
+    if record and pfx.own_lock(prefix).exists():
+        return locking.read_lock(pfx.own_lock(prefix)), record.profile, record
     chosen = planner.plan(machine, matrix).profile
     if chosen:
         committed = locking.lock_path(envs_dir, chosen)
@@ -290,28 +256,27 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix, machine: Mac
 
 
 def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = True) -> Diagnosis:
-    import time
     start = time.perf_counter()
     prefix = prefix.absolute()
-    if not (prefix / "conda-meta").is_dir():
+    if not pfx.is_conda_env(prefix):
         raise UsageError(f"{prefix} is not a conda environment (no conda-meta/)",
                          fix="Pass the environment's prefix (--prefix) or name (--name).")
     matrix = profiles.load(envs_dir)
     lk, profile_name, record = the_lock(prefix, envs_dir, matrix, machine)
     diag = Diagnosis(prefix=str(prefix), profile=profile_name, lock=str(lk.path) if lk else None)
-    if inst.journal_path(prefix).exists():
+    if txn.journal_path(prefix).exists():
         diag.findings.append(Finding("error", "interrupted-transaction", "an install or repair of this "
-                                     "environment was interrupted", why=f"{inst.journal_path(prefix)} is still there",
+                                     "environment was interrupted", why=f"{txn.journal_path(prefix)} is still there",
                                      fix="Run `lorastrap repair` (or the same install) again: it finishes "
                                          "the rollback first."))
-    platform = (record or {}).get("platform") or machine.platform or ""
+    platform = (record.platform if record else None) or machine.platform or ""
     records, owned = check_files(prefix, diag)
-    check_lock(prefix, lk, platform, records, diag)
+    check_lock(lk, platform, records, diag)
     owned |= check_pip(prefix, lk, platform, records, diag)
     check_machine(profile_name, record, matrix, machine, diag)
     if imports:
-        check_imports(prefix, machine, diag)
-    diag.unowned_files = unowned(prefix, owned | {str(inst.RECORD_DIR / "record.json")})
+        check_imports(prefix, matrix, machine, diag)
+    diag.unowned_files = unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
     if diag.unowned_files:
         diag.findings.append(Finding("info", "user-files", f"{len(diag.unowned_files)} file(s) no package owns, "
                                      f"e.g. {diag.unowned_files[0]}", why="your own files inside the environment",
@@ -322,12 +287,7 @@ def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = 
 
 def format_diagnosis(diag: Diagnosis) -> str:
     lines = [f"{diag.prefix}: profile {diag.profile or '?'}, lock {diag.lock or 'none'}"]
-    for f in diag.findings:
-        lines.append(f"[{f.severity}] {f.what}")
-        if f.why:
-            lines.append(f"    why: {f.why}")
-        if f.fix:
-            lines.append(f"    fix: {f.fix}")
+    lines += [f.render() for f in diag.findings]
     lines.append({"healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
                   "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
@@ -338,51 +298,47 @@ def format_diagnosis(diag: Diagnosis) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = False, yes: bool = False,
-           keep_backup: bool = True, confirm=None, narrate=lambda m: None, **install_args) -> tuple[Diagnosis, inst.Result]:
+           keep_backup: bool = True, confirm=None, wait: bool = True, narrate=lambda m: None,
+           **install_args) -> tuple[Diagnosis, inst.InstallResult]:
     """Rebuild PREFIX through the install transaction: from its own lock, or (replan) from the profile plan
     chooses now.  The old environment becomes the backup (kept unless keep_backup=False) and comes back on any
-    failure; files no package owns are carried over."""
-    import shutil
-    import tempfile
-    from lorastrap import filelock
+    failure; files no package owns are carried over.  The prefix lock is held from the diagnosis to the end, so
+    no other run changes PREFIX (or its backup) in between."""
     prefix = prefix.absolute()
-    with filelock.held(inst.lock_file_path(prefix), what=str(prefix), narrate=narrate):
-        done = inst.recover(prefix, narrate)  # an interrupted run first
+    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+        done = txn.recover(prefix, narrate)  # an interrupted run first
         if done:
             narrate(done)
-    diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False)
-    matrix = profiles.load(envs_dir)
-    record = inst._read_record(prefix)
-    own = prefix / inst.RECORD_DIR / "conda-lock.yml"
-    tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
-    try:
-        if replan or record is None or not own.exists():
-            name = planner.require_profile(planner.plan(machine, matrix))
-            lock_file = None
-            source = f"the profile plan chooses now ({name})"
-        else:
-            name = record["profile"]
-            if name not in matrix.profiles:
-                raise UsageError(f"{prefix} was built with profile {name!r}, which {envs_dir}/profiles.yaml lacks",
-                                 fix="Pass the --envs-dir it was installed with, or use --replan.")
-            lock_file = tmp / f"{name}.conda-lock.yml"
-            shutil.copyfile(own, lock_file)  # PREFIX moves aside during the transaction
-            source = f"its own lock (profile {name})"
-        plan_text = [f"rebuild {prefix} from {source}",
-                     f"keep the current environment as {inst.backup_path(prefix)}"
-                     + ("" if keep_backup else " until the new one is verified"),
-                     f"carry over {len(diag.unowned_files)} file(s) no package owns"]
-        for line in plan_text:
-            narrate(f"repair will: {line}")
-        if not yes and confirm is not None and not confirm():
-            raise UsageError("repair cancelled", fix="Run again and answer y, or pass --yes.")
-        if inst.backup_path(prefix).exists():
-            narrate(f"replacing the older backup {inst.backup_path(prefix)}")
-            inst._remove_tree(inst.backup_path(prefix))
-        result = inst.install(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
-                              platform=machine.platform or record.get("platform"), lock_file=lock_file, force=True,
-                              keep_backup=keep_backup, carry_over=tuple(diag.unowned_files),
-                              driver_cuda=machine.cuda, narrate=narrate, **install_args)
-        return diag, result
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False)
+        matrix = profiles.load(envs_dir)
+        record = pfx.read_record(prefix)
+        tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
+        try:
+            if replan or record is None or not pfx.own_lock(prefix).exists():
+                name = planner.require_profile(planner.plan(machine, matrix))
+                lock_file = None
+                source = f"the profile plan chooses now ({name})"
+            else:
+                name = record.profile
+                if name not in matrix.profiles:
+                    raise UsageError(f"{prefix} was built with profile {name!r}, which {envs_dir}/profiles.yaml lacks",
+                                     fix="Pass the --envs-dir it was installed with, or use --replan.")
+                lock_file = tmp / f"{name}.conda-lock.yml"
+                shutil.copyfile(pfx.own_lock(prefix), lock_file)  # PREFIX moves aside during the transaction
+                source = f"its own lock (profile {name})"
+            plan_text = [f"rebuild {prefix} from {source}",
+                         f"keep the current environment as {txn.backup_path(prefix)}"
+                         + ("" if keep_backup else " until the new one is verified"),
+                         f"carry over {len(diag.unowned_files)} file(s) no package owns"]
+            for line in plan_text:
+                narrate(f"repair will: {line}")
+            if not yes and confirm is not None and not confirm():
+                raise UsageError("repair cancelled", fix="Run again and answer y, or pass --yes.")
+            result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
+                                         matrix=matrix, platform=machine.platform or (record.platform if record else ""),
+                                         lock_file=lock_file, force=True, keep_backup=keep_backup,
+                                         carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
+                                         narrate=narrate, **install_args)
+            return diag, result
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

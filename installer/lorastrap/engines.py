@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap import paths, subproc
+from lorastrap import paths, prefix as pfx, subproc
 from lorastrap.errors import LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
@@ -86,8 +86,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     argv, env = mamba_command(engine, prefix, lock_file, root)
     res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
     if not res.ok:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise EngineError(f"{engine.kind} could not create {prefix}", why=" | ".join(tail),
+        raise EngineError(f"{engine.kind} could not create {prefix}", why=res.tail(),
                           fix="See the message above; rerun with --engine rattler to use the embedded engine.")
 
 
@@ -95,7 +94,7 @@ def pip_install(prefix: Path, requirements: list[str], *, timeout: float = 1800)
     """Install locked pip entries inside the environment: hashes required, no dependency resolution."""
     import sys
     import tempfile
-    python = prefix / "bin" / "python"
+    python = pfx.python_of(prefix) or prefix / "bin" / "python"
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="lorastrap-pip-", delete=False) as f:
         f.write("\n".join(requirements) + "\n")
         req = f.name
@@ -106,6 +105,5 @@ def pip_install(prefix: Path, requirements: list[str], *, timeout: float = 1800)
     finally:
         os.unlink(req)
     if not res.ok:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise EngineError("pip could not install the lock's pip entries", why=" | ".join(tail),
+        raise EngineError("pip could not install the lock's pip entries", why=res.tail(),
                           fix="Check the network to the pip index; a hash mismatch means the wheel changed upstream.")

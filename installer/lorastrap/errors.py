@@ -1,10 +1,15 @@
-"""One error type for everything a user can meet, and the exit codes.
+"""What / why / fix: the one shape of everything lorastrap tells a user, the one renderer, and the exit codes.
 
-Every error carries what happened, why, and how to fix it.  The CLI prints those three lines and exits with the
-error's code; a traceback is shown only with ``--debug``.  The codes are shared with ``setup.sh``.
+``LorastrapError`` is a failure (the CLI prints it and exits with its code; a traceback only with ``--debug``);
+``Finding`` is an observation of detect or doctor (with a severity instead of an exit code).  Both are printed by
+``render``.  The codes are shared with ``setup.sh``.
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 
 # Exit codes: documented in README.md ("Exit codes") and used by setup.sh.
 OK = 0
@@ -58,41 +63,43 @@ class LorastrapError(Exception):
                 "exit_code": self.exit_code}
 
     def render(self) -> str:
-        lines = [f"error: {self.what}"]
-        if self.why:
-            lines.append(f"  why: {self.why}")
-        if self.fix:
-            lines.append(f"  fix: {self.fix}")
-        return "\n".join(lines)
+        return render("error:", self.what, self.why, self.fix)
 
 
-class UsageError(LorastrapError):
-    exit_code = USAGE
+def render(label: str, what: str, why: str = "", fix: str = "", indent: str = "  ") -> str:
+    """``label what`` and, when given, the why and fix lines under it."""
+    lines = [f"{label} {what}"]
+    if why:
+        lines.append(f"{indent}why: {why}")
+    if fix:
+        lines.append(f"{indent}fix: {fix}")
+    return "\n".join(lines)
 
 
-class NoProfileError(LorastrapError):
-    exit_code = NO_PROFILE
+class Finding(BaseModel):
+    """An observation about the machine (detect) or an environment (doctor): what, why, fix, how serious.
+
+    ``repair`` (doctor only) says what fixes it: a rebuild from the environment's own lock, a rebuild with the
+    profile planned now, or nothing lorastrap does."""
+    model_config = ConfigDict(extra="forbid")
+
+    severity: Literal["info", "warning", "error"]
+    code: str
+    what: str
+    why: str = ""
+    fix: str = ""
+    repair: Literal["rebuild", "replan", "none"] | None = None
+
+    def render(self) -> str:
+        return render(f"[{self.severity}]", self.what, self.why, self.fix, indent="    ")
 
 
-class ConfigError(LorastrapError):
-    exit_code = CONFIG
-
-
-class NetworkError(LorastrapError):
-    exit_code = NETWORK
-
-
-class IntegrityError(LorastrapError):
-    exit_code = INTEGRITY
-
-
-class DiskError(LorastrapError):
-    exit_code = DISK
-
-
-class BusyError(LorastrapError):
-    exit_code = BUSY
-
-
-class VerifyError(LorastrapError):
-    exit_code = VERIFY
+# One subclass per exit code, so callers can catch a kind of failure.
+class UsageError(LorastrapError): exit_code = USAGE  # noqa: E701
+class NoProfileError(LorastrapError): exit_code = NO_PROFILE  # noqa: E701
+class ConfigError(LorastrapError): exit_code = CONFIG  # noqa: E701
+class NetworkError(LorastrapError): exit_code = NETWORK  # noqa: E701
+class IntegrityError(LorastrapError): exit_code = INTEGRITY  # noqa: E701
+class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
+class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
+class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701

@@ -98,10 +98,20 @@ class Advisory(Strict):
     source: str
 
 
+class VerifyFacts(Strict):
+    """What scripts/verify_lora.py judges by, passed on its command line."""
+    int8_fast_path_min_cc: VersionRule = Field(description="lowest compute capability with bitsandbytes' int8 "
+                                                           "matmul fast path")
+    accelerate_min: VersionRule = Field(description="transformers' gate for 8-bit loading (older transformers do "
+                                                    "not say it; the script prefers the installed transformers' own)")
+    bitsandbytes_min: VersionRule = Field(description="transformers' gate for bitsandbytes (as above)")
+
+
 class Matrix(Strict):
     schema_version: Literal[1]
     cuda_drivers: list[CudaDriver]
     advisories: list[Advisory] = []
+    verify: VerifyFacts | None = None
     profiles: dict[str, Profile] = Field(min_length=1)
 
     def names(self) -> list[str]:

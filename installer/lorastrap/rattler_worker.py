@@ -1,7 +1,7 @@
 """The embedded engine (py-rattler), run in a child process only.
 
-py-rattler can crash at interpreter shutdown after its work succeeded (SIGSEGV/SIGABRT while finalizing; see
-shared/docs/field-notes.md).  So it never runs in a long-lived process: the parent sends a JSON request on stdin,
+py-rattler 0.28 can crash at interpreter shutdown after its work succeeded (SIGSEGV 139 / SIGABRT 134,
+"PyGILState_Release … finalizing"; measured on Debian 12 / Python 3.11: in 2 of 20 up to 22 of 50 runs).  So it never runs in a long-lived process: the parent sends a JSON request on stdin,
 the worker writes its JSON answer to the result file named in the request (atomically), flushes, and leaves with
 os._exit.  The parent judges the outcome by that file alone — an exit code mangled at shutdown cannot turn a
 success into a failure or the reverse.
@@ -19,7 +19,9 @@ import asyncio
 import json
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 
 def _solve(req: dict) -> dict:
@@ -52,6 +54,13 @@ def _install(req: dict) -> dict:
     if platform is None:
         return {"ok": False, "error": f"platform {req['platform']} is not in {req['lock']}"}
     records = env.conda_repodata_records_for_platform(platform) or []
+    if os.environ.get("LORASTRAP_PAUSE_AT") == "mid-link":  # crash-test hook: half linked, then wait to be killed
+        first = [r for r in records if not r.noarch.python]  # noarch: python ones need python in the same install
+        asyncio.run(rattler.install(first, target_prefix=req["prefix"],
+                                    cache_dir=req["cache_dir"], execute_link_scripts=False))
+        Path(req["prefix"] + ".paused-mid-link").write_text(str(os.getpid()))
+        while True:
+            time.sleep(60)
     asyncio.run(rattler.install(records, target_prefix=req["prefix"], cache_dir=req["cache_dir"],
                                 show_progress=bool(req.get("show_progress")), execute_link_scripts=False))
     return {"ok": True, "installed": len(records)}

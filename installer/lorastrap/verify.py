@@ -1,8 +1,10 @@
-"""Step 5: run scripts/verify_lora.py inside an environment and read its JSON report.
+"""Step 5: run scripts/verify_lora.py inside an environment and read its JSON report.  The only module that
+launches that script (for `verify`, for the install transaction, and for doctor's pre-checks).
 
 The script runs with the environment's own Python (only its packages and the standard library), offline.  Its
 report says, check by check, whether the environment can load a model in 8 bits and LoRA-train it, and for each
-failure the likely cause and the fix.
+failure the likely cause and the fix.  The compatibility facts it judges by (the transformers gates' minimum
+versions, the int8 fast path's compute capability) come from envs/profiles.yaml (`verify:`), on its command line.
 """
 
 from __future__ import annotations
@@ -10,41 +12,75 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorastrap import paths, subproc
-from lorastrap.errors import LorastrapError, NO_PROFILE, UsageError, VERIFY
+from lorastrap import paths, prefix as pfx
+from lorastrap.errors import NO_PROFILE, VERIFY, LorastrapError, UsageError
+from lorastrap.profiles import Matrix, Profile
 
-VERIFY_SCRIPT = paths.SCRIPTS / "verify_lora.py"
 TIMEOUT_S = 1800
+PRE_CHECKS_TIMEOUT_S = 600
 
 
-def python_of(prefix: Path) -> Path:
-    for candidate in (prefix / "bin" / "python", prefix / "python.exe", prefix / "Scripts" / "python.exe"):
-        if candidate.exists():
-            return candidate
-    raise UsageError(f"{prefix} has no Python (looked for bin/python)",
-                     why="verify runs inside a conda environment or virtualenv that has Python",
-                     fix="Pass the environment's prefix (the folder with bin/python), or install one first.")
+def _facts(matrix: Matrix | None) -> list[str]:
+    if matrix is None or matrix.verify is None:
+        return []
+    v = matrix.verify
+    return ["--int8-min-cc", v.int8_fast_path_min_cc.value, "--accelerate-min", v.accelerate_min.value,
+            "--bitsandbytes-min", v.bitsandbytes_min.value]
 
 
-def run(prefix: Path, *, driver_cuda: str | None = None, steps: int = 10, timeout: float = TIMEOUT_S) -> dict:
-    """The report of one verification run (never raises for a failing environment; see verdict())."""
-    from lorastrap.install import env_in
-    argv = [str(python_of(prefix)), str(VERIFY_SCRIPT), "--json", "--steps", str(steps)]
-    if driver_cuda:
-        argv += ["--driver-cuda", driver_cuda]
-    res = subproc.run(argv, timeout=timeout, env=env_in(prefix), cwd=prefix)
+def _argv(template: list[str], prefix: Path, matrix: Matrix | None, driver_cuda: str | None) -> list[str]:
+    """A profile's verify command ("{verify_script}" replaced), its first word resolved in the environment."""
+    argv = [a.replace("{verify_script}", str(paths.VERIFY_SCRIPT)) for a in template]
+    if argv and argv[0] == "python":
+        python = pfx.python_of(prefix)
+        if python is None:
+            raise UsageError(f"{prefix} has no Python (looked for bin/python)",
+                             why="verify runs inside a conda environment or virtualenv that has Python",
+                             fix="Pass the environment's prefix (the folder with bin/python), or install one first.")
+        argv[0] = str(python)
+    if str(paths.VERIFY_SCRIPT) in argv:
+        argv += _facts(matrix) + (["--driver-cuda", driver_cuda] if driver_cuda else [])
+    return argv
+
+
+def run(prefix: Path, *, matrix: Matrix | None, driver_cuda: str | None = None, steps: int = 10,
+        pre_checks_only: bool = False, command: list[str] | None = None, timeout: float = TIMEOUT_S) -> tuple[dict | None, object]:
+    """Run the verification (a profile's ``command``, or verify_lora.py itself) in PREFIX.
+
+    Returns (report or None when it printed none, the subprocess result)."""
+    template = command or ["python", "{verify_script}", "--json", "--steps", str(steps)]
+    if pre_checks_only:
+        template = ["python", "{verify_script}", "--json", "--pre-checks-only"]
+    argv = _argv(template, prefix, matrix, driver_cuda)
+    res = pfx.run_in(prefix, argv, timeout=timeout, driver_cuda=driver_cuda)
     if res.timed_out:
         raise LorastrapError(f"the verification run in {prefix} did not finish within {timeout:.0f} s",
                              why="a hung import or device", fix="Run it by hand to see where it stops: "
                              + " ".join(argv[:2]), exit_code=VERIFY)
-    report = parse(res.stdout)
-    if report is None:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+    return parse(res.stdout), res
+
+
+def report(prefix: Path, *, matrix: Matrix | None, driver_cuda: str | None = None, steps: int = 10) -> dict:
+    """The report of one verification run (`lorastrap verify`): never raises for a failing environment."""
+    doc, res = run(prefix, matrix=matrix, driver_cuda=driver_cuda, steps=steps)
+    if doc is None:
         raise LorastrapError(f"the verification run in {prefix} gave no report (exit {res.returncode})",
-                             why=" | ".join(tail) or "no output",
-                             fix="The environment's Python may be broken; try `lorastrap repair`.",
+                             why=res.tail(), fix="The environment's Python may be broken; try `lorastrap repair`.",
                              exit_code=VERIFY)
-    return report
+    return doc
+
+
+def verify_profile(prefix: Path, profile: Profile, *, matrix: Matrix | None, driver_cuda: str | None) -> dict:
+    """The install transaction's verification: the profile's own command; raises VerifyError-coded on failure."""
+    doc, res = run(prefix, matrix=matrix, driver_cuda=driver_cuda, command=profile.verify)
+    if not res.ok:
+        failed = [f"{c['name']}: {c.get('cause') or c['detail']}" for c in (doc or {}).get("checks", [])
+                  if c["status"] == "fail"]
+        raise LorastrapError("the new environment failed verification: " + " ".join(profile.verify),
+                             why="; ".join(failed[:3]) or res.tail(),
+                             fix="Nothing changed: the previous environment was restored. "
+                                 "Run `lorastrap plan` to check the profile fits.", exit_code=VERIFY)
+    return {"ok": True, "command": profile.verify, "verdict": (doc or {}).get("verdict", "pass"), "report": doc}
 
 
 def parse(stdout: str) -> dict | None:

@@ -1,0 +1,176 @@
+"""What is in a prefix (a conda environment or a virtualenv): its conda-meta records, its Python distributions,
+its Python, lorastrap's record of it; and running a command inside it, activated.
+
+Read-only, except ``write_record``.  install, doctor and verify all look at environments through this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+from pydantic import ValidationError
+
+from lorastrap import fsutil, subproc
+from lorastrap.records import EnvRecord
+
+RECORD_DIR = Path("conda-meta") / "lorastrap"  # the environment's record and the lock it was built from
+
+
+# --------------------------------------------------------------------------------------------------------------
+# conda-meta
+
+@dataclass
+class CondaRecord:
+    file: str  # conda-meta/<file>
+    name: str
+    version: str
+    build: str | None
+    sha256: str | None
+    paths: list[dict]  # paths_data.paths entries ({"_path", "path_type", "sha256", "sha256_in_prefix", ...})
+
+
+@dataclass
+class CondaMeta:
+    records: dict[str, CondaRecord] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # file name → why it cannot be read
+
+
+def is_conda_env(prefix: Path) -> bool:
+    return (prefix / "conda-meta").is_dir()
+
+
+def conda_meta(prefix: Path) -> CondaMeta:
+    """Every conda-meta/*.json record of PREFIX; the ones that cannot be read are listed with the reason."""
+    out = CondaMeta()
+    for f in sorted((prefix / "conda-meta").glob("*.json")):
+        try:
+            rec = json.loads(f.read_text())
+            name = rec["name"]
+            paths = rec["paths_data"]["paths"] if "paths_data" in rec else [{"_path": p} for p in rec["files"]]
+            if not isinstance(name, str) or not isinstance(paths, list):
+                raise TypeError("name or paths of the wrong type")
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            out.broken[f.name] = f"{type(exc).__name__}: {exc}"
+            continue
+        out.records[name] = CondaRecord(file=f.name, name=name, version=str(rec.get("version")),
+                                        build=rec.get("build"), sha256=rec.get("sha256"), paths=paths)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Python
+
+def python_of(prefix: Path) -> Path | None:
+    """The environment's Python: bin/python (conda env, venv), python.exe or Scripts/python.exe (Windows layouts)."""
+    for candidate in (prefix / "bin" / "python", prefix / "python.exe", prefix / "Scripts" / "python.exe"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def site_packages(prefix: Path) -> Path | None:
+    found = sorted((prefix / "lib").glob("python3*/site-packages")) if (prefix / "lib").is_dir() else []
+    if not found and (prefix / "Lib" / "site-packages").is_dir():
+        found = [prefix / "Lib" / "site-packages"]
+    return found[-1] if found else None
+
+
+@dataclass
+class Distribution:
+    name: str  # canonical (PEP 503)
+    version: str
+    installer: str  # what wrote it: "pip", "conda", "uv", … ("" when unknown)
+    files: list[str]  # relative to the prefix
+
+
+def distributions(prefix: Path) -> dict[str, Distribution]:
+    """The Python distributions installed in PREFIX, by canonical name (read with importlib.metadata)."""
+    sp = site_packages(prefix)
+    if sp is None:
+        return {}
+    out = {}
+    for dist in metadata.distributions(path=[str(sp)]):
+        raw_name = dist.metadata["Name"] if dist.metadata else None
+        if not raw_name:
+            continue
+        files = [os.path.relpath(os.path.normpath(sp / str(f)), prefix) for f in (dist.files or [])]
+        out[canonicalize_name(raw_name)] = Distribution(name=canonicalize_name(raw_name), version=dist.version,
+                                                        installer=(dist.read_text("INSTALLER") or "").strip(),
+                                                        files=files)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compared with a lock
+
+def mismatches(prefix: Path, entries: list) -> list[str]:
+    """What in PREFIX differs from the lock's entries (lock.Entry); empty: the environment is what the lock says."""
+    meta = conda_meta(prefix).records
+    dists = distributions(prefix) if any(e.manager == "pip" for e in entries) else {}
+    problems = []
+    for e in entries:
+        if e.manager == "conda":
+            rec = meta.get(e.name)
+            if rec is None:
+                problems.append(f"{e.name}: not in conda-meta")
+            elif rec.sha256 != e.sha256 or rec.version != e.version:
+                problems.append(f"{e.name}: conda-meta has {rec.version} sha256 {rec.sha256}, "
+                                f"the lock {e.version} sha256 {e.sha256}")
+        else:
+            dist = dists.get(canonicalize_name(e.name))
+            if dist is None or dist.version != e.version:
+                problems.append(f"{e.name} (pip): not installed at {e.version}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------
+# lorastrap's record
+
+def read_record(prefix: Path) -> EnvRecord | None:
+    try:
+        return EnvRecord.model_validate_json((prefix / RECORD_DIR / "record.json").read_text())
+    except (OSError, ValueError, ValidationError):
+        return None
+
+
+def own_lock(prefix: Path) -> Path:
+    """The copy of the lock the environment was built from."""
+    return prefix / RECORD_DIR / "conda-lock.yml"
+
+
+def write_record(prefix: Path, record: EnvRecord, lock_file: Path) -> None:
+    d = prefix / RECORD_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(lock_file, own_lock(prefix))
+    fsutil.write_atomic(d / "record.json", record.model_dump_json(indent=2) + "\n")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a command inside
+
+def env_in(prefix: Path, driver_cuda: str | None = None) -> dict[str, str]:
+    """The environment a command inside PREFIX runs with: activated PATH, no outside Python or conda leaking in."""
+    env = subproc.clean_env(drop=("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "LORASTRAP_DRIVER_CUDA"),
+                            prefixes=("CONDA_",), CONDA_PREFIX=str(prefix), HF_HUB_OFFLINE="1")
+    if driver_cuda:
+        env["LORASTRAP_DRIVER_CUDA"] = driver_cuda
+    env["PATH"] = f"{prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run_in(prefix: Path, argv: list[str], *, timeout: float, driver_cuda: str | None = None) -> subproc.Result:
+    """Run ARGV inside PREFIX (its first word resolved in PREFIX/bin when it is there)."""
+    exe = prefix / "bin" / argv[0]
+    argv = [str(exe)] + argv[1:] if exe.exists() else argv
+    return subproc.run(argv, timeout=timeout, env=env_in(prefix, driver_cuda), cwd=prefix)

@@ -1,0 +1,271 @@
+"""In-process unit tests of the small pieces the transaction rests on: the journal's recovery, the file lock,
+the package cache, mirror URL rewriting, wheel tags, the verify report parser, the version parser."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lorastrap import cache, fsutil, lock as locking, locks, records, txn, verify, versions
+from lorastrap.errors import BusyError, IntegrityError, NetworkError, UsageError
+
+
+def env(path: Path, marker: str) -> Path:
+    """A minimal conda environment (conda-meta/ and one file saying which one it is)."""
+    (path / "conda-meta").mkdir(parents=True)
+    (path / "which").write_text(marker)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Journal recovery: every state a crash can leave
+
+def test_no_journal_means_nothing_to_recover(tmp_path):
+    prefix = env(tmp_path / "env", "old")
+    assert txn.recover(prefix) is None
+    assert (prefix / "which").read_text() == "old"
+
+
+@pytest.mark.parametrize("state", ["aside", "linking", "verifying"])
+def test_crash_before_commit_restores_the_backup(tmp_path, state):
+    prefix = tmp_path / "env"
+    env(txn.backup_path(prefix), "old")
+    env(prefix, "partial-new")
+    txn.write_journal(prefix, records.Journal(state=state, had_old=True, pid=1))
+    assert txn.recover(prefix) == "restored the previous environment"
+    assert (prefix / "which").read_text() == "old"
+    assert not txn.backup_path(prefix).exists() and not txn.journal_path(prefix).exists()
+    assert not list(tmp_path.glob("*trash*"))
+
+
+def test_crash_before_the_rename_leaves_the_old_environment_alone(tmp_path):
+    prefix = env(tmp_path / "env", "old")
+    txn.write_journal(prefix, records.Journal(state="aside", had_old=True))
+    assert txn.recover(prefix) == "the previous environment was still in place"
+    assert (prefix / "which").read_text() == "old"
+
+
+def test_crash_of_a_first_install_removes_the_partial_one(tmp_path):
+    prefix = env(tmp_path / "env", "partial")
+    txn.write_journal(prefix, records.Journal(state="linking", had_old=False))
+    assert txn.recover(prefix) == "removed a partial environment"
+    assert not prefix.exists()
+
+
+def test_a_first_install_never_restores_an_unrelated_older_backup(tmp_path):
+    prefix = env(tmp_path / "env", "partial")
+    env(txn.backup_path(prefix), "kept-from-long-ago")
+    txn.write_journal(prefix, records.Journal(state="linking", had_old=False))
+    txn.recover(prefix)
+    assert not prefix.exists()
+    assert (txn.backup_path(prefix) / "which").read_text() == "kept-from-long-ago"
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_crash_while_committing_finishes_the_commit(tmp_path, keep):
+    prefix = tmp_path / "env"
+    env(txn.backup_path(prefix), "old")
+    env(prefix, "new")
+    txn.write_journal(prefix, records.Journal(state="committing", had_old=True, keep_backup=keep))
+    assert txn.recover(prefix) == "completed the interrupted commit"
+    assert (prefix / "which").read_text() == "new"
+    assert txn.backup_path(prefix).exists() == keep
+
+
+def test_a_corrupt_journal_rolls_back(tmp_path):
+    prefix = tmp_path / "env"
+    env(txn.backup_path(prefix), "old")
+    env(prefix, "partial-new")
+    txn.journal_path(prefix).write_text('{"state": "commit')  # torn write
+    assert txn.recover(prefix) == "restored the previous environment"
+    assert (prefix / "which").read_text() == "old"
+
+
+def test_leftover_trash_is_cleaned(tmp_path):
+    prefix = env(tmp_path / "env", "old")
+    for name in ("env.lorastrap-trash-1-2", "env.lorastrap-backup.lorastrap-trash-3-4"):
+        (tmp_path / name / "x").mkdir(parents=True)
+    txn.recover(prefix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["env"]
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "x.json"
+    fsutil.write_atomic(target, "1")
+    fsutil.write_atomic(target, "2")
+    assert target.read_text() == "2" and os.listdir(tmp_path) == ["x.json"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The file lock, across real processes
+
+HOLD = "import sys, time; from lorastrap import locks; from pathlib import Path\n" \
+       "with locks.held(Path(sys.argv[1]), what='p'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+
+
+def _holder(path: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_lock_fails_fast_naming_the_holder(tmp_path):
+    path = tmp_path / "p.lorastrap.lock"
+    proc = _holder(path, 30)
+    try:
+        with pytest.raises(BusyError) as info:
+            with locks.held(path, what="p", wait=False):
+                pass
+        assert f"(pid {proc.pid})" in info.value.what
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_lock_waits_says_so_and_gets_it_when_released(tmp_path):
+    path = tmp_path / "p.lorastrap.lock"
+    proc = _holder(path, 1.0)
+    said = []
+    start = time.monotonic()
+    with locks.held(path, what="p", narrate=said.append):
+        waited = time.monotonic() - start
+        assert path.read_text().strip() == str(os.getpid())
+    proc.wait()
+    assert said and f"(pid {proc.pid})" in said[0] and waited > 0.3
+
+
+def test_a_killed_holder_releases_the_lock(tmp_path):
+    path = tmp_path / "p.lorastrap.lock"
+    proc = _holder(path, 60)
+    proc.kill()
+    proc.wait()
+    with locks.held(path, what="p", wait=False):
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The package cache (over a real loopback HTTP server)
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *a):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_cache_fetches_once_checks_and_refuses_a_swap(tmp_path, served):
+    root, url = served
+    (root / "a.conda").write_bytes(b"real archive")
+    good = cache.sha256_file(root / "a.conda")
+    c = cache.Cache(tmp_path / "pkgs")
+    path, got = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert got == len(b"real archive") and path.read_bytes() == b"real archive"
+    assert c.fetch(f"{url}/a.conda", good, "a.conda") == (path, 0)  # cached: nothing downloaded
+    (root / "b.conda").write_bytes(b"tampered!!!!")
+    with pytest.raises(IntegrityError) as info:
+        c.fetch(f"{url}/b.conda", "0" * 64, "b.conda")
+    assert "want sha256" in info.value.what
+    assert not c.entry("0" * 64, "b.conda").exists()
+    assert not list((tmp_path / "pkgs").rglob("*.part"))
+
+
+def test_cache_entry_edited_in_place_is_fetched_again(tmp_path, served):
+    root, url = served
+    (root / "a.conda").write_bytes(b"real archive")
+    good = cache.sha256_file(root / "a.conda")
+    c = cache.Cache(tmp_path / "pkgs")
+    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    path.write_bytes(b"edited archive")
+    assert not c.is_ready(good, "a.conda")
+    path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert got > 0 and path2.read_bytes() == b"real archive"
+
+
+def test_cache_unreachable_is_a_network_error(tmp_path):
+    c = cache.Cache(tmp_path / "pkgs")
+    with pytest.raises(NetworkError):
+        c.fetch("http://127.0.0.1:9/none.conda", "0" * 64, "none.conda")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Mirror URL rewriting and lock copies
+
+def test_mirror_rewrites_only_the_lock_channels_urls():
+    channels = ["https://conda.anaconda.org/conda-forge"]
+    url = "https://conda.anaconda.org/conda-forge/linux-64/pytorch-2.10.0-cuda129_h0_305.conda"
+    assert (locking.mirrored(url, channels, "https://mirror.example/cf") ==
+            "https://mirror.example/cf/linux-64/pytorch-2.10.0-cuda129_h0_305.conda")
+    assert locking.mirrored(url, channels, None) == url
+    other = "https://files.pythonhosted.org/packages/x/bitsandbytes-0.50.2-py3-none-any.whl"
+    assert locking.mirrored(other, channels, "https://mirror.example/cf") == other
+    assert locking.mirrored(url, channels, "/srv/mirror").startswith("file:///srv/mirror/linux-64/")
+
+
+def test_channel_names_become_urls():
+    assert locking.channel_url("conda-forge") == "https://conda.anaconda.org/conda-forge"
+    assert locking.channel_url("http://127.0.0.1:8000/ch/") == "http://127.0.0.1:8000/ch"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wheel tags from a profile's virtual packages
+
+def test_wheel_tags_follow_the_profiles_glibc_and_macos():
+    tags = locking.wheel_platforms("linux-64", {"__glibc": "2.17"})
+    assert "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
+    assert "manylinux_2_24_x86_64" not in tags and "manylinux_2_28_x86_64" not in tags
+    assert "manylinux_2_28_aarch64" in locking.wheel_platforms("linux-aarch64", {"__glibc": "2.28"})
+    osx = locking.wheel_platforms("osx-arm64", {"__osx": "12.0"})
+    assert "macosx_12_0_arm64" in osx and "macosx_14_0_arm64" not in osx
+    with pytest.raises(Exception) as info:
+        locking.wheel_platforms("linux-64", {"__unix": "0"})
+    assert "__glibc" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The verify report parser, the version parser
+
+def test_verify_report_is_found_after_other_output():
+    report = {"schema_version": 1, "verdict": "pass", "checks": []}
+    text = "bitsandbytes says hello {not json}\n" + json.dumps(report, indent=2) + "\n"
+    assert verify.parse(text) == report
+    assert verify.parse("no report here") is None
+    assert verify.parse(json.dumps({"other": 1})) is None
+    assert verify.exit_code({"verdict": "unsupported"}) == 3 and verify.exit_code({"verdict": "fail"}) == 9
+
+
+@pytest.mark.parametrize("bad", ["12.x", "abc", "-1", "", "12..4", " 1 2"])
+def test_versions_refuse_what_is_not_a_version(bad):
+    with pytest.raises(UsageError) as info:
+        versions.parse(bad, "CONDA_OVERRIDE_CUDA")
+    assert "CONDA_OVERRIDE_CUDA" in info.value.what and info.value.fix
+
+
+def test_versions_order_numerically():
+    assert versions.parse("12.10") > versions.parse("12.9")
+    assert sorted(["8.9", "10.0", "7.5"], key=versions.key) == ["7.5", "8.9", "10.0"]
+
+
+def test_records_round_trip_and_reject_unknown_keys():
+    j = records.Journal(state="linking", had_old=True, pid=5)
+    assert records.Journal.model_validate_json(j.model_dump_json()) == j
+    with pytest.raises(ValueError):
+        records.Journal.model_validate({"state": "linking", "had_old": True, "surprise": 1})
+    assert yaml.safe_load(records.EnvRecord(profile="cpu", platform="linux-64", lock_digest="d", lock_source="s",
+                                            engine="e", installed_at="t").model_dump_json())["schema_version"] == 1
