@@ -373,3 +373,15 @@ def test_nvml_v1_cuda_version_only_where_the_driver_has_no_v2():
         {**base, "cuda_driver_version_v2": {"error": "LibraryNotFound"}}))["cuda_driver_version"] is None
     assert probe(recorded_nvml.RecordedNVML(
         {**base, "cuda_driver_version_v2": {"error": "FunctionNotFound"}}))["cuda_driver_version"] == 12040
+
+
+def test_a_machine_description_from_before_the_new_probes_still_reads():
+    # schema_version 1 grew compatibly: a description without cuda_status / answered_by / probes / jetson is valid.
+    fixture = _fixture("kernel-nvml-mismatch_driver-550--cpu")
+    old = json.loads(build_machine(Host(**fixture["host"]), {"init_error": "LibRmVersionMismatch", "gpus": [],
+                                                              "failures": []}, {}).model_dump_json())
+    for key in ("cuda_status", "answered_by", "probes", "jetson"):
+        del old["nvidia"][key]
+    machine = detect.Machine.model_validate(old)
+    result = planner.plan(machine, profiles.load())
+    assert result.profile == "cpu" and any("LibRmVersionMismatch" in h for h in result.hints)
