@@ -21,13 +21,23 @@ def run_cli(*args, env=None, timeout=120, cwd=ROOT):
 @pytest.fixture(scope="session")
 def fake_nvml_lib(tmp_path_factory):
     """Build tests/fake_nvml/libnvidia-ml.c into a folder to put on LD_LIBRARY_PATH."""
+    return _build_standin(tmp_path_factory, "libnvidia-ml.c", "libnvidia-ml.so.1")
+
+
+def _build_standin(factory, source: str, soname: str) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler to build the stand-in libnvidia-ml.so.1")
-    out = tmp_path_factory.mktemp("fake_nvml")
-    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / "libnvidia-ml.so.1"),
-                    str(ROOT / "tests" / "fake_nvml" / "libnvidia-ml.c")], check=True)
+        pytest.skip(f"no C compiler to build the stand-in {soname}")
+    out = factory.mktemp(soname.split(".")[0])
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / soname), str(ROOT / "tests" / "fake_nvml" / source)],
+                   check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def fake_cuda_lib(tmp_path_factory):
+    """Build tests/fake_nvml/libcuda.c into a folder of its own (libcuda.so.1)."""
+    return _build_standin(tmp_path_factory, "libcuda.c", "libcuda.so.1")
 
 
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -91,3 +91,69 @@ def load(path: Path) -> dict:
 
 def all_fixtures() -> list[Path]:
     return sorted(FIXTURES.glob("*.json"))
+
+
+# --- libcuda and the stand-in libraries ------------------------------------------------------------------------------
+# A recorded machine's "cuda" block says what libcuda answered: {"library": "absent"}, or "init" (a CUresult number,
+# or "hang"), "version" (cuDriverGetVersion) and "devices" (name, cc, memory_mib).  The compiled stand-ins
+# (tests/fake_nvml) answer the same from environment variables; standin_env() writes them.
+
+def _devices_spec(devices: list[dict]) -> str:
+    items = []
+    for d in devices:
+        if not (isinstance(d.get("cc"), list) and isinstance(d.get("name"), str)):
+            continue
+        mem = d.get("memory_mib")
+        mib = mem[0] if isinstance(mem, list) else mem if isinstance(mem, int) else 0
+        items.append(f"{d['name']}|{d['cc'][0]}.{d['cc'][1]}|{mib}")
+    return ";".join(items)
+
+
+def nvml_present(fixture: dict) -> bool:
+    init = fixture["nvml"].get("init")
+    return not (isinstance(init, dict) and init.get("error") == "LibraryNotFound")
+
+
+def cuda_present(fixture: dict) -> bool:
+    return "cuda" in fixture and fixture["cuda"].get("library") != "absent"
+
+
+def standin_env(fixture: dict) -> dict[str, str]:
+    """FAKE_* variables that make the stand-ins answer as the recorded machine did."""
+    env = {}
+    nvml = fixture["nvml"]
+    if nvml_present(fixture):
+        init = nvml.get("init")
+        env["FAKE_NVML_INIT"] = str(CODES[init["error"]]) if isinstance(init, dict) else "0"
+        if isinstance(nvml.get("driver_version"), str):
+            env["FAKE_NVML_DRIVER"] = nvml["driver_version"]
+        for key in ("cuda_driver_version_v2", "cuda_driver_version"):
+            if isinstance(nvml.get(key), int):
+                env["FAKE_NVML_CUDA"] = str(nvml[key])
+                break
+        env["FAKE_NVML_DEVICES"] = _devices_spec(nvml.get("devices", []))
+    if cuda_present(fixture):
+        cuda = fixture["cuda"]
+        env["FAKE_CUDA_INIT"] = str(cuda.get("init", 0))
+        env["FAKE_CUDA_VERSION"] = str(cuda.get("version", 0))
+        env["FAKE_CUDA_DEVICES"] = _devices_spec(cuda.get("devices", []))
+    return env
+
+
+def cuda_answer(fixture: dict, standin: Path, environ) -> dict | None:
+    """What lorastrap.cuda_probe.probe answers for the recorded machine, run in this process over the stand-in
+    libcuda (a recorded hang is answered as the child's timeout; tests/test_detect.py runs that one for real)."""
+    import ctypes
+
+    from lorastrap import cuda_probe
+    if "cuda" not in fixture:
+        return None
+    if not cuda_present(fixture):
+        return {"init_error": "LibraryNotFound", "init_message": "libcuda.so.1 not found", "devices": [],
+                "failures": [], "cuda_driver_version": None}
+    if fixture["cuda"].get("init") == "hang":
+        return {"init_error": "Timeout", "init_message": "no answer within 20 s", "devices": [], "failures": [],
+                "cuda_driver_version": None}
+    for key, value in standin_env({"nvml": {"init": {"error": "LibraryNotFound"}}, "cuda": fixture["cuda"]}).items():
+        environ.setenv(key, value)
+    return cuda_probe.probe(ctypes.CDLL(str(standin / "libcuda.so.1")))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from conftest import ROOT, run_cli
-from recorded_nvml import RecordedNVML, all_fixtures, load
+from recorded_nvml import RecordedNVML, all_fixtures, cuda_answer, load
 
 from lorastrap import plan as planner
 from lorastrap import profiles
@@ -18,13 +18,14 @@ from lorastrap.nvml_probe import probe
 MATRIX = profiles.load()
 
 
-def machine_from(fixture: dict):
+def machine_from(fixture: dict, cuda: dict | None = None):
+    """The machine as detect builds it from the recorded answers (``cuda``: libcuda's, see cuda_answer)."""
     nvml = RecordedNVML(fixture["nvml"])
     raw = probe(nvml)
     assert nvml.calls[0] == "nvmlInit"
     if raw["init_error"] is None:
         assert nvml.calls[-1] == "nvmlShutdown"
-    return build_machine(Host(**fixture["host"]), raw, fixture["env"])
+    return build_machine(Host(**fixture["host"]), raw, fixture["env"], cuda=cuda, tegra=fixture.get("tegra"))
 
 
 def test_at_least_fifteen_real_machines_are_recorded():
@@ -36,10 +37,14 @@ def test_at_least_fifteen_real_machines_are_recorded():
 
 
 @pytest.mark.parametrize("path", all_fixtures(), ids=lambda p: p.stem)
-def test_recorded_machine_gets_its_profile(path):
+def test_recorded_machine_gets_its_profile(path, fake_cuda_lib, monkeypatch):
     fixture = load(path)
     expect = fixture["expect"]
-    machine = machine_from(fixture)
+    machine = machine_from(fixture, cuda_answer(fixture, fake_cuda_lib, monkeypatch))
+    if "answered_by" in expect:
+        assert machine.nvidia.answered_by == expect["answered_by"]
+    if "cuda" in expect:
+        assert machine.virtual_packages.get("__cuda") == expect["cuda"]
     result = planner.plan(machine, MATRIX)
     assert result.profile == expect["profile"], planner.format_plan(result)
     text = planner.format_plan(result)

@@ -1,8 +1,10 @@
-"""Step 1: what this machine has.  NVML (in a child process, with a timeout), psutil, and the standard library.
+"""Step 1: what this machine has.  The GPU probes, in order: NVML, then libcuda (each in a child process with a
+timeout, started only when its library can be found), then the Jetson/Tegra release files; psutil and the standard
+library for the rest.
 
 ``detect()`` never raises for anything the machine does: every problem becomes a finding, and a machine without a
-usable GPU is described as such.  ``build_machine(host, nvml)`` is the pure part — the tests feed it recorded NVML
-answers of real machines.
+usable GPU is described as such.  ``build_machine(host, nvml, cuda=..., tegra=...)`` is the pure part — the tests
+feed it recorded answers of real machines.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorastrap import subproc, versions
-from lorastrap.errors import Finding
+from lorastrap import libfind, subproc, versions
+from lorastrap.errors import ConfigError, Finding
 
 SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
+NVML_LIBRARY, CUDA_LIBRARY = "libnvidia-ml.so.1", "libcuda.so.1"
+NOT_RUN = "not-run"
 
 # uname / platform.machine() → conda subdir.  An explicit list: anything else is "unsupported".
 CONDA_PLATFORMS = {
@@ -55,6 +59,27 @@ NVML_EXPLAINED = {
     "Unknown": ("NVML failed with an unknown error", "Run `nvidia-smi` to see what the driver says."),
     "Timeout": ("the NVML probe did not answer within the time limit (a hung driver?)",
                 "Run `nvidia-smi`; if it hangs too, the driver needs a reset or a reboot."),
+}
+
+
+# What each libcuda failure at cuInit means (CUresult names, see cuda_probe.py), and what to do.
+CUDA_EXPLAINED = {
+    "NO_DEVICE": ("the CUDA driver sees no CUDA-capable device (kernel module not loaded, /dev/nvidia* not "
+                  "accessible, or no GPU passed into this container)",
+                  "Check `nvidia-smi`; in a container, start it with the GPUs (--gpus all)."),
+    "SYSTEM_DRIVER_MISMATCH": ("libcuda and the kernel module are different driver versions (typical after an "
+                               "unattended driver upgrade)", NVML_EXPLAINED["LibRmVersionMismatch"][1]),
+    "STUB_LIBRARY": ("the libcuda.so.1 found is the CUDA toolkit's link-time stub (lib64/stubs), not the driver's",
+                     "Remove the toolkit's stubs folder from LD_LIBRARY_PATH."),
+    "COMPAT_NOT_SUPPORTED_ON_DEVICE": ("a CUDA forward-compatibility libcuda (cuda-compat) is loaded on a GPU that "
+                                       "does not support forward compatibility",
+                                       "Remove the cuda-compat folder from LD_LIBRARY_PATH, or upgrade the driver."),
+    "NOT_PERMITTED": ("the CUDA driver refused this process", "Check the device permissions of /dev/nvidia*."),
+    "OPERATING_SYSTEM": ("the operating system refused a CUDA driver call",
+                         "Check the container's device permissions (cgroup device rules)."),
+    "Timeout": ("the libcuda probe did not answer within the time limit (cuInit hung: a hung driver?)",
+                "Run `nvidia-smi`; if it hangs too, the driver needs a reset or a reboot."),
+    "Unknown": ("the CUDA driver failed with an unexpected error", "Run `nvidia-smi` to see what the driver says."),
 }
 
 
@@ -97,8 +122,33 @@ class Device(Model):
     memory_total_mib: int | None = None
 
 
+class Probe(Model):
+    """What one GPU probe said."""
+    name: Literal["nvml", "libcuda", "tegra"]
+    status: str = Field(description='"ok"; "LibraryNotFound" (not even started); "not-run"; "Timeout"; or the '
+                                    "error at init (NVML_ERROR_* or CUDA_ERROR_* name)")
+    library: str | None = Field(None, description="the library file the search found, and how (LD_LIBRARY_PATH, "
+                                                  "ld.so.cache, default directory, extra directory)")
+    cuda_driver_version: str | None = None
+    devices: int = 0
+    message: str = ""
+
+
+class Jetson(Model):
+    model: str | None = Field(None, description="/proc/device-tree/model")
+    l4t: str | None = Field(None, description="the Jetson Linux (L4T) release, from /etc/nv_tegra_release")
+    jetpack: str | None = None
+    cuda: str | None = Field(None, description="the CUDA that L4T release ships (envs/jetson.yaml)")
+    source: str | None = None
+
+
 class Nvidia(Model):
     nvml_status: str = Field(description='"ok", or the NVML error name at init (e.g. "LibraryNotFound", "Timeout")')
+    cuda_status: str = Field(NOT_RUN, description='libcuda: "ok", "not-run", or the CUDA error name at cuInit')
+    answered_by: Literal["nvml", "libcuda", "tegra"] | None = Field(
+        None, description="the first probe (in the order nvml, libcuda, tegra) that found the GPU")
+    probes: list[Probe] = Field([], description="what each probe said")
+    jetson: Jetson | None = None
     driver_version: str | None = Field(None, description="NVML's (user-space) driver version")
     kernel_module_version: str | None = Field(None, description="/sys/module/nvidia/version or /proc/driver/nvidia/version")
     version_mismatch: bool = False
@@ -251,13 +301,10 @@ def host_facts(disk_path: Path) -> Host:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# NVML, in a child process
+# The GPU probes: NVML and libcuda in child processes, the Jetson release files read here
 
-def nvml_facts(timeout: float = NVML_TIMEOUT_S) -> dict:
-    """Run nvml_probe in a child, without CUDA_VISIBLE_DEVICES; a timeout or a crash becomes an init error."""
-    env = subproc.clean_env(drop=("CUDA_VISIBLE_DEVICES",))
-    result = subproc.python_module("nvml_probe", timeout=timeout, env=env)
-    empty = {"driver_version": None, "cuda_driver_version": None, "gpus": [], "failures": []}
+def _child_answer(result: subproc.Result, timeout: float, what: str, empty: dict) -> dict:
+    """A probe child's JSON answer; a timeout or a crash becomes an init error."""
     if result.timed_out:
         return {**empty, "init_error": "Timeout", "init_message": f"no answer within {timeout:.0f} s"}
     try:
@@ -265,7 +312,106 @@ def nvml_facts(timeout: float = NVML_TIMEOUT_S) -> dict:
     except ValueError:
         tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
         return {**empty, "init_error": "Unknown",
-                "init_message": f"the NVML probe exited with {result.returncode}: {tail[0]}"}
+                "init_message": f"the {what} probe exited with {result.returncode}: {tail[0]}"}
+
+
+_EMPTY = {"nvml_probe": {"driver_version": None, "cuda_driver_version": None, "gpus": [], "failures": []},
+          "cuda_probe": {"cuda_driver_version": None, "devices": [], "failures": []}}
+
+
+def _probe_env(found: libfind.Found | None, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment (``environ``, default ours): no CUDA_VISIBLE_DEVICES (it hides GPUs from libcuda),
+    and the library's folder on LD_LIBRARY_PATH when the loader would not search it by itself (/usr/lib/wsl/lib)."""
+    if environ is None:
+        env = subproc.clean_env(drop=("CUDA_VISIBLE_DEVICES",))
+    else:
+        env = {k: v for k, v in environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    if found is not None and not found.loader_finds_it:
+        folder = os.path.dirname(found.path)
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [folder, env.get("LD_LIBRARY_PATH", "")]))
+    return env
+
+
+def nvml_facts(timeout: float = NVML_TIMEOUT_S) -> dict:
+    """Run nvml_probe in a child, without CUDA_VISIBLE_DEVICES, whether or not its library can be found."""
+    result = subproc.python_module("nvml_probe", timeout=timeout, env=_probe_env(None))
+    return _child_answer(result, timeout, "NVML", _EMPTY["nvml_probe"])
+
+
+def gpu_facts(*, wsl: bool = False, environ: dict[str, str] | None = None, root: Path = Path("/"),
+              timeout: float = NVML_TIMEOUT_S) -> dict:
+    """NVML and libcuda (children, at once, each with ``timeout``; none for a library the loader cannot find) and the
+    Jetson release files.  ``root`` is the filesystem the libraries and files are looked for under."""
+    environ = os.environ if environ is None else environ
+    answers, calls = {}, []
+    for key, module, soname in (("nvml", "nvml_probe", NVML_LIBRARY), ("cuda", "cuda_probe", CUDA_LIBRARY)):
+        found = libfind.find(soname, environ=environ, root=root, wsl=wsl)
+        if found is None:
+            dirs = ", ".join(str(d) for d in libfind.search_dirs(root, wsl=wsl)[1])
+            answers[key] = {**_EMPTY[module], "init_error": "LibraryNotFound",
+                            "init_message": f"{soname} not found (LD_LIBRARY_PATH, /etc/ld.so.cache, the default "
+                                            f"directories, {dirs})", "library": None}
+        else:
+            answers[key] = {"library": f"{found.path} ({found.via})"}
+            calls.append((key, module, found))
+    results = subproc.python_modules([(module, _probe_env(found, dict(environ))) for _, module, found in calls],
+                                     timeout=timeout)
+    for (key, module, _), result in zip(calls, results):
+        answers[key] = {**_child_answer(result, timeout, module.split("_")[0], _EMPTY[module]), **answers[key]}
+    answers["tegra"] = tegra_facts(root)
+    return answers
+
+
+def tegra_facts(root: Path = Path("/")) -> dict | None:
+    """The Jetson release files (no driver call: read here, not in a child); None when this is no Jetson."""
+    release = _read(str(root / "etc" / "nv_tegra_release"))
+    model = _read(str(root / "proc" / "device-tree" / "model"))
+    if release is None:
+        return None
+    return {"nv_tegra_release": release, "model": model.strip("\0 \n") if model else None}
+
+
+def l4t_release(text: str) -> str | None:
+    """'# R36 (release), REVISION: 4.3, GCID: ...' → '36.4.3'."""
+    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
+    return f"{match.group(1)}.{match.group(2).strip('.')}" if match else None
+
+
+class L4tRelease(Model):
+    release: str = Field(pattern=r"^\d+(\.\d+)*$", description="an L4T release or its prefix (36.4 = 36.4.x)")
+    jetpack: str
+    cuda: str = Field(pattern=r"^\d+\.\d+$", description="the CUDA that release ships")
+    source: str
+
+
+class JetsonTable(Model):
+    schema_version: Literal[1]
+    l4t: list[L4tRelease]
+
+
+def jetson_table(envs_dir: Path | None = None) -> list[dict]:
+    """envs/jetson.yaml's rows, checked; a broken file is a ConfigError naming it."""
+    import yaml
+    from pydantic import ValidationError
+
+    from lorastrap import paths
+    path = (envs_dir or paths.ENVS) / "jetson.yaml"
+    try:
+        return [row.model_dump() for row in JetsonTable.model_validate(yaml.safe_load(path.read_text())).l4t]
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"{path}: cannot be read as the L4T release table",
+                          why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                          fix="Restore envs/jetson.yaml from git, or correct the field named.") from None
+
+
+def jetson(tegra: dict, table: list[dict]) -> Jetson:
+    release = l4t_release(tegra.get("nv_tegra_release") or "")
+    row = None
+    if release:
+        rows = [r for r in table if release == r["release"] or release.startswith(r["release"] + ".")]
+        row = max(rows, key=lambda r: len(r["release"]), default=None)
+    return Jetson(model=tegra.get("model"), l4t=release, jetpack=row and row["jetpack"], cuda=row and row["cuda"],
+                  source=row and row["source"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +436,86 @@ def _devices(gpus: list[Gpu]) -> list[Device]:
     return devices
 
 
-def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None) -> Machine:
+def _nvml_findings(nvml: dict, status: str, gpu_elsewhere: bool) -> list[Finding]:
+    findings = []
+    if status != "ok":
+        why, fix = NVML_EXPLAINED.get(status, NVML_EXPLAINED["Unknown"])
+        if gpu_elsewhere and status == "LibraryNotFound":
+            findings.append(Finding(
+                severity="info", code="nvml-missing-libcuda-works",
+                what="NVML (libnvidia-ml.so.1) is missing, but libcuda answered: the GPU was found through the CUDA "
+                     "driver API",
+                why="a container given only the 'compute' driver capability mounts libcuda without NVML; Jetson "
+                    "boards before JetPack 6 have no NVML at all",
+                fix="Nothing is needed for lorastrap (it uses libcuda's answer, as conda does). For nvidia-smi and "
+                    "NVML tools, start the container with NVIDIA_DRIVER_CAPABILITIES=compute,utility."))
+        elif gpu_elsewhere:
+            findings.append(Finding(severity="warning", code=f"nvml-{status}",
+                                    what=f"NVML: {nvml.get('init_message') or status}; the GPU was found through "
+                                         f"libcuda instead", why=why, fix=fix))
+        else:
+            findings.append(Finding(severity="info" if status == "LibraryNotFound" else "warning",
+                                    code=f"nvml-{status}",
+                                    what=f"NVML: {nvml.get('init_message') or status}; no usable NVIDIA GPU",
+                                    why=why, fix=fix))
+    for failure in nvml.get("failures", []):
+        why, fix = NVML_EXPLAINED.get(failure["error"], NVML_EXPLAINED["Unknown"])
+        severity = "warning" if failure["error"] in ("GpuIsLost", "NoPermission", "Unknown") else "info"
+        findings.append(Finding(severity=severity, code=f"nvml-{failure['error']}",
+                                what=f"{failure['call']} ({failure['what']}) failed: {failure['error']}",
+                                why=why, fix=fix))
+    return findings
+
+
+def _cuda_findings(cuda: dict | None, cuda_status: str, nvml_status: str, nvml_gpus: int) -> list[Finding]:
+    if cuda is None or cuda_status == "ok":
+        return []
+    if cuda_status == "LibraryNotFound":
+        if nvml_status != "ok" or not nvml_gpus:
+            return []
+        return [Finding(severity="warning", code="nvml-without-libcuda",
+                        what="NVML sees the GPUs, but libcuda.so.1 was not found: CUDA programs (PyTorch) cannot "
+                             "use them", why="the driver's CUDA library is not installed, or a container was given "
+                                             "only the 'utility' driver capability",
+                        fix="Install the driver's CUDA library (libnvidia-compute / libcuda1 for your driver), or "
+                            "start the container with NVIDIA_DRIVER_CAPABILITIES=compute,utility.")]
+    why, fix = CUDA_EXPLAINED.get(cuda_status, CUDA_EXPLAINED["Unknown"])
+    return [Finding(severity="warning", code=f"cuda-{cuda_status}",
+                    what=f"libcuda: {cuda.get('init_message') or cuda_status}"
+                         + ("" if nvml_status == "ok" else "; no usable NVIDIA GPU"), why=why, fix=fix)]
+
+
+def _jetson_finding(board: Jetson, gpu_found: bool) -> Finding:
+    what = (f"Jetson board: {board.model or 'unknown model'}, L4T {board.l4t or '?'}"
+            + (f" (JetPack {board.jetpack}, CUDA {board.cuda})" if board.cuda else ""))
+    if board.l4t and not board.cuda:
+        what += "; this L4T release is not in envs/jetson.yaml"
+    if gpu_found:
+        return Finding(severity="info", code="jetson", what=what,
+                       why="before JetPack 6 Jetson has no NVML, and its NVML answers little; the integrated GPU is "
+                       "reached through libcuda (the Tegra driver)")
+    return Finding(severity="warning", code="jetson-no-libcuda", what=what + "; libcuda did not answer",
+                   why="libcuda (the Tegra driver) is the way to a Jetson's GPU (NVML is absent before JetPack 6)",
+                   fix="In a container, start it with `--runtime nvidia` so the Tegra driver is mounted; on the "
+                       "board, reinstall the nvidia-l4t-cuda package.")
+
+
+def _gpus_from_cuda(cuda: dict) -> list[Gpu]:
+    return [Gpu(index=d["index"], name=d.get("name"), compute_capability=d.get("compute_capability"),
+                memory_total_mib=d.get("memory_total_mib"), error=d.get("error"))
+            for d in cuda.get("devices", [])]
+
+
+def _probe(name, raw: dict | None, status: str, version: str | None, devices: int) -> Probe:
+    raw = raw or {}
+    return Probe(name=name, status=status, library=raw.get("library"), cuda_driver_version=version,
+                 devices=devices, message=raw.get("init_message") or "")
+
+
+def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None, *, cuda: dict | None = None,
+                  tegra: dict | None = None, jetson_rows: list[dict] | None = None) -> Machine:
+    """The machine from the probes' answers (pure).  ``cuda`` None: libcuda was not asked; ``tegra`` None: no
+    Jetson release files."""
     environ = os.environ if environ is None else environ
     findings: list[Finding] = []
     osname = OS_NAMES.get(host.system, host.system)
@@ -300,20 +525,34 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
                                 what=f"{host.system}/{host.machine} has no conda platform lorastrap knows",
                                 fix="Use linux-64, linux-aarch64, osx-arm64 or osx-64; on Windows, run lorastrap inside WSL2."))
 
+    # The probes in order: NVML, then libcuda, then the Jetson files.  The first that answers describes the GPUs.
     status = nvml.get("init_error") or "ok"
-    if status != "ok":
-        why, fix = NVML_EXPLAINED.get(status, NVML_EXPLAINED["Unknown"])
-        severity = "info" if status == "LibraryNotFound" else "warning"
-        findings.append(Finding(severity=severity, code=f"nvml-{status}",
-                                what=f"NVML: {nvml.get('init_message') or status}; no usable NVIDIA GPU",
-                                why=why, fix=fix))
-    gpus = [Gpu(**g) for g in nvml.get("gpus", [])]
-    for failure in nvml.get("failures", []):
-        why, fix = NVML_EXPLAINED.get(failure["error"], NVML_EXPLAINED["Unknown"])
-        severity = "warning" if failure["error"] in ("GpuIsLost", "NoPermission", "Unknown") else "info"
-        findings.append(Finding(severity=severity, code=f"nvml-{failure['error']}",
-                                what=f"{failure['call']} ({failure['what']}) failed: {failure['error']}",
-                                why=why, fix=fix))
+    cuda_status = NOT_RUN if cuda is None else (cuda.get("init_error") or "ok")
+    nvml_gpus = [Gpu(**g) for g in nvml.get("gpus", [])] if status == "ok" else []
+    cuda_gpus = _gpus_from_cuda(cuda) if cuda_status == "ok" else []
+    nvml_cuda = _cuda_str(nvml.get("cuda_driver_version")) if status == "ok" else None
+    lib_cuda = _cuda_str(cuda.get("cuda_driver_version")) if cuda_status == "ok" else None
+    board = jetson(tegra, jetson_table() if jetson_rows is None else jetson_rows) if tegra else None
+    if status == "ok":
+        answered_by, gpus = "nvml", nvml_gpus
+    elif cuda_status == "ok":
+        answered_by, gpus = "libcuda", cuda_gpus
+    else:
+        answered_by, gpus = ("tegra" if board else None), []
+    # __cuda as rattler (and so pixi) derives it: NVML's answer, else libcuda's (cuInit + cuDriverGetVersion).
+    driver_cuda = nvml_cuda or lib_cuda
+
+    findings += _nvml_findings(nvml, status, gpu_elsewhere=answered_by == "libcuda")
+    findings += _cuda_findings(cuda, cuda_status, status, len(nvml_gpus))
+    if nvml_cuda and lib_cuda and nvml_cuda != lib_cuda:
+        findings.append(Finding(severity="warning", code="cuda-version-disagreement",
+                                what=f"NVML says the driver supports CUDA {nvml_cuda}, libcuda says {lib_cuda}",
+                                why="two drivers' libraries are visible: a CUDA forward-compatibility libcuda "
+                                    "(cuda-compat) or a container's own copy on the loader path",
+                                fix="Check `ldconfig -p | grep libcuda` and LD_LIBRARY_PATH. lorastrap plans with "
+                                    "NVML's answer, as conda's solver (rattler) does."))
+    if board:
+        findings.append(_jetson_finding(board, gpu_found=answered_by in ("nvml", "libcuda")))
     if status == "ok" and not gpus:
         findings.append(Finding(severity="warning", code="no-gpus",
                                 what="the NVIDIA driver is loaded but reports no GPUs",
@@ -334,7 +573,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
     kernel = host.kernel_module_version
     driver = nvml.get("driver_version")
     mismatch = bool(kernel and driver and kernel != driver)
-    if mismatch or (status == "LibRmVersionMismatch" and kernel):
+    if mismatch or (kernel and (status == "LibRmVersionMismatch" or cuda_status == "SYSTEM_DRIVER_MISMATCH")):
         mismatch = True
         findings.append(Finding(severity="warning", code="driver-version-mismatch",
                                 what=f"kernel module {kernel} differs from the driver library "
@@ -343,15 +582,21 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
                                 fix=NVML_EXPLAINED["LibRmVersionMismatch"][1]))
 
     devices = _devices(gpus)
-    nvidia = Nvidia(nvml_status=status, driver_version=driver, kernel_module_version=kernel,
-                    version_mismatch=mismatch, cuda_driver_version=_cuda_str(nvml.get("cuda_driver_version")),
-                    gpus=gpus)
+    probes = [_probe("nvml", nvml, status, nvml_cuda, len(nvml_gpus)),
+              _probe("libcuda", cuda, cuda_status, lib_cuda, len(cuda_gpus)),
+              Probe(name="tegra", status="ok" if board else "LibraryNotFound",
+                    library="/etc/nv_tegra_release" if board else None,
+                    cuda_driver_version=board.cuda if board else None,
+                    message="" if board else "no /etc/nv_tegra_release (not a Jetson)")]
+    nvidia = Nvidia(nvml_status=status, cuda_status=cuda_status, answered_by=answered_by, probes=probes,
+                    jetson=board, driver_version=driver, kernel_module_version=kernel, version_mismatch=mismatch,
+                    cuda_driver_version=driver_cuda, gpus=gpus)
 
-    # Virtual packages, as conda and rattler derive them; then CONDA_OVERRIDE_* (empty value = absent).
+    # Virtual packages, as conda and rattler derive them; then CONDA_OVERRIDE_* (empty value = absent), above all
+    # probes.
     vp: dict[str, str] = {}
-    usable = status == "ok" and bool(devices)
-    if usable and nvidia.cuda_driver_version:
-        vp["__cuda"] = nvidia.cuda_driver_version
+    if driver_cuda:
+        vp["__cuda"] = driver_cuda
         ccs = [d.compute_capability for d in devices if d.compute_capability]
         if ccs:
             vp["__cuda_arch"] = min(ccs, key=versions.key)  # CEP 46: the lowest compute capability
@@ -386,10 +631,11 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None)
 
 
 def detect(disk_path: Path | None = None, environ: dict[str, str] | None = None,
-           nvml_timeout: float = NVML_TIMEOUT_S) -> Machine:
+           nvml_timeout: float = NVML_TIMEOUT_S, root: Path = Path("/")) -> Machine:
     from lorastrap import paths
     host = host_facts(disk_path or paths.envs_dir())
-    return build_machine(host, nvml_facts(nvml_timeout), environ)
+    facts = gpu_facts(wsl=host.wsl, environ=environ, root=root, timeout=nvml_timeout)
+    return build_machine(host, facts["nvml"], environ, cuda=facts["cuda"], tegra=facts["tegra"])
 
 
 def format_table(machine: Machine) -> str:
@@ -402,17 +648,23 @@ def format_table(machine: Machine) -> str:
                        f"{_gib(machine.resources.ram_available_mib)} of {_gib(machine.resources.ram_total_mib)} GiB free"),
         ("disk", f"{_gib(machine.resources.disk_free_mib)} GiB free at {machine.resources.disk_path}"),
         ("NVML", nv.nvml_status),
+        ("libcuda", nv.cuda_status),
+        ("GPU found by", nv.answered_by or "-"),
         ("driver", (nv.driver_version or "-") + (f" (kernel module {nv.kernel_module_version})"
                                                  if nv.kernel_module_version and nv.version_mismatch else "")),
         ("driver CUDA", nv.cuda_driver_version or "-"),
     ]
+    if nv.jetson:
+        rows.append(("Jetson", f"{nv.jetson.model or '?'}, L4T {nv.jetson.l4t or '?'}"
+                               + (f", JetPack {nv.jetson.jetpack}, CUDA {nv.jetson.cuda}" if nv.jetson.cuda else "")))
     for gpu in nv.gpus:
         mig = ""
         if gpu.mig.current:
             mig = f", MIG on ({len(gpu.mig.instances)} instances)"
         elif gpu.mig.pending:
             mig = ", MIG pending"
-        rows.append((f"GPU {gpu.index}", f"{gpu.name}, cc {gpu.compute_capability}, {gpu.architecture}, "
+        rows.append((f"GPU {gpu.index}", f"{gpu.name}, cc {gpu.compute_capability}, "
+                                         + (f"{gpu.architecture}, " if gpu.architecture else "") +
                                          f"{_gib(gpu.memory_total_mib)} GiB{mig}" + (f" [{gpu.error}]" if gpu.error else "")))
     rows.append(("virtual pkgs", " ".join(f"{k}={v}" for k, v in sorted(machine.virtual_packages.items()))))
     width = max(len(k) for k, _ in rows)

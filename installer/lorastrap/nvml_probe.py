@@ -95,11 +95,13 @@ def probe(nvml) -> dict:
         driver, _ = calls("nvmlSystemGetDriverVersion", what="driver")
         result["driver_version"] = _text(driver) if driver is not None else None
         # v2 asks libcuda itself; v1 may answer "a known supported version" when libcuda is missing (NVML docs).
+        # v1 only where the driver has no v2 (as rattler does): v2 failing otherwise means libcuda is missing.
         for fn in ("nvmlSystemGetCudaDriverVersion_v2", "nvmlSystemGetCudaDriverVersion"):
-            version, _ = calls(fn, what="CUDA driver version")
+            version, err = calls(fn, what="CUDA driver version")
             if version is not None:
                 result["cuda_driver_version"] = int(version)
                 result["cuda_version_call"] = fn
+            if err != "FunctionNotFound":
                 break
         count, _ = calls("nvmlDeviceGetCount", what="GPU count")
         for i in range(count or 0):

@@ -68,6 +68,15 @@ def device_ccs(machine: Machine) -> list[str]:
     return [d.compute_capability for d in machine.devices if d.compute_capability]
 
 
+def _probe_states(machine: Machine, *, errors_only: bool = False) -> str:
+    """'NVML: LibraryNotFound, libcuda: NO_DEVICE' — what the probes that failed said."""
+    skip = {"ok", "not-run"} | ({"LibraryNotFound"} if errors_only else set())
+    names = {"nvml": "NVML", "libcuda": "libcuda"}
+    return ", ".join(f"{names[p.name]}: {p.status}" for p in machine.nvidia.probes
+                     if p.name in names and p.status not in skip) or (
+        "" if machine.nvidia.probes or machine.nvidia.nvml_status in skip else f"NVML: {machine.nvidia.nvml_status}")
+
+
 def check(profile: Profile, machine: Machine) -> list[Check]:
     checks = [Check(rule="platform", ok=machine.platform in profile.platforms,
                     message=f"platform {machine.platform or machine.arch + ' (unsupported)'} "
@@ -76,10 +85,16 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
     req = profile.requires
     cuda = machine.cuda
     if req.gpu is not None and req.gpu.value:
-        why = ("no usable NVIDIA GPU" + (f" (NVML: {machine.nvidia.nvml_status})"
-                                          if machine.nvidia.nvml_status != "ok" else "")
-               if cuda is None else f"driver supports CUDA {cuda}")
-        checks.append(Check(rule="gpu", ok=cuda is not None,
+        # __cuda says what the driver supports; a GPU also needs a CUDA device (or a CUDA override: another node).
+        has_device = bool(machine.devices) or "CONDA_OVERRIDE_CUDA" in machine.overrides
+        if cuda is None:
+            why = "no usable NVIDIA GPU" + (f" ({_probe_states(machine)})" if _probe_states(machine) else "")
+        elif not has_device:
+            why = f"the driver supports CUDA {cuda} but no CUDA device is visible"
+        else:
+            how = f", found by {machine.nvidia.answered_by}" if machine.nvidia.answered_by else ""
+            why = f"driver supports CUDA {cuda}{how}"
+        checks.append(Check(rule="gpu", ok=cuda is not None and has_device,
                             message=f"needs an NVIDIA GPU: {why}", source=req.gpu.source))
     if req.driver_cuda_min is not None:
         need = req.driver_cuda_min.value
@@ -148,14 +163,14 @@ def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen
             hint = _driver_hint(matrix, machine, cand.profile, profile)
             if hint:
                 hints.append(hint)
-        elif "gpu" in unmet and machine.nvidia.nvml_status not in ("ok", "LibraryNotFound"):
+        elif "gpu" in unmet and _probe_states(machine, errors_only=True):
             nvml_blocked.append(cand.profile)
         elif "compute_capability" in unmet and machine.cuda is not None:
             cc = profile.requires.compute_capability
             hints.append(f"{cand.profile} supports compute capability {cc.min}..{cc.max} only "
                          f"(this machine: {_fmt_ccs(device_ccs(machine))})")
     if nvml_blocked:
-        hints.append(f"fixing the NVML error ({machine.nvidia.nvml_status}; see `lorastrap detect`) "
+        hints.append(f"fixing the driver error ({_probe_states(machine, errors_only=True)}; see `lorastrap detect`) "
                      f"may enable {', '.join(nvml_blocked)}")
     return hints
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,13 +78,42 @@ def _communicate(proc: subprocess.Popen, stdin: str | None, timeout: float) -> t
         raise
 
 
-def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-        stdin: str | None = None) -> Result:
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def _start(argv: list[str], env: dict[str, str] | None, cwd: str | Path | None = None,
+           stdin: str | None = None) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             env=env, cwd=cwd, text=True, start_new_session=True, preexec_fn=_PREEXEC)
+
+
+def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+        stdin: str | None = None) -> Result:
+    proc = _start(argv, env, cwd, stdin)
     out, err, timed_out = _communicate(proc, stdin, timeout)
     return Result(argv, None if timed_out else proc.returncode, out, err, timed_out=timed_out)
+
+
+def python_modules(calls: list[tuple[str, dict[str, str]]], *, timeout: float) -> list[Result]:
+    """Run several ``python -m lorastrap.<module>`` (module, env) at once; each has ``timeout`` from the start.
+
+    A hung one is killed at its deadline without delaying the others' answers."""
+    started = time.monotonic()
+    procs: list[tuple[list[str], subprocess.Popen]] = []
+    try:
+        for module, env in calls:
+            argv = [sys.executable, "-m", f"lorastrap.{module}"]
+            procs.append((argv, _start(argv, env)))
+        results = []
+        for argv, proc in procs:
+            left = max(0.01, timeout - (time.monotonic() - started))
+            out, err, timed_out = _communicate(proc, None, left)
+            results.append(Result(argv, None if timed_out else proc.returncode, out, err, timed_out=timed_out))
+        return results
+    except BaseException:  # Ctrl-C or SIGTERM: none of them outlives us
+        for _, proc in procs:
+            if proc.poll() is None:
+                _kill_group(proc)
+                proc.wait()
+        raise
 
 
 def python_module(module: str, *args: str, timeout: float, env: dict[str, str] | None = None,
