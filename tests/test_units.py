@@ -170,12 +170,18 @@ def served(tmp_path):
     server.shutdown()
 
 
-def test_cache_fetches_once_checks_and_refuses_a_swap(tmp_path, served):
+def _first_fetch(tmp_path, served):
+    """A real archive served over HTTP, fetched once into a new cache."""
     root, url = served
     (root / "a.conda").write_bytes(b"real archive")
     good = cache.sha256_file(root / "a.conda")
     c = cache.Cache(tmp_path / "pkgs")
     path, got = c.fetch(f"{url}/a.conda", good, "a.conda")
+    return root, url, good, c, path, got
+
+
+def test_cache_fetches_once_checks_and_refuses_a_swap(tmp_path, served):
+    root, url, good, c, path, got = _first_fetch(tmp_path, served)
     assert got == len(b"real archive") and path.read_bytes() == b"real archive"
     assert c.fetch(f"{url}/a.conda", good, "a.conda") == (path, 0)  # cached: nothing downloaded
     (root / "b.conda").write_bytes(b"tampered!!!!")
@@ -187,11 +193,7 @@ def test_cache_fetches_once_checks_and_refuses_a_swap(tmp_path, served):
 
 
 def test_cache_entry_edited_in_place_is_fetched_again(tmp_path, served):
-    root, url = served
-    (root / "a.conda").write_bytes(b"real archive")
-    good = cache.sha256_file(root / "a.conda")
-    c = cache.Cache(tmp_path / "pkgs")
-    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    root, url, good, c, path, _ = _first_fetch(tmp_path, served)
     path.write_bytes(b"edited archive")
     assert not c.is_ready(good, "a.conda")
     path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
