@@ -306,7 +306,7 @@ runtime_from_micromamba() {
         -r "$_root/requirements.txt" >&2 || err "could not install lorastrap's runtime requirements" "$EXIT_NETWORK"
 }
 
-# Run the installer with the full narration copied to a log file; the log's path is printed on failure.
+# Run lorastrap with the full narration copied to a log file; the log's path is printed on failure.
 run_logged() {
     _log="$1"
     shift
@@ -374,7 +374,7 @@ main() {
 
     _plat=$(get_platform) || err "unsupported platform $(uname -s)/$(uname -m): lorastrap supports linux-64, linux-aarch64, osx-arm64, osx-64 (on Windows: use WSL2)" "$EXIT_USAGE"
     _tmp=$(make_tmp) || err "cannot create a temporary folder (TMPDIR=${TMPDIR:-/tmp})" 1
-    TMPDIR="$_tmp"  # pip and the installer use it too (a noexec or small TMPDIR breaks them as well)
+    TMPDIR="$_tmp"  # pip and lorastrap use it too (a noexec or small TMPDIR breaks them as well)
     export TMPDIR
     trap 'rm -rf "$_tmp"' EXIT
     trap 'rm -rf "$_tmp"; exit 130' INT TERM
@@ -402,7 +402,7 @@ main() {
     RUNTIME_PY=""
     ensure_runtime "$_root"
 
-    # The installer's flags (set -- rebuilds the argument list without word-splitting values).
+    # lorastrap's flags (set -- rebuilds the argument list without word-splitting values).
     if [ -n "$_dry" ]; then
         set -- plan
     else

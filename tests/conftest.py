@@ -10,6 +10,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))  # also importable without the editable install
 
 
+def _has_nvidia_driver() -> bool:
+    from lorastrap import libfind
+    return any(libfind.find(so, environ=dict(os.environ)) for so in ("libnvidia-ml.so.1", "libcuda.so.1"))
+
+
+# Tests of what this machine really answers when it has no NVIDIA driver (the CI machines): on a GPU node, where
+# users of lorastrap also run these tests, they are skipped (the recorded machines cover the GPU answers).
+no_nvidia_driver = pytest.mark.skipif(_has_nvidia_driver(), reason="this machine has an NVIDIA driver library; the "
+                                                                   "no-driver answers are tested where there is none")
+
+
 def run_cli(*args, env=None, timeout=120, cwd=ROOT):
     """Run `python -m lorastrap ARGS` as a user would (the package is installed editable in the test venv)."""
     full_env = dict(os.environ)
@@ -60,7 +71,7 @@ def home(tmp_path, monkeypatch):
     """A fresh lorastrap data dir (cache, locks, envs) for one test: the first run on a new machine."""
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("LORASTRAP_PKGS_DIR", raising=False)
-    monkeypatch.delenv("CONDA_OVERRIDE_CUDA", raising=False)
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "")  # a CPU machine, whatever this one has (tests set 12.4 for GPU)
     return tmp_path / "home"
 
 
@@ -69,9 +80,9 @@ def session_state(channel, tmp_path_factory):
     """The test profiles locked once (test-cpu and test-cuda for linux-64, against the test channel) and their
     archives downloaded and checked once, by real `lorastrap install` runs."""
     root = tmp_path_factory.mktemp("session-state")
-    env = {k: v for k, v in os.environ.items() if k not in ("CONDA_OVERRIDE_CUDA", "LORASTRAP_PKGS_DIR")}
+    env = {k: v for k, v in os.environ.items() if k != "LORASTRAP_PKGS_DIR"}
     env["LORASTRAP_HOME"] = str(root / "home")
-    for extra in ({}, {"CONDA_OVERRIDE_CUDA": "12.4"}):
+    for extra in ({"CONDA_OVERRIDE_CUDA": ""}, {"CONDA_OVERRIDE_CUDA": "12.4"}):
         res = subprocess.run([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(ROOT / "tests" / "envs"),
                               "--channel", channel["url"], "--pip-index-url", channel["simple"], "--no-verify",
                               "--prefix", str(root / "env")], capture_output=True, text=True, timeout=600,

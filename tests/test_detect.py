@@ -10,19 +10,21 @@ from pathlib import Path
 
 import pytest
 import recorded_nvml
-from conftest import run_cli
+from conftest import no_nvidia_driver, run_cli
 
 from lorastrap import detect, libfind, profiles
 from lorastrap import plan as planner
 from lorastrap.detect import Host, build_machine
 
 
+@no_nvidia_driver
 def test_real_nvml_on_this_machine_reports_library_not_found():
     raw = detect.nvml_facts()
     assert raw["init_error"] == "LibraryNotFound", raw
     assert raw["gpus"] == []
 
 
+@no_nvidia_driver
 def test_detect_json_cli_describes_a_cpu_machine():
     res = run_cli("detect", "--json")
     assert res.returncode == 0, res.stderr
@@ -38,6 +40,7 @@ def test_detect_json_cli_describes_a_cpu_machine():
     assert "Traceback" not in res.stderr
 
 
+@no_nvidia_driver
 def test_detect_table_is_readable():
     res = run_cli("detect")
     assert res.returncode == 0
@@ -131,6 +134,7 @@ def test_overrides_reach_the_cli(monkeypatch):
 
 # --- beyond NVML: libcuda, WSL2, Jetson, the library search -------------------------------------------------------
 
+@no_nvidia_driver
 def test_no_child_is_started_where_neither_library_exists():
     # This machine has no NVIDIA driver: the search answers, and the messages are the search's, not a child's.
     raw = detect.gpu_facts(environ={})
@@ -140,6 +144,7 @@ def test_no_child_is_started_where_neither_library_exists():
     assert raw["tegra"] is None
 
 
+@no_nvidia_driver
 def test_cuda_probe_child_reports_library_not_found_for_real():
     res = detect.subproc.python_module("cuda_probe", timeout=30, env=detect.subproc.clean_env())
     answer = json.loads(res.stdout)

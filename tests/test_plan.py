@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import no_nvidia_driver, ROOT, run_cli
 from recorded_nvml import RecordedNVML, all_fixtures, cuda_answer, load
 
 from lorastrap import plan as planner
@@ -124,6 +124,7 @@ def test_vp_files_match_the_driver_rules():
 
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
+@no_nvidia_driver
 def test_plan_cli_on_this_machine_picks_cpu():
     res = run_cli("plan", "--json")
     assert res.returncode == 0, res.stderr
