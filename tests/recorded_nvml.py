@@ -91,3 +91,10 @@ def load(path: Path) -> dict:
 
 def all_fixtures() -> list[Path]:
     return sorted(FIXTURES.glob("*.json"))
+
+
+def machine(fixture: dict):
+    """The machine description (what `lorastrap detect --json` prints there) of a recorded machine."""
+    from lorastrap.detect import Host, build_machine
+    from lorastrap.nvml_probe import probe
+    return build_machine(Host(**fixture["host"]), probe(RecordedNVML(fixture["nvml"])), fixture["env"])

@@ -23,6 +23,52 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def _machine_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--machine", type=Path, default=None,
+                   help="use this machine description (`detect --json` of another node) instead of detecting this one")
+
+
+def _fleet_node_flags(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
+    p.add_argument("--bundle", action="append", required=need_bundle,
+                   help="a bundle (folder or .tar on the shared filesystem); repeat it for one bundle per profile")
+    p.add_argument("--report-dir", type=Path, required=True, help="shared folder for NODE.json and fleet.json")
+    p.add_argument("--prefix", default=None,
+                   help="environment path on each node; %%n is the node name (no %%n: one shared environment); "
+                        "default: the node's data dir's envs/lora")
+    p.add_argument("--home", default=None, help="each node's lorastrap data dir (%%n allowed; default DATA_DIR/nodes/%%n)")
+    p.add_argument("--profile", default=None,
+                   help="one profile for every node (nodes that cannot run it refuse); default: each node's plan")
+    p.add_argument("--machines", type=Path, default=None,
+                   help="folder of recorded machine descriptions, NODE.json (`detect --json`), used instead of "
+                        "detecting the nodes that have one")
+    p.add_argument("--pkgs-dir", type=Path, default=None,
+                   help="the package cache the nodes share (default: LORASTRAP_PKGS_DIR, else DATA_DIR/pkgs)")
+    p.add_argument("--install-arg", action="append", default=[], metavar="ARG",
+                   help="one more flag for `lorastrap install` on the nodes (e.g. --install-arg=--engine=rattler)")
+
+
+def _fleet_parsers(sub) -> None:
+    fleet = sub.add_parser("fleet", help="provision, verify and report many nodes through Slurm")
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="STEP", required=True)
+    p = fsub.add_parser("slurm", help="from a login node: one lorastrap task on each node, then the fleet report")
+    _common(p)
+    _fleet_node_flags(p)
+    p.add_argument("--partition", "-p", default=None, help="the partition (default: Slurm's default partition)")
+    p.add_argument("--nodelist", "-w", default=None, help="these nodes only (Slurm's syntax: gpu[01-16])")
+    p.add_argument("--time", default=None, help="the job's time limit (sbatch --time)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="one more sbatch flag, e.g. --sbatch-arg=--gres=gpu:1 (repeatable)")
+    p.add_argument("--lorastrap", default=None,
+                   help="the lorastrap command on the nodes (default: this one, `PYTHON -m lorastrap`)")
+    p = fsub.add_parser("node", help="inside the job, on each node: plan, install from a bundle, verify, report")
+    _common(p)
+    _fleet_node_flags(p)
+    p = fsub.add_parser("report", help="join the node reports into fleet.json and print the table")
+    _common(p)
+    _fleet_node_flags(p, need_bundle=False)
+    p.add_argument("--hosts", default=None, help="the nodes, comma-separated (default: those the job ran on)")
+
+
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.EXIT_CODES.items())
     top = argparse.ArgumentParser(prog="lorastrap",
@@ -39,6 +85,7 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--profile", default=None, help="force a profile; the plan says which requirements it breaks")
     p.add_argument("--why-not", default=None, metavar="NAME", help="list each rule of profile NAME and whether it is met")
+    _machine_flag(p)
     p = sub.add_parser("lock", help="solve a profile's spec and write its conda-lock file")
     _common(p)
     p.add_argument("--profile", default=None, help="profile to lock (default: the one plan chooses)")
@@ -68,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
     p.add_argument("--bundle", type=Path, default=None, help="install from an offline bundle (folder or .tar)")
+    _machine_flag(p)
 
     p = sub.add_parser("bundle", help="an offline bundle: lock, archives, runtime wheels, source, manifest")
     _common(p)
@@ -93,9 +141,7 @@ def parser() -> argparse.ArgumentParser:
         where = p.add_mutually_exclusive_group()
         where.add_argument("--prefix", type=Path, default=None, help="environment path")
         where.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
-        p.add_argument("--machine", type=Path, default=None,
-                       help="judge against this machine description (`detect --json` of another node) instead of "
-                            "detecting this one")
+        _machine_flag(p)
         if cmd == "doctor":
             p.add_argument("--no-imports", action="store_true", help="skip the import and version-gate pre-checks")
         else:
@@ -107,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--mirror", default=None)
             p.add_argument("--pip-index-url", default=None)
             p.add_argument("--no-verify", action="store_true")
+    _fleet_parsers(sub)
     return top
 
 
@@ -140,13 +187,12 @@ def cmd_lock(args) -> int:
 
 def cmd_install(args) -> int:
     from lorastrap import install as inst, lock, paths, plan as planner, profiles
-    from lorastrap.detect import detect
     envs = _envs_dir(args)
     if args.bundle and not args.envs_dir:
         from lorastrap import bundle
         envs = bundle.open_bundle(args.bundle) / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs)
-    machine = detect(disk_path=args.prefix)
+    machine = _machine(args)
     result_plan = planner.plan(machine, matrix, profile=args.profile)
     name = planner.require_profile(result_plan)
     for c in result_plan.broken:
@@ -292,11 +338,10 @@ def cmd_detect(args) -> int:
 
 def cmd_plan(args) -> int:
     from lorastrap import plan as planner, profiles
-    from lorastrap.detect import detect
     matrix = profiles.load(args.envs_dir)
     if args.why_not:
         profiles.get(matrix, args.why_not)
-    machine = detect()
+    machine = _machine(args)
     result = planner.plan(machine, matrix, profile=args.profile)
     if args.json:
         print(json.dumps({"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")}, indent=2))
@@ -305,7 +350,36 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
+def _fleet_options(args):
+    from lorastrap import fleet
+    return fleet.NodeOptions(bundles=fleet.bundle_paths(args.bundle), report_dir=args.report_dir.absolute(),
+                             prefix=args.prefix, home=args.home, profile=args.profile,
+                             machines=args.machines.absolute() if args.machines else None,
+                             pkgs_dir=args.pkgs_dir.absolute() if args.pkgs_dir else None, extra=args.install_arg)
+
+
+def cmd_fleet(args) -> int:
+    from lorastrap import fleet
+    opts = _fleet_options(args)
+    if args.fleet_command == "node":
+        doc, error = fleet.run_node(opts, narrate=say)
+        if error is not None:
+            print(error.render(), file=sys.stderr)
+        print(json.dumps(doc, indent=2) if args.json else
+              f"{doc['node']}: " + (f"{doc['verify_verdict']} (profile {doc['profile']}, {doc['prefix']})"
+                                    if doc["ok"] else "failed"))
+        return error.exit_code if error is not None else errors.OK
+    if args.fleet_command == "slurm":
+        result = fleet.slurm(opts, partition=args.partition, nodelist=args.nodelist, time_limit=args.time,
+                             sbatch_args=args.sbatch_arg, lorastrap_cmd=args.lorastrap, narrate=say)
+    else:
+        result = fleet.report(opts.report_dir, [h for h in (args.hosts or "").split(",") if h])
+    say(f"wrote {opts.report_dir / fleet.FLEET_FILE}")
+    print(json.dumps(result, indent=2) if args.json else fleet.format_fleet(result))
+    return fleet.exit_code(result)
+
+
+COMMANDS = {"fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:
