@@ -35,10 +35,11 @@ RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, a
 FLEET_FILE = "fleet.json"
 INSTALL_TIMEOUT_S = 4 * 3600.0
 SLURM_TIMEOUT_S = 60.0
-WAIT_TIMEOUT_S = 7 * 24 * 3600.0
 # sinfo's long node states a job can be started on (it may wait for "allocated" ones); any other state, or a "*"
 # suffix (not responding), means the scheduler will not start a task there.
 STARTABLE = {"idle", "mixed", "allocated", "completing", "planned"}
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY"}
 
 
 @dataclass
@@ -242,7 +243,7 @@ def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, Lorastrap
 # --------------------------------------------------------------------------------------------------------------
 # The report
 
-def _slurm(argv: list[str], timeout: float = SLURM_TIMEOUT_S, env: dict | None = None) -> subproc.Result:
+def _slurm(argv: list[str], env: dict | None = None, timeout: float = SLURM_TIMEOUT_S) -> subproc.Result:
     if not shutil.which(argv[0]):
         raise LorastrapError(f"Slurm's {argv[0]} is not on PATH", why="the fleet runs through the Slurm scheduler",
                              fix="Run this on a login node of the cluster (e.g. after `module load slurm`).",
@@ -317,13 +318,39 @@ def sinfo(partition: str | None, nodelist: str | None) -> list[tuple[str, str, s
     return [nodes[n] for n in sorted(nodes)]
 
 
+def job_state(job: str) -> tuple[str, str]:
+    """The job's state (COMPLETED, RUNNING, …; GONE once slurmctld has forgotten it) and exit code ("13:0")."""
+    res = _slurm(["scontrol", "show", "job", "-o", job])
+    fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f) if res.ok else {}
+    return fields.get("JobState", "GONE"), fields.get("ExitCode", "?")
+
+
+def wait(job: str, narrate=lambda m: None) -> str:
+    """Wait until the job ended (polling, from 0.25 s up to 15 s apart); Ctrl-C cancels it."""
+    delay, last = 0.25, None
+    try:
+        while True:
+            state, code = job_state(job)
+            if state in ENDED or state == "GONE":
+                return f"{state}, exit code {code}"
+            if state != last:
+                narrate(f"job {job}: {state.lower()}")
+                last = state
+            time.sleep(delay)
+            delay = min(delay * 1.5, 15.0)
+    except KeyboardInterrupt:
+        narrate(f"cancelling job {job}")
+        _slurm(["scancel", job])
+        raise
+
+
 def startable(state: str) -> bool:
     return not state.endswith("*") and state.rstrip("~#!%$@^-+") in STARTABLE
 
 
 def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | None = None,
           time_limit: str | None = None, sbatch_args: list[str] = (), lorastrap_cmd: str | None = None,
-          wait_timeout: float = WAIT_TIMEOUT_S, narrate=lambda m: None) -> dict:
+          narrate=lambda m: None) -> dict:
     """Provision the partition's nodes through one batch job; returns the fleet report (also in fleet.json)."""
     check_options(opts)
     opts.report_dir.mkdir(parents=True, exist_ok=True)
@@ -347,7 +374,7 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
         narrate(f"not starting {n}: {why}")
     if go:
         script = paths.DEPLOY / "slurm" / "lorastrap-fleet.sbatch"
-        argv = ["sbatch", "--wait", "--parsable", "--job-name=lorastrap-fleet", f"--nodes={len(go)}",
+        argv = ["sbatch", "--parsable", "--job-name=lorastrap-fleet", f"--nodes={len(go)}",
                 f"--nodelist={','.join(go)}", "--ntasks-per-node=1", "--no-kill",
                 f"--output={opts.report_dir}/slurm-%j.out"]
         argv += [f"--partition={partition}"] if partition else []
@@ -355,14 +382,15 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
         argv += [*sbatch_args, str(script), *opts.argv()]
         command = lorastrap_cmd or f"{shlex.quote(sys.executable)} -m lorastrap"
         narrate(f"submitting one lorastrap task on each of {len(go)} node(s): {', '.join(go)}")
-        res = _slurm(argv, timeout=wait_timeout, env=subproc.clean_env(LORASTRAP=command))
+        res = _slurm(argv, env=subproc.clean_env(LORASTRAP=command))
         job = (res.stdout.strip().splitlines() or [""])[0].split(";")[0]
-        if not job.isdigit():
+        if not res.ok or not job.isdigit():
             raise UsageError("Slurm refused the fleet job: " + " ".join(argv[:9]) + " …", why=res.tail(),
-                             fix="Check --partition, --nodelist and the sbatch options (`sinfo -N` lists the nodes).")
-        narrate(f"job {job} finished" + ("" if res.ok else f" with exit code {res.returncode}"))
+                             fix="Check --partition, --nodelist and the sbatch options (`sinfo -N` lists them).")
         run["job"] = job
         _write_json(opts.report_dir / RUN_FILE, run)
+        state = wait(job, narrate)
+        narrate(f"job {job} ended: {state}")
     return report(opts.report_dir, asked)
 
 
