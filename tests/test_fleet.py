@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, run_cli
@@ -328,14 +329,45 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
             assert json.loads((reports / f"{node}.json").read_text())["exit_code"] == 3
         assert {n: _installed_at(envs / f"lora-{n}") for n in stamps} == stamps
 
-        # One shared environment for three nodes: one of them installs it, every one verifies it.
-        shared = _fleet_cli("slurm", "--bundle", str(cpu), "--report-dir", str(tmp_path / "shared-reports"),
-                            "--pkgs-dir", str(pkgs), "--prefix", str(tmp_path / "shared-env"), "--nodelist",
-                            "sn[0-2]", hub=hub, env=env)
-        assert shared.returncode == 0, shared.stderr[-3000:]
-        rows = _rows(tmp_path / "shared-reports")
+        # The batch script submitted by hand, as a site would: the .tar bundle (the nodes unpack it side by side),
+        # one shared environment for three nodes: one installs it, every one verifies it; the job's last step
+        # writes fleet.json.
+        tar = tmp_path / "site" / bundle.name
+        tar.parent.mkdir()
+        shutil.copy(bundle, tar)
+        shared_reports = tmp_path / "shared-reports"
+        job = subprocess.run(["ip", "netns", "exec", hub, "sbatch", "--wait", "-N", "3", "-w", "sn[0-2]", "-o",
+                              f"{shared_reports}-%j.out", str(ROOT / "deploy" / "slurm" / "lorastrap-fleet.sbatch"),
+                              "--bundle", str(tar), "--report-dir", str(shared_reports), "--pkgs-dir", str(pkgs),
+                              "--prefix", str(tmp_path / "shared-env")], cwd=tmp_path, capture_output=True, text=True,
+                             env={**env, "LORASTRAP": f"{sys.executable} -m lorastrap"}, timeout=300)
+        out = "".join(p.read_text() for p in tmp_path.glob("shared-reports-*.out"))
+        assert job.returncode == 0, out[-3000:]
+        rows = _rows(shared_reports)
+        assert sorted(rows) == ["sn0", "sn1", "sn2"], out[-3000:]
         assert all(r["status"] == "ok" and r["verify"] == "pass" and r["profile"] == "test-cpu" for r in rows.values())
         assert sorted(r["changed"] for r in rows.values()) == [False, False, True]
+        assert "summary: ok 3, planned 0, failed 0, unreachable 0" in out
+
+        # A task killed while it works (here: the job cancelled) is recorded as started and not finished.
+        run = subprocess.Popen(["ip", "netns", "exec", hub, sys.executable, "-m", "lorastrap", "fleet", "slurm",
+                                *common, "--prefix", f"{envs}/killed-%n", "--nodelist", "sn1"], cwd=ROOT,
+                               env={**env, "LORASTRAP_PAUSE_AT": "verify"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            journal = envs / "killed-sn1.lorastrap-txn.json"
+            deadline = time.monotonic() + 120
+            while not (journal.exists() and "verifying" in journal.read_text()):
+                assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+                time.sleep(0.2)
+            jobid = json.loads((reports / "slurm-run.json").read_text())["job"]
+            subprocess.run(["ip", "netns", "exec", hub, "scancel", jobid], env=env, check=True)
+            out, err = run.communicate(timeout=120)
+        finally:
+            run.kill()
+        assert run.returncode == 13 and "CANCELLED" in err, err[-3000:]
+        row = _rows(reports)["sn1"]
+        assert row["status"] == "failed" and "did not finish" in row["error"]
 
 
 def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):
