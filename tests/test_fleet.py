@@ -396,3 +396,13 @@ def test_fleet_refusals_before_anything_runs(bundle, cuda_bundle, tmp_path):
     assert res.returncode == 2 and "none of the bundles holds it" in res.stderr
     res = _fleet_cli("slurm", "--bundle", str(cpu), "--report-dir", str(tmp_path / "r"), env={"PATH": str(tmp_path)})
     assert res.returncode == 10 and "sinfo is not on PATH" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_plan_for_a_gpu_node_from_its_recorded_description(tmp_path):
+    """From a login node without GPUs: plan with a node's `detect --json` (here a recorded H100 node's)."""
+    _recorded("h100-sxm_driver-550--cuda12", tmp_path / "gpu07.json")
+    res = run_cli("plan", "--machine", str(tmp_path / "gpu07.json"))
+    assert res.returncode == 0 and res.stdout.startswith("profile: cuda12"), res.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    res = run_cli("plan", "--machine", str(tmp_path / "bad.json"))
+    assert res.returncode == 4 and "not a machine description" in res.stderr and "detect --json" in res.stderr

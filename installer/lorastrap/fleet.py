@@ -321,13 +321,16 @@ def sinfo(partition: str | None, nodelist: str | None) -> list[tuple[str, str, s
 def job_state(job: str) -> tuple[str, str]:
     """The job's state (COMPLETED, RUNNING, …; GONE once slurmctld has forgotten it) and exit code ("13:0")."""
     res = _slurm(["scontrol", "show", "job", "-o", job])
-    fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f) if res.ok else {}
-    return fields.get("JobState", "GONE"), fields.get("ExitCode", "?")
+    if not res.ok:  # forgotten, or slurmctld did not answer this time (then: ask again)
+        return ("GONE" if "invalid job id" in (res.stderr + res.stdout).lower() else "UNANSWERED"), "?"
+    fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f)
+    return fields.get("JobState", "UNANSWERED"), fields.get("ExitCode", "?")
 
 
 def wait(job: str, narrate=lambda m: None) -> str:
-    """Wait until the job ended (polling, from 0.25 s up to 15 s apart); Ctrl-C cancels it."""
-    delay, last = 0.25, None
+    """Wait until the job ended (polling: 0.25 s apart at first, a tenth of the time waited later, 15 s at most);
+    Ctrl-C cancels it."""
+    t0, last = time.monotonic(), None
     try:
         while True:
             state, code = job_state(job)
@@ -336,8 +339,7 @@ def wait(job: str, narrate=lambda m: None) -> str:
             if state != last:
                 narrate(f"job {job}: {state.lower()}")
                 last = state
-            time.sleep(delay)
-            delay = min(delay * 1.5, 15.0)
+            time.sleep(min(0.25 + (time.monotonic() - t0) / 10, 15.0))
     except KeyboardInterrupt:
         narrate(f"cancelling job {job}")
         _slurm(["scancel", job])
