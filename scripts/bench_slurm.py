@@ -11,7 +11,6 @@ into the shared cache (the package set is read once for the whole job, not once 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,15 +30,7 @@ def main() -> None:
         sys.exit(f"bench_slurm: {why}")
     with tempfile.TemporaryDirectory(prefix="lorastrap-bench-slurm-") as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(tmp / "tc")],
-                       check=True, capture_output=True)
-        server, url = testchannel.serve(tmp / "tc")
-        bundle = tmp / "bundle"
-        subprocess.run([sys.executable, "-m", "lorastrap", "bundle", "--envs-dir", str(ROOT / "tests" / "envs"),
-                        "--profile", "test-cpu", "--channel", f"{url}/channel", "--pip-index-url", f"{url}/simple",
-                        "-o", str(bundle)], cwd=ROOT, check=True, capture_output=True,
-                       env=dict(os.environ, LORASTRAP_HOME=str(tmp / "head")))
-        server.shutdown()  # the fleet runs offline
+        bundle = testchannel.offline_bundle(tmp)
         manifest = json.loads((bundle / "manifest.json").read_text())
         conda = sum(m["size"] for rel, m in manifest["files"].items() if rel.startswith("channel/")
                     and rel.endswith(".conda"))
