@@ -318,10 +318,12 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
 
         # One profile for every node: the nodes that cannot run it refuse, and keep what they have.
         forced = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", "--profile", "test-cuda",
-                            "--nodelist", "sn[0-2]", hub=hub, env=env)
+                            "--nodelist", "sn[0-2],sn9", hub=hub, env=env)
         assert forced.returncode == 13, forced.stderr[-3000:]
         rows = _rows(reports)
-        assert set(rows) == {"sn0", "sn1", "sn2"} and rows["sn0"]["status"] == "ok"
+        assert set(rows) == {"sn0", "sn1", "sn2", "sn9"} and rows["sn0"]["status"] == "ok"
+        assert rows["sn9"]["status"] == "not-started"
+        assert rows["sn9"]["error"] == "Slurm did not start it: Slurm knows no node sn9 in partition lora"
         for node, why in (("sn1", "driver must support CUDA >= 12.0: it supports 11.4"),
                           ("sn2", "needs an NVIDIA GPU: no usable NVIDIA GPU")):
             assert rows[node]["status"] == "failed"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorastrap import paths, subproc
-from lorastrap.errors import (FLEET_INCOMPLETE, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
+from lorastrap.errors import (FLEET_INCOMPLETE, INTERNAL, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
                               UsageError)
 
 RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, and why some were not started
@@ -188,10 +188,10 @@ def _install(opts: NodeOptions, where: Path, prefix: Path, home: Path, machine_f
                          why=res.tail(), fix=f"See {log}.", exit_code=res.returncode or 1)
 
 
-def _verify_here(doc: dict, profile, machine) -> None:
+def _verify_here(doc: dict, profile, machine, opts_extra: list[str]) -> None:
     """Run the profile's verification on this node's own devices (install verified only if it changed something)."""
     from lorastrap import install, verify
-    if doc.get("verify_verdict") == "pass":
+    if doc.get("verify_verdict") == "pass" or "--no-verify" in opts_extra:
         return
     res = install.run_in(Path(doc["prefix"]), profile.verify, timeout=install.VERIFY_TIMEOUT_S,
                          driver_cuda=machine.cuda)
@@ -199,8 +199,8 @@ def _verify_here(doc: dict, profile, machine) -> None:
     if not res.ok:
         raise LorastrapError(f"the environment at {doc['prefix']} failed verification on this node: "
                              + " ".join(profile.verify), why=res.tail(),
-                             fix="Nothing was changed.  `lorastrap doctor --prefix PREFIX` on this node says why; "
-                                 "`lorastrap repair` rebuilds it.", exit_code=VERIFY)
+                             fix=f"`lorastrap doctor --prefix {doc['prefix']}` on this node says why; `lorastrap "
+                                 f"repair --prefix {doc['prefix']}` rebuilds it.", exit_code=VERIFY)
     doc["verify"] = {"ok": True, "command": profile.verify, "verdict": (report or {}).get("verdict", "pass"),
                      "report": report}
     doc["verify_verdict"] = doc["verify"]["verdict"]
@@ -227,13 +227,16 @@ def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, Lorastrap
         prefix = _expand(opts.prefix, node) if opts.prefix else home / "envs" / "lora"
         narrate(f"{node}: profile {name} ({plan.reasons[0]}) from {where} → {prefix}")
         doc = _install(opts, where, prefix, home, machine_file, opts.report_dir / f"{node}.log")
-        _verify_here(doc, matrix.profiles[name], machine)
+        _verify_here(doc, matrix.profiles[name], machine, opts.extra)
         doc.update(base)
         doc["machine_source"] = str(machine_file) if machine_file else "detected"
         doc["timings"]["node_total"] = time.perf_counter() - t0
         _write_json(out, doc)
         return doc, None
-    except LorastrapError as exc:
+    except Exception as exc:  # whatever went wrong is the node's report, not a traceback lost in a job log
+        if not isinstance(exc, LorastrapError):
+            exc = LorastrapError(f"internal error: {type(exc).__name__}: {exc}",
+                                 fix="This is a bug in lorastrap; report it with this node's log.", exit_code=INTERNAL)
         doc = {**base, "ok": False, "exit_code": exc.exit_code,
                "error": " | ".join(x for x in (exc.what, exc.why and f"why: {exc.why}", exc.fix and f"fix: {exc.fix}") if x)}
         _write_json(out, doc)
@@ -298,6 +301,16 @@ def exit_code(fleet: dict) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # The login node
 
+def default_partition() -> str:
+    """The partition sbatch uses when none is named (sinfo marks it with a "*")."""
+    res = _slurm(["sinfo", "-h", "-o", "%P"])
+    marked = [p.strip()[:-1] for p in res.stdout.splitlines() if p.strip().endswith("*")]
+    if not res.ok or not marked:
+        raise UsageError("Slurm names no default partition" + (f": {res.tail()}" if not res.ok else ""),
+                         fix="Pass --partition (`sinfo -s` lists them).")
+    return marked[0]
+
+
 def sinfo(partition: str | None, nodelist: str | None) -> list[tuple[str, str, str]]:
     """(node, long state, reason) for the partition's (or the listed) nodes, each once, sorted."""
     argv = ["sinfo", "-h", "-N", "-o", "%N|%T|%E"]
@@ -356,14 +369,14 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
     """Provision the partition's nodes through one batch job; returns the fleet report (also in fleet.json)."""
     check_options(opts)
     opts.report_dir.mkdir(parents=True, exist_ok=True)
+    partition = partition or default_partition()
     nodes = sinfo(partition, nodelist)
     asked = [n for n, _, _ in nodes]
     if nodelist:
         listed = _slurm(["scontrol", "show", "hostnames", nodelist])
         asked = sorted(set(asked) | set(listed.stdout.split()))
     known = {n for n, _, _ in nodes}
-    not_started = {n: f"Slurm does not know node {n}" + (f" in partition {partition}" if partition else "")
-                   for n in asked if n not in known}
+    not_started = {n: f"Slurm knows no node {n} in partition {partition}" for n in asked if n not in known}
     for n, state, reason in nodes:
         if not startable(state):
             not_started[n] = f"node {n} is {state}" + (f" (reason: {reason})" if reason and reason != "none" else "")
@@ -377,9 +390,8 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
     if go:
         script = paths.DEPLOY / "slurm" / "lorastrap-fleet.sbatch"
         argv = ["sbatch", "--parsable", "--job-name=lorastrap-fleet", f"--nodes={len(go)}",
-                f"--nodelist={','.join(go)}", "--ntasks-per-node=1", "--no-kill",
+                f"--nodelist={','.join(go)}", f"--partition={partition}", "--ntasks-per-node=1", "--no-kill",
                 f"--output={opts.report_dir}/slurm-%j.out"]
-        argv += [f"--partition={partition}"] if partition else []
         argv += [f"--time={time_limit}"] if time_limit else []
         argv += [*sbatch_args, str(script), *opts.argv()]
         command = lorastrap_cmd or f"{shlex.quote(sys.executable)} -m lorastrap"
