@@ -29,6 +29,10 @@ def _machine_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _fleet_node_flags(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
+    """The flags of every fleet step (the batch script hands the same list to `fleet node` and `fleet report`);
+    the profiles are the bundles' own, so there is no --envs-dir."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--bundle", action="append", required=need_bundle,
                    help="a bundle (folder or .tar on the shared filesystem); repeat it for one bundle per profile")
     p.add_argument("--report-dir", type=Path, required=True, help="shared folder for NODE.json and fleet.json")
@@ -51,7 +55,6 @@ def _fleet_parsers(sub) -> None:
     fleet = sub.add_parser("fleet", help="provision, verify and report many nodes through Slurm")
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="STEP", required=True)
     p = fsub.add_parser("slurm", help="from a login node: one lorastrap task on each node, then the fleet report")
-    _common(p)
     _fleet_node_flags(p)
     p.add_argument("--partition", "-p", default=None, help="the partition (default: Slurm's default partition)")
     p.add_argument("--nodelist", "-w", default=None, help="these nodes only (Slurm's syntax: gpu[01-16])")
@@ -61,10 +64,8 @@ def _fleet_parsers(sub) -> None:
     p.add_argument("--lorastrap", default=None,
                    help="the lorastrap command on the nodes (default: this one, `PYTHON -m lorastrap`)")
     p = fsub.add_parser("node", help="inside the job, on each node: plan, install from a bundle, verify, report")
-    _common(p)
     _fleet_node_flags(p)
     p = fsub.add_parser("report", help="join the node reports into fleet.json and print the table")
-    _common(p)
     _fleet_node_flags(p, need_bundle=False)
     p.add_argument("--hosts", default=None, help="the nodes, comma-separated (default: those the job ran on)")
 
