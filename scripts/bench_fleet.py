@@ -26,15 +26,7 @@ def main() -> None:
     sizes = [int(s) for s in sys.argv[2:]] or [1, 3, 8]
     with tempfile.TemporaryDirectory(prefix="lorastrap-bench-fleet-") as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(tmp / "tc")],
-                       check=True, capture_output=True)
-        server, url = testchannel.serve(tmp / "tc")
-        bundle = tmp / "bundle"
-        subprocess.run([sys.executable, "-m", "lorastrap", "bundle", "--envs-dir", str(ROOT / "tests" / "envs"),
-                        "--profile", "test-cpu", "--channel", f"{url}/channel", "--pip-index-url", f"{url}/simple",
-                        "-o", str(bundle)], cwd=ROOT, check=True, capture_output=True,
-                       env=dict(os.environ, LORASTRAP_HOME=str(tmp / "head")))
-        server.shutdown()  # the fleet runs offline
+        bundle = testchannel.offline_bundle(tmp)
         manifest = json.loads((bundle / "manifest.json").read_text())
         wheels = sum(m["size"] for rel, m in manifest["files"].items() if rel.startswith("runtime/wheels/"))
         print(f"bundle: {manifest['packages']} packages, {manifest['bytes'] / 2**20:.1f} MiB "

@@ -31,6 +31,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -331,6 +332,23 @@ def serve(root: Path, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, s
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def offline_bundle(work: Path, profile: str = "test-cpu") -> Path:
+    """For the fleet benchmarks: build the channel in WORK/tc (in a child: py-rattler stays out of this process),
+    serve it just long enough to bundle PROFILE into WORK/bundle with `lorastrap bundle`, and stop serving."""
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "scripts" / "testchannel.py"), "build", str(work / "tc")],
+                   check=True, capture_output=True)
+    server, url = serve(work / "tc")
+    try:
+        subprocess.run([sys.executable, "-m", "lorastrap", "bundle", "--envs-dir", str(root / "tests" / "envs"),
+                        "--profile", profile, "--channel", f"{url}/channel", "--pip-index-url", f"{url}/simple",
+                        "-o", str(work / "bundle")], cwd=root, check=True, capture_output=True,
+                       env=dict(os.environ, LORASTRAP_HOME=str(work / "head")))
+    finally:
+        server.shutdown()  # the fleet runs offline
+    return work / "bundle"
 
 
 def main(argv: list[str]) -> int:

@@ -157,3 +157,11 @@ def cuda_answer(fixture: dict, standin: Path, environ) -> dict | None:
     for key, value in standin_env({"nvml": {"init": {"error": "LibraryNotFound"}}, "cuda": fixture["cuda"]}).items():
         environ.setenv(key, value)
     return cuda_probe.probe(ctypes.CDLL(str(standin / "libcuda.so.1")))
+
+
+def machine(fixture: dict):
+    """The machine description (what `lorastrap detect --json` prints there) of a recorded machine."""
+    from lorastrap.detect import Host, build_machine
+    from lorastrap.nvml_probe import probe
+    return build_machine(Host(**fixture["host"]), probe(RecordedNVML(fixture["nvml"])), fixture["env"],
+                         tegra=fixture.get("tegra"))

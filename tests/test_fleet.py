@@ -1,4 +1,5 @@
-"""Fleets: offline bundles, a shared package cache under concurrent installers, and the Ansible role (tier A)."""
+"""Fleets: offline bundles, a shared package cache under concurrent installers, the Ansible role (tiers A and B),
+and the Slurm path on a real Slurm cluster in network namespaces."""
 
 import hashlib
 import json
@@ -7,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, run_cli
@@ -15,21 +17,30 @@ TEST_ENVS = ROOT / "tests" / "envs"
 DASH = shutil.which("dash") or "/bin/sh"
 
 
-@pytest.fixture(scope="module")
-def bundle(channel, tmp_path_factory):
+def _make_bundle(channel, out, profile):
     """A bundle built from a channel served only for the occasion: the server is stopped afterwards, so every
     install from the bundle runs with no channel to reach."""
     import testchannel
     server, url = testchannel.serve(channel["root"])
-    out = tmp_path_factory.mktemp("bundle") / "lora-bundle.tar"
     try:
-        res = run_cli("bundle", "--envs-dir", str(TEST_ENVS), "--profile", "test-cpu", "--channel", f"{url}/channel",
+        res = run_cli("bundle", "--envs-dir", str(TEST_ENVS), "--profile", profile, "--channel", f"{url}/channel",
                       "--pip-index-url", f"{url}/simple", "-o", str(out),
                       env={"LORASTRAP_HOME": str(out.parent / "home")}, timeout=1800)
         assert res.returncode == 0, res.stderr
     finally:
         server.shutdown()
     return out
+
+
+@pytest.fixture(scope="module")
+def bundle(channel, tmp_path_factory):
+    return _make_bundle(channel, tmp_path_factory.mktemp("bundle") / "lora-bundle.tar", "test-cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(channel, tmp_path_factory):
+    """The test-cuda profile's bundle (a folder): nodes whose machine plans test-cuda install it."""
+    return _make_bundle(channel, tmp_path_factory.mktemp("cuda-bundle") / "cuda-bundle", "test-cuda")
 
 
 def test_bundle_contents(bundle, tmp_path):
@@ -186,11 +197,18 @@ lorastrap_pkgs_dir={tmp_path}/shared-pkgs
 
 # --- Ansible, tier B: hosts in network namespaces, over real SSH --------------------------------------------------
 
-def test_ansible_fleet_tier_b_over_ssh(ansible_venv, bundle, tmp_path):
-    import netns_fleet
-    why = netns_fleet.unavailable()
+def _hosts_or_skip(module: str, what: str):
+    """The namespace-hosts helper module, or a skip that says what this machine lacks."""
+    import importlib
+    helper = importlib.import_module(module)
+    why = helper.unavailable()
     if why:
-        pytest.skip(f"tier B: {why}")
+        pytest.skip(f"{what}: {why}")
+    return helper
+
+
+def test_ansible_fleet_tier_b_over_ssh(ansible_venv, bundle, tmp_path):
+    netns_fleet = _hosts_or_skip("netns_fleet", "tier B")
     b = _unpacked(bundle, tmp_path)
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -218,3 +236,175 @@ lorastrap_bundle={b}
         fleet = json.loads((reports / "fleet.json").read_text())
         assert [r["status"] for r in fleet["hosts"]] == ["ok"] * 3
         assert all(r["verify"] == "pass" for r in fleet["hosts"])
+
+
+# --- Slurm: slurmctld and one slurmd per node, in network namespaces ----------------------------------------------
+
+def _recorded(name: str, out):
+    import recorded_nvml
+    out.write_text(recorded_nvml.machine(recorded_nvml.load(recorded_nvml.FIXTURES / f"{name}.json")).model_dump_json())
+
+
+def _fleet_cli(*args, hub=None, env=None, timeout=600):
+    """`lorastrap fleet …` as on a login node: inside the hub namespace, where slurmctld listens."""
+    argv = [sys.executable, "-m", "lorastrap", "fleet", *args]
+    full = {k: v for k, v in os.environ.items() if k not in ("LORASTRAP_HOME", "LORASTRAP_PKGS_DIR")}
+    full.update(env or {})
+    return subprocess.run((["ip", "netns", "exec", hub] if hub else []) + argv, cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _rows(reports):
+    return {r["host"]: r for r in json.loads((reports / "fleet.json").read_text())["hosts"]}
+
+
+def _installed_at(prefix):
+    return json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["installed_at"]
+
+
+def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
+    netns_slurm = _hosts_or_skip("netns_slurm", "Slurm fleet")
+    cpu = _unpacked(bundle, tmp_path)
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    _recorded("h100-sxm_driver-550--cuda12", machines / "sn0.json")  # plans test-cuda
+    _recorded("k80_driver-470--cpu", machines / "sn1.json")  # a driver too old for CUDA 12: test-cpu
+    # sn2 has no recorded description: it detects itself (no GPU here): test-cpu
+    envs, reports, pkgs = tmp_path / "envs", tmp_path / "reports", tmp_path / "shared-pkgs"
+    (envs / "lora-sn3").mkdir(parents=True)
+    (envs / "lora-sn3" / "notes.txt").write_text("not an environment: sn3's install must refuse to replace it")
+    common = ["--bundle", str(cpu), "--bundle", str(cuda_bundle), "--report-dir", str(reports), "--machines",
+              str(machines), "--pkgs-dir", str(pkgs), "--time", "10"]
+    with netns_slurm.cluster(5, tmp_path / "slurm") as (hub, names, env):
+        subprocess.run(["ip", "netns", "exec", hub, "scontrol", "update", "NodeName=sn4", "State=DRAIN",
+                        "Reason=maintenance"], env=env, check=True)
+        env = {**env, "LORASTRAP_HOME": str(tmp_path / "login-home")}
+        res = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", hub=hub, env=env)
+        assert res.returncode == 13, res.stderr[-3000:]  # a node failed, one was not started
+        rows = _rows(reports)
+        assert {h: r["status"] for h, r in rows.items()} == {
+            "sn0": "ok", "sn1": "ok", "sn2": "ok", "sn3": "failed", "sn4": "not-started"}
+        assert {h: rows[h]["profile"] for h in ("sn0", "sn1", "sn2")} == {
+            "sn0": "test-cuda", "sn1": "test-cpu", "sn2": "test-cpu"}  # heterogeneous: each node's own plan
+        assert rows["sn0"]["gpus"] == ["NVIDIA H100 80GB HBM3 (cc 9.0)"] and rows["sn2"]["gpus"] == []
+        assert all(rows[h]["verify"] == "pass" and rows[h]["changed"] for h in ("sn0", "sn1", "sn2"))
+        assert "is not a conda environment" in rows["sn3"]["error"]
+        assert json.loads((reports / "sn3.json").read_text())["exit_code"] == 2
+        assert rows["sn4"]["error"] == "Slurm did not start it: node sn4 is drained (reason: maintenance)"
+        assert "summary: ok 3, planned 0, failed 1, unreachable 0, not-started 1" in res.stdout
+        assert (envs / "lora-sn3" / "notes.txt").exists() and not (envs / "lora-sn4").exists()
+        for node, build in (("sn0", "cuda"), ("sn1", "cpu"), ("sn2", "cpu")):
+            smoke = subprocess.run([str(envs / f"lora-{node}" / "bin" / "lora-smoke")], capture_output=True, text=True)
+            assert smoke.returncode == 0 and json.loads(smoke.stdout)["torch_build"] == build
+        # The shared cache: every archive read once for the whole job (sn1 and sn2 share the cpu bundle's).
+        node_reports = {n: json.loads((reports / f"{n}.json").read_text()) for n in ("sn0", "sn1", "sn2")}
+        needed = {}
+        for b in (cpu, cuda_bundle):
+            manifest = json.loads((b / "manifest.json").read_text())
+            needed.update({m["sha256"]: m["size"] for rel, m in manifest["files"].items()
+                           if rel.startswith("channel/") and rel.endswith(".conda")})
+        assert sorted(d.name for d in (pkgs / "archives").iterdir()) == sorted(needed)
+        assert sum(r["downloaded_bytes"] for r in node_reports.values()) == sum(needed.values())
+        stamps = {n: _installed_at(envs / f"lora-{n}") for n in ("sn0", "sn1", "sn2")}
+
+        # Again: nothing changes, every node verifies its environment again on its own devices.
+        again = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", hub=hub, env=env)
+        assert again.returncode == 13, again.stderr[-3000:]
+        rows = _rows(reports)
+        assert all(rows[h]["status"] == "ok" and rows[h]["changed"] is False and rows[h]["verify"] == "pass"
+                   for h in ("sn0", "sn1", "sn2")), rows
+        assert all(json.loads((reports / f"{n}.json").read_text())["downloaded_bytes"] == 0 for n in stamps)
+        assert {n: _installed_at(envs / f"lora-{n}") for n in stamps} == stamps
+
+        # One profile for every node: the nodes that cannot run it refuse, and keep what they have.
+        forced = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", "--profile", "test-cuda",
+                            "--nodelist", "sn[0-2],sn9", hub=hub, env=env)
+        assert forced.returncode == 13, forced.stderr[-3000:]
+        rows = _rows(reports)
+        assert set(rows) == {"sn0", "sn1", "sn2", "sn9"} and rows["sn0"]["status"] == "ok"
+        assert rows["sn9"]["status"] == "not-started"
+        assert rows["sn9"]["error"] == "Slurm did not start it: Slurm knows no node sn9 in partition lora"
+        for node, why in (("sn1", "driver must support CUDA >= 12.0: it supports 11.4"),
+                          ("sn2", "needs an NVIDIA GPU: no usable NVIDIA GPU")):
+            assert rows[node]["status"] == "failed"
+            assert rows[node]["error"].startswith(f"profile test-cuda cannot run on node {node} | why: {why}")
+            assert json.loads((reports / f"{node}.json").read_text())["exit_code"] == 3
+        assert {n: _installed_at(envs / f"lora-{n}") for n in stamps} == stamps
+
+        # The batch script submitted by hand, as a site would: the .tar bundle (the nodes unpack it side by side),
+        # one shared environment for three nodes: one installs it, every one verifies it; the job's last step
+        # writes fleet.json.
+        tar = tmp_path / "site" / bundle.name
+        tar.parent.mkdir()
+        shutil.copy(bundle, tar)
+        shared_reports = tmp_path / "shared-reports"
+        job = subprocess.run(["ip", "netns", "exec", hub, "sbatch", "--wait", "-N", "3", "-w", "sn[0-2]", "-o",
+                              f"{shared_reports}-%j.out", str(ROOT / "deploy" / "slurm" / "lorastrap-fleet.sbatch"),
+                              "--bundle", str(tar), "--report-dir", str(shared_reports), "--pkgs-dir", str(pkgs),
+                              "--prefix", str(tmp_path / "shared-env")], cwd=tmp_path, capture_output=True, text=True,
+                             env={**env, "LORASTRAP": f"{sys.executable} -m lorastrap"}, timeout=300)
+        out = "".join(p.read_text() for p in tmp_path.glob("shared-reports-*.out"))
+        assert job.returncode == 0, out[-3000:]
+        rows = _rows(shared_reports)
+        assert sorted(rows) == ["sn0", "sn1", "sn2"], out[-3000:]
+        assert all(r["status"] == "ok" and r["verify"] == "pass" and r["profile"] == "test-cpu" for r in rows.values())
+        assert sorted(r["changed"] for r in rows.values()) == [False, False, True]
+        assert "summary: ok 3, planned 0, failed 0, unreachable 0" in out
+
+        # A task killed while it works (here: the job cancelled) is recorded as started and not finished.
+        run = subprocess.Popen(["ip", "netns", "exec", hub, sys.executable, "-m", "lorastrap", "fleet", "slurm",
+                                *common, "--prefix", f"{envs}/killed-%n", "--nodelist", "sn1"], cwd=ROOT,
+                               env={**env, "LORASTRAP_PAUSE_AT": "verify"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            journal = envs / "killed-sn1.lorastrap-txn.json"
+            deadline = time.monotonic() + 120
+            while not (journal.exists() and "verifying" in journal.read_text()):
+                assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+                time.sleep(0.2)
+            jobid = json.loads((reports / "slurm-run.json").read_text())["job"]
+            subprocess.run(["ip", "netns", "exec", hub, "scancel", jobid], env=env, check=True)
+            out, err = run.communicate(timeout=120)
+        finally:
+            run.kill()
+        assert run.returncode == 13 and "CANCELLED" in err, err[-3000:]
+        row = _rows(reports)["sn1"]
+        assert row["status"] == "failed" and "did not finish" in row["error"]
+
+
+def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):
+    """A node whose machine plans a profile no bundle holds refuses, with the way out, and reports it."""
+    import socket
+    cpu = _unpacked(bundle, tmp_path)
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    _recorded("h100-sxm_driver-550--cuda12", machines / f"{socket.gethostname().split('.')[0]}.json")
+    res = _fleet_cli("node", "--bundle", str(cpu), "--report-dir", str(tmp_path / "r"), "--machines", str(machines),
+                     env={"LORASTRAP_HOME": str(tmp_path / "home")})
+    assert res.returncode == 3, res.stderr
+    assert "plans profile test-cuda on linux-64, and no bundle for it was given" in res.stderr
+    assert "lorastrap bundle --profile test-cuda --platform linux-64" in res.stderr
+    report = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
+    assert report["ok"] is False and report["exit_code"] == 3 and "no bundle for it" in report["error"]
+    assert not (tmp_path / "home" / "nodes").exists() or not list((tmp_path / "home" / "nodes").rglob("conda-meta"))
+
+
+def test_fleet_refusals_before_anything_runs(bundle, cuda_bundle, tmp_path):
+    cpu = _unpacked(bundle, tmp_path)
+    res = _fleet_cli("slurm", "--bundle", str(cpu), "--bundle", str(cuda_bundle), "--report-dir", str(tmp_path / "r"),
+                     "--prefix", str(tmp_path / "one-env"))
+    assert res.returncode == 2 and "one shared prefix" in res.stderr and "%n" in res.stderr
+    res = _fleet_cli("slurm", "--bundle", str(cpu), "--report-dir", str(tmp_path / "r"), "--profile", "test-cuda")
+    assert res.returncode == 2 and "none of the bundles holds it" in res.stderr
+    res = _fleet_cli("slurm", "--bundle", str(cpu), "--report-dir", str(tmp_path / "r"), env={"PATH": str(tmp_path)})
+    assert res.returncode == 10 and "sinfo is not on PATH" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_plan_for_a_gpu_node_from_its_recorded_description(tmp_path):
+    """From a login node without GPUs: plan with a node's `detect --json` (here a recorded H100 node's)."""
+    _recorded("h100-sxm_driver-550--cuda12", tmp_path / "gpu07.json")
+    res = run_cli("plan", "--machine", str(tmp_path / "gpu07.json"))
+    assert res.returncode == 0 and res.stdout.startswith("profile: cuda12"), res.stderr
+    (tmp_path / "bad.json").write_text("{}")
+    res = run_cli("plan", "--machine", str(tmp_path / "bad.json"))
+    assert res.returncode == 4 and "not a machine description" in res.stderr and "detect --json" in res.stderr

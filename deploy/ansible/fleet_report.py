@@ -4,6 +4,9 @@
 
 A host with no report never answered (unreachable); a report with ok=false is a failed host.  Hosts are sorted so
 the output is the same from run to run.  Prints a table; writes the JSON (schema_version 1) to --out.
+
+Also a library: lorastrap's Slurm path (`lorastrap fleet`) builds its fleet report with `build`, `table` and
+`summary_line`, naming its own status for a node with no report ("not-started": the scheduler never ran it).
 """
 
 from __future__ import annotations
@@ -14,10 +17,15 @@ import sys
 from pathlib import Path
 
 
-def row(host: str, report: dict | None) -> dict:
+STATUSES = ("ok", "planned", "failed", "unreachable")
+NO_REPORT = ("unreachable", "no report (host unreachable?)")
+
+
+def row(host: str, report: dict | None, missing: tuple[str, str] = NO_REPORT) -> dict:
+    """One host's row; missing: the (status, error) of a host with no report."""
     if report is None:
-        return {"host": host, "status": "unreachable", "profile": None, "gpus": [], "versions": {},
-                "verify": None, "duration_s": None, "changed": None, "error": "no report (host unreachable?)"}
+        return {"host": host, "status": missing[0], "profile": None, "gpus": [], "versions": {},
+                "verify": None, "duration_s": None, "changed": None, "error": missing[1]}
     if not report.get("ok", False):
         return {"host": host, "status": "failed", "profile": None, "gpus": [], "versions": {}, "verify": None,
                 "duration_s": None, "changed": None, "error": report.get("error"), "exit_code": report.get("exit_code")}
@@ -48,26 +56,35 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def build(report_dir: Path, hosts: list[str], missing: dict[str, tuple[str, str]] | None = None) -> dict:
+    """The fleet report (schema_version 1) from REPORT_DIR/HOST.json; missing: (status, error) per host without one."""
+    rows = []
+    for host in sorted(set(hosts)):
+        try:
+            report = json.loads((report_dir / f"{host}.json").read_text())
+        except (OSError, ValueError):
+            report = None
+        rows.append(row(host, report, (missing or {}).get(host, NO_REPORT)))
+    statuses = list(STATUSES) + sorted({r["status"] for r in rows} - set(STATUSES))
+    summary = {s: sum(1 for r in rows if r["status"] == s) for s in statuses}
+    return {"schema_version": 1, "hosts": rows, "summary": summary}
+
+
+def summary_line(fleet: dict) -> str:
+    return "summary: " + ", ".join(f"{k} {v}" for k, v in fleet["summary"].items())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("report_dir", type=Path)
     ap.add_argument("--hosts", required=True)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    rows = []
-    for host in sorted(h for h in args.hosts.split(",") if h):
-        path = args.report_dir / f"{host}.json"
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
-            report = None
-        rows.append(row(host, report))
-    summary = {s: sum(1 for r in rows if r["status"] == s) for s in ("ok", "planned", "failed", "unreachable")}
-    fleet = {"schema_version": 1, "hosts": rows, "summary": summary}
+    fleet = build(args.report_dir, [h for h in args.hosts.split(",") if h])
     if args.out:
         args.out.write_text(json.dumps(fleet, indent=2, sort_keys=True) + "\n")
-    print(table(rows))
-    print("summary: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    print(table(fleet["hosts"]))
+    print(summary_line(fleet))
     return 0
 
 

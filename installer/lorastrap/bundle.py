@@ -128,7 +128,11 @@ def open_bundle(path: Path) -> Path:
             with tarfile.open(path) as t:
                 t.extractall(tmp, filter="data")
             inner = next(p for p in tmp.iterdir() if (p / "manifest.json").exists())
-            os.rename(inner, dest)
+            try:
+                os.rename(inner, dest)
+            except OSError:
+                if not (dest / "manifest.json").exists():  # else: another node unpacked it meanwhile
+                    raise
             shutil.rmtree(tmp, ignore_errors=True)
         path = dest
     if not (path / "manifest.json").is_file():

@@ -52,6 +52,48 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     return {"common": common, "where": where, "sources": sources, "transaction": transaction, "machine": machine}
 
 
+def _fleet_node_flags(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
+    """The flags of every fleet step (the batch script hands the same list to `fleet node` and `fleet report`);
+    the profiles are the bundles' own, so there is no --envs-dir."""
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--bundle", action="append", required=need_bundle,
+                   help="a bundle (folder or .tar on the shared filesystem); repeat it for one bundle per profile")
+    p.add_argument("--report-dir", type=Path, required=True, help="shared folder for NODE.json and fleet.json")
+    p.add_argument("--prefix", default=None,
+                   help="environment path on each node; %%n is the node name (no %%n: one shared environment); "
+                        "default: the node's data dir's envs/lora")
+    p.add_argument("--home", default=None, help="each node's lorastrap data dir (%%n allowed; default DATA_DIR/nodes/%%n)")
+    p.add_argument("--profile", default=None,
+                   help="one profile for every node (nodes that cannot run it refuse); default: each node's plan")
+    p.add_argument("--machines", type=Path, default=None,
+                   help="folder of recorded machine descriptions, NODE.json (`detect --json`), used instead of "
+                        "detecting the nodes that have one")
+    p.add_argument("--pkgs-dir", type=Path, default=None,
+                   help="the package cache the nodes share (default: LORASTRAP_PKGS_DIR, else DATA_DIR/pkgs)")
+    p.add_argument("--install-arg", action="append", default=[], metavar="ARG",
+                   help="one more flag for `lorastrap install` on the nodes (e.g. --install-arg=--engine=rattler)")
+
+
+def _fleet_parsers(sub) -> None:
+    fleet = sub.add_parser("fleet", help="provision, verify and report many nodes through Slurm")
+    fsub = fleet.add_subparsers(dest="fleet_command", metavar="STEP", required=True)
+    p = fsub.add_parser("slurm", help="from a login node: one lorastrap task on each node, then the fleet report")
+    _fleet_node_flags(p)
+    p.add_argument("--partition", "-p", default=None, help="the partition (default: Slurm's default partition)")
+    p.add_argument("--nodelist", "-w", default=None, help="these nodes only (Slurm's syntax: gpu[01-16])")
+    p.add_argument("--time", default=None, help="the job's time limit (sbatch --time)")
+    p.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                   help="one more sbatch flag, e.g. --sbatch-arg=--gres=gpu:1 (repeatable)")
+    p.add_argument("--lorastrap", default=None,
+                   help="the lorastrap command on the nodes (default: this one, `PYTHON -m lorastrap`)")
+    p = fsub.add_parser("node", help="inside the job, on each node: plan, install from a bundle, verify, report")
+    _fleet_node_flags(p)
+    p = fsub.add_parser("report", help="join the node reports into fleet.json and print the table")
+    _fleet_node_flags(p, need_bundle=False)
+    p.add_argument("--hosts", default=None, help="the nodes, comma-separated (default: those the job ran on)")
+
+
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.EXIT_CODES.items())
     top = argparse.ArgumentParser(prog="lorastrap",
@@ -67,7 +109,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", parents=[common], help="what this machine has (GPUs, driver, CUDA, platform)")
     p.add_argument("--prefix", type=Path, default=None, help="where the environment will go (for free disk)")
 
-    p = sub.add_parser("plan", parents=[common], help="which environment profile fits this machine, and why")
+    p = sub.add_parser("plan", parents=[common, machine], help="which environment profile fits this machine, and why")
     p.add_argument("--profile", default=None, help="force a profile; the plan says which requirements it breaks")
     p.add_argument("--why-not", default=None, metavar="NAME", help="list each rule of profile NAME and whether it is met")
 
@@ -77,7 +119,7 @@ def parser() -> argparse.ArgumentParser:
                    help="conda platform to lock for (repeatable; default: all of the profile's platforms)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write (default: envs/PROFILE.conda-lock.yml)")
 
-    p = sub.add_parser("install", parents=[common, where, sources, transaction],
+    p = sub.add_parser("install", parents=[common, where, sources, transaction, machine],
                        help="install the chosen profile's locked environment (atomically) and verify it")
     p.add_argument("--profile", default=None, help="force a profile (default: the one plan chooses)")
     p.add_argument("--frozen", action="store_true", help="install only from a committed lock; never re-lock")
@@ -108,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replan", action="store_true", help="rebuild with the profile plan chooses now")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
     p.add_argument("--drop-backup", action="store_true", help="remove the old environment once the new one verified")
+    _fleet_parsers(sub)
     return top
 
 
@@ -164,11 +207,10 @@ def cmd_detect(args) -> int:
 
 def cmd_plan(args) -> int:
     from lorastrap import plan as planner, profiles
-    from lorastrap.detect import detect
     matrix = profiles.load(args.envs_dir)
     if args.why_not:
         profiles.get(matrix, args.why_not)
-    machine = detect()
+    machine = _machine(args)
     result = planner.plan(machine, matrix, profile=args.profile)
     _print(args, {"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")},
            planner.format_plan(result, why_not=args.why_not))
@@ -193,14 +235,13 @@ def cmd_lock(args) -> int:
 
 def cmd_install(args) -> int:
     from lorastrap import bundle, install as inst, plan as planner, profiles
-    from lorastrap.detect import detect
     from lorastrap.errors import NoProfileError
     envs = _envs_dir(args)
     opened = bundle.open_bundle(args.bundle) if args.bundle else None
     if opened and not args.envs_dir:
         envs = opened / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs)
-    machine = detect(disk_path=args.prefix)
+    machine = _machine(args)
     if machine.platform is None:
         raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
                              fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run "
@@ -297,7 +338,36 @@ def cmd_repair(args) -> int:
     return errors.OK
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify,
+def _fleet_options(args):
+    from lorastrap import fleet
+    return fleet.NodeOptions(bundles=fleet.bundle_paths(args.bundle), report_dir=args.report_dir.absolute(),
+                             prefix=args.prefix, home=args.home, profile=args.profile,
+                             machines=args.machines.absolute() if args.machines else None,
+                             pkgs_dir=args.pkgs_dir.absolute() if args.pkgs_dir else None, extra=args.install_arg)
+
+
+def cmd_fleet(args) -> int:
+    from lorastrap import fleet
+    opts = _fleet_options(args)
+    if args.fleet_command == "node":
+        doc, error = fleet.run_node(opts, narrate=say)
+        if error is not None:
+            print(error.render(), file=sys.stderr)
+        print(json.dumps(doc, indent=2) if args.json else
+              f"{doc['node']}: " + (f"{doc['verify_verdict']} (profile {doc['profile']}, {doc['prefix']})"
+                                    if doc["ok"] else "failed"))
+        return error.exit_code if error is not None else errors.OK
+    if args.fleet_command == "slurm":
+        result = fleet.slurm(opts, partition=args.partition, nodelist=args.nodelist, time_limit=args.time,
+                             sbatch_args=args.sbatch_arg, lorastrap_cmd=args.lorastrap, narrate=say)
+    else:
+        result = fleet.report(opts.report_dir, [h for h in (args.hosts or "").split(",") if h])
+    say(f"wrote {opts.report_dir / fleet.FLEET_FILE}")
+    print(json.dumps(result, indent=2) if args.json else fleet.format_fleet(result))
+    return fleet.exit_code(result)
+
+
+COMMANDS = {"fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify,
             "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 

@@ -23,6 +23,7 @@ ENVS = _DATA / "envs"  # the compatibility matrix and the profiles' specs and lo
 SCRIPTS = _DATA / "scripts"
 VERIFY_SCRIPT = SCRIPTS / "verify_lora.py"
 REQUIREMENTS = _DATA / "requirements.txt"  # lorastrap's own runtime, hash-pinned
+DEPLOY = _DATA / "deploy"  # the fleet tools: ansible/fleet_report.py, slurm/lorastrap-fleet.sbatch
 
 
 def data_dir() -> Path:

@@ -90,6 +90,9 @@ class NodeReport(Strict):
     versions: dict[str, str] | None = None
     machine: NodeMachine | None = None
     verify_verdict: str | None = None
+    node: str | None = Field(None, description="the Slurm node (fleet slurm)")
+    slurm_job: str | None = Field(None, description="the Slurm job id (fleet slurm)")
+    machine_source: str | None = Field(None, description="'detected', or the recorded machine description used")
 
 
 SCHEMAS = {"env-record": EnvRecord, "journal": Journal, "bundle-manifest": BundleManifest, "node-report": NodeReport}

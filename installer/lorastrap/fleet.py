@@ -1,0 +1,408 @@
+"""Fleets through Slurm: provision, verify and report the nodes of a partition, from a login node without GPUs.
+
+    login node   lorastrap fleet slurm --bundle B [--bundle B2 …] --report-dir D [--partition P] [--nodelist L]
+                 asks Slurm which of the nodes can run a job (sinfo), submits deploy/slurm/lorastrap-fleet.sbatch on
+                 them (one task per node), waits, then joins the node reports into D/fleet.json and prints the table
+    each node    lorastrap fleet node …   (srun --ntasks-per-node=1, inside the batch script)
+                 detects the node (or reads its recorded `detect --json`: --machines DIR/NODE.json), plans over the
+                 bundles' profiles, runs `lorastrap install --bundle` with the bundle of the profile it plans,
+                 verifies the environment on this node, writes D/NODE.json
+    the report   lorastrap fleet report --report-dir D   (the batch script's last step, and the login node's)
+
+A node's report is the JSON `lorastrap install --report` writes (schema_version 1) plus "node" and "slurm_job"; a
+node that fails writes {"ok": false, "error", "exit_code"}; a node Slurm never started has no report and is listed
+as "not-started" with the scheduler's reason.  The rows and the table are deploy/ansible/fleet_report.py's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lorastrap import fsutil, paths, subproc
+from lorastrap.errors import (FLEET_INCOMPLETE, INTERNAL, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
+                              UsageError)
+
+RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, and why some were not started
+FLEET_FILE = "fleet.json"
+INSTALL_TIMEOUT_S = 4 * 3600.0
+SLURM_TIMEOUT_S = 60.0
+# sinfo's long node states a job can be started on (it may wait for "allocated" ones); any other state, or a "*"
+# suffix (not responding), means the scheduler will not start a task there.
+STARTABLE = {"idle", "mixed", "allocated", "completing", "planned"}
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY"}
+
+
+@dataclass
+class NodeOptions:
+    """What every node does; the same flags for `fleet node`, `fleet report` and the batch script."""
+    bundles: list[Path]
+    report_dir: Path
+    prefix: str | None = None  # may hold %n (the node name); default: the node's data dir's envs/lora
+    home: str | None = None  # the node's LORASTRAP_HOME (%n allowed); default: DATA_DIR/nodes/%n
+    profile: str | None = None
+    machines: Path | None = None  # recorded `detect --json` per node: DIR/NODE.json
+    pkgs_dir: Path | None = None  # the shared package cache; default: LORASTRAP_PKGS_DIR or DATA_DIR/pkgs
+    extra: list[str] = field(default_factory=list)  # more `lorastrap install` flags
+
+    def argv(self) -> list[str]:
+        out = []
+        for b in self.bundles:
+            out += ["--bundle", str(b)]
+        out += ["--report-dir", str(self.report_dir)]
+        for flag, value in (("--prefix", self.prefix), ("--home", self.home), ("--profile", self.profile),
+                            ("--machines", self.machines), ("--pkgs-dir", self.pkgs_dir)):
+            if value:
+                out += [flag, str(value)]
+        for e in self.extra:
+            out.append(f"--install-arg={e}")
+        return out
+
+    def shared_prefix(self) -> bool:
+        return bool(self.prefix) and "%n" not in self.prefix
+
+
+def _expand(template: str, node: str) -> Path:
+    return Path(template.replace("%n", node)).expanduser().absolute()
+
+
+def node_name() -> str:
+    """Slurm's name for this node (SLURMD_NODENAME inside a job), else the short hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+
+
+def fleet_report_module():
+    """deploy/ansible/fleet_report.py, the one fleet table (shared with the Ansible path)."""
+    path = paths.DEPLOY / "ansible" / "fleet_report.py"
+    spec = importlib.util.spec_from_file_location("lorastrap_fleet_report", path)
+    if spec is None or not path.is_file():
+        raise ConfigError(f"{path} is missing", why="this lorastrap was installed without its deploy/ folder",
+                          fix="Run lorastrap from a checkout or a bundle's source/ folder.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    fsutil.write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
+    """The bundles by (profile, platform); refuses what cannot work on any node."""
+    from lorastrap import bundle
+    if not opts.bundles:
+        raise UsageError("no bundle given", fix="Pass --bundle PATH (one per profile the nodes may need).")
+    found: dict[tuple[str, str], Path] = {}
+    for b in opts.bundles:
+        where = bundle.open_bundle(b)
+        manifest = bundle.check(where)
+        key = (manifest["profile"], manifest["platform"])
+        if key in found:
+            raise UsageError(f"two bundles for profile {key[0]} on {key[1]}: {found[key]} and {where}",
+                             fix="Pass one bundle per profile and platform.")
+        found[key] = where
+    if opts.profile and opts.profile not in {p for p, _ in found}:
+        raise UsageError(f"--profile {opts.profile}: none of the bundles holds it "
+                         f"(they hold {', '.join(sorted({p for p, _ in found}))})",
+                         fix=f"Bundle it: `lorastrap bundle --profile {opts.profile} --platform PLATFORM -o PATH`.")
+    if opts.shared_prefix() and len({p for p, _ in found}) > 1 and not opts.profile:
+        raise UsageError(f"one shared prefix ({opts.prefix}) for nodes that may plan different profiles",
+                         why="each node installs the profile it plans; on one shared prefix they would replace "
+                             "each other's environment",
+                         fix="Put %n (the node name) in --prefix for one environment per node, or choose one "
+                             "profile for every node with --profile.")
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One node (runs inside the job, one task per node)
+
+def _machine(opts: NodeOptions, node: str):
+    from lorastrap.detect import Machine, detect
+    if opts.machines:
+        recorded = opts.machines / f"{node}.json"
+        if recorded.is_file():
+            try:
+                return Machine.model_validate_json(recorded.read_text()), recorded
+            except ValueError as exc:
+                raise ConfigError(f"{recorded}: not a machine description", why=str(exc).splitlines()[0],
+                                  fix="Write it with `lorastrap detect --json` on that node.") from exc
+    return detect(), None
+
+
+def choose(machine, matrix, bundles: dict[tuple[str, str], Path], profile: str | None, node: str):
+    """(profile, bundle, plan) for this node: the profile its machine plans, or the forced one if it can run it."""
+    from lorastrap import plan as planner
+    if profile:
+        result = planner.plan(machine, matrix, profile=profile)
+        if result.broken:
+            raise NoProfileError(f"profile {profile} cannot run on node {node}",
+                                 why="; ".join(c.message for c in result.broken),
+                                 fix="Leave this node out (--nodelist), or drop --profile so that each node gets "
+                                     "the profile it plans (with a bundle for each).")
+    else:
+        result = planner.plan(machine, matrix)
+        profile = planner.require_profile(result)
+    where = bundles.get((profile, machine.platform))
+    if where is None:
+        given = ", ".join(f"{p} ({pl})" for p, pl in sorted(bundles))
+        raise NoProfileError(f"node {node} plans profile {profile} on {machine.platform}, and no bundle for it was "
+                             f"given", why=f"bundles given: {given}; " + "; ".join(result.reasons[:2]),
+                             fix=f"Bundle it too (`lorastrap bundle --profile {profile} --platform "
+                                 f"{machine.platform} -o PATH`) and add --bundle PATH, or give every node one "
+                                 f"profile with --profile.")
+    return profile, where, result
+
+
+def _install(opts: NodeOptions, where: Path, prefix: Path, home: Path, machine_file: Path | None, log: Path) -> dict:
+    argv = [sys.executable, "-m", "lorastrap", "install", "--bundle", str(where), "--prefix", str(prefix), "--json",
+            *opts.extra]
+    if machine_file:
+        argv += ["--machine", str(machine_file)]
+    pkgs = opts.pkgs_dir or paths.cache_dir()
+    env = subproc.clean_env(drop=("LORASTRAP_HOME", "LORASTRAP_PKGS_DIR"), LORASTRAP_HOME=str(home),
+                            LORASTRAP_PKGS_DIR=str(pkgs))
+    res = subproc.run(argv, timeout=INSTALL_TIMEOUT_S, env=env)
+    log.write_text(res.stderr)
+    try:
+        doc = json.loads(res.stdout)
+    except ValueError:
+        doc = None
+    if res.ok and doc and doc.get("ok"):
+        return doc
+    if doc and doc.get("what"):
+        raise LorastrapError(doc["what"], why=doc.get("why", ""), fix=doc.get("fix", ""),
+                             exit_code=doc.get("exit_code") or 1)
+    raise LorastrapError(f"lorastrap install failed on this node ({'timed out' if res.timed_out else res.returncode})",
+                         why=res.tail(), fix=f"See {log}.", exit_code=res.returncode or 1)
+
+
+def _verify_here(doc: dict, profile, matrix, machine, opts_extra: list[str]) -> None:
+    """Run the profile's verification on this node's own devices (install verified only if it changed something)."""
+    from lorastrap import verify
+    if doc.get("verify_verdict") == "pass" or "--no-verify" in opts_extra:
+        return
+    try:
+        doc["verify"] = verify.verify_profile(Path(doc["prefix"]), profile, matrix=matrix, driver_cuda=machine.cuda)
+    except LorastrapError as exc:
+        raise LorastrapError(f"the environment at {doc['prefix']} failed verification on this node: "
+                             + " ".join(profile.verify), why=exc.why,
+                             fix=f"`lorastrap doctor --prefix {doc['prefix']}` on this node says why; `lorastrap "
+                                 f"repair --prefix {doc['prefix']}` rebuilds it.", exit_code=VERIFY)
+    doc["verify_verdict"] = doc["verify"]["verdict"]
+
+
+def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, LorastrapError | None]:
+    """Provision and verify this node; its report is written to REPORT_DIR/NODE.json whatever happens."""
+    from lorastrap import bundle, profiles
+    node = node_name()
+    opts.report_dir.mkdir(parents=True, exist_ok=True)
+    out = opts.report_dir / f"{node}.json"
+    base = {"schema_version": 1, "host": node, "node": node, "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    # Until the end, the report says the task started and did not finish (a time limit or a node failure kills it).
+    _write_json(out, {**base, "ok": False, "exit_code": None,
+                      "error": f"started at {started} and did not finish (killed by a time limit or a node failure?)"})
+    t0 = time.perf_counter()
+    try:
+        found = check_options(opts)
+        machine, machine_file = _machine(opts, node)
+        matrix = profiles.load(bundle.open_bundle(next(iter(found.values()))) / "envs")
+        name, where, plan = choose(machine, matrix, found, opts.profile, node)
+        home = _expand(opts.home, node) if opts.home else paths.data_dir() / "nodes" / node
+        prefix = _expand(opts.prefix, node) if opts.prefix else home / "envs" / "lora"
+        narrate(f"{node}: profile {name} ({plan.reasons[0]}) from {where} → {prefix}")
+        doc = _install(opts, where, prefix, home, machine_file, opts.report_dir / f"{node}.log")
+        _verify_here(doc, matrix.profiles[name], matrix, machine, opts.extra)
+        doc.update(base)
+        doc["machine_source"] = str(machine_file) if machine_file else "detected"
+        doc["timings"]["node_total"] = time.perf_counter() - t0
+        _write_json(out, doc)
+        return doc, None
+    except Exception as exc:  # whatever went wrong is the node's report, not a traceback lost in a job log
+        if not isinstance(exc, LorastrapError):
+            exc = LorastrapError(f"internal error: {type(exc).__name__}: {exc}",
+                                 fix="This is a bug in lorastrap; report it with this node's log.", exit_code=INTERNAL)
+        doc = {**base, "ok": False, "exit_code": exc.exit_code,
+               "error": " | ".join(x for x in (exc.what, exc.why and f"why: {exc.why}", exc.fix and f"fix: {exc.fix}") if x)}
+        _write_json(out, doc)
+        return doc, exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The report
+
+def _slurm(argv: list[str], env: dict | None = None, timeout: float = SLURM_TIMEOUT_S) -> subproc.Result:
+    if not shutil.which(argv[0]):
+        raise LorastrapError(f"Slurm's {argv[0]} is not on PATH", why="the fleet runs through the Slurm scheduler",
+                             fix="Run this on a login node of the cluster (e.g. after `module load slurm`).",
+                             exit_code=PREREQ)
+    return subproc.run(argv, timeout=timeout, env=env)
+
+
+def job_nodes() -> list[str]:
+    """The nodes of the job this runs in (SLURM_JOB_NODELIST, expanded by scontrol)."""
+    listed = os.environ.get("SLURM_JOB_NODELIST")
+    if not listed:
+        return []
+    res = _slurm(["scontrol", "show", "hostnames", listed])
+    return res.stdout.split() if res.ok else []
+
+
+def report(report_dir: Path, hosts: list[str] | None = None) -> dict:
+    """Join REPORT_DIR/NODE.json into REPORT_DIR/fleet.json; the nodes are --hosts, else those the login node
+    asked for (slurm-run.json) when this job ran on them, else this job's nodes."""
+    fr = fleet_report_module()
+    try:
+        run = json.loads((report_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        run = {}
+    if not hosts:
+        mine = job_nodes()
+        asked = run.get("nodes", [])
+        hosts = asked if asked and set(mine) <= set(asked) else mine
+    if not hosts:
+        raise UsageError("which nodes? no --hosts, no " + RUN_FILE + " and not inside a Slurm job",
+                         fix="Pass --hosts node1,node2,… (the nodes the fleet job ran on).")
+    job = run.get("job")
+    missing = {n: ("not-started", f"Slurm did not start it: {why}") for n, why in run.get("not_started", {}).items()}
+    for n in hosts:
+        missing.setdefault(n, ("not-started", "no report: Slurm ran no task there"
+                               + (f" (job {job}; see {report_dir}/slurm-{job}.out)" if job else "")))
+    fleet = fr.build(report_dir, hosts, missing)
+    fleet["slurm_job"] = job
+    _write_json(report_dir / FLEET_FILE, fleet)
+    return fleet
+
+
+def format_fleet(fleet: dict) -> str:
+    fr = fleet_report_module()
+    return fr.table(fleet["hosts"]) + "\n" + fr.summary_line(fleet)
+
+
+def exit_code(fleet: dict) -> int:
+    return 0 if all(r["status"] == "ok" for r in fleet["hosts"]) else FLEET_INCOMPLETE
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The login node
+
+def default_partition() -> str:
+    """The partition sbatch uses when none is named (sinfo marks it with a "*")."""
+    res = _slurm(["sinfo", "-h", "-o", "%P"])
+    marked = [p.strip()[:-1] for p in res.stdout.splitlines() if p.strip().endswith("*")]
+    if not res.ok or not marked:
+        raise UsageError("Slurm names no default partition" + (f": {res.tail()}" if not res.ok else ""),
+                         fix="Pass --partition (`sinfo -s` lists them).")
+    return marked[0]
+
+
+def sinfo(partition: str | None, nodelist: str | None) -> list[tuple[str, str, str]]:
+    """(node, long state, reason) for the partition's (or the listed) nodes, each once, sorted."""
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%T|%E"]
+    if partition:
+        argv += ["-p", partition]
+    if nodelist:
+        argv += ["-n", nodelist]
+    res = _slurm(argv)
+    if not res.ok:
+        raise ConfigError("Slurm could not list the nodes: " + " ".join(argv), why=res.tail(),
+                          fix="Check --partition and --nodelist (`sinfo -N` lists them), and that slurmctld is up.")
+    nodes: dict[str, tuple[str, str, str]] = {}
+    for line in res.stdout.splitlines():
+        name, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if name:
+            nodes.setdefault(name, (name, state, reason))
+    return [nodes[n] for n in sorted(nodes)]
+
+
+def job_state(job: str) -> tuple[str, str]:
+    """The job's state (COMPLETED, RUNNING, …; GONE once slurmctld has forgotten it) and exit code ("13:0")."""
+    res = _slurm(["scontrol", "show", "job", "-o", job])
+    if not res.ok:  # forgotten, or slurmctld did not answer this time (then: ask again)
+        return ("GONE" if "invalid job id" in (res.stderr + res.stdout).lower() else "UNANSWERED"), "?"
+    fields = dict(f.split("=", 1) for f in res.stdout.split() if "=" in f)
+    return fields.get("JobState", "UNANSWERED"), fields.get("ExitCode", "?")
+
+
+def wait(job: str, narrate=lambda m: None) -> str:
+    """Wait until the job ended (polling: 0.25 s apart at first, a tenth of the time waited later, 15 s at most);
+    Ctrl-C cancels it."""
+    t0, last = time.monotonic(), None
+    try:
+        while True:
+            state, code = job_state(job)
+            if state in ENDED or state == "GONE":
+                return f"{state}, exit code {code}"
+            if state != last:
+                narrate(f"job {job}: {state.lower()}")
+                last = state
+            time.sleep(min(0.25 + (time.monotonic() - t0) / 10, 15.0))
+    except KeyboardInterrupt:
+        narrate(f"cancelling job {job}")
+        _slurm(["scancel", job])
+        raise
+
+
+def startable(state: str) -> bool:
+    return not state.endswith("*") and state.rstrip("~#!%$@^-+") in STARTABLE
+
+
+def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | None = None,
+          time_limit: str | None = None, sbatch_args: list[str] = (), lorastrap_cmd: str | None = None,
+          narrate=lambda m: None) -> dict:
+    """Provision the partition's nodes through one batch job; returns the fleet report (also in fleet.json)."""
+    check_options(opts)
+    opts.report_dir.mkdir(parents=True, exist_ok=True)
+    partition = partition or default_partition()
+    nodes = sinfo(partition, nodelist)
+    asked = [n for n, _, _ in nodes]
+    if nodelist:
+        listed = _slurm(["scontrol", "show", "hostnames", nodelist])
+        asked = sorted(set(asked) | set(listed.stdout.split()))
+    known = {n for n, _, _ in nodes}
+    not_started = {n: f"Slurm knows no node {n} in partition {partition}" for n in asked if n not in known}
+    for n, state, reason in nodes:
+        if not startable(state):
+            not_started[n] = f"node {n} is {state}" + (f" (reason: {reason})" if reason and reason != "none" else "")
+    go = [n for n in asked if n not in not_started]
+    for n in asked:  # no stale report from an earlier run may stand for this one
+        (opts.report_dir / f"{n}.json").unlink(missing_ok=True)
+    run = {"schema_version": 1, "nodes": asked, "not_started": not_started, "job": None, "partition": partition}
+    _write_json(opts.report_dir / RUN_FILE, run)
+    for n, why in sorted(not_started.items()):
+        narrate(f"not starting {n}: {why}")
+    if go:
+        script = paths.DEPLOY / "slurm" / "lorastrap-fleet.sbatch"
+        argv = ["sbatch", "--parsable", "--job-name=lorastrap-fleet", f"--nodes={len(go)}",
+                f"--nodelist={','.join(go)}", f"--partition={partition}", "--ntasks-per-node=1", "--no-kill",
+                f"--output={opts.report_dir}/slurm-%j.out"]
+        argv += [f"--time={time_limit}"] if time_limit else []
+        argv += [*sbatch_args, str(script), *opts.argv()]
+        command = lorastrap_cmd or f"{shlex.quote(sys.executable)} -m lorastrap"
+        narrate(f"submitting one lorastrap task on each of {len(go)} node(s): {', '.join(go)}")
+        res = _slurm(argv, env=subproc.clean_env(LORASTRAP=command))
+        job = (res.stdout.strip().splitlines() or [""])[0].split(";")[0]
+        if not res.ok or not job.isdigit():
+            raise UsageError("Slurm refused the fleet job: " + " ".join(argv[:9]) + " …", why=res.tail(),
+                             fix="Check --partition, --nodelist and the sbatch options (`sinfo -N` lists them).")
+        run["job"] = job
+        _write_json(opts.report_dir / RUN_FILE, run)
+        state = wait(job, narrate)
+        narrate(f"job {job} ended: {state}")
+    return report(opts.report_dir, asked)
+
+
+def bundle_paths(values: list[str] | None) -> list[Path]:
+    return [Path(v).expanduser().absolute() for v in values or []]
+
