@@ -105,7 +105,7 @@ def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
     for b in opts.bundles:
         where = bundle.open_bundle(b)
         manifest = bundle.check(where)
-        key = (manifest["profile"], manifest["platform"])
+        key = (manifest.profile, manifest.platform)
         if key in found:
             raise UsageError(f"two bundles for profile {key[0]} on {key[1]}: {found[key]} and {where}",
                              fix="Pass one bundle per profile and platform.")
