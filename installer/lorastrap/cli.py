@@ -49,6 +49,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", default=None, help="a mirror of the spec's channel (http(s), file:// or a path)")
     p.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write (default: envs/PROFILE.conda-lock.yml)")
+    p = sub.add_parser("diff-locks", help="what changed between two lock files: added, removed, changed versions")
+    _common(p)
+    p.add_argument("old", type=Path, help="the lock before (a missing file counts as empty)")
+    p.add_argument("new", type=Path, help="the lock after")
     p = sub.add_parser("install", help="install the chosen profile's locked environment (atomically) and verify it")
     _common(p)
     where = p.add_mutually_exclusive_group()
@@ -135,6 +139,14 @@ def cmd_lock(args) -> int:
     result = {"profile": name, "lock": str(out), "platforms": written.platforms,
               "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
     print(json.dumps(result, indent=2) if args.json else f"wrote {out} ({', '.join(f'{p}: {n} packages' for p, n in result['packages'].items())})")
+    return errors.OK
+
+
+def cmd_diff_locks(args) -> int:
+    from lorastrap import lock
+    old = lock.read_lock(args.old) if args.old.exists() else None
+    diff = lock.diff_locks(old, lock.read_lock(args.new))
+    print(json.dumps(diff, indent=2) if args.json else lock.format_diff(diff))
     return errors.OK
 
 
@@ -305,7 +317,7 @@ def cmd_plan(args) -> int:
     return errors.OK if result.profile else errors.NO_PROFILE
 
 
-COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
+COMMANDS = {"detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "diff-locks": cmd_diff_locks, "install": cmd_install, "verify": cmd_verify, "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:
