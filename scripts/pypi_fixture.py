@@ -3,7 +3,8 @@
     python scripts/pypi_fixture.py record OUT.json NAME[==VERSION] ...   # read pypi.org's JSON API and .metadata files
     python scripts/pypi_fixture.py serve OUT.json DIR                     # write a PEP 503 index (+ PEP 658 metadata)
 
-For NAME==VERSION only that release's files are recorded (NAME==latest: the newest release with a wheel); for a
+For NAME==VERSION only that release's files are recorded (NAME==latest: the newest release with a wheel;
+NAME==latest:3.10 the newest one for that Python); for a
 bare NAME every release's file names (so the newest-release check sees them) and the metadata of the newest
 release that has a wheel.  Links carry the real
 sha256; the wheels themselves are not recorded (resolution reads only the .metadata files).
@@ -51,10 +52,13 @@ def record(out: Path, items: list[str]) -> None:
     for item in items:
         name, _, version = item.partition("==")
         data = json.loads(_get(f"{PYPI}/simple/{name}/", "application/vnd.pypi.simple.v1+json"))
-        if version == "latest":  # the newest release with a wheel, and nothing else
+        if version.startswith("latest"):  # the newest release with a wheel (for Python X.Y: latest:X.Y), only it
+            from packaging.specifiers import SpecifierSet
+            py = version.partition(":")[2]
             version = str(max(_key(_version(f["filename"])) for f in data["files"]
                               if f["filename"].endswith(".whl") and not _key(_version(f["filename"])).is_prerelease
-                              and not f.get("yanked")))
+                              and not f.get("yanked")
+                              and (not py or SpecifierSet(f.get("requires-python") or "").contains(py + ".0"))))
         proj = doc["projects"].setdefault(name.lower(), {"files": [], "metadata": {}})
         known = {f["filename"] for f in proj["files"]}
         wanted = []

@@ -157,13 +157,14 @@ def virtual_packages(envs_dir: Path, profile: Profile, platform: str) -> dict[st
 VP_FACTS = {"__cuda": ("the driver's CUDA version", "driver_cuda_min"), "__glibc": ("glibc", "glibc_min"),
             "__osx": ("the macOS version", None), "__linux": ("the Linux kernel", None),
             "__cuda_arch": ("the GPU compute capability", "compute_capability")}
-LEAF_RE = re.compile(r"(?P<name>[A-Za-z0-9_.\-]+)(?: (?P<spec>[^,\n]+?))?, for which no candidates were found")
+LEAF_RE = re.compile(r"(?:─\s*|^\s*|: )(?P<name>[A-Za-z0-9_.\-]+)(?: (?P<spec>[^\n]*?))?, for which no candidates "
+                     r"were found", re.M)
 
 
 def explain_solve(text: str, vps: dict[str, str], vps_file: Path) -> str:
     """The fix for a solver explanation, from its leaves: a virtual package the profile lacks or sets too low, a
     package the channel lacks, or (only then) pins in conflict."""
-    fixes = []
+    fixes, others = [], []
     for m in LEAF_RE.finditer(text):
         name, spec = m.group("name"), (m.group("spec") or "").strip()
         if name.startswith("__"):
@@ -177,11 +178,14 @@ def explain_solve(text: str, vps: dict[str, str], vps_file: Path) -> str:
                 fixes.append(f"a package needs {name} {spec} ({fact}) but the profile sets {name}={vps[name]} in "
                              f"{vps_file}: raise it to the minimum needed{rule_txt} (plan then refuses older "
                              "machines), or pin an older build that fits")
-        elif "no candidates were found" in m.group(0):
-            fixes.append(f"the channel has no {name}{' ' + spec if spec else ''}: check the spec's line for {name} "
-                         "and that the channel (or mirror) carries it")
+        else:
+            others.append(f"no {name}{' ' + spec if spec else ''} fits (the channel lacks it or another pin excludes "
+                          f"it): check the spec's line for {name} and that the channel (or mirror) carries it")
+    for m in re.finditer(r"No candidates were found for (?P<name>\S+)(?: (?P<spec>[^\n]*?))?\.?$", text, re.M):
+        others.append(f"the channel has no {m.group('name')} matching {m.group('spec') or '*'}: check the spec's line "
+                      f"for {m.group('name')} against what the channel (or mirror) carries")
     seen = []
-    for f in fixes:
+    for f in fixes or others:  # a virtual package the profile lacks explains the rest of the tree
         if f not in seen:
             seen.append(f)
     if seen:

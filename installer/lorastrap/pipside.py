@@ -18,6 +18,7 @@ from __future__ import annotations
 import html.parser
 import json
 import re
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -106,6 +107,17 @@ def platform_needs(filename: str) -> str:
         elif t.platform != "any":
             needs.add(t.platform)
     return " or ".join(sorted(needs, key=_need_key)) or "any platform"
+
+
+def _for_platform(filename: str, platform: str) -> bool:
+    """Whether a wheel is built for this conda platform's OS and CPU at all (whatever its minimum)."""
+    arch = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "osx-arm64": "arm64", "osx-64": "x86_64"}.get(platform, "")
+    os_tag = "linux" if platform.startswith("linux") else "macosx"
+    try:
+        tags = parse_wheel_filename(filename)[3]
+    except InvalidWheelFilename:
+        return False
+    return any(t.platform == "any" or (os_tag in t.platform and t.platform.endswith(arch)) for t in tags)
 
 
 def _need_key(text: str) -> tuple:
@@ -234,7 +246,7 @@ def _parse_compiled(text: str) -> list[tuple[str, str, list[str]]]:
     for line in text.splitlines():
         m = re.match(r"^([A-Za-z0-9._-]+)==(\S+)(?:\s+#\s*via\s+(.*))?$", line.strip())
         if m:
-            via = [v.strip() for v in (m.group(3) or "").split(",") if v.strip()]
+            via = [v.strip() for v in (m.group(3) or "").split(",") if v.strip() and not v.strip().startswith("-r ")]
             out.append((canonicalize_name(m.group(1)), m.group(2), via))
     return out
 
@@ -277,7 +289,9 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
             _stub_wheel(t / "stubs", name, f"{ver}+conda")
         (t / "constraints.txt").write_text("".join(f"{n}=={v}+conda\n" for n, (_, v) in sorted(provided.items())))
         (t / "requirements.in").write_text("".join(f"{r}\n" for r in reqs))
+        # --python: any interpreter will do (the target is --python-version); never download one
         argv = [_uv(), "pip", "compile", "--no-config", "--quiet", "--no-header", "--annotation-style", "line",
+                "--no-python-downloads", "--python", sys.executable,
                 "--python-version", ctx.python, "--python-platform", uv_platform, "--only-binary", ":all:",
                 "--index-url", index_url, "--find-links", str(t / "stubs"), "--constraint",
                 str(t / "constraints.txt"), "--cache-dir", str(cache_dir / "uv"), "--output-file",
@@ -290,8 +304,11 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
     chosen = [(n, v, via) for n, v, via in resolved if n not in provided]
     extra = [(n, v, via) for n, v, via in chosen if n not in requested]
     if extra and ctx.policy == "conda":
-        lines = [f"{n} {v} (needed by {', '.join(via) or 'a pip entry'})" for n, v, via in extra]
-        adds = ", ".join(f"`{conda_name(n, reverse)}`" for n, _, _ in extra)
+        versions = {n: v for n, v, _ in chosen}
+        needs = _requirements_of({p for _, _, via in extra for p in via if p in versions}, versions, index_url, ctx)
+        lines = [f"{n} {v} (needed by {', '.join(f'{p}: {needs.get((p, n), n)}' for p in via) or 'a pip entry'})"
+                 for n, v, via in extra]
+        adds = ", ".join(f"`{conda_name(n, reverse)}{_conda_bounds(needs, n, via)}`" for n, _, via in extra)
         raise ConfigError(f"{ctx.spec_file}: the conda side lacks what the pip entries need on {ctx.platform}: "
                           + "; ".join(lines),
                           why="this spec sets `pip-dependencies: conda`: every dependency of a pip entry must come "
@@ -308,12 +325,44 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
     return out
 
 
+def _requirements_of(names: set[str], versions: dict[str, str], index_url: str, ctx: Context) -> dict:
+    """(package, dependency) → the Requires-Dist line, read from the chosen wheels' metadata (PEP 658)."""
+    out = {}
+    for name in sorted(names):
+        try:
+            url = _pick(name, versions[name], index_files(index_url, name), ctx, [])["url"]
+            with urllib.request.urlopen(url + ".metadata", timeout=INDEX_TIMEOUT_S) as resp:
+                text = resp.read().decode("utf-8", "replace")
+        except (OSError, ConfigError, NetworkError):
+            continue  # the names alone still say what is missing
+        for line in text.splitlines():
+            if line.startswith("Requires-Dist:"):
+                try:
+                    req = Requirement(line.split(":", 1)[1].strip())
+                except InvalidRequirement:
+                    continue
+                if req.marker is None or req.marker.evaluate({"python_version": ctx.pyver, "extra": ""}):
+                    out[(name, canonicalize_name(req.name))] = str(req)
+    return out
+
+
+def _conda_bounds(needs: dict, name: str, via: list[str]) -> str:
+    """The version bounds the entries put on a dependency, as a conda spec suffix (' >=0.11.1,<0.14')."""
+    specs = []
+    for p in via:
+        req = needs.get((p, name))
+        if req is not None:
+            specs += [str(s) for s in Requirement(req).specifier]
+    return (" " + ",".join(sorted(set(specs)))) if specs else ""
+
+
 def _pick(name: str, version: str, files: list[IndexFile], ctx: Context, via: list[str]) -> dict:
     """The one wheel of name==version installable on every machine the profile admits."""
     same = [f for f in files if f.is_wheel and f.version == Version(version) and not f.yanked]
     good = [f for f in same if wheel_installable(f.filename, ctx.pyver, ctx.wheel_platforms)]
     if not good:
-        needs = sorted({platform_needs(f.filename) for f in same}) or ["(no wheel at all)"]
+        needs = sorted({platform_needs(f.filename) for f in same if _for_platform(f.filename, ctx.platform)}) \
+            or ["(no wheel for this platform at all)"]
         floor = ", ".join(ctx.wheel_platforms[:1]) or ctx.platform
         raise ConfigError(
             f"{name} {version}" + (f" (needed by {', '.join(via)})" if via else "")
