@@ -247,3 +247,16 @@ def test_diff_locks_lists_what_changed(cf, home, tmp_path):
     added = json.loads(res.stdout)["linux-64"]["added"]
     assert len(added) == len(old.for_platform("linux-64"))
     assert os.path.exists(tmp_path / "old.conda-lock.yml")
+
+
+@pytest.mark.parametrize("filename,ok", [
+    ("markupsafe-3.0.3-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", True),
+    ("regex-2026.9.29-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl", True),
+    ("bitsandbytes-0.50.2-py3-none-manylinux_2_28_x86_64.whl", False),  # needs more than the profile's 2.24
+    ("safetensors-0.7.0-cp38-abi3-manylinux_2_17_x86_64.whl", True),  # abi3 from 3.8 on
+    ("tokenizers-0.13.3-cp310-cp310-manylinux_2_17_x86_64.whl", False),  # another Python
+    ("bitsandbytes-0.50.2-py3-none-manylinux_2_24_aarch64.whl", False),  # another CPU
+])
+def test_wheel_tags_against_the_profiles_minimums(filename, ok):
+    from lorastrap import pipside
+    assert pipside.wheel_installable(filename, "3.12", locking.wheel_platforms("linux-64", {"__glibc": "2.24"})) is ok

@@ -3,7 +3,8 @@
 Solving is done by py-rattler (in rattler_worker, a child process) with the profile's own virtual packages — never
 conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  The file is written with conda-lock's own models and
 writer, with conda-lock's own content hash, so `conda-lock` judges its staleness as it would its own.  `pip:`
-entries are resolved by pip (`--dry-run --report`, no dependency resolution) and locked with their sha256.
+entries are resolved with their dependencies against the solved conda side (``pipside``) and locked with their
+sha256.  A failed solve keeps the solver's whole explanation; ``explain_solve`` reads its leaves into the fix.
 
 Reading a lock (install, doctor) does not import conda-lock (0.6 s): ``read_lock`` checks the fields it uses and
 names the file and the field when one is wrong.
