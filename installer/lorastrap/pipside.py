@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import SpecifierSet
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
@@ -388,7 +388,10 @@ def _no_silent_downgrade(name: str, req: Requirement, chosen: str, files: list[I
         v = f.version
         if v is None or f.yanked or (v.is_prerelease and not chosen_v.is_prerelease) or v not in req.specifier:
             continue
-        if f.requires_python and ctx.python and not SpecifierSet(f.requires_python).contains(ctx.python):
+        try:
+            if f.requires_python and not SpecifierSet(f.requires_python).contains(ctx.python):
+                continue
+        except InvalidSpecifier:
             continue
         candidates.setdefault(v, []).append(f)
     newest = max(candidates, default=None)
