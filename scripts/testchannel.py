@@ -178,11 +178,13 @@ def _register_placeholders(archive: Path) -> None:
 CONSTRAINS = {"cuda-version": ["__cuda >=12"]}
 
 
-def _assemble(work: Path, out_dir: Path, name: str, version: str, platform: str, build: str, files: Path,
-              depends: list[str], build_number: int = 0, noarch: str | None = None) -> Path:
+def assemble(work: Path, out_dir: Path, name: str, version: str, platform: str, build: str, files: Path,
+             depends: list[str], build_number: int = 0, noarch: str | None = None,
+             constrains: list[str] | None = None) -> Path:
+    """One real .conda package (fixed timestamp: identical bytes every run), placeholders registered."""
     import rattler_build
     out = rattler_build.assemble_package(name, version, platform, build, str(out_dir), files_dir=str(files),
-                                         depends=depends, constrains=CONSTRAINS.get(name),
+                                         depends=depends, constrains=constrains or CONSTRAINS.get(name),
                                          build_number=build_number, noarch=noarch,
                                          timestamp=TIMESTAMP, compression_level=1)
     path = Path(out.path)
@@ -203,7 +205,7 @@ def _build_python(work: Path, ch: Path, platform: str) -> None:
     os.symlink("python", d / "bin" / "python3")
     (d / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n"
                                   f"version = {PY_FULL}\n")
-    _assemble(work, ch / platform, "python", PY_FULL, platform, f"h0_0_cp{PY.replace('.', '')}", d,
+    assemble(work, ch / platform, "python", PY_FULL, platform, f"h0_0_cp{PY.replace('.', '')}", d,
               ["libgcc >=13", "libzlib >=1.3.1,<2", "libffi >=3.4,<4", "openssl >=3.4,<4", "libsqlite >=3.47",
                "bzip2 >=1.0.8,<2", "xz >=5.6", "readline >=8.2,<9", "ncurses >=6.5", "tzdata"])
 
@@ -237,7 +239,7 @@ def _build_stack_variants(work: Path, ch: Path, platform: str) -> None:
                     depends += ["pytorch * cuda*"]
             elif name == "bitsandbytes":
                 depends += ["pytorch * cpu*"]
-            _assemble(work, ch / platform, name, version, platform,
+            assemble(work, ch / platform, name, version, platform,
                       f"{variant}_py{PY.replace('.', '')}h0_{200 if cuda else 0}", files, depends,
                       build_number=200 if cuda else 0)
 
@@ -264,7 +266,7 @@ sys.exit(0 if report["ok"] else 1)
 """
     (d / "bin" / "lora-smoke").write_text(script)
     os.chmod(d / "bin" / "lora-smoke", 0o755)
-    _assemble(work, ch / "noarch", "lora-smoke", "1.0", "noarch", "0", d,
+    assemble(work, ch / "noarch", "lora-smoke", "1.0", "noarch", "0", d,
               ["python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes"], noarch="generic")
 
 
@@ -293,24 +295,30 @@ def _build_wheel(out: Path) -> None:
         '<!DOCTYPE html><html><body><a href="lorastrap-testwheel/">lorastrap-testwheel</a></body></html>\n')
 
 
+def new_channel(out: Path, platforms: tuple[str, ...]) -> Path:
+    """out/channel with its noarch and platform subdirs."""
+    ch = out / "channel"
+    for sub in ("noarch",) + platforms:
+        (ch / sub).mkdir(parents=True, exist_ok=True)
+    return ch
+
+
 def build(out: Path) -> Path:
     """Build the channel into out/channel and the pip index into out/simple.  Returns out/channel."""
     import rattler
 
-    ch = out / "channel"
-    for sub in ("noarch",) + PLATFORMS:
-        (ch / sub).mkdir(parents=True, exist_ok=True)
+    ch = new_channel(out, PLATFORMS)
     with tempfile.TemporaryDirectory(prefix="lorastrap-testchannel-") as tmp:
         work = Path(tmp)
         for name, version, depends, kind, payload in STACK:
             if kind.startswith("noarch"):
                 noarch = "python" if kind == "noarch-py" else "generic"
-                _assemble(work, ch / "noarch", name, version, "noarch", "pyh0_0" if noarch == "python" else "h0_0",
+                assemble(work, ch / "noarch", name, version, "noarch", "pyh0_0" if noarch == "python" else "h0_0",
                           _files(work, name, version, kind, payload), depends, noarch=noarch)
                 continue
             for platform in PLATFORMS:
                 build_str = f"py{PY.replace('.', '')}h0_0" if kind == "py" else "h0_0"
-                _assemble(work, ch / platform, name, version, platform, build_str,
+                assemble(work, ch / platform, name, version, platform, build_str,
                           _files(work, name, version, kind, payload), depends)
         for platform in PLATFORMS:
             _build_python(work, ch, platform)

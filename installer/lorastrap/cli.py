@@ -119,6 +119,11 @@ def parser() -> argparse.ArgumentParser:
                    help="conda platform to lock for (repeatable; default: all of the profile's platforms)")
     p.add_argument("-o", "--output", type=Path, default=None, help="where to write (default: envs/PROFILE.conda-lock.yml)")
 
+    p = sub.add_parser("diff-locks", parents=[common],
+                       help="what changed between two lock files: added, removed, changed versions")
+    p.add_argument("old", type=Path, help="the lock before (a missing file counts as empty)")
+    p.add_argument("new", type=Path, help="the lock after")
+
     p = sub.add_parser("install", parents=[common, where, sources, transaction, machine],
                        help="install the chosen profile's locked environment (atomically) and verify it")
     p.add_argument("--profile", default=None, help="force a profile (default: the one plan chooses)")
@@ -230,6 +235,14 @@ def cmd_lock(args) -> int:
     result = {"profile": name, "lock": str(out), "platforms": written.platforms,
               "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
     _print(args, result, f"wrote {out} (" + ", ".join(f"{p}: {n} packages" for p, n in result["packages"].items()) + ")")
+    return errors.OK
+
+
+def cmd_diff_locks(args) -> int:
+    from lorastrap import lock
+    old = lock.read_lock(args.old) if args.old.exists() else None
+    diff = lock.diff_locks(old, lock.read_lock(args.new))
+    _print(args, diff, lock.format_diff(diff))
     return errors.OK
 
 
@@ -367,7 +380,8 @@ def cmd_fleet(args) -> int:
     return fleet.exit_code(result)
 
 
-COMMANDS = {"fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "install": cmd_install, "verify": cmd_verify,
+COMMANDS = {"fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "diff-locks": cmd_diff_locks,
+            "install": cmd_install, "verify": cmd_verify,
             "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 
 

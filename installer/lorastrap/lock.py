@@ -3,7 +3,8 @@
 Solving is done by py-rattler (in rattler_worker, a child process) with the profile's own virtual packages — never
 conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  The file is written with conda-lock's own models and
 writer, with conda-lock's own content hash, so `conda-lock` judges its staleness as it would its own.  `pip:`
-entries are resolved by pip (`--dry-run --report`, no dependency resolution) and locked with their sha256.
+entries are resolved with their dependencies against the solved conda side (``pipside``) and locked with their
+sha256.  A failed solve keeps the solver's whole explanation; ``explain_solve`` reads its leaves into the fix.
 
 Reading a lock (install, doctor) does not import conda-lock (0.6 s): ``read_lock`` checks the fields it uses and
 names the file and the field when one is wrong.
@@ -12,18 +13,16 @@ names the file and the field when one is wrong.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from lorastrap import paths, subproc
+from lorastrap import paths, pipside, subproc
 from lorastrap.errors import ConfigError, NetworkError
 from lorastrap.profiles import Profile
 
@@ -100,6 +99,7 @@ class Spec:
     channels: list[str]
     conda: list[str]
     pip: list[str] = field(default_factory=list)
+    pip_dependencies: str = "lock"  # or "conda": every dependency of a pip entry must come from the conda side
 
 
 def read_spec(path: Path) -> Spec:
@@ -120,7 +120,13 @@ def read_spec(path: Path) -> Spec:
             pip += [str(p) for p in dep["pip"]]
         else:
             raise ConfigError(f"{path}: field 'dependencies[{i}]' is neither a spec string nor a pip: list")
-    return Spec(path=path, channels=[str(c) for c in raw.get("channels") or ["conda-forge"]], conda=conda, pip=pip)
+    policy = str(raw.get("pip-dependencies", "lock"))
+    if policy not in pipside.POLICIES:
+        raise ConfigError(f"{path}: field 'pip-dependencies' is {policy!r}",
+                          fix="Use `lock` (dependencies the conda side lacks are locked from PyPI) or `conda` "
+                              "(they must be on the conda side).")
+    return Spec(path=path, channels=[str(c) for c in raw.get("channels") or ["conda-forge"]], conda=conda, pip=pip,
+                pip_dependencies=policy)
 
 
 def inputs_sha256(envs_dir: Path, profile: Profile) -> str:
@@ -149,52 +155,70 @@ def virtual_packages(envs_dir: Path, profile: Profile, platform: str) -> dict[st
 # --------------------------------------------------------------------------------------------------------------
 # Solving
 
-def _solve_error(answer: dict, channels: list[str], platform: str) -> Exception:
+VP_FACTS = {"__cuda": ("the driver's CUDA version", "driver_cuda_min"), "__glibc": ("glibc", "glibc_min"),
+            "__osx": ("the macOS version", None), "__linux": ("the Linux kernel", None),
+            "__cuda_arch": ("the GPU compute capability", "compute_capability")}
+LEAF_RE = re.compile(r"(?:─\s*|^\s*|: )(?P<name>[A-Za-z0-9_.\-]+)(?: (?P<spec>[^\n]*?))?, for which no candidates "
+                     r"were found", re.M)
+
+
+def explain_solve(text: str, vps: dict[str, str], vps_file: Path) -> str:
+    """The fix for a solver explanation, from its leaves: a virtual package the profile lacks or sets too low, a
+    package the channel lacks, or (only then) pins in conflict."""
+    fixes, others = [], []
+    for m in LEAF_RE.finditer(text):
+        name, spec = m.group("name"), (m.group("spec") or "").strip()
+        if name.startswith("__"):
+            fact, rule = VP_FACTS.get(name, (f"the machine's {name}", None))
+            rule_txt = f" and requires.{rule} in profiles.yaml, with its source" if rule else ""
+            if name not in vps:
+                fixes.append(f"a package needs {name}{' ' + spec if spec else ''} ({fact}) and the profile's virtual "
+                             f"packages ({vps_file}) have none: if the profile is meant for such machines add {name} "
+                             f"there{rule_txt}; otherwise pin builds that do not need it")
+            else:
+                fixes.append(f"a package needs {name} {spec} ({fact}) but the profile sets {name}={vps[name]} in "
+                             f"{vps_file}: raise it to the minimum needed{rule_txt} (plan then refuses older "
+                             "machines), or pin an older build that fits")
+        else:
+            others.append(f"no {name}{' ' + spec if spec else ''} fits (the channel lacks it or another pin excludes "
+                          f"it): check the spec's line for {name} and that the channel (or mirror) carries it")
+    for m in re.finditer(r"No candidates were found for (?P<name>\S+)(?: (?P<spec>[^\n]*?))?\.?$", text, re.M):
+        others.append(f"the channel has no {m.group('name')} matching {m.group('spec') or '*'}: check the spec's line "
+                      f"for {m.group('name')} against what the channel (or mirror) carries")
+    seen = []
+    for f in fixes or others:  # a virtual package the profile lacks explains the rest of the tree
+        if f not in seen:
+            seen.append(f)
+    if seen:
+        return "; ".join(seen) + "."
+    return ("The solver's explanation above names the spec lines in conflict: change the pins it names "
+            "(or check that the channel has these packages).")
+
+
+def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str, str], vps_file: Path) -> Exception:
     text = answer.get("error", "")
     low = text.lower()
-    if any(w in low for w in ("connect", "dns", "resolve", "timed out", "network", "404", "not found", "io error",
-                              "failed to fetch", "no such file")):
+    explained = "cannot be installed" in low or "for which no candidates were found" in low or "cannot solve" in low
+    if not explained and any(w in low for w in ("connect", "dns", "resolve", "timed out", "network", "404",
+                                                "not found", "io error", "failed to fetch", "no such file")):
         return NetworkError(f"could not read the channel(s) {', '.join(channels)} for {platform}",
                             why=text.splitlines()[0][:500],
                             fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
                                 "--channel for a local channel (file:// or a path), or an offline bundle "
                                 "(--bundle, made with `lorastrap bundle` on a connected machine).")
-    return ConfigError(f"the spec cannot be solved for {platform}", why=text.splitlines()[0][:800] if text else "",
-                       fix="Relax the version pins in the spec, or check that the channel has these packages.")
+    return ConfigError(f"the spec cannot be solved for {platform} with "
+                       f"{', '.join(f'{k}={v}' for k, v in vps.items())}", why=text.strip(),
+                       fix=explain_solve(text, vps, vps_file))
 
 
-def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path) -> list[dict]:
+def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
+          vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
     answer = subproc.worker("rattler_worker", {
         "op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
         "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}, timeout=SOLVE_TIMEOUT_S)
     if not answer.get("ok"):
-        raise _solve_error(answer, channels, platform)
+        raise _solve_error(answer, channels, platform, vps, vps_file)
     return answer["records"]
-
-
-def lock_pip(reqs: list[str], platform: str, vps: dict[str, str], python_version: str, index_url: str) -> list[dict]:
-    """Resolve pip requirements to one wheel each (no dependency resolution), with url and sha256."""
-    with tempfile.TemporaryDirectory(prefix="lorastrap-pip-") as tmp:
-        report = Path(tmp) / "report.json"
-        argv = [sys.executable, "-m", "pip", "install", "--isolated", "--disable-pip-version-check", "--quiet",
-                "--dry-run", "--ignore-installed", "--no-deps", "--only-binary=:all:", "--report", str(report),
-                "--target", str(Path(tmp) / "target"), "--index-url", index_url,
-                "--python-version", python_version, "--implementation", "cp"]
-        for tag in wheel_platforms(platform, vps):
-            argv += ["--platform", tag]
-        res = subproc.run(argv + reqs, timeout=PIP_TIMEOUT_S)
-        if not res.ok:
-            last = (res.stderr or res.stdout).strip().splitlines()[-1:] or [""]
-            raise NetworkError(f"pip could not resolve {', '.join(reqs)} for {platform} from {index_url}",
-                               why=last[0], fix="Check the network or pass --pip-index-url for a reachable index.")
-        items = json.loads(report.read_text())["install"]
-    out = []
-    for item in items:
-        info = item["download_info"]
-        sha = info.get("archive_info", {}).get("hashes", {}).get("sha256")
-        out.append({"name": item["metadata"]["name"], "version": item["metadata"]["version"],
-                    "url": info["url"], "sha256": sha})
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -204,7 +228,7 @@ def _python_version(records: list[dict]) -> str:
     py = next((r for r in records if r["name"] == "python"), None)
     if py is None:
         raise ConfigError("the spec has pip: entries but no python", fix="Add python to the spec's dependencies.")
-    return ".".join(py["version"].split(".")[:2])
+    return py["version"]
 
 
 def _split_dep(dep: str) -> tuple[str, str]:
@@ -231,16 +255,19 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
     for platform in platforms:
         vps = virtual_packages(envs_dir, profile, platform)
         narrate(f"solving {name} for {platform} with {', '.join(f'{k}={v}' for k, v in vps.items())}")
-        records = solve(spec, urls, platform, vps, cache_dir)
+        records = solve(spec, urls, platform, vps, cache_dir, envs_dir / profile.virtual_packages)
         packages += [{"name": r["name"], "version": r["version"], "manager": "conda", "platform": platform,
                       "dependencies": dict(_split_dep(d) for d in r["depends"]), "url": r["url"],
                       "md5": r["md5"], "sha256": r["sha256"], "build": r["build"]} for r in records]
         if spec.pip:
-            pyver = _python_version(records)
-            narrate(f"resolving pip entries for {platform} (Python {pyver}): {', '.join(spec.pip)}")
+            ctx = pipside.Context(platform=platform, python=_python_version(records),
+                                  wheel_platforms=wheel_platforms(platform, vps), policy=spec.pip_dependencies,
+                                  vps_file=envs_dir / profile.virtual_packages, spec_file=spec_path)
+            narrate(f"resolving pip entries for {platform} (Python {ctx.python}) against the conda side: "
+                    f"{', '.join(spec.pip)}")
             packages += [{"name": p["name"], "version": p["version"], "manager": "pip", "platform": platform,
                           "url": p["url"], "sha256": p["sha256"]}
-                         for p in lock_pip(spec.pip, platform, vps, pyver, pip_index_url)]
+                         for p in pipside.resolve(spec.pip, records, ctx, pip_index_url, cache_dir)]
     _write(out, spec=spec_path.absolute(), virtual_packages=(envs_dir / profile.virtual_packages).absolute(),
            channels=urls, platforms=platforms, packages=packages,
            custom_metadata={"lorastrap_profile": name, "lorastrap_inputs_sha256": inputs_sha256(envs_dir, profile)})
@@ -442,3 +469,36 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
     lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[platform], channels=channels, out=local,
          pip_index_url=pip_index_url, narrate=narrate)
     return read_lock(local)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What changed between two locks (the refresh workflow's summary)
+
+def diff_locks(old: Lock | None, new: Lock) -> dict[str, dict[str, list]]:
+    """Per platform: packages added, removed and changed (version or build), by (manager, name)."""
+    out = {}
+    for platform in sorted(set(new.platforms) | set(old.platforms if old else [])):
+        before = {(e.manager, e.name): e for e in (old.for_platform(platform) if old else [])}
+        after = {(e.manager, e.name): e for e in new.for_platform(platform)}
+        out[platform] = {
+            "added": [{"name": k[1], "manager": k[0], "version": after[k].version} for k in sorted(after.keys() - before.keys())],
+            "removed": [{"name": k[1], "manager": k[0], "version": before[k].version} for k in sorted(before.keys() - after.keys())],
+            "changed": [{"name": k[1], "manager": k[0], "from": f"{before[k].version} {before[k].build or ''}".strip(),
+                         "to": f"{after[k].version} {after[k].build or ''}".strip()}
+                        for k in sorted(before.keys() & after.keys())
+                        if (before[k].version, before[k].build, before[k].sha256) != (after[k].version, after[k].build, after[k].sha256)]}
+    return out
+
+
+def format_diff(diff: dict[str, dict[str, list]]) -> str:
+    lines = []
+    for platform, d in diff.items():
+        if not any(d.values()):
+            lines.append(f"{platform}: no change")
+            continue
+        lines.append(f"{platform}: {len(d['added'])} added, {len(d['removed'])} removed, {len(d['changed'])} changed")
+        lines += [f"  + {p['name']} {p['version']}" + (" (pip)" if p["manager"] == "pip" else "") for p in d["added"]]
+        lines += [f"  - {p['name']} {p['version']}" + (" (pip)" if p["manager"] == "pip" else "") for p in d["removed"]]
+        lines += [f"  ~ {p['name']} {p['from']} -> {p['to']}" + (" (pip)" if p["manager"] == "pip" else "")
+                  for p in d["changed"]]
+    return "\n".join(lines)
