@@ -25,6 +25,8 @@ VERIFY = 9  # the verification run failed
 PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl or wget, micromamba)
 DOCTOR_REPAIRABLE = 11  # doctor: problems that `repair` fixes from the environment's own lock
 DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (`repair --replan`)
+NO_ENV = 13  # run, shell, update, rollback, uninstall: no such environment (or no previous generation)
+CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -41,6 +43,8 @@ EXIT_CODES = {
     PREREQ: "setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl/wget, or micromamba)",
     DOCTOR_REPAIRABLE: "doctor: the environment is broken and `repair` can fix it",
     DOCTOR_UNREPAIRABLE: "doctor: the environment no longer fits this machine (`repair --replan`)",
+    NO_ENV: "no such environment, or no previous generation to roll back to (`lorastrap list`)",
+    CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
     INTERRUPTED: "interrupted",
 }
 
@@ -103,3 +107,4 @@ class IntegrityError(LorastrapError): exit_code = INTEGRITY  # noqa: E701
 class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
 class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
 class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
+class NoEnvError(LorastrapError): exit_code = NO_ENV  # noqa: E701
