@@ -283,7 +283,7 @@ def uninstall(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> dic
 # --------------------------------------------------------------------------------------------------------------
 # self uninstall
 
-SETUP_RECORD = "shell-setup"  # what setup.sh added outside the data dir: "launcher|profile|created PATH" lines
+SETUP_RECORD = "shell-setup"  # what setup.sh made outside the data dir: "launcher|profile|created|dir PATH" lines
 SETUP_MARKER = "# added by lorastrap setup.sh"
 
 
@@ -301,7 +301,7 @@ def holdings() -> dict:
     parts = {p.name: tree_bytes(p) for p in sorted(data.iterdir())} if data.is_dir() else {}
     return {"data_dir": str(data), "data_dir_bytes": sum(parts.values()), "parts": parts,
             "environments": [str(p) for p in managed()],
-            "outside": [f"{kind} {path}" for kind, path in setup_edits()]}
+            "outside": [f"{kind} {path}" for kind, path in setup_edits() if kind != "dir"]}
 
 
 def format_holdings(h: dict) -> str:
@@ -331,10 +331,13 @@ def _strip_lines(path: Path, created: bool, narrate) -> None:
 def self_uninstall(*, narrate=lambda m: None) -> dict:
     """Remove every environment lorastrap manages, the launcher and PATH lines setup.sh added, and the data dir."""
     done = holdings()
+    edits = setup_edits()
     for prefix in managed():
         if prefix.exists() or generations(prefix):
             uninstall(prefix, narrate=narrate)
-    for kind, path in setup_edits():
+    for kind, path in edits:
+        if kind == "dir":
+            continue
         if kind == "launcher":
             try:
                 ours = "lorastrap launcher" in path.read_text()
@@ -349,4 +352,9 @@ def self_uninstall(*, narrate=lambda m: None) -> dict:
     if data.exists():
         narrate(f"removing {data}")
         shutil.rmtree(data)
+    for path in sorted((p for kind, p in edits if kind == "dir"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only the folders setup.sh created, and only if nothing else is in them now
+        except OSError:
+            pass
     return done
