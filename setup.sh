@@ -433,6 +433,8 @@ install_launcher() {
     fi
     write_if_changed "$_launcher" "#!/bin/sh
 # lorastrap launcher, written by setup.sh: the lorastrap command, run by its runtime in $(data_dir)
+LORASTRAP_HOME=\"\${LORASTRAP_HOME:-\"$(data_dir)\"}\"
+export LORASTRAP_HOME
 exec $(sq "$RUNTIME_PY") -m lorastrap \"\$@\""
     chmod +x "$_launcher"
     record_edit launcher "$_launcher"

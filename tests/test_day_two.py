@@ -149,7 +149,7 @@ def _peft(prefix):
     return res.stdout.strip()
 
 
-def test_update_prints_the_change_then_rollback_swaps(growing_channel, warm_home, tmp_path):
+def test_update_prints_the_change_rollback_swaps_uninstall_removes(growing_channel, warm_home, tmp_path):
     ch, prefix = growing_channel, tmp_path / "env"
     assert _install(ch, prefix).returncode == 0
     res = _update(ch, prefix, "--json")
@@ -174,6 +174,23 @@ def test_update_prints_the_change_then_rollback_swaps(growing_channel, warm_home
     assert run_cli("rollback", "--prefix", str(prefix)).returncode == 0 and _peft(prefix) == "0.22.0"
     res = _update(ch, prefix, "--keep-generations", "0")  # nothing newer: no change, generations untouched
     assert res.returncode == 0 and "already up to date" in res.stdout
+    # uninstall: the environment, its generation, its lock file and its registry entry; nothing else
+    (tmp_path / "mine.txt").write_text("keep")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    ours = {"env", "env.lorastrap-backup", "env.lorastrap.lock"}
+    assert ours <= set(before)
+    res = run_cli("uninstall", "--prefix", str(prefix), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["removed_generations"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - ours)
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+    assert json.loads(run_cli("list", "--json").stdout)["environments"] == []
+    res = run_cli("uninstall", "--prefix", str(prefix))
+    assert res.returncode == 13 and "no environment at" in res.stderr
+    other = tmp_path / "foreign"
+    (other / "conda-meta").mkdir(parents=True)
+    res = run_cli("uninstall", "--prefix", str(other))
+    assert res.returncode == 2 and "not installed by lorastrap" in res.stderr and other.exists()
 
 
 def _stopped(proc, timeout=60):
@@ -231,26 +248,3 @@ def test_update_and_rollback_survive_sigkill(growing_channel, warm_home, tmp_pat
         assert json.loads(res.stdout)["health"] == "ok"
         assert not Path(f"{prefix}.lorastrap-swap").exists() and not Path(f"{prefix}.lorastrap-swap.json").exists()
         assert len(list(tmp_path.glob("env.lorastrap-backup"))) == 1
-
-
-def test_uninstall_removes_the_environment_and_touches_nothing_else(growing_channel, warm_home, tmp_path):
-    ch, prefix = growing_channel, tmp_path / "env"
-    assert _install(ch, prefix).returncode == 0
-    ch["publish"]("peft", "0.22.0")
-    assert _update(ch, prefix).returncode == 0  # a generation too
-    (tmp_path / "mine.txt").write_text("keep")
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert {"env", "env.lorastrap-backup", "env.lorastrap.lock"} <= set(before)
-    res = run_cli("uninstall", "--prefix", str(prefix), "--json")
-    assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["removed_generations"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - {"env", "env.lorastrap-backup",
-                                                                              "env.lorastrap.lock"})
-    assert (tmp_path / "mine.txt").read_text() == "keep"
-    assert json.loads(run_cli("list", "--json").stdout)["environments"] == []
-    res = run_cli("uninstall", "--prefix", str(prefix))
-    assert res.returncode == 13 and "no environment at" in res.stderr
-    other = tmp_path / "foreign"
-    (other / "conda-meta").mkdir(parents=True)
-    res = run_cli("uninstall", "--prefix", str(other))
-    assert res.returncode == 2 and "not installed by lorastrap" in res.stderr and other.exists()
