@@ -100,14 +100,14 @@ def test_run_errors_are_clear(installed, tmp_path):
 
 
 def test_shell_starts_an_activated_shell(installed):
-    for shell in ("bash", "posix"):
+    for shell in ["bash", "posix"] + [s for s in ("zsh", "fish") if shutil.which(s)]:
         res = subprocess.run([sys.executable, "-m", "lorastrap", "shell", "--prefix", str(installed["prefix"]),
                               "--shell", shell], input='echo "in=$CONDA_PREFIX $LORA_SMOKE_DATA"\nexit 3\n',
                              capture_output=True, text=True, timeout=60,
                              env={**os.environ, **installed["env"], "HOME": str(installed["prefix"].parent)})
-        assert res.returncode == 3, res.stderr
+        assert res.returncode == 3, (shell, res.stderr)
         p = installed["prefix"]
-        assert f"in={p} {p}/share/lora-smoke" in res.stdout
+        assert f"in={p} {p}/share/lora-smoke" in res.stdout, shell
 
 
 def test_list_shows_profile_lock_size_health(installed):
