@@ -226,12 +226,13 @@ def test_update_and_rollback_survive_sigkill(growing_channel, warm_home, tmp_pat
     ch["publish"]("peft", "0.22.0")
     update_args = ["update", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--pip-index-url", ch["simple"],
                    "--no-verify"]
-    _kill_at(update_args, "linked")  # the new one half checked: rolled back by the next run, which updates
-    assert Path(f"{prefix}.lorastrap-txn.json").exists()
-    res = _update(ch, prefix)
-    assert res.returncode == 0 and "an earlier run was interrupted" in res.stderr, res.stderr
-    assert _peft(prefix) == "0.22.0"
-    assert run_cli("rollback", "--prefix", str(prefix)).returncode == 0 and _peft(prefix) == "0.21.2"
+    for stage in ("aside", "linked"):  # PREFIX moved aside; the new one linked: the next run rolls back, updates
+        _kill_at(update_args, stage)
+        assert Path(f"{prefix}.lorastrap-txn.json").exists()
+        res = _update(ch, prefix)
+        assert res.returncode == 0 and "an earlier run was interrupted" in res.stderr, res.stderr
+        assert _peft(prefix) == "0.22.0"
+        assert run_cli("rollback", "--prefix", str(prefix)).returncode == 0 and _peft(prefix) == "0.21.2"
     _kill_at(update_args, "commit")  # committing: the next run finishes it, and then there is nothing to do
     res = _update(ch, prefix)
     assert res.returncode == 0 and "finishing it" in res.stderr and "already up to date" in res.stdout, res.stderr

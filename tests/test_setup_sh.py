@@ -222,6 +222,21 @@ def test_piped_install_fetches_checks_and_runs_the_source(server, tmp_path, data
     assert "fetching lorastrap from" in res.stderr and "profile: cpu" in res.stdout
 
 
+def test_piped_the_command_keeps_working_after_the_download_is_gone(server, tmp_path, data_dir, channel):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LORASTRAP_HOME": str(data_dir), "HOME": str(home), "LORASTRAP_SOURCE_URL": server["url"] + "/src.tar.gz",
+           "LORASTRAP_SOURCE_SHA256": server["sha"]}
+    res = sh([DASH, "-s", "--", "--envs-dir", str(ROOT / TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+              channel["simple"], "--no-modify-path"], cwd=tmp_path, env=env, stdin=(ROOT / "setup.sh").read_text())
+    assert res.returncode == 0, res.stderr[-3000:]
+    pth = next((data_dir / "runtime" / "lib").glob("python3*/site-packages/lorastrap-source.pth")).read_text()
+    assert pth.startswith(f"{data_dir}/src/")  # the unpacked source lives in the data dir, not in a download
+    res = subprocess.run([str(home / ".local" / "bin" / "lorastrap"), "list"], capture_output=True, text=True,
+                         env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert res.returncode == 0 and f"{data_dir}/envs/lora" in res.stdout, res.stderr
+
+
 def test_checksum_mismatch_is_refused_with_want_and_got(server, tmp_path, data_dir):
     res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha="0" * 64)
     assert res.returncode == 6, res.stderr
