@@ -14,6 +14,7 @@ EXIT_NETWORK=5
 EXIT_INTEGRITY=6
 EXIT_PREREQ=10
 MICROMAMBA_VERSION_DEFAULT="2.0.5-0"
+SETUP_MARKER="# added by lorastrap setup.sh"
 
 say() {
     if [ -z "${LORASTRAP_QUIET:-}" ]; then
@@ -62,12 +63,14 @@ usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s
   --report FILE        write the JSON result to FILE                 LORASTRAP_REPORT
   --verbose            more detail (tracebacks on errors)            LORASTRAP_VERBOSE=1
   --quiet              only errors and the result                    LORASTRAP_QUIET=1
+  --no-modify-path     leave shell profiles alone (print the line)   LORASTRAP_NO_MODIFY_PATH=1
   --help               this text
 
 More variables:
   LORASTRAP_HOME            data dir (runtime, package cache, logs, environments);
                             default $XDG_DATA_HOME/lorastrap, else ~/.local/share/lorastrap
   LORASTRAP_PYTHON          the python3 (>= 3.10) to build lorastrap's runtime with
+  XDG_BIN_HOME              where the lorastrap command goes (default ~/.local/bin)
   LORASTRAP_SOURCE_URL      when piped: lorastrap's source archive (.tar.gz) to fetch
   LORASTRAP_SOURCE_SHA256   its expected sha256 (checked when given)
   LORASTRAP_MICROMAMBA_URL  where to fetch micromamba when no usable python3 exists
@@ -306,6 +309,138 @@ runtime_from_micromamba() {
         -r "$_root/requirements.txt" >&2 || err "could not install lorastrap's runtime requirements" "$EXIT_NETWORK"
 }
 
+# --- the lorastrap command on the PATH -----------------------------------------------------------------------
+# Everything written outside the data dir is recorded in DATA/shell-setup ("launcher|profile|created|dir PATH"),
+# which `lorastrap self uninstall` reads to take it all back.
+
+bin_dir() {
+    printf '%s\n' "${XDG_BIN_HOME:-$HOME/.local/bin}"
+}
+
+# A word single-quoted for sh.
+sq() {
+    printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"
+}
+
+record_edit() {
+    _rec="$(data_dir)/shell-setup"
+    if ! grep -qxF "$1 $2" "$_rec" 2>/dev/null; then
+        printf '%s %s\n' "$1" "$2" >>"$_rec"
+    fi
+}
+
+# mkdir -p that records the folders it created (outside the data dir), deepest last.
+make_dir() {
+    _new=""
+    _d="$1"
+    while [ -n "$_d" ] && [ "$_d" != / ] && [ ! -d "$_d" ]; do
+        _new="$_d
+$_new"
+        _d=$(dirname "$_d")
+    done
+    mkdir -p "$1" || return 1
+    printf '%s' "$_new" | while IFS= read -r _d; do
+        [ -n "$_d" ] && record_edit dir "$_d"
+    done
+    return 0
+}
+
+# Write FILE with CONTENT only when it differs, so a rerun changes nothing.
+write_if_changed() {
+    if [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; then
+        return 0
+    fi
+    printf '%s\n' "$2" >"$1.tmp.$$" && mv "$1.tmp.$$" "$1"
+}
+
+# Append LINE to FILE once; returns 1 when it was there already.
+add_line() {
+    if [ -f "$1" ] && grep -qF "$2" "$1"; then
+        return 1
+    fi
+    if [ -f "$1" ]; then
+        record_edit profile "$1"
+        if [ -n "$(tail -c 1 "$1")" ]; then
+            printf '\n' >>"$1"
+        fi
+    else
+        record_edit created "$1"
+    fi
+    printf '%s\n' "$2" >>"$1"
+}
+
+# The folder of the launcher on the PATH: the shell profiles source DATA/env (DATA/env.fish for fish), which adds
+# it once; or, with --no-modify-path, the line to add is printed.
+ensure_on_path() {
+    _bin="$1"
+    case ":${PATH:-}:" in
+        *":$_bin:"*) return 0 ;;
+    esac
+    if [ -n "$_no_modify_path" ]; then
+        say "$_bin is not on your PATH; add this line to your shell profile (~/.profile, ~/.bashrc or ~/.zshrc):"
+        say "    export PATH=\"$_bin:\$PATH\""
+        return 0
+    fi
+    _env="$(data_dir)/env"
+    write_if_changed "$_env" "# lorastrap: puts $_bin on the PATH (setup.sh wrote it; your shell profile sources it)
+case \":\${PATH}:\" in
+    *:$(sq "$_bin"):*) ;;
+    *) export PATH=$(sq "$_bin")\"\${PATH:+:\$PATH}\" ;;
+esac"
+    _line="if [ -f $(sq "$_env") ]; then . $(sq "$_env"); fi  $SETUP_MARKER"
+    _changed=""
+    _zshenv="${ZDOTDIR:-$HOME}/.zshenv"
+    for _prof in "$HOME/.profile" "$HOME/.bash_profile" "$HOME/.bash_login" "$HOME/.bashrc" "$_zshenv"; do
+        if [ "$_prof" = "$_zshenv" ]; then
+            [ -f "$_prof" ] || check_cmd zsh || continue
+        elif [ "$_prof" != "$HOME/.profile" ]; then
+            [ -f "$_prof" ] || continue
+        fi
+        if add_line "$_prof" "$_line"; then
+            _changed="$_changed $_prof"
+        fi
+    done
+    _fishconf="${XDG_CONFIG_HOME:-$HOME/.config}/fish"
+    if check_cmd fish || [ -d "$_fishconf" ]; then
+        write_if_changed "$_env.fish" "# lorastrap: puts $_bin on the PATH (setup.sh wrote it; fish's conf.d sources it)
+contains -- $(sq "$_bin") \$PATH; or set -gx PATH $(sq "$_bin") \$PATH"
+        make_dir "$_fishconf/conf.d" || return 0
+        if add_line "$_fishconf/conf.d/lorastrap.fish" "if test -f $(sq "$_env.fish"); source $(sq "$_env.fish"); end  $SETUP_MARKER"; then
+            _changed="$_changed $_fishconf/conf.d/lorastrap.fish"
+        fi
+    fi
+    if [ -n "$_changed" ]; then
+        say "added $_bin to the PATH in$_changed (--no-modify-path leaves them alone)"
+    fi
+    say "open a new terminal for the lorastrap command, or run now: . $(sq "$_env")"
+}
+
+# The lorastrap command: the runtime imports the source through a .pth file, and a launcher in $XDG_BIN_HOME or
+# ~/.local/bin runs it.  Piped mode keeps the source in the data dir (src/), so the command outlives the download.
+install_launcher() {
+    _root="$1"
+    _sp=$("$RUNTIME_PY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))') || return 1
+    write_if_changed "$_sp/lorastrap-source.pth" "$_root/installer"
+    _bin=$(bin_dir)
+    if ! make_dir "$_bin"; then
+        warn "cannot create $_bin: no lorastrap command (run it as: $RUNTIME_PY -m lorastrap)"
+        return 0
+    fi
+    _launcher="$_bin/lorastrap"
+    if [ -e "$_launcher" ] && ! grep -q 'lorastrap launcher' "$_launcher" 2>/dev/null; then
+        warn "$_launcher exists and is not lorastrap's launcher: left as it is (run lorastrap as: $RUNTIME_PY -m lorastrap)"
+        return 0
+    fi
+    write_if_changed "$_launcher" "#!/bin/sh
+# lorastrap launcher, written by setup.sh: the lorastrap command, run by its runtime in $(data_dir)
+LORASTRAP_HOME=\"\${LORASTRAP_HOME:-\"$(data_dir)\"}\"
+export LORASTRAP_HOME
+exec $(sq "$RUNTIME_PY") -m lorastrap \"\$@\""
+    chmod +x "$_launcher"
+    record_edit launcher "$_launcher"
+    ensure_on_path "$_bin"
+}
+
 # Run lorastrap with the full narration copied to a log file; the log's path is printed on failure.
 run_logged() {
     _log="$1"
@@ -337,6 +472,7 @@ main() {
     _report="${LORASTRAP_REPORT:-}"
     _verbose="${LORASTRAP_VERBOSE:-}"
     _bundle="${LORASTRAP_BUNDLE:-}"
+    _no_modify_path="${LORASTRAP_NO_MODIFY_PATH:-}"
     while [ $# -gt 0 ]; do
         case "$1" in
             --help | -h)
@@ -365,6 +501,7 @@ main() {
             --json) _json=1 ;;
             --verbose | -v) _verbose=1 ;;
             --quiet | -q) LORASTRAP_QUIET=1 ;;
+            --no-modify-path) _no_modify_path=1 ;;
             *) err "unknown flag '$1' (see 'sh setup.sh --help')" "$EXIT_USAGE" ;;
         esac
         shift
@@ -378,7 +515,7 @@ main() {
     export TMPDIR
     trap 'rm -rf "$_tmp"' EXIT
     trap 'rm -rf "$_tmp"; exit 130' INT TERM
-    mkdir -p "$(data_dir)/logs" || err "cannot create $(data_dir)/logs (set LORASTRAP_HOME to a writable folder)" 1
+    make_dir "$(data_dir)/logs" || err "cannot create $(data_dir)/logs (set LORASTRAP_HOME to a writable folder)" 1
     _log="$(data_dir)/logs/setup-$(date +%Y%m%d-%H%M%S)-$$.log"
     say "platform $_plat; data dir $(data_dir)"
 
@@ -432,6 +569,9 @@ main() {
         return $?
     fi
     PYTHONPATH="$_root/installer" run_logged "$_log" "$RUNTIME_PY" -m lorastrap "$@" 3>&1
+    _status_code=$?
+    install_launcher "$_root" || warn "could not write the lorastrap command (run it as: $RUNTIME_PY -m lorastrap)"
+    return "$_status_code"
 }
 
 main "$@" || exit $?

@@ -2,6 +2,7 @@
 
     python scripts/testchannel.py build DIR          # build the channel (and a pip index) into DIR
     python scripts/testchannel.py serve DIR [PORT]   # serve DIR on http://127.0.0.1:PORT until Ctrl-C
+    python scripts/testchannel.py publish DIR NAME VERSION   # add a newer NAME (noarch python) to DIR/channel
 
 LORASTRAP_TESTCHANNEL_FILES=N adds N small files to each package (benchmarks at realistic file counts).
 
@@ -266,6 +267,11 @@ sys.exit(0 if report["ok"] else 1)
 """
     (d / "bin" / "lora-smoke").write_text(script)
     os.chmod(d / "bin" / "lora-smoke", 0o755)
+    # Activation scripts, as CUDA packages carry them: only activation (run, shell-hook) sets this variable.
+    hooks = d / "etc" / "conda" / "activate.d"
+    hooks.mkdir(parents=True)
+    (hooks / "lora-smoke.sh").write_text('export LORA_SMOKE_DATA="${CONDA_PREFIX}/share/lora-smoke"\n')
+    (hooks / "lora-smoke.fish").write_text('set -gx LORA_SMOKE_DATA "$CONDA_PREFIX/share/lora-smoke"\n')
     assemble(work, ch / "noarch", "lora-smoke", "1.0", "noarch", "0", d,
               ["python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes"], noarch="generic")
 
@@ -301,6 +307,20 @@ def new_channel(out: Path, platforms: tuple[str, ...]) -> Path:
     for sub in ("noarch",) + platforms:
         (ch / sub).mkdir(parents=True, exist_ok=True)
     return ch
+
+
+def publish(channel: Path, name: str, version: str) -> Path:
+    """Add a newer version of a noarch python package of STACK to a built channel and index it again (a channel
+    that gained a release since an environment was locked)."""
+    import rattler
+
+    depends = next(d for n, _, d, kind, _ in STACK if n == name and kind == "noarch-py")
+    with tempfile.TemporaryDirectory(prefix="lorastrap-testchannel-") as tmp:
+        work = Path(tmp)
+        path = assemble(work, channel / "noarch", name, version, "noarch", "pyh0_0",
+                         _files(work, name, version, "noarch-py", 0), depends, noarch="python")
+    asyncio.run(rattler.index.index_fs(channel, write_zst=False, write_shards=False, force=True))
+    return path
 
 
 def build(out: Path) -> Path:
@@ -365,6 +385,10 @@ def main(argv: list[str]) -> int:
         count = sum(1 for _ in ch.rglob("*.conda"))
         print(f"{count} packages in {ch}", file=sys.stderr)
         sys.stdout.flush()
+        os._exit(0)  # py-rattler may crash at interpreter shutdown (field notes)
+    if len(argv) == 4 and argv[0] == "publish":
+        print(publish(Path(argv[1]).absolute() / "channel", argv[2], argv[3]), file=sys.stderr)
+        sys.stderr.flush()
         os._exit(0)  # py-rattler may crash at interpreter shutdown (field notes)
     if len(argv) >= 2 and argv[0] == "serve":
         server, url = serve(Path(argv[1]), int(argv[2]) if len(argv) > 2 else 8765)

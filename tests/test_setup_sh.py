@@ -36,7 +36,8 @@ def data_dir(tmp_path_factory):
 
 
 def sh(args, *, cwd, env, stdin=None, timeout=900):
-    full = {k: v for k, v in os.environ.items() if not k.startswith(("LORASTRAP_", "CONDA_OVERRIDE"))}
+    full = {k: v for k, v in os.environ.items()
+            if not k.startswith(("LORASTRAP_", "CONDA_OVERRIDE", "XDG_")) and k != "ZDOTDIR"}
     full.update(env)
     return subprocess.run(args, cwd=cwd, env=full, input=stdin, capture_output=True, timeout=timeout,
                           text=isinstance(stdin, str) or stdin is None)
@@ -71,13 +72,66 @@ def test_end_to_end_under_dash_then_a_rerun_changes_nothing(checkout, data_dir, 
     res = sh(args, cwd=checkout, env=env, stdin="")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "installed and verified:" in res.stdout and "profile test-cpu" in res.stdout
-    assert f"activate with: conda activate {data_dir}/envs/lora" in res.stdout
+    assert "run in it:   lorastrap run -- python train.py" in res.stdout
+    assert 'activate it: eval "$(lorastrap shell-hook)"' in res.stdout
     assert (data_dir / "runtime" / "bin" / "python").exists()
     before = snapshot(data_dir)
     res = sh(args, cwd=checkout, env=env, stdin="")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "reusing the runtime" in res.stderr and "already up to date" in res.stdout
     assert snapshot(data_dir) == before
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def login(home: Path, command: str, shell: str = "bash"):
+    """A new login shell of a user whose HOME is HOME, with the system's PATH only."""
+    return subprocess.run([shell, "-lc", command], capture_output=True, text=True, timeout=120,
+                          env={"HOME": str(home), "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+
+
+def test_the_command_on_the_path_once_then_self_uninstall_leaves_nothing(checkout, data_dir, channel, tmp_path):
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    if (data_dir / "runtime").is_dir():  # the module's runtime, as a machine that ran setup.sh before has it
+        shutil.copytree(data_dir / "runtime", data / "runtime", symlinks=True, copy_function=os.link)
+    args = [DASH, "setup.sh", "--envs-dir", TEST_ENVS, "--channel", channel["url"], "--pip-index-url", channel["simple"]]
+    # pip runs `rustc --version` for its user agent, and a rustup proxy on PATH writes ~/.rustup: not ours to judge.
+    path = os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if ".cargo" not in d)
+    env = {"LORASTRAP_HOME": str(data), "HOME": str(home), "PATH": path}
+    res = sh(args, cwd=checkout, env=env, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"added {home}/.local/bin to the PATH in {home}/.profile" in res.stderr
+    res = login(home, "lorastrap --version && lorastrap list")  # a new terminal finds it, and the data dir
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("lorastrap ") and f"{data}/envs/lora" in res.stdout and "health: ok" in res.stdout
+    res = sh(args, cwd=checkout, env=env, stdin="")  # again: the PATH line is there once
+    assert res.returncode == 0, res.stderr[-3000:]
+    profile = (home / ".profile").read_text()
+    assert profile.count("# added by lorastrap setup.sh") == 1 and f". '{data}/env'" in profile
+    res = login(home, "lorastrap self uninstall")  # not a terminal and no --yes: refuses, removes nothing
+    assert res.returncode == 2 and "--yes" in res.stderr and (data / "envs" / "lora").exists()
+    res = login(home, "lorastrap self uninstall --yes")
+    assert res.returncode == 0, res.stderr
+    assert "runtime" in res.stderr and f"launcher {home}/.local/bin/lorastrap" in res.stderr
+    assert tree(home) == [] and not data.exists()
+
+
+def test_no_modify_path_touches_no_profile(checkout, data_dir, channel, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("# mine\n")
+    res = sh([DASH, "setup.sh", "--envs-dir", TEST_ENVS, "--channel", channel["url"], "--pip-index-url",
+              channel["simple"], "--no-modify-path"], cwd=checkout,
+             env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home)}, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert tree(home) == [".bashrc", ".local", ".local/bin", ".local/bin/lorastrap"]
+    assert (home / ".bashrc").read_text() == "# mine\n"
+    assert f'export PATH="{home}/.local/bin:$PATH"' in res.stderr
+    res = subprocess.run([str(home / ".local" / "bin" / "lorastrap"), "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("lorastrap ")
 
 
 def test_dry_run_writes_nothing_outside_the_data_dir(checkout, data_dir, tmp_path):
@@ -166,6 +220,21 @@ def test_piped_install_fetches_checks_and_runs_the_source(server, tmp_path, data
     res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha=server["sha"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fetching lorastrap from" in res.stderr and "profile: cpu" in res.stdout
+
+
+def test_piped_the_command_keeps_working_after_the_download_is_gone(server, tmp_path, data_dir, channel):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"LORASTRAP_HOME": str(data_dir), "HOME": str(home), "LORASTRAP_SOURCE_URL": server["url"] + "/src.tar.gz",
+           "LORASTRAP_SOURCE_SHA256": server["sha"]}
+    res = sh([DASH, "-s", "--", "--envs-dir", str(ROOT / TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+              channel["simple"], "--no-modify-path"], cwd=tmp_path, env=env, stdin=(ROOT / "setup.sh").read_text())
+    assert res.returncode == 0, res.stderr[-3000:]
+    pth = next((data_dir / "runtime" / "lib").glob("python3*/site-packages/lorastrap-source.pth")).read_text()
+    assert pth.startswith(f"{data_dir}/src/")  # the unpacked source lives in the data dir, not in a download
+    res = subprocess.run([str(home / ".local" / "bin" / "lorastrap"), "list"], capture_output=True, text=True,
+                         env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    assert res.returncode == 0 and f"{data_dir}/envs/lora" in res.stdout, res.stderr
 
 
 def test_checksum_mismatch_is_refused_with_want_and_got(server, tmp_path, data_dir):

@@ -155,6 +155,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replan", action="store_true", help="rebuild with the profile plan chooses now")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
     p.add_argument("--drop-backup", action="store_true", help="remove the old environment once the new one verified")
+
+    p = sub.add_parser("run", parents=[common, where],
+                       help="run a command inside the activated environment: lorastrap run -- python train.py")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="the command and its arguments")
+
+    p = sub.add_parser("shell-hook", parents=[common, where],
+                       help="print the activation script: eval \"$(lorastrap shell-hook)\"")
+    p.add_argument("--shell", choices=["bash", "zsh", "fish", "posix"], default=None,
+                   help="the shell to write it for (default: $SHELL's, else posix)")
+
+    p = sub.add_parser("shell", parents=[common, where], help="start an interactive shell in the environment")
+    p.add_argument("--shell", choices=["bash", "zsh", "fish", "posix"], default=None,
+                   help="which shell (default: $SHELL's, else posix sh)")
+
+    sub.add_parser("list", parents=[common],
+                   help="the environments lorastrap manages here: profile, lock, size, health, generations")
+
+    p = sub.add_parser("update", parents=[common, where, sources, transaction],
+                       help="lock the profile again, show what changes, install it (the old one kept for rollback)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    p.add_argument("--profile", default=None, help="move to another profile (default: the environment's own)")
+    p.add_argument("--keep-generations", type=int, default=1, metavar="N",
+                   help="previous environments to keep for rollback (default 1; 0 keeps none)")
+    p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
+
+    p = sub.add_parser("rollback", parents=[common, where],
+                       help="make the previous generation current again (the current one becomes the previous)")
+    p.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+
+    p = sub.add_parser("uninstall", parents=[common, where],
+                       help="remove an environment, its generations and its records")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (also when stdin is not a terminal)")
+    p.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+
+    p = sub.add_parser("self", help="lorastrap itself: `lorastrap self uninstall`")
+    selfsub = p.add_subparsers(dest="self_command", metavar="uninstall", required=True)
+    p = selfsub.add_parser("uninstall", parents=[common],
+                           help="remove lorastrap: its environments, runtime, data dir, launcher and PATH line")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask")
     _fleet_parsers(sub)
     return top
 
@@ -247,7 +286,8 @@ def cmd_diff_locks(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from lorastrap import bundle, install as inst, plan as planner, profiles
+    from lorastrap import activate, bundle, install as inst, plan as planner, profiles
+    from lorastrap.envs import register
     from lorastrap.errors import NoProfileError
     envs = _envs_dir(args)
     opened = bundle.open_bundle(args.bundle) if args.bundle else None
@@ -276,6 +316,7 @@ def cmd_install(args) -> int:
         keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
         min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    register(Path(result.prefix))
     doc = inst.node_report(result, machine).model_dump(mode="json")
     if args.report:
         args.report.write_text(json.dumps(doc, indent=2) + "\n")
@@ -284,7 +325,7 @@ def cmd_install(args) -> int:
     _print(args, doc, f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
                       f"{result.pip_packages} pip packages, engine {result.engine}, "
                       f"{result.timings.get('total', 0):.1f} s)\n"
-                      f"activate with: {inst.activation_hint(Path(result.prefix))}")
+                      + activate.usage_hint(Path(result.prefix)))
     return errors.OK
 
 
@@ -333,17 +374,18 @@ def cmd_doctor(args) -> int:
     return diag.exit_code
 
 
+def _confirm() -> bool:
+    if not sys.stdin.isatty():
+        return True  # non-interactive (cluster jobs, pipes): never prompt
+    return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
+
+
 def cmd_repair(args) -> int:
     from lorastrap import doctor
 
-    def confirm() -> bool:
-        if not sys.stdin.isatty():
-            return True  # non-interactive (cluster jobs, pipes): never prompt
-        return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
-
     diag, result = doctor.repair(
         _prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
-        keep_backup=not args.drop_backup, confirm=confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
+        keep_backup=not args.drop_backup, confirm=_confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
         run_verify=not args.no_verify, **_sources(args))
     _print(args, {"before": diag.to_dict(), "result": result.to_dict()},
            f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
@@ -380,7 +422,102 @@ def cmd_fleet(args) -> int:
     return fleet.exit_code(result)
 
 
-COMMANDS = {"fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "diff-locks": cmd_diff_locks,
+def cmd_run(args) -> int:
+    from lorastrap import activate
+    argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    activate.run(_prefix(args), argv)  # becomes the command: returns only by raising
+    return errors.INTERNAL
+
+
+def cmd_shell_hook(args) -> int:
+    from lorastrap import activate
+    prefix = activate.require_env(_prefix(args))
+    shell = args.shell or activate.default_shell()
+    text = activate.script(prefix, shell)
+    _print(args, {"prefix": str(prefix), "shell": shell, "script": text}, text.rstrip("\n"))
+    return errors.OK
+
+
+def cmd_shell(args) -> int:
+    from lorastrap import activate
+    activate.shell(_prefix(args), args.shell)
+    return errors.INTERNAL
+
+
+def cmd_list(args) -> int:
+    from lorastrap import envs, paths
+    rows = envs.list_all()
+    _print(args, {"data_dir": str(paths.data_dir()), "environments": rows}, envs.format_list(rows))
+    return errors.OK
+
+
+def cmd_update(args) -> int:
+    from lorastrap import envs, profiles, update
+    from lorastrap.detect import detect
+    prefix = _prefix(args)
+    machine = detect(disk_path=prefix)
+    src = _sources(args)
+    result = update.update(prefix=prefix, envs_dir=_envs_dir(args), matrix=profiles.load(_envs_dir(args)),
+                           profile_name=args.profile, channels=args.channel or ([args.mirror] if args.mirror else None),
+                           mirror=args.mirror, pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
+                           keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
+                           wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
+                           narrate=say)
+    if result.changed:
+        envs.register(prefix)
+    kept = sum(g["bytes"] for g in result.generations)
+    head = (f"{'would change' if args.dry_run else 'changes'} in {prefix} (profile {result.profile}, "
+            f"{result.platform}): {len(result.changes) or 'none'}")
+    tail = ("\nalready up to date" if not result.changes else "\n(dry run: nothing changed)" if args.dry_run else
+            f"\nupdated; previous generations kept: {len(result.generations)} ({kept / 2**20:.1f} MiB) — "
+            f"`lorastrap rollback` returns to the previous one")
+    _print(args, result.to_dict(), head + "\n" + update.format_changes(result.changes) + tail)
+    return errors.OK
+
+
+def cmd_rollback(args) -> int:
+    from lorastrap import update
+    prefix = _prefix(args)
+    result = update.rollback(prefix, wait=not args.no_wait, narrate=say)
+    _print(args, result.to_dict(),
+           f"rolled back {prefix}: now profile {result.now.get('profile', '-')} installed "
+           f"{result.now.get('installed_at', '-')}; the replaced one is the previous generation "
+           f"(`lorastrap rollback` again returns to it)\n" + update.format_changes(result.changes)
+           + f"\nhealth: {result.health}")
+    return errors.OK
+
+
+def cmd_uninstall(args) -> int:
+    from lorastrap import envs
+    prefix = _prefix(args)
+    if not args.yes and sys.stdin.isatty() and prefix.exists():
+        print(f"lorastrap: this removes {prefix} and its previous generations", file=sys.stderr)
+        if not _confirm():
+            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+    done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say)
+    _print(args, done, f"removed {prefix} and {done['removed_generations']} previous generation(s), "
+                       f"{done['freed_bytes'] / 2**20:.1f} MiB freed")
+    return errors.OK
+
+
+def cmd_self(args) -> int:
+    from lorastrap import envs
+    held = envs.holdings()
+    print("lorastrap: self uninstall removes:\n" + envs.format_holdings(held), file=sys.stderr, flush=True)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise errors.UsageError("self uninstall needs --yes when it cannot ask",
+                                    why="stdin is not a terminal", fix="Run `lorastrap self uninstall --yes`.")
+        if not _confirm():
+            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+    envs.self_uninstall(narrate=say)
+    _print(args, held, "lorastrap is uninstalled")
+    return errors.OK
+
+
+COMMANDS = {"run": cmd_run, "shell-hook": cmd_shell_hook, "shell": cmd_shell, "list": cmd_list,
+            "update": cmd_update, "rollback": cmd_rollback, "uninstall": cmd_uninstall, "self": cmd_self,
+            "fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "diff-locks": cmd_diff_locks,
             "install": cmd_install, "verify": cmd_verify,
             "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
 

@@ -26,6 +26,8 @@ PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, c
 DOCTOR_REPAIRABLE = 11  # doctor: problems that `repair` fixes from the environment's own lock
 DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (`repair --replan`)
 FLEET_INCOMPLETE = 13  # fleet: a node failed or was never started (fleet.json says which and why)
+NO_ENV = 14  # run, shell, update, rollback, uninstall: no such environment (or no previous generation)
+CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -43,6 +45,8 @@ EXIT_CODES = {
     DOCTOR_REPAIRABLE: "doctor: the environment is broken and `repair` can fix it",
     DOCTOR_UNREPAIRABLE: "doctor: the environment no longer fits this machine (`repair --replan`)",
     FLEET_INCOMPLETE: "fleet: a node failed or was never started (fleet.json says which and why)",
+    NO_ENV: "no such environment, or no previous generation to roll back to (`lorastrap list`)",
+    CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
     INTERRUPTED: "interrupted",
 }
 
@@ -105,3 +109,4 @@ class IntegrityError(LorastrapError): exit_code = INTEGRITY  # noqa: E701
 class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
 class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
 class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
+class NoEnvError(LorastrapError): exit_code = NO_ENV  # noqa: E701

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap import engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
+from lorastrap import engines, envs, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
 from lorastrap.cache import Cache, progress_printer
 from lorastrap.detect import Machine, existing_parent
 from lorastrap.errors import INTERRUPTED, ConfigError, DiskError, LorastrapError, UsageError, VerifyError
@@ -110,7 +110,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _signals_raise():
-        recovered = txn.recover(prefix, narrate)
+        recovered = envs.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
         if prefix.exists() and not pfx.is_conda_env(prefix) and any(prefix.iterdir()):
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
@@ -275,7 +275,3 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
                                "driver_cuda": machine.cuda,
                                "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]},
                       verify_verdict=verdict)
-
-
-def activation_hint(prefix: Path) -> str:
-    return f"conda activate {prefix}   (or: micromamba activate {prefix}; or: export PATH={prefix}/bin:$PATH)"

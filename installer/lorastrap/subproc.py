@@ -144,3 +144,11 @@ def worker(module: str, request: dict, *, timeout: float, show_progress: bool = 
         tail = Result([], proc.returncode, out, err or "").tail()
         return {"ok": False, "error": f"the engine exited with {proc.returncode} before answering: {tail}",
                 "exit_code": proc.returncode}
+
+
+def become(argv: list[str], *, extra_env: dict[str, str] | None = None) -> None:
+    """Replace this process with ARGV (exec): it keeps the pid, the terminal, stdin/stdout and every signal sent
+    to lorastrap, and its exit code is the one the caller sees.  Never returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(argv[0], argv, {**os.environ, **(extra_env or {})})

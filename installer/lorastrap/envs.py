@@ -1,0 +1,360 @@
+"""The environments lorastrap manages on this machine: the registry, `list`, generations and `rollback`,
+`uninstall` and `self uninstall`.
+
+  DATA/environments.json         every prefix lorastrap installed (the data dir's envs/ are found without it)
+  PREFIX.lorastrap-backup        generation 1: the environment an update (or rollback) replaced
+  PREFIX.lorastrap-gen-N         older generations (N = 2 … --keep-generations)
+  PREFIX.lorastrap-swap.json     a rollback's journal (PREFIX.lorastrap-swap: the current one on its way out)
+
+A generation is the complete environment as it was, still linked for PREFIX (conda environments are not
+relocatable, and a generation is never moved anywhere but back to PREFIX).  `rollback` swaps PREFIX with
+generation 1 by three renames under the prefix lock, after writing its journal: a run killed at any point is
+finished by the next run (``recover``), which then stops — the rollback it was asked for is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from lorastrap import fsutil, lock as locking, locks, paths, prefix as pfx, txn
+from lorastrap.errors import LorastrapError, NoEnvError, UsageError
+
+HEALTHY = "ok"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The registry
+
+def registry_path() -> Path:
+    return paths.data_dir() / "environments.json"
+
+
+def registered() -> list[Path]:
+    try:
+        return [Path(p) for p in json.loads(registry_path().read_text())["environments"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _edit_registry(change) -> None:
+    path = registry_path()
+    with locks.held(path.with_suffix(".lock"), what="the environment registry"):
+        now = [str(p) for p in change(registered())]
+        fsutil.write_atomic(path, json.dumps({"environments": sorted(set(now))}, indent=2) + "\n")
+
+
+def register(prefix: Path) -> None:
+    if prefix not in registered():
+        _edit_registry(lambda envs: envs + [prefix])
+
+
+def unregister(prefix: Path) -> None:
+    if prefix in registered():
+        _edit_registry(lambda envs: [p for p in envs if p != prefix])
+
+
+def managed() -> list[Path]:
+    """The data dir's environments and every registered prefix."""
+    found = set(registered())
+    if paths.envs_dir().is_dir():
+        found |= {p.absolute() for p in paths.envs_dir().iterdir()
+                  if ".lorastrap-" not in p.name and pfx.is_conda_env(p)}
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generations
+
+def generation_path(prefix: Path, n: int) -> Path:
+    return txn.backup_path(prefix) if n == 1 else prefix.with_name(f"{prefix.name}.lorastrap-gen-{n}")
+
+
+def generations(prefix: Path) -> list[Path]:
+    """The kept previous environments, newest first."""
+    out = []
+    if txn.backup_path(prefix).is_dir():
+        out.append(txn.backup_path(prefix))
+    numbered = []
+    for p in prefix.parent.glob(f"{prefix.name}.lorastrap-gen-*"):
+        tail = p.name.rsplit("-", 1)[-1]
+        if tail.isdigit() and p.is_dir():
+            numbered.append((int(tail), p))
+    return out + [p for _, p in sorted(numbered)]
+
+
+def make_room(prefix: Path, keep: int) -> None:
+    """Before a transaction that keeps the replaced environment as generation 1: shift the kept ones one place
+    older (single renames, oldest first), dropping those beyond KEEP."""
+    gens = generations(prefix)
+    for i in range(len(gens), 0, -1):
+        target = generation_path(prefix, i + 1)
+        if i + 1 > keep:
+            fsutil.remove_tree(gens[i - 1])
+        elif gens[i - 1] != target:
+            os.rename(gens[i - 1], target)
+    fsutil.fsync_dir(prefix.parent)
+
+
+def prune(prefix: Path, keep: int) -> None:
+    for old in generations(prefix)[keep:]:
+        fsutil.remove_tree(old)
+
+
+def tree_bytes(path: Path) -> int:
+    """Disk used under PATH (allocated blocks, each hard-linked file counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rollback: swap PREFIX and generation 1, journaled
+
+def swap_journal(prefix: Path) -> Path:
+    return prefix.with_name(f"{prefix.name}.lorastrap-swap.json")
+
+
+def outgoing(prefix: Path) -> Path:
+    """Where a rollback parks the current environment between its renames."""
+    return prefix.with_name(f"{prefix.name}.lorastrap-swap")
+
+
+def pause(stage: str) -> None:
+    """Crash-test hook: LORASTRAP_PAUSE_AT=<stage> stops the process here (SIGSTOP) for a test to kill it."""
+    if os.environ.get("LORASTRAP_PAUSE_AT") == stage:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def recover(prefix: Path, narrate=lambda m: None) -> str | None:
+    """Finish a rollback a crash interrupted (prefix lock held): the journal names the generation being made
+    current; once the current environment was parked (outgoing), the renames are completed.  Returns what was
+    done, or None."""
+    journal = swap_journal(prefix)
+    if not journal.exists():
+        return None
+    out = outgoing(prefix)
+    what = "an interrupted rollback had not started; nothing was moved"
+    if out.exists():
+        try:
+            target = Path(json.loads(journal.read_text())["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            target = generation_path(prefix, 1)  # written atomically: unreadable only if it was never complete
+        narrate(f"an earlier rollback of {prefix} was interrupted: finishing it")
+        if not prefix.exists():
+            os.rename(target, prefix)
+        os.rename(out, target)
+        fsutil.fsync_dir(prefix.parent)
+        what = "finished an interrupted rollback"
+    journal.unlink()
+    fsutil.fsync_dir(prefix.parent)
+    return what
+
+
+def recover_all(prefix: Path, narrate) -> str | None:
+    """Both journals: a rollback's (swap), then an install transaction's."""
+    swapped = recover(prefix, narrate)
+    return txn.recover(prefix, narrate) or swapped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# list
+
+def health(prefix: Path) -> str:
+    """A fast check: the environment is there, has its record and lock, and conda-meta/pip match the lock."""
+    if not prefix.exists():
+        return "missing"
+    if not pfx.is_conda_env(prefix):
+        return "not a conda environment"
+    record = pfx.read_record(prefix)
+    if record is None:
+        return "no lorastrap record"
+    try:
+        entries = locking.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
+    except LorastrapError as exc:
+        return f"its lock cannot be read: {exc.what}"
+    problems = pfx.mismatches(prefix, entries)
+    if pfx.python_of(prefix) is None:
+        problems.insert(0, "no python")
+    if problems:
+        return f"broken: {len(problems)} problem(s), e.g. {problems[0]} (`lorastrap doctor`)"
+    return HEALTHY
+
+
+def describe(prefix: Path) -> dict:
+    """One row of `list`."""
+    name = prefix.name if prefix.parent == paths.envs_dir().absolute() else None
+    row: dict = {"name": name, "prefix": str(prefix), "exists": prefix.exists(), "profile": None, "platform": None,
+                 "lock_content_hash": None, "lock_digest": None, "packages": None, "bytes": None, "installed_at": None,
+                 "verified": None, "health": health(prefix), "generations": []}
+    record = pfx.read_record(prefix) if prefix.exists() else None
+    if record:
+        row.update(profile=record.profile, platform=record.platform, installed_at=record.installed_at,
+                   lock_digest=record.lock_digest,
+                   verified=(record.verify or {}).get("verdict") if record.verify else None)
+        try:
+            lk = locking.read_lock(pfx.own_lock(prefix))
+            row["lock_content_hash"] = lk.content_hash.get(record.platform)
+            entries = lk.for_platform(record.platform)
+            row["packages"] = {"conda": sum(e.manager == "conda" for e in entries),
+                               "pip": sum(e.manager == "pip" for e in entries)}
+        except LorastrapError:
+            pass
+    if prefix.exists():
+        row["bytes"] = tree_bytes(prefix)
+    for g in generations(prefix):
+        rec = pfx.read_record(g)
+        row["generations"].append({"path": str(g), "bytes": tree_bytes(g),
+                                   "profile": rec.profile if rec else None,
+                                   "installed_at": rec.installed_at if rec else None})
+    return row
+
+
+def list_all() -> list[dict]:
+    return [describe(p) for p in managed()]
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def format_list(rows: list[dict]) -> str:
+    if not rows:
+        return f"no environments managed by lorastrap here (data dir {paths.data_dir()})"
+    out = []
+    for r in rows:
+        pk = r["packages"] or {}
+        out.append(f"{r['name'] or r['prefix']}" + (f"  ({r['prefix']})" if r["name"] else ""))
+        out.append(f"  profile {r['profile'] or '-'} for {r['platform'] or '-'}, lock {(r['lock_content_hash'] or '-')[:12]}, "
+                   f"{pk.get('conda', '-')} conda + {pk.get('pip', '-')} pip packages, {_mib(r['bytes'])}")
+        out.append(f"  installed {r['installed_at'] or '-'}, verified: {r['verified'] or 'no'}, health: {r['health']}")
+        gens = r["generations"]
+        if gens:
+            total = sum(g["bytes"] for g in gens)
+            out.append(f"  previous generations: {len(gens)} ({_mib(total)}), newest installed "
+                       f"{gens[0]['installed_at'] or '-'}: `lorastrap rollback` makes it current")
+        else:
+            out.append("  previous generations: none (`lorastrap update` keeps one)")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# uninstall
+
+def _leftovers(prefix: Path) -> list[Path]:
+    names = [txn.journal_path(prefix), swap_journal(prefix), outgoing(prefix)]
+    return [p for p in names if p.exists()] + list(prefix.parent.glob(f"{prefix.name}.lorastrap-*trash-*"))
+
+
+def uninstall(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> dict:
+    """Remove PREFIX, its generations, its transaction files and its registry entry, under the prefix lock."""
+    lock_file = txn.lock_file_path(prefix)
+    known = prefix in registered()
+    if not (prefix.exists() or generations(prefix) or known):
+        raise NoEnvError(f"no environment at {prefix}", fix="`lorastrap list` shows the environments lorastrap manages.")
+    if prefix.exists() and pfx.read_record(prefix) is None and not known:
+        raise UsageError(f"{prefix} was not installed by lorastrap (no lorastrap record in conda-meta/)",
+                         why="uninstall removes only environments lorastrap made",
+                         fix="Remove it yourself if you are sure (e.g. `rm -rf`), or pass another --prefix/--name.")
+    with locks.held(lock_file, what=str(prefix), wait=wait, narrate=narrate):
+        recover_all(prefix, narrate)
+        gens = generations(prefix)
+        freed = (tree_bytes(prefix) if prefix.exists() else 0) + sum(tree_bytes(g) for g in gens)
+        for path in gens + _leftovers(prefix) + ([prefix] if prefix.exists() else []):
+            narrate(f"removing {path}")
+            fsutil.remove_tree(path)
+        lock_file.unlink(missing_ok=True)
+    unregister(prefix)
+    return {"prefix": str(prefix), "removed_generations": len(gens), "freed_bytes": freed}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# self uninstall
+
+SETUP_RECORD = "shell-setup"  # what setup.sh made outside the data dir: "launcher|profile|created|dir PATH" lines
+SETUP_MARKER = "# added by lorastrap setup.sh"
+
+
+def setup_edits() -> list[tuple[str, Path]]:
+    try:
+        lines = (paths.data_dir() / SETUP_RECORD).read_text().splitlines()
+    except OSError:
+        return []
+    return [(kind, Path(path)) for kind, _, path in (ln.partition(" ") for ln in lines) if path]
+
+
+def holdings() -> dict:
+    """What self uninstall would remove."""
+    data = paths.data_dir()
+    parts = {p.name: tree_bytes(p) for p in sorted(data.iterdir())} if data.is_dir() else {}
+    return {"data_dir": str(data), "data_dir_bytes": sum(parts.values()), "parts": parts,
+            "environments": [str(p) for p in managed()],
+            "outside": [f"{kind} {path}" for kind, path in setup_edits() if kind != "dir"]}
+
+
+def format_holdings(h: dict) -> str:
+    lines = [f"the data dir {h['data_dir']} ({_mib(h['data_dir_bytes'])}):"]
+    lines += [f"  {name:<22} {_mib(size)}" for name, size in h["parts"].items()]
+    lines += [f"environment {p}" for p in h["environments"]]
+    lines += [f"{entry}" for entry in h["outside"]]
+    return "\n".join(lines)
+
+
+def _strip_lines(path: Path, created: bool, narrate) -> None:
+    data = str(paths.data_dir())
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    kept = [ln for ln in text.splitlines(keepends=True) if not (SETUP_MARKER in ln and data in ln)]
+    if kept == text.splitlines(keepends=True):
+        return
+    narrate(f"removing the PATH line from {path}")
+    if created and not "".join(kept).strip():
+        path.unlink()
+    else:
+        fsutil.write_atomic(path, "".join(kept))
+
+
+def self_uninstall(*, narrate=lambda m: None) -> dict:
+    """Remove every environment lorastrap manages, the launcher and PATH lines setup.sh added, and the data dir."""
+    done = holdings()
+    edits = setup_edits()
+    for prefix in managed():
+        if prefix.exists() or generations(prefix):
+            uninstall(prefix, narrate=narrate)
+    for kind, path in edits:
+        if kind == "dir":
+            continue
+        if kind == "launcher":
+            try:
+                ours = "lorastrap launcher" in path.read_text()
+            except (OSError, UnicodeDecodeError):
+                ours = False
+            if ours:
+                narrate(f"removing the launcher {path}")
+                path.unlink()
+        else:
+            _strip_lines(path, kind == "created", narrate)
+    data = paths.data_dir()
+    if data.exists():
+        narrate(f"removing {data}")
+        shutil.rmtree(data)
+    for path in sorted((p for kind, p in edits if kind == "dir"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            path.rmdir()  # only the folders setup.sh created, and only if nothing else is in them now
+        except OSError:
+            pass
+    return done

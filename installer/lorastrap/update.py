@@ -1,0 +1,217 @@
+"""update and rollback: move an environment to the newest packages its profile admits, or back to the previous
+generation.  Both run under the prefix lock, first finish what a killed run left (envs.recover_all), and keep the
+environment they replace as generation 1 (envs.py) — so each is undone by `rollback`.
+
+update: lock the profile again (into DATA/locks/update/), compare with the lock the environment was built from
+(PREFIX/conda-meta/lorastrap/conda-lock.yml) — added, removed, upgraded, downgraded and rebuilt packages, conda and
+pip, with versions and builds — then install the new lock through the install transaction (install.install_locked)
+with the replaced environment kept as its backup, which is generation 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+from lorastrap import envs, fsutil, install, lock as locking, locks, paths, prefix as pfx, profiles, txn
+from lorastrap.errors import LorastrapError, NoEnvError, UsageError
+from lorastrap.profiles import Matrix
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The change between two locks
+
+def _tokens(v: str) -> tuple:
+    return tuple((1, int(t)) if t.isdigit() else (0, t) for t in re.findall(r"\d+|[a-z]+", v.lower()))
+
+
+def compare(a: str, b: str) -> int:
+    """-1, 0, 1 as version a is older, the same as, newer than b (PEP 440 where both parse, else by segments)."""
+    try:
+        va, vb = Version(a), Version(b)
+    except InvalidVersion:
+        va, vb = _tokens(a), _tokens(b)  # type: ignore[assignment]
+    return (va > vb) - (va < vb)
+
+
+def diff(old: list, new: list) -> list[dict]:
+    """What changes from the lock entries OLD to NEW (lock.Entry), by manager and name."""
+    before = {(e.manager, e.name): e for e in old}
+    after = {(e.manager, e.name): e for e in new}
+    out = []
+    for key in sorted(before.keys() | after.keys(), key=lambda k: (k[1], k[0])):
+        o, n = before.get(key), after.get(key)
+        if o and n and (o.version, o.build, o.sha256) == (n.version, n.build, n.sha256):
+            continue
+        if o is None:
+            kind = "added"
+        elif n is None:
+            kind = "removed"
+        else:
+            kind = {1: "upgraded", -1: "downgraded", 0: "rebuilt"}[compare(n.version, o.version)]
+        out.append({"kind": kind, "manager": key[0], "name": key[1],
+                    "old": {"version": o.version, "build": o.build} if o else None,
+                    "new": {"version": n.version, "build": n.build} if n else None})
+    return out
+
+
+def _entries(prefix: Path) -> list:
+    record = pfx.read_record(prefix)
+    if record is None:
+        return []
+    try:
+        return locking.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
+    except LorastrapError:
+        return []
+
+
+def lock_diff(old_prefix: Path, new_prefix: Path) -> list[dict]:
+    """The change from one environment's own lock to another's."""
+    return diff(_entries(old_prefix), _entries(new_prefix))
+
+
+def _side(v: dict | None) -> str:
+    return "-" if v is None else v["version"] + (f" ({v['build']})" if v.get("build") else "")
+
+
+def format_changes(changes: list[dict]) -> str:
+    if not changes:
+        return "  no change"
+    return "\n".join(f"  {c['kind']:<10} {c['name']:<24} {_side(c['old']):>28} -> {_side(c['new']):<28} {c['manager']}"
+                     for c in changes)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# update
+
+@dataclass
+class UpdateResult:
+    prefix: str
+    profile: str
+    platform: str
+    lock: str | None
+    dry_run: bool
+    changes: list[dict]
+    changed: bool = False
+    recovered: str | None = None
+    install: dict | None = None
+    generations: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _generations(prefix: Path) -> list[dict]:
+    return [{"path": str(g), "bytes": envs.tree_bytes(g)} for g in envs.generations(prefix)]
+
+
+def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | None = None,
+           channels: list[str] | None = None, mirror: str | None = None,
+           pip_index_url: str = locking.DEFAULT_PIP_INDEX, dry_run: bool = False, keep_generations: int = 1,
+           engine: str = "auto", run_verify: bool = True, wait: bool = True, min_free_mib: int = 512,
+           driver_cuda: str | None = None, narrate=lambda m: None) -> UpdateResult:
+    if keep_generations < 0:
+        raise UsageError(f"--keep-generations {keep_generations}: must be 0 or more")
+    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+        recovered = envs.recover_all(prefix, narrate)
+        record = pfx.read_record(prefix)
+        if record is None:
+            raise NoEnvError(f"no environment installed by lorastrap at {prefix}",
+                             why="update starts from an environment's record and lock (conda-meta/lorastrap/)",
+                             fix="Install it first: `lorastrap install`; `lorastrap list` shows the environments.")
+        old = locking.read_lock(pfx.own_lock(prefix))
+        name = profile_name or record.profile
+        profile = profiles.get(matrix, name)
+        chans = channels or (old.channels if name == record.profile else None)
+        work = Path(tempfile.mkdtemp(prefix="lorastrap-update-")) if dry_run else (
+            paths.data_dir() / "locks" / "update")
+        work.mkdir(parents=True, exist_ok=True)
+        out = work / f"{name}.{record.platform}.conda-lock.yml"
+        try:
+            out.unlink(missing_ok=True)
+            narrate(f"locking {name} for {record.platform} again (the newest packages the spec admits)")
+            locking.lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[record.platform],
+                         channels=chans, out=out, pip_index_url=pip_index_url, narrate=narrate)
+            new = locking.read_lock(out)
+            changes = diff(old.for_platform(record.platform), new.for_platform(record.platform))
+        finally:
+            if dry_run:
+                shutil.rmtree(work, ignore_errors=True)
+        result = UpdateResult(prefix=str(prefix), profile=name, platform=record.platform,
+                              lock=None if dry_run else str(out), dry_run=dry_run, changes=changes,
+                              recovered=recovered)
+        if dry_run or not changes:
+            result.generations = _generations(prefix)
+            return result
+        narrate(f"{len(changes)} change(s); installing the new lock (the current environment is kept as the "
+                f"previous generation)" if keep_generations else f"{len(changes)} change(s); installing the new lock")
+        envs.make_room(prefix, keep_generations)
+        done = install.install_locked(
+            prefix=prefix, envs_dir=envs_dir, name=name, profile=profile, platform=record.platform, matrix=matrix,
+            engine=engine, channels=chans, mirror=mirror, pip_index_url=pip_index_url,
+            keep_backup=keep_generations > 0, run_verify=run_verify, min_free_mib=min_free_mib,
+            plan_info=record.plan, driver_cuda=driver_cuda, lock_file=out, narrate=narrate)
+        envs.prune(prefix, keep_generations)
+        result.changed, result.install = done.changed, done.to_dict()
+        result.generations = _generations(prefix)
+        return result
+# --------------------------------------------------------------------------------------------------------------
+# rollback
+
+@dataclass
+class RollbackResult:
+    prefix: str
+    recovered: str | None
+    swapped: bool
+    now: dict = field(default_factory=dict)  # the environment now current (its record)
+    previous: dict = field(default_factory=dict)  # the one kept as generation 1
+    changes: list[dict] = field(default_factory=list)
+    health: str = envs.HEALTHY
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rollback(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> RollbackResult:
+    """Make generation 1 current again; the current environment becomes generation 1."""
+    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+        swapped = envs.recover(prefix, narrate)
+        txn_recovered = txn.recover(prefix, narrate)
+        result = RollbackResult(prefix=str(prefix), recovered=swapped or txn_recovered, swapped=False)
+        if swapped and swapped.startswith("finished"):
+            result.swapped = True  # the interrupted run's rollback is the one asked for again: done
+        else:
+            gens = envs.generations(prefix)
+            if not pfx.is_conda_env(prefix):
+                raise NoEnvError(f"no environment at {prefix}", fix="`lorastrap list` shows the environments.")
+            if not gens:
+                raise NoEnvError(f"{prefix} has no previous generation to roll back to",
+                                 why="one is kept when `lorastrap update` (or `rollback`) replaces an environment",
+                                 fix="`lorastrap list` shows the generations kept; `lorastrap update` keeps one.")
+            journal = envs.swap_journal(prefix)
+            fsutil.write_atomic(journal, json.dumps({"prefix": str(prefix), "generation": str(gens[0])}) + "\n")
+            envs.pause("rollback-journal")
+            os.rename(prefix, envs.outgoing(prefix))
+            fsutil.fsync_dir(prefix.parent)
+            envs.pause("rollback-aside")
+            os.rename(gens[0], prefix)
+            fsutil.fsync_dir(prefix.parent)
+            envs.pause("rollback-swapped")
+            os.rename(envs.outgoing(prefix), gens[0])
+            journal.unlink()
+            fsutil.fsync_dir(prefix.parent)
+            result.swapped = True
+        kept = envs.generations(prefix)[0]
+        now, before = pfx.read_record(prefix), pfx.read_record(kept)
+        result.now = now.model_dump(include={"profile", "platform", "installed_at"}) if now else {}
+        result.previous = before.model_dump(include={"profile", "platform", "installed_at"}) if before else {}
+        result.changes = lock_diff(kept, prefix)
+        result.health = envs.health(prefix)
+        return result
