@@ -105,6 +105,18 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
+def distributions() -> dict:
+    """Every distribution this Python sees, by normalized name (PEP 503): what `lorastrap explain` judges by."""
+    import re
+    from importlib import metadata
+    out = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] if dist.metadata else None) or ""
+        if name:
+            out.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
+    return dict(sorted(out.items()))
+
+
 def _quiet():
     """Silence library chatter (bitsandbytes prints to stderr even when all is well: not a failure signal)."""
     return contextlib.redirect_stderr(io.StringIO())
@@ -460,6 +472,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rep = Report()
     mods: dict = {}
+    rep.info["distributions"] = distributions()
     check_imports(rep, mods, args)
     imports_s = time.perf_counter() - start
     check_transformers_gates(rep, mods, args)

@@ -25,6 +25,7 @@ VERIFY = 9  # the verification run failed
 PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl or wget, micromamba)
 DOCTOR_REPAIRABLE = 11  # doctor: problems that `repair` fixes from the environment's own lock
 DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (`repair --replan`)
+EXPLAIN_UNKNOWN = 13  # explain: the error is not in the table of known failures (doctor's findings follow)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -41,6 +42,7 @@ EXIT_CODES = {
     PREREQ: "setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl/wget, or micromamba)",
     DOCTOR_REPAIRABLE: "doctor: the environment is broken and `repair` can fix it",
     DOCTOR_UNREPAIRABLE: "doctor: the environment no longer fits this machine (`repair --replan`)",
+    EXPLAIN_UNKNOWN: "explain: the error is not in the table of known failures",
     INTERRUPTED: "interrupted",
 }
 
