@@ -31,12 +31,16 @@ if not os.path.isdir(path):
                                  num_key_value_heads=2, vocab_size=64, max_position_embeddings=16)).save_pretrained(path)
 LlamaForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
 """,
-    "load-8bit-keyword": """
-import sys
-from transformers import LlamaForCausalLM
-LlamaForCausalLM.from_pretrained(sys.argv[2], load_in_8bit=True)
+    "code-errors": """
+import sys, traceback
+for code in ("from peft import prepare_model_for_int8_training",
+             "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained(sys.argv[2], load_in_8bit=True)"):
+    try:
+        exec(code)
+    except Exception:
+        traceback.print_exc()
+sys.exit(1)
 """,
-    "peft-int8": "from peft import prepare_model_for_int8_training\n",
     "load-8bit-2023": """
 import os, sys
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -138,7 +142,7 @@ def test_current_stack_without_a_package(ml_venv, tmp_path, tiny, drop, cause):
 def test_accelerate_too_old_for_transformers(ml_venv, tmp_path, tiny, targets):
     venv = overlay(ml_venv, tmp_path / "venv", drop=["accelerate"], add=[targets["accelerate-0.26"]])
     text = reproduce(venv, "load-8bit", str(tiny / "llama"))
-    assert "requires accelerate: pip install 'accelerate>=1.1.0'" in text
+    assert "requires accelerate" in text and "'accelerate>=1.1.0'" in text
     rc, result = explain_in(venv, text)
     assert cause_of(result, "load-in-8bit-requires") == "accelerate-too-old"
     assert result["environment"]["packages"]["accelerate"] == "0.26.1"
@@ -146,28 +150,22 @@ def test_accelerate_too_old_for_transformers(ml_venv, tmp_path, tiny, targets):
     assert "older than the 1.1.0" in findings(result)
 
 
-def test_healthy_stack_and_errors_of_the_code(ml_venv, tmp_path, tiny):
-    """A healthy venv: doctor finds nothing; the errors come from the code (APIs removed), and explain says so."""
-    res = run_cli("doctor", "--prefix", str(ml_venv), "--json", timeout=600)
+def test_healthy_stack_and_errors_of_the_code(ml_venv, tiny):
+    """A healthy venv, and errors that come from the code (APIs removed): explain names them, doctor finds nothing."""
+    text = reproduce(ml_venv, "code-errors", str(tiny / "llama"))
+    assert "prepare_model_for_int8_training" in text and "unexpected keyword argument 'load_in_8bit'" in text
+    rc, result = explain_in(ml_venv, text)
+    assert rc == 0 and cause_of(result, "peft-int8-training-removed") == "peft-0-10-or-newer"
+    assert cause_of(result, "load-in-8bit-keyword") == "transformers-5"
+    assert result["doctor"]["verdict"] == "healthy" and result["doctor"]["findings"] == []
+
+
+def test_doctor_by_interpreter_on_a_healthy_venv(ml_venv):
+    res = run_cli("doctor", "--python", str(ml_venv / "bin" / "python"), "--json", timeout=600)
     report = json.loads(res.stdout)
     assert res.returncode == 0 and report["verdict"] == "healthy" and report["findings"] == [], report["findings"]
     assert report["kind"] == "venv" and report["versions"]["transformers"] == "5.24.0"
-    for snippet, entry, cause in (("peft-int8", "peft-int8-training-removed", "peft-0-10-or-newer"),
-                                  ("load-8bit-keyword", "load-in-8bit-keyword", "transformers-5")):
-        text = reproduce(ml_venv, snippet, str(tiny / "llama"))
-        result = explain.explain(text, table=explain.load(), facts=explain.Facts(packages={
-            "peft": report["versions"]["peft"], "transformers": report["versions"]["transformers"]}))
-        assert cause_of(result, entry) == cause, text[-300:]
-    rc, result = explain_in(ml_venv, text)
-    assert rc == 0 and cause_of(result, "load-in-8bit-keyword") == "transformers-5"
-    assert result["doctor"]["verdict"] == "healthy"
-
-
-def test_doctor_by_interpreter(ml_venv):
-    res = run_cli("doctor", "--python", str(ml_venv / "bin" / "python"), "--no-imports", "--json")
-    report = json.loads(res.stdout)
-    assert res.returncode == 0 and report["python"] == str(ml_venv / "bin" / "python")
-    assert report["prefix"] == str(ml_venv)
+    assert report["python"] == str(ml_venv / "bin" / "python") and report["prefix"] == str(ml_venv)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -214,14 +212,13 @@ def test_cuda_only_bitsandbytes_on_a_cpu_machine(y2023, tiny):
     """One training log with two known failures: the CPU-only library warning and the offload refusal."""
     text = reproduce(y2023, "load-8bit-2023", str(tiny / "gpt2"), "{'device_map': 'auto'}")
     assert "compiled without GPU support" in text and "Some modules are dispatched on the CPU" in text
-    rc, result = explain_in(y2023, text)
+    cuda = reproduce(y2023, "to-cuda")
+    assert "Torch not compiled with CUDA enabled" in cuda
+    rc, result = explain_in(y2023, text + cuda)
     assert cause_of(result, "bnb-compiled-without-gpu") == "no-gpu"
     assert cause_of(result, "int8-cpu-offload") == "torch-sees-no-gpu"
-    assert result["doctor"]["exit_code"] == 12 and "precheck-unsupported" in findings(result)
-    text = reproduce(y2023, "to-cuda")
-    assert "Torch not compiled with CUDA enabled" in text
-    rc, result = explain_in(y2023, text)
     assert cause_of(result, "torch-not-compiled-with-cuda") == "cuda-only-bitsandbytes-without-gpu"
+    assert result["doctor"]["exit_code"] == 12 and "precheck-unsupported" in findings(result)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -277,7 +274,7 @@ def test_bad_input(args, code, words):
 
 def test_doctor_on_a_folder_without_python(tmp_path):
     res = run_cli("doctor", "--prefix", str(tmp_path))
-    assert res.returncode == 2 and "not a Python environment" in res.stderr
+    assert res.returncode == 2 and "nor any other Python environment" in res.stderr
 
 
 def test_repair_refuses_a_venv(ml_venv):

@@ -298,8 +298,8 @@ def _anywhere(args) -> tuple[Path | None, Path | None]:
 def cmd_doctor(args) -> int:
     from lorastrap import doctor
     prefix, python = _anywhere(args)
-    diag = doctor.diagnose(prefix or _prefix(args), python=python, envs_dir=_envs_dir(args), machine=_machine(args),
-                           imports=not args.no_imports)
+    diag = doctor.diagnose(None if python else prefix or _prefix(args), python=python, envs_dir=_envs_dir(args),
+                           machine=_machine(args), imports=not args.no_imports)
     _print(args, diag.to_dict(), doctor.format_diagnosis(diag))
     return diag.exit_code
 

@@ -314,7 +314,8 @@ def diagnose_python(prefix: Path | None, *, python: Path | None, envs_dir: Path,
     if python is None:
         python = pfx.python_of(prefix.absolute()) if prefix else None
         if python is None:
-            raise UsageError(f"{prefix} is not a Python environment (no conda-meta/, no bin/python)",
+            raise UsageError(f"{prefix} is not a conda environment (no conda-meta/) nor any other Python "
+                             "environment (no bin/python)",
                              fix="Pass a conda environment or a venv (--prefix, --name), or an interpreter "
                                  "(--python PATH).")
     python = Path(python).absolute()

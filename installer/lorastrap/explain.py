@@ -136,11 +136,9 @@ def facts_from(report: dict, machine: Machine | None = None, source: str | None 
     if not gpus and machine is not None:
         gpus = [Gpu(name=g.name, compute_capability=g.compute_capability) for g in machine.nvidia.gpus]
     packages = dict(report.get("distributions") or {})
-    for name, version in (report.get("versions") or {}).items():  # what the import actually found wins
+    for name, version in (report.get("versions") or {}).items():  # what the import found, when it could
         if version:
             packages[canonicalize_name(name)] = version
-        else:
-            packages.pop(canonicalize_name(name), None)
     platform = str(report.get("platform") or "")
     return Facts(source=source, python=report.get("python"),
                  os="linux" if platform.startswith("Linux") else "darwin" if platform.startswith("macOS")
