@@ -142,7 +142,12 @@ def check_imports(rep: Report, mods: dict, facts: argparse.Namespace) -> None:
             error, cause, fix = MISSING.get(name, (f"{type(exc).__name__}: {exc}", f"{name} cannot be imported",
                                                    "reinstall the environment"))
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if "pkg_resources" in str(exc):
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            if missing and missing.split(".")[0] not in (name, "pkg_resources", "scipy"):
+                error = f"ModuleNotFoundError: No module named '{missing}'"
+                cause, fix = (f"{name} is installed but imports {missing.split('.')[0]}, which is missing",
+                              f"install {missing.split('.')[0]} (the version {name} requires)")
+            elif "pkg_resources" in str(exc):
                 cause, fix = ("this package imports pkg_resources, which setuptools >= 81 no longer provides",
                               "install setuptools<81 in the environment")
             elif "scipy" in str(exc):
