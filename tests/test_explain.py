@@ -108,7 +108,7 @@ def targets(tmp_path_factory):
                       ("setuptools-84", "setuptools==84.0.0"), ("scipy", "scipy==1.17.1")):
         out[key] = root / key
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--target", str(out[key]), spec], check=True, capture_output=True, timeout=900)
+                        "--no-compile", "--target", str(out[key]), spec], check=True, capture_output=True, timeout=900)
     return out
 
 
@@ -116,8 +116,9 @@ def targets(tmp_path_factory):
 def tiny(ml_venv, tmp_path_factory):
     """A folder for tiny random models: a Llama saved by the current stack (the 2023 snippet saves its GPT-2)."""
     out = tmp_path_factory.mktemp("models")
-    subprocess.run([str(ml_venv / "bin" / "python"), "-c", SNIPPETS["load-8bit"].split("LlamaForCausalLM.from_pretrained(")[0],
-                    "save", str(out / "llama")], check=True, capture_output=True, timeout=600)
+    save = SNIPPETS["load-8bit"].split("LlamaForCausalLM.from_pretrained(")[0]
+    subprocess.run([str(ml_venv / "bin" / "python"), "-c", save, "save", str(out / "llama")], check=True,
+                   capture_output=True, timeout=600)
     return out
 
 
