@@ -198,6 +198,9 @@ def test_setuptools_too_new_for_the_2023_set(venv_2023, targets, tmp_path):
     rc, result = explain_in(venv, text)
     assert cause_of(result, "pkg-resources-missing") == "setuptools-too-new"
     assert "pkg_resources" in findings(result)
+    res = run_cli("doctor", "--prefix", str(venv), timeout=600)  # doctor alone, as a user runs it
+    assert res.returncode == 11 and "import accelerate" in res.stdout and "setuptools<81" in res.stdout
+    assert "verdict: broken" in res.stdout and "stack: torch 2.13.0" in res.stdout
 
 
 def test_old_bitsandbytes_without_scipy(venv_2023, targets, tmp_path):
@@ -250,7 +253,7 @@ def test_every_table_entry_is_tested():
 def test_unknown_error_says_so_and_runs_doctor(ml_venv, tmp_path):
     log = tmp_path / "train.log"
     log.write_text("step 1 loss 2.3\nRuntimeError: something nobody has seen\n")
-    res = run_cli("explain", "--prefix", str(ml_venv), str(log), timeout=600)
+    res = run_cli("explain", "--python", str(ml_venv / "bin" / "python"), str(log), timeout=600)
     assert res.returncode == 13, res.stderr
     assert "unknown error" in res.stdout and "verdict: healthy" in res.stdout
 

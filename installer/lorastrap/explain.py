@@ -195,8 +195,8 @@ def reasons(when: When, facts: Facts) -> list[str] | None:
                 return None
             out.append(yes if have else no)
     if when.compute_capability_below:
-        low = [g for g in facts.gpus if g.compute_capability and
-               _version(g.compute_capability) < _version(when.compute_capability_below)]
+        limit = _version(when.compute_capability_below)
+        low = [g for g in facts.gpus if (cc := _version(g.compute_capability or "")) is not None and cc < limit]
         if not low:
             return None
         out.append(f"{low[0].name or 'a GPU'} has compute capability {low[0].compute_capability} "
