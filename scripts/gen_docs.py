@@ -14,14 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))
 
-from lorastrap import detect, plan, profiles, records  # noqa: E402
+from lorastrap import detect, explain, plan, profiles, records  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 
 
 def schemas() -> dict[Path, str]:
     out = {}
-    for name, schema in (("profiles", profiles.json_schema()),
+    for name, schema in (("profiles", profiles.json_schema()), ("known-errors", explain.json_schema()),
                          ("machine", detect.Machine.model_json_schema()),
                          ("plan", plan.Plan.model_json_schema()),
                          *((n, m.model_json_schema()) for n, m in records.SCHEMAS.items())):

@@ -105,6 +105,18 @@ def _dist_version(name: str) -> str:
         return "?"
 
 
+def distributions() -> dict:
+    """Every distribution this Python sees, by normalized name (PEP 503): what `lorastrap explain` judges by."""
+    import re
+    from importlib import metadata
+    out = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] if dist.metadata else None) or ""
+        if name:
+            out.setdefault(re.sub(r"[-_.]+", "-", name).lower(), dist.version)
+    return dict(sorted(out.items()))
+
+
 def _quiet():
     """Silence library chatter (bitsandbytes prints to stderr even when all is well: not a failure signal)."""
     return contextlib.redirect_stderr(io.StringIO())
@@ -130,7 +142,12 @@ def check_imports(rep: Report, mods: dict, facts: argparse.Namespace) -> None:
             error, cause, fix = MISSING.get(name, (f"{type(exc).__name__}: {exc}", f"{name} cannot be imported",
                                                    "reinstall the environment"))
             detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            if "pkg_resources" in str(exc):
+            missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
+            if missing and missing.split(".")[0] not in (name, "pkg_resources", "scipy"):
+                error = f"ModuleNotFoundError: No module named '{missing}'"
+                cause, fix = (f"{name} is installed but imports {missing.split('.')[0]}, which is missing",
+                              f"install {missing.split('.')[0]} (the version {name} requires)")
+            elif "pkg_resources" in str(exc):
                 cause, fix = ("this package imports pkg_resources, which setuptools >= 81 no longer provides",
                               "install setuptools<81 in the environment")
             elif "scipy" in str(exc):
@@ -460,6 +477,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     rep = Report()
     mods: dict = {}
+    rep.info["distributions"] = distributions()
     check_imports(rep, mods, args)
     imports_s = time.perf_counter() - start
     check_transformers_gates(rep, mods, args)

@@ -21,12 +21,12 @@ no_nvidia_driver = pytest.mark.skipif(_has_nvidia_driver(), reason="this machine
                                                                    "no-driver answers are tested where there is none")
 
 
-def run_cli(*args, env=None, timeout=120, cwd=ROOT):
+def run_cli(*args, env=None, timeout=120, cwd=ROOT, input=None):
     """Run `python -m lorastrap ARGS` as a user would (the package is installed editable in the test venv)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "lorastrap", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+                          env=full_env, timeout=timeout, cwd=cwd, input=input)
 
 
 @pytest.fixture(scope="session")

@@ -45,11 +45,19 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
 
+    anywhere = argparse.ArgumentParser(add_help=False)  # any Python environment, not only conda ones
+    group = anywhere.add_mutually_exclusive_group()
+    group.add_argument("--prefix", type=Path, default=None, help="environment path: a conda environment or a venv")
+    group.add_argument("--name", default=None, help="environment name under the data dir's envs/")
+    group.add_argument("--python", type=Path, default=None, metavar="PATH",
+                       help="any Python interpreter (the one your training runs with)")
+
     machine = argparse.ArgumentParser(add_help=False)
     machine.add_argument("--machine", type=Path, default=None,
                          help="judge against this machine description (`detect --json` of another node) instead of "
                               "detecting this one")
-    return {"common": common, "where": where, "sources": sources, "transaction": transaction, "machine": machine}
+    return {"common": common, "where": where, "anywhere": anywhere, "sources": sources, "transaction": transaction,
+            "machine": machine}
 
 
 def _fleet_node_flags(p: argparse.ArgumentParser, need_bundle: bool = True) -> None:
@@ -146,9 +154,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="LoRA optimizer steps")
     p.add_argument("--report", type=Path, default=None, help="also write the JSON report to this file")
 
-    p = sub.add_parser("doctor", parents=[common, where, machine],
-                       help="diagnose an environment: files, lock, pip on top, the machine, imports")
+    p = sub.add_parser("doctor", parents=[common, pp["anywhere"], machine],
+                       help="diagnose an environment (conda, venv, or any Python): files, lock, pip, the machine, "
+                            "imports")
     p.add_argument("--no-imports", action="store_true", help="skip the import and version-gate pre-checks")
+
+    p = sub.add_parser("explain", parents=[common, pp["anywhere"], machine],
+                       help="explain an error message or traceback: which known failure, which cause here, the fix")
+    p.add_argument("source", nargs="?", default=None, metavar="FILE | - | TEXT",
+                   help="the error: a file (a training log), - for stdin, or the message itself")
+    p.add_argument("--facts", type=Path, default=None,
+                   help="judge by this environment description (the `environment` of `explain --json` run elsewhere)")
 
     p = sub.add_parser("repair", parents=[common, where, machine, sources, transaction],
                        help="rebuild a broken environment through the install transaction (keeps a backup)")
@@ -367,9 +383,18 @@ def cmd_verify(args) -> int:
     return verify.exit_code(report)
 
 
+def _anywhere(args) -> tuple[Path | None, Path | None]:
+    """--prefix / --name / --python: (prefix, python); both None when none was given."""
+    if args.python:
+        return None, args.python
+    return (_prefix(args) if args.prefix or args.name else None), None
+
+
 def cmd_doctor(args) -> int:
     from lorastrap import doctor
-    diag = doctor.diagnose(_prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), imports=not args.no_imports)
+    prefix, python = _anywhere(args)
+    diag = doctor.diagnose(None if python else prefix or _prefix(args), python=python, envs_dir=_envs_dir(args),
+                           machine=_machine(args), imports=not args.no_imports)
     _print(args, diag.to_dict(), doctor.format_diagnosis(diag))
     return diag.exit_code
 
@@ -378,6 +403,26 @@ def _confirm() -> bool:
     if not sys.stdin.isatty():
         return True  # non-interactive (cluster jobs, pipes): never prompt
     return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
+
+
+def cmd_explain(args) -> int:
+    from lorastrap import explain
+    text = explain.read_text(args.source, sys.stdin)
+    prefix, python = _anywhere(args)
+    diag = None
+    if prefix or python:
+        if args.facts:
+            raise errors.UsageError("--facts and an environment (--prefix, --name, --python) exclude each other",
+                                    fix="Pass one: the environment here, or a description recorded elsewhere.")
+        say("checking the environment (imports, version gates, pip check)")
+        result, diag = explain.explain_in(text, prefix=prefix, python=python, envs_dir=_envs_dir(args),
+                                          machine=_machine(args))
+    else:
+        facts = explain.read_facts(args.facts) if args.facts else None
+        result = explain.explain(text, table=explain.load(_envs_dir(args)), facts=facts)
+        result["environment"] = facts.model_dump() if facts else None
+    _print(args, result, explain.format_explanation(result, diag))
+    return errors.OK if result["known"] else errors.EXPLAIN_UNKNOWN
 
 
 def cmd_repair(args) -> int:
@@ -519,7 +564,7 @@ COMMANDS = {"run": cmd_run, "shell-hook": cmd_shell_hook, "shell": cmd_shell, "l
             "update": cmd_update, "rollback": cmd_rollback, "uninstall": cmd_uninstall, "self": cmd_self,
             "fleet": cmd_fleet, "detect": cmd_detect, "plan": cmd_plan, "lock": cmd_lock, "diff-locks": cmd_diff_locks,
             "install": cmd_install, "verify": cmd_verify,
-            "bundle": cmd_bundle, "doctor": cmd_doctor, "repair": cmd_repair}
+            "bundle": cmd_bundle, "doctor": cmd_doctor, "explain": cmd_explain, "repair": cmd_repair}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,9 @@ Findings come from five places:
   imports   the verification pre-checks (scripts/verify_lora.py --pre-checks-only): imports and version gates,
             with the error each would produce
 
+Any other Python environment (a venv or virtualenv, or an interpreter given by path) gets the imports and `pip check`
+findings, with fixes that change that environment or let lorastrap build a locked one (diagnose_python).
+
 repair (see repair()) rebuilds through the install transaction; doctor itself changes nothing.
 """
 
@@ -46,6 +49,10 @@ class Diagnosis:
     findings: list[_Finding] = field(default_factory=list)
     unowned_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    kind: str = "conda"  # conda, venv (a venv or virtualenv), python (an interpreter given by path)
+    python: str | None = None
+    versions: dict[str, str | None] = field(default_factory=dict)  # the stack, as the pre-checks imported it
+    report: dict | None = field(default=None, repr=False)  # the pre-checks' report (explain judges by it)
 
     @property
     def verdict(self) -> str:
@@ -62,6 +69,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("report")
         d["findings"] = [f.model_dump() for f in self.findings]
         d.update(schema_version=1, verdict=self.verdict, exit_code=self.exit_code)
         return d
@@ -164,15 +172,19 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
                                          fix="Add it to the spec's pip: section and re-lock, or remove it."))
     python = pfx.python_of(prefix)
     if python and pip_dists:
-        res = subproc.run([sys.executable, "-m", "pip", "--python", str(python), "check", "--isolated",
-                           "--disable-pip-version-check"], timeout=120)
-        if res.returncode not in (0, None) and res.stdout.strip():
-            first = res.stdout.strip().splitlines()
-            diag.findings.append(Finding("warning", "pip-check", f"pip check: {first[0]}"
-                                         + (f" (+{len(first) - 1} more)" if len(first) > 1 else ""),
-                                         why="installed distributions' requirements are not met",
-                                         fix="`lorastrap repair`, or fix the spec and re-lock."))
+        pip_check(python, diag, fix="`lorastrap repair`, or fix the spec and re-lock.")
     return owned
+
+
+def pip_check(python: Path, diag: Diagnosis, *, fix: str) -> None:
+    """`pip check` of PYTHON's environment (run by lorastrap's own pip: the environment needs none)."""
+    res = subproc.run([sys.executable, "-m", "pip", "--python", str(python), "check", "--isolated",
+                       "--disable-pip-version-check"], timeout=120)
+    if res.returncode not in (0, None) and res.stdout.strip():
+        first = res.stdout.strip().splitlines()
+        diag.findings.append(Finding("warning", "pip-check", f"pip check: {first[0]}"
+                                     + (f" (+{len(first) - 1} more)" if len(first) > 1 else ""),
+                                     why="installed distributions' requirements are not met", fix=fix))
 
 
 def check_machine(profile_name: str | None, record: EnvRecord | None, matrix: profiles.Matrix | None,
@@ -193,13 +205,16 @@ def check_machine(profile_name: str | None, record: EnvRecord | None, matrix: pr
                     "(`lorastrap plan` shows it), or upgrade the driver.", repair="replan"))
 
 
-def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag: Diagnosis) -> None:
-    if pfx.python_of(prefix) is None:
+def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag: Diagnosis,
+                  python: Path | None = None) -> None:
+    if (python or pfx.python_of(prefix)) is None:
         diag.findings.append(Finding("error", "no-python", "the environment has no bin/python",
                                      fix="`lorastrap repair`"))
         return
     report, res = verify.run(prefix, matrix=matrix, driver_cuda=machine.cuda, pre_checks_only=True,
-                             timeout=verify.PRE_CHECKS_TIMEOUT_S)
+                             timeout=verify.PRE_CHECKS_TIMEOUT_S, python=python)
+    diag.report = report
+    diag.versions = dict((report or {}).get("versions") or {})
     if report is None:
         diag.findings.append(Finding("error", "python-broken", "the environment's Python could not run the "
                                      "pre-checks", why=res.tail(5), fix="`lorastrap repair`"))
@@ -255,12 +270,13 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
     return None, chosen, None
 
 
-def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = True) -> Diagnosis:
+def diagnose(prefix: Path | None, *, envs_dir: Path, machine: Machine, imports: bool = True,
+             python: Path | None = None) -> Diagnosis:
+    """Diagnose the conda environment PREFIX, or any other Python environment (a venv at PREFIX, or PYTHON)."""
     start = time.perf_counter()
+    if python is not None or prefix is None or not pfx.is_conda_env(prefix.absolute()):
+        return diagnose_python(prefix, python=python, envs_dir=envs_dir, machine=machine, imports=imports)
     prefix = prefix.absolute()
-    if not pfx.is_conda_env(prefix):
-        raise UsageError(f"{prefix} is not a conda environment (no conda-meta/)",
-                         fix="Pass the environment's prefix (--prefix) or name (--name).")
     matrix = profiles.load(envs_dir)
     lk, profile_name, record = the_lock(prefix, envs_dir, matrix, machine)
     diag = Diagnosis(prefix=str(prefix), profile=profile_name, lock=str(lk.path) if lk else None)
@@ -285,9 +301,66 @@ def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = 
     return diag
 
 
+LOCKED_HINT = ("let lorastrap build a locked environment that passes verification: `lorastrap install --prefix "
+               "NEW_PREFIX` (`lorastrap plan` shows the profile it picks)")
+
+
+def diagnose_python(prefix: Path | None, *, python: Path | None, envs_dir: Path, machine: Machine,
+                    imports: bool = True) -> Diagnosis:
+    """Any Python environment lorastrap did not make: a venv or virtualenv at PREFIX, or the interpreter PYTHON.
+    The stack's versions, the verification pre-checks and `pip check`; the fixes change that environment (or say
+    how to let lorastrap build a locked one), never `lorastrap repair`."""
+    start = time.perf_counter()
+    if python is None:
+        python = pfx.python_of(prefix.absolute()) if prefix else None
+        if python is None:
+            raise UsageError(f"{prefix} is not a conda environment (no conda-meta/) nor any other Python "
+                             "environment (no bin/python)",
+                             fix="Pass a conda environment or a venv (--prefix, --name), or an interpreter "
+                                 "(--python PATH).")
+    python = Path(python).absolute()
+    if not (python.is_file() and os.access(python, os.X_OK)):
+        raise UsageError(f"{python} is not an executable Python interpreter",
+                         fix="Pass the path of the python your training runs with (`which python` inside it).")
+    prefix = (prefix or python.parent.parent).absolute()  # bin/python → the environment's root
+    kind = "venv" if (prefix / "pyvenv.cfg").is_file() else "python"
+    diag = Diagnosis(prefix=str(prefix), profile=None, lock=None, kind=kind, python=str(python))
+    if imports:
+        check_imports(prefix, profiles.load(envs_dir), machine, diag, python=python)
+    pip_check(python, diag, fix="Install the versions it names with pip in this environment, or " + LOCKED_HINT)
+    for f in diag.findings:  # `lorastrap repair` rebuilds conda environments only
+        if "lorastrap repair" in f.fix:
+            f.fix = _outside_lorastrap(f.fix)
+        if f.repair == "rebuild":
+            f.repair = "none"
+    diag.seconds = round(time.perf_counter() - start, 3)
+    return diag
+
+
+def _outside_lorastrap(fix: str) -> str:
+    """A pre-check's fix for an environment lorastrap did not make: no `lorastrap repair` in it."""
+    for old in ("`lorastrap repair --replan`", " (`lorastrap repair`)", "`lorastrap repair`, or ",
+                "`lorastrap repair`"):
+        fix = fix.replace(old, "")
+    fix = fix.strip(" ,;.")
+    return (fix + "; or " if fix else "") + LOCKED_HINT
+
+
 def format_diagnosis(diag: Diagnosis) -> str:
-    lines = [f"{diag.prefix}: profile {diag.profile or '?'}, lock {diag.lock or 'none'}"]
+    if diag.kind != "conda":
+        lines = [f"{diag.prefix}: {'a venv' if diag.kind == 'venv' else 'a Python environment'} "
+                 f"(python {diag.python}), not made by lorastrap"]
+    else:
+        lines = [f"{diag.prefix}: profile {diag.profile or '?'}, lock {diag.lock or 'none'}"]
+    if diag.versions:
+        lines.append("stack: " + ", ".join(f"{k} {v or '-'}" for k, v in diag.versions.items()))
     lines += [f.render() for f in diag.findings]
+    if diag.kind != "conda":
+        lines.append({"healthy": "verdict: healthy",
+                      "repairable": f"verdict: broken — apply the fixes above, or {LOCKED_HINT}",
+                      "not-repairable": "verdict: this environment cannot do 8-bit on this machine — "
+                                        + LOCKED_HINT}[diag.verdict])
+        return "\n".join(lines)
     lines.append({"healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
                   "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
@@ -305,6 +378,9 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     failure; files no package owns are carried over.  The prefix lock is held from the diagnosis to the end, so
     no other run changes PREFIX (or its backup) in between."""
     prefix = prefix.absolute()
+    if not pfx.is_conda_env(prefix):
+        raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
+                         fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
         done = txn.recover(prefix, narrate)  # an interrupted run first
         if done:

@@ -28,6 +28,7 @@ DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (
 FLEET_INCOMPLETE = 13  # fleet: a node failed or was never started (fleet.json says which and why)
 NO_ENV = 14  # run, shell, update, rollback, uninstall: no such environment (or no previous generation)
 CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
+EXPLAIN_UNKNOWN = 15  # explain: the error is not in the table of known failures (doctor's findings follow)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -47,6 +48,7 @@ EXIT_CODES = {
     FLEET_INCOMPLETE: "fleet: a node failed or was never started (fleet.json says which and why)",
     NO_ENV: "no such environment, or no previous generation to roll back to (`lorastrap list`)",
     CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
+    EXPLAIN_UNKNOWN: "explain: the error is not in the table of known failures",
     INTERRUPTED: "interrupted",
 }
 

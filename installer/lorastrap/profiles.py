@@ -122,20 +122,25 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "BoolRule", "VersionRule")))
 
 
-def load(envs_dir: Path | None = None) -> Matrix:
-    """Load and check envs/profiles.yaml (and that every file it names exists)."""
-    envs_dir = envs_dir or paths.ENVS
-    path = envs_dir / "profiles.yaml"
+def read_yaml(path: Path, what: str):
+    """A data file of envs/ (WHAT names it in the message when it is missing or not YAML)."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist", why="the compatibility matrix is missing",
-                          fix="Pass --envs-dir pointing at a folder with profiles.yaml, or restore envs/ from git.")
+        raise ConfigError(f"{path} does not exist", why=f"{what} is missing",
+                          fix=f"Pass --envs-dir pointing at a folder with {path.name}, or restore envs/ from git.")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
                           fix="Fix the YAML syntax (indentation, quotes, colons).")
+
+
+def load(envs_dir: Path | None = None) -> Matrix:
+    """Load and check envs/profiles.yaml (and that every file it names exists)."""
+    envs_dir = envs_dir or paths.ENVS
+    path = envs_dir / "profiles.yaml"
+    raw = read_yaml(path, "the compatibility matrix")
     try:
         matrix = Matrix.model_validate(raw)
     except ValidationError as exc:

@@ -28,11 +28,13 @@ def _facts(matrix: Matrix | None) -> list[str]:
             "--bitsandbytes-min", v.bitsandbytes_min.value]
 
 
-def _argv(template: list[str], prefix: Path, matrix: Matrix | None, driver_cuda: str | None) -> list[str]:
-    """A profile's verify command ("{verify_script}" replaced), its first word resolved in the environment."""
+def _argv(template: list[str], prefix: Path, matrix: Matrix | None, driver_cuda: str | None,
+          python: Path | None = None) -> list[str]:
+    """A profile's verify command ("{verify_script}" replaced), its first word resolved in the environment (or
+    PYTHON, an interpreter given by path)."""
     argv = [a.replace("{verify_script}", str(paths.VERIFY_SCRIPT)) for a in template]
     if argv and argv[0] == "python":
-        python = pfx.python_of(prefix)
+        python = python or pfx.python_of(prefix)
         if python is None:
             raise UsageError(f"{prefix} has no Python (looked for bin/python)",
                              why="verify runs inside a conda environment or virtualenv that has Python",
@@ -44,14 +46,16 @@ def _argv(template: list[str], prefix: Path, matrix: Matrix | None, driver_cuda:
 
 
 def run(prefix: Path, *, matrix: Matrix | None, driver_cuda: str | None = None, steps: int = 10,
-        pre_checks_only: bool = False, command: list[str] | None = None, timeout: float = TIMEOUT_S) -> tuple[dict | None, object]:
-    """Run the verification (a profile's ``command``, or verify_lora.py itself) in PREFIX.
+        pre_checks_only: bool = False, command: list[str] | None = None, timeout: float = TIMEOUT_S,
+        python: Path | None = None) -> tuple[dict | None, object]:
+    """Run the verification (a profile's ``command``, or verify_lora.py itself) in PREFIX (with PYTHON when given:
+    any interpreter, its prefix being PREFIX).
 
     Returns (report or None when it printed none, the subprocess result)."""
     template = command or ["python", "{verify_script}", "--json", "--steps", str(steps)]
     if pre_checks_only:
         template = ["python", "{verify_script}", "--json", "--pre-checks-only"]
-    argv = _argv(template, prefix, matrix, driver_cuda)
+    argv = _argv(template, prefix, matrix, driver_cuda, python)
     res = pfx.run_in(prefix, argv, timeout=timeout, driver_cuda=driver_cuda)
     if res.timed_out:
         raise LorastrapError(f"the verification run in {prefix} did not finish within {timeout:.0f} s",
