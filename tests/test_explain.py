@@ -18,6 +18,9 @@ from conftest import ROOT, run_cli
 
 from lorastrap import explain
 
+# Real venvs broken a dozen ways: the slow tier (`sh scripts/test.sh -m slow`; .ci/run runs both tiers).
+pytestmark = pytest.mark.slow
+
 RECORDED = ROOT / "tests" / "fixtures" / "explain" / "recorded.json"
 
 # Each snippet runs in the broken environment; its traceback (and warnings) is the text a user would paste.

@@ -147,6 +147,7 @@ def _playbook(ansible_venv, inventory, report_dir, *extra, cwd):
                            "-f", "5", *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
 
 
+@pytest.mark.slow
 def test_ansible_fleet_tier_a(ansible_venv, bundle, tmp_path):
     b = _unpacked(bundle, tmp_path)
     reports = tmp_path / "reports"
@@ -207,6 +208,7 @@ def _hosts_or_skip(module: str, what: str):
     return helper
 
 
+@pytest.mark.slow
 def test_ansible_fleet_tier_b_over_ssh(ansible_venv, bundle, tmp_path):
     netns_fleet = _hosts_or_skip("netns_fleet", "tier B")
     b = _unpacked(bundle, tmp_path)
@@ -262,6 +264,7 @@ def _installed_at(prefix):
     return json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["installed_at"]
 
 
+@pytest.mark.slow
 def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
     netns_slurm = _hosts_or_skip("netns_slurm", "Slurm fleet")
     cpu = _unpacked(bundle, tmp_path)
@@ -389,6 +392,7 @@ def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):
     assert not (tmp_path / "home" / "nodes").exists() or not list((tmp_path / "home" / "nodes").rglob("conda-meta"))
 
 
+@pytest.mark.slow
 def test_fleet_refusals_before_anything_runs(bundle, cuda_bundle, tmp_path):
     cpu = _unpacked(bundle, tmp_path)
     res = _fleet_cli("slurm", "--bundle", str(cpu), "--bundle", str(cuda_bundle), "--report-dir", str(tmp_path / "r"),

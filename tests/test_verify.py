@@ -107,6 +107,7 @@ def test_bitsandbytes_older_than_transformers_requires(ml_venv, tmp_path_factory
     assert sp.exists()
 
 
+@pytest.mark.slow  # builds the 2023 venv, which the explain tests (slow tier) share
 def test_2023_set_missing_setuptools_and_scipy_then_cuda_only(venv_2023):
     py = str(venv_2023 / "bin/python")
     subprocess.run([py, "-m", "pip", "uninstall", "-q", "-y", "setuptools", "scipy"], capture_output=True)
