@@ -220,23 +220,6 @@ def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag:
                                      repair="replan" if intact else "rebuild"))
 
 
-def unowned(prefix: Path, owned: set[str]) -> list[str]:
-    """Files in the prefix no package (conda or pip) owns: the user's, carried over by repair."""
-    out = []
-    for root, dirs, files in os.walk(prefix):
-        rel_root = os.path.relpath(root, prefix)
-        if rel_root == "conda-meta" or rel_root.startswith("conda-meta" + os.sep):
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for f in files:
-            rel = os.path.normpath(os.path.join(rel_root, f))
-            if rel in owned or f.endswith(".pyc") or rel == "CACHEDIR.TAG":
-                continue
-            out.append(rel)
-    return sorted(out)
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
@@ -276,7 +259,7 @@ def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = 
     check_machine(profile_name, record, matrix, machine, diag)
     if imports:
         check_imports(prefix, matrix, machine, diag)
-    diag.unowned_files = unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
+    diag.unowned_files = pfx.unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
     if diag.unowned_files:
         diag.findings.append(Finding("info", "user-files", f"{len(diag.unowned_files)} file(s) no package owns, "
                                      f"e.g. {diag.unowned_files[0]}", why="your own files inside the environment",

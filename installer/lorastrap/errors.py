@@ -103,3 +103,4 @@ class IntegrityError(LorastrapError): exit_code = INTEGRITY  # noqa: E701
 class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
 class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
 class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
+class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701

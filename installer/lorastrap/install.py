@@ -5,15 +5,21 @@ new environment is linked at PREFIX itself and the old one is what moves (txn.py
 
   1. preflight   lock parsed, platform present, free disk; the prefix's file lock taken
   2. fetch       every archive into the cache, sha256 checked against the lock (nothing of the user's touched)
-  3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), recorded in the journal first
-  4. link        the engine creates PREFIX from the checked archives; pip entries inside it
+  3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), between two journal writes
+  4. link        the engine creates PREFIX from the checked archives; pip entries inside it; the user's files
+                 (owned by no package) copied over from the backup when repairing
   5. check       every locked package in conda-meta with the lock's sha256, pip entries present, smoke command
-  6. verify      the profile's verification command inside PREFIX
-  7. commit      lock + record written into PREFIX/conda-meta/lorastrap/, backup dropped (unless --keep-backup)
+  6. verify      the profile's verification command inside PREFIX; lock + record written into
+                 PREFIX/conda-meta/lorastrap/
+  7. commit      the journal says "committing" — the point of no return — then the backup is dropped (unless
+                 --keep-backup) and the journal removed
 
-On a failure in 3–6 (an error, Ctrl-C, SIGTERM) the new PREFIX is removed and the backup renamed back.  After a
-crash (SIGKILL, power loss) the journal PREFIX.lorastrap-txn.json is still there: the next run reads it first and
-finishes the rollback (or the commit) before anything else.  Re-running with the same lock is a no-op.
+On a failure in 3–6 (an error, Ctrl-C, SIGTERM, SIGHUP) the new PREFIX is removed and the backup renamed back.
+From step 7 on nothing rolls back: Ctrl-C, SIGTERM and SIGHUP are held from just before the "committing" journal
+to the end of the commit (and while moving aside, rolling back or recovering), then honoured (exit 130, the new
+environment in place).  After a crash (SIGKILL, power loss) the journal PREFIX.lorastrap-txn.json is still there:
+the next run reads it first and finishes the rollback (before 7) or the commit (from 7) before anything else.
+Re-running with the same lock is a no-op.
 """
 
 from __future__ import annotations
@@ -31,17 +37,13 @@ from pathlib import Path
 from lorastrap import engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
 from lorastrap.cache import Cache, progress_printer
 from lorastrap.detect import Machine, existing_parent
-from lorastrap.errors import INTERRUPTED, ConfigError, DiskError, LorastrapError, UsageError, VerifyError
+from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
 from lorastrap.profiles import Matrix, Profile
 from lorastrap.records import EnvRecord, Journal, NodeReport
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
 KEY_PACKAGES = ("python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes", "cuda-version")
-
-
-class Interrupted(LorastrapError):
-    exit_code = INTERRUPTED
 
 
 @dataclass
@@ -79,11 +81,10 @@ def _signals_raise():
 
 
 def _pause_point(stage: str, narrate) -> None:
-    """Crash-test hook: LORASTRAP_PAUSE_AT=<stage> makes the run stop here (tests kill it with SIGKILL)."""
+    """Crash-test hook: LORASTRAP_PAUSE_AT=<stage> makes the run stop here (tests signal it there)."""
     if os.environ.get("LORASTRAP_PAUSE_AT") == stage:
         narrate(f"paused at {stage} (LORASTRAP_PAUSE_AT)")
-        while True:
-            time.sleep(60)
+        time.sleep(float(os.environ.get("LORASTRAP_PAUSE_S", "1e9")))  # LORASTRAP_PAUSE_S: then go on
 
 
 def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs) -> InstallResult:
@@ -111,6 +112,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     t0 = time.perf_counter()
     with _signals_raise():
         recovered = txn.recover(prefix, narrate)
+        if recovered:
+            narrate(recovered)
         if prefix.exists() and not pfx.is_conda_env(prefix) and any(prefix.iterdir()):
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
@@ -164,6 +167,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 lk, work / f"{name}.{platform}.conda-lock.yml", platform=platform,
                 url_for=lambda p: local[p["name"]].as_uri() if p["manager"] == "conda" else p["url"])
             had_old = prefix.exists()
+            if had_old and not carry_over:
+                carry_over = tuple(pfx.user_files(prefix))  # the user's files come along on a switch too
             backup = txn.backup_path(prefix)
             if had_old and backup.exists():
                 narrate(f"replacing the older backup {backup}")
@@ -173,38 +178,18 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 txn.write_journal(prefix, Journal(state=state, had_old=had_old, pid=os.getpid(), lock=str(lk.path),
                                                   keep_backup=keep_backup))
 
-            journal("aside")
             try:
-                if had_old:
-                    os.rename(prefix, backup)
-                    fsutil.fsync_dir(prefix.parent)
-                    result.backup = str(backup)
+                with txn.deferred_signals("while moving the previous environment aside"):
+                    journal("aside")
+                    if had_old:
+                        os.rename(prefix, backup)
+                        fsutil.fsync_dir(prefix.parent)
+                        result.backup = str(backup)
+                    journal("linking")
                 _pause_point("aside", narrate)
-                journal("linking")
-                t = time.perf_counter()
-                narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
-                engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform,
-                             cache_dir=cache.root / "extracted")
-                timings["engine"] = time.perf_counter() - t
-                if pip_entries:
-                    t = time.perf_counter()
-                    narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
-                    engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
-                    timings["pip"] = time.perf_counter() - t
-                if carry_over and had_old:
-                    _carry_over(backup, prefix, carry_over, narrate)
-                _pause_point("linked", narrate)
-                t = time.perf_counter()
-                problems = pfx.mismatches(prefix, entries)
-                if problems:
-                    raise engines.EngineError(f"the new environment does not match the lock ({len(problems)} problems)",
-                                              why="; ".join(problems[:5]),
-                                              fix="Rerun; if it persists, report it with --debug output.")
-                smoke = pfx.run_in(prefix, profile.smoke, timeout=SMOKE_TIMEOUT_S)
-                if not smoke.ok:
-                    raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
-                                      why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
-                timings["check"] = time.perf_counter() - t
+                _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache,
+                       entries=entries, profile=profile, carry_from=backup if carry_over and had_old else None,
+                       carry_over=carry_over, timings=timings, narrate=narrate)
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -215,24 +200,62 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 pfx.write_record(prefix, EnvRecord(
                     profile=name, platform=platform, lock_digest=lk.digest(platform), lock_source=str(lk.path),
                     engine=result.engine, installed_at=pfx.now(), plan=plan_info, verify=result.verify), lk.path)
+                commit_signals = txn.deferred_signals(f"after the commit: {prefix} is the new environment")
+                commit_signals.__enter__()  # held from before the point of no return to the end of the commit
+            except BaseException as exc:
+                with txn.deferred_signals(swallow=True):
+                    narrate(txn.rollback(prefix, had_old, narrate))
+                    txn.clear_journal(prefix)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise Interrupted("interrupted (Ctrl-C)", why="the install was interrupted; nothing changed",
+                                      fix="Run the same command again; it will converge.") from exc
+                raise
+            # The point of no return: once this journal is written, the new environment is final and nothing rolls
+            # back; a run that dies from here on is finished by the next one.
+            try:
                 journal("committing")
                 _pause_point("commit", narrate)
                 if had_old and not keep_backup:
                     fsutil.remove_tree(backup)
                     result.backup = None
                 txn.clear_journal(prefix)
-            except BaseException as exc:
-                txn.rollback(prefix, had_old, narrate)
-                txn.clear_journal(prefix)
-                if isinstance(exc, KeyboardInterrupt):
-                    raise Interrupted("interrupted (Ctrl-C)", why="the install was interrupted",
-                                      fix="Run the same command again; it will converge.") from exc
-                raise
+            finally:
+                commit_signals.__exit__(None, None, None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, entries: list, profile: Profile,
+           carry_from: Path | None, carry_over: tuple[str, ...], timings: dict, narrate) -> None:
+    """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it."""
+    conda_entries = [e for e in entries if e.manager == "conda"]
+    pip_entries = [e for e in entries if e.manager == "pip"]
+    t = time.perf_counter()
+    narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
+    engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted")
+    timings["engine"] = time.perf_counter() - t
+    if pip_entries:
+        t = time.perf_counter()
+        narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
+        engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
+        timings["pip"] = time.perf_counter() - t
+    if carry_from is not None:
+        _carry_over(carry_from, prefix, carry_over, narrate)
+    _pause_point("linked", narrate)
+    t = time.perf_counter()
+    problems = pfx.mismatches(prefix, entries)
+    if problems:
+        raise engines.EngineError(f"the new environment does not match the lock ({len(problems)} problems)",
+                                  why="; ".join(problems[:5]),
+                                  fix="Rerun; if it persists, report it with --debug output.")
+    smoke = pfx.run_in(prefix, profile.smoke, timeout=SMOKE_TIMEOUT_S)
+    if not smoke.ok:
+        raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
+                          why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
+    timings["check"] = time.perf_counter() - t
 
 
 def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
