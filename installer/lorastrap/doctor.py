@@ -84,7 +84,7 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
                                      fix="`lorastrap repair` rebuilds the environment from its lock."))
     owned: set[str] = set()
     for name, rec in meta.records.items():
-        missing, altered = [], []
+        missing, altered, replaced = [], [], []
         for entry in rec.paths:
             rel = entry["_path"]
             owned.add(rel)
@@ -92,16 +92,33 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
             if not os.path.lexists(path):
                 missing.append(rel)
                 continue
-            if entry.get("path_type", "hardlink") == "softlink" or path.is_symlink():
+            kind = entry.get("path_type", "hardlink")
+            if kind == "softlink":
+                continue
+            if kind == "directory":
+                if not path.is_dir():
+                    replaced.append(rel)
+                continue
+            if path.is_symlink() or not path.is_file():  # a file the package put there is now a link or a folder
+                replaced.append(rel)
                 continue
             want = entry.get("sha256_in_prefix") or entry.get("sha256")
-            if want and sha256_file(path) != want:
-                altered.append(rel)
+            try:
+                if want and sha256_file(path) != want:
+                    altered.append(rel)
+            except OSError:
+                replaced.append(rel)
         if missing:
             diag.findings.append(Finding(
                 "error", "missing-files", f"{name}: {len(missing)} file(s) missing, e.g. {missing[0]}",
                 why="files were deleted after the package was installed",
                 fix="`lorastrap repair` reinstalls the package."))
+        if replaced:
+            diag.findings.append(Finding(
+                "error", "replaced-files", f"{name}: {len(replaced)} file(s) replaced by a link, folder or "
+                f"something unreadable, e.g. {replaced[0]}",
+                why="the package installed a regular file there",
+                fix="`lorastrap repair` puts the package's files back (what stood there is kept in the backup)."))
         if altered:
             diag.findings.append(Finding(
                 "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",

@@ -39,6 +39,12 @@ def find(choice: str = "auto") -> Engine:
     candidates: list[tuple[str, str | None]] = []
     if choice in ("auto", "micromamba", "mamba") and os.environ.get("MAMBA_EXE"):
         exe = os.environ["MAMBA_EXE"]
+        if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
+            raise UsageError(f"MAMBA_EXE={exe!r} is not an executable file",
+                             why="it " + ("does not exist" if not os.path.lexists(exe) else
+                                          "is a folder" if Path(exe).is_dir() else "cannot be executed"),
+                             fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
+                                 "uses one on PATH or its embedded engine).")
         candidates.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe))
     for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
         candidates.append((kind, _on_path(kind)))

@@ -25,6 +25,7 @@ VERIFY = 9  # the verification run failed
 PREREQ = 10  # setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl or wget, micromamba)
 DOCTOR_REPAIRABLE = 11  # doctor: problems that `repair` fixes from the environment's own lock
 DOCTOR_UNREPAIRABLE = 12  # doctor: the environment no longer fits the machine (`repair --replan`)
+NOT_WRITABLE = 13  # a folder lorastrap must write to is read-only or not permitted
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -41,6 +42,7 @@ EXIT_CODES = {
     PREREQ: "setup.sh: a prerequisite is missing (python3 >= 3.10 with venv, curl/wget, or micromamba)",
     DOCTOR_REPAIRABLE: "doctor: the environment is broken and `repair` can fix it",
     DOCTOR_UNREPAIRABLE: "doctor: the environment no longer fits this machine (`repair --replan`)",
+    NOT_WRITABLE: "a folder lorastrap must write to is read-only (or not permitted)",
     INTERRUPTED: "interrupted",
 }
 
@@ -104,3 +106,4 @@ class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
 class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
 class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
 class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701
+class NotWritableError(LorastrapError): exit_code = NOT_WRITABLE  # noqa: E701

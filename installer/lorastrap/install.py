@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap import engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
+from lorastrap import archive, engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
 from lorastrap.cache import Cache, progress_printer
 from lorastrap.detect import Machine, existing_parent
 from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
@@ -90,10 +90,47 @@ def _pause_point(stage: str, narrate) -> None:
 def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs) -> InstallResult:
     """Install (or rebuild, with force) PREFIX from a lock, under the prefix's file lock (waiting for another run,
     or failing at once with wait=False); see install_locked and the module's docstring."""
-    prefix = prefix.expanduser().absolute()
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        return install_locked(prefix=prefix, narrate=narrate, **kwargs)
+    prefix = check_prefix(prefix.expanduser().absolute(), narrate)
+    made = [p for p in reversed(prefix.parents) if not p.exists()]  # folders this run creates for PREFIX
+    try:
+        with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+            return install_locked(prefix=prefix, narrate=narrate, **kwargs)
+    except BaseException:
+        if not prefix.exists():  # refused or failed before anything was made: leave no empty folders behind
+            for folder in reversed(made):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
+    """A prefix lorastrap may create or replace: not the root, not a file, not under a file, not the data dir (or
+    a folder holding it).  A symlink is followed: the environment is built where it points, the link stays."""
+    fix = "Choose another --prefix (or --name)."
+    long_part = next((part for part in prefix.parts if len(part.encode()) > 255), None)
+    if long_part:
+        raise UsageError(f"--prefix: the folder name {long_part[:40]}… is longer than 255 bytes",
+                         why="no Linux or macOS filesystem takes names that long", fix=fix)
+    if prefix.is_symlink():
+        target = prefix.resolve()
+        narrate(f"{prefix} is a link to {target}: installing there (the link stays)")
+        prefix = target
+    if prefix.parent == prefix:
+        raise UsageError(f"--prefix {prefix} is the filesystem's root", why="an environment is a folder of its own",
+                         fix=fix)
+    if prefix.exists() and not prefix.is_dir():
+        raise UsageError(f"{prefix} exists and is not a folder", why="lorastrap never replaces files", fix=fix)
+    parent = existing_parent(prefix.parent)
+    if not parent.is_dir():
+        raise UsageError(f"{parent} is a file, so {prefix} cannot be made", why="a file stands where a folder must be",
+                         fix=fix)
+    data = paths.data_dir().absolute()
+    if prefix == data or prefix in data.parents or (data in prefix.parents and paths.envs_dir() not in prefix.parents):
+        raise UsageError(f"--prefix {prefix} would overlap lorastrap's data dir {data}",
+                         why="the data dir holds the package cache and the environments", fix=fix)
+    return prefix
 
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
@@ -159,6 +196,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         narrate(f"{len(conda_entries)} archives checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
+        _check_prefix_length(prefix, local)
 
         work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
         try:
@@ -269,6 +307,20 @@ def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
         copied += 1
     narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
+
+
+def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:
+    """Preflight: a binary prefix placeholder holds a prefix no longer than itself (checked before anything moves)."""
+    shortest = None
+    for name, path in archives.items():
+        n = archive.binary_placeholder_length(path)
+        if n is not None and (shortest is None or n < shortest[0]):
+            shortest = (n, name)
+    if shortest and len(str(prefix)) > shortest[0]:
+        raise UsageError(f"the prefix is {len(str(prefix))} characters long; {shortest[1]} can be installed only "
+                         f"at a prefix of at most {shortest[0]}",
+                         why="its binary files hold a placeholder of that length, which is overwritten in place by "
+                             "the environment's path", fix="Choose a shorter --prefix. Nothing was changed.")
 
 
 def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> None:

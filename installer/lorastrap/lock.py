@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from lorastrap import paths, subproc
-from lorastrap.errors import ConfigError, NetworkError
+from lorastrap.errors import ConfigError, NetworkError, UsageError
 from lorastrap.profiles import Profile
 
 DEFAULT_CHANNEL_ALIAS = "https://conda.anaconda.org"
@@ -80,6 +80,32 @@ def wheel_platforms(platform: str, vps: dict[str, str]) -> list[str]:
 def lock_path(envs_dir: Path, profile: str) -> Path:
     """micromamba treats a file as a lock only if its name ends in -lock.yml: this one does."""
     return envs_dir / f"{profile}.conda-lock.yml"
+
+
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/label/[A-Za-z0-9_.-]+)?$")
+
+
+def check_source(value: str, flag: str, *, index: bool = False) -> str:
+    """A --channel / --mirror (a conda channel: http(s) or file URL, a folder, or a name) or --pip-index-url
+    (index=True: an http(s) or file URL) as given by a user; refused with what / why / fix when it is none."""
+    fix = (f"Give {flag} an http(s):// or file:// URL" + ("" if index else ", a folder that exists, or a channel "
+           "name such as conda-forge") + ".")
+    text = value.strip()
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(\S*)$", text)
+    if match:
+        scheme, rest = match.group(1).lower(), match.group(2)
+        if scheme in ("http", "https") and rest and not rest.startswith("/") or scheme == "file" and rest:
+            return text
+        raise UsageError(f"{flag} {value!r} is not a usable URL",
+                         why="only http://, https:// (with a host) and file:// are supported", fix=fix)
+    if not index and text and ("/" in text or text.startswith(".")):
+        if Path(text).expanduser().is_dir():
+            return text
+        raise UsageError(f"{flag} {value!r}: no such folder", why="a path must name the channel's folder", fix=fix)
+    if not index and CHANNEL_NAME.match(text):
+        return text
+    raise UsageError(f"{flag} {value!r} is not a channel URL, folder or name" if not index else
+                     f"{flag} {value!r} is not a URL", why="it would silently become a channel nobody meant", fix=fix)
 
 
 def channel_url(channel: str) -> str:

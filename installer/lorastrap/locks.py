@@ -9,13 +9,14 @@ the new one, so two runs can never both hold "the" lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorastrap.errors import BusyError
+from lorastrap.errors import BusyError, NotWritableError
 
 POLL_S = 0.1
 
@@ -43,8 +44,15 @@ def _open_locked(path: Path, blocking: bool) -> int | None:
 
 @contextmanager
 def held(path: Path, *, what: str, wait: bool = True, narrate=lambda msg: None, timeout: float | None = None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _open_locked(path, blocking=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _open_locked(path, blocking=False)
+    except (PermissionError, OSError) as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise NotWritableError(f"cannot write beside {what}: {exc.strerror}", why=f"the lock file {path} cannot be "
+                               "created there (a read-only filesystem, or no permission)",
+                               fix="Choose a --prefix on a writable filesystem, or fix its permissions.")
     if fd is None:
         holder = _holder(path)
         if not wait:
