@@ -269,3 +269,20 @@ def test_records_round_trip_and_reject_unknown_keys():
         records.Journal.model_validate({"state": "linking", "had_old": True, "surprise": 1})
     assert yaml.safe_load(records.EnvRecord(profile="cpu", platform="linux-64", lock_digest="d", lock_source="s",
                                             engine="e", installed_at="t").model_dump_json())["schema_version"] == 1
+
+
+def test_a_same_size_swap_with_its_mtime_put_back_is_hashed_again(tmp_path, served):
+    root, url = served
+    (root / "a.conda").write_bytes(b"real archive")
+    good = cache.sha256_file(root / "a.conda")
+    c = cache.Cache(tmp_path / "pkgs")
+    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    st = path.stat()
+    time.sleep(0.01)
+    with open(path, "r+b") as f:  # same inode, same size, other bytes
+        f.write(b"evil")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert not c.is_ready(good, "a.conda")  # the ctime moved
+    path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert got > 0 and path2.read_bytes() == b"real archive"

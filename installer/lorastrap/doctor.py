@@ -119,6 +119,15 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
                 f"something unreadable, e.g. {replaced[0]}",
                 why="the package installed a regular file there",
                 fix="`lorastrap repair` puts the package's files back (what stood there is kept in the backup)."))
+        shared = [rel for rel in altered if (prefix / rel).stat().st_nlink > 1]
+        if shared:
+            diag.findings.append(Finding(
+                "error", "cache-shares-edit", f"{name}: {len(shared)} changed file(s) are hard links shared with the "
+                f"package cache (or other environments), e.g. {shared[0]}",
+                why="environments are hard-linked to the cache's extracted packages (conda's default), so an edit "
+                    "in place changed the cache's copy too",
+                fix="`lorastrap repair` checks the cache against the packages and unpacks damaged ones again; "
+                    "install with `--link-mode copy` for environments whose files you edit."))
         if altered:
             diag.findings.append(Finding(
                 "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",
@@ -337,6 +346,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
             result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
                                          matrix=matrix, platform=machine.platform or (record.platform if record else ""),
                                          lock_file=lock_file, force=True, keep_backup=keep_backup,
+                                         check_cache=True,
                                          carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
                                          narrate=narrate, **install_args)
             return diag, result

@@ -139,11 +139,13 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
-                   narrate=lambda m: None) -> InstallResult:
+                   link_mode: str = "hardlink", check_cache: bool = False, narrate=lambda m: None) -> InstallResult:
     """The transaction, with the prefix lock already held by the caller.
 
     lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
-    package owns) copied from the previous environment into the new one."""
+    package owns) copied from the previous environment into the new one; link_mode: "hardlink" (files shared
+    with the package cache, as conda does) or "copy" (each file its own: a reflink where the filesystem has them);
+    check_cache: hash every extracted copy in the cache against its package before linking (repair)."""
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -197,6 +199,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
         _check_prefix_length(prefix, local)
+        cache.check_extracted(list(local.values()), full=check_cache, narrate=narrate)
 
         work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
         try:
@@ -226,7 +229,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                     journal("linking")
                 _pause_point("aside", narrate)
                 _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache,
-                       entries=entries, profile=profile, carry_from=backup if carry_over and had_old else None,
+                       entries=entries, profile=profile, link_mode=link_mode,
+                       carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate)
                 journal("verifying")
                 if run_verify:
@@ -267,13 +271,16 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
 
 
 def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, entries: list, profile: Profile,
-           carry_from: Path | None, carry_over: tuple[str, ...], timings: dict, narrate) -> None:
+           link_mode: str, carry_from: Path | None, carry_over: tuple[str, ...], timings: dict, narrate) -> None:
     """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it."""
     conda_entries = [e for e in entries if e.manager == "conda"]
     pip_entries = [e for e in entries if e.manager == "pip"]
     t = time.perf_counter()
     narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
     engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted")
+    if link_mode == "copy":
+        files, reflinked = fsutil.unshare_tree(prefix)
+        narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
     timings["engine"] = time.perf_counter() - t
     if pip_entries:
         t = time.perf_counter()
