@@ -204,3 +204,46 @@ def test_link_mode_copy_shares_no_file_with_the_cache(channel, warm_home, tmp_pa
     files = [p for p in prefix.rglob("*") if p.is_file() and not p.is_symlink()]
     assert files and all(p.stat().st_nlink == 1 for p in files)
     _smoke(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# doctor while a transaction runs, after one died, and on a lock that lacks a dependency
+
+def _doctor(prefix, *extra):
+    res = run_cli("doctor", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--json", "--no-imports", *extra)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_doctor_during_a_transaction_and_after_it_died(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    proc = _start("install", channel, prefix, "--no-verify", env={**CUDA, "LORASTRAP_PAUSE_AT": "aside"})
+    _wait_for(proc, "paused at aside")  # PREFIX is aside (the backup), the new one not yet linked
+    rc, report = _doctor(prefix)
+    assert rc == 8 and report["verdict"] == "busy", report
+    assert "is changing" in report["findings"][0]["what"] and ".lorastrap-backup" in report["findings"][0]["what"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not prefix.exists()  # died with the environment aside
+    rc, report = _doctor(prefix)
+    assert rc == 11 and report["findings"][0]["code"] == "interrupted-transaction", report
+    assert str(txn.backup_path(prefix)) in report["findings"][0]["what"]
+    res = run_cli("repair", *_args(channel, prefix, "--yes", "--drop-backup"))
+    assert res.returncode == 0, res.stderr
+    assert _smoke(prefix)["torch_build"] == "cpu" and (prefix / USER).read_text() == "mine"
+    _no_leftovers(prefix)
+
+
+def test_a_lock_lacking_a_dependency_is_refused_and_named_by_doctor(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    own = prefix / "conda-meta" / "lorastrap" / "conda-lock.yml"
+    doc = yaml.safe_load(own.read_text())
+    doc["package"] = [p for p in doc["package"] if p["name"] != "libzlib"]  # others depend on it
+    own.write_text(yaml.safe_dump(doc))
+    rc, report = _doctor(prefix)
+    assert "lock-incomplete" in {f["code"] for f in report["findings"]} and rc == 12, report
+    local = warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml"  # the lock made here for the test channel
+    local.write_text(yaml.safe_dump({**yaml.safe_load(local.read_text()), "package": doc["package"]}))
+    res = run_cli("install", *_args(channel, tmp_path / "third", "--no-verify"))
+    assert res.returncode == 4 and "libzlib" in res.stderr and "Re-lock" in res.stderr, res.stderr
+    assert not (tmp_path / "third").exists()

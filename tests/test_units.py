@@ -186,12 +186,18 @@ def test_cache_fetches_once_checks_and_refuses_a_swap(tmp_path, served):
     assert not list((tmp_path / "pkgs").rglob("*.part"))
 
 
-def test_cache_entry_edited_in_place_is_fetched_again(tmp_path, served):
+def _fetched(tmp_path, served):
     root, url = served
     (root / "a.conda").write_bytes(b"real archive")
     good = cache.sha256_file(root / "a.conda")
     c = cache.Cache(tmp_path / "pkgs")
     path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    return c, good, path
+
+
+def test_cache_entry_edited_in_place_is_fetched_again(tmp_path, served):
+    root, url = served
+    c, good, path = _fetched(tmp_path, served)
     path.write_bytes(b"edited archive")
     assert not c.is_ready(good, "a.conda")
     path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
@@ -273,10 +279,7 @@ def test_records_round_trip_and_reject_unknown_keys():
 
 def test_a_same_size_swap_with_its_mtime_put_back_is_hashed_again(tmp_path, served):
     root, url = served
-    (root / "a.conda").write_bytes(b"real archive")
-    good = cache.sha256_file(root / "a.conda")
-    c = cache.Cache(tmp_path / "pkgs")
-    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    c, good, path = _fetched(tmp_path, served)
     st = path.stat()
     time.sleep(0.01)
     with open(path, "r+b") as f:  # same inode, same size, other bytes

@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 from lorastrap import install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles, subproc, txn, verify
 from lorastrap.cache import sha256_file
 from lorastrap.detect import Machine
-from lorastrap.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
+from lorastrap.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
 from lorastrap.records import EnvRecord
 
 
@@ -49,6 +49,8 @@ class Diagnosis:
 
     @property
     def verdict(self) -> str:
+        if any(f.code == "transaction-running" for f in self.findings):
+            return "busy"
         serious = [f for f in self.findings if f.severity != "info"]
         if not serious:
             return "healthy"
@@ -58,7 +60,8 @@ class Diagnosis:
 
     @property
     def exit_code(self) -> int:
-        return {"healthy": OK, "repairable": DOCTOR_REPAIRABLE, "not-repairable": DOCTOR_UNREPAIRABLE}[self.verdict]
+        return {"healthy": OK, "repairable": DOCTOR_REPAIRABLE, "not-repairable": DOCTOR_UNREPAIRABLE,
+                "busy": BUSY}[self.verdict]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,6 +78,23 @@ def _mapping() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+FILE_FINDINGS = {  # code: (what, after the package and the count; why; fix)
+    "missing-files": ("file(s) missing", "files were deleted after the package was installed",
+                      "`lorastrap repair` reinstalls the package."),
+    "replaced-files": ("file(s) replaced by a link, folder or something unreadable",
+                       "the package installed a regular file there",
+                       "`lorastrap repair` puts the package's files back (what stood there is kept in the backup)."),
+    "cache-shares-edit": ("changed file(s) are hard links shared with the package cache (or other environments)",
+                          "environments are hard-linked to the cache's extracted packages (conda's default), so an "
+                          "edit in place changed the cache's copy too",
+                          "`lorastrap repair` checks the cache against the packages and unpacks damaged ones again; "
+                          "install with `--link-mode copy` for environments whose files you edit."),
+    "altered-files": ("file(s) changed",
+                      "the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
+                      "`lorastrap repair` restores the package's files (the edited ones stay in the backup)."),
+}
+
 
 def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecord], set[str]]:
     """conda-meta records vs files.  Returns the readable records and the set of paths they own."""
@@ -108,31 +128,13 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
                     altered.append(rel)
             except OSError:
                 replaced.append(rel)
-        if missing:
-            diag.findings.append(Finding(
-                "error", "missing-files", f"{name}: {len(missing)} file(s) missing, e.g. {missing[0]}",
-                why="files were deleted after the package was installed",
-                fix="`lorastrap repair` reinstalls the package."))
-        if replaced:
-            diag.findings.append(Finding(
-                "error", "replaced-files", f"{name}: {len(replaced)} file(s) replaced by a link, folder or "
-                f"something unreadable, e.g. {replaced[0]}",
-                why="the package installed a regular file there",
-                fix="`lorastrap repair` puts the package's files back (what stood there is kept in the backup)."))
         shared = [rel for rel in altered if (prefix / rel).stat().st_nlink > 1]
-        if shared:
-            diag.findings.append(Finding(
-                "error", "cache-shares-edit", f"{name}: {len(shared)} changed file(s) are hard links shared with the "
-                f"package cache (or other environments), e.g. {shared[0]}",
-                why="environments are hard-linked to the cache's extracted packages (conda's default), so an edit "
-                    "in place changed the cache's copy too",
-                fix="`lorastrap repair` checks the cache against the packages and unpacks damaged ones again; "
-                    "install with `--link-mode copy` for environments whose files you edit."))
-        if altered:
-            diag.findings.append(Finding(
-                "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",
-                why="the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
-                fix="`lorastrap repair` restores the package's files (the edited ones stay in the backup)."))
+        for code, found in (("missing-files", missing), ("replaced-files", replaced), ("cache-shares-edit", shared),
+                            ("altered-files", altered)):
+            if found:
+                what, why, fix = FILE_FINDINGS[code]
+                diag.findings.append(Finding("error", code, f"{name}: {len(found)} {what}, e.g. {found[0]}",
+                                             why=why, fix=fix))
     return meta.records, owned
 
 
@@ -143,6 +145,14 @@ def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.Co
                                      fix="`lorastrap repair --replan` rebuilds it from the profile plan "
                                          "chooses.", repair="none"))
         return
+    unmet = locking.missing_dependencies(lk.for_platform(platform))
+    if unmet:
+        diag.findings.append(Finding("error", "lock-incomplete", f"the lock lacks {len(unmet)} dependenc"
+                                     f"{'y' if len(unmet) == 1 else 'ies'} of its packages, e.g. {unmet[0]}",
+                                     why="a package is installed without what it needs (the lock was cut by hand, "
+                                         "or made by a tool that dropped a package)",
+                                     fix="`lorastrap repair --replan` rebuilds from a fresh lock of the profile.",
+                                     repair="replan"))
     want = {e.name: e for e in lk.for_platform(platform) if e.manager == "conda"}
     for name, e in sorted(want.items()):
         rec = records.get(name)
@@ -264,9 +274,33 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
     return None, chosen, None
 
 
-def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = True) -> Diagnosis:
+def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
+    """PREFIX mid-change: a run holds its lock now (busy), or one died and left its journal (and maybe the
+    environment aside in the backup).  Said as such; nothing of it is judged as a broken environment."""
+    diag = Diagnosis(prefix=str(prefix), profile=None, lock=None)
+    backup = txn.backup_path(prefix)
+    where = (f"; the previous environment is at {backup} until then" if pfx.is_conda_env(backup) else "")
+    if busy is not None:
+        diag.findings.append(Finding("info", "transaction-running", f"a lorastrap run{busy} is changing {prefix} now"
+                                     + where, why=f"it holds {txn.lock_file_path(prefix)}",
+                                     fix="Run doctor again when it has finished.", repair="none"))
+    else:
+        diag.findings.append(Finding("error", "interrupted-transaction", f"an install or repair of {prefix} was "
+                                     "interrupted" + where, why=f"{txn.journal_path(prefix)} is still there",
+                                     fix="Run `lorastrap repair` (or the same install) again: it finishes the "
+                                         "rollback (or the commit) first, with your files."))
+    diag.seconds = round(time.perf_counter() - start, 3)
+    return diag
+
+
+def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = True,
+             lock_held: bool = False) -> Diagnosis:
+    """lock_held: the caller holds PREFIX's lock (repair), so no other run can be changing it."""
     start = time.perf_counter()
     prefix = prefix.absolute()
+    busy = None if lock_held else locks.held_by_another(txn.lock_file_path(prefix))
+    if busy is not None or (not pfx.is_conda_env(prefix) and txn.journal_path(prefix).exists()):
+        return _in_transaction(prefix, busy, start)
     if not pfx.is_conda_env(prefix):
         raise UsageError(f"{prefix} is not a conda environment (no conda-meta/)",
                          fix="Pass the environment's prefix (--prefix) or name (--name).")
@@ -297,7 +331,8 @@ def diagnose(prefix: Path, *, envs_dir: Path, machine: Machine, imports: bool = 
 def format_diagnosis(diag: Diagnosis) -> str:
     lines = [f"{diag.prefix}: profile {diag.profile or '?'}, lock {diag.lock or 'none'}"]
     lines += [f.render() for f in diag.findings]
-    lines.append({"healthy": "verdict: healthy",
+    lines.append({"busy": "verdict: being changed by another run now — look again when it has finished",
+                  "healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
                   "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
                                     "rebuilds it with the profile that fits this machine now"}[diag.verdict])
@@ -318,7 +353,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
         done = txn.recover(prefix, narrate)  # an interrupted run first
         if done:
             narrate(done)
-        diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False)
+        diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)
         record = pfx.read_record(prefix)
         tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))

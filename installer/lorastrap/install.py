@@ -166,6 +166,12 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
+        unmet = locking.missing_dependencies(entries)
+        if unmet:
+            raise ConfigError(f"{lk.path}: {len(unmet)} dependenc{'y' if len(unmet) == 1 else 'ies'} of locked "
+                              f"packages are not in the lock for {platform}, e.g. {unmet[0]}",
+                              why="the lock is incomplete (cut by hand, or made by a tool that dropped a package)",
+                              fix="Re-lock: `lorastrap lock`. Nothing was changed.")
         eng = engines.find(engine)
         result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine=eng.describe(),
                                lock=str(lk.path), changed=False, packages=len(conda_entries),

@@ -330,6 +330,7 @@ class Entry:
     sha256: str
     md5: str | None = None
     build: str | None = None
+    dependencies: tuple[str, ...] = ()  # the names this package depends on (conda entries)
 
     @property
     def filename(self) -> str:
@@ -355,6 +356,14 @@ class Lock:
         for e in sorted(self.for_platform(platform), key=lambda e: (e.manager, e.name)):
             h.update(f"{e.manager} {e.name} {e.version} {e.build} {e.sha256}\n".encode())
         return h.hexdigest()
+
+
+def missing_dependencies(entries: list[Entry]) -> list[str]:
+    """'pkg needs dep' for every dependency of a conda entry that no entry provides (virtual packages aside): a
+    lock cut by hand, or made by a tool that dropped a package.  An engine would install it as it is."""
+    names = {e.name for e in entries if e.manager == "conda"}
+    return [f"{e.name} needs {dep}" for e in entries if e.manager == "conda" for dep in e.dependencies
+            if not dep.startswith("__") and dep not in names]
 
 
 def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
@@ -397,7 +406,9 @@ def read_lock(path: Path) -> Lock:
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise _bad(path, f"{where}.hash.sha256", "missing or not a sha256 (lorastrap checks every package)")
         entries.append(Entry(name=p["name"], version=str(p["version"]), manager=p["manager"], platform=p["platform"],
-                             url=p["url"], sha256=sha, md5=hashes.get("md5"), build=p.get("build")))
+                             url=p["url"], sha256=sha, md5=hashes.get("md5"), build=p.get("build"),
+                             dependencies=tuple(p.get("dependencies") or {}) if isinstance(
+                                 p.get("dependencies") or {}, dict) else ()))
     channels = [c.get("url") if isinstance(c, dict) else str(c) for c in meta.get("channels") or []]
     return Lock(path=path, raw=raw, platforms=list(meta.get("platforms") or []), channels=channels,
                 entries=entries, content_hash=dict(meta.get("content_hash") or {}),
