@@ -289,3 +289,15 @@ def test_a_same_size_swap_with_its_mtime_put_back_is_hashed_again(tmp_path, serv
     assert not c.is_ready(good, "a.conda")  # the ctime moved
     path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
     assert got > 0 and path2.read_bytes() == b"real archive"
+
+
+def test_a_killed_downloads_part_file_is_removed_by_the_next_fetch(tmp_path, served):
+    root, url = served
+    (root / "a.conda").write_bytes(b"real archive")
+    good = cache.sha256_file(root / "a.conda")
+    c = cache.Cache(tmp_path / "pkgs")
+    stale = c.entry(good, "a.conda").with_name(".a.conda.999999.part")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"real ar")  # what a SIGKILL mid-download leaves
+    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert path.read_bytes() == b"real archive" and not list(path.parent.glob("*.part"))

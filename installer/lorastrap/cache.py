@@ -71,6 +71,8 @@ class Cache:
         with locks.held(path.parent / ".lock", what=f"cache entry {filename}"):
             if self.is_ready(sha256, filename):  # another installer finished it while we waited
                 return path, 0
+            for stale in path.parent.glob(".*.part"):  # a killed download's; only the lock's holder writes here
+                stale.unlink(missing_ok=True)
             if path.exists():
                 got = sha256_file(path)
                 if got == sha256:
