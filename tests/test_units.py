@@ -301,3 +301,27 @@ def test_a_killed_downloads_part_file_is_removed_by_the_next_fetch(tmp_path, ser
     stale.write_bytes(b"real ar")  # what a SIGKILL mid-download leaves
     path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
     assert path.read_bytes() == b"real archive" and not list(path.parent.glob("*.part"))
+
+
+def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
+    """A child's own child keeps running after the child exits (no death signal for it); the next run ends it."""
+    from lorastrap import subproc
+    record = tmp_path / "env.lorastrap-children"
+    with subproc.recording_groups(record):
+        res = subproc.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], timeout=10)
+        left = record.read_text()  # what a run killed here would leave behind
+    grandchild = int(res.stdout.strip())
+    assert not record.exists() and _alive(grandchild)
+    record.write_text(left)
+    assert subproc.kill_recorded_groups(record) == 1
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(grandchild) and not record.exists()
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False

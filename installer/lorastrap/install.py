@@ -30,11 +30,11 @@ import signal
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap import archive, engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
+from lorastrap import archive, engines, fsutil, lock as locking, locks, paths, prefix as pfx, subproc, txn, verify
 from lorastrap.cache import Cache, progress_printer
 from lorastrap.detect import Machine, existing_parent
 from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
@@ -149,8 +149,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with _signals_raise():
+    with _signals_raise(), ExitStack() as stack:
         recovered = txn.recover(prefix, narrate)
+        stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if recovered:
             narrate(recovered)
         if prefix.exists() and not pfx.is_conda_env(prefix) and any(prefix.iterdir()):

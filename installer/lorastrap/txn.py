@@ -3,6 +3,7 @@
     PREFIX.lorastrap.lock       the prefix's file lock (held for the whole transaction)
     PREFIX.lorastrap-txn.json   the journal (records.Journal): written before each step that changes PREFIX
     PREFIX.lorastrap-backup     the previous environment while the new one is built (and after, if kept)
+    PREFIX.lorastrap-children   the process groups of the children the transaction started (ended by recovery)
 
 A journal left behind means a run died.  ``recover`` (with the prefix lock held) finishes what it left: a
 ``committing`` journal is completed (the new environment is final), any other state is rolled back (the backup
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lorastrap import fsutil
+from lorastrap import fsutil, subproc
 from lorastrap.errors import Interrupted
 from lorastrap.records import Journal
 
@@ -57,6 +58,11 @@ def backup_path(prefix: Path) -> Path:
 
 def journal_path(prefix: Path) -> Path:
     return prefix.with_name(prefix.name + ".lorastrap-txn.json")
+
+
+def children_path(prefix: Path) -> Path:
+    """The process groups of the children a transaction started (subproc.recording_groups)."""
+    return prefix.with_name(prefix.name + ".lorastrap-children")
 
 
 def lock_file_path(prefix: Path) -> Path:
@@ -112,6 +118,8 @@ def recover(prefix: Path, narrate=lambda m: None) -> str | None:
 
 
 def _recover(prefix: Path, narrate) -> str | None:
+    if subproc.kill_recorded_groups(children_path(prefix)):
+        narrate("stopped what was left of the children of an earlier run")
     clear_trash(prefix)
     journal = read_journal(prefix)
     if journal is None:
