@@ -325,3 +325,13 @@ def _alive(pid):
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_an_engine_that_ran_out_of_disk_says_so():
+    from lorastrap import engines
+    from lorastrap.errors import DiskError
+    with pytest.raises(DiskError) as info:  # py-rattler's words for ENOSPC, as its answer carries them
+        engines._raise_if_disk_full("IOError: failed to link 'lib/x.so': No space left on device (os error 28)",
+                                    Path("/p"))
+    assert info.value.exit_code == 7 and "df -i" in info.value.fix
+    engines._raise_if_disk_full("some other failure", Path("/p"))  # anything else: not a disk error

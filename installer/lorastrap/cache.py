@@ -12,7 +12,7 @@ otherwise the archive is hashed again.
 
 The engine unpacks archives into ``extracted/<name>-<version>-<build>/`` and hard-links environments to those
 files (what conda and micromamba do by default).  So an edit made in place inside an environment is an edit of the
-extracted copy too.  ``check_extracted`` compares an extracted copy with the sha256 its own ``info/paths.json``
+extracted copy too.  ``check_extracted`` compares an extracted copy with the sha256 the checked archive's ``info/paths.json``
 lists (fully, or by the size and mtime recorded at its last full check) and removes a copy that differs, so the
 engine unpacks it again from the checked archive; repair always checks fully.
 """
@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lorastrap import fsutil, locks
+from lorastrap import archive, fsutil, locks
 from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
@@ -111,7 +111,7 @@ class Cache:
             if not folder.is_dir():
                 continue
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                bad = _extracted_damage(folder, full=full)
+                bad = _extracted_damage(folder, archive.paths_json(path).get("paths", []), full=full)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")
@@ -135,13 +135,10 @@ def _dist_name(filename: str) -> str:
 STAMP = ".lorastrap-checked"  # in an extracted copy: the size and mtime of each file at its last full check
 
 
-def _extracted_damage(folder: Path, *, full: bool) -> str | None:
-    """None when the extracted copy matches its info/paths.json, else the first difference."""
+def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
+    """None when the extracted copy matches ENTRIES (the checked archive's own info/paths.json, so a copy unpacked
+    from another archive cannot vouch for itself), else the first difference."""
     import json
-    try:
-        entries = json.loads((folder / "info" / "paths.json").read_text()).get("paths", [])
-    except (OSError, ValueError):
-        return "info/paths.json unreadable"
     stats = {}
     for e in entries:
         if e.get("path_type", "hardlink") != "hardlink":
