@@ -271,3 +271,62 @@ def test_records_round_trip_and_reject_unknown_keys():
         records.Journal.model_validate({"state": "linking", "had_old": True, "surprise": 1})
     assert yaml.safe_load(records.EnvRecord(profile="cpu", platform="linux-64", lock_digest="d", lock_source="s",
                                             engine="e", installed_at="t").model_dump_json())["schema_version"] == 1
+
+
+def test_a_same_size_swap_with_its_mtime_put_back_is_hashed_again(tmp_path, served):
+    root, url, good, c, path, _ = _first_fetch(tmp_path, served)
+    st = path.stat()
+    time.sleep(0.01)
+    with open(path, "r+b") as f:  # same inode, same size, other bytes
+        f.write(b"evil")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert not c.is_ready(good, "a.conda")  # the ctime moved
+    path2, got = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert got > 0 and path2.read_bytes() == b"real archive"
+
+
+def test_a_killed_downloads_part_file_is_removed_by_the_next_fetch(tmp_path, served):
+    root, url = served
+    (root / "a.conda").write_bytes(b"real archive")
+    good = cache.sha256_file(root / "a.conda")
+    c = cache.Cache(tmp_path / "pkgs")
+    stale = c.entry(good, "a.conda").with_name(".a.conda.999999.part")
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"real ar")  # what a SIGKILL mid-download leaves
+    path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
+    assert path.read_bytes() == b"real archive" and not list(path.parent.glob("*.part"))
+
+
+def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
+    """A child's own child keeps running after the child exits (no death signal for it); the next run ends it."""
+    from lorastrap import subproc
+    record = tmp_path / "env.lorastrap-children"
+    with subproc.recording_groups(record):
+        res = subproc.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], timeout=10)
+        left = record.read_text()  # what a run killed here would leave behind
+    grandchild = int(res.stdout.strip())
+    assert not record.exists() and _alive(grandchild)
+    record.write_text(left)
+    assert subproc.kill_recorded_groups(record) == 1
+    deadline = time.monotonic() + 5
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _alive(grandchild) and not record.exists()
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_an_engine_that_ran_out_of_disk_says_so():
+    from lorastrap import engines
+    from lorastrap.errors import DiskError
+    with pytest.raises(DiskError) as info:  # py-rattler's words for ENOSPC, as its answer carries them
+        engines._raise_if_disk_full("IOError: failed to link 'lib/x.so': No space left on device (os error 28)",
+                                    Path("/p"))
+    assert info.value.exit_code == 7 and "df -i" in info.value.fix
+    engines._raise_if_disk_full("some other failure", Path("/p"))  # anything else: not a disk error

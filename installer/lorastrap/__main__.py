@@ -1,3 +1,17 @@
-from lorastrap.cli import run
+"""`python -m lorastrap` and the `lorastrap` console script.  A Ctrl-C while the modules are still being imported
+(before the CLI's own handling) ends the run quietly with the interrupted exit code, not a traceback."""
 
-run()
+import sys
+
+
+def main() -> None:
+    try:
+        from lorastrap.cli import run
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -121,19 +121,29 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, v
 def open_bundle(path: Path) -> Path:
     """A bundle folder (a .tar is unpacked next to it, once)."""
     path = path.absolute()
+    if not path.exists():
+        raise ConfigError(f"bundle {path} does not exist", fix="Pass the bundle folder or its .tar file.")
     if path.is_file() and path.suffix == ".tar":
         dest = path.with_suffix("")
         if not (dest / "manifest.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=path.parent))
-            with tarfile.open(path) as t:
-                t.extractall(tmp, filter="data")
-            inner = next(p for p in tmp.iterdir() if (p / "manifest.json").exists())
             try:
-                os.rename(inner, dest)
-            except OSError:
-                if not (dest / "manifest.json").exists():  # else: another node unpacked it meanwhile
-                    raise
-            shutil.rmtree(tmp, ignore_errors=True)
+                with tarfile.open(path) as t:
+                    t.extractall(tmp, filter="data")
+                inner = next((p for p in tmp.iterdir() if (p / "manifest.json").is_file()), None)
+                if inner is None:
+                    raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json inside)",
+                                      fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
+                try:
+                    os.rename(inner, dest)
+                except OSError:
+                    if not (dest / "manifest.json").exists():  # else: another node unpacked it meanwhile
+                        raise
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise ConfigError(f"{path} cannot be unpacked", why=f"a damaged or truncated tar file ({exc})",
+                                  fix="Copy the bundle again (compare its size with the original), or rebuild it.")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         path = dest
     if not (path / "manifest.json").is_file():
         raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json)",

@@ -5,6 +5,16 @@ and renamed into place only after their hash matched: an entry either is complet
 Several installers (one node, or many nodes on a shared filesystem) may fill one cache at once; each archive is
 fetched under its own lock, and an entry another installer finished is used as is.  py-rattler does not check
 hashes of file:// URLs — this module checks every archive, whatever its URL, before an engine sees it.
+
+An entry counts as verified while its size, mtime, ctime and inode are those recorded when its sha256 matched.
+The ctime is what a same-size swap with its mtime put back cannot fake (any write or utime sets it to "now");
+otherwise the archive is hashed again.
+
+The engine unpacks archives into ``extracted/<name>-<version>-<build>/`` and hard-links environments to those
+files (what conda and micromamba do by default).  So an edit made in place inside an environment is an edit of the
+extracted copy too.  ``check_extracted`` compares an extracted copy with the sha256 the checked archive's ``info/paths.json``
+lists (fully, or by the size and mtime recorded at its last full check) and removes a copy that differs, so the
+engine unpacks it again from the checked archive; repair always checks fully.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from lorastrap import fsutil, locks
+from lorastrap import archive, fsutil, locks
 from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
@@ -45,11 +55,10 @@ class Cache:
         return path.with_name("." + path.name + ".verified")
 
     def is_ready(self, sha256: str, filename: str) -> bool:
-        """Present, and unchanged since it was verified (size, mtime and inode as recorded then)."""
+        """Present, and unchanged since it was verified (size, mtime, ctime and inode as recorded then)."""
         path = self.entry(sha256, filename)
         try:
-            st = path.stat()
-            return self._verified_marker(path).read_text() == f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+            return self._verified_marker(path).read_text() == _signature(path)
         except OSError:
             return False
 
@@ -62,6 +71,8 @@ class Cache:
         with locks.held(path.parent / ".lock", what=f"cache entry {filename}"):
             if self.is_ready(sha256, filename):  # another installer finished it while we waited
                 return path, 0
+            for stale in path.parent.glob(".*.part"):  # a killed download's; only the lock's holder writes here
+                stale.unlink(missing_ok=True)
             if path.exists():
                 got = sha256_file(path)
                 if got == sha256:
@@ -88,8 +99,70 @@ class Cache:
                     tmp.unlink()
 
     def _mark(self, path: Path) -> None:
-        st = path.stat()
-        fsutil.write_atomic(self._verified_marker(path), f"{st.st_size} {st.st_mtime_ns} {st.st_ino}")
+        fsutil.write_atomic(self._verified_marker(path), _signature(path))
+
+    def check_extracted(self, archives: list[Path], *, full: bool, narrate=lambda m: None) -> list[str]:
+        """Remove every extracted copy of ARCHIVES whose files differ from their package's paths.json (full: hash
+        every file; else only copies whose sizes or mtimes moved since their last full check).  Returns the names
+        of the copies removed (the engine unpacks them again from the checked archives)."""
+        removed = []
+        for path in archives:
+            folder = self.root / "extracted" / _dist_name(path.name)
+            if not folder.is_dir():
+                continue
+            with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
+                bad = _extracted_damage(folder, archive.paths_json(path).get("paths", []), full=full)
+                if bad:
+                    narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
+                            "unpacking it again")
+                    fsutil.remove_tree(folder)
+                    removed.append(folder.name)
+        return removed
+
+
+def _signature(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def _dist_name(filename: str) -> str:
+    for ext in (".conda", ".tar.bz2"):
+        if filename.endswith(ext):
+            return filename[: -len(ext)]
+    return filename
+
+
+STAMP = ".lorastrap-checked"  # in an extracted copy: the size and mtime of each file at its last full check
+
+
+def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
+    """None when the extracted copy matches ENTRIES (the checked archive's own info/paths.json, so a copy unpacked
+    from another archive cannot vouch for itself), else the first difference."""
+    import json
+    stats = {}
+    for e in entries:
+        if e.get("path_type", "hardlink") != "hardlink":
+            continue
+        p = folder / e["_path"]
+        try:
+            st = p.lstat()
+        except OSError:
+            return f"{e['_path']} missing"
+        if not p.is_file() or p.is_symlink():
+            return f"{e['_path']} is not a file"
+        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}"
+    stamp = folder / STAMP
+    if not full:
+        try:
+            if stamp.read_text() == json.dumps(stats, sort_keys=True):
+                return None
+        except OSError:
+            pass
+    for e in entries:
+        if e["_path"] in stats and e.get("sha256") and sha256_file(folder / e["_path"]) != e["sha256"]:
+            return f"{e['_path']} altered"
+    fsutil.write_atomic(stamp, json.dumps(stats, sort_keys=True))
+    return None
 
 
 def _download(url: str, dest: Path, *, progress=None) -> int:

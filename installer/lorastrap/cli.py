@@ -18,42 +18,71 @@ from lorastrap.errors import LorastrapError
 ENGINES = ["auto", "micromamba", "mamba", "rattler"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are lorastrap's (what / why / fix, exit 2, JSON under --json)."""
+
+    def error(self, message: str):
+        raise errors.UsageError(f"{self.prog}: {message}", fix=f"See `{self.prog} --help`.")
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Shared options (parent parsers)
 
 def _parents() -> dict[str, argparse.ArgumentParser]:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     common.add_argument("--envs-dir", type=Path, default=None,
                         help="folder with profiles.yaml and the profiles' specs and locks (default: lorastrap's envs/)")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
-    where = argparse.ArgumentParser(add_help=False)
+    where = _Parser(add_help=False)
     group = where.add_mutually_exclusive_group()
-    group.add_argument("--prefix", type=Path, default=None, help="environment path")
+    group.add_argument("--prefix", type=_path, default=None, help="environment path")
     group.add_argument("--name", default=None, help="environment name under the data dir's envs/ (default: lora)")
 
-    sources = argparse.ArgumentParser(add_help=False)
+    sources = _Parser(add_help=False)
     sources.add_argument("--channel", action="append", default=None,
                          help="channel URL, name or path to lock from (repeatable; replaces the spec's channels)")
     sources.add_argument("--mirror", default=None, help="a mirror of the lock's channel (http(s), file:// or a path)")
     sources.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
 
-    transaction = argparse.ArgumentParser(add_help=False)
+    transaction = _Parser(add_help=False)
     transaction.add_argument("--engine", choices=ENGINES, default="auto")
     transaction.add_argument("--no-verify", action="store_true",
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+    transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default="hardlink",
+                             help="hardlink: files shared with the package cache (conda's default; fast, no extra "
+                                  "disk); copy: each file the environment's own (a reflink where the filesystem has "
+                                  "them), for environments whose files you edit")
 
-    anywhere = argparse.ArgumentParser(add_help=False)  # any Python environment, not only conda ones
+    anywhere = _Parser(add_help=False)  # any Python environment, not only conda ones
     group = anywhere.add_mutually_exclusive_group()
-    group.add_argument("--prefix", type=Path, default=None, help="environment path: a conda environment or a venv")
+    group.add_argument("--prefix", type=_path, default=None, help="environment path: a conda environment or a venv")
     group.add_argument("--name", default=None, help="environment name under the data dir's envs/")
-    group.add_argument("--python", type=Path, default=None, metavar="PATH",
+    group.add_argument("--python", type=_path, default=None, metavar="PATH",
                        help="any Python interpreter (the one your training runs with)")
 
-    machine = argparse.ArgumentParser(add_help=False)
-    machine.add_argument("--machine", type=Path, default=None,
+    machine = _Parser(add_help=False)
+    machine.add_argument("--machine", type=_path, default=None,
                          help="judge against this machine description (`detect --json` of another node) instead of "
                               "detecting this one")
     return {"common": common, "where": where, "anywhere": anywhere, "sources": sources, "transaction": transaction,
@@ -104,12 +133,12 @@ def _fleet_parsers(sub) -> None:
 
 def parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.EXIT_CODES.items())
-    top = argparse.ArgumentParser(prog="lorastrap",
+    top = _Parser(prog="lorastrap",
                                   description="lorastrap: detect the machine, choose and install a locked "
                                               "LoRA + 8-bit environment, verify it.",
                                   epilog=f"exit codes:\n{codes}", formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--version", action="version", version=f"lorastrap {__version__}")
-    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     pp = _parents()
     common, where, sources, transaction, machine = (pp[k] for k in ("common", "where", "sources", "transaction",
                                                                     "machine"))
@@ -137,10 +166,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, help="force a profile (default: the one plan chooses)")
     p.add_argument("--frozen", action="store_true", help="install only from a committed lock; never re-lock")
     p.add_argument("--keep-backup", action="store_true", help="keep the previous environment as PREFIX.lorastrap-backup")
-    p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
+    p.add_argument("--min-free-mib", type=_count(0), default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
-    p.add_argument("--report", type=Path, default=None, help="also write the JSON result to this file")
-    p.add_argument("--bundle", type=Path, default=None, help="install from an offline bundle (folder or .tar)")
+    p.add_argument("--report", type=_path, default=None, help="also write the JSON result to this file")
+    p.add_argument("--bundle", type=_path, default=None, help="install from an offline bundle (folder or .tar)")
 
     p = sub.add_parser("bundle", parents=[common, sources],
                        help="an offline bundle: lock, archives, runtime wheels, source, manifest")
@@ -151,8 +180,8 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", parents=[common, where],
                        help="prove an environment loads a model in 8 bits and LoRA-trains it")
-    p.add_argument("--steps", type=int, default=10, help="LoRA optimizer steps")
-    p.add_argument("--report", type=Path, default=None, help="also write the JSON report to this file")
+    p.add_argument("--steps", type=_count(1), default=10, help="LoRA optimizer steps")
+    p.add_argument("--report", type=_path, default=None, help="also write the JSON report to this file")
 
     p = sub.add_parser("doctor", parents=[common, pp["anywhere"], machine],
                        help="diagnose an environment (conda, venv, or any Python): files, lock, pip, the machine, "
@@ -227,13 +256,45 @@ def _envs_dir(args) -> Path:
 
 def _prefix(args) -> Path:
     from lorastrap import paths
-    return (args.prefix or paths.envs_dir() / (args.name or "lora")).absolute()
+    name = "lora" if args.name is None else args.name
+    if not args.prefix and (name in ("", ".", "..") or "/" in name or "\0" in name):
+        raise errors.UsageError(f"--name {name!r} is not an environment name",
+                                why=f"a name is one folder under {paths.envs_dir()}; it cannot be empty or hold / or ..",
+                                fix="Give a plain name (for example lora), or --prefix PATH for another place.")
+    return (args.prefix or paths.envs_dir() / name).absolute()
+
+
+def _write_report(path: Path | None, doc: dict) -> None:
+    from lorastrap import fsutil
+    if path is None:
+        return
+    try:
+        fsutil.write_atomic(path, json.dumps(doc, indent=2) + "\n")
+    except OSError as exc:
+        raise errors.NotWritableError(f"--report {path} could not be written", why=exc.strerror or str(exc),
+                                      fix="The work itself is done; rerun with a writable --report path (a no-op "
+                                          "for install).")
+
+
+def _report_target(path: Path | None) -> None:
+    """--report: checked before any work, so a bad path cannot fail after the environment changed."""
+    if path is None:
+        return
+    if path.is_dir() or not path.parent.is_dir():
+        raise errors.UsageError(f"--report {path}: " + ("a folder" if path.is_dir() else f"{path.parent} does not exist"),
+                                why="the report is a file written into an existing folder",
+                                fix="Name a file in an existing folder.")
 
 
 def _sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
     from lorastrap import lock
+    for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
+                                ("--pip-index-url", [args.pip_index_url], True)):
+        for v in values:
+            if v is not None:
+                lock.check_source(v, flag, index=index)
     return {"channels": args.channel or ([args.mirror] if args.mirror else None),
             "mirror": args.mirror or (args.channel[0] if args.channel else None),
             "pip_index_url": args.pip_index_url or lock.DEFAULT_PIP_INDEX}
@@ -244,11 +305,20 @@ def _machine(args):
     if getattr(args, "machine", None):
         from lorastrap.errors import ConfigError
         try:
-            return Machine.model_validate_json(args.machine.read_text())
+            if not args.machine.is_file():
+                raise OSError(f"{args.machine} is not a regular file")
+            with open(args.machine, "rb") as f:
+                text = f.read(MACHINE_MAX_BYTES + 1)
+            if len(text) > MACHINE_MAX_BYTES:
+                raise ValueError(f"larger than {MACHINE_MAX_BYTES // 1024} KiB")
+            return Machine.model_validate_json(text)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{args.machine}: not a machine description", why=str(exc).splitlines()[0],
                               fix="Pass the output of `lorastrap detect --json`.")
     return detect(disk_path=getattr(args, "prefix", None))
+
+
+MACHINE_MAX_BYTES = 1 << 20  # a `detect --json` is a few KiB
 
 
 def _print(args, doc: dict, text: str) -> None:
@@ -306,6 +376,9 @@ def cmd_install(args) -> int:
     from lorastrap.envs import register
     from lorastrap.errors import NoProfileError
     envs = _envs_dir(args)
+    _report_target(args.report)
+    prefix = inst.check_prefix(_prefix(args), say)
+    src = _sources(args)
     opened = bundle.open_bundle(args.bundle) if args.bundle else None
     if opened and not args.envs_dir:
         envs = opened / "envs"  # the profiles the bundle was made from
@@ -324,18 +397,17 @@ def cmd_install(args) -> int:
     name = planner.require_profile(result_plan)
     for c in result_plan.broken:
         say(f"warning: {name} breaks a requirement here: {c.message}")
-    prefix = _prefix(args)
     say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
     result = inst.install(
         prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
-        platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **_sources(args),
+        platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **src,
         keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
+        link_mode=args.link_mode,
         min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     register(Path(result.prefix))
     doc = inst.node_report(result, machine).model_dump(mode="json")
-    if args.report:
-        args.report.write_text(json.dumps(doc, indent=2) + "\n")
+    _write_report(args.report, doc)
     state = "installed and verified" if result.changed and result.verify else (
         "installed" if result.changed else "already up to date")
     _print(args, doc, f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
@@ -374,11 +446,11 @@ def cmd_verify(args) -> int:
     from lorastrap import profiles, verify
     from lorastrap.detect import detect
     prefix = _prefix(args)
+    _report_target(args.report)
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
     report = verify.report(prefix, matrix=profiles.load(_envs_dir(args)), driver_cuda=machine.cuda, steps=args.steps)
-    if args.report:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    _write_report(args.report, report)
     _print(args, report, verify.summary(report))
     return verify.exit_code(report)
 
@@ -431,7 +503,7 @@ def cmd_repair(args) -> int:
     diag, result = doctor.repair(
         _prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
         keep_backup=not args.drop_backup, confirm=_confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
-        run_verify=not args.no_verify, **_sources(args))
+        run_verify=not args.no_verify, link_mode=args.link_mode, **_sources(args))
     _print(args, {"before": diag.to_dict(), "result": result.to_dict()},
            f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
            f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
@@ -569,10 +641,16 @@ COMMANDS = {"run": cmd_run, "shell-hook": cmd_shell_hook, "shell": cmd_shell, "l
 
 def main(argv: list[str] | None = None) -> int:
     p = parser()
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = p.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    except LorastrapError as exc:
+        print(exc.render(), file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps(exc.to_dict(), indent=2))
+        return exc.exit_code
     if not args.command:
         p.print_help(sys.stderr)
         return errors.USAGE

@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 from lorastrap import install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles, subproc, txn, verify
 from lorastrap.cache import sha256_file
 from lorastrap.detect import Machine
-from lorastrap.errors import DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
+from lorastrap.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
 from lorastrap.records import EnvRecord
 
 
@@ -56,6 +56,8 @@ class Diagnosis:
 
     @property
     def verdict(self) -> str:
+        if any(f.code == "transaction-running" for f in self.findings):
+            return "busy"
         serious = [f for f in self.findings if f.severity != "info"]
         if not serious:
             return "healthy"
@@ -65,7 +67,8 @@ class Diagnosis:
 
     @property
     def exit_code(self) -> int:
-        return {"healthy": OK, "repairable": DOCTOR_REPAIRABLE, "not-repairable": DOCTOR_UNREPAIRABLE}[self.verdict]
+        return {"healthy": OK, "repairable": DOCTOR_REPAIRABLE, "not-repairable": DOCTOR_UNREPAIRABLE,
+                "busy": BUSY}[self.verdict]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -84,6 +87,23 @@ def _mapping() -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------------------
 
+FILE_FINDINGS = {  # code: (what, after the package and the count; why; fix)
+    "missing-files": ("file(s) missing", "files were deleted after the package was installed",
+                      "`lorastrap repair` reinstalls the package."),
+    "replaced-files": ("file(s) replaced by a link, folder or something unreadable",
+                       "the package installed a regular file there",
+                       "`lorastrap repair` puts the package's files back (what stood there is kept in the backup)."),
+    "cache-shares-edit": ("changed file(s) are hard links shared with the package cache (or other environments)",
+                          "environments are hard-linked to the cache's extracted packages (conda's default), so an "
+                          "edit in place changed the cache's copy too",
+                          "`lorastrap repair` checks the cache against the packages and unpacks damaged ones again; "
+                          "install with `--link-mode copy` for environments whose files you edit."),
+    "altered-files": ("file(s) changed",
+                      "the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
+                      "`lorastrap repair` restores the package's files (the edited ones stay in the backup)."),
+}
+
+
 def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecord], set[str]]:
     """conda-meta records vs files.  Returns the readable records and the set of paths they own."""
     meta = pfx.conda_meta(prefix)
@@ -92,7 +112,7 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
                                      fix="`lorastrap repair` rebuilds the environment from its lock."))
     owned: set[str] = set()
     for name, rec in meta.records.items():
-        missing, altered = [], []
+        missing, altered, replaced = [], [], []
         for entry in rec.paths:
             rel = entry["_path"]
             owned.add(rel)
@@ -100,21 +120,29 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
             if not os.path.lexists(path):
                 missing.append(rel)
                 continue
-            if entry.get("path_type", "hardlink") == "softlink" or path.is_symlink():
+            kind = entry.get("path_type", "hardlink")
+            if kind == "softlink":
+                continue
+            if kind == "directory":
+                if not path.is_dir():
+                    replaced.append(rel)
+                continue
+            if path.is_symlink() or not path.is_file():  # a file the package put there is now a link or a folder
+                replaced.append(rel)
                 continue
             want = entry.get("sha256_in_prefix") or entry.get("sha256")
-            if want and sha256_file(path) != want:
-                altered.append(rel)
-        if missing:
-            diag.findings.append(Finding(
-                "error", "missing-files", f"{name}: {len(missing)} file(s) missing, e.g. {missing[0]}",
-                why="files were deleted after the package was installed",
-                fix="`lorastrap repair` reinstalls the package."))
-        if altered:
-            diag.findings.append(Finding(
-                "error", "altered-files", f"{name}: {len(altered)} file(s) changed, e.g. {altered[0]}",
-                why="the file's sha256 differs from what the package installed (edited, or overwritten by pip)",
-                fix="`lorastrap repair` restores the package's files (the edited ones stay in the backup)."))
+            try:
+                if want and sha256_file(path) != want:
+                    altered.append(rel)
+            except OSError:
+                replaced.append(rel)
+        shared = [rel for rel in altered if (prefix / rel).stat().st_nlink > 1]
+        for code, found in (("missing-files", missing), ("replaced-files", replaced), ("cache-shares-edit", shared),
+                            ("altered-files", altered)):
+            if found:
+                what, why, fix = FILE_FINDINGS[code]
+                diag.findings.append(Finding("error", code, f"{name}: {len(found)} {what}, e.g. {found[0]}",
+                                             why=why, fix=fix))
     return meta.records, owned
 
 
@@ -125,6 +153,14 @@ def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.Co
                                      fix="`lorastrap repair --replan` rebuilds it from the profile plan "
                                          "chooses.", repair="none"))
         return
+    unmet = locking.missing_dependencies(lk.for_platform(platform))
+    if unmet:
+        diag.findings.append(Finding("error", "lock-incomplete", f"the lock lacks {len(unmet)} dependenc"
+                                     f"{'y' if len(unmet) == 1 else 'ies'} of its packages, e.g. {unmet[0]}",
+                                     why="a package is installed without what it needs (the lock was cut by hand, "
+                                         "or made by a tool that dropped a package)",
+                                     fix="`lorastrap repair --replan` rebuilds from a fresh lock of the profile.",
+                                     repair="replan"))
     want = {e.name: e for e in lk.for_platform(platform) if e.manager == "conda"}
     for name, e in sorted(want.items()):
         rec = records.get(name)
@@ -235,23 +271,6 @@ def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag:
                                      repair="replan" if intact else "rebuild"))
 
 
-def unowned(prefix: Path, owned: set[str]) -> list[str]:
-    """Files in the prefix no package (conda or pip) owns: the user's, carried over by repair."""
-    out = []
-    for root, dirs, files in os.walk(prefix):
-        rel_root = os.path.relpath(root, prefix)
-        if rel_root == "conda-meta" or rel_root.startswith("conda-meta" + os.sep):
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for f in files:
-            rel = os.path.normpath(os.path.join(rel_root, f))
-            if rel in owned or f.endswith(".pyc") or rel == "CACHEDIR.TAG":
-                continue
-            out.append(rel)
-    return sorted(out)
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
@@ -270,13 +289,37 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
     return None, chosen, None
 
 
+def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
+    """PREFIX mid-change: a run holds its lock now (busy), or one died and left its journal (and maybe the
+    environment aside in the backup).  Said as such; nothing of it is judged as a broken environment."""
+    diag = Diagnosis(prefix=str(prefix), profile=None, lock=None)
+    backup = txn.backup_path(prefix)
+    where = (f"; the previous environment is at {backup} until then" if pfx.is_conda_env(backup) else "")
+    if busy is not None:
+        diag.findings.append(Finding("info", "transaction-running", f"a lorastrap run{busy} is changing {prefix} now"
+                                     + where, why=f"it holds {txn.lock_file_path(prefix)}",
+                                     fix="Run doctor again when it has finished.", repair="none"))
+    else:
+        diag.findings.append(Finding("error", "interrupted-transaction", f"an install or repair of {prefix} was "
+                                     "interrupted" + where, why=f"{txn.journal_path(prefix)} is still there",
+                                     fix="Run `lorastrap repair` (or the same install) again: it finishes the "
+                                         "rollback (or the commit) first, with your files."))
+    diag.seconds = round(time.perf_counter() - start, 3)
+    return diag
+
+
 def diagnose(prefix: Path | None, *, envs_dir: Path, machine: Machine, imports: bool = True,
-             python: Path | None = None) -> Diagnosis:
-    """Diagnose the conda environment PREFIX, or any other Python environment (a venv at PREFIX, or PYTHON)."""
+             python: Path | None = None, lock_held: bool = False) -> Diagnosis:
+    """Diagnose the conda environment PREFIX, or any other Python environment (a venv at PREFIX, or PYTHON).
+    lock_held: the caller holds PREFIX's lock (repair), so no other run can be changing it."""
     start = time.perf_counter()
-    if python is not None or prefix is None or not pfx.is_conda_env(prefix.absolute()):
+    if python is None and prefix is not None:
+        prefix = prefix.absolute()
+        busy = None if lock_held else locks.held_by_another(txn.lock_file_path(prefix))
+        if busy is not None or (not pfx.is_conda_env(prefix) and txn.journal_path(prefix).exists()):
+            return _in_transaction(prefix, busy, start)
+    if python is not None or prefix is None or not pfx.is_conda_env(prefix):
         return diagnose_python(prefix, python=python, envs_dir=envs_dir, machine=machine, imports=imports)
-    prefix = prefix.absolute()
     matrix = profiles.load(envs_dir)
     lk, profile_name, record = the_lock(prefix, envs_dir, matrix, machine)
     diag = Diagnosis(prefix=str(prefix), profile=profile_name, lock=str(lk.path) if lk else None)
@@ -292,7 +335,7 @@ def diagnose(prefix: Path | None, *, envs_dir: Path, machine: Machine, imports: 
     check_machine(profile_name, record, matrix, machine, diag)
     if imports:
         check_imports(prefix, matrix, machine, diag)
-    diag.unowned_files = unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
+    diag.unowned_files = pfx.unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
     if diag.unowned_files:
         diag.findings.append(Finding("info", "user-files", f"{len(diag.unowned_files)} file(s) no package owns, "
                                      f"e.g. {diag.unowned_files[0]}", why="your own files inside the environment",
@@ -361,7 +404,8 @@ def format_diagnosis(diag: Diagnosis) -> str:
                       "not-repairable": "verdict: this environment cannot do 8-bit on this machine — "
                                         + LOCKED_HINT}[diag.verdict])
         return "\n".join(lines)
-    lines.append({"healthy": "verdict: healthy",
+    lines.append({"busy": "verdict: being changed by another run now — look again when it has finished",
+                  "healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
                   "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
                                     "rebuilds it with the profile that fits this machine now"}[diag.verdict])
@@ -385,7 +429,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
         done = txn.recover(prefix, narrate)  # an interrupted run first
         if done:
             narrate(done)
-        diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False)
+        diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)
         record = pfx.read_record(prefix)
         tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
@@ -413,6 +457,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
             result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
                                          matrix=matrix, platform=machine.platform or (record.platform if record else ""),
                                          lock_file=lock_file, force=True, keep_backup=keep_backup,
+                                         check_cache=True,
                                          carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
                                          narrate=narrate, **install_args)
             return diag, result

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap import paths, prefix as pfx, subproc
-from lorastrap.errors import LorastrapError, UsageError
+from lorastrap.errors import DiskError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
 
@@ -39,6 +39,12 @@ def find(choice: str = "auto") -> Engine:
     candidates: list[tuple[str, str | None]] = []
     if choice in ("auto", "micromamba", "mamba") and os.environ.get("MAMBA_EXE"):
         exe = os.environ["MAMBA_EXE"]
+        if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
+            raise UsageError(f"MAMBA_EXE={exe!r} is not an executable file",
+                             why="it " + ("does not exist" if not os.path.lexists(exe) else
+                                          "is a folder" if Path(exe).is_dir() else "cannot be executed"),
+                             fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
+                                 "uses one on PATH or its embedded engine).")
         candidates.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe))
     for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
         candidates.append((kind, _on_path(kind)))
@@ -78,6 +84,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             "op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
             "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S, show_progress=sys.stderr.isatty())
         if not answer.get("ok"):
+            _raise_if_disk_full(answer.get("error", ""), prefix)
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
                               fix="Rerun with --debug; if it persists, try --engine micromamba.")
         return
@@ -86,8 +93,21 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     argv, env = mamba_command(engine, prefix, lock_file, root)
     res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
     if not res.ok:
+        _raise_if_disk_full(res.stdout + res.stderr, prefix)
         raise EngineError(f"{engine.kind} could not create {prefix}", why=res.tail(),
                           fix="See the message above; rerun with --engine rattler to use the embedded engine.")
+
+
+DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _raise_if_disk_full(text: str, prefix: Path) -> None:
+    """An engine that failed because the disk (or its inodes, or the quota) ran out: say so, not "try another
+    engine"."""
+    if any(s in text for s in DISK_FULL):
+        raise DiskError(f"the disk filled up while linking {prefix}", why=text.strip().splitlines()[-1][:300],
+                        fix="Free disk space (or inodes: `df -i`) where the environment goes; the previous "
+                            "environment was restored.")
 
 
 def pip_install(prefix: Path, requirements: list[str], *, timeout: float = 1800) -> None:
@@ -105,5 +125,6 @@ def pip_install(prefix: Path, requirements: list[str], *, timeout: float = 1800)
     finally:
         os.unlink(req)
     if not res.ok:
+        _raise_if_disk_full(res.stdout + res.stderr, prefix)
         raise EngineError("pip could not install the lock's pip entries", why=res.tail(),
                           fix="Check the network to the pip index; a hash mismatch means the wheel changed upstream.")

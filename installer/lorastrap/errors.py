@@ -29,6 +29,7 @@ FLEET_INCOMPLETE = 13  # fleet: a node failed or was never started (fleet.json s
 NO_ENV = 14  # run, shell, update, rollback, uninstall: no such environment (or no previous generation)
 CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
 EXPLAIN_UNKNOWN = 15  # explain: the error is not in the table of known failures (doctor's findings follow)
+NOT_WRITABLE = 16  # a folder lorastrap must write to is read-only or not permitted
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -49,6 +50,7 @@ EXIT_CODES = {
     NO_ENV: "no such environment, or no previous generation to roll back to (`lorastrap list`)",
     CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
     EXPLAIN_UNKNOWN: "explain: the error is not in the table of known failures",
+    NOT_WRITABLE: "a folder lorastrap must write to is read-only (or not permitted)",
     INTERRUPTED: "interrupted",
 }
 
@@ -112,3 +114,5 @@ class DiskError(LorastrapError): exit_code = DISK  # noqa: E701
 class BusyError(LorastrapError): exit_code = BUSY  # noqa: E701
 class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
 class NoEnvError(LorastrapError): exit_code = NO_ENV  # noqa: E701
+class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701
+class NotWritableError(LorastrapError): exit_code = NOT_WRITABLE  # noqa: E701

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
+
+FICLONE = 0x40049409  # Linux ioctl: share the source's blocks copy-on-write (btrfs, XFS, bcachefs, OCFS2)
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,3 +48,26 @@ def remove_tree(path: Path) -> None:
     trash = path.with_name(f"{path.name}.lorastrap-trash-{os.getpid()}-{time.monotonic_ns()}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def unshare_tree(root: Path) -> tuple[int, int]:
+    """Give every hard-linked regular file under ROOT its own inode (a reflink where the filesystem has them, else
+    a copy), so an edit inside ROOT reaches nothing outside it.  Returns (files, of which reflinked)."""
+    files = reflinked = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+                continue
+            tmp = f"{path}.lorastrap-copy"
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                try:
+                    fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+                    reflinked += 1
+                except OSError:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            shutil.copystat(path, tmp)
+            os.replace(tmp, path)
+            files += 1
+    return files, reflinked

@@ -5,15 +5,21 @@ new environment is linked at PREFIX itself and the old one is what moves (txn.py
 
   1. preflight   lock parsed, platform present, free disk; the prefix's file lock taken
   2. fetch       every archive into the cache, sha256 checked against the lock (nothing of the user's touched)
-  3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), recorded in the journal first
-  4. link        the engine creates PREFIX from the checked archives; pip entries inside it
+  3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), between two journal writes
+  4. link        the engine creates PREFIX from the checked archives; pip entries inside it; the user's files
+                 (owned by no package) copied over from the backup when repairing
   5. check       every locked package in conda-meta with the lock's sha256, pip entries present, smoke command
-  6. verify      the profile's verification command inside PREFIX
-  7. commit      lock + record written into PREFIX/conda-meta/lorastrap/, backup dropped (unless --keep-backup)
+  6. verify      the profile's verification command inside PREFIX; lock + record written into
+                 PREFIX/conda-meta/lorastrap/
+  7. commit      the journal says "committing" — the point of no return — then the backup is dropped (unless
+                 --keep-backup) and the journal removed
 
-On a failure in 3–6 (an error, Ctrl-C, SIGTERM) the new PREFIX is removed and the backup renamed back.  After a
-crash (SIGKILL, power loss) the journal PREFIX.lorastrap-txn.json is still there: the next run reads it first and
-finishes the rollback (or the commit) before anything else.  Re-running with the same lock is a no-op.
+On a failure in 3–6 (an error, Ctrl-C, SIGTERM, SIGHUP) the new PREFIX is removed and the backup renamed back.
+From step 7 on nothing rolls back: Ctrl-C, SIGTERM and SIGHUP are held from just before the "committing" journal
+to the end of the commit (and while moving aside, rolling back or recovering), then honoured (exit 130, the new
+environment in place).  After a crash (SIGKILL, power loss) the journal PREFIX.lorastrap-txn.json is still there:
+the next run reads it first and finishes the rollback (before 7) or the commit (from 7) before anything else.
+Re-running with the same lock is a no-op.
 """
 
 from __future__ import annotations
@@ -24,24 +30,20 @@ import signal
 import socket
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap import engines, envs, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
+from lorastrap import archive, engines, envs, fsutil, lock as locking, locks, paths, prefix as pfx, subproc, txn, verify
 from lorastrap.cache import Cache, progress_printer
 from lorastrap.detect import Machine, existing_parent
-from lorastrap.errors import INTERRUPTED, ConfigError, DiskError, LorastrapError, UsageError, VerifyError
+from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
 from lorastrap.profiles import Matrix, Profile
 from lorastrap.records import EnvRecord, Journal, NodeReport
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
 KEY_PACKAGES = ("python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes", "cuda-version")
-
-
-class Interrupted(LorastrapError):
-    exit_code = INTERRUPTED
 
 
 @dataclass
@@ -79,20 +81,56 @@ def _signals_raise():
 
 
 def _pause_point(stage: str, narrate) -> None:
-    """Crash-test hook: LORASTRAP_PAUSE_AT=<stage> makes the run stop here (tests kill it with SIGKILL)."""
+    """Crash-test hook: LORASTRAP_PAUSE_AT=<stage> makes the run stop here (tests signal it there)."""
     if os.environ.get("LORASTRAP_PAUSE_AT") == stage:
         narrate(f"paused at {stage} (LORASTRAP_PAUSE_AT)")
-        while True:
-            time.sleep(60)
+        time.sleep(float(os.environ.get("LORASTRAP_PAUSE_S", "1e9")))  # LORASTRAP_PAUSE_S: then go on
 
 
 def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs) -> InstallResult:
     """Install (or rebuild, with force) PREFIX from a lock, under the prefix's file lock (waiting for another run,
     or failing at once with wait=False); see install_locked and the module's docstring."""
-    prefix = prefix.expanduser().absolute()
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        return install_locked(prefix=prefix, narrate=narrate, **kwargs)
+    prefix = check_prefix(prefix.expanduser().absolute(), narrate)
+    made = [p for p in reversed(prefix.parents) if not p.exists()]  # folders this run creates for PREFIX
+    try:
+        with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+            return install_locked(prefix=prefix, narrate=narrate, **kwargs)
+    except BaseException:
+        if not prefix.exists():  # refused or failed before anything was made: leave no empty folders behind
+            for folder in reversed(made):
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
+    """A prefix lorastrap may create or replace: not the root, not a file, not under a file, not the data dir (or
+    a folder holding it).  A symlink is followed: the environment is built where it points, the link stays."""
+    fix = "Choose another --prefix (or --name)."
+    long_part = next((part for part in prefix.parts if len(part.encode()) > 255), None)
+    if long_part:
+        raise UsageError(f"--prefix: the folder name {long_part[:40]}… is longer than 255 bytes",
+                         why="no Linux or macOS filesystem takes names that long", fix=fix)
+    if prefix.is_symlink():
+        target = prefix.resolve()
+        narrate(f"{prefix} is a link to {target}: installing there (the link stays)")
+        prefix = target
+    if prefix.parent == prefix:
+        raise UsageError(f"--prefix {prefix} is the filesystem's root", why="an environment is a folder of its own",
+                         fix=fix)
+    if prefix.exists() and not prefix.is_dir():
+        raise UsageError(f"{prefix} exists and is not a folder", why="lorastrap never replaces files", fix=fix)
+    parent = existing_parent(prefix.parent)
+    if not parent.is_dir():
+        raise UsageError(f"{parent} is a file, so {prefix} cannot be made", why="a file stands where a folder must be",
+                         fix=fix)
+    data = paths.data_dir().absolute()
+    if prefix == data or prefix in data.parents or (data in prefix.parents and paths.envs_dir() not in prefix.parents):
+        raise UsageError(f"--prefix {prefix} would overlap lorastrap's data dir {data}",
+                         why="the data dir holds the package cache and the environments", fix=fix)
+    return prefix
 
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
@@ -101,16 +139,21 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
-                   narrate=lambda m: None) -> InstallResult:
+                   link_mode: str = "hardlink", check_cache: bool = False, narrate=lambda m: None) -> InstallResult:
     """The transaction, with the prefix lock already held by the caller.
 
     lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
-    package owns) copied from the previous environment into the new one."""
+    package owns) copied from the previous environment into the new one; link_mode: "hardlink" (files shared
+    with the package cache, as conda does) or "copy" (each file its own: a reflink where the filesystem has them);
+    check_cache: hash every extracted copy in the cache against its package before linking (repair)."""
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    with _signals_raise():
+    with _signals_raise(), ExitStack() as stack:
         recovered = envs.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
+        stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
+        if recovered:
+            narrate(recovered)
         if prefix.exists() and not pfx.is_conda_env(prefix) and any(prefix.iterdir()):
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
@@ -124,6 +167,12 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
+        unmet = locking.missing_dependencies(entries)
+        if unmet:
+            raise ConfigError(f"{lk.path}: {len(unmet)} dependenc{'y' if len(unmet) == 1 else 'ies'} of locked "
+                              f"packages are not in the lock for {platform}, e.g. {unmet[0]}",
+                              why="the lock is incomplete (cut by hand, or made by a tool that dropped a package)",
+                              fix="Re-lock: `lorastrap lock`. Nothing was changed.")
         eng = engines.find(engine)
         result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine=eng.describe(),
                                lock=str(lk.path), changed=False, packages=len(conda_entries),
@@ -156,6 +205,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         narrate(f"{len(conda_entries)} archives checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
+        _check_prefix_length(prefix, local)
+        cache.check_extracted(list(local.values()), full=check_cache, narrate=narrate)
 
         work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
         try:
@@ -164,6 +215,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 lk, work / f"{name}.{platform}.conda-lock.yml", platform=platform,
                 url_for=lambda p: local[p["name"]].as_uri() if p["manager"] == "conda" else p["url"])
             had_old = prefix.exists()
+            if had_old and not carry_over:
+                carry_over = tuple(pfx.user_files(prefix))  # the user's files come along on a switch too
             backup = txn.backup_path(prefix)
             if had_old and backup.exists():
                 narrate(f"replacing the older backup {backup}")
@@ -173,38 +226,19 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 txn.write_journal(prefix, Journal(state=state, had_old=had_old, pid=os.getpid(), lock=str(lk.path),
                                                   keep_backup=keep_backup))
 
-            journal("aside")
             try:
-                if had_old:
-                    os.rename(prefix, backup)
-                    fsutil.fsync_dir(prefix.parent)
-                    result.backup = str(backup)
+                with txn.deferred_signals("while moving the previous environment aside"):
+                    journal("aside")
+                    if had_old:
+                        os.rename(prefix, backup)
+                        fsutil.fsync_dir(prefix.parent)
+                        result.backup = str(backup)
+                    journal("linking")
                 _pause_point("aside", narrate)
-                journal("linking")
-                t = time.perf_counter()
-                narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
-                engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform,
-                             cache_dir=cache.root / "extracted")
-                timings["engine"] = time.perf_counter() - t
-                if pip_entries:
-                    t = time.perf_counter()
-                    narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
-                    engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
-                    timings["pip"] = time.perf_counter() - t
-                if carry_over and had_old:
-                    _carry_over(backup, prefix, carry_over, narrate)
-                _pause_point("linked", narrate)
-                t = time.perf_counter()
-                problems = pfx.mismatches(prefix, entries)
-                if problems:
-                    raise engines.EngineError(f"the new environment does not match the lock ({len(problems)} problems)",
-                                              why="; ".join(problems[:5]),
-                                              fix="Rerun; if it persists, report it with --debug output.")
-                smoke = pfx.run_in(prefix, profile.smoke, timeout=SMOKE_TIMEOUT_S)
-                if not smoke.ok:
-                    raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
-                                      why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
-                timings["check"] = time.perf_counter() - t
+                _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache,
+                       entries=entries, profile=profile, link_mode=link_mode,
+                       carry_from=backup if carry_over and had_old else None,
+                       carry_over=carry_over, timings=timings, narrate=narrate)
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -215,24 +249,65 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 pfx.write_record(prefix, EnvRecord(
                     profile=name, platform=platform, lock_digest=lk.digest(platform), lock_source=str(lk.path),
                     engine=result.engine, installed_at=pfx.now(), plan=plan_info, verify=result.verify), lk.path)
+                commit_signals = txn.deferred_signals(f"after the commit: {prefix} is the new environment")
+                commit_signals.__enter__()  # held from before the point of no return to the end of the commit
+            except BaseException as exc:
+                with txn.deferred_signals(swallow=True):
+                    narrate(txn.rollback(prefix, had_old, narrate))
+                    txn.clear_journal(prefix)
+                if isinstance(exc, KeyboardInterrupt):
+                    raise Interrupted("interrupted (Ctrl-C)", why="the install was interrupted; nothing changed",
+                                      fix="Run the same command again; it will converge.") from exc
+                raise
+            # The point of no return: once this journal is written, the new environment is final and nothing rolls
+            # back; a run that dies from here on is finished by the next one.
+            try:
                 journal("committing")
                 _pause_point("commit", narrate)
                 if had_old and not keep_backup:
                     fsutil.remove_tree(backup)
                     result.backup = None
                 txn.clear_journal(prefix)
-            except BaseException as exc:
-                txn.rollback(prefix, had_old, narrate)
-                txn.clear_journal(prefix)
-                if isinstance(exc, KeyboardInterrupt):
-                    raise Interrupted("interrupted (Ctrl-C)", why="the install was interrupted",
-                                      fix="Run the same command again; it will converge.") from exc
-                raise
+            finally:
+                commit_signals.__exit__(None, None, None)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, entries: list, profile: Profile,
+           link_mode: str, carry_from: Path | None, carry_over: tuple[str, ...], timings: dict, narrate) -> None:
+    """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it."""
+    conda_entries = [e for e in entries if e.manager == "conda"]
+    pip_entries = [e for e in entries if e.manager == "pip"]
+    t = time.perf_counter()
+    narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
+    engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted")
+    if link_mode == "copy":
+        files, reflinked = fsutil.unshare_tree(prefix)
+        narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
+    timings["engine"] = time.perf_counter() - t
+    if pip_entries:
+        t = time.perf_counter()
+        narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
+        engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
+        timings["pip"] = time.perf_counter() - t
+    if carry_from is not None:
+        _carry_over(carry_from, prefix, carry_over, narrate)
+    _pause_point("linked", narrate)
+    t = time.perf_counter()
+    problems = pfx.mismatches(prefix, entries)
+    if problems:
+        raise engines.EngineError(f"the new environment does not match the lock ({len(problems)} problems)",
+                                  why="; ".join(problems[:5]),
+                                  fix="Rerun; if it persists, report it with --debug output.")
+    smoke = pfx.run_in(prefix, profile.smoke, timeout=SMOKE_TIMEOUT_S)
+    if not smoke.ok:
+        raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
+                          why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
+    timings["check"] = time.perf_counter() - t
 
 
 def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
@@ -246,6 +321,20 @@ def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
         copied += 1
     narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
+
+
+def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:
+    """Preflight: a binary prefix placeholder holds a prefix no longer than itself (checked before anything moves)."""
+    shortest = None
+    for name, path in archives.items():
+        n = archive.binary_placeholder_length(path)
+        if n is not None and (shortest is None or n < shortest[0]):
+            shortest = (n, name)
+    if shortest and len(str(prefix)) > shortest[0]:
+        raise UsageError(f"the prefix is {len(str(prefix))} characters long; {shortest[1]} can be installed only "
+                         f"at a prefix of at most {shortest[0]}",
+                         why="its binary files hold a placeholder of that length, which is overwritten in place by "
+                             "the environment's path", fix="Choose a shorter --prefix. Nothing was changed.")
 
 
 def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from lorastrap import paths, pipside, subproc
-from lorastrap.errors import ConfigError, NetworkError
+from lorastrap.errors import ConfigError, NetworkError, UsageError
 from lorastrap.profiles import Profile
 
 DEFAULT_CHANNEL_ALIAS = "https://conda.anaconda.org"
@@ -79,6 +79,32 @@ def wheel_platforms(platform: str, vps: dict[str, str]) -> list[str]:
 def lock_path(envs_dir: Path, profile: str) -> Path:
     """micromamba treats a file as a lock only if its name ends in -lock.yml: this one does."""
     return envs_dir / f"{profile}.conda-lock.yml"
+
+
+CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/label/[A-Za-z0-9_.-]+)?$")
+
+
+def check_source(value: str, flag: str, *, index: bool = False) -> str:
+    """A --channel / --mirror (a conda channel: http(s) or file URL, a folder, or a name) or --pip-index-url
+    (index=True: an http(s) or file URL) as given by a user; refused with what / why / fix when it is none."""
+    fix = (f"Give {flag} an http(s):// or file:// URL" + ("" if index else ", a folder that exists, or a channel "
+           "name such as conda-forge") + ".")
+    text = value.strip()
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(\S*)$", text)
+    if match:
+        scheme, rest = match.group(1).lower(), match.group(2)
+        if scheme in ("http", "https") and rest and not rest.startswith("/") or scheme == "file" and rest:
+            return text
+        raise UsageError(f"{flag} {value!r} is not a usable URL",
+                         why="only http://, https:// (with a host) and file:// are supported", fix=fix)
+    if not index and text and ("/" in text or text.startswith(".")):
+        if Path(text).expanduser().is_dir():
+            return text
+        raise UsageError(f"{flag} {value!r}: no such folder", why="a path must name the channel's folder", fix=fix)
+    if not index and CHANNEL_NAME.match(text):
+        return text
+    raise UsageError(f"{flag} {value!r} is not a channel URL, folder or name" if not index else
+                     f"{flag} {value!r} is not a URL", why="it would silently become a channel nobody meant", fix=fix)
 
 
 def channel_url(channel: str) -> str:
@@ -331,6 +357,7 @@ class Entry:
     sha256: str
     md5: str | None = None
     build: str | None = None
+    dependencies: tuple[str, ...] = ()  # the names this package depends on (conda entries)
 
     @property
     def filename(self) -> str:
@@ -356,6 +383,14 @@ class Lock:
         for e in sorted(self.for_platform(platform), key=lambda e: (e.manager, e.name)):
             h.update(f"{e.manager} {e.name} {e.version} {e.build} {e.sha256}\n".encode())
         return h.hexdigest()
+
+
+def missing_dependencies(entries: list[Entry]) -> list[str]:
+    """'pkg needs dep' for every dependency of a conda entry that no entry provides (virtual packages aside): a
+    lock cut by hand, or made by a tool that dropped a package.  An engine would install it as it is."""
+    names = {e.name for e in entries if e.manager == "conda"}
+    return [f"{e.name} needs {dep}" for e in entries if e.manager == "conda" for dep in e.dependencies
+            if not dep.startswith("__") and dep not in names]
 
 
 def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
@@ -398,7 +433,9 @@ def read_lock(path: Path) -> Lock:
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise _bad(path, f"{where}.hash.sha256", "missing or not a sha256 (lorastrap checks every package)")
         entries.append(Entry(name=p["name"], version=str(p["version"]), manager=p["manager"], platform=p["platform"],
-                             url=p["url"], sha256=sha, md5=hashes.get("md5"), build=p.get("build")))
+                             url=p["url"], sha256=sha, md5=hashes.get("md5"), build=p.get("build"),
+                             dependencies=tuple(p.get("dependencies") or {}) if isinstance(
+                                 p.get("dependencies") or {}, dict) else ()))
     channels = [c.get("url") if isinstance(c, dict) else str(c) for c in meta.get("channels") or []]
     return Lock(path=path, raw=raw, platforms=list(meta.get("platforms") or []), channels=channels,
                 entries=entries, content_hash=dict(meta.get("content_hash") or {}),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorastrap.errors import UsageError
+
 _PACKAGE = Path(__file__).resolve().parent
 _CHECKOUT = _PACKAGE.parent.parent  # installer/lorastrap/ → the repository root
 
@@ -26,12 +28,33 @@ REQUIREMENTS = _DATA / "requirements.txt"  # lorastrap's own runtime, hash-pinne
 DEPLOY = _DATA / "deploy"  # the fleet tools: ansible/fleet_report.py, slurm/lorastrap-fleet.sbatch
 
 
+def _folder(variable: str, value: str, fix: str) -> Path:
+    """A folder named by an environment variable: absolute, and not something else (a file)."""
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise UsageError(f"{variable}={value!r} is not an absolute path",
+                         why="a relative path would point somewhere else from every folder lorastrap is run in",
+                         fix=fix)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{variable}={value!r} is not a folder", why="a file is in the way", fix=fix)
+    return path
+
+
 def data_dir() -> Path:
-    """$LORASTRAP_HOME, else $XDG_DATA_HOME/lorastrap, else ~/.local/share/lorastrap."""
+    """$LORASTRAP_HOME, else $XDG_DATA_HOME/lorastrap, else ~/.local/share/lorastrap (each checked: absolute, a
+    folder or nothing yet)."""
     if os.environ.get("LORASTRAP_HOME"):
-        return Path(os.environ["LORASTRAP_HOME"]).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base).expanduser() / "lorastrap"
+        return _folder("LORASTRAP_HOME", os.environ["LORASTRAP_HOME"],
+                       "Set LORASTRAP_HOME to an absolute folder (for example $HOME/.local/share/lorastrap).")
+    if os.environ.get("XDG_DATA_HOME"):
+        return _folder("XDG_DATA_HOME", os.environ["XDG_DATA_HOME"],
+                       "Set XDG_DATA_HOME to an absolute folder, unset it, or set LORASTRAP_HOME.") / "lorastrap"
+    home = os.environ.get("HOME", "")
+    if not home or not Path(home).is_absolute():
+        raise UsageError(f"HOME={home!r} is not a home folder", why="the default data dir is $HOME/.local/share/"
+                         "lorastrap, and without a home it would land at the filesystem's root",
+                         fix="Set HOME, or set LORASTRAP_HOME to an absolute folder.")
+    return _folder("HOME", home, "Set HOME to your home folder, or set LORASTRAP_HOME.") / ".local" / "share" / "lorastrap"
 
 
 def envs_dir() -> Path:
@@ -42,7 +65,8 @@ def cache_dir() -> Path:
     """The package cache: $LORASTRAP_PKGS_DIR (e.g. one folder on a shared filesystem for many nodes), else
     the data dir's pkgs/."""
     if os.environ.get("LORASTRAP_PKGS_DIR"):
-        return Path(os.environ["LORASTRAP_PKGS_DIR"]).expanduser()
+        return _folder("LORASTRAP_PKGS_DIR", os.environ["LORASTRAP_PKGS_DIR"],
+                       "Set LORASTRAP_PKGS_DIR to an absolute folder, or unset it (the data dir's pkgs/).")
     return data_dir() / "pkgs"
 
 

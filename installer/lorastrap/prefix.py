@@ -107,6 +107,31 @@ def distributions(prefix: Path) -> dict[str, Distribution]:
     return out
 
 
+def unowned(prefix: Path, owned: set[str]) -> list[str]:
+    """Files in the prefix that no path of OWNED names (conda-meta and compiled files aside): the user's."""
+    out = []
+    for root, dirs, files in os.walk(prefix):
+        rel_root = os.path.relpath(root, prefix)
+        if rel_root == "conda-meta" or rel_root.startswith("conda-meta" + os.sep):
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for f in files:
+            rel = os.path.normpath(os.path.join(rel_root, f))
+            if rel in owned or f.endswith(".pyc") or rel == "CACHEDIR.TAG":
+                continue
+            out.append(rel)
+    return sorted(out)
+
+
+def user_files(prefix: Path) -> list[str]:
+    """The files no conda package and no Python distribution owns: what install and repair carry over."""
+    owned = {p["_path"] for rec in conda_meta(prefix).records.values() for p in rec.paths}
+    for dist in distributions(prefix).values():
+        owned.update(dist.files)
+    return unowned(prefix, owned)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Compared with a lock
 

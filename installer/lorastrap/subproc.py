@@ -2,7 +2,9 @@
 
 Output is captured (stdout and stderr apart, read together so no pipe can fill and deadlock), every call has a
 timeout, and on a timeout or an interrupt the whole process group is killed.  On Linux every child also gets
-SIGKILL when lorastrap itself dies (PR_SET_PDEATHSIG), so nothing outlives a killed run.  The environment passed in
+SIGKILL when lorastrap itself dies (PR_SET_PDEATHSIG); a child's own children (pip re-running itself under the
+environment's Python) stay in its process group, which the transaction records so the next run can end them.
+The environment passed in
 is taken as is; callers build it with ``clean_env`` so a user's conda configuration or ``CUDA_VISIBLE_DEVICES``
 cannot leak in by accident.
 """
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,11 +81,67 @@ def _communicate(proc: subprocess.Popen, stdin: str | None, timeout: float) -> t
         raise
 
 
+_GROUPS: list[Path] = []  # where the process groups of the children started now are recorded
+
+
+@contextmanager
+def recording_groups(path: Path):
+    """Record the process group of every child started inside the block in PATH (one id a line, written as soon
+    as the child is started).  A child's own children stay in its group but do not get
+    the death signal: after a SIGKILL of lorastrap the next run kills what is left of these groups
+    (``kill_recorded_groups``).  The file is removed when the block ends."""
+    _GROUPS.append(path)
+    try:
+        yield
+    finally:
+        _GROUPS.remove(path)
+        path.unlink(missing_ok=True)
+
+
+def _record(pid: int) -> None:
+    for path in _GROUPS:
+        with open(path, "a") as f:
+            f.write(f"{pid}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def kill_recorded_groups(path: Path) -> int:
+    """Kill (SIGKILL) the processes still in the groups recorded in PATH by a run that died; remove PATH.  Returns
+    how many processes were killed.  A group id is trusted only for processes that are still in that group."""
+    try:
+        groups = {int(x) for x in path.read_text().split()}
+    except (OSError, ValueError):
+        groups = set()
+    killed = 0
+    for proc in Path("/proc").iterdir() if groups else []:
+        if not proc.name.isdigit():
+            continue
+        try:
+            pgid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pgid in groups and int(proc.name) != os.getpid():
+            try:
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    path.unlink(missing_ok=True)
+    return killed
+
+
+def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
+    """Every child: its own session (process group), the death signal, and its group recorded."""
+    proc = subprocess.Popen(argv, text=True, start_new_session=True, preexec_fn=_PREEXEC, **kwargs)
+    _record(proc.pid)
+    return proc
+
+
 def _start(argv: list[str], env: dict[str, str] | None, cwd: str | Path | None = None,
            stdin: str | None = None) -> subprocess.Popen:
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                            env=env, cwd=cwd, text=True, start_new_session=True, preexec_fn=_PREEXEC)
+    return _popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                  stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL, env=env, cwd=cwd)
 
 
 def run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | Path | None = None,
@@ -130,10 +189,8 @@ def worker(module: str, request: dict, *, timeout: float, show_progress: bool = 
     with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
         result = Path(tmp) / "result.json"
         request = {**request, "result": str(result), "show_progress": show_progress}
-        proc = subprocess.Popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE,
-                                stderr=None if show_progress else subprocess.PIPE,  # progress bars: the terminal
-                                text=True, start_new_session=True, preexec_fn=_PREEXEC)
+        proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=None if show_progress else subprocess.PIPE)  # progress bars: the terminal
         out, err, timed_out = _communicate(proc, json.dumps(request), timeout)
         if timed_out:
             return {"ok": False, "error": f"the engine did not finish within {timeout:.0f} s", "timed_out": True}

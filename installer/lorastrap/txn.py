@@ -3,22 +3,53 @@
     PREFIX.lorastrap.lock       the prefix's file lock (held for the whole transaction)
     PREFIX.lorastrap-txn.json   the journal (records.Journal): written before each step that changes PREFIX
     PREFIX.lorastrap-backup     the previous environment while the new one is built (and after, if kept)
+    PREFIX.lorastrap-children   the process groups of the children the transaction started (ended by recovery)
 
 A journal left behind means a run died.  ``recover`` (with the prefix lock held) finishes what it left: a
 ``committing`` journal is completed (the new environment is final), any other state is rolled back (the backup
 renamed back to PREFIX, or a partial PREFIX removed).
+
+Writing the ``committing`` journal is the point of no return: from there on nothing rolls back.  The steps that
+must not be cut in half by Ctrl-C, SIGTERM or SIGHUP (moving PREFIX aside, rolling back, committing, recovering)
+run inside ``deferred_signals``: those signals are held until the step is done, then honoured.  SIGKILL cannot
+be held; the journal covers it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from lorastrap import fsutil
+from lorastrap import fsutil, subproc
+from lorastrap.errors import Interrupted
 from lorastrap.records import Journal
+
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextmanager
+def deferred_signals(after: str = "", *, swallow: bool = False):
+    """Hold Ctrl-C, SIGTERM and SIGHUP while the block runs; when it ends, a signal that came meanwhile raises
+    Interrupted (``after`` says what state it leaves), or with ``swallow`` is dropped (the caller is already
+    stopping).  lorastrap runs in one thread, so the kernel has no other thread to deliver them to."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        pending = signal.sigpending() & STOP_SIGNALS
+        for s in pending:  # consume them here, so unblocking does not raise inside the caller's cleanup
+            signal.sigtimedwait([s], 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    if pending and not swallow:
+        name = min(pending).name
+        raise Interrupted(f"stopped by {name}" + (f" {after}" if after else ""),
+                          why="the run was interrupted; the step under way was finished first",
+                          fix="Run the same command again; it will converge.")
 
 
 def backup_path(prefix: Path) -> Path:
@@ -27,6 +58,11 @@ def backup_path(prefix: Path) -> Path:
 
 def journal_path(prefix: Path) -> Path:
     return prefix.with_name(prefix.name + ".lorastrap-txn.json")
+
+
+def children_path(prefix: Path) -> Path:
+    """The process groups of the children a transaction started (subproc.recording_groups)."""
+    return prefix.with_name(prefix.name + ".lorastrap-children")
 
 
 def lock_file_path(prefix: Path) -> Path:
@@ -77,6 +113,13 @@ def rollback(prefix: Path, had_old: bool, narrate) -> str:
 
 def recover(prefix: Path, narrate=lambda m: None) -> str | None:
     """Finish what a crashed run left (call with the prefix lock held).  Returns what was done, or None."""
+    with deferred_signals("after finishing what an earlier run left"):
+        return _recover(prefix, narrate)
+
+
+def _recover(prefix: Path, narrate) -> str | None:
+    if subproc.kill_recorded_groups(children_path(prefix)):
+        narrate("stopped what was left of the children of an earlier run")
     clear_trash(prefix)
     journal = read_journal(prefix)
     if journal is None:

@@ -1,0 +1,249 @@
+"""The transaction's edges with real processes: signals held at the point of no return, the repair races, children
+that die with lorastrap, and the package cache that environments share (poisoning, healing, --link-mode copy)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli
+
+from lorastrap import txn
+from lorastrap.errors import Interrupted
+
+TEST_ENVS = ROOT / "tests" / "envs"
+CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}
+USER = Path("mydata") / "x.txt"
+
+
+def _args(channel, prefix, *extra, envs=TEST_ENVS):
+    return ["--envs-dir", str(envs), "--channel", channel["url"], "--pip-index-url", channel["simple"],
+            "--prefix", str(prefix), *extra]
+
+
+def _start(cmd, channel, prefix, *extra, env=None, envs=TEST_ENVS):
+    full = dict(os.environ, **(env or {}))
+    return subprocess.Popen([sys.executable, "-m", "lorastrap", cmd, *_args(channel, prefix, *extra, envs=envs)],
+                            cwd=ROOT, env=full, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, text, timeout=60):
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}: {''.join(seen)}")
+
+
+def _smoke(prefix):
+    res = subprocess.run([str(prefix / "bin" / "lora-smoke")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def _installed(channel, prefix, env=None, *extra):
+    res = run_cli("install", *_args(channel, prefix, *extra), env=env)
+    assert res.returncode == 0, res.stderr
+    (prefix / USER).parent.mkdir(exist_ok=True)
+    (prefix / USER).write_text("mine")
+    return prefix
+
+
+def _no_leftovers(prefix):
+    assert sorted(p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")) == []
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Signals held, then honoured
+
+def test_deferred_signals_hold_a_signal_until_the_step_is_done():
+    done = []
+    with pytest.raises(Interrupted) as info:
+        with txn.deferred_signals("after the step"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            done.append("the step finished")
+    assert done and "SIGTERM after the step" in info.value.what and info.value.exit_code == 130
+    with txn.deferred_signals(swallow=True):  # a run already stopping drops it
+        os.kill(os.getpid(), signal.SIGINT)
+    assert not signal.sigpending()
+
+
+def test_signals_at_the_point_of_no_return_never_roll_back(channel, warm_home, tmp_path):
+    """SIGINT and SIGTERM while the commit runs (the run pauses 1.5 s just after the "committing" journal): the
+    commit finishes, the new environment stays, and the run then says it was stopped (exit 130)."""
+    prefix = _installed(channel, tmp_path / "env")
+    proc = _start("install", channel, prefix, "--no-verify",
+                  env={**CUDA, "LORASTRAP_PAUSE_AT": "commit", "LORASTRAP_PAUSE_S": "1.5"})
+    _wait_for(proc, "paused at commit")
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "after the commit" in err and "Traceback" not in err
+    assert _smoke(prefix)["torch_build"] == "cuda" and (prefix / USER).read_text() == "mine"
+    _no_leftovers(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The races of repair
+
+def test_repair_waits_for_an_install_in_flight_and_never_touches_its_backup(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    backup = txn.backup_path(prefix)
+    inst = _start("install", channel, prefix, "--no-verify",
+                  env={**CUDA, "LORASTRAP_PAUSE_AT": "linked", "LORASTRAP_PAUSE_S": "3"})
+    _wait_for(inst, "paused at linked")  # the user's environment is now the backup
+    rep = _start("repair", channel, prefix, "--yes", "--drop-backup")
+    _wait_for(rep, "waiting for another lorastrap run")
+    assert (backup / USER).read_text() == "mine" and inst.poll() is None
+    _, err = inst.communicate(timeout=120)
+    assert inst.returncode == 0, err
+    _, err = rep.communicate(timeout=120)
+    assert rep.returncode == 0, err
+    assert _smoke(prefix)["torch_build"] == "cuda" and (prefix / USER).read_text() == "mine"
+    _no_leftovers(prefix)
+
+
+def test_two_repairs_at_once(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    (prefix / "etc" / "torch.conf").unlink()
+    procs = [_start("repair", channel, prefix, "--yes", "--drop-backup") for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    assert _smoke(prefix)["torch_build"] == "cpu" and (prefix / "etc" / "torch.conf").exists()
+    assert (prefix / USER).read_text() == "mine"
+    _no_leftovers(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Children die with lorastrap
+
+@pytest.fixture
+def slow_smoke_envs(tmp_path):
+    """The test profiles, with a smoke command that records its pid and then runs for a minute."""
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    doc = yaml.safe_load((envs / "profiles.yaml").read_text())
+    for p in doc["profiles"].values():
+        p["smoke"] = ["python", "-c", "import os, time; open('smoke.pid', 'w').write(str(os.getpid())); "
+                                      "time.sleep(60)"]
+    (envs / "profiles.yaml").write_text(yaml.safe_dump(doc))
+    return envs
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_the_smoke_child_dies_with_lorastrap(channel, warm_home, tmp_path, slow_smoke_envs, sig):
+    prefix = _installed(channel, tmp_path / "env")
+    proc = _start("install", channel, prefix, "--no-verify", env=CUDA, envs=slow_smoke_envs)
+    pidfile = prefix / "smoke.pid"
+    deadline = time.monotonic() + 90
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child = int(pidfile.read_text())
+    assert _alive(child)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), f"the smoke command outlived lorastrap ({sig.name})"
+    if sig != signal.SIGKILL:  # rolled back at once
+        assert proc.returncode == 130
+        assert _smoke(prefix)["torch_build"] == "cpu" and (prefix / USER).read_text() == "mine"
+        _no_leftovers(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The package cache that environments share
+
+def test_an_edit_in_place_is_found_and_healed_and_never_reaches_a_new_environment(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    conf = prefix / "share" / "lorastrap-test" / "xz" / "VERSION"  # no prefix placeholder: linked, not copied
+    assert conf.stat().st_nlink > 1  # hard-linked to the cache's extracted copy (the default link mode)
+    with open(conf, "r+") as f:  # an edit in place, as an editor that does not replace files does it
+        f.write("X")
+    res = run_cli("doctor", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--json", "--no-imports")
+    report = json.loads(res.stdout)
+    assert {"altered-files", "cache-shares-edit"} <= {f["code"] for f in report["findings"]}, report
+    other = tmp_path / "other"
+    res = run_cli("install", *_args(channel, other, "--no-verify"))
+    assert res.returncode == 0 and "unpacking it again" in res.stderr, res.stderr
+    assert not (other / conf.relative_to(prefix)).read_text().startswith("X")
+    res = run_cli("repair", *_args(channel, prefix, "--yes", "--drop-backup"))
+    assert res.returncode == 0, res.stderr
+    assert not conf.read_text().startswith("X") and (prefix / USER).read_text() == "mine"
+    res = run_cli("doctor", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--no-imports")
+    assert res.returncode == 0, res.stdout
+
+
+def test_link_mode_copy_shares_no_file_with_the_cache(channel, warm_home, tmp_path):
+    prefix = tmp_path / "env"
+    res = run_cli("install", *_args(channel, prefix, "--no-verify", "--link-mode", "copy"))
+    assert res.returncode == 0, res.stderr
+    files = [p for p in prefix.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert files and all(p.stat().st_nlink == 1 for p in files)
+    _smoke(prefix)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# doctor while a transaction runs, after one died, and on a lock that lacks a dependency
+
+def _doctor(prefix, *extra):
+    res = run_cli("doctor", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--json", "--no-imports", *extra)
+    assert "Traceback" not in res.stderr, res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_doctor_during_a_transaction_and_after_it_died(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    proc = _start("install", channel, prefix, "--no-verify", env={**CUDA, "LORASTRAP_PAUSE_AT": "aside"})
+    _wait_for(proc, "paused at aside")  # PREFIX is aside (the backup), the new one not yet linked
+    rc, report = _doctor(prefix)
+    assert rc == 8 and report["verdict"] == "busy", report
+    assert "is changing" in report["findings"][0]["what"] and ".lorastrap-backup" in report["findings"][0]["what"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not prefix.exists()  # died with the environment aside
+    rc, report = _doctor(prefix)
+    assert rc == 11 and report["findings"][0]["code"] == "interrupted-transaction", report
+    assert str(txn.backup_path(prefix)) in report["findings"][0]["what"]
+    res = run_cli("repair", *_args(channel, prefix, "--yes", "--drop-backup"))
+    assert res.returncode == 0, res.stderr
+    assert _smoke(prefix)["torch_build"] == "cpu" and (prefix / USER).read_text() == "mine"
+    _no_leftovers(prefix)
+
+
+def test_a_lock_lacking_a_dependency_is_refused_and_named_by_doctor(channel, warm_home, tmp_path):
+    prefix = _installed(channel, tmp_path / "env")
+    own = prefix / "conda-meta" / "lorastrap" / "conda-lock.yml"
+    doc = yaml.safe_load(own.read_text())
+    doc["package"] = [p for p in doc["package"] if p["name"] != "libzlib"]  # others depend on it
+    own.write_text(yaml.safe_dump(doc))
+    rc, report = _doctor(prefix)
+    assert "lock-incomplete" in {f["code"] for f in report["findings"]} and rc == 12, report
+    local = warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml"  # the lock made here for the test channel
+    local.write_text(yaml.safe_dump({**yaml.safe_load(local.read_text()), "package": doc["package"]}))
+    res = run_cli("install", *_args(channel, tmp_path / "third", "--no-verify"))
+    assert res.returncode == 4 and "libzlib" in res.stderr and "Re-lock" in res.stderr, res.stderr
+    assert not (tmp_path / "third").exists()
