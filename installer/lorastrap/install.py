@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorastrap import engines, fsutil, lock as locking, locks, paths, prefix as pfx, txn, verify
-from lorastrap.cache import Cache, progress_printer
+from lorastrap.cache import Cache, pip_file_url
 from lorastrap.detect import Machine, existing_parent
 from lorastrap.errors import INTERRUPTED, ConfigError, DiskError, LorastrapError, UsageError, VerifyError
 from lorastrap.profiles import Matrix, Profile
@@ -124,7 +124,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
-        eng = engines.find(engine)
+        eng = engines.find(engine, narrate=narrate)
         result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine=eng.describe(),
                                lock=str(lk.path), changed=False, packages=len(conda_entries),
                                pip_packages=len(pip_entries), recovered=recovered, timings=timings)
@@ -140,29 +140,24 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         cache = Cache(paths.cache_dir())
         _check_disk(cache.root, min_free_mib, 0, "the package cache")
 
-        # Fetch and check every archive. Nothing of the user's is touched up to here.
+        # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
         t = time.perf_counter()
-        local: dict[str, Path] = {}
-        total_bytes = 0
-        for i, e in enumerate(conda_entries):
-            url = locking.mirrored(e.url, lk.channels, mirror)
-            path, got = cache.fetch(url, e.sha256, e.filename, progress=progress_printer(e.filename))
-            result.downloaded_bytes += got
-            local[e.name] = path
-            total_bytes += path.stat().st_size
-            if i == 0:
-                _pause_point("download", narrate)
+        _pause_point("download", narrate)
+        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
+                                   for e in entries], narrate=narrate)
+        local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
+        result.downloaded_bytes = sum(got for _, got in fetched)
+        total_bytes = sum(path.stat().st_size for path, _ in fetched)
         timings["fetch"] = time.perf_counter() - t
-        narrate(f"{len(conda_entries)} archives checked against the lock's sha256 "
+        narrate(f"{len(entries)} packages checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
 
-        work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
+        work = Path(tempfile.mkdtemp(prefix=".lorastrap-install-", dir=cache.root))  # hard links to the cache
         try:
-            # The engine gets the archives checked above, not the channel's URLs.
-            local_lock = locking.rewritten(
-                lk, work / f"{name}.{platform}.conda-lock.yml", platform=platform,
-                url_for=lambda p: local[p["name"]].as_uri() if p["manager"] == "conda" else p["url"])
+            # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
+            local_lock = engines.hand_over(lk, platform, {n: p for (m, n), p in local.items() if m == "conda"},
+                                           cache.root / "channel", work)
             had_old = prefix.exists()
             backup = txn.backup_path(prefix)
             if had_old and backup.exists():
@@ -189,8 +184,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 if pip_entries:
                     t = time.perf_counter()
                     narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
-                    engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
+                    how = engines.pip_install(prefix, [(e.name, local[("pip", e.name)], e.sha256)
+                                                       for e in pip_entries], work, uv_cache=cache.root / "uv")
                     timings["pip"] = time.perf_counter() - t
+                    narrate(f"pip entries installed with {how} ({timings['pip']:.2f} s)")
                 if carry_over and had_old:
                     _carry_over(backup, prefix, carry_over, narrate)
                 _pause_point("linked", narrate)
@@ -233,6 +230,17 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _source_url(e: locking.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
+    """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
+    a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
+    same file, found by name on the index's simple page: the lock's sha256 still decides)."""
+    url = locking.mirrored(e.url, channels, mirror)
+    if (e.manager == "pip" and url == e.url and pip_index_url != locking.DEFAULT_PIP_INDEX
+            and not url.startswith(pip_index_url.rstrip("/") + "/")):
+        return pip_file_url(pip_index_url, e.name, e.filename)
+    return url
 
 
 def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
