@@ -2,12 +2,13 @@
 and the pip step (uv, else pip) for a lock's pip entries.
 
 Each engine gets the same hand-over (``hand_over``): a lock holding only the conda entries, whose URLs name the
-archives lorastrap already checked (cache.py), laid out as a channel (``WORK/channel/SUBDIR/FILE``, hard links) —
+archives lorastrap already checked (cache.py), laid out as a channel (``pkgs/channel/SUBDIR/FILE``, hard links) —
 micromamba 1.5 rebuilds every URL of a lock as CHANNEL/SUBDIR/FILENAME, so a bare cache path does not do. The pip
 entries are installed by lorastrap itself from wheels it checked too, so no engine runs a pip step of its own.
 
 micromamba / mamba run isolated from the user's configuration: a root prefix and package cache of lorastrap's own
-(one per release: caches of different releases are not mixed), ``--no-rc``, CONDA_* / MAMBA_* variables dropped and
+(one per release: caches of different releases are not mixed), ``--no-rc``, CONDARC, MAMBARC, CONDA_* and MAMBA_*
+variables dropped (micromamba 1.5 stops on CONDARC with --no-rc: "Incompatible configuration") and
 HOME pointed at that root (so no ~/.mambarc is read and no ~/.conda/environments.txt written). Their version is
 read first and judged against envs/engines.yaml (known-bad releases, each with its source).
 """
@@ -139,10 +140,17 @@ def _candidates(choice: str) -> list[tuple[str, str, str]]:
     return [c for c in found if choice == "auto" or c[0] == choice]
 
 
-def find(choice: str = "auto", *, narrate=lambda m: None, envs_dir: Path | None = None) -> Engine:
-    """The engine to use. auto: the first usable micromamba/mamba (MAMBA_EXE, PATH without shims, the data dir's
-    bin/), else the embedded engine — a refused or broken one is skipped with a word why. micromamba / mamba: that
-    one, or a UsageError saying why not."""
+CHOICES = ("auto", "micromamba", "mamba", "rattler")
+
+
+def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | None = None) -> Engine:
+    """The engine to use (choice None: $LORASTRAP_ENGINE, else auto). auto: the first usable micromamba/mamba
+    (MAMBA_EXE, PATH without shims, the data dir's bin/), else the embedded engine — a refused or broken one is
+    skipped with a word why. micromamba / mamba: that one, or a UsageError saying why not."""
+    choice = choice or os.environ.get("LORASTRAP_ENGINE") or "auto"
+    if choice not in CHOICES:
+        raise UsageError(f"LORASTRAP_ENGINE={choice!r} is not an engine", why=f"expected one of {', '.join(CHOICES)}",
+                         fix="Set LORASTRAP_ENGINE to one of those, or unset it.")
     if choice == "rattler":
         return Engine("rattler")
     known = facts(envs_dir)
@@ -209,7 +217,7 @@ def engine_root(engine: Engine, cache_dir: Path) -> Path:
 
 def _isolated_env(root: Path | None) -> dict[str, str]:
     extra = {"MAMBA_ROOT_PREFIX": str(root), "CONDA_PKGS_DIRS": str(root / "pkgs"), "HOME": str(root)} if root else {}
-    return subproc.clean_env(prefixes=("CONDA_", "MAMBA_"), **extra)
+    return subproc.clean_env(drop=("CONDARC", "MAMBARC"), prefixes=("CONDA_", "MAMBA_"), **extra)
 
 
 def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> tuple[list[str], dict[str, str]]:

@@ -96,7 +96,7 @@ def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs
 
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
-                   matrix: Matrix | None = None, engine: str = "auto", frozen: bool = False,
+                   matrix: Matrix | None = None, engine: str | None = None, frozen: bool = False,
                    channels: list[str] | None = None, mirror: str | None = None,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
