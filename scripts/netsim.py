@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import mimetypes
 import re
 import threading
 import time
@@ -77,6 +78,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             status = 206
         body = data[start:]
         self.send_response(status)
+        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:

@@ -1,10 +1,14 @@
 """Downloads against a real loopback server that misbehaves on demand (scripts/netsim.py): retry, Range resume,
 a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections."""
 
+import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
 from netsim import NetSim
 
 from lorastrap import cache
@@ -160,3 +164,103 @@ def test_progress_ends_its_line(capsys):
     p.close()
     err = capsys.readouterr().err
     assert err.startswith("\r  downloading:") and "2/2 files" in err and err.endswith("\n")
+
+
+# --- the same faults through `lorastrap install` ----------------------------------------------------------------
+
+TEST_ENVS = ROOT / "tests" / "envs"
+CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}
+
+
+def _install(channel, prefix, *args, env=None):
+    return run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+                   channel["simple"], "--prefix", str(prefix), "--no-verify", *args, env=env)
+
+
+def _uncache(home, pattern):
+    """Drop the cached archives matching pattern (this test's own data dir; the archives are hard links)."""
+    gone = [p for p in (home / "pkgs" / "archives").glob(f"*/{pattern}")]
+    for p in gone:
+        shutil.rmtree(p.parent)
+    assert gone
+    return [p.name for p in gone]
+
+
+def _untouched(prefix, before):
+    assert sorted(p.name for p in (prefix / "conda-meta").glob("*.json")) == before
+    assert not Path(str(prefix) + ".lorastrap-backup").exists()
+    assert not Path(str(prefix) + ".lorastrap-txn.json").exists()
+
+
+@pytest.fixture
+def mirror(channel):
+    srv = NetSim(channel["root"]).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_install_through_cuts_resumes_and_a_cut_that_never_heals_is_a_network_error(channel, warm_home, tmp_path,
+                                                                                   mirror):
+    prefix = tmp_path / "env"
+    assert _install(channel, prefix).returncode == 0
+    before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
+    names = _uncache(warm_home, "pytorch-*cuda*.conda")
+    mirror.inject(names[0], *["cut"] * 5)
+    res = _install(channel, prefix, "--mirror", f"{mirror.url}/channel", env=CUDA)
+    assert res.returncode == 5, res.stderr
+    assert "could not download" in res.stderr and "closed after" in res.stderr and "checksum" not in res.stderr
+    assert "retrying (4/4)" in res.stderr and "Traceback" not in res.stderr
+    _untouched(prefix, before)  # refused before anything changed
+    mirror.inject(names[0], "cut", "cut")
+    res = _install(channel, prefix, "--mirror", f"{mirror.url}/channel", env=CUDA)
+    assert res.returncode == 0, res.stderr
+    assert "resuming at" in res.stderr and mirror.range_requests[names[0]] >= 2
+
+
+def test_lying_repodata_is_tampering(channel, home, tmp_path):
+    """A mirror whose repodata.json names a sha256 its archive does not have: locked from it, the complete
+    download differs, exit 6, nothing installed."""
+    lying = tmp_path / "lying"
+    shutil.copytree(channel["root"], lying, copy_function=os.link)
+    repodata = lying / "channel" / "linux-64" / "repodata.json"
+    data = json.loads(repodata.read_text())
+    victim = next(fn for fn in data["packages.conda"] if fn.startswith("numpy-"))
+    data["packages.conda"][victim]["sha256"] = "0" * 64
+    repodata.unlink()  # a hard link: write a new file, not the shared one
+    repodata.write_text(json.dumps(data))
+    srv = NetSim(lying).start()
+    try:
+        res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", f"{srv.url}/channel", "--pip-index-url",
+                      f"{srv.url}/simple", "--prefix", str(tmp_path / "env"), "--no-verify")
+    finally:
+        srv.shutdown()
+    assert res.returncode == 6, res.stderr
+    assert victim in res.stderr and "downloaded completely" in res.stderr and "want sha256 " + "0" * 64 in res.stderr
+    assert not (tmp_path / "env").exists()
+
+
+def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_the_index(channel, warm_home,
+                                                                                          tmp_path):
+    prefix = tmp_path / "env"
+    assert _install(channel, prefix).returncode == 0
+    before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
+    wheel = _uncache(warm_home, "*.whl")[0]
+    (prefix / "conda-meta" / "lorastrap" / "record.json").unlink()  # force a rebuild of the same lock
+    empty = tmp_path / "empty-index"
+    (empty / "simple").mkdir(parents=True)
+    down = NetSim(empty).start()
+    try:  # a PyPI mirror that lacks the wheel: refused at the fetch step, the environment untouched
+        res = _install(channel, prefix, "--pip-index-url", f"{down.url}/simple")
+    finally:
+        down.shutdown()
+    assert res.returncode == 5, res.stderr
+    assert "pip index" in res.stderr and "Traceback" not in res.stderr
+    _untouched(prefix, before)
+    other = NetSim(channel["root"]).start()  # another index with the same files: the wheel comes from there
+    try:
+        res = _install(channel, prefix, "--pip-index-url", f"{other.url}/simple")
+    finally:
+        other.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert other.requests[wheel] == 1 and other.requests["index.html"] >= 1
+    assert list((prefix / "lib").glob("python3*/site-packages/lorastrap_testwheel/__init__.py"))
