@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from lorastrap import lock as locking, paths, prefix as pfx, subproc
+from lorastrap import lock as locking, locks, paths, prefix as pfx, subproc
 from lorastrap.errors import ConfigError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
@@ -233,7 +233,8 @@ def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> 
     return argv, _isolated_env(root)
 
 
-def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path) -> None:
+def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path,
+         narrate=lambda m: None) -> None:
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure."""
     if engine.kind == "rattler":
         answer = subproc.worker("rattler_worker", {
@@ -246,7 +247,10 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     root = engine_root(engine, cache_dir)
     (root / "pkgs").mkdir(parents=True, exist_ok=True)
     argv, env = mamba_command(engine, prefix, lock_file, root)
-    res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
+    # micromamba 1.5 run concurrently on one package cache fails ("Package cache error"): one at a time per cache
+    # (installers on one node, or nodes sharing LORASTRAP_PKGS_DIR).
+    with locks.held(root / ".lorastrap.lock", what=f"{engine.kind}'s package cache {root}", narrate=narrate):
+        res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
     if not res.ok:
         raise EngineError(f"{engine.describe()} could not create {prefix}", why=res.tail(),
                           fix="See the message above; rerun with --engine rattler to use the embedded engine.")
@@ -284,7 +288,11 @@ def pip_install(prefix: Path, wheels: list[tuple[str, Path, str]], work: Path, *
     python = pfx.python_of(prefix) or prefix / "bin" / "python"
     argv = pip_command(python, wheels, work / "pip-requirements.txt", uv_cache)
     env = subproc.clean_env(prefixes=("PIP_", "UV_"))
+    stray = prefix / ".lock"  # uv locks the environment with PREFIX/.lock and leaves it: not the user's file
+    had_stray = stray.exists()
     res = subproc.run(argv, timeout=timeout, env=env)
+    if not had_stray and stray.is_file():
+        stray.unlink()
     if not res.ok:
         raise EngineError("the lock's pip entries could not be installed", why=res.tail(),
                           fix="The wheels were checked against the lock; rerun with --debug and report it.")

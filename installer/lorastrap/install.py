@@ -179,7 +179,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 t = time.perf_counter()
                 narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
                 engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform,
-                             cache_dir=cache.root / "extracted")
+                             cache_dir=cache.root / "extracted", narrate=narrate)
                 timings["engine"] = time.perf_counter() - t
                 if pip_entries:
                     t = time.perf_counter()
