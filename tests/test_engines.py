@@ -1,15 +1,18 @@
 """Engines: which micromamba/mamba releases lorastrap hands a lock to (envs/engines.yaml), and the hand-over."""
 
 import os
+import shutil
 import stat
 
 import pytest
 import yaml
-from conftest import MAMBA
+from conftest import MAMBA, ROOT
 
 from lorastrap import engines, lock as locking
 from lorastrap.cache import Cache
 from lorastrap.errors import UsageError
+
+TEST_ENVS = ROOT / "tests" / "envs"
 
 
 @pytest.mark.parametrize("kind,version,refused_for", [
@@ -78,3 +81,27 @@ def test_the_hand_over_is_a_channel_of_hard_links_without_pip_entries(warm_home,
         assert os.path.samefile(path, archives[p["name"]])  # a hard link: no copy, no extra disk
     again = engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)  # same URLs next run
     assert again.read_text() == out.read_text()
+
+
+def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home, tmp_path, monkeypatch):
+    from conftest import run_cli
+    prefix = tmp_path / "env"
+    res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+                  channel["simple"], "--prefix", str(prefix), "--no-verify", "--engine", "rattler")
+    assert res.returncode == 0 and "pip entries installed with uv" in res.stderr, res.stderr
+    lk = locking.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    e = next(e for e in lk.for_platform("linux-64") if e.manager == "pip")
+    wheel = [(e.name, Cache(warm_home / "pkgs").entry(e.sha256, e.filename), e.sha256)]
+    site = next(prefix.glob("lib/python3*/site-packages"))
+    for how in ("uv", "pip"):
+        for p in list(site.glob("lorastrap_testwheel*")):
+            shutil.rmtree(p)
+        if how == "pip":
+            monkeypatch.setattr(engines, "uv_exe", lambda: None)  # a machine without uv: pip is the fallback
+        assert engines.pip_install(prefix, wheel, tmp_path, uv_cache=tmp_path / "uv") == how
+        info = next(site.glob("lorastrap_testwheel-1.0.dist-info"))
+        assert (info / "INSTALLER").read_text().strip() == how and (site / "lorastrap_testwheel" / "__init__.py").exists()
+        assert not (prefix / ".lock").exists()
+    bad = [(e.name, wheel[0][1], "0" * 64)]  # the hashes are required again by the installer itself
+    with pytest.raises(engines.EngineError):
+        engines.pip_install(prefix, bad, tmp_path, uv_cache=tmp_path / "uv")

@@ -4,9 +4,10 @@ conda environments are not relocatable (prefix placeholders are written for the 
 new environment is linked at PREFIX itself and the old one is what moves (txn.py keeps the journal):
 
   1. preflight   lock parsed, platform present, free disk; the prefix's file lock taken
-  2. fetch       every archive into the cache, sha256 checked against the lock (nothing of the user's touched)
+  2. fetch       every archive and wheel into the cache (in parallel, resumable), sha256 checked against the
+                 lock (nothing of the user's touched)
   3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), recorded in the journal first
-  4. link        the engine creates PREFIX from the checked archives; pip entries inside it
+  4. link        the engine creates PREFIX from the checked archives; the checked wheels inside it (uv, or pip)
   5. check       every locked package in conda-meta with the lock's sha256, pip entries present, smoke command
   6. verify      the profile's verification command inside PREFIX
   7. commit      lock + record written into PREFIX/conda-meta/lorastrap/, backup dropped (unless --keep-backup)

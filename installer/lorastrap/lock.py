@@ -407,7 +407,7 @@ def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, chan
     if channels is not None:
         meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
     raw["metadata"] = meta
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out.write_text(yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
     return out
 
 
