@@ -148,15 +148,15 @@ def _usable_or_restorable(prefix):
     return "prefix"
 
 
-MICROMAMBA = pytest.param("micromamba", marks=pytest.mark.skipif(
-    MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)"))
+NO_MAMBA = pytest.mark.skipif(MAMBA is None,
+                              reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
 
 
 # Stages before the link step run the same code whatever the engine: micromamba runs the stages after it.
 @pytest.mark.parametrize("stage,final,engine", [
     ("download", "cpu", "rattler"), ("aside", "cpu", "rattler"), ("linked", "cpu", "rattler"),
-    ("verify", "cpu", "rattler"), ("commit", "cuda", "rattler"), ("linked", "cpu", MICROMAMBA),
-    ("commit", "cuda", MICROMAMBA)], indirect=["engine"])
+    ("verify", "cpu", "rattler"), ("commit", "cuda", "rattler"), pytest.param("linked", "cpu", "micromamba", marks=NO_MAMBA),
+    pytest.param("commit", "cuda", "micromamba", marks=NO_MAMBA)], indirect=["engine"])
 def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, warm_home, tmp_path, engine, stage, final):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0  # the previous environment: cpu builds
@@ -223,7 +223,7 @@ def test_sigkill_while_the_engine_links(channel, warm_home, tmp_path):
     assert_placeholders(prefix)
 
 
-@pytest.mark.skipif(MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
+@NO_MAMBA
 def test_sigkill_while_micromamba_links(channel, warm_home, tmp_path, monkeypatch):
     """Killed while micromamba is linking (its first conda-meta record is there): micromamba dies with lorastrap
     (death signal) and the next run restores the previous environment."""

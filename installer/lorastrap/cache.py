@@ -30,7 +30,7 @@ from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
 RETRIES = 5  # attempts per archive; a cut or a stall is retried (resuming with Range), a 4xx is not
-JOBS = 8  # archives fetched at once, each thread over its own pooled (keep-alive) connections
+JOBS = 16  # archives fetched at once, each thread over its own kept-alive connection (rattler/pixi allow 50)
 MAX_REDIRECTS = 5
 
 

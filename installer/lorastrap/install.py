@@ -125,17 +125,19 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
-        eng = engines.find(engine, narrate=narrate)
-        result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine=eng.describe(),
+        result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine="",
                                lock=str(lk.path), changed=False, packages=len(conda_entries),
                                pip_packages=len(pip_entries), recovered=recovered, timings=timings)
 
-        # No-op: the same lock is already installed and intact.
+        # No-op: the same lock is already installed and intact (the engine that built it is the one reported).
         record = pfx.read_record(prefix)
         if not force and record and record.lock_digest == lk.digest(platform) and not pfx.mismatches(prefix, entries):
+            result.engine = record.engine
             timings["total"] = time.perf_counter() - t0
             narrate(f"{prefix} already matches the lock ({len(entries)} packages): nothing to do")
             return result
+        eng = engines.find(engine, narrate=narrate)
+        result.engine = eng.describe()
 
         # Preflight: free disk where the cache and the environment go.
         cache = Cache(paths.cache_dir())
