@@ -2,7 +2,7 @@
 
     python scripts/bench_engines.py [--runs N] [--micromamba PATH] [--sets test,large]
 
-Sets: `test` — the test channel (40 conda packages + 1 pip wheel); `large` — the same packages with 104 extra
+Sets: `test` — the test channel (40 conda packages + 1 pip wheel); `large` — the same packages with 106 extra
 files of 40 KiB each (>= 4,000 files, >= 150 MB). Each set is served on loopback twice by scripts/netsim.py
 (keep-alive, Range): plain, and `shaped` (+20 ms a request, 5 MiB/s a connection: the shape of a real network).
 
@@ -35,7 +35,7 @@ from netsim import NetSim  # noqa: E402
 
 TEST_ENVS = ROOT / "tests" / "envs"
 LOCK_NAME = "test-cpu.linux-64.conda-lock.yml"
-SETS = {"test": {}, "large": {"LORASTRAP_TESTCHANNEL_FILES": "104", "LORASTRAP_TESTCHANNEL_FILE_KIB": "40"}}
+SETS = {"test": {}, "large": {"LORASTRAP_TESTCHANNEL_FILES": "106", "LORASTRAP_TESTCHANNEL_FILE_KIB": "40"}}
 TARGETS = {"warm": 1.5, "cold": 1.0, "cold-shaped": 1.0}
 
 

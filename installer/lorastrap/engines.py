@@ -24,7 +24,6 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lorastrap import lock as locking, locks, paths, prefix as pfx, subproc
 from lorastrap.errors import ConfigError, LorastrapError, UsageError
@@ -57,37 +56,44 @@ def _rattler_version() -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Which releases lorastrap hands a lock to (envs/engines.yaml)
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Minimum(_Strict):
+@dataclass(frozen=True)
+class Minimum:
     version: str
     why: str
     source: str
 
 
-class Refused(_Strict):
-    # "from"/"to" are YAML keys; pydantic names them start/end
-    start: str
-    end: str
+@dataclass(frozen=True)
+class Refused:
+    start: str  # "from" in the file
+    end: str  # "to"
     why: str
     source: str
 
 
-class Facts(_Strict):
-    schema_version: int
-    minimum: dict[str, Minimum] = {}
-    refused: list[Refused] = []
+@dataclass(frozen=True)
+class Facts:
+    minimum: dict[str, Minimum]
+    refused: list[Refused]
 
 
 def facts(envs_dir: Path | None = None) -> Facts:
+    """envs/engines.yaml, checked (plain dataclasses: this is read on every install, so no model classes to build)."""
     path = (envs_dir or paths.ENVS) / FACTS
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        raw["refused"] = [{"start": r.pop("from"), "end": r.pop("to"), **r} for r in raw.get("refused") or []]
-        return Facts.model_validate(raw)
-    except (OSError, yaml.YAMLError, ValidationError, KeyError, TypeError, AttributeError) as exc:
+        raw = yaml.safe_load(path.read_text())
+        if raw.get("schema_version") != 1 or set(raw) - {"schema_version", "minimum", "refused"}:
+            raise ValueError("expected the keys schema_version (1), minimum and refused")
+        minimum = {kind: Minimum(**m) for kind, m in (raw.get("minimum") or {}).items()}
+        refused = [Refused(start=r["from"], end=r["to"], why=r["why"], source=r["source"])
+                   for r in raw.get("refused") or []]
+        for v in [m.version for m in minimum.values()] + [x for r in refused for x in (r.start, r.end)]:
+            if not re.fullmatch(r"\d+\.\d+\.\d+", str(v)):
+                raise ValueError(f"{v!r} is not a version such as 2.3.2")
+        if any(set(r) - {"from", "to", "why", "source"} for r in raw.get("refused") or []):
+            raise ValueError("a refused range has a key other than from, to, why, source")
+        return Facts(minimum=minimum, refused=refused)
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path} is not a valid list of engine releases", why=str(exc).splitlines()[0],
                           fix="Restore envs/engines.yaml from version control.")
 
