@@ -169,10 +169,11 @@ lorastrap_pkgs_dir={tmp_path}/shared-pkgs
     assert all(r["verify"] == "pass" and r["profile"] == "test-cpu" and r["versions"]["pytorch"] for r in ok)
     assert "no-such-bundle" in next(r for r in fleet["hosts"] if r["host"] == "broken")["error"]
     assert "summary: ok 3, planned 0, failed 1, unreachable 1" in res.stdout
-    # Shared cache: each archive once for the three nodes.
+    # Shared cache: each archive and wheel once for the three nodes.
     manifest = json.loads((b / "manifest.json").read_text())
-    archives = [rel for rel in manifest["files"] if rel.startswith("channel/") and rel.endswith(".conda")]
-    assert len(list((tmp_path / "shared-pkgs" / "archives").iterdir())) == len(archives)
+    packages = [rel for rel in manifest["files"]
+                if (rel.startswith("channel/") and rel.endswith(".conda")) or rel.startswith("pip/")]
+    assert len(list((tmp_path / "shared-pkgs" / "archives").iterdir())) == len(packages)
 
     again = _playbook(ansible_venv, inv, reports, cwd=tmp_path)
     recap = _recap(again.stdout)
