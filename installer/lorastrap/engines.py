@@ -173,6 +173,8 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
         if bad:
             reasons.append(f"{exe} ({where}): {bad}")
             continue
+        for reason in reasons:
+            narrate(f"not using {reason}")
         return Engine(kind, exe, version)
     if choice == "auto":
         for reason in reasons:
