@@ -4,7 +4,8 @@
     python scripts/testchannel.py serve DIR [PORT]   # serve DIR on http://127.0.0.1:PORT until Ctrl-C
     python scripts/testchannel.py publish DIR NAME VERSION   # add a newer NAME (noarch python) to DIR/channel
 
-LORASTRAP_TESTCHANNEL_FILES=N adds N small files to each package (benchmarks at realistic file counts).
+LORASTRAP_TESTCHANNEL_FILES=N adds N small files to each package (benchmarks at realistic file counts), each of
+LORASTRAP_TESTCHANNEL_FILE_KIB KiB (default 2; benchmarks at realistic sizes).
 
 Packages are made with py-rattler-build's assemble_package with a fixed timestamp (identical bytes every run) and
 indexed with rattler.  ~40 packages for linux-64 and linux-aarch64 plus noarch ones: run-export-style pins
@@ -121,8 +122,9 @@ def _files(root: Path, name: str, version: str, kind: str, payload: int, extra: 
         bulk = d / "share" / "lorastrap-bulk" / name
         bulk.mkdir(parents=True, exist_ok=True)
         rng = random.Random(f"bulk-{name}-{version}")
+        size = int(os.environ.get("LORASTRAP_TESTCHANNEL_FILE_KIB", "2")) * 1024
         for i in range(extra_files):
-            (bulk / f"f{i:05d}.dat").write_bytes(rng.randbytes(2048))
+            (bulk / f"f{i:05d}.dat").write_bytes(rng.randbytes(size))
     return d
 
 

@@ -66,6 +66,31 @@ def channel(tmp_path_factory):
     server.shutdown()
 
 
+def _micromamba() -> Path | None:
+    """The real micromamba: ../shared/tools/micromamba (CI has it), else MAMBA_EXE, else on PATH."""
+    for cand in (ROOT.parent / "shared" / "tools" / "micromamba" / "bin" / "micromamba", os.environ.get("MAMBA_EXE"),
+                 shutil.which("micromamba"), shutil.which("mamba")):
+        if cand and Path(cand).is_file() and os.access(cand, os.X_OK):
+            return Path(cand)
+    return None
+
+
+MAMBA = _micromamba()
+ENGINES = ["rattler", pytest.param("micromamba", marks=pytest.mark.skipif(
+    MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)"))]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    """Each engine in turn, for every lorastrap run the test starts (LORASTRAP_ENGINE, MAMBA_EXE)."""
+    monkeypatch.setenv("LORASTRAP_ENGINE", request.param)
+    if request.param == "rattler":
+        monkeypatch.delenv("MAMBA_EXE", raising=False)
+    else:
+        monkeypatch.setenv("MAMBA_EXE", str(MAMBA))
+    return request.param
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     """A fresh lorastrap data dir (cache, locks, envs) for one test: the first run on a new machine."""

@@ -65,13 +65,13 @@ def env(channel, warm_home, tmp_path):
     return install(channel, tmp_path / "env")
 
 
-def test_healthy_environment_has_no_findings(env):
+def test_healthy_environment_has_no_findings(engine, env):
     rc, report = doctor(env)
     assert rc == 0 and report["verdict"] == "healthy" and report["findings"] == [], report["findings"]
     assert report["profile"] == "test-cpu" and report["lock"].endswith("conda-lock.yml")
 
 
-def test_deleted_file(channel, env):
+def test_deleted_file(engine, channel, env):
     victim = next(env.glob("lib/python3*/site-packages/transformers/__init__.py"))
     victim.unlink()
     rc, report = doctor(env)
@@ -173,7 +173,7 @@ def test_cuda12_environment_on_a_driver_that_says_11_4(channel, warm_home, tmp_p
     assert report["profile"] == "test-cpu" and backup(prefix).exists()
 
 
-def test_user_files_are_carried_over_and_kept(channel, env):
+def test_user_files_are_carried_over_and_kept(engine, channel, env):
     (env / "notebooks").mkdir()
     (env / "notebooks" / "run.ipynb").write_text("{}")
     (env / "etc" / "torch.conf").write_text("broken\n")

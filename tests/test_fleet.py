@@ -101,7 +101,7 @@ def test_missing_file_in_the_bundle_is_refused(bundle, tmp_path):
     assert res.returncode == 6 and "is missing" in res.stderr
 
 
-def test_shared_cache_with_concurrent_installers(bundle, tmp_path):
+def test_shared_cache_with_concurrent_installers(engine, bundle, tmp_path):
     b = _unpacked(bundle, tmp_path)
     shared = tmp_path / "shared-pkgs"
     procs = []
@@ -114,11 +114,13 @@ def test_shared_cache_with_concurrent_installers(bundle, tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
     reports = [json.loads(o) for o, _ in outs]
     manifest = json.loads((b / "manifest.json").read_text())
-    conda_bytes = sum(m["size"] for rel, m in manifest["files"].items() if rel.startswith("channel/") and rel.endswith(".conda"))
-    # The package set was read from the bundle once for the four nodes, not four times.
-    assert sum(r["downloaded_bytes"] for r in reports) == conda_bytes
+    package_bytes = sum(m["size"] for rel, m in manifest["files"].items()
+                        if (rel.startswith("channel/") and rel.endswith(".conda")) or rel.startswith("pip/"))
+    # The package set (archives and wheels) was read from the bundle once for the four nodes, not four times.
+    assert sum(r["downloaded_bytes"] for r in reports) == package_bytes
     entries = list((shared / "archives").iterdir())
-    assert len(entries) == reports[0]["packages"]
+    assert len(entries) == reports[0]["packages"] + reports[0]["pip_packages"]
+    assert {r["engine"].split()[0] for r in reports} == {"embedded" if engine == "rattler" else engine}
     for d in entries:
         files = [f for f in d.iterdir() if not f.name.startswith(".")]
         assert len(files) == 1 and hashlib.sha256(files[0].read_bytes()).hexdigest() == d.name
@@ -179,10 +181,11 @@ lorastrap_pkgs_dir={tmp_path}/shared-pkgs
     assert all(r["verify"] == "pass" and r["profile"] == "test-cpu" and r["versions"]["pytorch"] for r in ok)
     assert "no-such-bundle" in next(r for r in fleet["hosts"] if r["host"] == "broken")["error"]
     assert "summary: ok 3, planned 0, failed 1, unreachable 1" in res.stdout
-    # Shared cache: each archive once for the three nodes.
+    # Shared cache: each archive and wheel once for the three nodes.
     manifest = json.loads((b / "manifest.json").read_text())
-    archives = [rel for rel in manifest["files"] if rel.startswith("channel/") and rel.endswith(".conda")]
-    assert len(list((tmp_path / "shared-pkgs" / "archives").iterdir())) == len(archives)
+    packages = [rel for rel in manifest["files"]
+                if (rel.startswith("channel/") and rel.endswith(".conda")) or rel.startswith("pip/")]
+    assert len(list((tmp_path / "shared-pkgs" / "archives").iterdir())) == len(packages)
 
     again = _playbook(ansible_venv, inv, reports, cwd=tmp_path)
     recap = _recap(again.stdout)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import MAMBA, ROOT, run_cli
 
 from lorastrap import engines
 
@@ -45,18 +45,20 @@ def meta_state(prefix):
     return sorted((p.name, p.stat().st_mtime_ns) for p in (prefix / "conda-meta").glob("*.json"))
 
 
-MAMBA = shutil.which("micromamba") or shutil.which("mamba")
-ENGINES = ["rattler"] + ([pytest.param(Path(MAMBA).name, id=Path(MAMBA).name)] if MAMBA else
-                         [pytest.param("micromamba", marks=pytest.mark.skip(
-                             reason="no micromamba or mamba on PATH (none can be installed on these machines)"))])
-
-
-@pytest.mark.parametrize("engine", ENGINES)
 def test_install_then_noop_then_switch_profile(channel, warm_home, tmp_path, engine):
     prefix = tmp_path / "env"
-    res = install(channel, prefix, "--json", "--engine", engine)
+    user = tmp_path / "user"  # a user whose conda configuration would break an engine that read it
+    user.mkdir()
+    for rc in (".mambarc", ".condarc"):
+        (user / rc).write_text("channels: [http://127.0.0.1:9/nowhere]\npkgs_dirs: [/nonexistent/pkgs]\n")
+    res = install(channel, prefix, "--json", "--engine", engine,
+                  env={"HOME": str(user), "CONDARC": str(user / ".condarc"), "MAMBA_ROOT_PREFIX": str(user / "mm")})
     assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in user.iterdir()) == [".condarc", ".mambarc"]  # nothing registered or cached there
     out = json.loads(res.stdout)
+    want = "embedded py-rattler 0." if engine == "rattler" else f"micromamba 1.5.12 ({MAMBA})"
+    assert out["engine"].startswith(want), out["engine"]  # which engine and release ran, in the report
+    assert json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["engine"] == out["engine"]
     assert out["profile"] == "test-cpu" and out["changed"] and out["verify"]["ok"]
     assert out["packages"] >= 30 and out["pip_packages"] == 1
     meta = list((prefix / "conda-meta").glob("*.json"))
@@ -83,6 +85,7 @@ def test_install_then_noop_then_switch_profile(channel, warm_home, tmp_path, eng
 
 
 def test_tampered_archive_on_the_mirror_is_refused(channel, home, tmp_path):
+    """Refused at the fetch step, before any engine runs: the same for every engine."""
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     before = meta_state(prefix)
@@ -145,9 +148,16 @@ def _usable_or_restorable(prefix):
     return "prefix"
 
 
-@pytest.mark.parametrize("stage,final", [("download", "cpu"), ("aside", "cpu"), ("linked", "cpu"),
-                                         ("verify", "cpu"), ("commit", "cuda")])
-def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, warm_home, tmp_path, stage, final):
+NO_MAMBA = pytest.mark.skipif(MAMBA is None,
+                              reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
+
+
+# Stages before the link step run the same code whatever the engine: micromamba runs the stages after it.
+@pytest.mark.parametrize("stage,final,engine", [
+    ("download", "cpu", "rattler"), ("aside", "cpu", "rattler"), ("linked", "cpu", "rattler"),
+    ("verify", "cpu", "rattler"), ("commit", "cuda", "rattler"), pytest.param("linked", "cpu", "micromamba", marks=NO_MAMBA),
+    pytest.param("commit", "cuda", "micromamba", marks=NO_MAMBA)], indirect=["engine"])
+def test_sigkill_at_any_stage_never_loses_the_previous_environment(channel, warm_home, tmp_path, engine, stage, final):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0  # the previous environment: cpu builds
     proc = _start(channel, prefix, stage, CUDA)
@@ -213,6 +223,40 @@ def test_sigkill_while_the_engine_links(channel, warm_home, tmp_path):
     assert_placeholders(prefix)
 
 
+@NO_MAMBA
+def test_sigkill_while_micromamba_links(channel, warm_home, tmp_path, monkeypatch):
+    """Killed while micromamba is linking (its first conda-meta record is there): micromamba dies with lorastrap
+    (death signal) and the next run restores the previous environment."""
+    import psutil
+    monkeypatch.setenv("MAMBA_EXE", str(MAMBA))
+    prefix = tmp_path / "env"
+    assert install(channel, prefix).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel",
+                             channel["url"], "--pip-index-url", channel["simple"], "--prefix", str(prefix),
+                             "--engine", "micromamba"], cwd=ROOT, env=dict(os.environ, **CUDA),
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    mm = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "micromamba" in c.name()]
+        if kids and list((prefix / "conda-meta").glob("*.json")) and Path(str(prefix) + ".lorastrap-backup").exists():
+            mm = kids[0].pid
+            break
+        time.sleep(0.005)
+    assert mm is not None, "never caught micromamba linking"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(mm) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(mm), "micromamba outlived the killed install"
+    assert Path(str(prefix) + ".lorastrap-txn.json").exists() and _usable_or_restorable(prefix) == "backup"
+    res = install(channel, prefix, "--engine", "micromamba")
+    assert res.returncode == 0, res.stderr
+    assert smoke(prefix)["torch_build"] == "cpu"
+    assert_placeholders(prefix)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -224,7 +268,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_sigterm_rolls_back_at_once(channel, warm_home, tmp_path):
+def test_sigterm_rolls_back_at_once(channel, warm_home, tmp_path, engine):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     proc = _start(channel, prefix, "verify", CUDA)
@@ -261,7 +305,7 @@ def test_a_second_installer_waits_or_fails_fast(channel, warm_home, tmp_path):
     smoke(prefix)
 
 
-def test_two_concurrent_installs_of_one_prefix(channel, warm_home, tmp_path):
+def test_two_concurrent_installs_of_one_prefix(channel, warm_home, tmp_path, engine):
     prefix = tmp_path / "env"
     cmd = [sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"],
            "--pip-index-url", channel["simple"], "--prefix", str(prefix), "--json"]
@@ -301,7 +345,7 @@ def test_unreachable_channel_on_install(home, tmp_path):
     assert res.returncode == 5 and "--mirror" in res.stderr and not (tmp_path / "env").exists()
 
 
-def test_failed_verification_restores_the_previous_environment(channel, warm_home, tmp_path):
+def test_failed_verification_restores_the_previous_environment(channel, warm_home, tmp_path, engine):
     prefix = tmp_path / "env"
     assert install(channel, prefix).returncode == 0
     envs = tmp_path / "envs"
@@ -349,4 +393,4 @@ def test_engine_auto_skips_shims_and_falls_back_to_rattler(tmp_path, monkeypatch
     assert engines.find("auto").kind == "rattler"
     with pytest.raises(Exception) as info:
         engines.find("micromamba")
-    assert "no micromamba executable found" in str(info.value)
+    assert "no usable micromamba found" in str(info.value)

@@ -20,19 +20,36 @@ engine unpacks it again from the checked archive; repair always checks fully.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import re
 import shutil
+import socket
+import ssl
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from lorastrap import archive, fsutil, locks
 from lorastrap.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
-RETRIES = 3
+RETRIES = 5  # attempts per archive; a cut or a stall is retried (resuming with Range), a 4xx is not
+JOBS = 16  # archives fetched at once, each thread over its own kept-alive connection (rattler/pixi allow 50)
+MAX_REDIRECTS = 5
+
+
+def read_timeout() -> float:
+    """Seconds without a byte from the server before a download counts as stalled (LORASTRAP_READ_TIMEOUT)."""
+    try:
+        return max(0.1, float(os.environ.get("LORASTRAP_READ_TIMEOUT") or 30))
+    except ValueError:
+        return 30.0
 
 
 def sha256_file(path: Path) -> str:
@@ -62,8 +79,13 @@ class Cache:
         except OSError:
             return False
 
-    def fetch(self, url: str, sha256: str, filename: str, *, progress=None) -> tuple[Path, int]:
-        """The verified archive's path, and how many bytes were downloaded for it (0 when cached)."""
+    def fetch(self, url: str, sha256: str, filename: str, *, progress=None, narrate=lambda m: None,
+              stop: threading.Event | None = None) -> tuple[Path, int]:
+        """The verified archive's path, and how many bytes were downloaded for it (0 when cached).
+
+        A cut or stalled download is retried and resumed (a NetworkError when it never completes); only a complete
+        download whose sha256 differs is an IntegrityError.  A partial file is kept (`.FILE.part`, under the
+        entry's lock) so that the next run resumes it."""
         path = self.entry(sha256, filename)
         if self.is_ready(sha256, filename):
             return path, 0
@@ -71,32 +93,58 @@ class Cache:
         with locks.held(path.parent / ".lock", what=f"cache entry {filename}"):
             if self.is_ready(sha256, filename):  # another installer finished it while we waited
                 return path, 0
-            for stale in path.parent.glob(".*.part"):  # a killed download's; only the lock's holder writes here
-                stale.unlink(missing_ok=True)
+            tmp = path.with_name(f".{filename}.part")  # kept after a cut: the next run resumes it
+            for stale in path.parent.glob(".*.part"):  # other names: killed downloads of older releases
+                if stale.name != tmp.name:
+                    stale.unlink(missing_ok=True)
             if path.exists():
                 got = sha256_file(path)
                 if got == sha256:
                     self._mark(path)
                     return path, 0
                 path.unlink()
-            tmp = path.with_name(f".{filename}.{os.getpid()}.part")
-            try:
-                size = _download(url, tmp, progress=progress)
+            resumed = tmp.exists() and tmp.stat().st_size > 0
+            got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
+            got = sha256_file(tmp)
+            if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
+                narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
+                tmp.unlink()
+                got_bytes += _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
                 got = sha256_file(tmp)
-                if got != sha256:
-                    raise IntegrityError(
-                        f"{filename}: checksum mismatch (want sha256 {sha256}, got {got})",
-                        why=f"the archive at {url} is not the one the lock names: altered, corrupted, or a "
-                            f"different build on the mirror",
-                        fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
-                            "with `lorastrap lock`.")
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-                self._mark(path)
-                return path, size
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
+            if got != sha256:
+                tmp.unlink()
+                raise IntegrityError(
+                    f"{filename}: checksum mismatch (want sha256 {sha256}, got {got})",
+                    why=f"the archive at {url} was downloaded completely and is not the one the lock names: "
+                        f"altered, corrupted, or a different build on the mirror",
+                    fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
+                        "with `lorastrap lock`.")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            self._mark(path)
+            return path, got_bytes
+
+    def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS,
+                  narrate=lambda m: None) -> list[tuple[Path, int]]:
+        """fetch() for every (url, sha256, filename), JOBS at a time; the results in the same order.  The first
+        failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised."""
+        todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
+        if not todo:
+            return [self.fetch(*item) for item in items]
+        stop = threading.Event()
+        progress = Progress(todo)
+        pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
+        try:
+            futures = [pool.submit(self.fetch, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
+                       for url, sha, fn in items]
+            results = [f.result() for f in futures]
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            progress.close()
+        return results
 
     def _mark(self, path: Path) -> None:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
@@ -165,56 +213,225 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
     return None
 
 
-def _download(url: str, dest: Path, *, progress=None) -> int:
-    if url.startswith("file://") or url.startswith("/"):
-        src = Path(urllib.request.url2pathname(url[7:])) if url.startswith("file://") else Path(url)
-        try:
-            shutil.copyfile(src, dest)
-        except FileNotFoundError:
-            raise NetworkError(f"{src} does not exist", why="the lock names a local file that is not there",
-                               fix="Point --channel/--mirror at the folder that holds the packages.")
-        except OSError as exc:
-            if exc.errno == 28:
-                raise DiskError(f"the package cache's disk is full while copying {src.name}",
-                                fix="Free disk space or set LORASTRAP_HOME to a larger disk.")
-            raise
-        return dest.stat().st_size
-    last: Exception | None = None
-    for attempt in range(RETRIES):
-        try:
-            req = urllib.request.Request(url, headers={"User-Agent": "lorastrap"})
-            with urllib.request.urlopen(req, timeout=60) as resp, open(dest, "wb") as out:
-                total = int(resp.headers.get("Content-Length") or 0)
-                done = 0
-                for block in iter(lambda: resp.read(CHUNK), b""):
-                    out.write(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
-            return done
-        except urllib.error.HTTPError as exc:
-            last = exc
-            if exc.code < 500:
+class Cancelled(Exception):
+    """Another download failed, or the run was interrupted: this one stops at its next block."""
+
+
+class _HttpStatus(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"HTTP {code} {reason}")
+        self.code = code
+
+
+class _Cut(Exception):
+    pass
+
+
+class _Connections(threading.local):
+    """Each download thread keeps one keep-alive connection per host (a pool of JOBS connections per host)."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[tuple[str, str], http.client.HTTPConnection] = {}
+
+
+_CONNECTIONS = _Connections()
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    conn = _CONNECTIONS.by_host.get((scheme, netloc))
+    if conn is not None:
+        conn.timeout = timeout
+        return conn, True
+    if scheme == "https":
+        ctx = ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(netloc, timeout=timeout)
+    _CONNECTIONS.by_host[(scheme, netloc)] = conn
+    return conn, False
+
+
+def _drop(scheme: str, netloc: str) -> None:
+    conn = _CONNECTIONS.by_host.pop((scheme, netloc), None)
+    if conn is not None:
+        conn.close()
+
+
+def _proxied(parts: urllib.parse.SplitResult) -> bool:
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+def _request(url: str, start: int, timeout: float):
+    """GET url from byte `start` (a Range request when > 0), following redirects: (status, headers, body)."""
+    headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    for _ in range(MAX_REDIRECTS):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise _HttpStatus(0, f"unsupported URL scheme {parts.scheme!r}")
+        if _proxied(parts):  # through the user's proxy (https_proxy/http_proxy): urllib, one connection a file
+            try:
+                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+            except urllib.error.HTTPError as exc:
+                raise _HttpStatus(exc.code, str(exc.reason))
+            return resp.status, resp.headers, resp
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for fresh in (False, True):  # a pooled connection the server closed meanwhile: once more, on a new one
+            conn, reused = _connection(parts.scheme, parts.netloc, timeout)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
                 break
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            last = exc
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                _drop(parts.scheme, parts.netloc)
+                if fresh or not reused:
+                    raise
+            except BaseException:
+                _drop(parts.scheme, parts.netloc)
+                raise
+        if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+            resp.read()
+            url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            continue
+        if resp.status >= 400:
+            _drop(parts.scheme, parts.netloc)
+            raise _HttpStatus(resp.status, resp.reason)
+        return resp.status, resp.headers, resp
+    raise _HttpStatus(0, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _copy_local(url: str, dest: Path) -> int:
+    src = Path(urllib.request.url2pathname(url[7:])) if url.startswith("file://") else Path(url)
+    try:
+        shutil.copyfile(src, dest)
+    except FileNotFoundError:
+        raise NetworkError(f"{src} does not exist", why="the lock names a local file that is not there",
+                           fix="Point --channel/--mirror at the folder that holds the packages.")
+    except OSError as exc:
+        if exc.errno == 28:
+            raise DiskError(f"the package cache's disk is full while copying {src.name}",
+                            fix="Free disk space or set LORASTRAP_HOME to a larger disk.")
+        raise
+    return dest.stat().st_size
+
+
+def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
+              stop: threading.Event | None = None) -> int:
+    """Download url into dest, resuming what dest already holds when the server honours Range.  Returns the
+    bytes transferred.  A cut connection, a short body, a read that waits longer than read_timeout() or a 5xx
+    is retried (RETRIES attempts, narrated); a 4xx, or running out of attempts, is a NetworkError."""
+    if url.startswith("file://") or url.startswith("/"):
+        return _copy_local(url, dest)
+    host = urllib.parse.urlsplit(url).netloc
+    timeout = read_timeout()
+    transferred = 0
+    last = ""
+    for attempt in range(1, RETRIES + 1):
+        have = dest.stat().st_size if dest.exists() else 0
+        try:
+            status, headers, body = _request(url, have, timeout)
+            length = int(headers.get("Content-Length") or -1)
+            content_range = re.match(r"bytes (\d+)-", headers.get("Content-Range") or "")
+            if status == 206 and content_range and int(content_range.group(1)) == have:
+                mode, total = "ab", (have + length if length >= 0 else -1)
+                if have:
+                    narrate(f"{dest.name[1:-5]}: resuming at {have / 2**20:.1f} MiB")
+            else:  # the whole file (the server ignored Range, or there was nothing to resume)
+                mode, total, have = "wb", length, 0
+            with open(dest, mode) as out:
+                while True:
+                    if stop is not None and stop.is_set():
+                        raise Cancelled()
+                    block = body.read(CHUNK)
+                    if not block:
+                        break
+                    out.write(block)
+                    have += len(block)
+                    transferred += len(block)
+                    if progress:
+                        progress.add(len(block))
+            if total >= 0 and have < total:
+                raise _Cut(f"the connection closed after {have} of {total} bytes")
+            if progress:
+                progress.done_one()
+            return transferred
+        except _HttpStatus as exc:
+            last = str(exc)
+            if exc.code < 500 and exc.code not in (408, 429):
+                break
+        except (socket.timeout, TimeoutError):
+            last = f"no data from {host} for {timeout:.0f} s"
+        except (_Cut, http.client.HTTPException, ConnectionError, urllib.error.URLError) as exc:
+            last = str(exc) or type(exc).__name__
         except OSError as exc:
             if exc.errno == 28:
                 raise DiskError("the package cache's disk is full", fix="Free disk space or set LORASTRAP_HOME.")
-            last = exc
-        time.sleep(0.5 * (attempt + 1))
-    reason = getattr(last, "reason", None) or last
-    raise NetworkError(f"could not download {url}", why=str(reason),
-                       fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
-                           "or a bundle/local channel for offline machines.")
+            last = str(exc)
+        _drop(*urllib.parse.urlsplit(url)[:2])
+        if attempt < RETRIES:
+            narrate(f"{url.rsplit('/', 1)[-1]}: {last}; retrying ({attempt}/{RETRIES - 1})")
+            time.sleep(min(0.25 * 2 ** (attempt - 1), 4))
+    raise NetworkError(f"could not download {url}", why=last,
+                       fix="Check the network or proxy (https_proxy); rerun to resume what was downloaded; use "
+                           "--mirror URL for a reachable mirror, or a bundle/local channel for offline machines.")
 
 
-def progress_printer(label: str):
-    """A download progress line on stderr, only when stderr is a terminal (never in --json output)."""
-    if not sys.stderr.isatty():
-        return None
+def pip_file_url(index_url: str, name: str, filename: str) -> str:
+    """The URL of one file on a PEP 503 simple index (a PyPI mirror): INDEX/NAME/ lists the project's files."""
+    page = f"{index_url.rstrip('/')}/{re.sub(r'[-_.]+', '-', name).lower()}/"
+    if page.startswith("file://") or page.startswith("/"):
+        folder = Path(urllib.request.url2pathname(page[7:])) if page.startswith("file://") else Path(page)
+        if (folder / filename).is_file():
+            return (folder / filename).as_uri()
+        html = (folder / "index.html").read_text() if (folder / "index.html").is_file() else ""
+    else:
+        try:
+            req = urllib.request.Request(page, headers={"User-Agent": "lorastrap", "Accept": "text/html"})
+            with urllib.request.urlopen(req, timeout=read_timeout()) as resp:
+                html = resp.read().decode("utf-8", "replace")
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise NetworkError(f"could not read the pip index page {page}", why=str(getattr(exc, "reason", exc)),
+                               fix="Check --pip-index-url (a PEP 503 simple index) and the network to it.")
+    for href in re.findall(r'href=["\']([^"\']+)["\']', html):
+        if urllib.parse.urlsplit(href).path.rsplit("/", 1)[-1] == filename:
+            return urllib.parse.urljoin(page, href.split("#", 1)[0])
+    raise NetworkError(f"{filename} is not on the pip index {index_url}",
+                       why=f"{page} does not list it (the lock names this exact wheel)",
+                       fix="Put the lock's wheels on that index (a PyPI mirror), or install from a bundle.")
 
-    def show(done: int, total: int) -> None:
-        pct = f"{100 * done // total:3d}%" if total else ""
-        print(f"\r  {label} {done / 2**20:7.1f} MiB {pct}", end="", file=sys.stderr, flush=True)
-    return show
+
+class Progress:
+    """One progress line on stderr for a parallel fetch, only when stderr is a terminal (never in --json output);
+    close() ends the line."""
+
+    def __init__(self, files: int):
+        self.files, self.done, self.bytes = files, 0, 0
+        self.lock = threading.Lock()
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def _show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.tty or (not force and now - self.last < 0.1):
+            return
+        self.last = now
+        self.shown = True
+        print(f"\r  downloading: {self.done}/{self.files} files, {self.bytes / 2**20:7.1f} MiB", end="",
+              file=sys.stderr, flush=True)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+            self._show()
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.done += 1
+            self._show(force=self.done == self.files)
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from lorastrap import __version__, errors
 from lorastrap.errors import LorastrapError
 
-ENGINES = ["auto", "micromamba", "mamba", "rattler"]
+ENGINES = ["auto", "micromamba", "mamba", "rattler"]  # engines.CHOICES (not imported here: start-up time)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,7 +65,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     sources.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
 
     transaction = _Parser(add_help=False)
-    transaction.add_argument("--engine", choices=ENGINES, default="auto")
+    transaction.add_argument("--engine", choices=ENGINES, default=None,
+                             help="auto (micromamba or mamba when found, else the embedded py-rattler) | micromamba | "
+                                  "mamba | rattler (default: $LORASTRAP_ENGINE, else auto)")
     transaction.add_argument("--no-verify", action="store_true",
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")

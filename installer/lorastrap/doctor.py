@@ -180,6 +180,9 @@ def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.Co
                                          "and re-lock)."))
 
 
+PIP_INSTALLERS = ("pip", "uv")  # what writes INSTALLER for a wheel installed over conda (lorastrap's own pip step: uv)
+
+
 def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dict[str, pfx.CondaRecord],
               diag: Diagnosis) -> set[str]:
     """pip on top of conda.  Returns the paths the pip-installed distributions own."""
@@ -188,7 +191,7 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
     mapping = _mapping()
     conda_names = {canonicalize_name(n): n for n in records}
     owned: set[str] = set()
-    pip_dists = [d for d in pfx.distributions(prefix).values() if d.installer == "pip"]
+    pip_dists = [d for d in pfx.distributions(prefix).values() if d.installer in PIP_INSTALLERS]
     for dist in sorted(pip_dists, key=lambda d: d.name):
         owned.update(dist.files)
         if locked.get(dist.name) == dist.version:

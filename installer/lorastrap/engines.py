@@ -1,31 +1,128 @@
-"""The engines that link a locked environment: micromamba / mamba when one is found, else the embedded py-rattler.
+"""The engines that link a locked environment: micromamba / mamba when one is found, else the embedded py-rattler;
+and the pip step (uv, else pip) for a lock's pip entries.
 
-Each engine gets a lock whose URLs point at archives lorastrap already checked (see cache.py), and a prefix.
-Processes start only through subproc; the user's conda configuration cannot leak in (own root prefix, --no-rc,
-CONDA_*/MAMBA_* variables dropped).
+Each engine gets the same hand-over (``hand_over``): a lock holding only the conda entries, whose URLs name the
+archives lorastrap already checked (cache.py), laid out as a channel (``pkgs/channel/SUBDIR/FILE``, hard links) —
+micromamba 1.5 rebuilds every URL of a lock as CHANNEL/SUBDIR/FILENAME, so a bare cache path does not do. The pip
+entries are installed by lorastrap itself from wheels it checked too, so no engine runs a pip step of its own.
+
+micromamba / mamba run isolated from the user's configuration: a root prefix and package cache of lorastrap's own
+(one per release: caches of different releases are not mixed), ``--no-rc``, CONDARC, MAMBARC, CONDA_* and MAMBA_*
+variables dropped (micromamba 1.5 stops on CONDARC with --no-rc: "Incompatible configuration") and
+HOME pointed at that root (so no ~/.mambarc is read and no ~/.conda/environments.txt written). Their version is
+read first and judged against envs/engines.yaml (known-bad releases, each with its source).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
-from lorastrap import paths, prefix as pfx, subproc
-from lorastrap.errors import DiskError, LorastrapError, UsageError
+import yaml
+
+from lorastrap import lock as locking, locks, paths, prefix as pfx, subproc
+from lorastrap.errors import ConfigError, DiskError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
+VERSION_TIMEOUT_S = 30
+FACTS = "engines.yaml"
 
 
 @dataclass
 class Engine:
     kind: str  # "micromamba", "mamba" or "rattler"
     exe: str | None = None
+    version: str | None = None
 
     def describe(self) -> str:
-        return f"{self.kind} ({self.exe})" if self.exe else "embedded py-rattler"
+        """Which engine and which release ran: every report carries this."""
+        if self.kind == "rattler":
+            return f"embedded py-rattler {self.version or _rattler_version()}"
+        return f"{self.kind} {self.version or '?'} ({self.exe})"
 
+
+def _rattler_version() -> str:
+    try:
+        return metadata.version("py-rattler")
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Which releases lorastrap hands a lock to (envs/engines.yaml)
+
+@dataclass(frozen=True)
+class Minimum:
+    version: str
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    start: str  # "from" in the file
+    end: str  # "to"
+    why: str
+    source: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    minimum: dict[str, Minimum]
+    refused: list[Refused]
+
+
+def facts(envs_dir: Path | None = None) -> Facts:
+    """envs/engines.yaml, checked (plain dataclasses: this is read on every install, so no model classes to build)."""
+    path = (envs_dir or paths.ENVS) / FACTS
+    try:
+        raw = yaml.safe_load(path.read_text())
+        if raw.get("schema_version") != 1 or set(raw) - {"schema_version", "minimum", "refused"}:
+            raise ValueError("expected the keys schema_version (1), minimum and refused")
+        minimum = {kind: Minimum(**m) for kind, m in (raw.get("minimum") or {}).items()}
+        refused = [Refused(start=r["from"], end=r["to"], why=r["why"], source=r["source"])
+                   for r in raw.get("refused") or []]
+        for v in [m.version for m in minimum.values()] + [x for r in refused for x in (r.start, r.end)]:
+            if not re.fullmatch(r"\d+\.\d+\.\d+", str(v)):
+                raise ValueError(f"{v!r} is not a version such as 2.3.2")
+        if any(set(r) - {"from", "to", "why", "source"} for r in raw.get("refused") or []):
+            raise ValueError("a refused range has a key other than from, to, why, source")
+        return Facts(minimum=minimum, refused=refused)
+    except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path} is not a valid list of engine releases", why=str(exc).splitlines()[0],
+                          fix="Restore envs/engines.yaml from version control.")
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+def judge(kind: str, version: str, known: Facts) -> str | None:
+    """Why this release may not install a lock (with the source), or None when it may."""
+    v = _numbers(version)
+    low = known.minimum.get(kind)
+    if low and v < _numbers(low.version):
+        return f"{kind} {version} is older than {low.version}: {low.why} (source: {low.source})"
+    for r in known.refused:
+        if _numbers(r.start) <= v <= _numbers(r.end):
+            return f"{kind} {version} is a known-bad release ({r.start}–{r.end}): {r.why} (source: {r.source})"
+    return None
+
+
+def read_version(exe: str) -> str | None:
+    """`EXE --version`: micromamba and mamba 2 print the bare version; mamba 1 prints `mamba X` then `conda Y`."""
+    res = subproc.run([exe, "--version"], timeout=VERSION_TIMEOUT_S, env=_isolated_env(None))
+    m = re.search(r"\d+\.\d+(?:\.\d+)?", res.stdout or "")
+    return m.group(0) if res.ok and m else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding one
 
 def _on_path(name: str) -> str | None:
     """shutil.which, skipping pyenv/asdf-style shim folders (a shim is not the program)."""
@@ -33,53 +130,128 @@ def _on_path(name: str) -> str | None:
     return shutil.which(name, path=os.pathsep.join(dirs))
 
 
-def find(choice: str = "auto") -> Engine:
+def _candidates(choice: str) -> list[tuple[str, str, str]]:
+    """(kind, path, where found) in the order they are tried."""
+    found: list[tuple[str, str, str]] = []
+    if os.environ.get("MAMBA_EXE"):
+        exe = os.environ["MAMBA_EXE"]
+        found.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe, "MAMBA_EXE"))
+    for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
+        on_path = _on_path(kind)
+        if on_path:
+            found.append((kind, on_path, "PATH"))
+        bundled = paths.data_dir() / "bin" / kind  # the copy setup.sh fetched
+        if bundled.exists():
+            found.append((kind, str(bundled), "the data dir"))
+    return [c for c in found if choice == "auto" or c[0] == choice]
+
+
+CHOICES = ("auto", "micromamba", "mamba", "rattler")
+
+
+def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | None = None) -> Engine:
+    """The engine to use (choice None: $LORASTRAP_ENGINE, else auto). auto: the first usable micromamba/mamba
+    (MAMBA_EXE, PATH without shims, the data dir's bin/), else the embedded engine — a refused or broken one is
+    skipped with a word why. micromamba / mamba: that one, or a UsageError saying why not."""
+    choice = choice or os.environ.get("LORASTRAP_ENGINE") or "auto"
+    if choice not in CHOICES:
+        raise UsageError(f"LORASTRAP_ENGINE={choice!r} is not an engine", why=f"expected one of {', '.join(CHOICES)}",
+                         fix="Set LORASTRAP_ENGINE to one of those, or unset it.")
     if choice == "rattler":
         return Engine("rattler")
-    candidates: list[tuple[str, str | None]] = []
-    if choice in ("auto", "micromamba", "mamba") and os.environ.get("MAMBA_EXE"):
-        exe = os.environ["MAMBA_EXE"]
+    exe = os.environ.get("MAMBA_EXE")
+    if exe and choice in ("auto", "micromamba", "mamba") and not (Path(exe).is_file() and os.access(exe, os.X_OK)):
+        raise UsageError(f"MAMBA_EXE={exe!r} is not an executable file",
+                         why="it " + ("does not exist" if not os.path.lexists(exe) else
+                                      "is a folder" if Path(exe).is_dir() else "cannot be executed"),
+                         fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
+                             "uses one on PATH or its embedded engine).")
+    known = facts(envs_dir)
+    reasons = []
+    for kind, exe, where in _candidates(choice):
         if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
-            raise UsageError(f"MAMBA_EXE={exe!r} is not an executable file",
-                             why="it " + ("does not exist" if not os.path.lexists(exe) else
-                                          "is a folder" if Path(exe).is_dir() else "cannot be executed"),
-                             fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
-                                 "uses one on PATH or its embedded engine).")
-        candidates.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe))
-    for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
-        candidates.append((kind, _on_path(kind)))
-        bundled = paths.data_dir() / "bin" / kind  # the copy setup.sh fetched
-        candidates.append((kind, str(bundled) if bundled.is_file() and os.access(bundled, os.X_OK) else None))
-    for kind, exe in candidates:
-        if exe and Path(exe).is_file() and (choice == "auto" or kind == choice):
-            return Engine(kind, exe)
+            reasons.append(f"{exe} ({where}) is not an executable file")
+            continue
+        version = read_version(exe)
+        if version is None:
+            reasons.append(f"{exe} ({where}) did not answer `--version`")
+            continue
+        bad = judge(kind, version, known)
+        if bad:
+            reasons.append(f"{exe} ({where}): {bad}")
+            continue
+        for reason in reasons:
+            narrate(f"not using {reason}")
+        return Engine(kind, exe, version)
     if choice == "auto":
+        for reason in reasons:
+            narrate(f"not using {reason}; the embedded engine installs instead")
         return Engine("rattler")
-    raise UsageError(f"--engine {choice}: no {choice} executable found",
-                     why="looked at MAMBA_EXE, PATH (without shims) and the data dir's bin/",
-                     fix="Install it, set MAMBA_EXE, or use --engine auto / --engine rattler.")
+    raise UsageError(f"--engine {choice}: no usable {choice} found",
+                     why="; ".join(reasons) or "looked at MAMBA_EXE, PATH (without shims) and the data dir's bin/",
+                     fix=f"Install a {choice} release that envs/engines.yaml does not refuse, set MAMBA_EXE to it, "
+                         f"or use --engine rattler (the embedded engine).")
 
 
-def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> tuple[list[str], dict[str, str]]:
-    """micromamba/mamba 2: `create` from a conda-lock file (its name must end in -lock.yml), isolated from the
-    user's configuration."""
-    if not lock_file.name.endswith(("-lock.yml", "-lock.yaml")):
-        raise ValueError(f"{lock_file.name}: micromamba treats a file as a lock only if it ends in -lock.yml")
-    argv = [engine.exe or engine.kind, "create", "--yes", "--no-rc", "--root-prefix", str(root),
-            "--prefix", str(prefix), "--file", str(lock_file)]
-    env = subproc.clean_env(prefixes=("CONDA_", "MAMBA_"), MAMBA_ROOT_PREFIX=str(root),
-                            CONDA_PKGS_DIRS=str(root / "pkgs"))
-    return argv, env
+# --------------------------------------------------------------------------------------------------------------
+# The hand-over and the link step
+
+def hand_over(lk: locking.Lock, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
+    """A lock (written into work) of the conda entries only, whose URLs are CHANNEL/SUBDIR/FILE: hard links to the
+    checked archives (a symlink where the cache is on another filesystem). CHANNEL stays the same from run to run,
+    so an engine's own cache recognises a package it extracted before. The lock's name ends in -lock.yml
+    (micromamba reads a file as a lock only then, mamba#3039) and every entry is in the `main` category (the only
+    one micromamba installs without --category, mamba#1917)."""
+    urls: dict[str, str] = {}
+    for e in lk.for_platform(platform):
+        if e.manager != "conda":
+            continue
+        target = channel / e.url.rsplit("/", 2)[-2] / e.filename
+        src = archives[e.name]
+        if not (target.exists() and os.path.samefile(target, src)):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                os.link(src, tmp)
+            except OSError:
+                os.symlink(src, tmp)
+            os.replace(tmp, target)
+        urls[e.name] = target.as_uri()
+    return locking.rewritten(lk, work / f"{platform}-lock.yml", lambda p: urls[p["name"]], platform=platform,
+                             channels=[channel.as_uri()], conda_only=True)
 
 
 class EngineError(LorastrapError):
     pass
 
 
-def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path) -> None:
-    """Create the environment at prefix from lock_file.  Raises EngineError on failure."""
+def engine_root(engine: Engine, cache_dir: Path) -> Path:
+    """micromamba/mamba's own root prefix and package cache: one per kind and release, beside cache_dir."""
+    return cache_dir.parent / "mamba" / f"{engine.kind}-{engine.version or 'unknown'}"
+
+
+def _isolated_env(root: Path | None) -> dict[str, str]:
+    extra = {"MAMBA_ROOT_PREFIX": str(root), "CONDA_PKGS_DIRS": str(root / "pkgs"), "HOME": str(root)} if root else {}
+    return subproc.clean_env(drop=("CONDARC", "MAMBARC"), prefixes=("CONDA_", "MAMBA_"), **extra)
+
+
+def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> tuple[list[str], dict[str, str]]:
+    """`create` from a conda-lock file, isolated from the user's configuration.
+
+    micromamba 1.5 (run by the tests): as below. mamba / micromamba 2.x: the same flags per their documentation
+    (mamba.readthedocs.io, "micromamba create -f env-lock.yml"; --no-rc, --root-prefix, CONDA_PKGS_DIRS) — not run
+    here, no 2.x binary being at hand."""
+    if not lock_file.name.endswith(("-lock.yml", "-lock.yaml")):
+        raise ValueError(f"{lock_file.name}: micromamba treats a file as a lock only if it ends in -lock.yml")
+    argv = [engine.exe or engine.kind, "create", "--yes", "--no-rc", "--root-prefix", str(root),
+            "--prefix", str(prefix), "--file", str(lock_file)]
+    return argv, _isolated_env(root)
+
+
+def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path,
+         narrate=lambda m: None) -> None:
+    """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure."""
     if engine.kind == "rattler":
-        import sys
         answer = subproc.worker("rattler_worker", {
             "op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
             "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S, show_progress=sys.stderr.isatty())
@@ -88,13 +260,16 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
                               fix="Rerun with --debug; if it persists, try --engine micromamba.")
         return
-    root = cache_dir / "mamba-root"
+    root = engine_root(engine, cache_dir)
     (root / "pkgs").mkdir(parents=True, exist_ok=True)
     argv, env = mamba_command(engine, prefix, lock_file, root)
-    res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
+    # micromamba 1.5 run concurrently on one package cache fails ("Package cache error"): one at a time per cache
+    # (installers on one node, or nodes sharing LORASTRAP_PKGS_DIR).
+    with locks.held(root / ".lorastrap.lock", what=f"{engine.kind}'s package cache {root}", narrate=narrate):
+        res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
     if not res.ok:
         _raise_if_disk_full(res.stdout + res.stderr, prefix)
-        raise EngineError(f"{engine.kind} could not create {prefix}", why=res.tail(),
+        raise EngineError(f"{engine.describe()} could not create {prefix}", why=res.tail(),
                           fix="See the message above; rerun with --engine rattler to use the embedded engine.")
 
 
@@ -110,21 +285,45 @@ def _raise_if_disk_full(text: str, prefix: Path) -> None:
                             "environment was restored.")
 
 
-def pip_install(prefix: Path, requirements: list[str], *, timeout: float = 1800) -> None:
-    """Install locked pip entries inside the environment: hashes required, no dependency resolution."""
-    import sys
-    import tempfile
-    python = pfx.python_of(prefix) or prefix / "bin" / "python"
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="lorastrap-pip-", delete=False) as f:
-        f.write("\n".join(requirements) + "\n")
-        req = f.name
+# --------------------------------------------------------------------------------------------------------------
+# The pip step
+
+def uv_exe() -> str | None:
+    """uv from lorastrap's runtime (the `uv` wheel), else on PATH."""
     try:
-        res = subproc.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--isolated",
-                           "--no-deps", "--require-hashes", "--no-input", "--disable-pip-version-check",
-                           "--no-warn-script-location", "-r", req], timeout=timeout)
-    finally:
-        os.unlink(req)
+        import uv  # the PyPI wheel: a binary and find_uv_bin()
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return _on_path("uv")
+
+
+def pip_command(python: Path, wheels: list[tuple[str, Path, str]], req: Path, uv_cache: Path) -> list[str]:
+    """The pip step's command: uv when there is one, else pip. Either installs exactly the given wheel files
+    (already checked against the lock's sha256), hashes required again, no dependencies, no index. uv keeps its
+    cache (unpacked wheels, interpreter facts) in lorastrap's cache and copies files out of it (no shared inodes)."""
+    req.write_text("".join(f"{name} @ {w.as_uri()} --hash=sha256:{sha}\n" for name, w, sha in wheels))
+    uv = uv_exe()
+    if uv:
+        return [uv, "pip", "install", "--python", str(python), "--no-deps", "--require-hashes", "--offline",
+                "--no-config", "--cache-dir", str(uv_cache), "--link-mode", "copy", "--quiet", "-r", str(req)]
+    return [sys.executable, "-m", "pip", "--python", str(python), "install", "--isolated", "--no-deps",
+            "--require-hashes", "--no-index", "--no-input", "--disable-pip-version-check",
+            "--no-warn-script-location", "-r", str(req)]
+
+
+def pip_install(prefix: Path, wheels: list[tuple[str, Path, str]], work: Path, *, uv_cache: Path,
+                timeout: float = 1800) -> str:
+    """Install checked wheel files (name, path, sha256) into the environment. Returns the installer's name."""
+    python = pfx.python_of(prefix) or prefix / "bin" / "python"
+    argv = pip_command(python, wheels, work / "pip-requirements.txt", uv_cache)
+    env = subproc.clean_env(prefixes=("PIP_", "UV_"))
+    stray = prefix / ".lock"  # uv locks the environment with PREFIX/.lock and leaves it: not the user's file
+    had_stray = stray.exists()
+    res = subproc.run(argv, timeout=timeout, env=env)
+    if not had_stray and stray.is_file():
+        stray.unlink()
     if not res.ok:
         _raise_if_disk_full(res.stdout + res.stderr, prefix)
-        raise EngineError("pip could not install the lock's pip entries", why=res.tail(),
-                          fix="Check the network to the pip index; a hash mismatch means the wheel changed upstream.")
+        raise EngineError("the lock's pip entries could not be installed", why=res.tail(),
+                          fix="The wheels were checked against the lock; rerun with --debug and report it.")
+    return "uv" if "uv" in Path(argv[0]).name else "pip"

@@ -4,9 +4,11 @@ conda environments are not relocatable (prefix placeholders are written for the 
 new environment is linked at PREFIX itself and the old one is what moves (txn.py keeps the journal):
 
   1. preflight   lock parsed, platform present, free disk; the prefix's file lock taken
-  2. fetch       every archive into the cache, sha256 checked against the lock (nothing of the user's touched)
+  2. fetch       every archive and wheel into the cache (in parallel, resumable), sha256 checked against the
+                 lock (nothing of the user's touched)
   3. aside       PREFIX renamed to PREFIX.lorastrap-backup (one rename), between two journal writes
-  4. link        the engine creates PREFIX from the checked archives; pip entries inside it; the user's files
+  4. link        the engine creates PREFIX from the checked archives; the checked wheels inside it (uv, or
+                 pip); the user's files
                  (owned by no package) copied over from the backup when repairing
   5. check       every locked package in conda-meta with the lock's sha256, pip entries present, smoke command
   6. verify      the profile's verification command inside PREFIX; lock + record written into
@@ -35,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorastrap import archive, engines, envs, fsutil, lock as locking, locks, paths, prefix as pfx, subproc, txn, verify
-from lorastrap.cache import Cache, progress_printer
+from lorastrap.cache import Cache, pip_file_url
 from lorastrap.detect import Machine, existing_parent
 from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
 from lorastrap.profiles import Matrix, Profile
@@ -134,7 +136,7 @@ def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
 
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
-                   matrix: Matrix | None = None, engine: str = "auto", frozen: bool = False,
+                   matrix: Matrix | None = None, engine: str | None = None, frozen: bool = False,
                    channels: list[str] | None = None, mirror: str | None = None,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
@@ -173,47 +175,44 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               f"packages are not in the lock for {platform}, e.g. {unmet[0]}",
                               why="the lock is incomplete (cut by hand, or made by a tool that dropped a package)",
                               fix="Re-lock: `lorastrap lock`. Nothing was changed.")
-        eng = engines.find(engine)
-        result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine=eng.describe(),
+        result = InstallResult(prefix=str(prefix), profile=name, platform=platform, engine="",
                                lock=str(lk.path), changed=False, packages=len(conda_entries),
                                pip_packages=len(pip_entries), recovered=recovered, timings=timings)
 
-        # No-op: the same lock is already installed and intact.
+        # No-op: the same lock is already installed and intact (the engine that built it is the one reported).
         record = pfx.read_record(prefix)
         if not force and record and record.lock_digest == lk.digest(platform) and not pfx.mismatches(prefix, entries):
+            result.engine = record.engine
             timings["total"] = time.perf_counter() - t0
             narrate(f"{prefix} already matches the lock ({len(entries)} packages): nothing to do")
             return result
+        eng = engines.find(engine, narrate=narrate)
+        result.engine = eng.describe()
 
         # Preflight: free disk where the cache and the environment go.
         cache = Cache(paths.cache_dir())
         _check_disk(cache.root, min_free_mib, 0, "the package cache")
 
-        # Fetch and check every archive. Nothing of the user's is touched up to here.
+        # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
         t = time.perf_counter()
-        local: dict[str, Path] = {}
-        total_bytes = 0
-        for i, e in enumerate(conda_entries):
-            url = locking.mirrored(e.url, lk.channels, mirror)
-            path, got = cache.fetch(url, e.sha256, e.filename, progress=progress_printer(e.filename))
-            result.downloaded_bytes += got
-            local[e.name] = path
-            total_bytes += path.stat().st_size
-            if i == 0:
-                _pause_point("download", narrate)
+        _pause_point("download", narrate)
+        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
+                                   for e in entries], narrate=narrate)
+        local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
+        archives = {n: p for (m, n), p in local.items() if m == "conda"}
+        result.downloaded_bytes = sum(got for _, got in fetched)
+        total_bytes = sum(path.stat().st_size for path, _ in fetched)
         timings["fetch"] = time.perf_counter() - t
-        narrate(f"{len(conda_entries)} archives checked against the lock's sha256 "
+        narrate(f"{len(entries)} packages checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
-        _check_prefix_length(prefix, local)
-        cache.check_extracted(list(local.values()), full=check_cache, narrate=narrate)
+        _check_prefix_length(prefix, archives)
+        cache.check_extracted(list(archives.values()), full=check_cache, narrate=narrate)
 
-        work = Path(tempfile.mkdtemp(prefix="lorastrap-install-"))
+        work = Path(tempfile.mkdtemp(prefix=".lorastrap-install-", dir=cache.root))  # hard links to the cache
         try:
-            # The engine gets the archives checked above, not the channel's URLs.
-            local_lock = locking.rewritten(
-                lk, work / f"{name}.{platform}.conda-lock.yml", platform=platform,
-                url_for=lambda p: local[p["name"]].as_uri() if p["manager"] == "conda" else p["url"])
+            # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
+            local_lock = engines.hand_over(lk, platform, archives, cache.root / "channel", work)
             had_old = prefix.exists()
             if had_old and not carry_over:
                 carry_over = tuple(pfx.user_files(prefix))  # the user's files come along on a switch too
@@ -235,8 +234,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                         result.backup = str(backup)
                     journal("linking")
                 _pause_point("aside", narrate)
-                _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache,
-                       entries=entries, profile=profile, link_mode=link_mode,
+                _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache, work=work,
+                       entries=entries, wheels=local, profile=profile, link_mode=link_mode,
                        carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate)
                 journal("verifying")
@@ -277,14 +276,16 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         return result
 
 
-def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, entries: list, profile: Profile,
-           link_mode: str, carry_from: Path | None, carry_over: tuple[str, ...], timings: dict, narrate) -> None:
+def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, work: Path, entries: list,
+           wheels: dict[tuple[str, str], Path], profile: Profile, link_mode: str, carry_from: Path | None,
+           carry_over: tuple[str, ...], timings: dict, narrate) -> None:
     """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it."""
     conda_entries = [e for e in entries if e.manager == "conda"]
     pip_entries = [e for e in entries if e.manager == "pip"]
     t = time.perf_counter()
     narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
-    engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted")
+    engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted",
+                 narrate=narrate)
     if link_mode == "copy":
         files, reflinked = fsutil.unshare_tree(prefix)
         narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
@@ -292,8 +293,10 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
     if pip_entries:
         t = time.perf_counter()
         narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")
-        engines.pip_install(prefix, [f"{e.name} @ {e.url} --hash=sha256:{e.sha256}" for e in pip_entries])
+        how = engines.pip_install(prefix, [(e.name, wheels[("pip", e.name)], e.sha256) for e in pip_entries], work,
+                                  uv_cache=cache.root / "uv")
         timings["pip"] = time.perf_counter() - t
+        narrate(f"pip entries installed with {how} ({timings['pip']:.2f} s)")
     if carry_from is not None:
         _carry_over(carry_from, prefix, carry_over, narrate)
     _pause_point("linked", narrate)
@@ -308,6 +311,17 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
         raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
                           why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
     timings["check"] = time.perf_counter() - t
+
+
+def _source_url(e: locking.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
+    """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
+    a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
+    same file, found by name on the index's simple page: the lock's sha256 still decides)."""
+    url = locking.mirrored(e.url, channels, mirror)
+    if (e.manager == "pip" and url == e.url and pip_index_url != locking.DEFAULT_PIP_INDEX
+            and not url.startswith(pip_index_url.rstrip("/") + "/")):
+        return pip_file_url(pip_index_url, e.name, e.filename)
+    return url
 
 
 def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:

@@ -457,18 +457,21 @@ def mirrored(url: str, channels: list[str], mirror: str | None) -> str:
     return url
 
 
-def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, channels: list[str] | None = None) -> Path:
-    """Write a copy of the lock whose package URLs are url_for(raw_entry) (for one platform, if given)."""
+def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, channels: list[str] | None = None,
+              conda_only: bool = False) -> Path:
+    """Write a copy of the lock whose package URLs are url_for(raw_entry) (for one platform, if given; conda_only:
+    without the pip entries, every entry in the main category — what an engine is handed)."""
     raw = dict(lk.raw)
-    raw["package"] = [dict(p, url=url_for(p)) for p in lk.raw["package"]
-                      if platform is None or p["platform"] == platform]
+    raw["package"] = [dict(p, url=url_for(p), **({"category": "main"} if conda_only else {}))
+                      for p in lk.raw["package"] if (platform is None or p["platform"] == platform)
+                      and not (conda_only and p["manager"] != "conda")]
     meta = dict(raw["metadata"])
     if platform is not None:
         meta["platforms"] = [platform]
     if channels is not None:
         meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
     raw["metadata"] = meta
-    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out.write_text(yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
     return out
 
 

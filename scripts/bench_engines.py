@@ -1,0 +1,178 @@
+"""lorastrap side by side with the real micromamba, on the same lock, in one run (alternating, medians).
+
+    python scripts/bench_engines.py [--runs N] [--micromamba PATH] [--sets test,large]
+
+Sets: `test` — the test channel (40 conda packages + 1 pip wheel); `large` — the same packages with 106 extra
+files of 40 KiB each (>= 4,000 files, >= 150 MB). Each set is served on loopback twice by scripts/netsim.py
+(keep-alive, Range): plain, and `shaped` (+20 ms a request, 5 MiB/s a connection: the shape of a real network).
+
+For each set and scenario, three commands run in turn, N times (wall time of the whole process, interpreter
+start and detection included): `lorastrap install --no-verify` with the embedded engine, the same with
+`--engine micromamba`, and `micromamba create -f LOCK` on the same lock (its conda entries: the test channel's
+`pip` is a stand-in, so micromamba's own pip step cannot run there; lorastrap's figures include its pip step).
+Scenarios: cold (empty caches, over HTTP), warm (caches filled, a fresh prefix), no-op (lorastrap re-run on an
+environment that matches). Targets: warm <= 1.5x micromamba, cold <= 1.0x, no-op <= 0.3 s, pip step <= 0.1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from netsim import NetSim  # noqa: E402
+
+TEST_ENVS = ROOT / "tests" / "envs"
+LOCK_NAME = "test-cpu.linux-64.conda-lock.yml"
+SETS = {"test": {}, "large": {"LORASTRAP_TESTCHANNEL_FILES": "106", "LORASTRAP_TESTCHANNEL_FILE_KIB": "40"}}
+TARGETS = {"warm": 1.5, "cold": 1.0, "cold-shaped": 1.0}
+
+
+def timed(argv, env) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    res = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if res.returncode != 0:
+        sys.exit(f"failed: {' '.join(map(str, argv))}\n{res.stderr[-3000:]}")
+    return wall, res
+
+
+class Bench:
+    def __init__(self, tmp: Path, mm: Path, url: str, lock: dict):
+        self.tmp, self.mm, self.url, self.lock = tmp, mm, url, lock
+        self.n = 0
+
+    def _home(self) -> Path:
+        self.n += 1
+        home = self.tmp / f"home{self.n}"
+        (home / "locks").mkdir(parents=True)
+        (home / "locks" / LOCK_NAME).write_text(yaml.safe_dump(self.lock, sort_keys=False))
+        return home
+
+    def lorastrap(self, engine: str, home: Path, prefix: Path) -> tuple[float, dict]:
+        env = dict(os.environ, LORASTRAP_HOME=str(home), MAMBA_EXE=str(self.mm))
+        env.pop("LORASTRAP_PKGS_DIR", None)
+        wall, res = timed([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel",
+                           f"{self.url}/channel", "--pip-index-url", f"{self.url}/simple", "--prefix", str(prefix),
+                           "--engine", engine, "--no-verify", "--json"], env)
+        return wall, json.loads(res.stdout)
+
+    def micromamba(self, root: Path, prefix: Path) -> float:
+        lock = dict(self.lock, package=[p for p in self.lock["package"] if p["manager"] == "conda"])
+        lock_file = self.tmp / "bench-lock.yml"
+        if not lock_file.exists():
+            lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
+        (root / "pkgs").mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CONDA_", "MAMBA_"))}
+        env.update(MAMBA_ROOT_PREFIX=str(root), CONDA_PKGS_DIRS=str(root / "pkgs"), HOME=str(root))
+        wall, _ = timed([str(self.mm), "create", "-y", "-q", "--no-rc", "--root-prefix", str(root), "-p", str(prefix),
+                         "-f", str(lock_file)], env)
+        return wall
+
+    def scenario(self, kind: str, runs: int) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"rattler": [], "micromamba-engine": [], "micromamba": [], "pip": [], "noop": [],
+                                       "files": []}
+        for _ in range(runs):
+            for who in ("rattler", "micromamba-engine", "micromamba"):
+                home, prefix = self._home(), self.tmp / f"env{self.n}"
+                if who == "micromamba":
+                    if kind == "warm":
+                        self.micromamba(home / "mm", prefix)
+                        shutil.rmtree(prefix)
+                    out[who].append(self.micromamba(home / "mm", prefix))
+                else:
+                    engine = "rattler" if who == "rattler" else "micromamba"
+                    if kind == "warm":
+                        self.lorastrap(engine, home, prefix)
+                        shutil.rmtree(prefix)
+                    wall, result = self.lorastrap(engine, home, prefix)
+                    out[who].append(wall)
+                    out["files"].append(sum(len(f) for _, _, f in os.walk(prefix)))
+                    if kind == "warm":
+                        out["pip"].append(result["timings"].get("pip", 0.0))
+                        wall, result = self.lorastrap(engine, home, prefix)
+                        assert not result["changed"]
+                        out["noop"].append(wall)
+                shutil.rmtree(home, ignore_errors=True)
+                shutil.rmtree(prefix, ignore_errors=True)
+        return out
+
+
+def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path) -> list[tuple]:
+    tc = tmp / name / "tc"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(tc)], check=True,
+                   capture_output=True, env=dict(os.environ, **extra_env))
+    plain = NetSim(tc).start()
+    shaped = NetSim(tc, delay_s=0.020, rate=5 * 2**20).start()
+    try:
+        home = tmp / name / "lockhome"
+        timed([sys.executable, "-m", "lorastrap", "lock", "--envs-dir", str(TEST_ENVS), "--profile", "test-cpu",
+               "--platform", "linux-64", "--channel", f"{plain.url}/channel", "--pip-index-url",
+               f"{plain.url}/simple", "-o", str(home / LOCK_NAME)], dict(os.environ, LORASTRAP_HOME=str(home)))
+        lock = yaml.safe_load((home / LOCK_NAME).read_text())
+        shaped_lock = yaml.safe_load((home / LOCK_NAME).read_text().replace(plain.url, shaped.url))
+        conda = [p for p in lock["package"] if p["manager"] == "conda"]
+        size = sum((tc / "channel" / p["url"].rsplit("/", 2)[-2] / p["url"].rsplit("/", 1)[-1]).stat().st_size
+                   for p in conda)
+        rows = []
+        for kind, url, lk in (("warm", plain.url, lock), ("cold", plain.url, lock),
+                              ("cold-shaped", shaped.url, shaped_lock)):
+            b = Bench(tmp / name / kind, mm, url, lk)
+            b.tmp.mkdir(parents=True)
+            r = b.scenario(kind.split("-")[0], runs)
+            rows.append((name, kind, len(conda), len(lock["package"]) - len(conda), size, r))
+            shutil.rmtree(b.tmp, ignore_errors=True)
+        return rows
+    finally:
+        plain.shutdown()
+        shaped.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--micromamba", type=Path,
+                    default=Path(os.environ.get("MAMBA_EXE") or ROOT.parent / "shared/tools/micromamba/bin/micromamba"))
+    ap.add_argument("--sets", default="test,large")
+    args = ap.parse_args()
+    if not args.micromamba.is_file():
+        sys.exit(f"no micromamba at {args.micromamba}: pass --micromamba PATH or set MAMBA_EXE")
+    med = statistics.median
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lorastrap-bench-engines-") as tmp:
+        for name in args.sets.split(","):
+            rows += measure(name, SETS[name], args.runs, args.micromamba, Path(tmp))
+    print(f"medians of {args.runs} runs, wall time of the whole process; micromamba {args.micromamba}")
+    print("| set | scenario | packages | archives | files | lorastrap (embedded) | lorastrap (--engine micromamba) | "
+          "micromamba create -f | ratio (best lorastrap / micromamba) | target |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = []
+    for name, kind, n, npip, size, r in rows:
+        best = min(med(r["rattler"]), med(r["micromamba-engine"]))
+        ratio = best / med(r["micromamba"])
+        ok = ratio <= TARGETS[kind]
+        verdicts.append(ok)
+        print(f"| {name} | {kind} | {n} conda + {npip} pip | {size / 2**20:.0f} MiB | {max(r['files'])} | {med(r['rattler']):.2f} s | "
+              f"{med(r['micromamba-engine']):.2f} s | {med(r['micromamba']):.2f} s | {ratio:.2f}x | "
+              f"<= {TARGETS[kind]}x {'met' if ok else 'NOT met'} |")
+    for name, kind, n, npip, size, r in rows:
+        if kind == "warm":
+            noop, pip = med(r["noop"]), med(r["pip"])
+            print(f"{name}: no-op re-run {noop:.2f} s (target <= 0.3 s: {'met' if noop <= 0.3 else 'NOT met'}); "
+                  f"pip step {pip:.3f} s (target <= 0.1 s: {'met' if pip <= 0.1 else 'NOT met'})")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""A loopback HTTP/1.1 file server with the shape of a real network, and faults on demand (tests and benchmarks).
+
+    python scripts/netsim.py DIR [--port P] [--delay-ms 20] [--rate-mib 10]
+
+It serves DIR with keep-alive and Range requests (206 / 416), and can
+- add a delay to every request (latency) and cap each connection's bandwidth (bytes per second);
+- inject faults per file name, consumed one a request: "500", "404", "cut" (half the body, then the connection
+  closes), "stall" (half the body, then silence for `stall_s`, then close), "lie" (a complete body whose bytes
+  differ — a mirror serving something else under the right name).
+It counts requests, Range requests, connections and the most connections open at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import mimetypes
+import re
+import threading
+import time
+import urllib.parse
+from collections import defaultdict, deque
+from pathlib import Path
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: "NetSim"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connected(+1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.connected(-1)
+
+    def _plain(self, code: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        srv = self.server
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        path = srv.root / rel
+        if path.is_dir():
+            path = path / "index.html"
+        fault = srv.next_fault(path.name)
+        srv.record(path.name, bool(self.headers.get("Range")))
+        if srv.delay_s:
+            time.sleep(srv.delay_s)
+        if fault == "500":
+            return self._plain(500, "injected server error")
+        if fault == "404" or not path.is_file() or srv.root not in path.resolve().parents:
+            return self._plain(404, "not found")
+        data = path.read_bytes()
+        if fault == "lie":
+            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
+        start, status = 0, 200
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and srv.ranges:
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            status = 206
+        body = data[start:]
+        self.send_response(status)
+        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if fault in ("cut", "stall"):
+            self._send(body[:len(body) // 2])
+            if fault == "stall":
+                time.sleep(srv.stall_s)
+            self.close_connection = True
+            return
+        self._send(body)
+
+    def _send(self, body: bytes) -> None:
+        rate = self.server.rate
+        if not rate:
+            self.wfile.write(body)
+            return
+        step = max(1, rate // 50)  # 20 ms slices at the capped rate
+        started = time.monotonic()
+        for i in range(0, len(body), step):
+            self.wfile.write(body[i:i + step])
+            ahead = (i + step) / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+class NetSim(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that hung up (a cancelled or timed-out download) is part of the game
+
+    def __init__(self, root: Path, *, port: int = 0, delay_s: float = 0.0, rate: int = 0, ranges: bool = True,
+                 stall_s: float = 5.0):
+        super().__init__(("127.0.0.1", port), Handler)
+        self.root = root.resolve()
+        self.delay_s, self.rate, self.ranges, self.stall_s = delay_s, rate, ranges, stall_s
+        self.faults: dict[str, deque[str]] = defaultdict(deque)
+        self.requests: dict[str, int] = defaultdict(int)
+        self.range_requests: dict[str, int] = defaultdict(int)
+        self.connections = self.open = self.max_open = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def inject(self, filename: str, *faults: str) -> None:
+        with self._lock:
+            self.faults[filename].extend(faults)
+
+    def next_fault(self, filename: str) -> str | None:
+        with self._lock:
+            queue = self.faults.get(filename)
+            return queue.popleft() if queue else None
+
+    def record(self, filename: str, ranged: bool) -> None:
+        with self._lock:
+            self.requests[filename] += 1
+            self.range_requests[filename] += ranged
+
+    def connected(self, change: int) -> None:
+        with self._lock:
+            self.open += change
+            self.connections += change > 0
+            self.max_open = max(self.max_open, self.open)
+
+    def start(self) -> "NetSim":
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", type=Path)
+    ap.add_argument("--port", type=int, default=8766)
+    ap.add_argument("--delay-ms", type=float, default=20)
+    ap.add_argument("--rate-mib", type=float, default=10, help="per connection; 0: no cap")
+    args = ap.parse_args()
+    srv = NetSim(args.root, port=args.port, delay_s=args.delay_ms / 1000, rate=int(args.rate_mib * 2**20))
+    print(f"serving {args.root} on {srv.url} (+{args.delay_ms:g} ms a request, {args.rate_mib:g} MiB/s a connection)",
+          flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Downloads against a real loopback server that misbehaves on demand (scripts/netsim.py): retry, Range resume,
+a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections."""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+from netsim import NetSim
+
+from lorastrap import cache
+from lorastrap.errors import IntegrityError, NetworkError
+
+SIZE = 3 * 2**20 + 123  # more than one read block, so a cut lands mid-body
+
+
+@pytest.fixture
+def served(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    data = os.urandom(SIZE)
+    (root / "big.conda").write_bytes(data)
+    srv = NetSim(root).start()
+    yield srv, root, cache.sha256_file(root / "big.conda")
+    srv.shutdown()
+
+
+def _fetch(tmp_path, srv, sha, narrated=None):
+    c = cache.Cache(tmp_path / "pkgs")
+    return c, c.fetch(f"{srv.url}/big.conda", sha, "big.conda",
+                      narrate=(narrated.append if narrated is not None else lambda m: None))
+
+
+def test_a_cut_download_is_resumed_with_range(tmp_path, served):
+    srv, root, sha = served
+    srv.inject("big.conda", "cut", "cut")
+    narrated = []
+    c, (path, got) = _fetch(tmp_path, srv, sha, narrated)
+    assert cache.sha256_file(path) == sha
+    assert srv.requests["big.conda"] == 3 and srv.range_requests["big.conda"] == 2
+    assert got < 1.5 * SIZE  # resumed, not downloaded three times
+    assert any("retrying (1/" in m for m in narrated) and any("resuming at" in m for m in narrated)
+    assert not list(c.root.rglob("*.part"))
+
+
+def test_a_cut_that_never_heals_is_a_network_error_and_the_part_is_kept_for_the_next_run(tmp_path, served,
+                                                                                            monkeypatch):
+    srv, root, sha = served
+    monkeypatch.setattr(cache, "RETRIES", 2)
+    srv.inject("big.conda", "cut", "cut")
+    with pytest.raises(NetworkError) as info:
+        _fetch(tmp_path, srv, sha)
+    assert "closed after" in info.value.why and "resume" in info.value.fix
+    parts = list((tmp_path / "pkgs").rglob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < SIZE
+    _, (path, got) = _fetch(tmp_path, srv, sha)  # the next run resumes the kept part
+    assert cache.sha256_file(path) == sha and got < SIZE and srv.range_requests["big.conda"] >= 2
+
+
+def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatch):
+    srv, root, sha = served
+    srv.inject("big.conda", "500", "500")
+    _, (path, _) = _fetch(tmp_path, srv, sha)
+    assert srv.requests["big.conda"] == 3
+    (root / "gone.conda").write_bytes(b"x")
+    srv.inject("gone.conda", "404")
+    c = cache.Cache(tmp_path / "pkgs2")
+    with pytest.raises(NetworkError) as info:
+        c.fetch(f"{srv.url}/gone.conda", "0" * 64, "gone.conda")
+    assert "HTTP 404" in info.value.why and srv.requests["gone.conda"] == 1
+    monkeypatch.setattr(cache, "RETRIES", 3)
+    srv.inject("gone.conda", "500", "500", "500")
+    with pytest.raises(NetworkError) as info:
+        c.fetch(f"{srv.url}/gone.conda", "0" * 64, "gone.conda")
+    assert "HTTP 500" in info.value.why and srv.requests["gone.conda"] == 4
+
+
+def test_a_stall_is_narrated_bounded_and_resumed(tmp_path, served, monkeypatch):
+    srv, root, sha = served
+    srv.stall_s = 3
+    monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "0.3")
+    srv.inject("big.conda", "stall")
+    narrated = []
+    t = time.monotonic()
+    _, (path, _) = _fetch(tmp_path, srv, sha, narrated)
+    assert time.monotonic() - t < 2.5 and cache.sha256_file(path) == sha
+    assert any("no data from 127.0.0.1" in m and "retrying" in m for m in narrated), narrated
+    monkeypatch.setattr(cache, "RETRIES", 2)
+    srv.inject("big.conda", "stall", "stall")
+    c = cache.Cache(tmp_path / "pkgs2")
+    t = time.monotonic()
+    with pytest.raises(NetworkError) as info:
+        c.fetch(f"{srv.url}/big.conda", sha, "big.conda")
+    assert "no data" in info.value.why and time.monotonic() - t < 2.5
+
+
+def test_only_a_complete_download_that_differs_is_tampering(tmp_path, served):
+    srv, root, sha = served
+    srv.inject("big.conda", "lie")
+    with pytest.raises(IntegrityError) as info:
+        _fetch(tmp_path, srv, sha)
+    assert info.value.exit_code == 6 and "downloaded completely" in info.value.why
+    assert not list((tmp_path / "pkgs").rglob("*.part"))
+
+
+def test_a_resumed_part_of_another_file_is_downloaded_again(tmp_path, served):
+    srv, root, sha = served
+    c = cache.Cache(tmp_path / "pkgs")
+    part = c.entry(sha, "big.conda").with_name(".big.conda.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"not the start of this file" * 100)
+    narrated = []
+    path, _ = c.fetch(f"{srv.url}/big.conda", sha, "big.conda", narrate=narrated.append)
+    assert cache.sha256_file(path) == sha and any("again from the start" in m for m in narrated)
+
+
+def test_parallel_downloads_over_pooled_connections(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    items = []
+    for i in range(24):
+        (root / f"p{i}.conda").write_bytes(os.urandom(20_000 + i))
+    srv = NetSim(root, delay_s=0.05).start()
+    try:
+        items = [(f"{srv.url}/p{i}.conda", cache.sha256_file(root / f"p{i}.conda"), f"p{i}.conda")
+                 for i in range(24)]
+        t = time.monotonic()
+        results = cache.Cache(tmp_path / "pkgs").fetch_all(items, jobs=8)
+        took = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert [p.name for p, _ in results] == [fn for _, _, fn in items]
+    assert took < 24 * 0.05 / 2  # one at a time would take 1.2 s of latency alone
+    assert srv.max_open >= 4
+    assert srv.connections <= 8 < sum(srv.requests.values())  # kept alive: fewer connections than requests
+
+
+def test_the_first_failure_stops_the_others(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    for i in range(6):
+        (root / f"p{i}.conda").write_bytes(os.urandom(200_000))
+    srv = NetSim(root, rate=400_000).start()  # each takes ~0.5 s
+    try:
+        srv.inject("p0.conda", "404")
+        items = [(f"{srv.url}/p{i}.conda", cache.sha256_file(root / f"p{i}.conda"), f"p{i}.conda") for i in range(6)]
+        t = time.monotonic()
+        with pytest.raises(NetworkError):
+            cache.Cache(tmp_path / "pkgs").fetch_all(items, jobs=3)
+        assert time.monotonic() - t < 1.0
+    finally:
+        srv.shutdown()
+
+
+def test_progress_ends_its_line(capsys):
+    p = cache.Progress(2)
+    p.tty = True
+    p.add(2**20)
+    p.done_one()
+    p.done_one()
+    p.close()
+    err = capsys.readouterr().err
+    assert err.startswith("\r  downloading:") and "2/2 files" in err and err.endswith("\n")
+
+
+# --- the same faults through `lorastrap install` ----------------------------------------------------------------
+
+TEST_ENVS = ROOT / "tests" / "envs"
+CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}
+
+
+def _install(channel, prefix, *args, env=None):
+    return run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+                   channel["simple"], "--prefix", str(prefix), "--no-verify", *args, env=env)
+
+
+def _uncache(home, pattern):
+    """Drop the cached archives matching pattern (this test's own data dir; the archives are hard links)."""
+    gone = [p for p in (home / "pkgs" / "archives").glob(f"*/{pattern}")]
+    for p in gone:
+        shutil.rmtree(p.parent)
+    assert gone
+    return [p.name for p in gone]
+
+
+def _untouched(prefix, before):
+    assert sorted(p.name for p in (prefix / "conda-meta").glob("*.json")) == before
+    assert not Path(str(prefix) + ".lorastrap-backup").exists()
+    assert not Path(str(prefix) + ".lorastrap-txn.json").exists()
+
+
+@pytest.fixture
+def mirror(channel):
+    srv = NetSim(channel["root"]).start()
+    yield srv
+    srv.shutdown()
+
+
+def test_install_through_cuts_resumes_and_a_cut_that_never_heals_is_a_network_error(channel, warm_home, tmp_path,
+                                                                                   mirror):
+    prefix = tmp_path / "env"
+    assert _install(channel, prefix).returncode == 0
+    before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
+    names = _uncache(warm_home, "pytorch-*cuda*.conda")
+    mirror.inject(names[0], *["cut"] * 5)
+    res = _install(channel, prefix, "--mirror", f"{mirror.url}/channel", env=CUDA)
+    assert res.returncode == 5, res.stderr
+    assert "could not download" in res.stderr and "closed after" in res.stderr and "checksum" not in res.stderr
+    assert "retrying (4/4)" in res.stderr and "Traceback" not in res.stderr
+    _untouched(prefix, before)  # refused before anything changed
+    mirror.inject(names[0], "cut", "cut")
+    res = _install(channel, prefix, "--mirror", f"{mirror.url}/channel", env=CUDA)
+    assert res.returncode == 0, res.stderr
+    assert "resuming at" in res.stderr and mirror.range_requests[names[0]] >= 2
+
+
+def test_lying_repodata_is_tampering(channel, home, tmp_path):
+    """A mirror whose repodata.json names a sha256 its archive does not have: locked from it, the complete
+    download differs, exit 6, nothing installed."""
+    lying = tmp_path / "lying"
+    shutil.copytree(channel["root"], lying, copy_function=os.link)
+    repodata = lying / "channel" / "linux-64" / "repodata.json"
+    data = json.loads(repodata.read_text())
+    victim = next(fn for fn in data["packages.conda"] if fn.startswith("numpy-"))
+    data["packages.conda"][victim]["sha256"] = "0" * 64
+    repodata.unlink()  # a hard link: write a new file, not the shared one
+    repodata.write_text(json.dumps(data))
+    srv = NetSim(lying).start()
+    try:
+        res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", f"{srv.url}/channel", "--pip-index-url",
+                      f"{srv.url}/simple", "--prefix", str(tmp_path / "env"), "--no-verify")
+    finally:
+        srv.shutdown()
+    assert res.returncode == 6, res.stderr
+    assert victim in res.stderr and "downloaded completely" in res.stderr and "want sha256 " + "0" * 64 in res.stderr
+    assert not (tmp_path / "env").exists()
+
+
+def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_the_index(channel, warm_home,
+                                                                                          tmp_path):
+    prefix = tmp_path / "env"
+    assert _install(channel, prefix).returncode == 0
+    before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
+    wheel = _uncache(warm_home, "*.whl")[0]
+    (prefix / "conda-meta" / "lorastrap" / "record.json").unlink()  # force a rebuild of the same lock
+    empty = tmp_path / "empty-index"
+    (empty / "simple").mkdir(parents=True)
+    down = NetSim(empty).start()
+    try:  # a PyPI mirror that lacks the wheel: refused at the fetch step, the environment untouched
+        res = _install(channel, prefix, "--pip-index-url", f"{down.url}/simple")
+    finally:
+        down.shutdown()
+    assert res.returncode == 5, res.stderr
+    assert "pip index" in res.stderr and "Traceback" not in res.stderr
+    _untouched(prefix, before)
+    other = NetSim(channel["root"]).start()  # another index with the same files: the wheel comes from there
+    try:
+        res = _install(channel, prefix, "--pip-index-url", f"{other.url}/simple")
+    finally:
+        other.shutdown()
+    assert res.returncode == 0, res.stderr
+    assert other.requests[wheel] == 1 and other.requests["index.html"] >= 1
+    assert list((prefix / "lib").glob("python3*/site-packages/lorastrap_testwheel/__init__.py"))

@@ -1,0 +1,107 @@
+"""Engines: which micromamba/mamba releases lorastrap hands a lock to (envs/engines.yaml), and the hand-over."""
+
+import os
+import shutil
+import stat
+
+import pytest
+import yaml
+from conftest import MAMBA, ROOT
+
+from lorastrap import engines, lock as locking
+from lorastrap.cache import Cache
+from lorastrap.errors import UsageError
+
+TEST_ENVS = ROOT / "tests" / "envs"
+
+
+@pytest.mark.parametrize("kind,version,refused_for", [
+    ("micromamba", "1.5.12", None), ("mamba", "1.5.8", "1884"), ("mamba", "2.0.5", None),
+    ("micromamba", "2.1.0", None), ("micromamba", "2.1.1", "4052"), ("mamba", "2.3.2", "4052"),
+    ("micromamba", "2.3.3", None), ("micromamba", "2.6.2", None), ("micromamba", "2.7.0", "4352"),
+    ("micromamba", "2.8.1", "4352"), ("micromamba", "2.8.2", None)])
+def test_known_bad_releases_are_refused_with_their_source(kind, version, refused_for):
+    why = engines.judge(kind, version, engines.facts())
+    if refused_for is None:
+        assert why is None
+    else:
+        assert f"issues/{refused_for}" in why and version in why
+
+
+def _standin(tmp_path, version):
+    """A stand-in answering `--version` as a release that cannot be run here (none is installable offline)."""
+    exe = tmp_path / "micromamba"
+    exe.write_text(f"#!/bin/sh\necho {version}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe
+
+
+def test_a_refused_release_gives_way_to_the_embedded_engine_or_stops_when_asked_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("MAMBA_EXE", str(_standin(tmp_path, "2.2.0")))
+    said = []
+    assert engines.find("auto", narrate=said.append).kind == "rattler"
+    assert "known-bad release" in said[0] and "issues/4052" in said[0] and "embedded engine" in said[0]
+    with pytest.raises(UsageError) as info:
+        engines.find("micromamba")
+    assert info.value.exit_code == 2 and "issues/4052" in info.value.why and "--engine rattler" in info.value.fix
+    os.chmod(os.environ["MAMBA_EXE"], 0o644)
+    with pytest.raises(UsageError) as info:
+        engines.find("micromamba")
+    assert "not an executable file" in info.value.why
+    monkeypatch.setenv("LORASTRAP_ENGINE", "conda")
+    with pytest.raises(UsageError) as info:
+        engines.find()
+    assert "LORASTRAP_ENGINE='conda'" in info.value.what
+
+
+@pytest.mark.skipif(MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
+def test_the_real_micromamba_is_found_with_its_version(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA_EXE", str(MAMBA))
+    eng = engines.find("micromamba")
+    assert eng.version == "1.5.12" and eng.describe() == f"micromamba 1.5.12 ({MAMBA})"
+    assert engines.engine_root(eng, tmp_path / "pkgs" / "extracted") == tmp_path / "pkgs" / "mamba" / "micromamba-1.5.12"
+
+
+def test_the_hand_over_is_a_channel_of_hard_links_without_pip_entries(warm_home, tmp_path):
+    lk = locking.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    cache = Cache(warm_home / "pkgs")
+    conda = [e for e in lk.for_platform("linux-64") if e.manager == "conda"]
+    assert any(e.manager == "pip" for e in lk.for_platform("linux-64"))
+    archives = {e.name: cache.entry(e.sha256, e.filename) for e in conda}
+    out = engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)
+    assert out.name.endswith("-lock.yml")  # micromamba reads a file as a lock only then (mamba#3039)
+    raw = yaml.safe_load(out.read_text())
+    assert {p["manager"] for p in raw["package"]} == {"conda"} and len(raw["package"]) == len(conda)
+    assert {p["category"] for p in raw["package"]} == {"main"}  # mamba#1917
+    for p in raw["package"]:
+        path = (cache.root / "channel" / p["url"].rsplit("/", 2)[-2] / p["url"].rsplit("/", 1)[-1])
+        assert p["url"] == path.as_uri() and path.parent.name in ("linux-64", "noarch")
+        assert os.path.samefile(path, archives[p["name"]])  # a hard link: no copy, no extra disk
+    again = engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)  # same URLs next run
+    assert again.read_text() == out.read_text()
+
+
+def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home, tmp_path, monkeypatch):
+    from conftest import run_cli
+    prefix = tmp_path / "env"
+    res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
+                  channel["simple"], "--prefix", str(prefix), "--no-verify", "--engine", "rattler")
+    assert res.returncode == 0 and "pip entries installed with uv" in res.stderr, res.stderr
+    lk = locking.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    e = next(e for e in lk.for_platform("linux-64") if e.manager == "pip")
+    wheel = [(e.name, Cache(warm_home / "pkgs").entry(e.sha256, e.filename), e.sha256)]
+    site = next(prefix.glob("lib/python3*/site-packages"))
+    for how in ("uv", "pip"):
+        for p in list(site.glob("lorastrap_testwheel*")):
+            shutil.rmtree(p)
+        if how == "pip":
+            monkeypatch.setattr(engines, "uv_exe", lambda: None)  # a machine without uv: pip is the fallback
+        assert engines.pip_install(prefix, wheel, tmp_path, uv_cache=tmp_path / "uv") == how
+        info = next(site.glob("lorastrap_testwheel-1.0.dist-info"))
+        assert (info / "INSTALLER").read_text().strip() == how and (site / "lorastrap_testwheel" / "__init__.py").exists()
+        assert not (prefix / ".lock").exists()
+    bad = [(e.name, wheel[0][1], "0" * 64)]  # the hashes are required again by the installer itself
+    with pytest.raises(engines.EngineError):
+        engines.pip_install(prefix, bad, tmp_path, uv_cache=tmp_path / "uv")
