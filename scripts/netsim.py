@@ -48,12 +48,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _target(self) -> Path:
+        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
+        path = self.server.root / rel
+        return path / "index.html" if path.is_dir() else path
+
+    def do_HEAD(self) -> None:
+        """What a file would be (clients such as uv ask before they fetch); no fault, no body, not recorded."""
+        path = self._target()
+        found = path.is_file() and self.server.root in path.resolve().parents
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        self.send_header("Content-Length", str(path.stat().st_size if found else 0))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+
     def do_GET(self) -> None:
         srv = self.server
-        rel = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
-        path = srv.root / rel
-        if path.is_dir():
-            path = path / "index.html"
+        path = self._target()
         fault = srv.next_fault(path.name)
         srv.record(path.name, bool(self.headers.get("Range")))
         if srv.delay_s:

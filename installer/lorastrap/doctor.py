@@ -425,13 +425,16 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     failure; files no package owns are carried over.  The prefix lock is held from the diagnosis to the end, so
     no other run changes PREFIX (or its backup) in between."""
     prefix = prefix.absolute()
-    if not pfx.is_conda_env(prefix):
+    if not pfx.is_conda_env(prefix) and not txn.journal_path(prefix).exists():
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        done = txn.recover(prefix, narrate)  # an interrupted run first
+        done = txn.recover(prefix, narrate)  # an interrupted run first (it may put the environment back at PREFIX)
         if done:
             narrate(done)
+        if not pfx.is_conda_env(prefix):
+            raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
+                             fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
         diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)
         record = pfx.read_record(prefix)

@@ -162,8 +162,9 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
     exe = os.environ.get("MAMBA_EXE")
     if exe and choice in ("auto", "micromamba", "mamba") and not (Path(exe).is_file() and os.access(exe, os.X_OK)):
         raise UsageError(f"MAMBA_EXE={exe!r} is not an executable file",
-                         why="it " + ("does not exist" if not os.path.lexists(exe) else
-                                      "is a folder" if Path(exe).is_dir() else "cannot be executed"),
+                         why="not an executable file: it " + ("does not exist" if not os.path.lexists(exe) else
+                                                              "is a folder" if Path(exe).is_dir() else
+                                                              "cannot be executed"),
                          fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
                              "uses one on PATH or its embedded engine).")
     known = facts(envs_dir)

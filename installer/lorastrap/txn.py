@@ -36,17 +36,21 @@ STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 def deferred_signals(after: str = "", *, swallow: bool = False):
     """Hold Ctrl-C, SIGTERM and SIGHUP while the block runs; when it ends, a signal that came meanwhile raises
     Interrupted (``after`` says what state it leaves), or with ``swallow`` is dropped (the caller is already
-    stopping).  lorastrap runs in one thread, so the kernel has no other thread to deliver them to."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    stopping).  The signals are caught by handlers, which are the process's whatever thread the kernel delivers a
+    signal to (a blocked signal mask would hold them for the calling thread only)."""
+    caught: list[int] = []
+
+    def hold(signum, frame) -> None:
+        caught.append(signum)
+
+    old = {s: signal.signal(s, hold) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        pending = signal.sigpending() & STOP_SIGNALS
-        for s in pending:  # consume them here, so unblocking does not raise inside the caller's cleanup
-            signal.sigtimedwait([s], 0)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    if pending and not swallow:
-        name = min(pending).name
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if caught and not swallow:
+        name = signal.Signals(min(caught)).name
         raise Interrupted(f"stopped by {name}" + (f" {after}" if after else ""),
                           why="the run was interrupted; the step under way was finished first",
                           fix="Run the same command again; it will converge.")
