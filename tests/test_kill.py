@@ -4,11 +4,13 @@ moment, each followed by its re-run (scripts/soak_kill.py; run it alone for a lo
 import os
 import random
 
+import pytest
 import soak_kill
 
 RUNS = int(os.environ.get("LORASTRAP_KILL_RUNS", "30"))
 
 
+@pytest.mark.slow  # the randomized kill harness: .ci/run runs it (the slow tier) on every submission
 def test_random_kills_never_lose_the_environment_or_the_users_file(channel, warm_home, tmp_path):
     seed = int(os.environ.get("LORASTRAP_KILL_SEED") or random.randrange(1 << 30))
     stats = soak_kill.soak(prefix=tmp_path / "env", home=warm_home, channel_url=channel["url"],

@@ -36,6 +36,7 @@ def hidden(venv, *names):
             p.with_name(p.name + ".hidden").rename(p)
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_current_stack_passes_and_matches_the_schema(ml_venv, tmp_path):
     res, report = verify(ml_venv, "--report", str(tmp_path / "r.json"))
     assert res.returncode == 0, json.dumps(report, indent=1)[:3000]
@@ -53,12 +54,14 @@ def test_current_stack_passes_and_matches_the_schema(ml_venv, tmp_path):
     jsonschema.validate(report, json.loads((ROOT / "envs/schemas/verify-report.schema.json").read_text()))
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_human_summary(ml_venv):
     res = run_cli("verify", "--prefix", str(ml_venv), timeout=600)
     assert res.returncode == 0
     assert "verdict: PASS" in res.stdout and "[  ok] LoRA trains" in res.stdout
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_is_deterministic(ml_venv):
     a = subprocess.run([str(ml_venv / "bin/python"), str(SCRIPT), "--json"], capture_output=True, text=True)
     b = subprocess.run([str(ml_venv / "bin/python"), str(SCRIPT), "--json"], capture_output=True, text=True)
@@ -67,6 +70,7 @@ def test_is_deterministic(ml_venv):
     assert la == lb
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_accelerate_missing(ml_venv):
     with hidden(ml_venv, "accelerate"):
         res, report = verify(ml_venv)
@@ -77,6 +81,7 @@ def test_accelerate_missing(ml_venv):
     assert "tiny Llama loads in 8 bits" not in [x["name"] for x in report["checks"]]
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_peft_missing(ml_venv):
     with hidden(ml_venv, "peft"):
         res, report = verify(ml_venv)
@@ -85,6 +90,7 @@ def test_peft_missing(ml_venv):
     assert c["status"] == "fail" and "No module named 'peft'" in c["detail"] and "repair" in c["fix"]
 
 
+@pytest.mark.slow  # builds the ML venv (torch, transformers, peft, accelerate, bitsandbytes)
 def test_bitsandbytes_older_than_transformers_requires(ml_venv, tmp_path_factory):
     old = tmp_path_factory.mktemp("old-bnb")
     subprocess.run([str(ml_venv / "bin/python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
