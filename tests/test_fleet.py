@@ -302,13 +302,13 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
         for node, build in (("sn0", "cuda"), ("sn1", "cpu"), ("sn2", "cpu")):
             smoke = subprocess.run([str(envs / f"lora-{node}" / "bin" / "lora-smoke")], capture_output=True, text=True)
             assert smoke.returncode == 0 and json.loads(smoke.stdout)["torch_build"] == build
-        # The shared cache: every archive read once for the whole job (sn1 and sn2 share the cpu bundle's).
+        # The shared cache: every archive and wheel read once for the whole job (sn1 and sn2 share the cpu bundle's).
         node_reports = {n: json.loads((reports / f"{n}.json").read_text()) for n in ("sn0", "sn1", "sn2")}
         needed = {}
         for b in (cpu, cuda_bundle):
             manifest = json.loads((b / "manifest.json").read_text())
             needed.update({m["sha256"]: m["size"] for rel, m in manifest["files"].items()
-                           if rel.startswith("channel/") and rel.endswith(".conda")})
+                           if (rel.startswith("channel/") and rel.endswith(".conda")) or rel.startswith("pip/")})
         assert sorted(d.name for d in (pkgs / "archives").iterdir()) == sorted(needed)
         assert sum(r["downloaded_bytes"] for r in node_reports.values()) == sum(needed.values())
         stamps = {n: _installed_at(envs / f"lora-{n}") for n in ("sn0", "sn1", "sn2")}
