@@ -149,13 +149,15 @@ class Cache:
     def _mark(self, path: Path) -> None:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
 
-    def check_extracted(self, archives: list[Path], *, full: bool, narrate=lambda m: None) -> list[str]:
-        """Remove every extracted copy of ARCHIVES whose files differ from their package's paths.json (full: hash
-        every file; else only copies whose sizes or mtimes moved since their last full check).  Returns the names
-        of the copies removed (the engine unpacks them again from the checked archives)."""
+    def check_extracted(self, archives: list[Path], *, full: bool, extracted: Path | None = None,
+                        narrate=lambda m: None) -> list[str]:
+        """Remove every extracted copy of ARCHIVES (in EXTRACTED: the engine's folder of unpacked packages, by default
+        the embedded engine's) whose files differ from their package's paths.json (full: hash every file; else only
+        copies whose sizes or mtimes moved since their last full check).  Returns the names of the copies removed
+        (the engine unpacks them again from the checked archives)."""
         removed = []
         for path in archives:
-            folder = self.root / "extracted" / _dist_name(path.name)
+            folder = (extracted or self.root / "extracted") / _dist_name(path.name)
             if not folder.is_dir():
                 continue
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):

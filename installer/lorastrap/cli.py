@@ -223,9 +223,9 @@ def parser() -> argparse.ArgumentParser:
                        help="lock the profile again, show what changes, install it (the old one kept for rollback)")
     p.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
     p.add_argument("--profile", default=None, help="move to another profile (default: the environment's own)")
-    p.add_argument("--keep-generations", type=int, default=1, metavar="N",
+    p.add_argument("--keep-generations", type=_count(0), default=1, metavar="N",
                    help="previous environments to keep for rollback (default 1; 0 keeps none)")
-    p.add_argument("--min-free-mib", type=int, default=512, help="disk to keep free beyond what the install needs")
+    p.add_argument("--min-free-mib", type=_count(0), default=512, help="disk to keep free beyond what the install needs")
 
     p = sub.add_parser("rollback", parents=[common, where],
                        help="make the previous generation current again (the current one becomes the previous)")
@@ -581,7 +581,7 @@ def cmd_update(args) -> int:
                            mirror=args.mirror, pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
-                           narrate=say)
+                           link_mode=args.link_mode, narrate=say)
     if result.changed:
         envs.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)

@@ -29,7 +29,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from lorastrap import install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles, subproc, txn, verify
+from lorastrap import (envs, install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles,
+                       subproc, txn, verify)
 from lorastrap.cache import sha256_file
 from lorastrap.detect import Machine
 from lorastrap.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
@@ -292,6 +293,11 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
     return None, chosen, None
 
 
+def _interrupted(prefix: Path) -> bool:
+    """A run that changes PREFIX died and left its journal: an install/repair's, or a rollback's."""
+    return txn.journal_path(prefix).exists() or envs.swap_journal(prefix).exists()
+
+
 def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
     """PREFIX mid-change: a run holds its lock now (busy), or one died and left its journal (and maybe the
     environment aside in the backup).  Said as such; nothing of it is judged as a broken environment."""
@@ -303,8 +309,9 @@ def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
                                      + where, why=f"it holds {txn.lock_file_path(prefix)}",
                                      fix="Run doctor again when it has finished.", repair="none"))
     else:
-        diag.findings.append(Finding("error", "interrupted-transaction", f"an install or repair of {prefix} was "
-                                     "interrupted" + where, why=f"{txn.journal_path(prefix)} is still there",
+        journal = txn.journal_path(prefix) if txn.journal_path(prefix).exists() else envs.swap_journal(prefix)
+        diag.findings.append(Finding("error", "interrupted-transaction", f"an install, repair or rollback of {prefix} "
+                                     "was interrupted" + where, why=f"{journal} is still there",
                                      fix="Run `lorastrap repair` (or the same install) again: it finishes the "
                                          "rollback (or the commit) first, with your files."))
     diag.seconds = round(time.perf_counter() - start, 3)
@@ -319,7 +326,7 @@ def diagnose(prefix: Path | None, *, envs_dir: Path, machine: Machine, imports: 
     if python is None and prefix is not None:
         prefix = prefix.absolute()
         busy = None if lock_held else locks.held_by_another(txn.lock_file_path(prefix))
-        if busy is not None or (not pfx.is_conda_env(prefix) and txn.journal_path(prefix).exists()):
+        if busy is not None or (not pfx.is_conda_env(prefix) and _interrupted(prefix)):
             return _in_transaction(prefix, busy, start)
     if python is not None or prefix is None or not pfx.is_conda_env(prefix):
         return diagnose_python(prefix, python=python, envs_dir=envs_dir, machine=machine, imports=imports)
@@ -425,11 +432,11 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     failure; files no package owns are carried over.  The prefix lock is held from the diagnosis to the end, so
     no other run changes PREFIX (or its backup) in between."""
     prefix = prefix.absolute()
-    if not pfx.is_conda_env(prefix) and not txn.journal_path(prefix).exists():
+    if not pfx.is_conda_env(prefix) and not _interrupted(prefix):
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        done = txn.recover(prefix, narrate)  # an interrupted run first (it may put the environment back at PREFIX)
+        done = envs.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
         if done:
             narrate(done)
         if not pfx.is_conda_env(prefix):

@@ -207,7 +207,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
         _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
         _check_prefix_length(prefix, archives)
-        cache.check_extracted(list(archives.values()), full=check_cache, narrate=narrate)
+        # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
+        unpacked = (cache.root / "extracted" if eng.kind == "rattler"
+                    else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
+        cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
 
         work = Path(tempfile.mkdtemp(prefix=".lorastrap-install-", dir=cache.root))  # hard links to the cache
         try:
