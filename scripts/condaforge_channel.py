@@ -30,7 +30,6 @@ import testchannel  # noqa: E402  (its package builder, index and server are reu
 
 ARCH = ("linux-64", "linux-aarch64", "osx-arm64")
 LINUX64 = ("linux-64",)
-CF = "https://github.com/conda-forge/{}-feedstock"
 
 # (repository, file, commit) of each transcription.
 SRC = {

@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,22 @@ def _has_nvidia_driver() -> bool:
 # users of lorastrap also run these tests, they are skipped (the recorded machines cover the GPU answers).
 no_nvidia_driver = pytest.mark.skipif(_has_nvidia_driver(), reason="this machine has an NVIDIA driver library; the "
                                                                    "no-driver answers are tested where there is none")
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def dies_within(pid: int, seconds: float) -> bool:
+    """Wait up to SECONDS for the process to be gone; whether it is."""
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
 
 
 def run_cli(*args, env=None, timeout=120, cwd=ROOT, input=None):

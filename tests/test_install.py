@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAMBA, ROOT, run_cli
+from conftest import dies_within, MAMBA, ROOT, run_cli
 
 from lorastrap import engines
 
@@ -210,10 +210,7 @@ def test_sigkill_while_the_engine_links(channel, warm_home, tmp_path):
     assert 0 < linked and Path(str(prefix) + ".lorastrap-backup").exists()  # old env aside, new one half made
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:  # the worker dies with its parent (death signal)
-        time.sleep(0.05)
-    assert not _alive(worker), "the engine's worker outlived the killed install"
+    assert dies_within(worker, 10), "the engine's worker outlived the killed install"  # death signal
     assert Path(str(prefix) + ".lorastrap-txn.json").exists()  # killed inside the transaction
     assert _usable_or_restorable(prefix)
     marker.unlink()
@@ -246,26 +243,13 @@ def test_sigkill_while_micromamba_links(channel, warm_home, tmp_path, monkeypatc
     assert mm is not None, "never caught micromamba linking"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    deadline = time.monotonic() + 10
-    while _alive(mm) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(mm), "micromamba outlived the killed install"
+    assert dies_within(mm, 10), "micromamba outlived the killed install"
     assert Path(str(prefix) + ".lorastrap-txn.json").exists() and _usable_or_restorable(prefix) == "backup"
     res = install(channel, prefix, "--engine", "micromamba")
     assert res.returncode == 0, res.stderr
     assert smoke(prefix)["torch_build"] == "cpu"
     assert_placeholders(prefix)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def test_sigterm_rolls_back_at_once(channel, warm_home, tmp_path, engine):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT, alive, dies_within, run_cli
 
 from lorastrap import txn
 from lorastrap.errors import Interrupted
@@ -64,12 +64,6 @@ def _installed(channel, prefix, env=None, *extra):
 def _no_leftovers(prefix):
     assert sorted(p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")) == []
 
-
-def _alive(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -161,13 +155,10 @@ def test_the_smoke_child_dies_with_lorastrap(channel, warm_home, tmp_path, slow_
     while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
     child = int(pidfile.read_text())
-    assert _alive(child)
+    assert alive(child)
     proc.send_signal(sig)
     proc.communicate(timeout=60)
-    deadline = time.monotonic() + 10
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(child), f"the smoke command outlived lorastrap ({sig.name})"
+    assert dies_within(child, 10), f"the smoke command outlived lorastrap ({sig.name})"
     if sig != signal.SIGKILL:  # rolled back at once
         assert proc.returncode == 130
         assert _smoke(prefix)["torch_build"] == "cpu" and (prefix / USER).read_text() == "mine"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import alive, dies_within
 
 from lorastrap import cache, fsutil, lock as locking, locks, records, txn, verify, versions
 from lorastrap.errors import BusyError, IntegrityError, NetworkError, UsageError
@@ -306,20 +307,11 @@ def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
         res = subproc.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], timeout=10)
         left = record.read_text()  # what a run killed here would leave behind
     grandchild = int(res.stdout.strip())
-    assert not record.exists() and _alive(grandchild)
+    assert not record.exists() and alive(grandchild)
     record.write_text(left)
     assert subproc.kill_recorded_groups(record) == 1
-    deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _alive(grandchild) and not record.exists()
+    assert dies_within(grandchild, 5) and not record.exists()
 
-
-def _alive(pid):
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def test_an_engine_that_ran_out_of_disk_says_so():

@@ -29,7 +29,6 @@ from lorastrap.profiles import Profile
 DEFAULT_CHANNEL_ALIAS = "https://conda.anaconda.org"
 DEFAULT_PIP_INDEX = "https://pypi.org/simple"
 SOLVE_TIMEOUT_S = 900
-PIP_TIMEOUT_S = 600
 
 # The CPU architecture in a conda platform's wheel tags.
 WHEEL_ARCH = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "linux-ppc64le": "ppc64le", "osx-64": "x86_64",

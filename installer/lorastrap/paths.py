@@ -68,7 +68,3 @@ def cache_dir() -> Path:
         return _folder("LORASTRAP_PKGS_DIR", os.environ["LORASTRAP_PKGS_DIR"],
                        "Set LORASTRAP_PKGS_DIR to an absolute folder, or unset it (the data dir's pkgs/).")
     return data_dir() / "pkgs"
-
-
-def logs_dir() -> Path:
-    return data_dir() / "logs"
