@@ -14,7 +14,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))
 
-from lorastrap import detect, explain, plan, profiles, records  # noqa: E402
+from lorastrap.machine import detect  # noqa: E402
+from lorastrap.care import explain  # noqa: E402
+from lorastrap.matrix import plan, profiles  # noqa: E402
+from lorastrap.core import records  # noqa: E402
 
 TABLE_START, TABLE_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 

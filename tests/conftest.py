@@ -12,7 +12,7 @@ sys.path.insert(0, str(ROOT / "installer"))  # also importable without the edita
 
 
 def _has_nvidia_driver() -> bool:
-    from lorastrap import libfind
+    from lorastrap.machine import libfind
     return any(libfind.find(so, environ=dict(os.environ)) for so in ("libnvidia-ml.so.1", "libcuda.so.1"))
 
 

@@ -1,7 +1,7 @@
 """Recorded NVML answers of real machines: the one fake in the test suite, at the hardware boundary.
 
 A fixture (tests/fixtures/nvml/*.json) says what each NVML call answered on a machine; RecordedNVML replays it
-with nvidia-ml-py's own error classes, so lorastrap.nvml_probe.probe runs unchanged against it.  A value given as
+with nvidia-ml-py's own error classes, so lorastrap.machine.nvml_probe.probe runs unchanged against it.  A value given as
 {"error": "Name"} raises NVMLError with that NVML_ERROR_* code.
 """
 
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pynvml
 
-from lorastrap.nvml_probe import ERROR_NAMES
+from lorastrap.machine.nvml_probe import ERROR_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nvml"
 CODES = {name: code for code, name in ERROR_NAMES.items()}
@@ -141,11 +141,11 @@ def standin_env(fixture: dict) -> dict[str, str]:
 
 
 def cuda_answer(fixture: dict, standin: Path, environ) -> dict | None:
-    """What lorastrap.cuda_probe.probe answers for the recorded machine, run in this process over the stand-in
+    """What lorastrap.machine.cuda_probe.probe answers for the recorded machine, run in this process over the stand-in
     libcuda (a recorded hang is answered as the child's timeout; tests/test_detect.py runs that one for real)."""
     import ctypes
 
-    from lorastrap import cuda_probe
+    from lorastrap.machine import cuda_probe
     if "cuda" not in fixture:
         return None
     if not cuda_present(fixture):
@@ -161,7 +161,7 @@ def cuda_answer(fixture: dict, standin: Path, environ) -> dict | None:
 
 def machine(fixture: dict):
     """The machine description (what `lorastrap detect --json` prints there) of a recorded machine."""
-    from lorastrap.detect import Host, build_machine
-    from lorastrap.nvml_probe import probe
+    from lorastrap.machine.detect import Host, build_machine
+    from lorastrap.machine.nvml_probe import probe
     return build_machine(Host(**fixture["host"]), probe(RecordedNVML(fixture["nvml"])), fixture["env"],
                          tegra=fixture.get("tegra"))

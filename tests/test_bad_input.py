@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from lorastrap import cli, errors
+from lorastrap import cli
+from lorastrap.core import errors
 
 ENVS = str(ROOT / "tests" / "envs")
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from lorastrap import lock as locking
-from lorastrap import subproc
+from lorastrap.locking import lock as locking
+from lorastrap.core import subproc
 
 ENVS = ROOT / "envs"
 FIXTURE = ROOT / "tests" / "fixtures" / "pypi" / "index.json"
@@ -212,7 +212,7 @@ def test_the_cpu_lock_installs_with_the_embedded_engine(cf, home, tmp_path):
     lk = locked(cf, ENVS, "cpu", tmp_path / "cpu.conda-lock.yml", "--platform", "linux-64")
     lock_file = _conda_only(lk, "linux-64", tmp_path / "conda-only.conda-lock.yml")
     prefix = tmp_path / "env"
-    answer = subproc.worker("rattler_worker", {"op": "install", "lock": str(lock_file), "platform": "linux-64",
+    answer = subproc.worker("locking.rattler_worker", {"op": "install", "lock": str(lock_file), "platform": "linux-64",
                                                "prefix": str(prefix), "cache_dir": str(tmp_path / "pkgs")},
                             timeout=300)
     assert answer.get("ok"), answer
@@ -258,5 +258,5 @@ def test_diff_locks_lists_what_changed(cf, home, tmp_path):
     ("bitsandbytes-0.50.2-py3-none-manylinux_2_24_aarch64.whl", False),  # another CPU
 ])
 def test_wheel_tags_against_the_profiles_minimums(filename, ok):
-    from lorastrap import pipside
+    from lorastrap.locking import pipside
     assert pipside.wheel_installable(filename, "3.12", locking.wheel_platforms("linux-64", {"__glibc": "2.24"})) is ok

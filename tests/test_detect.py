@@ -12,9 +12,10 @@ import pytest
 import recorded_nvml
 from conftest import no_nvidia_driver, run_cli
 
-from lorastrap import detect, libfind, profiles
-from lorastrap import plan as planner
-from lorastrap.detect import Host, build_machine
+from lorastrap.machine import detect, libfind
+from lorastrap.matrix import profiles
+from lorastrap.matrix import plan as planner
+from lorastrap.machine.detect import Host, build_machine
 
 
 @no_nvidia_driver
@@ -146,7 +147,7 @@ def test_no_child_is_started_where_neither_library_exists():
 
 @no_nvidia_driver
 def test_cuda_probe_child_reports_library_not_found_for_real():
-    res = detect.subproc.python_module("cuda_probe", timeout=30, env=detect.subproc.clean_env())
+    res = detect.subproc.python_module("machine.cuda_probe", timeout=30, env=detect.subproc.clean_env())
     answer = json.loads(res.stdout)
     assert answer["init_error"] == "LibraryNotFound" and "libcuda.so.1" in answer["init_message"]
 
@@ -372,7 +373,7 @@ def test_a_broken_l4t_table_is_a_config_error(tmp_path):
 def test_nvml_v1_cuda_version_only_where_the_driver_has_no_v2():
     # v2 failing with LibraryNotFound means libcuda is missing; v1 would then answer "a known supported version"
     # (NVML docs).  Like rattler, the probe takes v1 only when the v2 symbol is missing.
-    from lorastrap.nvml_probe import probe
+    from lorastrap.machine.nvml_probe import probe
     base = {"driver_version": "550.40.07", "cuda_driver_version": 12040, "devices": []}
     assert probe(recorded_nvml.RecordedNVML(
         {**base, "cuda_driver_version_v2": {"error": "LibraryNotFound"}}))["cuda_driver_version"] is None

@@ -15,9 +15,9 @@ import yaml
 from conftest import ROOT, run_cli
 from recorded_nvml import RecordedNVML, load
 
-from lorastrap import subproc
-from lorastrap.detect import Host, build_machine
-from lorastrap.nvml_probe import probe
+from lorastrap.core import subproc
+from lorastrap.machine.detect import Host, build_machine
+from lorastrap.machine.nvml_probe import probe
 
 TEST_ENVS = ROOT / "tests" / "envs"
 CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}
@@ -111,7 +111,7 @@ def test_extra_and_missing_package_vs_the_lock(channel, env, tmp_path):
     changed = tmp_path / "changed.conda-lock.yml"
     changed.write_text(yaml.safe_dump(lock))
     # The real engine changes the environment behind lorastrap's back: adds libcublas, removes tqdm.
-    answer = subproc.worker("rattler_worker", {"op": "install", "lock": str(changed), "platform": "linux-64",
+    answer = subproc.worker("locking.rattler_worker", {"op": "install", "lock": str(changed), "platform": "linux-64",
                                                "prefix": str(env), "cache_dir": str(tmp_path / "rc")}, timeout=300)
     assert answer["ok"], answer
     rc, report = doctor(env)

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, run_cli
 from netsim import NetSim
 
-from lorastrap import cache
-from lorastrap.errors import IntegrityError, NetworkError
+from lorastrap.install import cache
+from lorastrap.core.errors import IntegrityError, NetworkError
 
 SIZE = 3 * 2**20 + 123  # more than one read block, so a cut lands mid-body
 

@@ -8,9 +8,10 @@ import pytest
 import yaml
 from conftest import MAMBA, ROOT
 
-from lorastrap import engines, lock as locking
-from lorastrap.cache import Cache
-from lorastrap.errors import UsageError
+from lorastrap.install import engines
+from lorastrap.locking import lock as locking
+from lorastrap.install.cache import Cache
+from lorastrap.core.errors import UsageError
 
 TEST_ENVS = ROOT / "tests" / "envs"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-from lorastrap import explain
+from lorastrap.care import explain
 
 # Real venvs broken a dozen ways: the slow tier (`sh scripts/test.sh -m slow`; .ci/run runs both tiers).
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import dies_within, MAMBA, ROOT, run_cli
 
-from lorastrap import engines
+from lorastrap.install import engines
 
 TEST_ENVS = ROOT / "tests" / "envs"
 

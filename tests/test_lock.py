@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from lorastrap import lock as locking
-from lorastrap import profiles
+from lorastrap.locking import lock as locking
+from lorastrap.matrix import profiles
 
 TEST_ENVS = ROOT / "tests" / "envs"
 VENV_BIN = Path(sys.executable).parent

@@ -24,7 +24,7 @@ def test_pip_install_gives_a_working_lorastrap_command(tmp_path):
                           env=env, cwd=tmp_path, timeout=120)
     assert plan.returncode == 0, plan.stderr
     assert json.loads(plan.stdout)["plan"]["profile"]
-    where = subprocess.run([sys.executable, "-c", "import lorastrap.paths as p; print(p.ENVS, p.VERIFY_SCRIPT.is_file())"],
+    where = subprocess.run([sys.executable, "-c", "import lorastrap.core.paths as p; print(p.ENVS, p.VERIFY_SCRIPT.is_file())"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     envs, has_script = where.stdout.split()
     assert envs.startswith(str(target)) and has_script == "True"

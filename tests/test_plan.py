@@ -9,11 +9,11 @@ import pytest
 from conftest import no_nvidia_driver, ROOT, run_cli
 from recorded_nvml import RecordedNVML, all_fixtures, cuda_answer, load
 
-from lorastrap import plan as planner
-from lorastrap import profiles
-from lorastrap.detect import Host, build_machine
-from lorastrap.errors import ConfigError
-from lorastrap.nvml_probe import probe
+from lorastrap.matrix import plan as planner
+from lorastrap.matrix import profiles
+from lorastrap.machine.detect import Host, build_machine
+from lorastrap.core.errors import ConfigError
+from lorastrap.machine.nvml_probe import probe
 
 MATRIX = profiles.load()
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT, alive, dies_within, run_cli
 
-from lorastrap import txn
-from lorastrap.errors import Interrupted
+from lorastrap.install import txn
+from lorastrap.core.errors import Interrupted
 
 TEST_ENVS = ROOT / "tests" / "envs"
 CUDA = {"CONDA_OVERRIDE_CUDA": "12.4"}

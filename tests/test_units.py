@@ -14,8 +14,10 @@ import pytest
 import yaml
 from conftest import alive, dies_within
 
-from lorastrap import cache, fsutil, lock as locking, locks, records, txn, verify, versions
-from lorastrap.errors import BusyError, IntegrityError, NetworkError, UsageError
+from lorastrap.install import cache, txn, verify
+from lorastrap.core import fsutil, locks, records, versions
+from lorastrap.locking import lock as locking
+from lorastrap.core.errors import BusyError, IntegrityError, NetworkError, UsageError
 
 
 def env(path: Path, marker: str) -> Path:
@@ -301,7 +303,7 @@ def test_a_killed_downloads_part_file_is_removed_by_the_next_fetch(tmp_path, ser
 
 def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
     """A child's own child keeps running after the child exits (no death signal for it); the next run ends it."""
-    from lorastrap import subproc
+    from lorastrap.core import subproc
     record = tmp_path / "env.lorastrap-children"
     with subproc.recording_groups(record):
         res = subproc.run(["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], timeout=10)
@@ -315,8 +317,8 @@ def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
 
 
 def test_an_engine_that_ran_out_of_disk_says_so():
-    from lorastrap import engines
-    from lorastrap.errors import DiskError
+    from lorastrap.install import engines
+    from lorastrap.core.errors import DiskError
     with pytest.raises(DiskError) as info:  # py-rattler's words for ENOSPC, as its answer carries them
         engines._raise_if_disk_full("IOError: failed to link 'lib/x.so': No space left on device (os error 28)",
                                     Path("/p"))

@@ -133,7 +133,7 @@ def test_2023_set_missing_setuptools_and_scipy_then_cuda_only(venv_2023):
 
 def test_gpu_report_fixture_parses():
     """A report from a real GPU machine, when one was recorded (tests/fixtures/verify/*.json)."""
-    from lorastrap import verify as v
+    from lorastrap.install import verify as v
     fixtures = sorted((ROOT / "tests" / "fixtures" / "verify").glob("*.json"))
     if not fixtures:
         pytest.skip("no recorded GPU verification report (tests/fixtures/verify/)")

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lorastrap import fsutil, subproc
-from lorastrap.errors import Interrupted
-from lorastrap.records import Journal
+from lorastrap.core import fsutil, subproc
+from lorastrap.core.errors import Interrupted
+from lorastrap.core.records import Journal
 
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 

@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorastrap import fsutil, paths, subproc
-from lorastrap.errors import (FLEET_INCOMPLETE, INTERNAL, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
+from lorastrap.core import fsutil, paths, subproc
+from lorastrap.core.errors import (FLEET_INCOMPLETE, INTERNAL, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
                               UsageError)
 
 RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, and why some were not started
@@ -98,7 +98,7 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
     """The bundles by (profile, platform); refuses what cannot work on any node."""
-    from lorastrap import bundle
+    from lorastrap.fleet import bundle
     if not opts.bundles:
         raise UsageError("no bundle given", fix="Pass --bundle PATH (one per profile the nodes may need).")
     found: dict[tuple[str, str], Path] = {}
@@ -127,7 +127,7 @@ def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
 # One node (runs inside the job, one task per node)
 
 def _machine(opts: NodeOptions, node: str):
-    from lorastrap.detect import Machine, detect
+    from lorastrap.machine.detect import Machine, detect
     if opts.machines:
         recorded = opts.machines / f"{node}.json"
         if recorded.is_file():
@@ -141,7 +141,7 @@ def _machine(opts: NodeOptions, node: str):
 
 def choose(machine, matrix, bundles: dict[tuple[str, str], Path], profile: str | None, node: str):
     """(profile, bundle, plan) for this node: the profile its machine plans, or the forced one if it can run it."""
-    from lorastrap import plan as planner
+    from lorastrap.matrix import plan as planner
     if profile:
         result = planner.plan(machine, matrix, profile=profile)
         if result.broken:
@@ -188,7 +188,7 @@ def _install(opts: NodeOptions, where: Path, prefix: Path, home: Path, machine_f
 
 def _verify_here(doc: dict, profile, matrix, machine, opts_extra: list[str]) -> None:
     """Run the profile's verification on this node's own devices (install verified only if it changed something)."""
-    from lorastrap import verify
+    from lorastrap.install import verify
     if doc.get("verify_verdict") == "pass" or "--no-verify" in opts_extra:
         return
     try:
@@ -203,7 +203,8 @@ def _verify_here(doc: dict, profile, matrix, machine, opts_extra: list[str]) -> 
 
 def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, LorastrapError | None]:
     """Provision and verify this node; its report is written to REPORT_DIR/NODE.json whatever happens."""
-    from lorastrap import bundle, profiles
+    from lorastrap.fleet import bundle
+    from lorastrap.matrix import profiles
     node = node_name()
     opts.report_dir.mkdir(parents=True, exist_ok=True)
     out = opts.report_dir / f"{node}.json"

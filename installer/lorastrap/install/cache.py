@@ -35,8 +35,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from lorastrap import archive, fsutil, locks
-from lorastrap.errors import DiskError, IntegrityError, NetworkError
+from lorastrap.install import archive
+from lorastrap.core import fsutil, locks
+from lorastrap.core.errors import DiskError, IntegrityError, NetworkError
 
 CHUNK = 1 << 20
 RETRIES = 5  # attempts per archive; a cut or a stall is retried (resuming with Range), a 4xx is not

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lorastrap import paths, prefix as pfx
-from lorastrap.errors import NO_PROFILE, VERIFY, LorastrapError, UsageError
-from lorastrap.profiles import Matrix, Profile
+from lorastrap.core import paths
+from lorastrap.install import prefix as pfx
+from lorastrap.core.errors import NO_PROFILE, VERIFY, LorastrapError, UsageError
+from lorastrap.matrix.profiles import Matrix, Profile
 
 TIMEOUT_S = 1800
 PRE_CHECKS_TIMEOUT_S = 600

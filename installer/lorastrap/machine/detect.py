@@ -18,8 +18,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorastrap import libfind, subproc, versions
-from lorastrap.errors import ConfigError, Finding
+from lorastrap.machine import libfind
+from lorastrap.core import subproc, versions
+from lorastrap.core.errors import ConfigError, Finding
 
 SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
@@ -334,7 +335,7 @@ def _probe_env(found: libfind.Found | None, environ: dict[str, str] | None = Non
 
 def nvml_facts(timeout: float = NVML_TIMEOUT_S) -> dict:
     """Run nvml_probe in a child, without CUDA_VISIBLE_DEVICES, whether or not its library can be found."""
-    result = subproc.python_module("nvml_probe", timeout=timeout, env=_probe_env(None))
+    result = subproc.python_module("machine.nvml_probe", timeout=timeout, env=_probe_env(None))
     return _child_answer(result, timeout, "NVML", _EMPTY["nvml_probe"])
 
 
@@ -354,8 +355,8 @@ def gpu_facts(*, wsl: bool = False, environ: dict[str, str] | None = None, root:
         else:
             answers[key] = {"library": f"{found.path} ({found.via})"}
             calls.append((key, module, found))
-    results = subproc.python_modules([(module, _probe_env(found, dict(environ))) for _, module, found in calls],
-                                     timeout=timeout)
+    results = subproc.python_modules([(f"machine.{module}", _probe_env(found, dict(environ)))
+                                      for _, module, found in calls], timeout=timeout)
     for (key, module, _), result in zip(calls, results):
         answers[key] = {**_child_answer(result, timeout, module.split("_")[0], _EMPTY[module]), **answers[key]}
     answers["tegra"] = tegra_facts(root)
@@ -394,7 +395,7 @@ def jetson_table(envs_dir: Path | None = None) -> list[dict]:
     import yaml
     from pydantic import ValidationError
 
-    from lorastrap import paths
+    from lorastrap.core import paths
     path = (envs_dir or paths.ENVS) / "jetson.yaml"
     try:
         return [row.model_dump() for row in JetsonTable.model_validate(yaml.safe_load(path.read_text())).l4t]
@@ -632,7 +633,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
 
 def detect(disk_path: Path | None = None, environ: dict[str, str] | None = None,
            nvml_timeout: float = NVML_TIMEOUT_S, root: Path = Path("/")) -> Machine:
-    from lorastrap import paths
+    from lorastrap.core import paths
     host = host_facts(disk_path or paths.envs_dir())
     facts = gpu_facts(wsl=host.wsl, environ=environ, root=root, timeout=nvml_timeout)
     return build_machine(host, facts["nvml"], environ, cuda=facts["cuda"], tegra=facts["tegra"])

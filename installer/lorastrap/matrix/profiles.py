@@ -12,8 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorastrap import paths
-from lorastrap.errors import ConfigError
+from lorastrap.core import paths
+from lorastrap.core.errors import ConfigError
 
 VERSION_PATTERN = r"^\d+(\.\d+)*$"
 # The conda platforms lorastrap itself runs on (POSIX file locks and process groups: not native Windows).
@@ -162,7 +162,7 @@ def load(envs_dir: Path | None = None) -> Matrix:
 
 def get(matrix: Matrix, name: str) -> Profile:
     if name not in matrix.profiles:
-        from lorastrap.errors import UsageError
+        from lorastrap.core.errors import UsageError
         raise UsageError(f"unknown profile {name!r}", why=f"profiles.yaml defines {', '.join(matrix.profiles)}",
                          fix="Pick one of those (`lorastrap plan` lists them with their requirements).")
     return matrix.profiles[name]

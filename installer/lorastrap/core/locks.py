@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorastrap.errors import BusyError, NotWritableError
+from lorastrap.core.errors import BusyError, NotWritableError
 
 POLL_S = 0.1
 

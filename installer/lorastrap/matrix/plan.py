@@ -9,10 +9,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorastrap import versions
-from lorastrap.detect import Machine
-from lorastrap.errors import NoProfileError
-from lorastrap.profiles import Matrix, Profile
+from lorastrap.core import versions
+from lorastrap.machine.detect import Machine
+from lorastrap.core.errors import NoProfileError
+from lorastrap.matrix.profiles import Matrix, Profile
 
 SCHEMA_VERSION = 1
 
@@ -194,7 +194,7 @@ def plan(machine: Machine, matrix: Matrix, *, profile: str | None = None) -> Pla
                   for checks in [check(p, machine)]]
     by_name = {c.profile: c for c in candidates}
     if profile is not None:
-        from lorastrap.profiles import get
+        from lorastrap.matrix.profiles import get
         chosen = get(matrix, profile)
         cand = by_name[profile]
         reasons = [f"{profile} was asked for by name (--profile)"]

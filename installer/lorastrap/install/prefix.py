@@ -17,8 +17,8 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from pydantic import ValidationError
 
-from lorastrap import fsutil, subproc
-from lorastrap.records import EnvRecord
+from lorastrap.core import fsutil, subproc
+from lorastrap.core.records import EnvRecord
 
 RECORD_DIR = Path("conda-meta") / "lorastrap"  # the environment's record and the lock it was built from
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from lorastrap.errors import UsageError
+from lorastrap.core.errors import UsageError
 
 PATTERN = re.compile(r"^\d+(\.\d+)*$")
 

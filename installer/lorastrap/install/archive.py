@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zstandard
 
-from lorastrap.errors import IntegrityError
+from lorastrap.core.errors import IntegrityError
 
 
 def paths_json(archive: Path) -> dict:

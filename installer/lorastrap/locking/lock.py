@@ -22,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from lorastrap import paths, pipside, subproc
-from lorastrap.errors import ConfigError, NetworkError, UsageError
-from lorastrap.profiles import Profile
+from lorastrap.core import paths, subproc
+from lorastrap.locking import pipside
+from lorastrap.core.errors import ConfigError, NetworkError, UsageError
+from lorastrap.matrix.profiles import Profile
 
 DEFAULT_CHANNEL_ALIAS = "https://conda.anaconda.org"
 DEFAULT_PIP_INDEX = "https://pypi.org/simple"
@@ -238,7 +239,7 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
 
 def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
           vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
-    answer = subproc.worker("rattler_worker", {
+    answer = subproc.worker("locking.rattler_worker", {
         "op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
         "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}, timeout=SOLVE_TIMEOUT_S)
     if not answer.get("ok"):

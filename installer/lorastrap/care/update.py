@@ -1,5 +1,5 @@
 """update and rollback: move an environment to the newest packages its profile admits, or back to the previous
-generation.  Both run under the prefix lock, first finish what a killed run left (envs.recover_all), and keep the
+generation.  Both run under the prefix lock, first finish what a killed run left (generations.recover_all), and keep the
 environment they replace as generation 1 (envs.py) — so each is undone by `rollback`.
 
 update: lock the profile again (into DATA/locks/update/), compare with the lock the environment was built from
@@ -20,9 +20,14 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from lorastrap import envs, fsutil, install, lock as locking, locks, paths, prefix as pfx, profiles, txn
-from lorastrap.errors import LorastrapError, NoEnvError, UsageError
-from lorastrap.profiles import Matrix
+from lorastrap.care import envs
+from lorastrap.install import generations
+from lorastrap.core import fsutil, locks, paths
+from lorastrap.install import transaction as install, prefix as pfx, txn
+from lorastrap.locking import lock as locking
+from lorastrap.matrix import profiles
+from lorastrap.core.errors import LorastrapError, NoEnvError, UsageError
+from lorastrap.matrix.profiles import Matrix
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ class UpdateResult:
 
 
 def _generations(prefix: Path) -> list[dict]:
-    return [{"path": str(g), "bytes": envs.tree_bytes(g)} for g in envs.generations(prefix)]
+    return [{"path": str(g), "bytes": generations.tree_bytes(g)} for g in generations.generations(prefix)]
 
 
 def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | None = None,
@@ -120,7 +125,7 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
     if keep_generations < 0:
         raise UsageError(f"--keep-generations {keep_generations}: must be 0 or more")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        recovered = envs.recover_all(prefix, narrate)
+        recovered = generations.recover_all(prefix, narrate)
         record = pfx.read_record(prefix)
         if record is None:
             raise NoEnvError(f"no environment installed by lorastrap at {prefix}",
@@ -152,13 +157,13 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
             return result
         narrate(f"{len(changes)} change(s); installing the new lock (the current environment is kept as the "
                 f"previous generation)" if keep_generations else f"{len(changes)} change(s); installing the new lock")
-        envs.make_room(prefix, keep_generations)
+        generations.make_room(prefix, keep_generations)
         done = install.install_locked(
             prefix=prefix, envs_dir=envs_dir, name=name, profile=profile, platform=record.platform, matrix=matrix,
             engine=engine, channels=chans, mirror=mirror, pip_index_url=pip_index_url,
             keep_backup=keep_generations > 0, run_verify=run_verify, min_free_mib=min_free_mib,
             plan_info=record.plan, driver_cuda=driver_cuda, lock_file=out, link_mode=link_mode, narrate=narrate)
-        envs.prune(prefix, keep_generations)
+        generations.prune(prefix, keep_generations)
         result.changed, result.install = done.changed, done.to_dict()
         result.generations = _generations(prefix)
         return result
@@ -182,33 +187,33 @@ class RollbackResult:
 def rollback(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> RollbackResult:
     """Make generation 1 current again; the current environment becomes generation 1."""
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        swapped = envs.recover(prefix, narrate)
+        swapped = generations.recover(prefix, narrate)
         txn_recovered = txn.recover(prefix, narrate)
         result = RollbackResult(prefix=str(prefix), recovered=swapped or txn_recovered, swapped=False)
         if swapped and swapped.startswith("finished"):
             result.swapped = True  # the interrupted run's rollback is the one asked for again: done
         else:
-            gens = envs.generations(prefix)
+            gens = generations.generations(prefix)
             if not pfx.is_conda_env(prefix):
                 raise NoEnvError(f"no environment at {prefix}", fix="`lorastrap list` shows the environments.")
             if not gens:
                 raise NoEnvError(f"{prefix} has no previous generation to roll back to",
                                  why="one is kept when `lorastrap update` (or `rollback`) replaces an environment",
                                  fix="`lorastrap list` shows the generations kept; `lorastrap update` keeps one.")
-            journal = envs.swap_journal(prefix)
+            journal = generations.swap_journal(prefix)
             fsutil.write_atomic(journal, json.dumps({"prefix": str(prefix), "generation": str(gens[0])}) + "\n")
-            envs.pause("rollback-journal")
-            os.rename(prefix, envs.outgoing(prefix))
+            generations.pause("rollback-journal")
+            os.rename(prefix, generations.outgoing(prefix))
             fsutil.fsync_dir(prefix.parent)
-            envs.pause("rollback-aside")
+            generations.pause("rollback-aside")
             os.rename(gens[0], prefix)
             fsutil.fsync_dir(prefix.parent)
-            envs.pause("rollback-swapped")
-            os.rename(envs.outgoing(prefix), gens[0])
+            generations.pause("rollback-swapped")
+            os.rename(generations.outgoing(prefix), gens[0])
             journal.unlink()
             fsutil.fsync_dir(prefix.parent)
             result.swapped = True
-        kept = envs.generations(prefix)[0]
+        kept = generations.generations(prefix)[0]
         now, before = pfx.read_record(prefix), pfx.read_record(kept)
         result.now = now.model_dump(include={"profile", "platform", "installed_at"}) if now else {}
         result.previous = before.model_dump(include={"profile", "platform", "installed_at"}) if before else {}

@@ -32,8 +32,8 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
-from lorastrap import paths, subproc
-from lorastrap.errors import ConfigError, NetworkError
+from lorastrap.core import paths, subproc
+from lorastrap.core.errors import ConfigError, NetworkError
 
 UV_TIMEOUT_S = 600
 INDEX_TIMEOUT_S = 60

@@ -22,10 +22,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lorastrap import lock as locking, paths, prefix as pfx, subproc
-from lorastrap.cache import Cache, sha256_file
-from lorastrap.errors import ConfigError, IntegrityError, NetworkError
-from lorastrap.records import BundleManifest
+from lorastrap.locking import lock as locking
+from lorastrap.core import paths, subproc
+from lorastrap.install import prefix as pfx
+from lorastrap.install.cache import Cache, sha256_file
+from lorastrap.core.errors import ConfigError, IntegrityError, NetworkError
+from lorastrap.core.records import BundleManifest
 
 SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "pyproject.toml",
                 "README.md", "deploy"]
@@ -87,7 +89,7 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, v
             shutil.copyfile(cached, target)
         narrate(f"{len(entries)} packages checked and copied ({(conda_bytes + pip_bytes) / 2**20:.1f} MiB)")
         (root / "channel" / "noarch").mkdir(exist_ok=True)
-        answer = subproc.worker("rattler_worker", {"op": "index", "channel": str(root / "channel")}, timeout=600)
+        answer = subproc.worker("locking.rattler_worker", {"op": "index", "channel": str(root / "channel")}, timeout=600)
         if not answer.get("ok"):
             raise ConfigError("could not index the bundle's channel", why=answer.get("error", ""))
         pyver = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"

@@ -19,8 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from lorastrap import fsutil, paths, prefix as pfx, subproc
-from lorastrap.errors import CMD_NOT_FOUND, LorastrapError, NoEnvError, UsageError
+from lorastrap.core import fsutil, paths, subproc
+from lorastrap.install import prefix as pfx
+from lorastrap.core.errors import CMD_NOT_FOUND, LorastrapError, NoEnvError, UsageError
 
 SHELLS = ("bash", "zsh", "fish", "posix")
 MARKER = "# lorastrap activation"

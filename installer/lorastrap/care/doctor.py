@@ -29,12 +29,15 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from lorastrap import (envs, install as inst, lock as locking, locks, paths, plan as planner, prefix as pfx, profiles,
-                       subproc, txn, verify)
-from lorastrap.cache import sha256_file
-from lorastrap.detect import Machine
-from lorastrap.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
-from lorastrap.records import EnvRecord
+from lorastrap.install import generations
+from lorastrap.install import transaction as inst, prefix as pfx, txn, verify
+from lorastrap.locking import lock as locking
+from lorastrap.core import locks, paths, subproc
+from lorastrap.matrix import plan as planner, profiles
+from lorastrap.install.cache import sha256_file
+from lorastrap.machine.detect import Machine
+from lorastrap.core.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
+from lorastrap.core.records import EnvRecord
 
 
 def Finding(severity: str, code: str, what: str, why: str = "", fix: str = "", repair: str = "rebuild") -> _Finding:
@@ -295,7 +298,7 @@ def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
 
 def _interrupted(prefix: Path) -> bool:
     """A run that changes PREFIX died and left its journal: an install/repair's, or a rollback's."""
-    return txn.journal_path(prefix).exists() or envs.swap_journal(prefix).exists()
+    return txn.journal_path(prefix).exists() or generations.swap_journal(prefix).exists()
 
 
 def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
@@ -309,7 +312,7 @@ def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
                                      + where, why=f"it holds {txn.lock_file_path(prefix)}",
                                      fix="Run doctor again when it has finished.", repair="none"))
     else:
-        journal = txn.journal_path(prefix) if txn.journal_path(prefix).exists() else envs.swap_journal(prefix)
+        journal = txn.journal_path(prefix) if txn.journal_path(prefix).exists() else generations.swap_journal(prefix)
         diag.findings.append(Finding("error", "interrupted-transaction", f"an install, repair or rollback of {prefix} "
                                      "was interrupted" + where, why=f"{journal} is still there",
                                      fix="Run `lorastrap repair` (or the same install) again: it finishes the "
@@ -436,7 +439,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
-        done = envs.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
+        done = generations.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
         if done:
             narrate(done)
         if not pfx.is_conda_env(prefix):

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from lorastrap import lock as locking, locks, paths, prefix as pfx, subproc
-from lorastrap.errors import ConfigError, DiskError, LorastrapError, UsageError
+from lorastrap.locking import lock as locking
+from lorastrap.core import locks, paths, subproc
+from lorastrap.install import prefix as pfx
+from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
 VERSION_TIMEOUT_S = 30
@@ -253,7 +255,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
          narrate=lambda m: None) -> None:
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure."""
     if engine.kind == "rattler":
-        answer = subproc.worker("rattler_worker", {
+        answer = subproc.worker("locking.rattler_worker", {
             "op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
             "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S, show_progress=sys.stderr.isatty())
         if not answer.get("ok"):

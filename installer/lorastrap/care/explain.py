@@ -18,9 +18,11 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lorastrap import doctor, paths, profiles
-from lorastrap.detect import Machine
-from lorastrap.errors import ConfigError, UsageError
+from lorastrap.care import doctor
+from lorastrap.core import paths
+from lorastrap.matrix import profiles
+from lorastrap.machine.detect import Machine
+from lorastrap.core.errors import ConfigError, UsageError
 
 TABLE = "known-errors.yaml"
 ABSENT, PRESENT = "absent", "present"

@@ -1,6 +1,8 @@
 """The command line: parse flags, call one plain function, print the result, map errors to exit codes.
 
 stdout carries results (JSON with --json); stderr carries narration and errors.  No traceback unless --debug.
+
+May import: fleet, care, install, locking, matrix, machine, core (a command imports only what it uses).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from lorastrap import __version__, errors
-from lorastrap.errors import LorastrapError
+from lorastrap import __version__
+from lorastrap.core import errors
+from lorastrap.core.errors import LorastrapError
 
 ENGINES = ["auto", "micromamba", "mamba", "rattler"]  # engines.CHOICES (not imported here: start-up time)
 
@@ -252,12 +255,12 @@ def say(msg: str) -> None:
 
 
 def _envs_dir(args) -> Path:
-    from lorastrap import paths
+    from lorastrap.core import paths
     return (args.envs_dir or paths.ENVS).absolute()
 
 
 def _prefix(args) -> Path:
-    from lorastrap import paths
+    from lorastrap.core import paths
     name = "lora" if args.name is None else args.name
     if not args.prefix and (name in ("", ".", "..") or "/" in name or "\0" in name):
         raise errors.UsageError(f"--name {name!r} is not an environment name",
@@ -267,7 +270,7 @@ def _prefix(args) -> Path:
 
 
 def _write_report(path: Path | None, doc: dict) -> None:
-    from lorastrap import fsutil
+    from lorastrap.core import fsutil
     if path is None:
         return
     try:
@@ -291,7 +294,7 @@ def _report_target(path: Path | None) -> None:
 def _sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
-    from lorastrap import lock
+    from lorastrap.locking import lock
     for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
                                 ("--pip-index-url", [args.pip_index_url], True)):
         for v in values:
@@ -303,9 +306,9 @@ def _sources(args) -> dict:
 
 
 def _machine(args):
-    from lorastrap.detect import Machine, detect
+    from lorastrap.machine.detect import Machine, detect
     if getattr(args, "machine", None):
-        from lorastrap.errors import ConfigError
+        from lorastrap.core.errors import ConfigError
         try:
             if not args.machine.is_file():
                 raise OSError(f"{args.machine} is not a regular file")
@@ -331,14 +334,14 @@ def _print(args, doc: dict, text: str) -> None:
 # Commands
 
 def cmd_detect(args) -> int:
-    from lorastrap.detect import detect, format_table
+    from lorastrap.machine.detect import detect, format_table
     machine = detect(disk_path=args.prefix)
     print(machine.model_dump_json(indent=2) if args.json else format_table(machine))
     return errors.OK
 
 
 def cmd_plan(args) -> int:
-    from lorastrap import plan as planner, profiles
+    from lorastrap.matrix import plan as planner, profiles
     matrix = profiles.load(args.envs_dir)
     if args.why_not:
         profiles.get(matrix, args.why_not)
@@ -350,8 +353,9 @@ def cmd_plan(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from lorastrap import lock, plan as planner, profiles
-    from lorastrap.detect import detect
+    from lorastrap.locking import lock
+    from lorastrap.matrix import plan as planner, profiles
+    from lorastrap.machine.detect import detect
     envs = _envs_dir(args)
     matrix = profiles.load(envs)
     name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
@@ -366,7 +370,7 @@ def cmd_lock(args) -> int:
 
 
 def cmd_diff_locks(args) -> int:
-    from lorastrap import lock
+    from lorastrap.locking import lock
     old = lock.read_lock(args.old) if args.old.exists() else None
     diff = lock.diff_locks(old, lock.read_lock(args.new))
     _print(args, diff, lock.format_diff(diff))
@@ -374,9 +378,12 @@ def cmd_diff_locks(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from lorastrap import activate, bundle, install as inst, plan as planner, profiles
-    from lorastrap.envs import register
-    from lorastrap.errors import NoProfileError
+    from lorastrap.care import activate
+    from lorastrap.fleet import bundle
+    from lorastrap.install import transaction as inst
+    from lorastrap.matrix import plan as planner, profiles
+    from lorastrap.install.generations import register
+    from lorastrap.core.errors import NoProfileError
     envs = _envs_dir(args)
     _report_target(args.report)
     prefix = inst.check_prefix(_prefix(args), say)
@@ -420,8 +427,10 @@ def cmd_install(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from lorastrap import bundle, lock, plan as planner, profiles
-    from lorastrap.detect import detect
+    from lorastrap.fleet import bundle
+    from lorastrap.locking import lock
+    from lorastrap.matrix import plan as planner, profiles
+    from lorastrap.machine.detect import detect
     envs = _envs_dir(args)
     matrix = profiles.load(envs)
     machine = detect()
@@ -445,8 +454,9 @@ def cmd_bundle(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from lorastrap import profiles, verify
-    from lorastrap.detect import detect
+    from lorastrap.matrix import profiles
+    from lorastrap.install import verify
+    from lorastrap.machine.detect import detect
     prefix = _prefix(args)
     _report_target(args.report)
     machine = detect(disk_path=prefix)
@@ -465,7 +475,7 @@ def _anywhere(args) -> tuple[Path | None, Path | None]:
 
 
 def cmd_doctor(args) -> int:
-    from lorastrap import doctor
+    from lorastrap.care import doctor
     prefix, python = _anywhere(args)
     diag = doctor.diagnose(None if python else prefix or _prefix(args), python=python, envs_dir=_envs_dir(args),
                            machine=_machine(args), imports=not args.no_imports)
@@ -480,7 +490,7 @@ def _confirm() -> bool:
 
 
 def cmd_explain(args) -> int:
-    from lorastrap import explain
+    from lorastrap.care import explain
     text = explain.read_text(args.source, sys.stdin)
     prefix, python = _anywhere(args)
     diag = None
@@ -500,7 +510,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_repair(args) -> int:
-    from lorastrap import doctor
+    from lorastrap.care import doctor
 
     diag, result = doctor.repair(
         _prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
@@ -513,7 +523,7 @@ def cmd_repair(args) -> int:
 
 
 def _fleet_options(args):
-    from lorastrap import fleet
+    from lorastrap.fleet import slurm as fleet
     return fleet.NodeOptions(bundles=fleet.bundle_paths(args.bundle), report_dir=args.report_dir.absolute(),
                              prefix=args.prefix, home=args.home, profile=args.profile,
                              machines=args.machines.absolute() if args.machines else None,
@@ -521,7 +531,7 @@ def _fleet_options(args):
 
 
 def cmd_fleet(args) -> int:
-    from lorastrap import fleet
+    from lorastrap.fleet import slurm as fleet
     opts = _fleet_options(args)
     if args.fleet_command == "node":
         doc, error = fleet.run_node(opts, narrate=say)
@@ -542,14 +552,14 @@ def cmd_fleet(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from lorastrap import activate
+    from lorastrap.care import activate
     argv = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     activate.run(_prefix(args), argv)  # becomes the command: returns only by raising
     return errors.INTERNAL
 
 
 def cmd_shell_hook(args) -> int:
-    from lorastrap import activate
+    from lorastrap.care import activate
     prefix = activate.require_env(_prefix(args))
     shell = args.shell or activate.default_shell()
     text = activate.script(prefix, shell)
@@ -558,21 +568,24 @@ def cmd_shell_hook(args) -> int:
 
 
 def cmd_shell(args) -> int:
-    from lorastrap import activate
+    from lorastrap.care import activate
     activate.shell(_prefix(args), args.shell)
     return errors.INTERNAL
 
 
 def cmd_list(args) -> int:
-    from lorastrap import envs, paths
+    from lorastrap.care import envs
+    from lorastrap.core import paths
     rows = envs.list_all()
     _print(args, {"data_dir": str(paths.data_dir()), "environments": rows}, envs.format_list(rows))
     return errors.OK
 
 
 def cmd_update(args) -> int:
-    from lorastrap import envs, profiles, update
-    from lorastrap.detect import detect
+    from lorastrap.care import update
+    from lorastrap.install import generations
+    from lorastrap.matrix import profiles
+    from lorastrap.machine.detect import detect
     prefix = _prefix(args)
     machine = detect(disk_path=prefix)
     src = _sources(args)
@@ -583,7 +596,7 @@ def cmd_update(args) -> int:
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
                            link_mode=args.link_mode, narrate=say)
     if result.changed:
-        envs.register(prefix)
+        generations.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)
     head = (f"{'would change' if args.dry_run else 'changes'} in {prefix} (profile {result.profile}, "
             f"{result.platform}): {len(result.changes) or 'none'}")
@@ -595,7 +608,7 @@ def cmd_update(args) -> int:
 
 
 def cmd_rollback(args) -> int:
-    from lorastrap import update
+    from lorastrap.care import update
     prefix = _prefix(args)
     result = update.rollback(prefix, wait=not args.no_wait, narrate=say)
     _print(args, result.to_dict(),
@@ -607,7 +620,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_uninstall(args) -> int:
-    from lorastrap import envs
+    from lorastrap.care import envs
     prefix = _prefix(args)
     if not args.yes and sys.stdin.isatty() and prefix.exists():
         print(f"lorastrap: this removes {prefix} and its previous generations", file=sys.stderr)
@@ -620,7 +633,7 @@ def cmd_uninstall(args) -> int:
 
 
 def cmd_self(args) -> int:
-    from lorastrap import envs
+    from lorastrap.care import envs
     held = envs.holdings()
     print("lorastrap: self uninstall removes:\n" + envs.format_holdings(held), file=sys.stderr, flush=True)
     if not args.yes:

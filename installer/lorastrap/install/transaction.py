@@ -36,12 +36,14 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap import archive, engines, envs, fsutil, lock as locking, locks, paths, prefix as pfx, subproc, txn, verify
-from lorastrap.cache import Cache, pip_file_url
-from lorastrap.detect import Machine, existing_parent
-from lorastrap.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
-from lorastrap.profiles import Matrix, Profile
-from lorastrap.records import EnvRecord, Journal, NodeReport
+from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
+from lorastrap.core import fsutil, locks, paths, subproc
+from lorastrap.locking import lock as locking
+from lorastrap.install.cache import Cache, pip_file_url
+from lorastrap.machine.detect import Machine, existing_parent
+from lorastrap.core.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
+from lorastrap.matrix.profiles import Matrix, Profile
+from lorastrap.core.records import EnvRecord, Journal, NodeReport
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
@@ -152,7 +154,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _signals_raise(), ExitStack() as stack:
-        recovered = envs.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
+        recovered = generations.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
         stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if recovered:
             narrate(recovered)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorastrap.errors import UsageError
+from lorastrap.core.errors import UsageError
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # core/ → the lorastrap package
 _CHECKOUT = _PACKAGE.parent.parent  # installer/lorastrap/ → the repository root
 
 if (_CHECKOUT / "envs" / "profiles.yaml").is_file() and (_CHECKOUT / "setup.sh").is_file():
