@@ -235,7 +235,13 @@ def test_sigkill_while_micromamba_links(channel, warm_home, tmp_path, monkeypatc
     deadline = time.monotonic() + 60
     mm = None
     while time.monotonic() < deadline and proc.poll() is None:
-        kids = [c for c in psutil.Process(proc.pid).children(recursive=True) if "micromamba" in c.name()]
+        kids = []
+        for c in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "micromamba" in c.name():
+                    kids.append(c)
+            except psutil.NoSuchProcess:  # a short-lived child (uname, ldconfig) that ended meanwhile
+                pass
         if kids and list((prefix / "conda-meta").glob("*.json")) and Path(str(prefix) + ".lorastrap-backup").exists():
             mm = kids[0].pid
             break

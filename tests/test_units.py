@@ -109,7 +109,7 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # The file lock, across real processes
 
-HOLD = "import sys, time; from lorastrap import locks; from pathlib import Path\n" \
+HOLD = "import sys, time; from lorastrap.core import locks; from pathlib import Path\n" \
        "with locks.held(Path(sys.argv[1]), what='p'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
 
 

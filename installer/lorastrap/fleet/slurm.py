@@ -98,13 +98,13 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
     """The bundles by (profile, platform); refuses what cannot work on any node."""
-    from lorastrap.fleet import bundle
+    from lorastrap.install import bundles
     if not opts.bundles:
         raise UsageError("no bundle given", fix="Pass --bundle PATH (one per profile the nodes may need).")
     found: dict[tuple[str, str], Path] = {}
     for b in opts.bundles:
-        where = bundle.open_bundle(b)
-        manifest = bundle.check(where)
+        where = bundles.open_bundle(b)
+        manifest = bundles.check(where)
         key = (manifest.profile, manifest.platform)
         if key in found:
             raise UsageError(f"two bundles for profile {key[0]} on {key[1]}: {found[key]} and {where}",
@@ -203,7 +203,7 @@ def _verify_here(doc: dict, profile, matrix, machine, opts_extra: list[str]) -> 
 
 def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, LorastrapError | None]:
     """Provision and verify this node; its report is written to REPORT_DIR/NODE.json whatever happens."""
-    from lorastrap.fleet import bundle
+    from lorastrap.install import bundles
     from lorastrap.matrix import profiles
     node = node_name()
     opts.report_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, Lorastrap
     try:
         found = check_options(opts)
         machine, machine_file = _machine(opts, node)
-        matrix = profiles.load(bundle.open_bundle(next(iter(found.values()))) / "envs")
+        matrix = profiles.load(bundles.open_bundle(next(iter(found.values()))) / "envs")
         name, where, plan = choose(machine, matrix, found, opts.profile, node)
         home = _expand(opts.home, node) if opts.home else paths.data_dir() / "nodes" / node
         prefix = _expand(opts.prefix, node) if opts.prefix else home / "envs" / "lora"

@@ -1,0 +1,59 @@
+"""The whole install as a command, a node of a fleet or a test runs it: choose the profile (a bundle's own, or the
+plan's), install it through the transaction, register the environment, and say what happened.
+
+``provision`` is what `lorastrap install` calls (cli/install.py only parses flags and prints); Slurm nodes and
+Ansible run that command, so every path goes through here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorastrap.core.errors import NoProfileError
+from lorastrap.core.records import NodeReport
+from lorastrap.install import bundles, generations, transaction
+from lorastrap.install.transaction import InstallResult
+from lorastrap.locking import lock as locking
+from lorastrap.machine.detect import Machine
+from lorastrap.matrix import plan as planner, profiles
+
+
+@dataclass
+class Provisioned:
+    result: InstallResult
+    report: NodeReport
+
+
+def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | None = None,
+              bundle: Path | None = None, envs_dir_given: bool = False, channels: list[str] | None = None,
+              mirror: str | None = None, pip_index_url: str | None = None, engine: str | None = None,
+              frozen: bool = False, keep_backup: bool = False, wait: bool = True, run_verify: bool = True,
+              link_mode: str = "hardlink", min_free_mib: int = 512, narrate=lambda m: None) -> Provisioned:
+    """Plan (or take the bundle's profile), install atomically, verify, register.  ``bundle`` is a bundle folder
+    or .tar: its profiles are used unless ``envs_dir_given``, and its lock points at its own files (no network)."""
+    opened = bundles.open_bundle(bundle) if bundle else None
+    if opened and not envs_dir_given:
+        envs_dir = opened / "envs"  # the profiles the bundle was made from
+    matrix = profiles.load(envs_dir)
+    if machine.platform is None:
+        raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
+                             fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run "
+                                 "it inside WSL2.")
+    lock_file = None
+    if opened:
+        profile, lock_file = bundles.install_inputs(opened, machine)
+        narrate(f"installing from bundle {opened} (profile {profile}, no network)")
+    chosen = planner.plan(machine, matrix, profile=profile)
+    name = planner.require_profile(chosen)
+    for c in chosen.broken:
+        narrate(f"warning: {name} breaks a requirement here: {c.message}")
+    narrate(f"profile {name} for {machine.platform}" + (" (forced)" if chosen.forced else "") + f" → {prefix}")
+    result = transaction.install(
+        prefix=prefix, envs_dir=envs_dir, name=name, profile=profiles.get(matrix, name), matrix=matrix,
+        platform=machine.platform, lock_file=lock_file, engine=engine, frozen=frozen, channels=channels,
+        mirror=mirror, pip_index_url=pip_index_url or locking.DEFAULT_PIP_INDEX, keep_backup=keep_backup, wait=wait, run_verify=run_verify,
+        link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
+        plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    generations.register(Path(result.prefix))
+    return Provisioned(result, transaction.node_report(result, machine))
