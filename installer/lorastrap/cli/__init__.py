@@ -294,15 +294,15 @@ def _report_target(path: Path | None) -> None:
 def _sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
-    from lorastrap.locking import lock
+    from lorastrap.locking import channels
     for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
                                 ("--pip-index-url", [args.pip_index_url], True)):
         for v in values:
             if v is not None:
-                lock.check_source(v, flag, index=index)
+                channels.check_source(v, flag, index=index)
     return {"channels": args.channel or ([args.mirror] if args.mirror else None),
             "mirror": args.mirror or (args.channel[0] if args.channel else None),
-            "pip_index_url": args.pip_index_url or lock.DEFAULT_PIP_INDEX}
+            "pip_index_url": args.pip_index_url or channels.DEFAULT_PIP_INDEX}
 
 
 def _machine(args):
@@ -353,7 +353,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from lorastrap.locking import lock
+    from lorastrap.locking import lock, lockfile
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
     envs = _envs_dir(args)
@@ -362,7 +362,7 @@ def cmd_lock(args) -> int:
     src = _sources(args)
     out = lock.lock(envs_dir=envs, name=name, profile=profiles.get(matrix, name), platforms=args.platform,
                     channels=src["channels"], out=args.output, pip_index_url=src["pip_index_url"], narrate=say)
-    written = lock.read_lock(out)
+    written = lockfile.read_lock(out)
     result = {"profile": name, "lock": str(out), "platforms": written.platforms,
               "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
     _print(args, result, f"wrote {out} (" + ", ".join(f"{p}: {n} packages" for p, n in result["packages"].items()) + ")")
@@ -370,10 +370,10 @@ def cmd_lock(args) -> int:
 
 
 def cmd_diff_locks(args) -> int:
-    from lorastrap.locking import lock
-    old = lock.read_lock(args.old) if args.old.exists() else None
-    diff = lock.diff_locks(old, lock.read_lock(args.new))
-    _print(args, diff, lock.format_diff(diff))
+    from lorastrap.locking import diff as lockdiff, lockfile
+    old = lockfile.read_lock(args.old) if args.old.exists() else None
+    diff = lockdiff.by_platform(old, lockfile.read_lock(args.new))
+    _print(args, diff, lockdiff.format_by_platform(diff))
     return errors.OK
 
 
@@ -428,7 +428,7 @@ def cmd_install(args) -> int:
 
 def cmd_bundle(args) -> int:
     from lorastrap.fleet import bundle
-    from lorastrap.locking import lock
+    from lorastrap.locking import choose, spec
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
     envs = _envs_dir(args)
@@ -438,11 +438,11 @@ def cmd_bundle(args) -> int:
     profile = profiles.get(matrix, name)
     platform = args.platform or machine.platform
     src = _sources(args)
-    lk = lock.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
+    lk = choose.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
                      channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
     out = args.output.absolute()
     manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
-                           virtual_packages=lock.virtual_packages(envs, profile, platform),
+                           virtual_packages=spec.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, narrate=say)
     summary = {"profile": manifest.profile, "platform": manifest.platform, "python_version": manifest.python_version,
                "packages": manifest.packages, "bytes": manifest.bytes, "path": str(out)}
@@ -583,6 +583,7 @@ def cmd_list(args) -> int:
 
 def cmd_update(args) -> int:
     from lorastrap.care import update
+    from lorastrap.locking import diff as lockdiff
     from lorastrap.install import generations
     from lorastrap.matrix import profiles
     from lorastrap.machine.detect import detect
@@ -603,18 +604,19 @@ def cmd_update(args) -> int:
     tail = ("\nalready up to date" if not result.changes else "\n(dry run: nothing changed)" if args.dry_run else
             f"\nupdated; previous generations kept: {len(result.generations)} ({kept / 2**20:.1f} MiB) — "
             f"`lorastrap rollback` returns to the previous one")
-    _print(args, result.to_dict(), head + "\n" + update.format_changes(result.changes) + tail)
+    _print(args, result.to_dict(), head + "\n" + lockdiff.format_changes(result.changes) + tail)
     return errors.OK
 
 
 def cmd_rollback(args) -> int:
     from lorastrap.care import update
+    from lorastrap.locking import diff as lockdiff
     prefix = _prefix(args)
     result = update.rollback(prefix, wait=not args.no_wait, narrate=say)
     _print(args, result.to_dict(),
            f"rolled back {prefix}: now profile {result.now.get('profile', '-')} installed "
            f"{result.now.get('installed_at', '-')}; the replaced one is the previous generation "
-           f"(`lorastrap rollback` again returns to it)\n" + update.format_changes(result.changes)
+           f"(`lorastrap rollback` again returns to it)\n" + lockdiff.format_changes(result.changes)
            + f"\nhealth: {result.health}")
     return errors.OK
 

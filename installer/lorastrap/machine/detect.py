@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorastrap.machine import libfind
+from lorastrap.machine import libfind, platforms
 from lorastrap.core import subproc, versions
 from lorastrap.core.errors import ConfigError, Finding
 
@@ -26,16 +26,6 @@ SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
 NVML_LIBRARY, CUDA_LIBRARY = "libnvidia-ml.so.1", "libcuda.so.1"
 NOT_RUN = "not-run"
-
-# uname / platform.machine() → conda subdir.  An explicit list: anything else is "unsupported".
-CONDA_PLATFORMS = {
-    ("linux", "x86_64"): "linux-64", ("linux", "amd64"): "linux-64",
-    ("linux", "aarch64"): "linux-aarch64", ("linux", "arm64"): "linux-aarch64",
-    ("linux", "ppc64le"): "linux-ppc64le",
-    ("darwin", "arm64"): "osx-arm64", ("darwin", "x86_64"): "osx-64",
-    ("windows", "amd64"): "win-64", ("windows", "x86_64"): "win-64", ("windows", "arm64"): "win-arm64",
-}
-OS_NAMES = {"linux": "linux", "darwin": "osx", "windows": "win"}
 
 # What each NVML failure at init means, and what to do.  The names are NVML_ERROR_* (see nvml_probe.py).
 NVML_EXPLAINED = {
@@ -519,8 +509,9 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
     Jetson release files."""
     environ = os.environ if environ is None else environ
     findings: list[Finding] = []
-    osname = OS_NAMES.get(host.system, host.system)
-    conda_platform = CONDA_PLATFORMS.get((host.system, host.machine))
+    osname = platforms.OS_NAMES.get(host.system, host.system)
+    known = platforms.for_host(host.system, host.machine)
+    conda_platform = known.subdir if known else None
     if conda_platform is None:
         findings.append(Finding(severity="error", code="unsupported-platform",
                                 what=f"{host.system}/{host.machine} has no conda platform lorastrap knows",
