@@ -11,7 +11,8 @@ from recorded_nvml import RecordedNVML, all_fixtures, cuda_answer, load
 
 from lorastrap.matrix import plan as planner
 from lorastrap.matrix import profiles
-from lorastrap.machine.detect import Host, build_machine
+from lorastrap.machine.detect import build_machine
+from lorastrap.machine.model import Host
 from lorastrap.core.errors import ConfigError
 from lorastrap.machine.nvml_probe import probe
 

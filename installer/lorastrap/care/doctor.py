@@ -34,7 +34,7 @@ from lorastrap.locking import lockfile, names, spec
 from lorastrap.core import locks, subproc
 from lorastrap.matrix import plan as planner, profiles
 from lorastrap.install.cache import sha256_file
-from lorastrap.machine.detect import Machine
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding, UsageError
 from lorastrap.core.records import EnvRecord
 

@@ -306,7 +306,8 @@ def _sources(args) -> dict:
 
 
 def _machine(args):
-    from lorastrap.machine.detect import Machine, detect
+    from lorastrap.machine.detect import detect
+    from lorastrap.machine.model import Machine
     if getattr(args, "machine", None):
         from lorastrap.core.errors import ConfigError
         try:
@@ -334,7 +335,8 @@ def _print(args, doc: dict, text: str) -> None:
 # Commands
 
 def cmd_detect(args) -> int:
-    from lorastrap.machine.detect import detect, format_table
+    from lorastrap.machine.detect import detect
+    from lorastrap.machine.render import format_table
     machine = detect(disk_path=args.prefix)
     print(machine.model_dump_json(indent=2) if args.json else format_table(machine))
     return errors.OK

@@ -40,7 +40,8 @@ from lorastrap.install import archive, engines, generations, prefix as pfx, txn,
 from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.locking import channels as chans, choose, lockfile, pypi_index
 from lorastrap.install.cache import Cache, read_timeout
-from lorastrap.machine.detect import Machine, existing_parent
+from lorastrap.machine.host import existing_parent
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import EnvRecord, Journal, NodeReport

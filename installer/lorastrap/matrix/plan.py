@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorastrap.core import versions
-from lorastrap.machine.detect import Machine
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import NoProfileError
 from lorastrap.matrix.profiles import Matrix, Profile
 
