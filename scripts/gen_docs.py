@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))
 
-from lorastrap.machine import detect  # noqa: E402
+from lorastrap.machine import model  # noqa: E402
 from lorastrap.care import explain  # noqa: E402
 from lorastrap.matrix import plan, profiles  # noqa: E402
 from lorastrap.core import records  # noqa: E402
@@ -25,7 +25,7 @@ TABLE_START, TABLE_END = "<!-- support-matrix:start -->", "<!-- support-matrix:e
 def schemas() -> dict[Path, str]:
     out = {}
     for name, schema in (("profiles", profiles.json_schema()), ("known-errors", explain.json_schema()),
-                         ("machine", detect.Machine.model_json_schema()),
+                         ("machine", model.Machine.model_json_schema()),
                          ("plan", plan.Plan.model_json_schema()),
                          *((n, m.model_json_schema()) for n, m in records.SCHEMAS.items())):
         schema.setdefault("$schema", "https://json-schema.org/draft/2020-12/schema")

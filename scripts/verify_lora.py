@@ -87,7 +87,7 @@ class Report:
                 "unsupported_reason": self.unsupported, "checks": self.checks}
 
 
-def _version_tuple(text: str) -> tuple:
+def _numbers(text: str) -> tuple:
     out = []
     for part in text.split("+")[0].split("."):
         digits = "".join(ch for ch in part if ch.isdigit())
@@ -95,6 +95,22 @@ def _version_tuple(text: str) -> tuple:
             break
         out.append(int(digits))
     return tuple(out)
+
+
+def _version(text: str):
+    """A comparable version of a PyPI release (torch 2.5.1+cu124), a CUDA version (12.4) or a compute capability
+    (8.9).  This script runs inside the environment under test, with its standard library and ML stack only — not
+    lorastrap's runtime, so not lorastrap's core/versions.py: packaging's Version (PEP 440) where the environment
+    has packaging (transformers, accelerate and peft all require it), else the leading dotted numbers as a tuple.
+    Either way every value in one run is of the same kind."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:
+        return _numbers(text)
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return Version(".".join(map(str, _numbers(text))) or "0")
 
 
 def _dist_version(name: str) -> str:
@@ -182,7 +198,7 @@ def check_transformers_gates(rep: Report, mods: dict, facts: argparse.Namespace)
         if ok:
             rep.add(f"transformers accepts {pkg}", "pass", f"{pkg} {have}" + (f" >= {min_v}" if min_v else ""))
         else:
-            old = min_v and have and _version_tuple(have) < _version_tuple(min_v)
+            old = min_v and have and _version(have) < _version(min_v)
             rep.add(f"transformers accepts {pkg}", "fail",
                     f"transformers {rep.info['versions']['transformers']} rejects {pkg} {have}",
                     error="ImportError: " + message.format(v=min_v or "?"),
@@ -211,13 +227,13 @@ def check_devices(rep: Report, mods: dict, driver_cuda: str | None, int8_min_cc:
     rep.info["torch"] = tinfo
     build = tinfo["cuda_build"]
     if build and driver_cuda:
-        if _version_tuple(build)[:1] > _version_tuple(driver_cuda)[:1]:
+        if _numbers(build)[:1] > _numbers(driver_cuda)[:1]:
             rep.add("torch CUDA build vs driver", "fail", f"torch built for CUDA {build}, driver supports {driver_cuda}",
                     error="RuntimeError: The NVIDIA driver on your system is too old (found version "
                           f"{driver_cuda.replace('.', '')}0)",
                     cause="PyTorch's CUDA major version is newer than the driver supports",
                     fix="upgrade the NVIDIA driver, or install the profile lorastrap plans for this driver")
-        elif _version_tuple(build) > _version_tuple(driver_cuda):
+        elif _version(build) > _version(driver_cuda):
             rep.add("torch CUDA build vs driver", "warn",
                     f"torch built for CUDA {build}, driver supports {driver_cuda}: runs under minor-version "
                     f"compatibility (limited feature set; newer PTX fails)", required=False,
@@ -229,7 +245,7 @@ def check_devices(rep: Report, mods: dict, driver_cuda: str | None, int8_min_cc:
                 + (f" ({tinfo['cuda_error']})" if tinfo.get("cuda_error") else ""), required=False,
                 cause="no NVIDIA GPU or driver on this machine", fix="none needed for a CPU run")
     for dev in tinfo["devices"][1:] if int8_min_cc else []:
-        if _version_tuple(dev["compute_capability"]) < _version_tuple(int8_min_cc):
+        if _version(dev["compute_capability"]) < _version(int8_min_cc):
             rep.add(f"GPU {dev['index']} int8 fast path", "warn",
                     f"{dev['name']} has compute capability {dev['compute_capability']} < {int8_min_cc}: "
                     "LLM.int8() takes the slow path", required=False,

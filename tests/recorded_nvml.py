@@ -161,7 +161,8 @@ def cuda_answer(fixture: dict, standin: Path, environ) -> dict | None:
 
 def machine(fixture: dict):
     """The machine description (what `lorastrap detect --json` prints there) of a recorded machine."""
-    from lorastrap.machine.detect import Host, build_machine
+    from lorastrap.machine.detect import build_machine
+    from lorastrap.machine.model import Host
     from lorastrap.machine.nvml_probe import probe
     return build_machine(Host(**fixture["host"]), probe(RecordedNVML(fixture["nvml"])), fixture["env"],
                          tegra=fixture.get("tegra"))

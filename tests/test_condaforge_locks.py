@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from lorastrap.locking import lock as locking
+from lorastrap.locking import lockfile, wheels
 from lorastrap.core import subproc
 
 ENVS = ROOT / "envs"
@@ -54,7 +54,7 @@ def do_lock(cf, envs, profile, out, *args):
 def locked(cf, envs, profile, out, *args):
     res = do_lock(cf, envs, profile, out, *args)
     assert res.returncode == 0, res.stderr
-    return locking.read_lock(out)
+    return lockfile.read_lock(out)
 
 
 def pick(lk, platform, name):
@@ -258,5 +258,4 @@ def test_diff_locks_lists_what_changed(cf, home, tmp_path):
     ("bitsandbytes-0.50.2-py3-none-manylinux_2_24_aarch64.whl", False),  # another CPU
 ])
 def test_wheel_tags_against_the_profiles_minimums(filename, ok):
-    from lorastrap.locking import pipside
-    assert pipside.wheel_installable(filename, "3.12", locking.wheel_platforms("linux-64", {"__glibc": "2.24"})) is ok
+    assert wheels.wheel_installable(filename, "3.12", wheels.wheel_platforms("linux-64", {"__glibc": "2.24"})) is ok

@@ -12,10 +12,13 @@ import pytest
 import recorded_nvml
 from conftest import no_nvidia_driver, run_cli
 
-from lorastrap.machine import detect, libfind
+from lorastrap.core import subproc
+from lorastrap.core.errors import ConfigError
+from lorastrap.machine import detect, host as hostfacts, jetson, libfind, model
 from lorastrap.matrix import profiles
 from lorastrap.matrix import plan as planner
-from lorastrap.machine.detect import Host, build_machine
+from lorastrap.machine.detect import build_machine
+from lorastrap.machine.model import Host
 
 
 @no_nvidia_driver
@@ -70,7 +73,7 @@ def test_hung_driver_times_out_instead_of_hanging(fake_nvml_lib, monkeypatch):
     raw = detect.nvml_facts(timeout=1.5)
     assert time.monotonic() - start < 10
     assert raw["init_error"] == "Timeout"
-    machine = build_machine(detect.host_facts(detect.Path("/tmp")), raw, {})
+    machine = build_machine(hostfacts.host_facts(Path("/tmp")), raw, {})
     assert machine.nvidia.nvml_status == "Timeout" and machine.devices == []
 
 
@@ -147,7 +150,7 @@ def test_no_child_is_started_where_neither_library_exists():
 
 @no_nvidia_driver
 def test_cuda_probe_child_reports_library_not_found_for_real():
-    res = detect.subproc.python_module("machine.cuda_probe", timeout=30, env=detect.subproc.clean_env())
+    res = subproc.python_module("machine.cuda_probe", timeout=30, env=subproc.clean_env())
     answer = json.loads(res.stdout)
     assert answer["init_error"] == "LibraryNotFound" and "libcuda.so.1" in answer["init_message"]
 
@@ -278,9 +281,9 @@ def test_jetson_without_libcuda_says_how_to_get_it():
     ("# R32 (release), REVISION: 6.1, GCID: 27863751, BOARD: t210ref, EABI: aarch64", "32.6.1"),
     ("garbage", None)])
 def test_l4t_release_and_its_cuda_come_from_data(text, release):
-    assert detect.l4t_release(text) == release
+    assert jetson.l4t_release(text) == release
     if release:
-        board = detect.jetson({"nv_tegra_release": text}, detect.jetson_table())
+        board = jetson.board({"nv_tegra_release": text}, jetson.table())
         assert board.cuda == {"36": "12.6", "32": "10.2"}[release.split(".")[0]]
 
 
@@ -365,8 +368,8 @@ def test_cuda_agrees_with_py_rattler(path, tmp_path, fake_nvml_lib, fake_cuda_li
 def test_a_broken_l4t_table_is_a_config_error(tmp_path):
     (tmp_path / "jetson.yaml").write_text("schema_version: 1\nl4t:\n  - release: 36.4\n    jetpack: '6'\n    cuda: twelve\n"
                                           "    source: x\n")
-    with pytest.raises(detect.ConfigError) as info:
-        detect.jetson_table(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        jetson.table(tmp_path)
     assert str(tmp_path / "jetson.yaml") in info.value.what and info.value.fix
 
 
@@ -388,6 +391,6 @@ def test_a_machine_description_from_before_the_new_probes_still_reads():
                                                               "failures": []}, {}).model_dump_json())
     for key in ("cuda_status", "answered_by", "probes", "jetson"):
         del old["nvidia"][key]
-    machine = detect.Machine.model_validate(old)
+    machine = model.Machine.model_validate(old)
     result = planner.plan(machine, profiles.load())
     assert result.profile == "cpu" and any("LibRmVersionMismatch" in h for h in result.hints)

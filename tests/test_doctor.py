@@ -16,7 +16,8 @@ from conftest import ROOT, run_cli
 from recorded_nvml import RecordedNVML, load
 
 from lorastrap.core import subproc
-from lorastrap.machine.detect import Host, build_machine
+from lorastrap.machine.detect import build_machine
+from lorastrap.machine.model import Host
 from lorastrap.machine.nvml_probe import probe
 
 TEST_ENVS = ROOT / "tests" / "envs"

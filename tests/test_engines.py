@@ -9,7 +9,7 @@ import yaml
 from conftest import MAMBA, ROOT
 
 from lorastrap.install import engines
-from lorastrap.locking import lock as locking
+from lorastrap.locking import lockfile
 from lorastrap.install.cache import Cache
 from lorastrap.core.errors import UsageError
 
@@ -66,7 +66,7 @@ def test_the_real_micromamba_is_found_with_its_version(tmp_path, monkeypatch):
 
 
 def test_the_hand_over_is_a_channel_of_hard_links_without_pip_entries(warm_home, tmp_path):
-    lk = locking.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    lk = lockfile.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
     cache = Cache(warm_home / "pkgs")
     conda = [e for e in lk.for_platform("linux-64") if e.manager == "conda"]
     assert any(e.manager == "pip" for e in lk.for_platform("linux-64"))
@@ -90,7 +90,7 @@ def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home,
     res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
                   channel["simple"], "--prefix", str(prefix), "--no-verify", "--engine", "rattler")
     assert res.returncode == 0 and "pip entries installed with uv" in res.stderr, res.stderr
-    lk = locking.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    lk = lockfile.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
     e = next(e for e in lk.for_platform("linux-64") if e.manager == "pip")
     wheel = [(e.name, Cache(warm_home / "pkgs").entry(e.sha256, e.filename), e.sha256)]
     site = next(prefix.glob("lib/python3*/site-packages"))
@@ -98,7 +98,7 @@ def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home,
         for p in list(site.glob("lorastrap_testwheel*")):
             shutil.rmtree(p)
         if how == "pip":
-            monkeypatch.setattr(engines, "uv_exe", lambda: None)  # a machine without uv: pip is the fallback
+            monkeypatch.setattr(engines.uvexe, "find", lambda: None)  # a machine without uv: pip is the fallback
         assert engines.pip_install(prefix, wheel, tmp_path, uv_cache=tmp_path / "uv") == how
         info = next(site.glob("lorastrap_testwheel-1.0.dist-info"))
         assert (info / "INSTALLER").read_text().strip() == how and (site / "lorastrap_testwheel" / "__init__.py").exists()

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from lorastrap.locking import lock as locking
+from lorastrap.locking import lockfile
 from lorastrap.matrix import profiles
 
 TEST_ENVS = ROOT / "tests" / "envs"
@@ -21,7 +21,7 @@ def do_lock(channel, out, *args):
     res = run_cli("lock", "--envs-dir", str(TEST_ENVS), "--channel", channel["url"], "--pip-index-url",
                   channel["simple"], "-o", str(out), *args)
     assert res.returncode == 0, res.stderr
-    return locking.read_lock(out)
+    return lockfile.read_lock(out)
 
 
 def builds(lk, platform, name):
@@ -52,7 +52,7 @@ def test_conda_lock_parses_and_renders_our_lock(channel, home, tmp_path):
     do_lock(channel, out, "--profile", "test-cpu")
     from conda_lock.lockfile import parse_conda_lock_file  # conda-lock's own parser, in this process
     parsed = parse_conda_lock_file(out)
-    assert "linux-64" in parsed.metadata.platforms and len(parsed.package) == len(locking.read_lock(out).entries)
+    assert "linux-64" in parsed.metadata.platforms and len(parsed.package) == len(lockfile.read_lock(out).entries)
     render = subprocess.run([str(VENV_BIN / "conda-lock"), "render", "--kind", "explicit", "-p", "linux-64",
                              str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert render.returncode == 0, render.stderr
@@ -68,16 +68,16 @@ def test_a_changed_spec_makes_the_lock_stale(channel, home, tmp_path):
                   "--channel", channel["url"], "--pip-index-url", channel["simple"])
     assert res.returncode == 0, res.stderr
     matrix = profiles.load(envs)
-    lk = locking.read_lock(out)
-    assert not locking.is_stale(lk, envs, matrix.profiles["test-cpu"])
+    lk = lockfile.read_lock(out)
+    assert not lockfile.is_stale(lk, envs, matrix.profiles["test-cpu"])
     before = lk.content_hash["linux-64"]
     (envs / "test-cpu.yml").write_text((envs / "test-cpu.yml").read_text().replace("  - peft\n", "  - peft >=0.20\n"))
-    assert locking.is_stale(lk, envs, matrix.profiles["test-cpu"])
+    assert lockfile.is_stale(lk, envs, matrix.profiles["test-cpu"])
     # conda-lock's own content hash changes too (what `conda-lock --check-input-hash` compares).
     res = run_cli("lock", "--envs-dir", str(envs), "--profile", "test-cpu", "--platform", "linux-64",
                   "--channel", channel["url"], "--pip-index-url", channel["simple"])
     assert res.returncode == 0
-    assert locking.read_lock(out).content_hash["linux-64"] != before
+    assert lockfile.read_lock(out).content_hash["linux-64"] != before
 
 
 def test_unreachable_channel_is_a_clear_network_error(home, tmp_path):

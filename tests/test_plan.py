@@ -1,6 +1,7 @@
 """plan: recorded NVML answers of real machines → the profile the matrix data says they must get."""
 
 import json
+import platform
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from recorded_nvml import RecordedNVML, all_fixtures, cuda_answer, load
 
 from lorastrap.matrix import plan as planner
 from lorastrap.matrix import profiles
-from lorastrap.machine.detect import Host, build_machine
+from lorastrap.machine.detect import build_machine
+from lorastrap.machine.model import Host
 from lorastrap.core.errors import ConfigError
 from lorastrap.machine.nvml_probe import probe
 
@@ -196,9 +198,36 @@ def test_readme_table_lists_every_profile():
         assert f"| `{name}` |" in readme
 
 
-def test_detect_and_plan_json_match_their_schemas():
+def test_plan_json_meets_the_committed_schemas_which_refuse_wrong_documents():
+    """The committed schemas, read by an independent validator (jsonschema), accept the real output and refuse
+    documents a reader would call wrong (so a vacuous schema fails); what the output says of this host is checked
+    against the standard library, not against lorastrap's own model."""
     jsonschema = pytest.importorskip("jsonschema")
     out = json.loads(run_cli("plan", "--json").stdout)
-    for key, name in (("machine", "machine"), ("plan", "plan")):
-        schema = json.loads((ROOT / "envs" / "schemas" / f"{name}.schema.json").read_text())
-        jsonschema.validate(out[key], schema)
+    schemas = {n: json.loads((ROOT / "envs" / "schemas" / f"{n}.schema.json").read_text()) for n in ("machine", "plan")}
+    for name, schema in schemas.items():
+        jsonschema.Draft202012Validator.check_schema(schema)
+        jsonschema.validate(out[name], schema)
+    machine, plan_out = out["machine"], out["plan"]
+    wrong = [("machine", {k: v for k, v in machine.items() if k != "platform"}),
+             ("machine", {**machine, "nvidia": "yes"}),
+             ("machine", {**machine, "virtual_packages": {"__cuda": 12.4}}),
+             ("machine", {**machine, "gpu_count": 1}),
+             ("plan", {k: v for k, v in plan_out.items() if k != "reasons"}),
+             ("plan", {**plan_out, "candidates": "cpu"})]
+    for name, doc in wrong:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(doc, schemas[name])
+    system = platform.system()
+    assert machine["os"] == {"Linux": "linux", "Darwin": "osx", "Windows": "win"}[system]
+    assert machine["arch"] == platform.machine().lower() or system == "Darwin"  # Rosetta: the hardware's arch
+    if system == "Linux":  # glibc's own answer, through the C library rather than detect's confstr
+        import ctypes
+        try:
+            libc = ctypes.CDLL(None)
+            libc.gnu_get_libc_version.restype = ctypes.c_char_p
+            assert machine["glibc"] == libc.gnu_get_libc_version().decode()
+        except AttributeError:  # not glibc (musl)
+            assert machine["glibc"] is None
+
+

@@ -77,9 +77,21 @@ def test_deferred_signals_hold_a_signal_until_the_step_is_done():
             time.sleep(0.05)
             done.append("the step finished")
     assert done and "SIGTERM after the step" in info.value.what and info.value.exit_code == 130
-    with txn.deferred_signals(swallow=True):  # a run already stopping drops it
-        os.kill(os.getpid(), signal.SIGINT)
-    assert not signal.sigpending()
+    seen = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))
+    try:
+        with txn.deferred_signals(swallow=True):  # a run already stopping drops it
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            inside = list(seen)
+        assert inside == [] and seen == []  # held by the block, then dropped: neither raised nor passed on
+        os.kill(os.getpid(), signal.SIGINT)  # the handler from before the block is back
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_signals_at_the_point_of_no_return_never_roll_back(channel, warm_home, tmp_path):

@@ -16,7 +16,7 @@ from conftest import alive, dies_within
 
 from lorastrap.install import cache, txn, verify
 from lorastrap.core import fsutil, locks, records, versions
-from lorastrap.locking import lock as locking
+from lorastrap.locking import channels as chans, wheels
 from lorastrap.core.errors import BusyError, IntegrityError, NetworkError, UsageError
 
 
@@ -215,31 +215,31 @@ def test_cache_unreachable_is_a_network_error(tmp_path):
 def test_mirror_rewrites_only_the_lock_channels_urls():
     channels = ["https://conda.anaconda.org/conda-forge"]
     url = "https://conda.anaconda.org/conda-forge/linux-64/pytorch-2.10.0-cuda129_h0_305.conda"
-    assert (locking.mirrored(url, channels, "https://mirror.example/cf") ==
+    assert (chans.mirrored(url, channels, "https://mirror.example/cf") ==
             "https://mirror.example/cf/linux-64/pytorch-2.10.0-cuda129_h0_305.conda")
-    assert locking.mirrored(url, channels, None) == url
+    assert chans.mirrored(url, channels, None) == url
     other = "https://files.pythonhosted.org/packages/x/bitsandbytes-0.50.2-py3-none-any.whl"
-    assert locking.mirrored(other, channels, "https://mirror.example/cf") == other
-    assert locking.mirrored(url, channels, "/srv/mirror").startswith("file:///srv/mirror/linux-64/")
+    assert chans.mirrored(other, channels, "https://mirror.example/cf") == other
+    assert chans.mirrored(url, channels, "/srv/mirror").startswith("file:///srv/mirror/linux-64/")
 
 
 def test_channel_names_become_urls():
-    assert locking.channel_url("conda-forge") == "https://conda.anaconda.org/conda-forge"
-    assert locking.channel_url("http://127.0.0.1:8000/ch/") == "http://127.0.0.1:8000/ch"
+    assert chans.channel_url("conda-forge") == "https://conda.anaconda.org/conda-forge"
+    assert chans.channel_url("http://127.0.0.1:8000/ch/") == "http://127.0.0.1:8000/ch"
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Wheel tags from a profile's virtual packages
 
 def test_wheel_tags_follow_the_profiles_glibc_and_macos():
-    tags = locking.wheel_platforms("linux-64", {"__glibc": "2.17"})
+    tags = wheels.wheel_platforms("linux-64", {"__glibc": "2.17"})
     assert "manylinux_2_17_x86_64" in tags and "manylinux2014_x86_64" in tags
     assert "manylinux_2_24_x86_64" not in tags and "manylinux_2_28_x86_64" not in tags
-    assert "manylinux_2_28_aarch64" in locking.wheel_platforms("linux-aarch64", {"__glibc": "2.28"})
-    osx = locking.wheel_platforms("osx-arm64", {"__osx": "12.0"})
+    assert "manylinux_2_28_aarch64" in wheels.wheel_platforms("linux-aarch64", {"__glibc": "2.28"})
+    osx = wheels.wheel_platforms("osx-arm64", {"__osx": "12.0"})
     assert "macosx_12_0_arm64" in osx and "macosx_14_0_arm64" not in osx
     with pytest.raises(Exception) as info:
-        locking.wheel_platforms("linux-64", {"__unix": "0"})
+        wheels.wheel_platforms("linux-64", {"__unix": "0"})
     assert "__glibc" in str(info.value)
 
 

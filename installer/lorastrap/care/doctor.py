@@ -18,7 +18,6 @@ repair (see repair()) rebuilds through the install transaction; doctor itself ch
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -31,18 +30,18 @@ from packaging.utils import canonicalize_name
 
 from lorastrap.install import generations
 from lorastrap.install import transaction as inst, prefix as pfx, txn, verify
-from lorastrap.locking import lock as locking
-from lorastrap.core import locks, paths, subproc
+from lorastrap.locking import lockfile, names, spec
+from lorastrap.core import locks, subproc
 from lorastrap.matrix import plan as planner, profiles
 from lorastrap.install.cache import sha256_file
-from lorastrap.machine.detect import Machine
-from lorastrap.core.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding as _Finding, UsageError
+from lorastrap.machine.model import Machine
+from lorastrap.core.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding, UsageError
 from lorastrap.core.records import EnvRecord
 
 
-def Finding(severity: str, code: str, what: str, why: str = "", fix: str = "", repair: str = "rebuild") -> _Finding:
+def finding(severity: str, code: str, what: str, why: str = "", fix: str = "", repair: str = "rebuild") -> Finding:
     """A doctor finding: by default one that a rebuild from the environment's own lock fixes."""
-    return _Finding(severity=severity, code=code, what=what, why=why, fix=fix, repair=repair)
+    return Finding(severity=severity, code=code, what=what, why=why, fix=fix, repair=repair)
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Diagnosis:
     prefix: str
     profile: str | None
     lock: str | None
-    findings: list[_Finding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
     unowned_files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     kind: str = "conda"  # conda, venv (a venv or virtualenv), python (an interpreter given by path)
@@ -83,12 +82,6 @@ class Diagnosis:
 
 
 
-def _mapping() -> dict[str, str]:
-    """PyPI distribution name → conda package name (envs/pypi-to-conda.json)."""
-    raw = json.loads((paths.ENVS / "pypi-to-conda.json").read_text())
-    return {canonicalize_name(k): v["conda_name"] for k, v in raw.items()}
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 FILE_FINDINGS = {  # code: (what, after the package and the count; why; fix)
@@ -112,7 +105,7 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
     """conda-meta records vs files.  Returns the readable records and the set of paths they own."""
     meta = pfx.conda_meta(prefix)
     for file, why in meta.broken.items():
-        diag.findings.append(Finding("error", "broken-record", f"conda-meta/{file} cannot be read", why=why,
+        diag.findings.append(finding("error", "broken-record", f"conda-meta/{file} cannot be read", why=why,
                                      fix="`lorastrap repair` rebuilds the environment from its lock."))
     owned: set[str] = set()
     for name, rec in meta.records.items():
@@ -145,21 +138,21 @@ def check_files(prefix: Path, diag: Diagnosis) -> tuple[dict[str, pfx.CondaRecor
                             ("altered-files", altered)):
             if found:
                 what, why, fix = FILE_FINDINGS[code]
-                diag.findings.append(Finding("error", code, f"{name}: {len(found)} {what}, e.g. {found[0]}",
+                diag.findings.append(finding("error", code, f"{name}: {len(found)} {what}, e.g. {found[0]}",
                                              why=why, fix=fix))
     return meta.records, owned
 
 
-def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.CondaRecord], diag: Diagnosis) -> None:
+def check_lock(lk: lockfile.Lock | None, platform: str, records: dict[str, pfx.CondaRecord], diag: Diagnosis) -> None:
     if lk is None:
-        diag.findings.append(Finding("info", "no-lock", "no lock to compare this environment against",
+        diag.findings.append(finding("info", "no-lock", "no lock to compare this environment against",
                                      why="it was not made by lorastrap and no committed lock fits this platform",
                                      fix="`lorastrap repair --replan` rebuilds it from the profile plan "
                                          "chooses.", repair="none"))
         return
-    unmet = locking.missing_dependencies(lk.for_platform(platform))
+    unmet = lockfile.missing_dependencies(lk.for_platform(platform))
     if unmet:
-        diag.findings.append(Finding("error", "lock-incomplete", f"the lock lacks {len(unmet)} dependenc"
+        diag.findings.append(finding("error", "lock-incomplete", f"the lock lacks {len(unmet)} dependenc"
                                      f"{'y' if len(unmet) == 1 else 'ies'} of its packages, e.g. {unmet[0]}",
                                      why="a package is installed without what it needs (the lock was cut by hand, "
                                          "or made by a tool that dropped a package)",
@@ -169,16 +162,16 @@ def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.Co
     for name, e in sorted(want.items()):
         rec = records.get(name)
         if rec is None:
-            diag.findings.append(Finding("error", "package-missing", f"{name} {e.version} is in the lock but not "
+            diag.findings.append(finding("error", "package-missing", f"{name} {e.version} is in the lock but not "
                                          "installed", why="removed by hand, or a conda-meta record was deleted",
                                          fix="`lorastrap repair` reinstalls it."))
         elif rec.sha256 != e.sha256 or rec.version != e.version:
-            diag.findings.append(Finding("error", "package-changed", f"{name}: installed {rec.version} "
+            diag.findings.append(finding("error", "package-changed", f"{name}: installed {rec.version} "
                                          f"({rec.build}), the lock has {e.version} ({e.build})",
                                          why="updated or replaced after the environment was built",
                                          fix="`lorastrap repair` puts back the locked build."))
     for name in sorted(set(records) - set(want)):
-        diag.findings.append(Finding("warning", "package-extra", f"{name} {records[name].version} is "
+        diag.findings.append(finding("warning", "package-extra", f"{name} {records[name].version} is "
                                      "installed but not in the lock", why="added after the environment was built",
                                      fix="`lorastrap repair` rebuilds without it (or add it to the spec "
                                          "and re-lock)."))
@@ -187,12 +180,12 @@ def check_lock(lk: locking.Lock | None, platform: str, records: dict[str, pfx.Co
 PIP_INSTALLERS = ("pip", "uv")  # what writes INSTALLER for a wheel installed over conda (lorastrap's own pip step: uv)
 
 
-def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dict[str, pfx.CondaRecord],
-              diag: Diagnosis) -> set[str]:
+def check_pip(prefix: Path, lk: lockfile.Lock | None, platform: str, records: dict[str, pfx.CondaRecord],
+              diag: Diagnosis, envs_dir: Path | None = None) -> set[str]:
     """pip on top of conda.  Returns the paths the pip-installed distributions own."""
     locked = {canonicalize_name(e.name): e.version for e in (lk.for_platform(platform) if lk else [])
               if e.manager == "pip"}
-    mapping = _mapping()
+    mapping = names.load(envs_dir)
     conda_names = {canonicalize_name(n): n for n in records}
     owned: set[str] = set()
     pip_dists = [d for d in pfx.distributions(prefix).values() if d.installer in PIP_INSTALLERS]
@@ -200,9 +193,9 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
         owned.update(dist.files)
         if locked.get(dist.name) == dist.version:
             continue  # a pip entry of the lock
-        conda_name = conda_names.get(canonicalize_name(mapping.get(dist.name, dist.name)))
+        conda_name = conda_names.get(canonicalize_name(mapping.conda(dist.name)))
         if conda_name:
-            diag.findings.append(Finding(
+            diag.findings.append(finding(
                 "error", "pip-shadows-conda", f"pip installed {dist.name} {dist.version} over the conda package "
                 f"{conda_name} {records[conda_name].version}",
                 why="a `pip install` into this conda environment replaced a locked package's files (the classic "
@@ -210,7 +203,7 @@ def check_pip(prefix: Path, lk: locking.Lock | None, platform: str, records: dic
                 fix="`lorastrap repair` removes it and restores the locked package; to change a version, "
                     "edit the profile's spec and re-lock instead."))
         else:
-            diag.findings.append(Finding("warning", "pip-extra", f"pip installed {dist.name} {dist.version}, which "
+            diag.findings.append(finding("warning", "pip-extra", f"pip installed {dist.name} {dist.version}, which "
                                          "the lock does not have", why="added with pip after the environment was built",
                                          fix="Add it to the spec's pip: section and re-lock, or remove it."))
     python = pfx.python_of(prefix)
@@ -225,7 +218,7 @@ def pip_check(python: Path, diag: Diagnosis, *, fix: str) -> None:
                        "--disable-pip-version-check"], timeout=120)
     if res.returncode not in (0, None) and res.stdout.strip():
         first = res.stdout.strip().splitlines()
-        diag.findings.append(Finding("warning", "pip-check", f"pip check: {first[0]}"
+        diag.findings.append(finding("warning", "pip-check", f"pip check: {first[0]}"
                                      + (f" (+{len(first) - 1} more)" if len(first) > 1 else ""),
                                      why="installed distributions' requirements are not met", fix=fix))
 
@@ -233,14 +226,14 @@ def pip_check(python: Path, diag: Diagnosis, *, fix: str) -> None:
 def check_machine(profile_name: str | None, record: EnvRecord | None, matrix: profiles.Matrix | None,
                   machine: Machine, diag: Diagnosis) -> None:
     if record and machine.platform and record.platform != machine.platform:
-        diag.findings.append(Finding("error", "platform-changed", f"built for {record.platform}, this machine "
+        diag.findings.append(finding("error", "platform-changed", f"built for {record.platform}, this machine "
                                      f"is {machine.platform}", why="the environment was copied to another kind of "
                                      "machine", fix="`lorastrap repair --replan`", repair="replan"))
     if not profile_name or matrix is None or profile_name not in matrix.profiles:
         return
     for c in planner.check(matrix.profiles[profile_name], machine):
         if not c.ok and c.rule != "platform":
-            diag.findings.append(Finding(
+            diag.findings.append(finding(
                 "error", f"machine-{c.rule}", f"profile {profile_name} no longer fits this machine: {c.message}",
                 why="the machine moved under the environment (driver changed, GPU changed, moved to another node); "
                     f"rule source: {c.source}",
@@ -251,7 +244,7 @@ def check_machine(profile_name: str | None, record: EnvRecord | None, matrix: pr
 def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag: Diagnosis,
                   python: Path | None = None) -> None:
     if (python or pfx.python_of(prefix)) is None:
-        diag.findings.append(Finding("error", "no-python", "the environment has no bin/python",
+        diag.findings.append(finding("error", "no-python", "the environment has no bin/python",
                                      fix="`lorastrap repair`"))
         return
     report, res = verify.run(prefix, matrix=matrix, driver_cuda=machine.cuda, pre_checks_only=True,
@@ -259,19 +252,19 @@ def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag:
     diag.report = report
     diag.versions = dict((report or {}).get("versions") or {})
     if report is None:
-        diag.findings.append(Finding("error", "python-broken", "the environment's Python could not run the "
+        diag.findings.append(finding("error", "python-broken", "the environment's Python could not run the "
                                      "pre-checks", why=res.tail(5), fix="`lorastrap repair`"))
         return
     for c in report.get("checks", []):
         if c["status"] == "fail" or (c["status"] == "warn" and not c["required"] and "cause" in c):
-            diag.findings.append(Finding(
+            diag.findings.append(finding(
                 "error" if c["status"] == "fail" else "warning", "precheck",
                 f"{c['name']}: {c['detail']}" + (f" — users see: {c['error']}" if c.get("error") else ""),
                 why=c.get("cause", ""), fix=c.get("fix", ""), repair="rebuild"))
     if report.get("verdict") == "unsupported":
         # With broken files or packages, that may be the breakage talking: rebuild first, then look again.
         intact = not any(f.severity == "error" and f.code != "precheck" for f in diag.findings)
-        diag.findings.append(Finding("error", "precheck-unsupported", report.get("unsupported_reason") or "",
+        diag.findings.append(finding("error", "precheck-unsupported", report.get("unsupported_reason") or "",
                                      why="this environment's set cannot do 8-bit on this machine",
                                      fix="`lorastrap repair --replan`" if intact else
                                      "`lorastrap repair` first (the environment is damaged), then doctor again",
@@ -281,16 +274,16 @@ def check_imports(prefix: Path, matrix: profiles.Matrix, machine: Machine, diag:
 # --------------------------------------------------------------------------------------------------------------
 
 def the_lock(prefix: Path, envs_dir: Path, matrix: profiles.Matrix,
-             machine: Machine) -> tuple[locking.Lock | None, str | None, EnvRecord | None]:
+             machine: Machine) -> tuple[lockfile.Lock | None, str | None, EnvRecord | None]:
     """The environment's own lock and profile (kept by install), or for a foreign one the planned profile's."""
     record = pfx.read_record(prefix)
     if record and pfx.own_lock(prefix).exists():
-        return locking.read_lock(pfx.own_lock(prefix)), record.profile, record
+        return lockfile.read_lock(pfx.own_lock(prefix)), record.profile, record
     chosen = planner.plan(machine, matrix).profile
     if chosen:
-        committed = locking.lock_path(envs_dir, chosen)
+        committed = spec.lock_path(envs_dir, chosen)
         if committed.exists():
-            lk = locking.read_lock(committed)
+            lk = lockfile.read_lock(committed)
             if machine.platform in lk.platforms:
                 return lk, chosen, None
     return None, chosen, None
@@ -308,12 +301,12 @@ def _in_transaction(prefix: Path, busy: str | None, start: float) -> Diagnosis:
     backup = txn.backup_path(prefix)
     where = (f"; the previous environment is at {backup} until then" if pfx.is_conda_env(backup) else "")
     if busy is not None:
-        diag.findings.append(Finding("info", "transaction-running", f"a lorastrap run{busy} is changing {prefix} now"
+        diag.findings.append(finding("info", "transaction-running", f"a lorastrap run{busy} is changing {prefix} now"
                                      + where, why=f"it holds {txn.lock_file_path(prefix)}",
                                      fix="Run doctor again when it has finished.", repair="none"))
     else:
         journal = txn.journal_path(prefix) if txn.journal_path(prefix).exists() else generations.swap_journal(prefix)
-        diag.findings.append(Finding("error", "interrupted-transaction", f"an install, repair or rollback of {prefix} "
+        diag.findings.append(finding("error", "interrupted-transaction", f"an install, repair or rollback of {prefix} "
                                      "was interrupted" + where, why=f"{journal} is still there",
                                      fix="Run `lorastrap repair` (or the same install) again: it finishes the "
                                          "rollback (or the commit) first, with your files."))
@@ -337,20 +330,20 @@ def diagnose(prefix: Path | None, *, envs_dir: Path, machine: Machine, imports: 
     lk, profile_name, record = the_lock(prefix, envs_dir, matrix, machine)
     diag = Diagnosis(prefix=str(prefix), profile=profile_name, lock=str(lk.path) if lk else None)
     if txn.journal_path(prefix).exists():
-        diag.findings.append(Finding("error", "interrupted-transaction", "an install or repair of this "
+        diag.findings.append(finding("error", "interrupted-transaction", "an install or repair of this "
                                      "environment was interrupted", why=f"{txn.journal_path(prefix)} is still there",
                                      fix="Run `lorastrap repair` (or the same install) again: it finishes "
                                          "the rollback first."))
     platform = (record.platform if record else None) or machine.platform or ""
     records, owned = check_files(prefix, diag)
     check_lock(lk, platform, records, diag)
-    owned |= check_pip(prefix, lk, platform, records, diag)
+    owned |= check_pip(prefix, lk, platform, records, diag, envs_dir)
     check_machine(profile_name, record, matrix, machine, diag)
     if imports:
         check_imports(prefix, matrix, machine, diag)
     diag.unowned_files = pfx.unowned(prefix, owned | {str(pfx.RECORD_DIR / "record.json")})
     if diag.unowned_files:
-        diag.findings.append(Finding("info", "user-files", f"{len(diag.unowned_files)} file(s) no package owns, "
+        diag.findings.append(finding("info", "user-files", f"{len(diag.unowned_files)} file(s) no package owns, "
                                      f"e.g. {diag.unowned_files[0]}", why="your own files inside the environment",
                                      fix="repair carries them over and keeps them in the backup.", repair="none"))
     diag.seconds = round(time.perf_counter() - start, 3)

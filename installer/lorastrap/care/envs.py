@@ -11,7 +11,7 @@ from lorastrap.core.errors import LorastrapError, NoEnvError, UsageError
 from lorastrap.install import prefix as pfx, txn
 from lorastrap.install.generations import (generations, managed, outgoing, recover_all, registered, swap_journal,
                                           tree_bytes, unregister)
-from lorastrap.locking import lock as locking
+from lorastrap.locking import lockfile
 
 HEALTHY = "ok"
 
@@ -28,7 +28,7 @@ def health(prefix: Path) -> str:
     if record is None:
         return "no lorastrap record"
     try:
-        entries = locking.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
+        entries = lockfile.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
     except LorastrapError as exc:
         return f"its lock cannot be read: {exc.what}"
     problems = pfx.mismatches(prefix, entries)
@@ -51,7 +51,7 @@ def describe(prefix: Path) -> dict:
                    lock_digest=record.lock_digest,
                    verified=(record.verify or {}).get("verdict") if record.verify else None)
         try:
-            lk = locking.read_lock(pfx.own_lock(prefix))
+            lk = lockfile.read_lock(pfx.own_lock(prefix))
             row["lock_content_hash"] = lk.content_hash.get(record.platform)
             entries = lk.for_platform(record.platform)
             row["packages"] = {"conda": sum(e.manager == "conda" for e in entries),

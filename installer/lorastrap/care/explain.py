@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorastrap.care import doctor
 from lorastrap.core import paths
 from lorastrap.matrix import profiles
-from lorastrap.machine.detect import Machine
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import ConfigError, UsageError
 
 TABLE = "known-errors.yaml"

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from packaging.version import InvalidVersion, Version
-
 from lorastrap.care import envs
 from lorastrap.install import generations
 from lorastrap.core import fsutil, locks, paths
 from lorastrap.install import transaction as install, prefix as pfx, txn
-from lorastrap.locking import lock as locking
+from lorastrap.locking import diff as lockdiff, lock as locking, lockfile
+from lorastrap.locking.channels import DEFAULT_PIP_INDEX
 from lorastrap.matrix import profiles
 from lorastrap.core.errors import LorastrapError, NoEnvError, UsageError
 from lorastrap.matrix.profiles import Matrix
@@ -33,64 +31,19 @@ from lorastrap.matrix.profiles import Matrix
 # --------------------------------------------------------------------------------------------------------------
 # The change between two locks
 
-def _tokens(v: str) -> tuple:
-    return tuple((1, int(t)) if t.isdigit() else (0, t) for t in re.findall(r"\d+|[a-z]+", v.lower()))
-
-
-def compare(a: str, b: str) -> int:
-    """-1, 0, 1 as version a is older, the same as, newer than b (PEP 440 where both parse, else by segments)."""
-    try:
-        va, vb = Version(a), Version(b)
-    except InvalidVersion:
-        va, vb = _tokens(a), _tokens(b)  # type: ignore[assignment]
-    return (va > vb) - (va < vb)
-
-
-def diff(old: list, new: list) -> list[dict]:
-    """What changes from the lock entries OLD to NEW (lock.Entry), by manager and name."""
-    before = {(e.manager, e.name): e for e in old}
-    after = {(e.manager, e.name): e for e in new}
-    out = []
-    for key in sorted(before.keys() | after.keys(), key=lambda k: (k[1], k[0])):
-        o, n = before.get(key), after.get(key)
-        if o and n and (o.version, o.build, o.sha256) == (n.version, n.build, n.sha256):
-            continue
-        if o is None:
-            kind = "added"
-        elif n is None:
-            kind = "removed"
-        else:
-            kind = {1: "upgraded", -1: "downgraded", 0: "rebuilt"}[compare(n.version, o.version)]
-        out.append({"kind": kind, "manager": key[0], "name": key[1],
-                    "old": {"version": o.version, "build": o.build} if o else None,
-                    "new": {"version": n.version, "build": n.build} if n else None})
-    return out
-
-
 def _entries(prefix: Path) -> list:
     record = pfx.read_record(prefix)
     if record is None:
         return []
     try:
-        return locking.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
+        return lockfile.read_lock(pfx.own_lock(prefix)).for_platform(record.platform)
     except LorastrapError:
         return []
 
 
 def lock_diff(old_prefix: Path, new_prefix: Path) -> list[dict]:
     """The change from one environment's own lock to another's."""
-    return diff(_entries(old_prefix), _entries(new_prefix))
-
-
-def _side(v: dict | None) -> str:
-    return "-" if v is None else v["version"] + (f" ({v['build']})" if v.get("build") else "")
-
-
-def format_changes(changes: list[dict]) -> str:
-    if not changes:
-        return "  no change"
-    return "\n".join(f"  {c['kind']:<10} {c['name']:<24} {_side(c['old']):>28} -> {_side(c['new']):<28} {c['manager']}"
-                     for c in changes)
+    return lockdiff.changes(_entries(old_prefix), _entries(new_prefix))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,7 +72,7 @@ def _generations(prefix: Path) -> list[dict]:
 
 def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | None = None,
            channels: list[str] | None = None, mirror: str | None = None,
-           pip_index_url: str = locking.DEFAULT_PIP_INDEX, dry_run: bool = False, keep_generations: int = 1,
+           pip_index_url: str = DEFAULT_PIP_INDEX, dry_run: bool = False, keep_generations: int = 1,
            engine: str | None = None, run_verify: bool = True, wait: bool = True, min_free_mib: int = 512,
            driver_cuda: str | None = None, link_mode: str = "hardlink", narrate=lambda m: None) -> UpdateResult:
     if keep_generations < 0:
@@ -131,7 +84,7 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
             raise NoEnvError(f"no environment installed by lorastrap at {prefix}",
                              why="update starts from an environment's record and lock (conda-meta/lorastrap/)",
                              fix="Install it first: `lorastrap install`; `lorastrap list` shows the environments.")
-        old = locking.read_lock(pfx.own_lock(prefix))
+        old = lockfile.read_lock(pfx.own_lock(prefix))
         name = profile_name or record.profile
         profile = profiles.get(matrix, name)
         chans = channels or (old.channels if name == record.profile else None)
@@ -144,8 +97,8 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
             narrate(f"locking {name} for {record.platform} again (the newest packages the spec admits)")
             locking.lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[record.platform],
                          channels=chans, out=out, pip_index_url=pip_index_url, narrate=narrate)
-            new = locking.read_lock(out)
-            changes = diff(old.for_platform(record.platform), new.for_platform(record.platform))
+            new = lockfile.read_lock(out)
+            changes = lockdiff.changes(old.for_platform(record.platform), new.for_platform(record.platform))
         finally:
             if dry_run:
                 shutil.rmtree(work, ignore_errors=True)

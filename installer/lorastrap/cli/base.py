@@ -138,22 +138,23 @@ def report_target(path: Path | None) -> None:
 def sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
-    from lorastrap.locking import lock
+    from lorastrap.locking import channels
     for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
                                 ("--pip-index-url", [args.pip_index_url], True)):
         for v in values:
             if v is not None:
-                lock.check_source(v, flag, index=index)
+                channels.check_source(v, flag, index=index)
     return {"channels": args.channel or ([args.mirror] if args.mirror else None),
             "mirror": args.mirror or (args.channel[0] if args.channel else None),
-            "pip_index_url": args.pip_index_url or lock.DEFAULT_PIP_INDEX}
+            "pip_index_url": args.pip_index_url or channels.DEFAULT_PIP_INDEX}
 
 
 MACHINE_MAX_BYTES = 1 << 20  # a `detect --json` is a few KiB
 
 
 def machine(args):
-    from lorastrap.machine.detect import Machine, detect
+    from lorastrap.machine.detect import detect
+    from lorastrap.machine.model import Machine
     if getattr(args, "machine", None):
         from lorastrap.core.errors import ConfigError
         try:

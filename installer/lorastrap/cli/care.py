@@ -114,6 +114,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_update(args) -> int:
+    from lorastrap.locking import diff as lockdiff
     from lorastrap.care import update
     from lorastrap.install import generations
     from lorastrap.matrix import profiles
@@ -135,18 +136,19 @@ def cmd_update(args) -> int:
     tail = ("\nalready up to date" if not result.changes else "\n(dry run: nothing changed)" if args.dry_run else
             f"\nupdated; previous generations kept: {len(result.generations)} ({kept / 2**20:.1f} MiB) — "
             f"`lorastrap rollback` returns to the previous one")
-    emit(args, result.to_dict(), head + "\n" + update.format_changes(result.changes) + tail)
+    emit(args, result.to_dict(), head + "\n" + lockdiff.format_changes(result.changes) + tail)
     return errors.OK
 
 
 def cmd_rollback(args) -> int:
+    from lorastrap.locking import diff as lockdiff
     from lorastrap.care import update
     prefix = base.prefix(args)
     result = update.rollback(prefix, wait=not args.no_wait, narrate=say)
     emit(args, result.to_dict(),
          f"rolled back {prefix}: now profile {result.now.get('profile', '-')} installed "
          f"{result.now.get('installed_at', '-')}; the replaced one is the previous generation "
-         f"(`lorastrap rollback` again returns to it)\n" + update.format_changes(result.changes)
+         f"(`lorastrap rollback` again returns to it)\n" + lockdiff.format_changes(result.changes)
          + f"\nhealth: {result.health}")
     return errors.OK
 

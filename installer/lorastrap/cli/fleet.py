@@ -79,7 +79,7 @@ def _fleet_options(args):
 
 def cmd_bundle(args) -> int:
     from lorastrap.fleet import bundle
-    from lorastrap.locking import lock
+    from lorastrap.locking import choose, spec
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
     envs = base.envs_dir(args)
@@ -89,11 +89,11 @@ def cmd_bundle(args) -> int:
     profile = profiles.get(matrix, name)
     platform = args.platform or machine.platform
     src = base.sources(args)
-    lk = lock.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
+    lk = choose.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
                      channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
     out = args.output.absolute()
     manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
-                           virtual_packages=lock.virtual_packages(envs, profile, platform),
+                           virtual_packages=spec.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, narrate=say)
     summary = {"profile": manifest.profile, "platform": manifest.platform, "python_version": manifest.python_version,
                "packages": manifest.packages, "bytes": manifest.bytes, "path": str(out)}

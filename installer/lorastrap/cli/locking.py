@@ -28,7 +28,7 @@ def add(sub, pp: dict) -> dict:
 
 
 def cmd_lock(args) -> int:
-    from lorastrap.locking import lock
+    from lorastrap.locking import lock, lockfile
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
     envs = base.envs_dir(args)
@@ -37,7 +37,7 @@ def cmd_lock(args) -> int:
     src = base.sources(args)
     out = lock.lock(envs_dir=envs, name=name, profile=profiles.get(matrix, name), platforms=args.platform,
                     channels=src["channels"], out=args.output, pip_index_url=src["pip_index_url"], narrate=say)
-    written = lock.read_lock(out)
+    written = lockfile.read_lock(out)
     result = {"profile": name, "lock": str(out), "platforms": written.platforms,
               "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
     emit(args, result, f"wrote {out} (" + ", ".join(f"{p}: {n} packages" for p, n in result["packages"].items()) + ")")
@@ -45,8 +45,8 @@ def cmd_lock(args) -> int:
 
 
 def cmd_diff_locks(args) -> int:
-    from lorastrap.locking import lock
-    old = lock.read_lock(args.old) if args.old.exists() else None
-    diff = lock.diff_locks(old, lock.read_lock(args.new))
-    emit(args, diff, lock.format_diff(diff))
+    from lorastrap.locking import diff as lockdiff, lockfile
+    old = lockfile.read_lock(args.old) if args.old.exists() else None
+    diff = lockdiff.by_platform(old, lockfile.read_lock(args.new))
+    emit(args, diff, lockdiff.format_by_platform(diff))
     return errors.OK

@@ -24,7 +24,8 @@ def add(sub, pp: dict) -> dict:
 
 
 def cmd_detect(args) -> int:
-    from lorastrap.machine.detect import detect, format_table
+    from lorastrap.machine.detect import detect
+    from lorastrap.machine.render import format_table
     machine = detect(disk_path=args.prefix)
     print(machine.model_dump_json(indent=2) if args.json else format_table(machine))
     return errors.OK

@@ -1,6 +1,6 @@
 """The shared core every room stands on: what / why / fix errors and exit codes (errors), the one module that starts
 processes (subproc), atomic files (fsutil), where things live (paths), records with committed schemas (records), the
-one version parser for user input (versions), file locks (locks).
+versions (dotted numbers, PEP 440 and conda ordering: versions), file locks (locks).
 
 May import: nothing of lorastrap.
 """

@@ -71,3 +71,9 @@ def unshare_tree(root: Path) -> tuple[int, int]:
             os.replace(tmp, path)
             files += 1
     return files, reflinked
+
+
+def on_path(name: str) -> str | None:
+    """shutil.which, skipping pyenv/asdf-style shim folders (a shim is not the program)."""
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and "shims" not in Path(d).parts]
+    return shutil.which(name, path=os.pathsep.join(dirs))

@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from lorastrap.locking import lock as locking
+from lorastrap.locking import channels, lockfile, wheels
 from lorastrap.core import paths, subproc
 from lorastrap.install import prefix as pfx
 from lorastrap.install.cache import Cache, sha256_file
@@ -51,7 +51,7 @@ def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_versi
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--isolated",
             "--require-hashes", "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
             "-r", str(paths.REQUIREMENTS), "-d", str(dest)]
-    for tag in locking.wheel_platforms(platform, vps):  # the nodes the profile admits
+    for tag in wheels.wheel_platforms(platform, vps):  # the nodes the profile admits
         argv += ["--platform", tag]
     res = subproc.run(argv, timeout=1800)
     if not res.ok:
@@ -59,7 +59,7 @@ def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_versi
                            fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
 
 
-def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, virtual_packages: dict[str, str],
+def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, virtual_packages: dict[str, str],
          out: Path,
          mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> BundleManifest:
     """Build the bundle at out (a folder, or a .tar file).  Returns the manifest."""
@@ -77,7 +77,7 @@ def make(*, envs_dir: Path, name: str, lock_file: locking.Lock, platform: str, v
         cache = Cache(paths.cache_dir())
         pip_bytes = conda_bytes = 0
         for e in entries:
-            url = locking.mirrored(e.url, lock_file.channels, mirror)
+            url = channels.mirrored(e.url, lock_file.channels, mirror)
             cached, _ = cache.fetch(url, e.sha256, e.filename)  # sha256 checked here
             if e.manager == "conda":
                 subdir = e.url.rsplit("/", 2)[-2]

@@ -127,7 +127,8 @@ def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
 # One node (runs inside the job, one task per node)
 
 def _machine(opts: NodeOptions, node: str):
-    from lorastrap.machine.detect import Machine, detect
+    from lorastrap.machine.detect import detect
+    from lorastrap.machine.model import Machine
     if opts.machines:
         recorded = opts.machines / f"{node}.json"
         if recorded.is_file():

@@ -13,7 +13,7 @@ from lorastrap.core import paths
 from lorastrap.core.errors import ConfigError, IntegrityError
 from lorastrap.core.records import BundleManifest
 from lorastrap.install.cache import sha256_file
-from lorastrap.locking import lock as locking
+from lorastrap.locking import lockfile
 
 
 def open_bundle(path: Path) -> Path:
@@ -74,7 +74,7 @@ def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
     if manifest.platform != machine.platform:
         raise ConfigError(f"bundle {bundle} is for {manifest.platform}, this machine is {machine.platform}",
                           fix=f"Build a bundle with --platform {machine.platform}.")
-    lk = locking.read_lock(bundle / manifest.lock)
+    lk = lockfile.read_lock(bundle / manifest.lock)
     lock_dir = paths.data_dir() / "locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
 
@@ -83,6 +83,6 @@ def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
         if p["manager"] == "conda":
             return (bundle / "channel" / p["url"].rsplit("/", 2)[-2] / fn).as_uri()
         return (bundle / "pip" / fn).as_uri()
-    out = locking.rewritten(lk, lock_dir / f"{manifest.profile}.bundle.conda-lock.yml", url_for,
+    out = lockfile.rewritten(lk, lock_dir / f"{manifest.profile}.bundle.conda-lock.yml", url_for,
                             channels=[(bundle / "channel").as_uri()])
     return manifest.profile, out

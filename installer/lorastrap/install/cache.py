@@ -381,30 +381,6 @@ def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
                            "--mirror URL for a reachable mirror, or a bundle/local channel for offline machines.")
 
 
-def pip_file_url(index_url: str, name: str, filename: str) -> str:
-    """The URL of one file on a PEP 503 simple index (a PyPI mirror): INDEX/NAME/ lists the project's files."""
-    page = f"{index_url.rstrip('/')}/{re.sub(r'[-_.]+', '-', name).lower()}/"
-    if page.startswith("file://") or page.startswith("/"):
-        folder = Path(urllib.request.url2pathname(page[7:])) if page.startswith("file://") else Path(page)
-        if (folder / filename).is_file():
-            return (folder / filename).as_uri()
-        html = (folder / "index.html").read_text() if (folder / "index.html").is_file() else ""
-    else:
-        try:
-            req = urllib.request.Request(page, headers={"User-Agent": "lorastrap", "Accept": "text/html"})
-            with urllib.request.urlopen(req, timeout=read_timeout()) as resp:
-                html = resp.read().decode("utf-8", "replace")
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise NetworkError(f"could not read the pip index page {page}", why=str(getattr(exc, "reason", exc)),
-                               fix="Check --pip-index-url (a PEP 503 simple index) and the network to it.")
-    for href in re.findall(r'href=["\']([^"\']+)["\']', html):
-        if urllib.parse.urlsplit(href).path.rsplit("/", 1)[-1] == filename:
-            return urllib.parse.urljoin(page, href.split("#", 1)[0])
-    raise NetworkError(f"{filename} is not on the pip index {index_url}",
-                       why=f"{page} does not list it (the lock names this exact wheel)",
-                       fix="Put the lock's wheels on that index (a PyPI mirror), or install from a bundle.")
-
-
 class Progress:
     """One progress line on stderr for a parallel fetch, only when stderr is a terminal (never in --json output);
     close() ends the line."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from lorastrap.locking import lock as locking
-from lorastrap.core import locks, paths, subproc
+from lorastrap.locking import lockfile, uvexe
+from lorastrap.core import fsutil, locks, paths, subproc, versions
 from lorastrap.install import prefix as pfx
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
 
@@ -100,18 +99,14 @@ def facts(envs_dir: Path | None = None) -> Facts:
                           fix="Restore envs/engines.yaml from version control.")
 
 
-def _numbers(version: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
-
-
 def judge(kind: str, version: str, known: Facts) -> str | None:
     """Why this release may not install a lock (with the source), or None when it may."""
-    v = _numbers(version)
+    v = versions.pypi(version)  # releases are dotted numbers (read_version, facts): 2.0 is 2.0.0
     low = known.minimum.get(kind)
-    if low and v < _numbers(low.version):
+    if low and v < versions.pypi(low.version):
         return f"{kind} {version} is older than {low.version}: {low.why} (source: {low.source})"
     for r in known.refused:
-        if _numbers(r.start) <= v <= _numbers(r.end):
+        if versions.pypi(r.start) <= v <= versions.pypi(r.end):
             return f"{kind} {version} is a known-bad release ({r.start}–{r.end}): {r.why} (source: {r.source})"
     return None
 
@@ -126,12 +121,6 @@ def read_version(exe: str) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # Finding one
 
-def _on_path(name: str) -> str | None:
-    """shutil.which, skipping pyenv/asdf-style shim folders (a shim is not the program)."""
-    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and "shims" not in Path(d).parts]
-    return shutil.which(name, path=os.pathsep.join(dirs))
-
-
 def _candidates(choice: str) -> list[tuple[str, str, str]]:
     """(kind, path, where found) in the order they are tried."""
     found: list[tuple[str, str, str]] = []
@@ -139,7 +128,7 @@ def _candidates(choice: str) -> list[tuple[str, str, str]]:
         exe = os.environ["MAMBA_EXE"]
         found.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe, "MAMBA_EXE"))
     for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
-        on_path = _on_path(kind)
+        on_path = fsutil.on_path(kind)
         if on_path:
             found.append((kind, on_path, "PATH"))
         bundled = paths.data_dir() / "bin" / kind  # the copy setup.sh fetched
@@ -199,7 +188,7 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
 # --------------------------------------------------------------------------------------------------------------
 # The hand-over and the link step
 
-def hand_over(lk: locking.Lock, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
+def hand_over(lk: lockfile.Lock, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
     """A lock (written into work) of the conda entries only, whose URLs are CHANNEL/SUBDIR/FILE: hard links to the
     checked archives (a symlink where the cache is on another filesystem). CHANNEL stays the same from run to run,
     so an engine's own cache recognises a package it extracted before. The lock's name ends in -lock.yml
@@ -220,7 +209,7 @@ def hand_over(lk: locking.Lock, platform: str, archives: dict[str, Path], channe
                 os.symlink(src, tmp)
             os.replace(tmp, target)
         urls[e.name] = target.as_uri()
-    return locking.rewritten(lk, work / f"{platform}-lock.yml", lambda p: urls[p["name"]], platform=platform,
+    return lockfile.rewritten(lk, work / f"{platform}-lock.yml", lambda p: urls[p["name"]], platform=platform,
                              channels=[channel.as_uri()], conda_only=True)
 
 
@@ -291,21 +280,12 @@ def _raise_if_disk_full(text: str, prefix: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # The pip step
 
-def uv_exe() -> str | None:
-    """uv from lorastrap's runtime (the `uv` wheel), else on PATH."""
-    try:
-        import uv  # the PyPI wheel: a binary and find_uv_bin()
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        return _on_path("uv")
-
-
 def pip_command(python: Path, wheels: list[tuple[str, Path, str]], req: Path, uv_cache: Path) -> list[str]:
     """The pip step's command: uv when there is one, else pip. Either installs exactly the given wheel files
     (already checked against the lock's sha256), hashes required again, no dependencies, no index. uv keeps its
     cache (unpacked wheels, interpreter facts) in lorastrap's cache and copies files out of it (no shared inodes)."""
     req.write_text("".join(f"{name} @ {w.as_uri()} --hash=sha256:{sha}\n" for name, w, sha in wheels))
-    uv = uv_exe()
+    uv = uvexe.find()
     if uv:
         return [uv, "pip", "install", "--python", str(python), "--no-deps", "--require-hashes", "--offline",
                 "--no-config", "--cache-dir", str(uv_cache), "--link-mode", "copy", "--quiet", "-r", str(req)]

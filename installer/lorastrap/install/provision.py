@@ -14,8 +14,8 @@ from lorastrap.core.errors import NoProfileError
 from lorastrap.core.records import NodeReport
 from lorastrap.install import bundles, generations, transaction
 from lorastrap.install.transaction import InstallResult
-from lorastrap.locking import lock as locking
-from lorastrap.machine.detect import Machine
+from lorastrap.locking import channels as chans
+from lorastrap.machine.model import Machine
 from lorastrap.matrix import plan as planner, profiles
 
 
@@ -52,7 +52,8 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
     result = transaction.install(
         prefix=prefix, envs_dir=envs_dir, name=name, profile=profiles.get(matrix, name), matrix=matrix,
         platform=machine.platform, lock_file=lock_file, engine=engine, frozen=frozen, channels=channels,
-        mirror=mirror, pip_index_url=pip_index_url or locking.DEFAULT_PIP_INDEX, keep_backup=keep_backup, wait=wait, run_verify=run_verify,
+        mirror=mirror, pip_index_url=pip_index_url or chans.DEFAULT_PIP_INDEX, keep_backup=keep_backup,
+        wait=wait, run_verify=run_verify,
         link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
         plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     generations.register(Path(result.prefix))

@@ -38,9 +38,10 @@ from pathlib import Path
 
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, subproc
-from lorastrap.locking import lock as locking
-from lorastrap.install.cache import Cache, pip_file_url
-from lorastrap.machine.detect import Machine, existing_parent
+from lorastrap.locking import channels as chans, choose, lockfile, pypi_index
+from lorastrap.install.cache import Cache, read_timeout
+from lorastrap.machine.host import existing_parent
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import EnvRecord, Journal, NodeReport
@@ -140,7 +141,7 @@ def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
                    matrix: Matrix | None = None, engine: str | None = None, frozen: bool = False,
                    channels: list[str] | None = None, mirror: str | None = None,
-                   pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
+                   pip_index_url: str = chans.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
                    link_mode: str = "hardlink", check_cache: bool = False, narrate=lambda m: None) -> InstallResult:
@@ -162,7 +163,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
                              fix="Choose another --prefix/--name, or empty that folder yourself.")
-        lk = locking.read_lock(lock_file) if lock_file else locking.choose(
+        lk = lockfile.read_lock(lock_file) if lock_file else choose.choose(
             envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen, channels=channels,
             pip_index_url=pip_index_url, narrate=narrate)
         entries = lk.for_platform(platform)
@@ -171,7 +172,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
-        unmet = locking.missing_dependencies(entries)
+        unmet = lockfile.missing_dependencies(entries)
         if unmet:
             raise ConfigError(f"{lk.path}: {len(unmet)} dependenc{'y' if len(unmet) == 1 else 'ies'} of locked "
                               f"packages are not in the lock for {platform}, e.g. {unmet[0]}",
@@ -318,14 +319,14 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
     timings["check"] = time.perf_counter() - t
 
 
-def _source_url(e: locking.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
+def _source_url(e: lockfile.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
     same file, found by name on the index's simple page: the lock's sha256 still decides)."""
-    url = locking.mirrored(e.url, channels, mirror)
-    if (e.manager == "pip" and url == e.url and pip_index_url != locking.DEFAULT_PIP_INDEX
+    url = chans.mirrored(e.url, channels, mirror)
+    if (e.manager == "pip" and url == e.url and pip_index_url != chans.DEFAULT_PIP_INDEX
             and not url.startswith(pip_index_url.rstrip("/") + "/")):
-        return pip_file_url(pip_index_url, e.name, e.filename)
+        return pypi_index.file_url(pip_index_url, e.name, e.filename, timeout=read_timeout())
     return url
 
 
@@ -372,7 +373,7 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
     """What a node reports (setup.sh --report, install --report, the fleet report's rows)."""
     versions = {}
     try:
-        for e in locking.read_lock(Path(result.lock)).for_platform(result.platform):
+        for e in lockfile.read_lock(Path(result.lock)).for_platform(result.platform):
             if e.name in KEY_PACKAGES:
                 versions[e.name] = f"{e.version} ({e.build})" if e.build else e.version
     except LorastrapError:

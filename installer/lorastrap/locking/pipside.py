@@ -2,21 +2,19 @@
 
 conda-lock and pixi resolve pip dependencies with the solved conda packages counted as installed; this does the
 same with uv (``uv pip compile``): every solved conda package is offered to uv as a metadata-only stand-in wheel
-``NAME-VERSION+conda`` (conda names mapped to PyPI names with ``envs/pypi-to-conda.json``, else normalised) and
+``NAME-VERSION+conda`` (conda names mapped to PyPI names with the envs dir's ``pypi-to-conda.json`` (names.py), else normalised) and
 pinned to it by a constraint, so uv only adds what the conda side lacks.  What it adds is either locked as a pip
 entry (``pip-dependencies: lock``, the default) or, where the spec says ``pip-dependencies: conda``, refused with
 the requirement, the entry that needs it and the conda spec line to add.
 
 uv resolves for a platform a little wider than the profile admits (uv knows manylinux_2_17 and 2_28, not 2_24);
-the files are then chosen here, from the index itself, with the profile's own tags (``lock.wheel_platforms``):
+the files are then chosen here, from the index itself, with the profile's own tags (``wheels.wheel_platforms``):
 a wheel the profile's oldest machine cannot install fails the lock with the minimum it needs.  An unpinned entry
 whose newest release has no usable wheel fails too: it would otherwise be silently downgraded.
 """
 
 from __future__ import annotations
 
-import html.parser
-import json
 import re
 import sys
 import tempfile
@@ -29,167 +27,19 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from lorastrap.core import paths, subproc
+from lorastrap.core import subproc
 from lorastrap.core.errors import ConfigError, NetworkError
+from lorastrap.locking import names, pypi_index, uvexe, wheels
+from lorastrap.machine import platforms
 
 UV_TIMEOUT_S = 600
-INDEX_TIMEOUT_S = 60
-POLICIES = ("lock", "conda")
 # The manylinux levels uv can target (uv pip compile --python-platform); resolution uses the lowest >= 2.28 that
 # covers the profile's glibc, the profile's own minimum is then enforced on the chosen files.
 UV_MANYLINUX = (28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40)
-UV_ARCH = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "osx-arm64": "aarch64", "osx-64": "x86_64"}
 UV_MACOS_TARGET = "15.0"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Names
-
-def conda_to_pypi(mapping_file: Path | None = None) -> dict[str, str]:
-    """conda name → PyPI name, the reverse of envs/pypi-to-conda.json (conda-lock's mapping format)."""
-    raw = json.loads((mapping_file or paths.ENVS / "pypi-to-conda.json").read_text())
-    return {v["conda_name"]: v["pypi_name"] for v in raw.values()}
-
-
-def pypi_name(conda_name: str, reverse: dict[str, str]) -> str:
-    """The PyPI name of a conda package: the mapping, else the normalised conda name (PEP 503)."""
-    return canonicalize_name(reverse.get(conda_name, conda_name))
-
-
-def conda_name(pypi: str, reverse: dict[str, str]) -> str:
-    forward = {canonicalize_name(p): c for c, p in reverse.items()}
-    return forward.get(canonicalize_name(pypi), canonicalize_name(pypi))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tags
-
-def _python_tags(pyver: str) -> tuple[set[str], set[str]]:
-    major, minor = (int(x) for x in pyver.split(".")[:2])
-    interpreters = {f"cp{major}{minor}", f"py{major}", f"py{major}{minor}"}
-    abis = {"none", f"cp{major}{minor}"} | {"abi3"}
-    return interpreters, abis
-
-
-def wheel_installable(filename: str, pyver: str, platforms: list[str]) -> bool:
-    """Whether some tag of this wheel is installable on every machine the profile admits."""
-    try:
-        _, _, _, tags = parse_wheel_filename(filename)
-    except InvalidWheelFilename:
-        return False
-    interpreters, abis = _python_tags(pyver)
-    minor = int(pyver.split(".")[1])
-    allowed = set(platforms) | {"any"}
-    for t in tags:
-        interp_ok = t.interpreter in interpreters or (
-            t.abi == "abi3" and re.fullmatch(r"cp3(\d+)", t.interpreter) is not None
-            and int(t.interpreter[3:]) <= minor)
-        if interp_ok and t.abi in abis and t.platform in allowed:
-            return True
-    return False
-
-
-def platform_needs(filename: str) -> str:
-    """What a wheel's platform tags ask of the machine, in virtual-package words (for messages)."""
-    try:
-        _, _, _, tags = parse_wheel_filename(filename)
-    except InvalidWheelFilename:
-        return "an unreadable wheel name"
-    needs = set()
-    for t in tags:
-        if m := re.match(r"manylinux_(\d+)_(\d+)_", t.platform):
-            needs.add(f"__glibc >= {m.group(1)}.{m.group(2)}")
-        elif m := re.match(r"macosx_(\d+)_(\d+)_", t.platform):
-            needs.add(f"__osx >= {m.group(1)}.{m.group(2)}")
-        elif t.platform != "any":
-            needs.add(t.platform)
-    return " or ".join(sorted(needs, key=_need_key)) or "any platform"
-
-
-def _for_platform(filename: str, platform: str) -> bool:
-    """Whether a wheel is built for this conda platform's OS and CPU at all (whatever its minimum)."""
-    arch = {"linux-64": "x86_64", "linux-aarch64": "aarch64", "osx-arm64": "arm64", "osx-64": "x86_64"}.get(platform, "")
-    os_tag = "linux" if platform.startswith("linux") else "macosx"
-    try:
-        tags = parse_wheel_filename(filename)[3]
-    except InvalidWheelFilename:
-        return False
-    return any(t.platform == "any" or (os_tag in t.platform and t.platform.endswith(arch)) for t in tags)
-
-
-def _need_key(text: str) -> tuple:
-    nums = re.findall(r"\d+", text)
-    return (text.split(" ")[0], tuple(int(n) for n in nums))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The index (PEP 503 simple API, with the sha256 in each link)
-
-@dataclass
-class IndexFile:
-    filename: str
-    url: str
-    sha256: str | None
-    requires_python: str | None
-    yanked: bool
-
-    @property
-    def is_wheel(self) -> bool:
-        return self.filename.endswith(".whl")
-
-    @property
-    def version(self) -> Version | None:
-        try:
-            if self.is_wheel:
-                return parse_wheel_filename(self.filename)[1]
-            stem = re.sub(r"\.(tar\.gz|zip|tar\.bz2)$", "", self.filename)
-            return Version(stem.rsplit("-", 1)[1])
-        except (InvalidWheelFilename, InvalidVersion, IndexError):
-            return None
-
-
-class _Links(html.parser.HTMLParser):
-    def __init__(self, base: str):
-        super().__init__()
-        self.base, self.files, self._attrs = base, [], None
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self._attrs = dict(attrs)
-
-    def handle_data(self, data):
-        if self._attrs is not None and data.strip():
-            href = urllib.parse.urljoin(self.base, self._attrs.get("href", ""))
-            url, _, frag = href.partition("#")
-            sha = frag[len("sha256="):] if frag.startswith("sha256=") else None
-            self.files.append(IndexFile(filename=data.strip(), url=url, sha256=sha,
-                                        requires_python=self._attrs.get("data-requires-python"),
-                                        yanked="data-yanked" in self._attrs))
-            self._attrs = None
-
-
-def index_files(index_url: str, name: str) -> list[IndexFile]:
-    """Every file the index lists for a project."""
-    url = f"{index_url.rstrip('/')}/{canonicalize_name(name)}/"
-    req = urllib.request.Request(url, headers={"Accept": "text/html"})
-    try:
-        with urllib.request.urlopen(req, timeout=INDEX_TIMEOUT_S) as resp:
-            text = resp.read().decode("utf-8", "replace")
-            base = resp.geturl()
-    except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            return []
-        raise NetworkError(f"could not read {url}", why=f"HTTP {exc.code}",
-                           fix="Check the index URL (--pip-index-url) or the network.")
-    except (urllib.error.URLError, OSError) as exc:
-        raise NetworkError(f"could not read {url}", why=str(getattr(exc, "reason", exc)),
-                           fix="Check the network or proxy, or pass --pip-index-url for a reachable index.")
-    parser = _Links(base)
-    parser.feed(text)
-    return parser.files
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,10 +50,11 @@ class Context:
     """What the pip side is resolved for: the profile's platform, virtual packages and Python."""
     platform: str
     python: str  # full version of the solved python, e.g. 3.12.12
-    wheel_platforms: list[str]  # lock.wheel_platforms(platform, vps)
+    wheel_platforms: list[str]  # wheels.wheel_platforms(platform, vps)
     vps_file: Path
     spec_file: Path
     policy: str = "lock"
+    envs_dir: Path | None = None  # whose pypi-to-conda.json names the conda side's packages
 
     @property
     def pyver(self) -> str:
@@ -221,7 +72,8 @@ def _stub_wheel(folder: Path, name: str, version: str) -> None:
 
 
 def _uv_platform(ctx: Context) -> tuple[str, dict[str, str]]:
-    arch = UV_ARCH.get(ctx.platform)
+    known = platforms.get(ctx.platform)
+    arch = known.uv_arch if known else None
     if arch is None:
         raise ConfigError(f"pip: entries cannot be locked for {ctx.platform}", fix="Lock them for linux or osx.")
     if ctx.platform.startswith("osx"):
@@ -229,15 +81,6 @@ def _uv_platform(ctx: Context) -> tuple[str, dict[str, str]]:
     glibc = max((int(t.split("_")[2]) for t in ctx.wheel_platforms if t.startswith("manylinux_2_")), default=17)
     level = next((n for n in UV_MANYLINUX if n >= glibc), UV_MANYLINUX[-1])
     return f"{arch}-manylinux_2_{level}", {}
-
-
-def _uv() -> str:
-    try:
-        import uv
-        return uv.find_uv_bin()
-    except (ImportError, FileNotFoundError):
-        raise ConfigError("uv is not installed in lorastrap's runtime", why="pip: entries are resolved with uv",
-                          fix="Reinstall lorastrap's runtime from requirements.txt (it pins uv).")
 
 
 def _parse_compiled(text: str) -> list[tuple[str, str, list[str]]]:
@@ -251,7 +94,7 @@ def _parse_compiled(text: str) -> list[tuple[str, str, list[str]]]:
     return out
 
 
-def _conda_provided(records: list[dict], reverse: dict[str, str]) -> dict[str, tuple[str, str]]:
+def _conda_provided(records: list[dict], reverse: names.NameMap) -> dict[str, tuple[str, str]]:
     """PyPI name → (conda name, version) for every solved conda package with a PEP 440 version."""
     out = {}
     for r in records:
@@ -260,13 +103,13 @@ def _conda_provided(records: list[dict], reverse: dict[str, str]) -> dict[str, t
         except InvalidVersion:
             continue
         if v.local is None:
-            out[pypi_name(r["name"], reverse)] = (r["name"], str(v))
+            out[reverse.pypi(r["name"])] = (r["name"], str(v))
     return out
 
 
 def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, cache_dir: Path) -> list[dict]:
     """The pip entries and the dependencies the conda side lacks, each as one wheel with url and sha256."""
-    reverse = conda_to_pypi()
+    reverse = names.load(ctx.envs_dir)
     provided = _conda_provided(records, reverse)
     requested = {}
     for r in reqs:
@@ -290,7 +133,7 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
         (t / "constraints.txt").write_text("".join(f"{n}=={v}+conda\n" for n, (_, v) in sorted(provided.items())))
         (t / "requirements.in").write_text("".join(f"{r}\n" for r in reqs))
         # --python: any interpreter will do (the target is --python-version); never download one
-        argv = [_uv(), "pip", "compile", "--no-config", "--quiet", "--no-header", "--annotation-style", "line",
+        argv = [uvexe.require(), "pip", "compile", "--no-config", "--quiet", "--no-header", "--annotation-style", "line",
                 "--no-python-downloads", "--python", sys.executable,
                 "--python-version", ctx.python, "--python-platform", uv_platform, "--only-binary", ":all:",
                 "--index-url", index_url, "--find-links", str(t / "stubs"), "--constraint",
@@ -308,7 +151,7 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
         needs = _requirements_of({p for _, _, via in extra for p in via if p in versions}, versions, index_url, ctx)
         lines = [f"{n} {v} (needed by {', '.join(f'{p}: {needs.get((p, n), n)}' for p in via) or 'a pip entry'})"
                  for n, v, via in extra]
-        adds = ", ".join(f"`{conda_name(n, reverse)}{_conda_bounds(needs, n, via)}`" for n, _, via in extra)
+        adds = ", ".join(f"`{reverse.conda(n)}{_conda_bounds(needs, n, via)}`" for n, _, via in extra)
         raise ConfigError(f"{ctx.spec_file}: the conda side lacks what the pip entries need on {ctx.platform}: "
                           + "; ".join(lines),
                           why="this spec sets `pip-dependencies: conda`: every dependency of a pip entry must come "
@@ -317,11 +160,11 @@ def resolve(reqs: list[str], records: list[dict], ctx: Context, index_url: str, 
                               "or set `pip-dependencies: lock` to lock them from PyPI.")
     out = []
     for name, version, via in chosen:
-        files = index_files(index_url, name)
+        files = pypi_index.files(index_url, name)
         out.append(_pick(name, version, files, ctx, via))
     for name, req in requested.items():
         _no_silent_downgrade(name, req, next(o["version"] for o in out if canonicalize_name(o["name"]) == name),
-                             index_files(index_url, name), ctx)
+                             pypi_index.files(index_url, name), ctx)
     return out
 
 
@@ -330,8 +173,8 @@ def _requirements_of(names: set[str], versions: dict[str, str], index_url: str, 
     out = {}
     for name in sorted(names):
         try:
-            url = _pick(name, versions[name], index_files(index_url, name), ctx, [])["url"]
-            with urllib.request.urlopen(url + ".metadata", timeout=INDEX_TIMEOUT_S) as resp:
+            url = _pick(name, versions[name], pypi_index.files(index_url, name), ctx, [])["url"]
+            with urllib.request.urlopen(url + ".metadata", timeout=pypi_index.INDEX_TIMEOUT_S) as resp:
                 text = resp.read().decode("utf-8", "replace")
         except (OSError, ConfigError, NetworkError):
             continue  # the names alone still say what is missing
@@ -356,12 +199,14 @@ def _conda_bounds(needs: dict, name: str, via: list[str]) -> str:
     return (" " + ",".join(sorted(set(specs)))) if specs else ""
 
 
-def _pick(name: str, version: str, files: list[IndexFile], ctx: Context, via: list[str]) -> dict:
+def _pick(name: str, version: str, files: list[pypi_index.IndexFile], ctx: Context, via: list[str]) -> dict:
     """The one wheel of name==version installable on every machine the profile admits."""
     same = [f for f in files if f.is_wheel and f.version == Version(version) and not f.yanked]
-    good = [f for f in same if wheel_installable(f.filename, ctx.pyver, ctx.wheel_platforms)]
+    supported = wheels.supported_tags(ctx.pyver, ctx.wheel_platforms)
+    ranked = sorted((r, i) for i, f in enumerate(same) if (r := wheels.rank(f.filename, supported)) is not None)
+    good = [same[i] for _, i in ranked]  # the wheel whose best tag pip prefers first
     if not good:
-        needs = sorted({platform_needs(f.filename) for f in same if _for_platform(f.filename, ctx.platform)}) \
+        needs = sorted({wheels.platform_needs(f.filename) for f in same if wheels.for_platform(f.filename, ctx.platform)}) \
             or ["(no wheel for this platform at all)"]
         floor = ", ".join(ctx.wheel_platforms[:1]) or ctx.platform
         raise ConfigError(
@@ -378,7 +223,7 @@ def _pick(name: str, version: str, files: list[IndexFile], ctx: Context, via: li
     return {"name": name, "version": version, "url": best.url, "sha256": best.sha256}
 
 
-def _no_silent_downgrade(name: str, req: Requirement, chosen: str, files: list[IndexFile], ctx: Context) -> None:
+def _no_silent_downgrade(name: str, req: Requirement, chosen: str, files: list[pypi_index.IndexFile], ctx: Context) -> None:
     """An unpinned entry must get its newest release: an older one only because the newest has no wheel is refused."""
     if any(s.operator in ("==", "===") for s in req.specifier):
         return
@@ -397,7 +242,7 @@ def _no_silent_downgrade(name: str, req: Requirement, chosen: str, files: list[I
     newest = max(candidates, default=None)
     if newest is None or newest <= chosen_v:
         return
-    kinds = sorted({("wheel needing " + platform_needs(f.filename)) if f.is_wheel else "sdist"
+    kinds = sorted({("wheel needing " + wheels.platform_needs(f.filename)) if f.is_wheel else "sdist"
                     for f in candidates[newest]})
     raise ConfigError(
         f"pip entry {name}: the lock would take {chosen}, not the newest release {newest}",

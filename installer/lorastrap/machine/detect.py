@@ -11,31 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import platform as _platform
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from lorastrap.core import subproc
+from lorastrap.core.errors import Finding
+from lorastrap.machine import jetson, libfind, platforms, virtual
+from lorastrap.machine.host import host_facts
+from lorastrap.machine.model import NOT_RUN, Device, Gpu, Host, Machine, Nvidia, Probe
 
-from lorastrap.machine import libfind
-from lorastrap.core import subproc, versions
-from lorastrap.core.errors import ConfigError, Finding
-
-SCHEMA_VERSION = 1
 NVML_TIMEOUT_S = 20.0
 NVML_LIBRARY, CUDA_LIBRARY = "libnvidia-ml.so.1", "libcuda.so.1"
-NOT_RUN = "not-run"
-
-# uname / platform.machine() → conda subdir.  An explicit list: anything else is "unsupported".
-CONDA_PLATFORMS = {
-    ("linux", "x86_64"): "linux-64", ("linux", "amd64"): "linux-64",
-    ("linux", "aarch64"): "linux-aarch64", ("linux", "arm64"): "linux-aarch64",
-    ("linux", "ppc64le"): "linux-ppc64le",
-    ("darwin", "arm64"): "osx-arm64", ("darwin", "x86_64"): "osx-64",
-    ("windows", "amd64"): "win-64", ("windows", "x86_64"): "win-64", ("windows", "arm64"): "win-arm64",
-}
-OS_NAMES = {"linux": "linux", "darwin": "osx", "windows": "win"}
 
 # What each NVML failure at init means, and what to do.  The names are NVML_ERROR_* (see nvml_probe.py).
 NVML_EXPLAINED = {
@@ -84,222 +69,8 @@ CUDA_EXPLAINED = {
 }
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MigInstance(Model):
-    index: int
-    uuid: str | None = None
-    memory_total_mib: int | None = None
-    memory_free_mib: int | None = None
-
-
-class Mig(Model):
-    supported: bool = False
-    current: bool = False
-    pending: bool = False
-    instances: list[MigInstance] = []
-
-
-class Gpu(Model):
-    index: int
-    name: str | None = None
-    uuid: str | None = None
-    compute_capability: str | None = None
-    architecture: str | None = None
-    memory_total_mib: int | None = None
-    memory_free_mib: int | None = None
-    mig: Mig = Mig()
-    error: str | None = None
-
-
-class Device(Model):
-    """A CUDA device as a process will see it: a whole GPU, or one MIG instance of it."""
-    gpu_index: int
-    mig_index: int | None = None
-    name: str | None = None
-    compute_capability: str | None = None
-    memory_total_mib: int | None = None
-
-
-class Probe(Model):
-    """What one GPU probe said."""
-    name: Literal["nvml", "libcuda", "tegra"]
-    status: str = Field(description='"ok"; "LibraryNotFound" (not even started); "not-run"; "Timeout"; or the '
-                                    "error at init (NVML_ERROR_* or CUDA_ERROR_* name)")
-    library: str | None = Field(None, description="the library file the search found, and how (LD_LIBRARY_PATH, "
-                                                  "ld.so.cache, default directory, extra directory)")
-    cuda_driver_version: str | None = None
-    devices: int = 0
-    message: str = ""
-
-
-class Jetson(Model):
-    model: str | None = Field(None, description="/proc/device-tree/model")
-    l4t: str | None = Field(None, description="the Jetson Linux (L4T) release, from /etc/nv_tegra_release")
-    jetpack: str | None = None
-    cuda: str | None = Field(None, description="the CUDA that L4T release ships (envs/jetson.yaml)")
-    source: str | None = None
-
-
-class Nvidia(Model):
-    nvml_status: str = Field(description='"ok", or the NVML error name at init (e.g. "LibraryNotFound", "Timeout")')
-    cuda_status: str = Field(NOT_RUN, description='libcuda: "ok", "not-run", or the CUDA error name at cuInit')
-    answered_by: Literal["nvml", "libcuda", "tegra"] | None = Field(
-        None, description="the first probe (in the order nvml, libcuda, tegra) that found the GPU")
-    probes: list[Probe] = Field([], description="what each probe said")
-    jetson: Jetson | None = None
-    driver_version: str | None = Field(None, description="NVML's (user-space) driver version")
-    kernel_module_version: str | None = Field(None, description="/sys/module/nvidia/version or /proc/driver/nvidia/version")
-    version_mismatch: bool = False
-    cuda_driver_version: str | None = Field(None, description="highest CUDA the driver supports, 'major.minor'")
-    gpus: list[Gpu] = []
-
-
-class Resources(Model):
-    cpu_count: int | None = None
-    ram_total_mib: int | None = None
-    ram_available_mib: int | None = None
-    disk_path: str | None = None
-    disk_free_mib: int | None = None
-
-
-class Host(Model):
-    """Facts that do not come from NVML.  Recorded fixtures carry their own."""
-    system: str = Field(description="platform.system(), lower case: linux, darwin, windows")
-    machine: str = Field(description="platform.machine(), lower case (Rosetta-corrected on macOS)")
-    glibc: str | None = None
-    wsl: bool = False
-    container: str | None = None
-    kernel_module_version: str | None = None
-    kernel: str | None = Field(None, description="the kernel release's numeric part (for __linux)")
-    resources: Resources = Resources()
-
-
-class Machine(Model):
-    schema_version: int = SCHEMA_VERSION
-    os: str = Field(description="linux, osx, win, or the raw system name")
-    platform: str | None = Field(description="conda subdir (linux-64, linux-aarch64, osx-arm64, osx-64, win-64); "
-                                             "null when unsupported")
-    arch: str
-    glibc: str | None = None
-    wsl: bool = False
-    container: str | None = None
-    resources: Resources = Resources()
-    nvidia: Nvidia
-    devices: list[Device] = Field([], description="CUDA devices as a process sees them (MIG instances expanded)")
-    virtual_packages: dict[str, str] = Field(
-        description="what a conda solver sees here (__cuda, __cuda_arch, __glibc, __linux/__osx/__win, __unix), "
-                    "CONDA_OVERRIDE_* applied")
-    overrides: dict[str, str] = Field({}, description="the CONDA_OVERRIDE_* variables that were honoured")
-    findings: list[Finding] = []
-
-    @property
-    def cuda(self) -> str | None:
-        return self.virtual_packages.get("__cuda")
-
-    @property
-    def cuda_arch(self) -> str | None:
-        return self.virtual_packages.get("__cuda_arch")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Host facts (standard library and psutil)
-
-def _read(path: str) -> str | None:
-    try:
-        return Path(path).read_text(errors="replace")
-    except OSError:
-        return None
-
-
-def _glibc() -> str | None:
-    try:
-        value = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
-    except (AttributeError, ValueError, OSError):
-        value = None
-    if value and value.startswith("glibc "):
-        return value.split()[1]
-    lib, version = _platform.libc_ver()
-    return version if lib == "glibc" and version else None
-
-
-def _machine_name(system: str) -> str:
-    machine = _platform.machine().lower()
-    if system == "darwin" and machine == "x86_64":  # an x86_64 Python under Rosetta 2 on Apple silicon
-        translated = subproc.run(["sysctl", "-n", "sysctl.proc_translated"], timeout=5) if Path(
-            "/usr/sbin/sysctl").exists() else None
-        if translated is not None and translated.stdout.strip() == "1":
-            return "arm64"
-    return machine
-
-
-def _container() -> str | None:
-    if Path("/.dockerenv").exists():
-        return "docker"
-    if Path("/run/.containerenv").exists():
-        return "podman"
-    if os.environ.get("container"):
-        return os.environ["container"]
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return "kubernetes"
-    cgroup = _read("/proc/1/cgroup") or ""
-    for name in ("kubepods", "docker", "containerd", "lxc"):
-        if name in cgroup:
-            return name
-    return None
-
-
-def _kernel_module_version() -> str | None:
-    version = _read("/sys/module/nvidia/version")
-    if version and version.strip():
-        return version.strip()
-    text = _read("/proc/driver/nvidia/version") or ""
-    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.127.05  Tue Oct  8 ..."
-    for line in text.splitlines():
-        if "Kernel Module" in line:
-            parts = line.split("Kernel Module", 1)[1].split()
-            if parts:
-                return parts[0]
-    return None
-
-
-def existing_parent(path: Path) -> Path:
-    path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def resources(disk_path: Path) -> Resources:
-    try:
-        import psutil
-    except ImportError:
-        return Resources(cpu_count=os.cpu_count())
-    res = Resources(cpu_count=psutil.cpu_count(logical=True))
-    try:
-        vm = psutil.virtual_memory()
-        res.ram_total_mib, res.ram_available_mib = vm.total // 2**20, vm.available // 2**20
-    except (OSError, RuntimeError):
-        pass
-    where = existing_parent(disk_path)
-    try:
-        res.disk_path, res.disk_free_mib = str(where), psutil.disk_usage(str(where)).free // 2**20
-    except OSError:
-        res.disk_path = str(where)
-    return res
-
-
-def host_facts(disk_path: Path) -> Host:
-    system = _platform.system().lower()
-    osrelease = (_read("/proc/sys/kernel/osrelease") or "").lower()
-    return Host(system=system, machine=_machine_name(system), glibc=_glibc() if system == "linux" else None,
-                wsl="microsoft" in osrelease or "wsl" in osrelease, container=_container(),
-                kernel_module_version=_kernel_module_version() if system == "linux" else None,
-                kernel=re.match(r"[\d.]*", _platform.release()).group(0).strip(".") or None,
-                resources=resources(disk_path))
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The GPU probes: NVML and libcuda in child processes, the Jetson release files read here
@@ -359,60 +130,8 @@ def gpu_facts(*, wsl: bool = False, environ: dict[str, str] | None = None, root:
                                       for _, module, found in calls], timeout=timeout)
     for (key, module, _), result in zip(calls, results):
         answers[key] = {**_child_answer(result, timeout, module.split("_")[0], _EMPTY[module]), **answers[key]}
-    answers["tegra"] = tegra_facts(root)
+    answers["tegra"] = jetson.tegra_facts(root)
     return answers
-
-
-def tegra_facts(root: Path = Path("/")) -> dict | None:
-    """The Jetson release files (no driver call: read here, not in a child); None when this is no Jetson."""
-    release = _read(str(root / "etc" / "nv_tegra_release"))
-    model = _read(str(root / "proc" / "device-tree" / "model"))
-    if release is None:
-        return None
-    return {"nv_tegra_release": release, "model": model.strip("\0 \n") if model else None}
-
-
-def l4t_release(text: str) -> str | None:
-    """'# R36 (release), REVISION: 4.3, GCID: ...' → '36.4.3'."""
-    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", text)
-    return f"{match.group(1)}.{match.group(2).strip('.')}" if match else None
-
-
-class L4tRelease(Model):
-    release: str = Field(pattern=r"^\d+(\.\d+)*$", description="an L4T release or its prefix (36.4 = 36.4.x)")
-    jetpack: str
-    cuda: str = Field(pattern=r"^\d+\.\d+$", description="the CUDA that release ships")
-    source: str
-
-
-class JetsonTable(Model):
-    schema_version: Literal[1]
-    l4t: list[L4tRelease]
-
-
-def jetson_table(envs_dir: Path | None = None) -> list[dict]:
-    """envs/jetson.yaml's rows, checked; a broken file is a ConfigError naming it."""
-    import yaml
-    from pydantic import ValidationError
-
-    from lorastrap.core import paths
-    path = (envs_dir or paths.ENVS) / "jetson.yaml"
-    try:
-        return [row.model_dump() for row in JetsonTable.model_validate(yaml.safe_load(path.read_text())).l4t]
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: cannot be read as the L4T release table",
-                          why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                          fix="Restore envs/jetson.yaml from git, or correct the field named.") from None
-
-
-def jetson(tegra: dict, table: list[dict]) -> Jetson:
-    release = l4t_release(tegra.get("nv_tegra_release") or "")
-    row = None
-    if release:
-        rows = [r for r in table if release == r["release"] or release.startswith(r["release"] + ".")]
-        row = max(rows, key=lambda r: len(r["release"]), default=None)
-    return Jetson(model=tegra.get("model"), l4t=release, jetpack=row and row["jetpack"], cuda=row and row["cuda"],
-                  source=row and row["source"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -486,21 +205,6 @@ def _cuda_findings(cuda: dict | None, cuda_status: str, nvml_status: str, nvml_g
                          + ("" if nvml_status == "ok" else "; no usable NVIDIA GPU"), why=why, fix=fix)]
 
 
-def _jetson_finding(board: Jetson, gpu_found: bool) -> Finding:
-    what = (f"Jetson board: {board.model or 'unknown model'}, L4T {board.l4t or '?'}"
-            + (f" (JetPack {board.jetpack}, CUDA {board.cuda})" if board.cuda else ""))
-    if board.l4t and not board.cuda:
-        what += "; this L4T release is not in envs/jetson.yaml"
-    if gpu_found:
-        return Finding(severity="info", code="jetson", what=what,
-                       why="before JetPack 6 Jetson has no NVML, and its NVML answers little; the integrated GPU is "
-                       "reached through libcuda (the Tegra driver)")
-    return Finding(severity="warning", code="jetson-no-libcuda", what=what + "; libcuda did not answer",
-                   why="libcuda (the Tegra driver) is the way to a Jetson's GPU (NVML is absent before JetPack 6)",
-                   fix="In a container, start it with `--runtime nvidia` so the Tegra driver is mounted; on the "
-                       "board, reinstall the nvidia-l4t-cuda package.")
-
-
 def _gpus_from_cuda(cuda: dict) -> list[Gpu]:
     return [Gpu(index=d["index"], name=d.get("name"), compute_capability=d.get("compute_capability"),
                 memory_total_mib=d.get("memory_total_mib"), error=d.get("error"))
@@ -519,8 +223,9 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
     Jetson release files."""
     environ = os.environ if environ is None else environ
     findings: list[Finding] = []
-    osname = OS_NAMES.get(host.system, host.system)
-    conda_platform = CONDA_PLATFORMS.get((host.system, host.machine))
+    osname = platforms.OS_NAMES.get(host.system, host.system)
+    known = platforms.for_host(host.system, host.machine)
+    conda_platform = known.subdir if known else None
     if conda_platform is None:
         findings.append(Finding(severity="error", code="unsupported-platform",
                                 what=f"{host.system}/{host.machine} has no conda platform lorastrap knows",
@@ -533,7 +238,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
     cuda_gpus = _gpus_from_cuda(cuda) if cuda_status == "ok" else []
     nvml_cuda = _cuda_str(nvml.get("cuda_driver_version")) if status == "ok" else None
     lib_cuda = _cuda_str(cuda.get("cuda_driver_version")) if cuda_status == "ok" else None
-    board = jetson(tegra, jetson_table() if jetson_rows is None else jetson_rows) if tegra else None
+    board = jetson.board(tegra, jetson.table() if jetson_rows is None else jetson_rows) if tegra else None
     if status == "ok":
         answered_by, gpus = "nvml", nvml_gpus
     elif cuda_status == "ok":
@@ -553,7 +258,7 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
                                 fix="Check `ldconfig -p | grep libcuda` and LD_LIBRARY_PATH. lorastrap plans with "
                                     "NVML's answer, as conda's solver (rattler) does."))
     if board:
-        findings.append(_jetson_finding(board, gpu_found=answered_by in ("nvml", "libcuda")))
+        findings.append(jetson.finding(board, gpu_found=answered_by in ("nvml", "libcuda")))
     if status == "ok" and not gpus:
         findings.append(Finding(severity="warning", code="no-gpus",
                                 what="the NVIDIA driver is loaded but reports no GPUs",
@@ -593,34 +298,8 @@ def build_machine(host: Host, nvml: dict, environ: dict[str, str] | None = None,
                     jetson=board, driver_version=driver, kernel_module_version=kernel, version_mismatch=mismatch,
                     cuda_driver_version=driver_cuda, gpus=gpus)
 
-    # Virtual packages, as conda and rattler derive them; then CONDA_OVERRIDE_* (empty value = absent), above all
-    # probes.
-    vp: dict[str, str] = {}
-    if driver_cuda:
-        vp["__cuda"] = driver_cuda
-        ccs = [d.compute_capability for d in devices if d.compute_capability]
-        if ccs:
-            vp["__cuda_arch"] = min(ccs, key=versions.key)  # CEP 46: the lowest compute capability
-    if host.glibc:
-        vp["__glibc"] = host.glibc
-    if osname in ("linux", "osx"):
-        vp["__unix"] = "0"
-    if osname == "linux":
-        vp["__linux"] = host.kernel or "0"
-    if osname == "win":
-        vp["__win"] = "0"
-    overrides: dict[str, str] = {}
-    for var, name in (("CONDA_OVERRIDE_CUDA", "__cuda"), ("CONDA_OVERRIDE_GLIBC", "__glibc"),
-                      ("CONDA_OVERRIDE_CUDA_ARCH", "__cuda_arch")):
-        if var in environ:
-            overrides[var] = environ[var]
-            if environ[var].strip():
-                versions.parse(environ[var], var)  # a user's value: refused with what / why / fix
-                vp[name] = environ[var].strip()
-            else:
-                vp.pop(name, None)
-    if "__cuda" not in vp:
-        vp.pop("__cuda_arch", None)  # CEP 46: absent when __cuda is absent
+    # Virtual packages, as conda and rattler derive them; then CONDA_OVERRIDE_* above all probes.
+    vp, overrides = virtual.derive(osname, host, driver_cuda, devices, environ)
     if overrides:
         findings.append(Finding(severity="info", code="overrides",
                                 what="honouring " + ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items())),
@@ -639,41 +318,3 @@ def detect(disk_path: Path | None = None, environ: dict[str, str] | None = None,
     return build_machine(host, facts["nvml"], environ, cuda=facts["cuda"], tegra=facts["tegra"])
 
 
-def format_table(machine: Machine) -> str:
-    nv = machine.nvidia
-    rows = [
-        ("platform", f"{machine.platform or 'unsupported'} ({machine.os}, {machine.arch})"
-                     + (", WSL2" if machine.wsl else "") + (f", container: {machine.container}" if machine.container else "")),
-        ("glibc", machine.glibc or "-"),
-        ("CPUs / RAM", f"{machine.resources.cpu_count} CPUs, "
-                       f"{_gib(machine.resources.ram_available_mib)} of {_gib(machine.resources.ram_total_mib)} GiB free"),
-        ("disk", f"{_gib(machine.resources.disk_free_mib)} GiB free at {machine.resources.disk_path}"),
-        ("NVML", nv.nvml_status),
-        ("libcuda", nv.cuda_status),
-        ("GPU found by", nv.answered_by or "-"),
-        ("driver", (nv.driver_version or "-") + (f" (kernel module {nv.kernel_module_version})"
-                                                 if nv.kernel_module_version and nv.version_mismatch else "")),
-        ("driver CUDA", nv.cuda_driver_version or "-"),
-    ]
-    if nv.jetson:
-        rows.append(("Jetson", f"{nv.jetson.model or '?'}, L4T {nv.jetson.l4t or '?'}"
-                               + (f", JetPack {nv.jetson.jetpack}, CUDA {nv.jetson.cuda}" if nv.jetson.cuda else "")))
-    for gpu in nv.gpus:
-        mig = ""
-        if gpu.mig.current:
-            mig = f", MIG on ({len(gpu.mig.instances)} instances)"
-        elif gpu.mig.pending:
-            mig = ", MIG pending"
-        rows.append((f"GPU {gpu.index}", f"{gpu.name}, cc {gpu.compute_capability}, "
-                                         + (f"{gpu.architecture}, " if gpu.architecture else "") +
-                                         f"{_gib(gpu.memory_total_mib)} GiB{mig}" + (f" [{gpu.error}]" if gpu.error else "")))
-    rows.append(("virtual pkgs", " ".join(f"{k}={v}" for k, v in sorted(machine.virtual_packages.items()))))
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
-    for f in machine.findings:
-        lines.append(f.render())
-    return "\n".join(lines)
-
-
-def _gib(mib: int | None) -> str:
-    return "?" if mib is None else f"{mib / 1024:.1f}"

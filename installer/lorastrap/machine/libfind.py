@@ -18,9 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorastrap.machine import platforms
+
 CACHE_MAGIC = b"glibc-ld.so.cache1.1"
 OLD_MAGIC = b"ld.so-1.7.0"
-TRIPLETS = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu", "ppc64le": "powerpc64le-linux-gnu"}
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def _usable(path: str) -> bool:
 
 def search_dirs(root: Path, *, wsl: bool) -> tuple[list[Path], list[Path]]:
     """The loader's default directories, and the folders tried by absolute path, under ``root``."""
-    triplet = TRIPLETS.get(platform.machine().lower(), "")
+    triplet = platforms.triplet(platform.machine().lower()) or ""
     default = ["lib64", "usr/lib64", "lib", "usr/lib"] + ([f"lib/{triplet}", f"usr/lib/{triplet}"] if triplet else [])
     # conda (plugins/virtual_packages/cuda.py) and rattler (rattler_virtual_packages cuda.rs) try these by path;
     # JetPack puts the driver in the tegra/nvidia subfolders (normally listed in ld.so.conf.d).

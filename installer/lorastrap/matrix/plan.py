@@ -1,4 +1,4 @@
-"""Step 2: from what the machine has (detect.Machine) and the matrix (profiles.Matrix) to a choice, with reasons.
+"""Step 2: from what the machine has (model.Machine) and the matrix (profiles.Matrix) to a choice, with reasons.
 
 A pure function: no I/O.  Every rule it checks comes from envs/profiles.yaml; nothing here knows a GPU by name.
 """
@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lorastrap.core import versions
-from lorastrap.machine.detect import Machine
+from lorastrap.machine.model import Machine
 from lorastrap.core.errors import NoProfileError
 from lorastrap.matrix.profiles import Matrix, Profile
 

@@ -1,0 +1,47 @@
+"""Which lock an install uses: the profile's committed lock, else one locked here earlier for the same inputs and
+channels, else a lock made now (unless --frozen)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorastrap.core import paths
+from lorastrap.core.errors import ConfigError
+from lorastrap.locking.channels import channel_url
+from lorastrap.locking.lock import lock
+from lorastrap.locking.lockfile import Lock, is_stale, read_lock
+from lorastrap.locking.spec import lock_path
+from lorastrap.matrix.profiles import Profile
+
+
+def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen: bool,
+           channels: list[str] | None, pip_index_url: str, narrate) -> Lock:
+    """The profile's committed lock when it covers this platform and is current; else one locked here earlier
+    for the same inputs and channels; else lock now (unless frozen) into the data dir."""
+    committed = lock_path(envs_dir, name)
+    local = paths.data_dir() / "locks" / f"{name}.{platform}.conda-lock.yml"
+    reason = f"{committed.name} does not exist"
+    if committed.exists():
+        lk = read_lock(committed)
+        if platform not in lk.platforms:
+            reason = f"{committed.name} has no {platform} section"
+        elif is_stale(lk, envs_dir, profile):
+            reason = f"{committed.name} is stale (its spec or virtual packages changed since it was written)"
+        else:
+            return lk
+    if not frozen and local.exists():  # locked on an earlier run here, for the same spec and channels
+        lk = read_lock(local)
+        wanted = [channel_url(c) for c in channels] if channels else None
+        if not is_stale(lk, envs_dir, profile) and (wanted is None or lk.channels == wanted):
+            return lk
+    if frozen:
+        raise ConfigError(f"no usable lock for profile {name} on {platform}: {reason}",
+                          why="--frozen installs only from committed locks",
+                          fix=f"Run `lorastrap lock --profile {name} --platform {platform}` and commit the lock, "
+                              f"or drop --frozen.")
+    narrate(f"{reason}: locking {name} for {platform} now")
+    if local.exists():
+        local.unlink()  # stale or for other channels: start afresh
+    lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[platform], channels=channels, out=local,
+         pip_index_url=pip_index_url, narrate=narrate)
+    return read_lock(local)

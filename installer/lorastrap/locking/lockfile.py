@@ -1,0 +1,182 @@
+"""The lock file (conda-lock's unified format, version 1): written with conda-lock's own models, writer and
+content hash, so `conda-lock` judges its staleness as it would its own; read without importing conda-lock (0.6 s):
+``read_lock`` checks the fields it uses and names the file and the field when one is wrong; a copy rewritten with
+other package URLs (what an engine or a bundle is handed)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lorastrap.core import paths
+from lorastrap.core.errors import ConfigError
+from lorastrap.locking.spec import inputs_sha256
+from lorastrap.matrix.profiles import Profile
+
+
+def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
+           packages: list[dict], custom_metadata: dict[str, str]) -> None:
+    """Write the lock with conda-lock's own models, writer and content hash (imported here: 0.6 s).
+
+    Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
+    from conda_lock.models.channel import Channel
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+
+    deps = [LockedDependency(
+        name=p["name"], version=p["version"], manager=p["manager"], platform=p["platform"],
+        dependencies=p.get("dependencies", {}), url=p["url"],
+        hash=HashModel(md5=p.get("md5"), sha256=p["sha256"]), categories={"main"}, build=p.get("build"))
+        for p in packages]
+    wanted = set(platforms)
+    if out.exists():
+        try:
+            old = parse_conda_lock_file(out)
+        except Exception as exc:  # conda-lock raises pydantic and YAML errors alike
+            raise ConfigError(f"{out}: cannot be read to update it", why=str(exc).splitlines()[0],
+                              fix="Delete it (or restore it from version control) and lock again.")
+        if [c.url for c in old.metadata.channels] == channels:
+            deps += [p for p in old.package if p.platform not in wanted]
+            wanted |= set(old.metadata.platforms)
+    all_platforms = sorted(wanted)
+    lock_spec = make_lock_spec(src_files=[spec], channel_overrides=channels, platform_overrides=all_platforms,
+                               mapping_url=str(paths.ENVS / "pypi-to-conda.json"))
+    meta = LockMeta(content_hash=compute_content_hashes(lock_spec, virtual_package_repo_from_specification(virtual_packages)),
+                    channels=[Channel.from_string(u) for u in channels], platforms=all_platforms,
+                    sources=[os.path.relpath(spec, out.parent)], custom_metadata=custom_metadata)
+    lockfile = Lockfile(package=deps, metadata=meta)
+    lockfile.toposort_inplace()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".lock-", dir=out.parent))
+    try:  # the same name (the writer's help text quotes it), then an atomic rename into place
+        write_conda_lock_file(lockfile, tmpdir / out.name, metadata_choices=set())
+        os.replace(tmpdir / out.name, out)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@dataclass
+class Entry:
+    name: str
+    version: str
+    manager: str
+    platform: str
+    url: str
+    sha256: str
+    md5: str | None = None
+    build: str | None = None
+    dependencies: tuple[str, ...] = ()  # the names this package depends on (conda entries)
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+@dataclass
+class Lock:
+    path: Path
+    raw: dict
+    platforms: list[str]
+    channels: list[str]
+    entries: list[Entry]
+    content_hash: dict[str, str]
+    custom: dict[str, str]
+
+    def for_platform(self, platform: str) -> list[Entry]:
+        return [e for e in self.entries if e.platform == platform]
+
+    def digest(self, platform: str) -> str:
+        """Identity of what this lock installs on one platform (for no-op detection)."""
+        h = hashlib.sha256()
+        for e in sorted(self.for_platform(platform), key=lambda e: (e.manager, e.name)):
+            h.update(f"{e.manager} {e.name} {e.version} {e.build} {e.sha256}\n".encode())
+        return h.hexdigest()
+
+
+def missing_dependencies(entries: list[Entry]) -> list[str]:
+    """'pkg needs dep' for every dependency of a conda entry that no entry provides (virtual packages aside): a
+    lock cut by hand, or made by a tool that dropped a package.  An engine would install it as it is."""
+    names = {e.name for e in entries if e.manager == "conda"}
+    return [f"{e.name} needs {dep}" for e in entries if e.manager == "conda" for dep in e.dependencies
+            if not dep.startswith("__") and dep not in names]
+
+
+def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
+    return ConfigError(f"{path}: field '{field_name}': {problem}", why="the lock file is malformed or was edited",
+                       fix="Regenerate it with `lorastrap lock`, or restore it from version control.")
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        raw = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist", fix="Run `lorastrap lock` to create it.")
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
+                          fix="Regenerate it with `lorastrap lock`.")
+    if not isinstance(raw, dict):
+        raise _bad(path, "(top level)", "not a mapping")
+    if raw.get("version") != 1:
+        raise _bad(path, "version", f"expected 1 (conda-lock's unified format), found {raw.get('version')!r}")
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict):
+        raise _bad(path, "metadata", "missing")
+    pkgs = raw.get("package")
+    if not isinstance(pkgs, list):
+        raise _bad(path, "package", "missing or not a list")
+    entries = []
+    for i, p in enumerate(pkgs):
+        where = f"package[{i}]" + (f" ({p.get('name')})" if isinstance(p, dict) and p.get("name") else "")
+        if not isinstance(p, dict):
+            raise _bad(path, where, "not a mapping")
+        for key in ("name", "version", "manager", "platform", "url"):
+            if not isinstance(p.get(key), str) or not p.get(key):
+                raise _bad(path, f"{where}.{key}", "missing")
+        if p["manager"] not in ("conda", "pip"):
+            raise _bad(path, f"{where}.manager", f"unknown manager {p['manager']!r} (expected conda or pip)")
+        hashes = p.get("hash") or {}
+        sha = hashes.get("sha256") if isinstance(hashes, dict) else None
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise _bad(path, f"{where}.hash.sha256", "missing or not a sha256 (lorastrap checks every package)")
+        entries.append(Entry(name=p["name"], version=str(p["version"]), manager=p["manager"], platform=p["platform"],
+                             url=p["url"], sha256=sha, md5=hashes.get("md5"), build=p.get("build"),
+                             dependencies=tuple(p.get("dependencies") or {}) if isinstance(
+                                 p.get("dependencies") or {}, dict) else ()))
+    channels = [c.get("url") if isinstance(c, dict) else str(c) for c in meta.get("channels") or []]
+    return Lock(path=path, raw=raw, platforms=list(meta.get("platforms") or []), channels=channels,
+                entries=entries, content_hash=dict(meta.get("content_hash") or {}),
+                custom=dict(meta.get("custom_metadata") or {}))
+
+
+def is_stale(lock_file: Lock, envs_dir: Path, profile: Profile) -> bool:
+    return lock_file.custom.get("lorastrap_inputs_sha256") != inputs_sha256(envs_dir, profile)
+
+
+def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, channels: list[str] | None = None,
+              conda_only: bool = False) -> Path:
+    """Write a copy of the lock whose package URLs are url_for(raw_entry) (for one platform, if given; conda_only:
+    without the pip entries, every entry in the main category — what an engine is handed)."""
+    raw = dict(lk.raw)
+    raw["package"] = [dict(p, url=url_for(p), **({"category": "main"} if conda_only else {}))
+                      for p in lk.raw["package"] if (platform is None or p["platform"] == platform)
+                      and not (conda_only and p["manager"] != "conda")]
+    meta = dict(raw["metadata"])
+    if platform is not None:
+        meta["platforms"] = [platform]
+    if channels is not None:
+        meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
+    raw["metadata"] = meta
+    out.write_text(yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
+    return out

@@ -1,0 +1,80 @@
+"""Solving the conda side: py-rattler (in rattler_worker, a child process) with the profile's own virtual
+packages — never conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  A failed solve keeps the solver's
+whole explanation; ``explain_solve`` reads its leaves into the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from lorastrap.core import subproc
+from lorastrap.core.errors import ConfigError, NetworkError
+from lorastrap.locking.spec import Spec
+
+SOLVE_TIMEOUT_S = 900
+
+
+VP_FACTS = {"__cuda": ("the driver's CUDA version", "driver_cuda_min"), "__glibc": ("glibc", "glibc_min"),
+            "__osx": ("the macOS version", None), "__linux": ("the Linux kernel", None),
+            "__cuda_arch": ("the GPU compute capability", "compute_capability")}
+LEAF_RE = re.compile(r"(?:─\s*|^\s*|: )(?P<name>[A-Za-z0-9_.\-]+)(?: (?P<spec>[^\n]*?))?, for which no candidates "
+                     r"were found", re.M)
+
+
+def explain_solve(text: str, vps: dict[str, str], vps_file: Path) -> str:
+    """The fix for a solver explanation, from its leaves: a virtual package the profile lacks or sets too low, a
+    package the channel lacks, or (only then) pins in conflict."""
+    fixes, others = [], []
+    for m in LEAF_RE.finditer(text):
+        name, spec = m.group("name"), (m.group("spec") or "").strip()
+        if name.startswith("__"):
+            fact, rule = VP_FACTS.get(name, (f"the machine's {name}", None))
+            rule_txt = f" and requires.{rule} in profiles.yaml, with its source" if rule else ""
+            if name not in vps:
+                fixes.append(f"a package needs {name}{' ' + spec if spec else ''} ({fact}) and the profile's virtual "
+                             f"packages ({vps_file}) have none: if the profile is meant for such machines add {name} "
+                             f"there{rule_txt}; otherwise pin builds that do not need it")
+            else:
+                fixes.append(f"a package needs {name} {spec} ({fact}) but the profile sets {name}={vps[name]} in "
+                             f"{vps_file}: raise it to the minimum needed{rule_txt} (plan then refuses older "
+                             "machines), or pin an older build that fits")
+        else:
+            others.append(f"no {name}{' ' + spec if spec else ''} fits (the channel lacks it or another pin excludes "
+                          f"it): check the spec's line for {name} and that the channel (or mirror) carries it")
+    for m in re.finditer(r"No candidates were found for (?P<name>\S+)(?: (?P<spec>[^\n]*?))?\.?$", text, re.M):
+        others.append(f"the channel has no {m.group('name')} matching {m.group('spec') or '*'}: check the spec's line "
+                      f"for {m.group('name')} against what the channel (or mirror) carries")
+    seen = []
+    for f in fixes or others:  # a virtual package the profile lacks explains the rest of the tree
+        if f not in seen:
+            seen.append(f)
+    if seen:
+        return "; ".join(seen) + "."
+    return ("The solver's explanation above names the spec lines in conflict: change the pins it names "
+            "(or check that the channel has these packages).")
+
+
+def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str, str], vps_file: Path) -> Exception:
+    text = answer.get("error", "")
+    low = text.lower()
+    explained = "cannot be installed" in low or "for which no candidates were found" in low or "cannot solve" in low
+    if not explained and any(w in low for w in ("connect", "dns", "resolve", "timed out", "network", "404",
+                                                "not found", "io error", "failed to fetch", "no such file")):
+        return NetworkError(f"could not read the channel(s) {', '.join(channels)} for {platform}",
+                            why=text.splitlines()[0][:500],
+                            fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
+                                "--channel for a local channel (file:// or a path), or an offline bundle "
+                                "(--bundle, made with `lorastrap bundle` on a connected machine).")
+    return ConfigError(f"the spec cannot be solved for {platform} with "
+                       f"{', '.join(f'{k}={v}' for k, v in vps.items())}", why=text.strip(),
+                       fix=explain_solve(text, vps, vps_file))
+
+
+def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
+          vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
+    answer = subproc.worker("locking.rattler_worker", {
+        "op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
+        "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}, timeout=SOLVE_TIMEOUT_S)
+    if not answer.get("ok"):
+        raise _solve_error(answer, channels, platform, vps, vps_file)
+    return answer["records"]

@@ -1,0 +1,23 @@
+"""The one way uv is found: the `uv` wheel in lorastrap's runtime (requirements.txt pins it), else a uv on PATH
+(shim folders skipped).  Locking needs it (``require``); the pip step of an install falls back to pip without it."""
+
+from __future__ import annotations
+
+from lorastrap.core import fsutil
+from lorastrap.core.errors import ConfigError
+
+
+def find() -> str | None:
+    try:
+        import uv  # the PyPI wheel: a binary and find_uv_bin()
+        return uv.find_uv_bin()
+    except (ImportError, FileNotFoundError):
+        return fsutil.on_path("uv")
+
+
+def require() -> str:
+    exe = find()
+    if exe is None:
+        raise ConfigError("uv is not installed in lorastrap's runtime", why="pip: entries are resolved with uv",
+                          fix="Reinstall lorastrap's runtime from requirements.txt (it pins uv).")
+    return exe

@@ -1,0 +1,106 @@
+"""Host facts from the standard library and psutil: OS, CPU, glibc, kernel, container, WSL, the NVIDIA kernel
+module's version, memory and the free disk where environments go."""
+
+from __future__ import annotations
+
+import os
+import platform as _platform
+import re
+from pathlib import Path
+
+from lorastrap.core import subproc
+from lorastrap.machine.model import Host, Resources
+
+
+def read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _glibc() -> str | None:
+    try:
+        value = os.confstr("CS_GNU_LIBC_VERSION")  # "glibc 2.36"
+    except (AttributeError, ValueError, OSError):
+        value = None
+    if value and value.startswith("glibc "):
+        return value.split()[1]
+    lib, version = _platform.libc_ver()
+    return version if lib == "glibc" and version else None
+
+
+def _machine_name(system: str) -> str:
+    machine = _platform.machine().lower()
+    if system == "darwin" and machine == "x86_64":  # an x86_64 Python under Rosetta 2 on Apple silicon
+        translated = subproc.run(["sysctl", "-n", "sysctl.proc_translated"], timeout=5) if Path(
+            "/usr/sbin/sysctl").exists() else None
+        if translated is not None and translated.stdout.strip() == "1":
+            return "arm64"
+    return machine
+
+
+def _container() -> str | None:
+    if Path("/.dockerenv").exists():
+        return "docker"
+    if Path("/run/.containerenv").exists():
+        return "podman"
+    if os.environ.get("container"):
+        return os.environ["container"]
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    cgroup = read("/proc/1/cgroup") or ""
+    for name in ("kubepods", "docker", "containerd", "lxc"):
+        if name in cgroup:
+            return name
+    return None
+
+
+def _kernel_module_version() -> str | None:
+    version = read("/sys/module/nvidia/version")
+    if version and version.strip():
+        return version.strip()
+    text = read("/proc/driver/nvidia/version") or ""
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.127.05  Tue Oct  8 ..."
+    for line in text.splitlines():
+        if "Kernel Module" in line:
+            parts = line.split("Kernel Module", 1)[1].split()
+            if parts:
+                return parts[0]
+    return None
+
+
+def existing_parent(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def resources(disk_path: Path) -> Resources:
+    try:
+        import psutil
+    except ImportError:
+        return Resources(cpu_count=os.cpu_count())
+    res = Resources(cpu_count=psutil.cpu_count(logical=True))
+    try:
+        vm = psutil.virtual_memory()
+        res.ram_total_mib, res.ram_available_mib = vm.total // 2**20, vm.available // 2**20
+    except (OSError, RuntimeError):
+        pass
+    where = existing_parent(disk_path)
+    try:
+        res.disk_path, res.disk_free_mib = str(where), psutil.disk_usage(str(where)).free // 2**20
+    except OSError:
+        res.disk_path = str(where)
+    return res
+
+
+def host_facts(disk_path: Path) -> Host:
+    system = _platform.system().lower()
+    osrelease = (read("/proc/sys/kernel/osrelease") or "").lower()
+    return Host(system=system, machine=_machine_name(system), glibc=_glibc() if system == "linux" else None,
+                wsl="microsoft" in osrelease or "wsl" in osrelease, container=_container(),
+                kernel_module_version=_kernel_module_version() if system == "linux" else None,
+                kernel=re.match(r"[\d.]*", _platform.release()).group(0).strip(".") or None,
+                resources=resources(disk_path))
