@@ -224,7 +224,8 @@ def json_schema() -> dict:
 
 
 def code_coverage(rules: list[CodeRule], last_major: int = 15) -> str:
-    """The compute capabilities every component runs on, as ranges: '7.5 – 10.9, 12.0 – 12.9' ('12.0+' open-ended)."""
+    """The compute capabilities every component runs on, as ranges: '7.5 – 10.9, 12.0 – 12.9' ('12.0+' when PTX
+    leaves it open-ended)."""
     grid = [f"{major}.{minor}" for major in range(1, last_major + 1) for minor in range(10)]
     ok = [all(r.runs_on(cc) for r in rules) for cc in grid]
     ranges, start = [], None
