@@ -1,4 +1,4 @@
-"""conda-forge's own metadata as a test channel: the records the four profiles' solves touch, transcribed from the
+"""conda-forge's own metadata as a test channel: the records the profiles' solves touch, transcribed from the
 public feedstocks, built as real (tiny) .conda packages.
 
     python scripts/condaforge_channel.py build DIR     # DIR/channel: noarch, linux-64, linux-aarch64, osx-arm64
@@ -37,7 +37,14 @@ SRC = {
     "pytorch-2.13": ("conda-forge/pytorch-cpu-feedstock", "recipe/meta.yaml + .ci_support/osx_arm64_* (MACOSX_DEPLOYMENT_TARGET 12.0)", "74dd3d46ff0c3d05053197961386b5a2018cf3d1"),
     "pytorch-2.4": ("conda-forge/pytorch-cpu-feedstock", "recipe/meta.yaml (2.4.1, build 6) + .ci_support cuda 11.8", "d6c6b9fd51e575a5fcbb72a0ce7d27926e631d09"),
     "pytorch-2.0": ("conda-forge/pytorch-cpu-feedstock", "recipe/meta.yaml (2.0.0 build 4) + .ci_support/linux_64_*cuda_compiler_version11.8*python3.10*", "86592106fc0e4731eb011ac763a4f0429326930b"),
+    "pytorch-2.13-cuda": ("conda-forge/pytorch-cpu-feedstock", "recipe/meta.yaml (2.13.0 build 2, +200 CUDA, +100 mkl) + .ci_support/linux_64_*2.28*cuda_compiler_version13.0*, linux_aarch64_arm_variant_typesbsa*{2.17*12.9,2.28*13.0}*", "74dd3d46ff0c3d05053197961386b5a2018cf3d1"),
     "triton": ("conda-forge/triton-feedstock", "recipe/recipe.yaml (3.6.0 build 2)", "5df1ef2f7e"),
+    "triton-3.7.1": ("conda-forge/triton-feedstock", "recipe/recipe.yaml (3.7.1 build 1) + .ci_support (cuda 12.9 sysroot 2.17, 13.0 sysroot 2.28; aarch64 sbsa)", "8b8237668081e10534081839413146dd096563be"),
+    "arm-variant": ("conda-forge/arm-variant-feedstock", "recipe/meta.yaml (1.2.0, string = arm_variant_type, noarch generic)", "98eb593aade4d00bfb72b06bcdd65ec1cefcabed"),
+    "cudart-12.9": ("conda-forge/cuda-cudart-feedstock", "recipe/meta.yaml (12.9.79 build 0) + .ci_support (sysroot 2.17)", "de16025c38095bf73bec6930a0d73cf8cd17abbb"),
+    "cudart-13.0": ("conda-forge/cuda-cudart-feedstock", "recipe/meta.yaml (13.0.96 build 0) + .ci_support (sysroot 2.17)", "6a8e41022b0ff7daca35faf0622f8bfbb49f9c02"),
+    "cublas-12.9": ("conda-forge/libcublas-feedstock", "recipe/meta.yaml (12.9.2.10 build 0) + .ci_support (sysroot 2.28)", "6420b26c8ea636909fa8cd52c0d1b79157d7d72e"),
+    "cublas-13.0": ("conda-forge/libcublas-feedstock", "recipe/meta.yaml (13.1.1.3 build 0, cuda_version 13.0) + .ci_support (sysroot 2.28)", "568fdbbcf38da6e105d33162180c44904fc3c690"),
     "bnb-0.49": ("conda-forge/bitsandbytes-feedstock", "recipe/recipe.yaml (0.49.2)", "f1cf3158e9"),
     "bnb-0.45": ("conda-forge/bitsandbytes-feedstock", "recipe/meta.yaml (0.45.5)", "ccaca0c2d1"),
     "cuda-version": ("conda-forge/cuda-version-feedstock", "recipe/meta.yaml (run_constrained __cuda >=major)", "ae97761f7afac5c81141d3544927b67e333996f7"),
@@ -96,7 +103,7 @@ def records() -> list[dict]:
         add("python_abi", pyv, f"8_cp{tag}", number=8, noarch="generic", src=SRC["python_abi"],
             constrains=[f"python {pyv}.* *_cpython"])
     # CUDA
-    for cv in ("12.9", "11.8"):
+    for cv in ("13.0", "12.9", "11.8"):
         add("cuda-version", cv, "h0_3", number=3, noarch="generic", src=SRC["cuda-version"],
             constrains=[f"__cuda >={cv.split('.')[0]}", f"cudatoolkit {cv}|{cv}.*"])
     add("cudatoolkit", "11.8.0", "h0_13", number=13, subdirs=LINUX64, src=SRC["cudatoolkit"],
@@ -132,7 +139,7 @@ def records() -> list[dict]:
                     continue
                 num = 5 + bump + (200 if cuda else 0)
                 kind = f"cuda129_{blas}" if cuda else f"cpu_{blas}"
-                lib_deps = ["cuda-version >=12.9,<13"] if cuda else []
+                lib_deps = ["cuda-version >=12.9,<13", "libcublas >=12.9,<13.0a0"] if cuda else []
                 add("libtorch", "2.10.0", f"{kind}_h0_{num}", lib_deps, number=num,
                     subdirs=cuda_subdirs if cuda else subdirs, src=SRC["pytorch-2.10"])
                 deps = _py(pyv) + [f"libtorch 2.10.0 {kind}_h0_{num}"] + common
@@ -175,6 +182,7 @@ def records() -> list[dict]:
             add("pytorch", "2.0.0", f"cuda118_py{tag}h0_204",
                 _py(pyv) + ["__cuda", "cuda-version >=11.8,<12", "numpy >=1.22", "filelock", "jinja2", "networkx",
                             "sympy", "typing_extensions", "nomkl"], number=204, subdirs=LINUX64, src=SRC["pytorch-2.0"])
+    _cuda_2_13(add)
     # noarch python: the LoRA stack
     hub_deps_1 = ["filelock >=3.10.0", "fsspec >=2023.5.0", "hf-xet >=1.5.2,<2.0.0", "httpx >=0.23.0,<1",
                   "packaging >=20.9", "pyyaml >=5.1", "tqdm >=4.42.1", "typing_extensions >=4.1.0", "click >=8.4.2,<9.0.0"]
@@ -242,6 +250,67 @@ def records() -> list[dict]:
         add(name, version, "mkl" if name == "libblas" else "h0_0", subdirs=subdirs,
             noarch="generic" if subdirs == ("noarch",) else None, src=STAND_IN)
     return out
+
+
+LINUX = ("linux-64", "linux-aarch64")
+
+
+def _next_minor(cv: str) -> str:
+    major, minor = cv.split(".")
+    return f"{major}.{int(minor) + 1}.0a0"
+
+
+def _cuda_2_13(add) -> None:
+    """PyTorch 2.13's CUDA builds (linux-64 CUDA 13.0; linux-aarch64 SBSA CUDA 12.9 and 13.0), Python 3.12, and the
+    CUDA libraries their run_exports and bitsandbytes' libbitsandbytes_cuda*.so need (libcudart, libcublas(Lt)).
+
+    The CUDA libraries' run_exports in libtorch are written with the CUDA minor as lower bound (`cuda-cudart
+    >=13.0,<14.0a0`): the exact host patch release of the build is not transcribed.  `__glibc >=X` is the sysroot
+    run_export of each build's c_stdlib_version (.ci_support).  aarch64 CUDA packages carry `arm-variant * sbsa`
+    (the strong run_export of arm-variant in their build requirements)."""
+    sbsa = {"linux-64": [], "linux-aarch64": ["arm-variant * sbsa"]}
+    add("arm-variant", "1.2.0", "sbsa", noarch="generic", src=SRC["arm-variant"])
+    libs = {"12.9": ("12.9.79", "cudart-12.9", "12.9.2.10", "cublas-12.9", "12.9.86"),
+            "13.0": ("13.0.96", "cudart-13.0", "13.1.1.3", "cublas-13.0", "13.0.88")}
+    for cv, (cudart, cudart_src, cublas, cublas_src, nvrtc) in libs.items():
+        pin = f"cuda-version >={cv},<{_next_minor(cv)}"
+        for sub in LINUX:
+            add(f"cuda-cudart_{sub}", cudart, "h0_0", [pin] + sbsa[sub], noarch="generic", src=SRC[cudart_src])
+            add("cuda-cudart", cudart, "h0_0", [pin, f"cuda-cudart_{sub} {cudart} h0_0", "__glibc >=2.17,<3.0.a0"]
+                + sbsa[sub], subdirs=(sub,), src=SRC[cudart_src])
+            add("libcublas", cublas, "h0_0", [pin, "cuda-nvrtc", "__glibc >=2.28,<3.0.a0"] + sbsa[sub],
+                constrains=sbsa[sub], subdirs=(sub,), src=SRC[cublas_src])
+            # named by libcublas (cuda-nvrtc) and triton (cuda-nvcc-tools, cuda-cuobjdump, cuda-cupti)
+            for name, version in (("cuda-nvrtc", nvrtc), ("cuda-nvcc-tools", nvrtc), ("cuda-cuobjdump", nvrtc),
+                                  ("cuda-cupti", nvrtc)):
+                add(name, version, "h0_0", [pin] + sbsa[sub], subdirs=(sub,), src=STAND_IN)
+    pyv, tag = "3.12", "312"
+    variants = [("linux-64", "13.0", "mkl"), ("linux-64", "13.0", "generic"),
+                ("linux-aarch64", "12.9", "generic"), ("linux-aarch64", "13.0", "generic")]
+    for sub, cv, blas in variants:
+        major = cv.split(".")[0]
+        num = 2 + 200 + (100 if blas == "mkl" else 0)
+        kind = f"cuda{cv.replace('.', '')}_{blas}"
+        glibc = "__glibc >=2.28,<3.0.a0" if cv == "13.0" else "__glibc >=2.17,<3.0.a0"
+        cuda_pins = [f"cuda-version >={cv},<{int(major) + 1}", f"cuda-cudart >={cv},<{int(major) + 1}.0a0",
+                     f"libcublas >={cv},<{int(major) + 1}.0a0", glibc] + sbsa[sub]
+        blas_dep = ["libblas * *mkl"] if blas == "mkl" else ["nomkl"]
+        add("libtorch", "2.13.0", f"{kind}_h0_{num}", cuda_pins, number=num, subdirs=(sub,),
+            src=SRC["pytorch-2.13-cuda"])
+        add("pytorch", "2.13.0", f"{kind}_py{tag}_h0_{num}",
+            _py(pyv) + [f"libtorch 2.13.0 {kind}_h0_{num}", "llvm-openmp", "triton ==3.7.1", "__cuda", "filelock",
+                        "fsspec", "jinja2", "networkx", "optree >=0.13.0", "pybind11", "setuptools <82",
+                        "sympy >=1.13.3", "typing_extensions >=4.10.0"] + blas_dep + cuda_pins,
+            number=num, subdirs=(sub,), src=SRC["pytorch-2.13-cuda"],
+            constrains=["pytorch-gpu 2.13.0", "pytorch-cpu <0.0a0"])
+    for sub, cv in (("linux-64", "13.0"), ("linux-aarch64", "12.9"), ("linux-aarch64", "13.0")):
+        major = cv.split(".")[0]
+        glibc = "__glibc >=2.28,<3.0.a0" if cv == "13.0" else "__glibc >=2.17,<3.0.a0"
+        add("triton", "3.7.1", f"cuda{cv.replace('.', '')}py{tag}h0_1",
+            _py(pyv) + ["setuptools", "cuda-nvcc-tools", "cuda-cuobjdump", "cuda-cudart", "cuda-cupti",
+                        f"cuda-version >={cv},<{int(major) + 1}", glibc] + sbsa[sub],
+            number=1, subdirs=(sub,), src=SRC["triton-3.7.1"])
+    add("pybind11", "3.0.1", "pyh0_0", ["python >=3.8"], noarch="python", src=STAND_IN)
 
 
 def build(out: Path) -> Path:

@@ -105,6 +105,56 @@ def test_cuda12_gets_the_cuda129_builds(cf, home, tmp_path, cuda):
     assert pick(lk, "linux-64", "peft").version == "0.19.1"
 
 
+# profile, platform, PyTorch build, cuda-version, cuda-cudart, libcublas, triton, bitsandbytes wheel
+GPU_PIP_PROFILES = [
+    ("cuda13", "linux-64", "cuda130_mkl_py312", "13.0", "13.0.96", "13.1.1.3", "cuda130py312",
+     "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"),
+    ("cuda13-aarch64", "linux-aarch64", "cuda130_generic_py312", "13.0", "13.0.96", "13.1.1.3", "cuda130py312",
+     "bitsandbytes-0.50.2-py3-none-manylinux_2_24_aarch64.whl"),
+    ("cuda12-aarch64", "linux-aarch64", "cuda129_generic_py312", "12.9", "12.9.79", "12.9.2.10", "cuda129py312",
+     "bitsandbytes-0.50.2-py3-none-manylinux_2_24_aarch64.whl"),
+]
+
+
+@pytest.mark.parametrize("profile,platform,torch_build,cuda_version,cudart,cublas,triton,wheel", GPU_PIP_PROFILES,
+                         ids=[p[0] for p in GPU_PIP_PROFILES])
+def test_arm_and_cuda13_profiles_lock_their_cuda_builds_with_bitsandbytes_from_pypi(
+        cf, home, tmp_path, profile, platform, torch_build, cuda_version, cudart, cublas, triton, wheel):
+    lk = locked(cf, ENVS, profile, tmp_path / f"{profile}.conda-lock.yml")
+    assert set(lk.platforms) == {platform}
+    assert pick(lk, platform, "pytorch").version == "2.13.0"
+    assert pick(lk, platform, "pytorch").build.startswith(torch_build)
+    assert pick(lk, platform, "cuda-version").version == cuda_version
+    # what libbitsandbytes_cuda1{28,30}.so needs at run time: libcudart.so.N, libcublas.so.N, libcublasLt.so.N
+    assert pick(lk, platform, "cuda-cudart").version == cudart
+    assert pick(lk, platform, "libcublas").version == cublas
+    assert pick(lk, platform, "triton").build.startswith(triton)
+    if platform == "linux-aarch64":  # the SBSA builds, never the tegra ones
+        assert pick(lk, platform, "arm-variant").build == "sbsa"
+    conda_names = {e.name for e in lk.for_platform(platform) if e.manager == "conda"}
+    assert "bitsandbytes" not in conda_names and "cpu" not in pick(lk, platform, "pytorch").build
+    pip = [e for e in lk.for_platform(platform) if e.manager == "pip"]
+    assert [(e.name, e.version, e.filename) for e in pip] == [("bitsandbytes", "0.50.2", wheel)]
+    assert pip[0].sha256 == fixture_sha(wheel)
+
+
+@pytest.mark.parametrize("profile", ["cuda13", "cuda13-aarch64"])
+def test_a_cuda_13_lock_needs_a_cuda_13_driver(cf, home, tmp_path, profile):
+    # cuda-version 13.0 has run_constrained __cuda >=13: the profile's driver floor is what the solver enforces.
+    envs = envs_copy(tmp_path, {f"{profile}.virtual-packages.yml": ('__cuda: "13.0"', '__cuda: "12.9"')})
+    res = do_lock(cf, envs, profile, tmp_path / "x.conda-lock.yml")
+    assert res.returncode == 4, res.stderr
+    assert "__cuda" in res.stderr and "12.9" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cuda12s_glibc_floor_comes_from_libcublas(cf, home, tmp_path):
+    # PyTorch's CUDA 12.9 build is on the 2.17 sysroot, but libcublas 12.9 is on 2.28: a 2.17 lock cannot solve.
+    envs = envs_copy(tmp_path, {"cuda12.virtual-packages.yml": ('__glibc: "2.28"', '__glibc: "2.17"')})
+    res = do_lock(cf, envs, "cuda12", tmp_path / "x.conda-lock.yml")
+    assert res.returncode == 4, res.stderr
+    assert "__glibc >=2.28" in res.stderr and "libcublas" in res.stderr, res.stderr
+
+
 def test_cuda11_under_a_cuda_11_4_driver(cf, home, tmp_path):
     envs = envs_copy(tmp_path, {"cuda11.virtual-packages.yml": ('__cuda: "11.0"', '__cuda: "11.4"')})
     lk = locked(cf, envs, "cuda11", tmp_path / "cuda11.conda-lock.yml")
@@ -219,6 +269,25 @@ def test_the_cpu_lock_installs_with_the_embedded_engine(cf, home, tmp_path):
     meta = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (prefix / "conda-meta").glob("*.json")}
     assert meta["pytorch"]["build"].startswith("cpu_mkl") and "bitsandbytes" not in meta
     assert len(meta) == len([e for e in lk.for_platform("linux-64") if e.manager == "conda"])
+
+
+def test_the_arm_cuda13_lock_installs_with_the_embedded_engine(cf, home, tmp_path):
+    # Linking needs no aarch64 CPU: the linux-aarch64 lock's conda part is installed here with py-rattler.
+    lk = locked(cf, ENVS, "cuda13-aarch64", tmp_path / "arm.conda-lock.yml")
+    lock_file = _conda_only(lk, "linux-aarch64", tmp_path / "conda-only.conda-lock.yml")
+    prefix = tmp_path / "env"
+    answer = subproc.worker("locking.rattler_worker", {"op": "install", "lock": str(lock_file),
+                                                       "platform": "linux-aarch64", "prefix": str(prefix),
+                                                       "cache_dir": str(tmp_path / "pkgs")}, timeout=300)
+    assert answer.get("ok"), answer
+    meta = {json.loads(p.read_text())["name"]: json.loads(p.read_text()) for p in (prefix / "conda-meta").glob("*.json")}
+    assert len(meta) == len([e for e in lk.for_platform("linux-aarch64") if e.manager == "conda"])
+    assert meta["pytorch"]["build"].startswith("cuda130_generic") and meta["pytorch"]["subdir"] == "linux-aarch64"
+    assert meta["arm-variant"]["build"] == "sbsa" and meta["libcublas"]["version"].startswith("13.")
+    assert "bitsandbytes" not in meta
+    # the files are there, each package's own
+    assert (prefix / "share" / "lorastrap-cf" / "pytorch.source").read_text().startswith(
+        "conda-forge/pytorch-cpu-feedstock")
 
 
 @pytest.mark.skipif(not MICROMAMBA.exists(), reason="no micromamba at ../shared/tools/micromamba/bin")

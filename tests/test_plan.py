@@ -63,6 +63,18 @@ def test_recorded_machine_gets_its_profile(path, fake_cuda_lib, monkeypatch):
     if "why_not_cuda12" in expect:
         why = planner.format_plan(result, why_not="cuda12")
         assert "unmet" in why and expect["why_not_cuda12"] in why, why
+    for name, words in expect.get("why_not", {}).items():
+        why = planner.format_plan(result, why_not=name)
+        assert f"{name} does not fit" in why and words in why, why
+    if "alternative" in expect:
+        assert expect["alternative"] in result.alternatives, text
+        assert f"alternative: {expect['alternative']} also fits" in text
+        why = planner.format_plan(result, why_not=expect["alternative"])
+        assert f"an alternative to {result.profile}" in why, why
+    if "no_alternative" in expect:
+        assert expect["no_alternative"] not in result.alternatives, text
+    if "reason" in expect:
+        assert any(expect["reason"] in r for r in result.reasons), text
     # The JSON form round-trips through its model.
     assert planner.Plan.model_validate_json(result.model_dump_json()) == result
 
@@ -110,6 +122,92 @@ def test_seed_2023_is_chosen_only_by_name():
     assert forced.profile == "seed-2023" and forced.broken == []
 
 
+def test_a_gpu_machine_planned_without_a_gpu_profile_always_hears_why():
+    # Never just "cpu": every recorded machine with a GPU (or a CUDA driver) that gets no GPU profile has a hint
+    # naming the upgrade, the driver error, or each GPU profile and what stands in its way.
+    seen = 0
+    for path in all_fixtures():
+        fixture = load(path)
+        machine = machine_from(fixture, None)
+        result = planner.plan(machine, MATRIX)
+        gpu_profile = result.profile and MATRIX.profiles[result.profile].requires.gpu
+        if (machine.devices or machine.cuda or machine.nvidia.jetson) and not gpu_profile:
+            seen += 1
+            assert result.hints, (path.stem, planner.format_plan(result))
+    assert seen >= 4
+
+
+@pytest.mark.parametrize("cc,component,way", [
+    ("9.0", "pytorch", "sm_90"), ("8.9", "pytorch", "sm_87"), ("10.3", "pytorch", "sm_100"),
+    ("12.1", "pytorch", "sm_120"), ("13.0", "pytorch", "PTX compute_120"), ("7.0", "pytorch", None),
+    ("12.1", "bitsandbytes", "sm_121"), ("8.7", "bitsandbytes", "sm_80"), ("13.0", "bitsandbytes", None)])
+def test_code_rules_follow_binary_and_ptx_compatibility(cc, component, way):
+    # A cubin runs on the same major version at the same or a higher minor; PTX on any later compute capability.
+    rule = next(r for r in MATRIX.profiles["cuda13-aarch64"].requires.cuda_code if r.component.startswith(component))
+    assert rule.runs_on(cc) == way
+
+
+def test_a_v100_on_a_cuda_13_driver_never_gets_a_cuda_13_build():
+    for name in ("v100_driver-580--cuda12", "rtx-5090-plus-v100_driver-580--cuda12"):
+        result = planner.plan(machine_from(load(ROOT / f"tests/fixtures/nvml/{name}.json")), MATRIX)
+        assert result.profile == "cuda12"
+        cuda13 = next(c for c in result.candidates if c.profile == "cuda13")
+        assert not cuda13.fits and [c.rule for c in cuda13.unmet] == ["cuda_code"]
+        # Both components lack Volta code, and the message says so for each.
+        assert "pytorch 2.13 cuda130" in cuda13.unmet[0].message and "libbitsandbytes_cuda130" in cuda13.unmet[0].message
+        forced = planner.plan(machine_from(load(ROOT / f"tests/fixtures/nvml/{name}.json")), MATRIX, profile="cuda13")
+        assert [c.rule for c in forced.broken] == ["cuda_code"]
+
+
+def test_the_cuda_13_answers_follow_from_the_code_lists(tmp_path):
+    # Give cuda13's two components Volta code in a copy of the matrix: the V100 node now fits cuda13 too (as the
+    # alternative, cuda12 keeps its priority).  Nothing in the code knows a V100.
+    envs = tmp_path / "envs"
+    shutil.copytree(ROOT / "envs", envs)
+    text = (envs / "profiles.yaml").read_text()
+    text = text.replace('cubins: ["7.5", "8.0", "8.6", "9.0", "10.0", "11.0", "12.0"]',
+                        'cubins: ["7.0", "7.5", "8.0", "8.6", "9.0", "10.0", "11.0", "12.0"]', 1)
+    text = text.replace('cubins: ["7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]',
+                        'cubins: ["7.0", "7.5", "8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]', 1)
+    (envs / "profiles.yaml").write_text(text)
+    machine = machine_from(load(ROOT / "tests/fixtures/nvml/v100_driver-580--cuda12.json"))
+    assert "cuda13" not in planner.plan(machine, MATRIX).alternatives
+    assert "cuda13" in planner.plan(machine, profiles.load(envs)).alternatives
+
+
+def test_thor_fits_the_arm_cuda_13_build_only_from_jetpack_7():
+    # The same Thor on an L4T release below the rule's minimum: no GPU profile, and the hint names the release.
+    fixture = load(ROOT / "tests/fixtures/nvml/jetson-agx-thor_jetpack-7--cuda13-aarch64.json")
+    fixture["tegra"]["nv_tegra_release"] = fixture["tegra"]["nv_tegra_release"].replace("R38 (release), REVISION: 2.0",
+                                                                                        "R36 (release), REVISION: 4.3")
+    result = planner.plan(machine_from(fixture), MATRIX)
+    assert result.profile == "cpu"
+    assert any("Jetson Linux (L4T) >= 38.2 enables cuda13-aarch64" in h for h in result.hints), result.hints
+
+
+def test_a_gpu_no_profile_covers_is_named_with_each_profiles_reason():
+    # A V100 in an Arm server: PyTorch's CUDA 12.9 SBSA build has sm_70 but bitsandbytes' aarch64 libraries start
+    # at sm_75, and CUDA 13 has no Volta at all.  cpu is chosen, and the hint says why for every Arm GPU profile.
+    fixture = load(ROOT / "tests/fixtures/nvml/v100_driver-580--cuda12.json")
+    fixture["host"]["machine"] = "aarch64"
+    result = planner.plan(machine_from(fixture), MATRIX)
+    assert result.profile == "cpu"
+    hint = " ".join(result.hints)
+    assert "no GPU profile fits this GPU machine" in hint
+    assert "cuda12-aarch64: compute capability 7.0 has no code in bitsandbytes 0.50.2 libbitsandbytes_cuda128.so" in hint
+    assert "cuda13-aarch64: compute capability 7.0 has no code in pytorch 2.13 cuda130 sbsa" in hint
+
+
+def test_vp_files_match_the_glibc_rules():
+    # A profile is locked for the oldest glibc it claims to support.
+    import yaml
+    for name, p in MATRIX.profiles.items():
+        vp = yaml.safe_load((ROOT / "envs" / p.virtual_packages).read_text())
+        for subdir, body in vp["subdirs"].items():
+            if subdir.startswith("linux") and p.requires.glibc_min is not None:
+                assert body["packages"]["__glibc"] == p.requires.glibc_min.value, name
+
+
 def test_vp_files_match_the_driver_rules():
     # A GPU profile is locked with the lowest __cuda it claims to support.
     import yaml
@@ -137,6 +235,26 @@ def test_plan_cli_on_this_machine_picks_cpu():
 def test_plan_cli_login_node_overrides():
     res = run_cli("plan", env={"CONDA_OVERRIDE_CUDA": "12.4", "CONDA_OVERRIDE_CUDA_ARCH": "9.0"})
     assert res.returncode == 0 and res.stdout.startswith("profile: cuda12")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").machine() != "x86_64",
+                    reason="the CLI plans for this machine's platform; the test expects linux-64")
+def test_why_not_works_for_the_choice_and_its_alternative():
+    env = {"CONDA_OVERRIDE_CUDA": "13.0", "CONDA_OVERRIDE_CUDA_ARCH": "9.0", "CONDA_OVERRIDE_GLIBC": "2.35"}
+    res = run_cli("plan", env=env)
+    assert res.returncode == 0 and res.stdout.startswith("profile: cuda12"), res.stdout
+    assert "alternative: cuda13 also fits (`--profile cuda13`" in res.stdout
+    assert "chosen over cuda13, cuda11, which also fit: it is all conda" in res.stdout
+    chosen = run_cli("plan", "--why-not", "cuda12", env=env)
+    assert "cuda12 fits this machine and is the one chosen:" in chosen.stdout
+    alt = run_cli("plan", "--why-not", "cuda13", env=env)
+    assert "cuda13 fits this machine (an alternative to cuda12: `--profile cuda13` installs it):" in alt.stdout
+    assert "[ok] every GPU runs each build's code: 9.0 (pytorch sm_90, bitsandbytes sm_90)" in alt.stdout
+    # The same login node planning for Volta nodes: cuda13 is out, and --why-not says which rule.
+    volta = run_cli("plan", "--why-not", "cuda13", env={**env, "CONDA_OVERRIDE_CUDA_ARCH": "7.0"})
+    assert "cuda13 does not fit" in volta.stdout and "[unmet] compute capability 7.0 has no code" in volta.stdout
+    out = json.loads(run_cli("plan", "--json", env=env).stdout)
+    assert out["plan"]["alternatives"] == ["cuda13", "cuda11"]
 
 
 def test_why_not_lists_each_rule():

@@ -54,6 +54,8 @@ class Plan(Model):
     broken: list[Check] = Field([], description="requirements a forced profile does not meet")
     warnings: list[Warning_] = []
     hints: list[str] = Field([], description="what would unlock a better profile")
+    alternatives: list[str] = Field([], description="other automatic profiles that also fit (lower priority), "
+                                                    "each installable with --profile")
     candidates: list[Candidate]
 
 
@@ -116,6 +118,37 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
                                 message=f"every GPU's compute capability must be in {lo}..{hi}: "
                                         + (f"{_fmt_ccs(bad)} outside" if bad else f"{_fmt_ccs(ccs)} inside"),
                                 source=req.compute_capability.source))
+    if req.cuda_code is not None and cuda is not None:
+        ccs = sorted(set(device_ccs(machine)), key=versions.key)
+        source = "; ".join(f"{r.component}: {r.source}" for r in req.cuda_code)
+        if not ccs:
+            checks.append(Check(rule="cuda_code", ok=True, source=source,
+                                message="compute capability unknown (set CONDA_OVERRIDE_CUDA_ARCH to check it)"))
+        else:
+            missing = [(cc, r) for cc in ccs for r in req.cuda_code if r.runs_on(cc) is None]
+            if missing:
+                message = "; ".join(f"compute capability {cc} has no code in {r.component} ({r.summary()})"
+                                    for cc, r in missing)
+            else:
+                message = "every GPU runs each build's code: " + "; ".join(
+                    f"{cc} ({', '.join(f'{r.component.split()[0]} {r.runs_on(cc)}' for r in req.cuda_code)})"
+                    for cc in ccs)
+            checks.append(Check(rule="cuda_code", ok=not missing, message=message, source=source))
+    board = machine.nvidia.jetson
+    if req.jetson is not None:
+        is_jetson = board is not None
+        want = req.jetson.value
+        checks.append(Check(rule="jetson", ok=is_jetson == want, source=req.jetson.source,
+                            message=(f"{'only' if want else 'not'} for Jetson boards: "
+                                     + (f"this is one ({board.model or 'L4T ' + str(board.l4t)})" if is_jetson
+                                        else "this is not one"))))
+    if req.jetson_l4t_min is not None and board is not None:
+        need = req.jetson_l4t_min.value
+        ok = board.l4t is not None and versions.key(board.l4t) >= versions.key(need)
+        checks.append(Check(rule="jetson_l4t_min", ok=ok, source=req.jetson_l4t_min.source,
+                            message=f"a Jetson board needs Jetson Linux (L4T) >= {need}: "
+                                    + (f"it runs {board.l4t}" + (f" (JetPack {board.jetpack})" if board.jetpack
+                                                                 else "") if board.l4t else "its release is unknown")))
     if req.gpu_memory_min_mib is not None and cuda is not None:
         need = req.gpu_memory_min_mib.value
         mems = [d.memory_total_mib for d in machine.devices if d.memory_total_mib is not None]
@@ -134,20 +167,41 @@ def check(profile: Profile, machine: Machine) -> list[Check]:
     return checks
 
 
-def _driver_hint(matrix: Matrix, machine: Machine, name: str, profile: Profile) -> str | None:
+def _driver_hint(matrix: Matrix, machine: Machine, profile: Profile) -> tuple[str, str]:
+    """('driver >= 580.65.06', 'CUDA 13.x; source: ...') for the profile's driver_cuda_min."""
     need = profile.requires.driver_cuda_min
-    if need is None:
-        return None
     major = need.value.split(".")[0]
-    table = {d.cuda: d for d in matrix.cuda_drivers}
-    row = table.get(major)
-    if row is None:
-        return f"a driver supporting CUDA {need.value} enables {name}"
-    driver = row.windows if machine.os == "win" or machine.wsl else row.linux
-    kind = "Windows " if machine.os == "win" or machine.wsl else ""
-    if driver is None:
-        return f"a driver supporting CUDA {need.value} enables {name}"
-    return f"{kind}driver >= {driver} enables {name} (CUDA {major}.x; source: {row.source})"
+    row = {d.cuda: d for d in matrix.cuda_drivers}.get(major)
+    windows = machine.os == "win" or machine.wsl
+    driver = row and (row.windows if windows else row.linux)
+    if not driver:
+        return f"a driver supporting CUDA {need.value}", need.source
+    return f"{'Windows ' if windows else ''}driver >= {driver}", f"CUDA {major}.x; source: {row.source}"
+
+
+# Rules a user can meet without new hardware, and how to say what meets them.
+UPGRADES = ("driver_cuda_min", "jetson_l4t_min", "glibc_min")
+
+
+def _upgrade(matrix: Matrix, machine: Machine, profile: Profile, rule: str) -> tuple[str, str]:
+    req = profile.requires
+    if rule == "driver_cuda_min":
+        return _driver_hint(matrix, machine, profile)
+    if rule == "jetson_l4t_min":
+        return f"Jetson Linux (L4T) >= {req.jetson_l4t_min.value}", req.jetson_l4t_min.source
+    return f"glibc >= {req.glibc_min.value} (a newer OS release)", req.glibc_min.source
+
+
+def _upgrade_hint(matrix: Matrix, machine: Machine, name: str, rules: set[str]) -> str:
+    parts = [_upgrade(matrix, machine, matrix.profiles[name], r) for r in UPGRADES if r in rules]
+    if len(parts) == 1:
+        return f"{parts[0][0]} enables {name} ({' '.join(parts[0][1].split())})"
+    return (" and ".join(p[0] for p in parts) + f" together enable {name} "
+            f"(`lorastrap plan --why-not {name}` gives each rule's source)")
+
+
+def _gpu_machine(machine: Machine) -> bool:
+    return bool(machine.devices) or machine.cuda is not None or machine.nvidia.jetson is not None
 
 
 def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen: str | None) -> list[str]:
@@ -159,10 +213,8 @@ def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen
         if not cand.auto or cand.fits or profile.priority <= chosen_priority:
             continue
         unmet = {c.rule for c in cand.unmet}
-        if unmet == {"driver_cuda_min"}:
-            hint = _driver_hint(matrix, machine, cand.profile, profile)
-            if hint:
-                hints.append(hint)
+        if unmet and unmet <= set(UPGRADES):
+            hints.append(_upgrade_hint(matrix, machine, cand.profile, unmet))
         elif "gpu" in unmet and _probe_states(machine, errors_only=True):
             nvml_blocked.append(cand.profile)
         elif "compute_capability" in unmet and machine.cuda is not None:
@@ -172,6 +224,20 @@ def _hints(matrix: Matrix, machine: Machine, candidates: list[Candidate], chosen
     if nvml_blocked:
         hints.append(f"fixing the driver error ({_probe_states(machine, errors_only=True)}; see `lorastrap detect`) "
                      f"may enable {', '.join(nvml_blocked)}")
+    chosen_gpu = chosen is not None and bool(matrix.profiles[chosen].requires.gpu and
+                                             matrix.profiles[chosen].requires.gpu.value)
+    if not hints and not chosen_gpu and _gpu_machine(machine):
+        # A GPU machine planned without a GPU profile always hears why, profile by profile.
+        gpu_profiles = [c for c in candidates if c.auto and matrix.profiles[c.profile].requires.gpu
+                        and matrix.profiles[c.profile].requires.gpu.value]
+        here = [c for c in gpu_profiles if all(k.ok for k in c.checks if k.rule == "platform")]
+        if not here:
+            hints.append(f"no GPU profile is offered for {machine.platform or machine.arch} (GPU profiles: "
+                         + ", ".join(f"{c.profile} on {', '.join(matrix.profiles[c.profile].platforms)}"
+                                     for c in gpu_profiles) + ")")
+        else:
+            hints.append("no GPU profile fits this GPU machine: " + "; ".join(
+                f"{c.profile}: {' / '.join(u.message for u in c.unmet)}" for c in here))
     return hints
 
 
@@ -210,12 +276,25 @@ def plan(machine: Machine, matrix: Matrix, *, profile: str | None = None) -> Pla
     best = fitting[0]
     chosen = matrix.profiles[best.profile]
     reasons = [f"{best.profile}: {chosen.description}"] + [c.message for c in best.checks]
-    passed_over = [c for c in candidates if c.auto and not c.fits and matrix.profiles[c.profile].priority > chosen.priority]
+    is_gpu = bool(chosen.requires.gpu and chosen.requires.gpu.value)
+    alternatives = [c.profile for c in fitting[1:]
+                    if bool(matrix.profiles[c.profile].requires.gpu and matrix.profiles[c.profile].requires.gpu.value)
+                    == is_gpu]
+    if alternatives:
+        reasons.append(f"chosen over {', '.join(alternatives)}, which also fit"
+                       + (f": {chosen.preferred}" if chosen.preferred else f" (priority {chosen.priority} is higher)"))
+    here = [c for c in candidates if all(k.ok for k in c.checks if k.rule == "platform")]
+    passed_over = [c for c in here if c.auto and not c.fits and matrix.profiles[c.profile].priority > chosen.priority]
     for cand in passed_over:
         reasons.append(f"not {cand.profile}: " + "; ".join(c.message for c in cand.unmet))
+    if is_gpu:
+        # The GPU profiles for this platform that rank lower and do not fit: why (a V100 and CUDA 13, say).
+        for cand in here:
+            if cand.auto and not cand.fits and cand not in passed_over and matrix.profiles[cand.profile].requires.gpu:
+                reasons.append(f"not {cand.profile}: " + "; ".join(c.message for c in cand.unmet))
     return Plan(profile=best.profile, platform=machine.platform, reasons=reasons,
                 warnings=_warnings(matrix, machine, chosen), hints=_hints(matrix, machine, candidates, best.profile),
-                candidates=candidates)
+                alternatives=alternatives, candidates=candidates)
 
 
 def require_profile(result: Plan) -> str:
@@ -232,7 +311,10 @@ def format_plan(result: Plan, why_not: str | None = None) -> str:
     if why_not:
         cand = next(c for c in result.candidates if c.profile == why_not)
         if cand.fits:
-            lines.append(f"{why_not} fits this machine" + ("" if cand.auto else " (chosen only by name)") + ":")
+            role = (" and is the one chosen" if why_not == result.profile and not result.forced else
+                    f" (an alternative to {result.profile}: `--profile {why_not}` installs it)"
+                    if why_not in result.alternatives else "" if cand.auto else " (chosen only by name)")
+            lines.append(f"{why_not} fits this machine{role}:")
         else:
             lines.append(f"{why_not} does not fit this machine:")
         for c in cand.checks:
@@ -247,6 +329,8 @@ def format_plan(result: Plan, why_not: str | None = None) -> str:
         lines.append(f"  ! breaks: {c.message}")
     for w in result.warnings:
         lines.append(f"  [{w.severity}] {w.message}")
+    for name in result.alternatives:
+        lines.append(f"  alternative: {name} also fits (`--profile {name}`; `--why-not {name}` shows its rules)")
     for h in result.hints:
         lines.append(f"  hint: {h}")
     return "\n".join(lines)

@@ -45,10 +45,56 @@ class RangeRule(Rule):
     max: str = Field(pattern=VERSION_PATTERN)
 
 
+CC_PATTERN = r"^\d+\.\d+$"
+
+
+class CodeRule(Rule):
+    """The GPU code one component of a build carries, as its build script or its own binary says.
+
+    A GPU of compute capability X.z runs it when the component has a cubin for X.y with y <= z (binary
+    compatibility within a major version) or PTX for a compute capability <= X.z (compiled by the driver at load
+    time).  Source of those two rules: CUDA C++ Programming Guide, "Binary Compatibility" / "PTX Compatibility".
+    """
+    component: str = Field(description="what carries the code, e.g. 'pytorch 2.13 cuda130 (linux-64)'")
+    cubins: list[str] = Field(min_length=1, description="compute capabilities with real code (sm_XY), 'X.Y'")
+    ptx: list[str] = Field([], description="compute capabilities with PTX (compute_XY), 'X.Y'")
+
+    @field_validator("cubins", "ptx")
+    @classmethod
+    def _ccs(cls, value: list[str]) -> list[str]:
+        import re
+        bad = [v for v in value if not re.match(CC_PATTERN, v)]
+        if bad:
+            raise ValueError(f"{bad}: a compute capability is MAJOR.MINOR, e.g. 8.0")
+        return value
+
+    def runs_on(self, cc: str) -> str | None:
+        """How a GPU of compute capability cc runs this component ('sm_90', 'PTX compute_120'), or None."""
+        major, minor = (int(p) for p in cc.split(".")[:2])
+        cubins = [c for c in self.cubins if int(c.split(".")[0]) == major and int(c.split(".")[1]) <= minor]
+        if cubins:
+            best = max(cubins, key=lambda c: int(c.split(".")[1]))
+            return "sm_" + best.replace(".", "")
+        ptx = [c for c in self.ptx if tuple(int(p) for p in c.split(".")) <= (major, minor)]
+        if ptx:
+            return "PTX compute_" + max(ptx, key=lambda c: tuple(int(p) for p in c.split("."))).replace(".", "")
+        return None
+
+    def summary(self) -> str:
+        """'sm_75 … sm_120, PTX compute_120' as a short list."""
+        text = " ".join("sm_" + c.replace(".", "") for c in self.cubins)
+        return text + (", PTX " + " ".join("compute_" + c.replace(".", "") for c in self.ptx) if self.ptx else "")
+
+
 class Requirements(Strict):
     gpu: BoolRule | None = Field(None, description="true: needs a usable NVIDIA GPU (a __cuda virtual package)")
     driver_cuda_min: VersionRule | None = Field(None, description="lowest CUDA version the driver must support")
     compute_capability: RangeRule | None = Field(None, description="every GPU's compute capability in [min, max]")
+    cuda_code: list[CodeRule] | None = Field(None, description="every GPU runs the code of every component listed "
+                                                                "(a cubin of its major version, or PTX below it)")
+    jetson: BoolRule | None = Field(None, description="false: not for Jetson (Tegra) boards; true: only for them")
+    jetson_l4t_min: VersionRule | None = Field(None, description="a Jetson board needs at least this Jetson Linux "
+                                                                 "(L4T) release")
     gpu_memory_min_mib: IntRule | None = Field(None, description="every CUDA device (MIG instance) has this much")
     glibc_min: VersionRule | None = None
 
@@ -71,6 +117,8 @@ class Profile(Strict):
     smoke: list[str] = Field(default_factory=lambda: ["python", "-c", "import sys"],
                              description="quick check run inside a new environment before it is committed")
     requires: Requirements = Requirements()
+    preferred: str | None = Field(None, description="why it ranks where it does against the profiles that fit the "
+                                                    "same machines (said when it is chosen over one of them)")
     notes: list[Note] = []
 
     @field_validator("platforms")
@@ -175,19 +223,66 @@ def json_schema() -> dict:
     return schema
 
 
+def code_coverage(rules: list[CodeRule], last_major: int = 15) -> str:
+    """The compute capabilities every component runs on, as ranges: '7.5 – 10.9, 12.0 – 12.9' ('12.0+' when PTX
+    leaves it open-ended)."""
+    grid = [f"{major}.{minor}" for major in range(1, last_major + 1) for minor in range(10)]
+    ok = [all(r.runs_on(cc) for r in rules) for cc in grid]
+    ranges, start = [], None
+    for i, good in enumerate(ok + [False]):
+        if good and start is None:
+            start = i
+        elif not good and start is not None:
+            ranges.append(f"{grid[start]}+" if i == len(grid) else f"{grid[start]} – {grid[i - 1]}")
+            start = None
+    return ", ".join(ranges) or "none"
+
+
+def _cc_column(r: Requirements) -> str:
+    if r.cuda_code:
+        return code_coverage(r.cuda_code)
+    if r.compute_capability:
+        return f"{r.compute_capability.min} – {r.compute_capability.max}"
+    return "-"
+
+
+def _jetson_column(r: Requirements) -> str:
+    if r.jetson is not None and not r.jetson.value:
+        return "no"
+    if r.jetson_l4t_min is not None:
+        return f"L4T >= {r.jetson_l4t_min.value}"
+    return "-"
+
+
 def support_table(matrix: Matrix) -> str:
     """The README's support matrix, generated from the data (a test keeps the README in agreement)."""
-    rows = ["| profile | chosen | platforms | GPU | driver CUDA | compute capability | GPU memory |",
-            "|---|---|---|---|---|---|---|"]
-    for name, p in sorted(matrix.profiles.items(), key=lambda kv: -kv[1].priority):
+    rows = ["| profile | chosen | platforms | GPU | driver CUDA | compute capability | Jetson | glibc | GPU memory |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in sorted(matrix.profiles.items(), key=lambda kv: (kv[1].platforms[0], -kv[1].priority)):
         r = p.requires
         rows.append("| " + " | ".join([
             f"`{name}`",
-            "automatically" if p.auto else "by name only",
+            f"automatically (priority {p.priority})" if p.auto else "by name only",
             ", ".join(p.platforms),
             "required" if r.gpu and r.gpu.value else "not needed",
             f">= {r.driver_cuda_min.value}" if r.driver_cuda_min else "-",
-            f"{r.compute_capability.min} – {r.compute_capability.max}" if r.compute_capability else "-",
+            _cc_column(r),
+            _jetson_column(r),
+            f">= {r.glibc_min.value}" if r.glibc_min else "-",
             f">= {r.gpu_memory_min_mib.value} MiB" if r.gpu_memory_min_mib else "-",
         ]) + " |")
+    rows.append("")
+    rows.append("What each row rests on (the `source` of each rule in `envs/profiles.yaml`):")
+    rows.append("")
+    for name, p in sorted(matrix.profiles.items(), key=lambda kv: (kv[1].platforms[0], -kv[1].priority)):
+        r = p.requires
+        facts = []
+        for field in ("driver_cuda_min", "compute_capability", "jetson", "jetson_l4t_min", "glibc_min"):
+            rule = getattr(r, field)
+            if rule is not None:
+                facts.append(f"{field}: {' '.join(rule.source.split())}")
+        for code in r.cuda_code or []:
+            facts.append(f"code of {code.component} ({code.summary()}): {' '.join(code.source.split())}")
+        if facts:
+            rows.append(f"- `{name}`: " + "; ".join(facts))
     return "\n".join(rows)
