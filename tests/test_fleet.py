@@ -90,7 +90,56 @@ def test_altered_archive_in_the_bundle_is_refused(bundle, tmp_path):
                   env={"LORASTRAP_HOME": str(tmp_path / "home")})
     assert res.returncode == 6, res.stderr
     assert "checksum mismatch" in res.stderr and victim.name in res.stderr
+    assert f"the bundle {b} holds a file that differs" in res.stderr and "re-lock" not in res.stderr
     assert not (tmp_path / "env").exists()
+
+
+def _retar(unpacked, tar, edit):
+    """Rebuild the bundle .tar at TAR from the folder UNPACKED after edit(folder): the manifest follows the files,
+    as `lorastrap bundle` writes it (a new build of the same bundle at the same path)."""
+    import tarfile
+    edit(unpacked)
+    manifest = json.loads((unpacked / "manifest.json").read_text())
+    for rel, meta in manifest["files"].items():
+        data = (unpacked / rel).read_bytes()
+        meta.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (unpacked / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with tarfile.open(tar, "w") as t:
+        t.add(unpacked, arcname=tar.stem)
+
+
+def test_a_rebuilt_or_damaged_bundle_tar_is_unpacked_again(bundle, tmp_path):
+    """X/ beside X.tar stands for the tar only while it is that tar's unpacked copy: a rebuilt tar at the same
+    path, or a damaged X/, is unpacked again; a truncated tar is refused."""
+    from lorastrap.core.errors import ConfigError
+    from lorastrap.fleet.bundle import identity, open_bundle
+    site = tmp_path / "site"
+    site.mkdir()
+    tar = site / bundle.name
+    shutil.copy(bundle, tar)
+    first = open_bundle(tar)
+    assert first == site / "lora-bundle" and identity(first)["id"]
+    old_id = identity(first)["id"]
+    assert open_bundle(tar) == first and identity(first)["id"] == old_id  # the same tar: reused as it is
+
+    def newer(folder):
+        (folder / "source" / "README.md").write_text("a newer build\n")
+    _retar(_unpacked(bundle, tmp_path), tar, newer)
+    again = open_bundle(tar)
+    assert (again / "source" / "README.md").read_text() == "a newer build\n"
+    assert identity(again)["id"] != old_id
+    assert not [p for p in site.iterdir() if p.name.startswith(".unpack-")]
+
+    victim = next((again / "channel" / "linux-64").glob("pytorch-*.conda"))
+    victim.unlink()  # a damaged unpacked copy: unpacked again from the tar
+    assert open_bundle(tar) == again and victim.is_file()
+
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    shutil.rmtree(again)
+    with pytest.raises(ConfigError) as err:
+        open_bundle(tar)
+    assert "damaged or truncated" in err.value.why
 
 
 def test_missing_file_in_the_bundle_is_refused(bundle, tmp_path):

@@ -388,7 +388,7 @@ def cmd_install(args) -> int:
     _report_target(args.report)
     prefix = inst.check_prefix(_prefix(args), say)
     src = _sources(args)
-    opened = bundle.open_bundle(args.bundle) if args.bundle else None
+    opened = bundle.open_bundle(args.bundle, narrate=say) if args.bundle else None
     if opened and not args.envs_dir:
         envs = opened / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs)
@@ -407,15 +407,18 @@ def cmd_install(args) -> int:
     for c in result_plan.broken:
         say(f"warning: {name} breaks a requirement here: {c.message}")
     say(f"profile {name} for {machine.platform}" + (" (forced)" if result_plan.forced else "") + f" → {prefix}")
-    result = inst.install(
-        prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
-        platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **src,
-        keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-        link_mode=args.link_mode,
-        min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
-        plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    with bundle.damage_named(opened):
+        result = inst.install(
+            prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
+            platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **src,
+            keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
+            link_mode=args.link_mode,
+            min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
+            plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     register(Path(result.prefix))
-    doc = inst.node_report(result, machine).model_dump(mode="json")
+    report = inst.node_report(result, machine)
+    report.bundle = bundle.identity(opened) if opened else None
+    doc = report.model_dump(mode="json")
     _write_report(args.report, doc)
     state = "installed and verified" if result.changed and result.verify else (
         "installed" if result.changed else "already up to date")

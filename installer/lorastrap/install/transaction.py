@@ -378,7 +378,11 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
     except LorastrapError:
         pass
     verdict = (result.verify or {}).get("verdict") if result.verify else ("unchanged" if not result.changed else "skipped")
+    from lorastrap import __version__
+    record = pfx.read_record(Path(result.prefix))
     return NodeReport(host=socket.gethostname(), ok=True, **result.to_dict(), versions=versions,
+                      lorastrap_version=__version__, finished_at=pfx.now(),
+                      lock_digest=record.lock_digest if record else None,
                       machine={"platform": machine.platform, "driver": machine.nvidia.driver_version,
                                "driver_cuda": machine.cuda,
                                "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]},
