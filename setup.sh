@@ -534,7 +534,8 @@ main() {
                         rm -rf "$_tmpd"
                         err "cannot unpack $_bundle (a damaged or truncated tar, or not a lorastrap bundle)" "$EXIT_INTEGRITY"
                     fi
-                    rm -rf "$_unpacked" && mv "$_tmpd/${_unpacked##*/}" "$_unpacked" || err "cannot replace $_unpacked" "$EXIT_INTEGRITY"
+                    rm -rf "$_unpacked" || err "cannot replace $_unpacked" "$EXIT_INTEGRITY"
+                    mv "$_tmpd/${_unpacked##*/}" "$_unpacked" || err "cannot replace $_unpacked" "$EXIT_INTEGRITY"
                     rm -rf "$_tmpd"
                 fi
                 _bundle="$_unpacked"
