@@ -150,6 +150,34 @@ def test_missing_file_in_the_bundle_is_refused(bundle, tmp_path):
     assert res.returncode == 6 and "is missing" in res.stderr
 
 
+def test_a_no_op_notices_a_damaged_environment(bundle, tmp_path):
+    """Installing the lock an environment already has checks its files (exists, size) and rebuilds it when one of
+    its packages' files is missing or changed; an intact one is left alone."""
+    b = _unpacked(bundle, tmp_path)
+    env, envs = tmp_path / "env", {"LORASTRAP_HOME": str(tmp_path / "home")}
+    argv = ("install", "--bundle", str(b), "--prefix", str(env), "--json", "--no-verify")
+    assert run_cli(*argv, env=envs).returncode == 0
+    again = run_cli(*argv, env=envs)
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False, again.stderr
+    assert "their files all there" in again.stderr
+    smoke = env / "bin" / "lora-smoke"
+    (env / "notes.txt").write_text("the user's own file")
+    victim = next(p for p in (env / "lib").rglob("*.py") if p.stat().st_size > 0)
+    victim.unlink()
+    res = run_cli(*argv, env=envs)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["changed"] is True and "1 file(s) of its packages were missing" in doc["repaired"]
+    assert str(victim.relative_to(env)) in doc["repaired"] and "rebuilding it from the lock" in res.stderr
+    assert victim.is_file() and (env / "notes.txt").read_text() == "the user's own file"
+    with open(victim, "a") as f:
+        f.write("# grown\n")  # a changed size (hard links: the cache's copy too, which the rebuild checks)
+    res = run_cli(*argv, env=envs)
+    assert res.returncode == 0 and f"{victim.relative_to(env)} (" in json.loads(res.stdout)["repaired"], res.stderr
+    assert "bytes, its package has" in json.loads(res.stdout)["repaired"] and "# grown" not in victim.read_text()
+    assert subprocess.run([str(smoke)], capture_output=True).returncode == 0
+
+
 def test_shared_cache_with_concurrent_installers(engine, bundle, tmp_path):
     b = _unpacked(bundle, tmp_path)
     shared = tmp_path / "shared-pkgs"

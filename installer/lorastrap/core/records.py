@@ -84,6 +84,7 @@ class NodeReport(Strict):
     pip_packages: int | None = None
     downloaded_bytes: int | None = None
     recovered: str | None = None
+    repaired: str | None = Field(None, description="why a run with nothing to change rebuilt the environment")
     backup: str | None = None
     timings: dict[str, float] | None = None
     verify: dict | None = None
