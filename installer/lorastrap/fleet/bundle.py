@@ -257,3 +257,14 @@ def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
     out = locking.rewritten(lk, lock_dir / f"{manifest.profile}.bundle.conda-lock.yml", url_for,
                             channels=[(bundle / "channel").as_uri()])
     return manifest.profile, out
+
+
+def refuse_unfit(bundle: Path, plan, asked: bool) -> None:
+    """A bundle's profile that this machine cannot run (a CUDA bundle on a node without a GPU) is refused, as the
+    Slurm path refuses it; asked: the profile was named on the command line (then it is only a warning)."""
+    if plan.broken and not asked:
+        from lorastrap.core.errors import NoProfileError
+        raise NoProfileError(f"bundle {bundle} holds profile {plan.profile}, which this machine cannot run",
+                             why="; ".join(c.message for c in plan.broken),
+                             fix=f"Install a bundle of the profile this machine plans (`lorastrap plan` names it), "
+                                 f"or force this one with --profile {plan.profile}. Nothing was changed.")
