@@ -525,9 +525,18 @@ main() {
             *.tar)
                 need_cmd tar
                 _unpacked="${_bundle%.tar}"
-                if [ ! -f "$_unpacked/manifest.json" ]; then
+                # X/ beside X.tar is used only when it is this tar's unpacked copy (the same manifest, which holds
+                # every file's sha256); an older build's X/ is replaced.
+                if ! tar -xOf "$_bundle" "${_unpacked##*/}/manifest.json" 2>/dev/null | cmp -s - "$_unpacked/manifest.json"; then
                     say "unpacking $_bundle"
-                    tar -xf "$_bundle" -C "$(dirname "$_bundle")" || err "cannot unpack $_bundle" "$EXIT_INTEGRITY"
+                    _tmpd=$(mktemp -d "$(dirname "$_bundle")/.unpack-XXXXXX") || err "cannot unpack $_bundle beside it" "$EXIT_INTEGRITY"
+                    if ! tar -xf "$_bundle" -C "$_tmpd" || [ ! -f "$_tmpd/${_unpacked##*/}/manifest.json" ]; then
+                        rm -rf "$_tmpd"
+                        err "cannot unpack $_bundle (a damaged or truncated tar, or not a lorastrap bundle)" "$EXIT_INTEGRITY"
+                    fi
+                    rm -rf "$_unpacked" || err "cannot replace $_unpacked" "$EXIT_INTEGRITY"
+                    mv "$_tmpd/${_unpacked##*/}" "$_unpacked" || err "cannot replace $_unpacked" "$EXIT_INTEGRITY"
+                    rm -rf "$_tmpd"
                 fi
                 _bundle="$_unpacked"
                 ;;

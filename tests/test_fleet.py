@@ -6,9 +6,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli
@@ -90,7 +92,56 @@ def test_altered_archive_in_the_bundle_is_refused(bundle, tmp_path):
                   env={"LORASTRAP_HOME": str(tmp_path / "home")})
     assert res.returncode == 6, res.stderr
     assert "checksum mismatch" in res.stderr and victim.name in res.stderr
+    assert f"the bundle {b} holds a file that differs" in res.stderr and "re-lock" not in res.stderr
     assert not (tmp_path / "env").exists()
+
+
+def _retar(unpacked, tar, edit):
+    """Rebuild the bundle .tar at TAR from the folder UNPACKED after edit(folder): the manifest follows the files,
+    as `lorastrap bundle` writes it (a new build of the same bundle at the same path)."""
+    import tarfile
+    edit(unpacked)
+    manifest = json.loads((unpacked / "manifest.json").read_text())
+    for rel, meta in manifest["files"].items():
+        data = (unpacked / rel).read_bytes()
+        meta.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (unpacked / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    with tarfile.open(tar, "w") as t:
+        t.add(unpacked, arcname=tar.stem)
+
+
+def test_a_rebuilt_or_damaged_bundle_tar_is_unpacked_again(bundle, tmp_path):
+    """X/ beside X.tar stands for the tar only while it is that tar's unpacked copy: a rebuilt tar at the same
+    path, or a damaged X/, is unpacked again; a truncated tar is refused."""
+    from lorastrap.core.errors import ConfigError
+    from lorastrap.install.bundles import identity, open_bundle
+    site = tmp_path / "site"
+    site.mkdir()
+    tar = site / bundle.name
+    shutil.copy(bundle, tar)
+    first = open_bundle(tar)
+    assert first == site / "lora-bundle" and identity(first)["id"]
+    old_id = identity(first)["id"]
+    assert open_bundle(tar) == first and identity(first)["id"] == old_id  # the same tar: reused as it is
+
+    def newer(folder):
+        (folder / "source" / "README.md").write_text("a newer build\n")
+    _retar(_unpacked(bundle, tmp_path), tar, newer)
+    again = open_bundle(tar)
+    assert (again / "source" / "README.md").read_text() == "a newer build\n"
+    assert identity(again)["id"] != old_id
+    assert not [p for p in site.iterdir() if p.name.startswith(".unpack-")]
+
+    victim = next((again / "channel" / "linux-64").glob("pytorch-*.conda"))
+    victim.unlink()  # a damaged unpacked copy: unpacked again from the tar
+    assert open_bundle(tar) == again and victim.is_file()
+
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    shutil.rmtree(again)
+    with pytest.raises(ConfigError) as err:
+        open_bundle(tar)
+    assert "damaged or truncated" in err.value.why
 
 
 def test_missing_file_in_the_bundle_is_refused(bundle, tmp_path):
@@ -99,6 +150,34 @@ def test_missing_file_in_the_bundle_is_refused(bundle, tmp_path):
     res = run_cli("install", "--bundle", str(b), "--prefix", str(tmp_path / "env"),
                   env={"LORASTRAP_HOME": str(tmp_path / "home")})
     assert res.returncode == 6 and "is missing" in res.stderr
+
+
+def test_a_no_op_notices_a_damaged_environment(bundle, tmp_path):
+    """Installing the lock an environment already has checks its files (exists, size) and rebuilds it when one of
+    its packages' files is missing or changed; an intact one is left alone."""
+    b = _unpacked(bundle, tmp_path)
+    env, envs = tmp_path / "env", {"LORASTRAP_HOME": str(tmp_path / "home")}
+    argv = ("install", "--bundle", str(b), "--prefix", str(env), "--json", "--no-verify")
+    assert run_cli(*argv, env=envs).returncode == 0
+    again = run_cli(*argv, env=envs)
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False, again.stderr
+    assert "their files all there" in again.stderr
+    smoke = env / "bin" / "lora-smoke"
+    (env / "notes.txt").write_text("the user's own file")
+    victim = next(p for p in (env / "lib").rglob("*.py") if p.stat().st_size > 0)
+    victim.unlink()
+    res = run_cli(*argv, env=envs)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["changed"] is True and "1 file(s) of its packages were missing" in doc["repaired"]
+    assert str(victim.relative_to(env)) in doc["repaired"] and "rebuilding it from the lock" in res.stderr
+    assert victim.is_file() and (env / "notes.txt").read_text() == "the user's own file"
+    with open(victim, "a") as f:
+        f.write("# grown\n")  # a changed size (hard links: the cache's copy too, which the rebuild checks)
+    res = run_cli(*argv, env=envs)
+    assert res.returncode == 0 and f"{victim.relative_to(env)} (" in json.loads(res.stdout)["repaired"], res.stderr
+    assert "bytes, its package has" in json.loads(res.stdout)["repaired"] and "# grown" not in victim.read_text()
+    assert subprocess.run([str(smoke)], capture_output=True).returncode == 0
 
 
 def test_shared_cache_with_concurrent_installers(engine, bundle, tmp_path):
@@ -263,6 +342,18 @@ def _rows(reports):
     return {r["host"]: r for r in json.loads((reports / "fleet.json").read_text())["hosts"]}
 
 
+def _node(reports, node):
+    """A node's own report in the newest run's folder (REPORT_DIR/job-JOB)."""
+    folder = json.loads((reports / "fleet.json").read_text())["report_dir"]
+    return json.loads((Path(folder) / f"{node}.json").read_text())
+
+
+def _job_state(hub, env, job):
+    out = subprocess.run(["ip", "netns", "exec", hub, "scontrol", "show", "job", "-o", job], env=env,
+                         capture_output=True, text=True).stdout
+    return re.search(r"JobState=(\S+)", out).group(1)
+
+
 def _installed_at(prefix):
     return json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["installed_at"]
 
@@ -295,7 +386,15 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
         assert rows["sn0"]["gpus"] == ["NVIDIA H100 80GB HBM3 (cc 9.0)"] and rows["sn2"]["gpus"] == []
         assert all(rows[h]["verify"] == "pass" and rows[h]["changed"] for h in ("sn0", "sn1", "sn2"))
         assert "is not a conda environment" in rows["sn3"]["error"]
-        assert json.loads((reports / "sn3.json").read_text())["exit_code"] == 2
+        assert _node(reports, "sn3")["exit_code"] == 2 and rows["sn3"]["log"].endswith("sn3.log")
+        fleet = json.loads((reports / "fleet.json").read_text())
+        first_job = fleet["slurm_job"]
+        assert fleet["report_dir"] == str(reports / f"job-{first_job}") and fleet["lorastrap_version"]
+        assert rows["sn0"]["reason"].startswith("test-cuda: ") and rows["sn1"]["reason"].startswith("test-cpu: ")
+        assert rows["sn0"]["bundle"] == json.loads((reports / f"job-{first_job}" / "sn0.json").read_text())["bundle"]["id"]
+        assert rows["sn1"]["bundle"] != rows["sn0"]["bundle"] and rows["sn1"]["lock"] and rows["sn1"]["finished_at"]
+        assert re.search(r"^sn1 +ok +yes +test-cpu +Tesla K80", res.stdout, re.M), res.stdout
+        assert re.search(r"^sn0: test-cuda because test-cuda: ", res.stdout, re.M)
         assert rows["sn4"]["error"] == "Slurm did not start it: node sn4 is drained (reason: maintenance)"
         assert "summary: ok 3, planned 0, failed 1, unreachable 0, not-started 1" in res.stdout
         assert (envs / "lora-sn3" / "notes.txt").exists() and not (envs / "lora-sn4").exists()
@@ -303,7 +402,7 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
             smoke = subprocess.run([str(envs / f"lora-{node}" / "bin" / "lora-smoke")], capture_output=True, text=True)
             assert smoke.returncode == 0 and json.loads(smoke.stdout)["torch_build"] == build
         # The shared cache: every archive and wheel read once for the whole job (sn1 and sn2 share the cpu bundle's).
-        node_reports = {n: json.loads((reports / f"{n}.json").read_text()) for n in ("sn0", "sn1", "sn2")}
+        node_reports = {n: _node(reports, n) for n in ("sn0", "sn1", "sn2")}
         needed = {}
         for b in (cpu, cuda_bundle):
             manifest = json.loads((b / "manifest.json").read_text())
@@ -313,13 +412,44 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
         assert sum(r["downloaded_bytes"] for r in node_reports.values()) == sum(needed.values())
         stamps = {n: _installed_at(envs / f"lora-{n}") for n in ("sn0", "sn1", "sn2")}
 
-        # Again: nothing changes, every node verifies its environment again on its own devices.
-        again = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", hub=hub, env=env)
+        # Again (sn3 left out, sn4 still drained): nothing changes, every node verifies its environment again on
+        # its own devices; the job itself COMPLETED (the drained node counts only for the login node's exit code).
+        again = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", "--nodelist", "sn[0-2],sn4", hub=hub,
+                           env=env)
         assert again.returncode == 13, again.stderr[-3000:]
         rows = _rows(reports)
         assert all(rows[h]["status"] == "ok" and rows[h]["changed"] is False and rows[h]["verify"] == "pass"
                    for h in ("sn0", "sn1", "sn2")), rows
-        assert all(json.loads((reports / f"{n}.json").read_text())["downloaded_bytes"] == 0 for n in stamps)
+        assert all(_node(reports, n)["downloaded_bytes"] == 0 for n in stamps)
+        second_job = json.loads((reports / "fleet.json").read_text())["slurm_job"]
+        assert second_job != first_job and _job_state(hub, env, second_job) == "COMPLETED"
+        assert (reports / f"job-{first_job}" / "sn3.json").is_file()  # the first run's reports kept apart
+        assert re.search(r"^sn1 +ok +no +test-cpu", again.stdout, re.M), again.stdout
+
+        # A damaged environment the no-op cannot see (a file whose size it cannot know): verification fails, the
+        # row's fix runs as printed, and --repair rebuilds it without being asked.
+        smoke = envs / "lora-sn1" / "bin" / "lora-smoke"
+
+        def damage():
+            smoke.unlink()  # a new file: the package cache's hard-linked copy stays intact
+            smoke.write_text("#!/bin/sh\nexit 3\n")
+            smoke.chmod(0o755)
+        damage()
+        broken = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", "--nodelist", "sn1", hub=hub, env=env)
+        row = _rows(reports)["sn1"]
+        assert broken.returncode == 13 and row["status"] == "failed" and "failed verification" in row["error"], row
+        assert row["gpus"] == ["Tesla K80 (cc 3.7)", "Tesla K80 (cc 3.7)"] and row["profile"] == "test-cpu"
+        fix = re.search(r"`([^`]* repair [^`]*)`", row["fix"]).group(1)
+        assert "--envs-dir" in fix and "LORASTRAP_HOME=" in fix
+        assert subprocess.run(["sh", "-c", fix], cwd=tmp_path, capture_output=True, text=True).returncode == 0
+        assert subprocess.run([str(smoke)], capture_output=True).returncode == 0
+        damage()
+        repaired = _fleet_cli("slurm", *common, "--prefix", f"{envs}/lora-%n", "--nodelist", "sn1", "--repair",
+                              hub=hub, env=env)
+        row = _rows(reports)["sn1"]
+        assert repaired.returncode == 0 and row["status"] == "ok" and row["verify"] == "pass", repaired.stderr[-3000:]
+        assert "rebuilt from its own lock (--repair)" in row["repaired"] and " repaired " in repaired.stdout
+        stamps["sn1"] = _installed_at(envs / "lora-sn1")
         assert {n: _installed_at(envs / f"lora-{n}") for n in stamps} == stamps
 
         # One profile for every node: the nodes that cannot run it refuse, and keep what they have.
@@ -332,9 +462,9 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
         assert rows["sn9"]["error"] == "Slurm did not start it: Slurm knows no node sn9 in partition lora"
         for node, why in (("sn1", "driver must support CUDA >= 12.0: it supports 11.4"),
                           ("sn2", "needs an NVIDIA GPU: no usable NVIDIA GPU")):
-            assert rows[node]["status"] == "failed"
-            assert rows[node]["error"].startswith(f"profile test-cuda cannot run on node {node} | why: {why}")
-            assert json.loads((reports / f"{node}.json").read_text())["exit_code"] == 3
+            assert rows[node]["status"] == "failed" and rows[node]["reason"] == "forced by --profile test-cuda"
+            assert rows[node]["error"] == f"profile test-cuda cannot run on node {node}"
+            assert rows[node]["why"].startswith(why) and _node(reports, node)["exit_code"] == 3
         assert {n: _installed_at(envs / f"lora-{n}") for n in stamps} == stamps
 
         # The batch script submitted by hand, as a site would: the .tar bundle (the nodes unpack it side by side),
@@ -357,25 +487,34 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
         assert sorted(r["changed"] for r in rows.values()) == [False, False, True]
         assert "summary: ok 3, planned 0, failed 0, unreachable 0" in out
 
-        # A task killed while it works (here: the job cancelled) is recorded as started and not finished.
-        run = subprocess.Popen(["ip", "netns", "exec", hub, sys.executable, "-m", "lorastrap", "fleet", "slurm",
-                                *common, "--prefix", f"{envs}/killed-%n", "--nodelist", "sn1"], cwd=ROOT,
-                               env={**env, "LORASTRAP_PAUSE_AT": "verify"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-        try:
-            journal = envs / "killed-sn1.lorastrap-txn.json"
-            deadline = time.monotonic() + 120
-            while not (journal.exists() and "verifying" in journal.read_text()):
-                assert time.monotonic() < deadline and run.poll() is None, run.communicate()
-                time.sleep(0.2)
-            jobid = json.loads((reports / "slurm-run.json").read_text())["job"]
-            subprocess.run(["ip", "netns", "exec", hub, "scancel", jobid], env=env, check=True)
-            out, err = run.communicate(timeout=120)
-        finally:
-            run.kill()
-        assert run.returncode == 13 and "CANCELLED" in err, err[-3000:]
-        row = _rows(reports)["sn1"]
-        assert row["status"] == "failed" and "did not finish" in row["error"]
+        # Ctrl-C on the login node while sn1 works and sn2 is done: the job is cancelled, the table of what had
+        # finished is printed and written; SIGHUP leaves the job running and says where its report lands.
+        for sig, name in ((signal.SIGINT, "killed"), (signal.SIGHUP, "hungup")):
+            run = subprocess.Popen(["ip", "netns", "exec", hub, sys.executable, "-m", "lorastrap", "fleet", "slurm",
+                                    *common, "--prefix", f"{envs}/{name}-%n", "--nodelist", "sn1"], cwd=ROOT,
+                                   env={**env, "LORASTRAP_PAUSE_AT": "verify"}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+            try:
+                journal = envs / f"{name}-sn1.lorastrap-txn.json"
+                deadline = time.monotonic() + 120
+                while not (journal.exists() and "verifying" in journal.read_text()):
+                    assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+                    time.sleep(0.2)
+                jobid = json.loads((reports / "slurm-run.json").read_text())["job"]
+                run.send_signal(sig)
+                out, err = run.communicate(timeout=120)
+            finally:
+                run.kill()
+            assert run.returncode == 130, err[-3000:]
+            if sig == signal.SIGINT:
+                assert "cancelling job" in err and f"interrupted: job {jobid} was cancelled" in out, err[-2000:]
+                assert re.search(r"^sn1 +failed", out, re.M), out
+                fleet = json.loads((reports / f"job-{jobid}" / "fleet.json").read_text())
+                assert fleet["interrupted"] and "did not finish" in _rows(reports)["sn1"]["error"]
+            else:
+                assert f"job {jobid} keeps running" in err and f"job-{jobid}/fleet.json" in err, err[-2000:]
+                assert _job_state(hub, env, jobid) in ("RUNNING", "COMPLETING")
+                subprocess.run(["ip", "netns", "exec", hub, "scancel", jobid], env=env, check=True)
 
 
 def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):
@@ -393,6 +532,29 @@ def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):
     report = json.loads(next((tmp_path / "r").glob("*.json")).read_text())
     assert report["ok"] is False and report["exit_code"] == 3 and "no bundle for it" in report["error"]
     assert not (tmp_path / "home" / "nodes").exists() or not list((tmp_path / "home" / "nodes").rglob("conda-meta"))
+
+
+def test_one_fleet_run_per_report_folder(bundle, tmp_path):
+    """A second `fleet slurm` reporting into a folder a run is using is refused before it asks Slurm anything."""
+    from lorastrap.core import locks
+    cpu = _unpacked(bundle, tmp_path)
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    with locks.held(reports / ".fleet-run.lock", what="the test's run"):
+        res = _fleet_cli("slurm", "--bundle", str(cpu), "--report-dir", str(reports), env={"PATH": str(tmp_path)})
+    assert res.returncode == 8, res.stderr
+    assert f"reports into {reports}" in res.stderr and "another --report-dir" in res.stderr
+
+
+def test_a_bundle_the_machine_cannot_run_is_refused(cuda_bundle, tmp_path):
+    """A CUDA 12 bundle on a node whose driver cannot run it (a recorded K80 node): refused, as `fleet` refuses it."""
+    _recorded("k80_driver-470--cpu", tmp_path / "k80.json")
+    res = run_cli("install", "--bundle", str(cuda_bundle), "--prefix", str(tmp_path / "env"), "--no-verify",
+                  "--machine", str(tmp_path / "k80.json"), env={"LORASTRAP_HOME": str(tmp_path / "home")})
+    assert res.returncode == 3, res.stderr
+    assert "holds profile test-cuda, which this machine cannot run" in res.stderr
+    assert "driver must support CUDA >= 12.0" in res.stderr and "--profile test-cuda" in res.stderr
+    assert not (tmp_path / "env").exists()
 
 
 @pytest.mark.slow

@@ -21,38 +21,87 @@ STATUSES = ("ok", "planned", "failed", "unreachable")
 NO_REPORT = ("unreachable", "no report (host unreachable?)")
 
 
+def _identity(report: dict) -> dict:
+    """What identifies a node's run: its bundle, lock, lorastrap, when it ended, its log, why it got its profile."""
+    bundle = report.get("bundle") or {}
+    return {"bundle": bundle.get("id"), "bundle_path": bundle.get("path"), "bundle_created": bundle.get("created"),
+            "lock": (report.get("lock_digest") or "")[:16] or None, "lorastrap": report.get("lorastrap_version"),
+            "finished_at": report.get("finished_at"), "log": report.get("log"), "reason": report.get("reason")
+            or _reason(report.get("plan"))}
+
+
+def _reason(plan: dict | None) -> str | None:
+    if not plan:
+        return None
+    if plan.get("forced"):
+        return f"forced ({(plan.get('reasons') or ['--profile'])[0]})"
+    return "; ".join((plan.get("reasons") or [])[:2]) or None
+
+
+def _one_line(text) -> str | None:
+    if not text:
+        return text
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else None
+
+
 def row(host: str, report: dict | None, missing: tuple[str, str] = NO_REPORT) -> dict:
     """One host's row; missing: the (status, error) of a host with no report."""
     if report is None:
         return {"host": host, "status": missing[0], "profile": None, "gpus": [], "versions": {},
-                "verify": None, "duration_s": None, "changed": None, "error": missing[1]}
+                "verify": None, "duration_s": None, "changed": None, "error": missing[1], "reason": None,
+                "bundle": None, "lock": None, "lorastrap": None, "finished_at": None, "log": None}
+    gpus = (report.get("machine") or {}).get("gpus", [])
     if not report.get("ok", False):
-        return {"host": host, "status": "failed", "profile": None, "gpus": [], "versions": {}, "verify": None,
-                "duration_s": None, "changed": None, "error": report.get("error"), "exit_code": report.get("exit_code")}
+        return {"host": host, "status": "failed", "profile": report.get("profile"), "gpus": gpus, "versions": {},
+                "verify": None, "duration_s": None, "changed": None, "error": _one_line(report.get("error")),
+                "why": report.get("why"), "fix": report.get("fix"), "exit_code": report.get("exit_code"),
+                **_identity(report)}
     if report.get("check_mode"):
         plan = report.get("plan") or {}
-        return {"host": host, "status": "planned", "profile": plan.get("profile"), "gpus": [], "versions": {},
-                "verify": None, "duration_s": None, "changed": False, "error": None}
-    return {"host": host, "status": "ok", "profile": report.get("profile"),
-            "gpus": (report.get("machine") or {}).get("gpus", []), "versions": report.get("versions", {}),
-            "verify": report.get("verify_verdict"), "duration_s": round((report.get("timings") or {}).get("total", 0), 2),
-            "changed": report.get("changed"), "prefix": report.get("prefix"), "error": None}
+        return {"host": host, "status": "planned", "profile": plan.get("profile"), "gpus": gpus, "versions": {},
+                "verify": None, "duration_s": None, "changed": False, "error": None, **_identity(report)}
+    return {"host": host, "status": "ok", "profile": report.get("profile"), "gpus": gpus,
+            "versions": report.get("versions", {}), "verify": report.get("verify_verdict"),
+            "duration_s": round((report.get("timings") or {}).get("total", 0), 2), "changed": report.get("changed"),
+            "repaired": report.get("repaired"), "prefix": report.get("prefix"), "error": None, **_identity(report)}
+
+
+def _changed(r: dict) -> str:
+    if r["changed"] is None:
+        return "-"
+    return "repaired" if r.get("repaired") else "yes" if r["changed"] else "no"
 
 
 def table(rows: list[dict]) -> str:
-    head = ["host", "status", "profile", "GPU", "torch", "transformers", "peft", "bitsandbytes", "verify", "time"]
+    head = ["host", "status", "changed", "profile", "GPU", "torch", "transformers", "peft", "bitsandbytes", "verify",
+            "bundle", "time"]
     lines = [head]
     for r in rows:
         v = r["versions"]
-        lines.append([r["host"], r["status"], r["profile"] or "-", ", ".join(r["gpus"]) or "none",
+        lines.append([r["host"], r["status"], _changed(r), r["profile"] or "-", ", ".join(r["gpus"]) or "none",
                       (v.get("pytorch") or "-").split(" ")[0], (v.get("transformers") or "-").split(" ")[0],
                       (v.get("peft") or "-").split(" ")[0], (v.get("bitsandbytes") or "-").split(" ")[0],
-                      r["verify"] or "-", f"{r['duration_s']} s" if r["duration_s"] is not None else "-"])
+                      r["verify"] or "-", (r.get("bundle") or "-")[:12],
+                      f"{r['duration_s']} s" if r["duration_s"] is not None else "-"])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
     for r in rows:
+        if r.get("reason") and r["profile"]:
+            out.append(f"{r['host']}: {r['profile']} because {r['reason']}")
+    for r in rows:
+        if r.get("repaired"):
+            out.append(f"{r['host']}: repaired: {r['repaired']}")
+    for r in rows:
         if r["error"]:
-            out.append(f"{r['host']}: {r['error']}")
+            out.append(f"{r['host']}: {r['error']}" + (f" (log: {r['log']})" if r.get("log") else ""))
+    seen = {}
+    for r in rows:
+        if r.get("bundle"):
+            seen.setdefault((r["bundle"], r.get("lock"), r.get("bundle_path"), r.get("bundle_created")), []).append(r["host"])
+    for (bid, lock, path, created), hosts in sorted(seen.items(), key=lambda kv: kv[1]):
+        out.append(f"bundle {bid[:12]}: {path} (made {created or '?'}), lock {(lock or '?')[:12]}: "
+                   + ", ".join(hosts))
     return "\n".join(out)
 
 

@@ -48,6 +48,9 @@ def _fleet_node_flags(p: argparse.ArgumentParser, need_bundle: bool = True) -> N
                    help="the package cache the nodes share (default: LORASTRAP_PKGS_DIR, else DATA_DIR/pkgs)")
     p.add_argument("--install-arg", action="append", default=[], metavar="ARG",
                    help="one more flag for `lorastrap install` on the nodes (e.g. --install-arg=--engine=rattler)")
+    p.add_argument("--repair", action="store_true",
+                   help="rebuild a node's environment from its own lock when it fails verification, then verify "
+                        "again (default: report it failed, with the repair command)")
 
 
 def _fleet_parsers(sub) -> None:
@@ -74,7 +77,8 @@ def _fleet_options(args):
     return fleet.NodeOptions(bundles=fleet.bundle_paths(args.bundle), report_dir=args.report_dir.absolute(),
                              prefix=args.prefix, home=args.home, profile=args.profile,
                              machines=args.machines.absolute() if args.machines else None,
-                             pkgs_dir=args.pkgs_dir.absolute() if args.pkgs_dir else None, extra=args.install_arg)
+                             pkgs_dir=args.pkgs_dir.absolute() if args.pkgs_dir else None, extra=args.install_arg,
+                             repair=args.repair)
 
 
 def cmd_bundle(args) -> int:
@@ -118,8 +122,9 @@ def cmd_fleet(args) -> int:
     if args.fleet_command == "slurm":
         result = fleet.slurm(opts, partition=args.partition, nodelist=args.nodelist, time_limit=args.time,
                              sbatch_args=args.sbatch_arg, lorastrap_cmd=args.lorastrap, narrate=say)
+        code = fleet.exit_code(result)
     else:
-        result = fleet.report(opts.report_dir, [h for h in (args.hosts or "").split(",") if h])
-    say(f"wrote {opts.report_dir / fleet.FLEET_FILE}")
+        result, code = fleet.report_command(opts.report_dir, [h for h in (args.hosts or "").split(",") if h])
+    say(f"wrote {result.get('report_dir') or opts.report_dir}/{fleet.FLEET_FILE}")
     print(json.dumps(result, indent=2) if args.json else fleet.format_fleet(result))
-    return fleet.exit_code(result)
+    return code

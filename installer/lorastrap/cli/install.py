@@ -37,7 +37,8 @@ def cmd_install(args) -> int:
     base.report_target(args.report)
     prefix = transaction.check_prefix(base.prefix(args), say)
     done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
-                               machine=base.machine(args), profile=args.profile, bundle=args.bundle,
+                               machine=base.machine(args), profile=args.profile, asked_profile=bool(args.profile),
+                               bundle=args.bundle,
                                **base.sources(args), engine=args.engine, frozen=args.frozen,
                                keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
                                link_mode=args.link_mode, min_free_mib=args.min_free_mib, narrate=say)

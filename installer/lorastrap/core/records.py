@@ -84,6 +84,7 @@ class NodeReport(Strict):
     pip_packages: int | None = None
     downloaded_bytes: int | None = None
     recovered: str | None = None
+    repaired: str | None = Field(None, description="why a run with nothing to change rebuilt the environment")
     backup: str | None = None
     timings: dict[str, float] | None = None
     verify: dict | None = None
@@ -93,6 +94,12 @@ class NodeReport(Strict):
     node: str | None = Field(None, description="the Slurm node (fleet slurm)")
     slurm_job: str | None = Field(None, description="the Slurm job id (fleet slurm)")
     machine_source: str | None = Field(None, description="'detected', or the recorded machine description used")
+    lorastrap_version: str | None = Field(None, description="the lorastrap that wrote this report")
+    finished_at: str | None = Field(None, description="UTC, ISO 8601: when this report was written")
+    lock_digest: str | None = Field(None, description="sha256 over the locked packages installed (EnvRecord's)")
+    bundle: dict | None = Field(None, description="the bundle installed from: path, id (sha256 of its manifest), "
+                                                  "profile, created")
+    log: str | None = Field(None, description="the node's log (fleet slurm)")
 
 
 SCHEMAS = {"env-record": EnvRecord, "journal": Journal, "bundle-manifest": BundleManifest, "node-report": NodeReport}

@@ -21,14 +21,17 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorastrap.core import fsutil, paths, subproc
-from lorastrap.core.errors import (FLEET_INCOMPLETE, INTERNAL, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
+from lorastrap.core.errors import (FLEET_INCOMPLETE, INTERNAL, INTERRUPTED, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
                               UsageError)
 
 RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, and why some were not started
@@ -53,6 +56,7 @@ class NodeOptions:
     machines: Path | None = None  # recorded `detect --json` per node: DIR/NODE.json
     pkgs_dir: Path | None = None  # the shared package cache; default: LORASTRAP_PKGS_DIR or DATA_DIR/pkgs
     extra: list[str] = field(default_factory=list)  # more `lorastrap install` flags
+    repair: bool = False  # rebuild an environment that fails verification (from its own lock), then verify again
 
     def argv(self) -> list[str]:
         out = []
@@ -65,6 +69,8 @@ class NodeOptions:
                 out += [flag, str(value)]
         for e in self.extra:
             out.append(f"--install-arg={e}")
+        if self.repair:
+            out.append("--repair")
         return out
 
     def shared_prefix(self) -> bool:
@@ -94,6 +100,22 @@ def fleet_report_module():
 
 def _write_json(path: Path, doc: dict) -> None:
     fsutil.write_atomic(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def run_dir(report_dir: Path, job: str | None = None) -> Path:
+    """Where one run's reports go: REPORT_DIR/job-JOB inside (or for) a Slurm job, so that runs sharing a report
+    folder never mix; REPORT_DIR itself outside Slurm."""
+    job = job or os.environ.get("SLURM_JOB_ID")
+    return report_dir / f"job-{job}" if job else report_dir
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _node_command() -> str:
+    """The lorastrap command on the nodes, as an admin types it there."""
+    return os.environ.get("LORASTRAP") or "lorastrap"
 
 
 def check_options(opts: NodeOptions) -> dict[tuple[str, str], Path]:
@@ -164,14 +186,17 @@ def choose(machine, matrix, bundles: dict[tuple[str, str], Path], profile: str |
     return profile, where, result
 
 
-def _install(opts: NodeOptions, where: Path, prefix: Path, home: Path, machine_file: Path | None, log: Path) -> dict:
+def _node_env(opts: NodeOptions, home: Path) -> dict:
+    pkgs = opts.pkgs_dir or paths.cache_dir()
+    return subproc.clean_env(drop=("LORASTRAP_HOME", "LORASTRAP_PKGS_DIR"), LORASTRAP_HOME=str(home),
+                             LORASTRAP_PKGS_DIR=str(pkgs))
+
+
+def _install(opts: NodeOptions, where: Path, prefix: Path, env: dict, machine_file: Path | None, log: Path) -> dict:
     argv = [sys.executable, "-m", "lorastrap", "install", "--bundle", str(where), "--prefix", str(prefix), "--json",
             *opts.extra]
     if machine_file:
         argv += ["--machine", str(machine_file)]
-    pkgs = opts.pkgs_dir or paths.cache_dir()
-    env = subproc.clean_env(drop=("LORASTRAP_HOME", "LORASTRAP_PKGS_DIR"), LORASTRAP_HOME=str(home),
-                            LORASTRAP_PKGS_DIR=str(pkgs))
     res = subproc.run(argv, timeout=INSTALL_TIMEOUT_S, env=env)
     log.write_text(res.stderr)
     try:
@@ -183,59 +208,116 @@ def _install(opts: NodeOptions, where: Path, prefix: Path, home: Path, machine_f
     if doc and doc.get("what"):
         raise LorastrapError(doc["what"], why=doc.get("why", ""), fix=doc.get("fix", ""),
                              exit_code=doc.get("exit_code") or 1)
-    raise LorastrapError(f"lorastrap install failed on this node ({'timed out' if res.timed_out else res.returncode})",
-                         why=res.tail(), fix=f"See {log}.", exit_code=res.returncode or 1)
+    last = next((line.strip() for line in reversed(res.stderr.splitlines()) if line.strip()), "no output")
+    raise LorastrapError(f"lorastrap install failed on this node ({'timed out' if res.timed_out else res.returncode}):"
+                         f" {last}", why="it wrote no result (an error lorastrap did not explain: a bug, or a crash)",
+                         fix=f"See {log}.", exit_code=res.returncode or 1)
 
 
-def _verify_here(doc: dict, profile, matrix, machine, opts_extra: list[str]) -> None:
-    """Run the profile's verification on this node's own devices (install verified only if it changed something)."""
+def _repair_argv(prefix: str, where: Path) -> list[str]:
+    """`lorastrap repair` for this environment, with the envs dir it was installed with (the bundle's)."""
+    return ["repair", "--prefix", prefix, "--envs-dir", str(where / "envs"), "--yes", "--no-verify"]
+
+
+def _verify_here(doc: dict, profile, matrix, machine, opts: NodeOptions, where: Path, env: dict, log: Path) -> None:
+    """Run the profile's verification on this node's own devices (install verified only if it changed something);
+    with --repair, an environment that fails it is rebuilt from its own lock and verified again."""
     from lorastrap.install import verify
-    if doc.get("verify_verdict") == "pass" or "--no-verify" in opts_extra:
+    if doc.get("verify_verdict") == "pass" or "--no-verify" in opts.extra:
         return
+    prefix = doc["prefix"]
     try:
-        doc["verify"] = verify.verify_profile(Path(doc["prefix"]), profile, matrix=matrix, driver_cuda=machine.cuda)
+        doc["verify"] = verify.verify_profile(Path(prefix), profile, matrix=matrix, driver_cuda=machine.cuda)
     except LorastrapError as exc:
-        raise LorastrapError(f"the environment at {doc['prefix']} failed verification on this node: "
-                             + " ".join(profile.verify), why=exc.why,
-                             fix=f"`lorastrap doctor --prefix {doc['prefix']}` on this node says why; `lorastrap "
-                                 f"repair --prefix {doc['prefix']}` rebuilds it.", exit_code=VERIFY)
+        if not opts.repair:
+            fix_env = f"LORASTRAP_HOME={env['LORASTRAP_HOME']} LORASTRAP_PKGS_DIR={env['LORASTRAP_PKGS_DIR']}"
+            raise LorastrapError(f"the environment at {prefix} failed verification on this node: "
+                                 + " ".join(profile.verify), why=exc.why,
+                                 fix=f"On this node, `{_node_command()} doctor --prefix {prefix} --envs-dir "
+                                     f"{where / 'envs'}` says why; `{fix_env} {_node_command()} "
+                                     + " ".join(_repair_argv(prefix, where)) + "` rebuilds it from its own lock "
+                                     "(or run the fleet again with --repair).", exit_code=VERIFY)
+        res = subproc.run([sys.executable, "-m", "lorastrap", *_repair_argv(prefix, where), "--json"],
+                          timeout=INSTALL_TIMEOUT_S, env=env)
+        with open(log, "a") as f:
+            f.write(f"\n--- verification failed ({exc.what}); lorastrap repair:\n" + res.stderr)
+        if not res.ok:
+            last = next((line for line in reversed(res.stderr.splitlines()) if line.strip()), "no output")
+            raise LorastrapError(f"the environment at {prefix} failed verification and its repair failed: {last}",
+                                 why=exc.why, fix=f"See {log}.", exit_code=res.returncode or VERIFY)
+        doc["repaired"] = f"it failed verification ({exc.what}); rebuilt from its own lock (--repair)"
+        doc["changed"] = True
+        doc["verify"] = verify.verify_profile(Path(prefix), profile, matrix=matrix, driver_cuda=machine.cuda)
     doc["verify_verdict"] = doc["verify"]["verdict"]
 
 
+def _plan_doc(plan, profile: str | None) -> dict:
+    """The plan as the report carries it, and the one-line reason the node got its profile."""
+    if plan is None:
+        return {}
+    reason = (f"forced by --profile {profile}" if plan.forced else
+              "; ".join(r for r in plan.reasons[:2] if r)) or "-"
+    return {"plan": {"profile": plan.profile, "forced": plan.forced, "reasons": plan.reasons,
+                     "warnings": plan.warnings}, "reason": reason}
+
+
+def _machine_doc(machine) -> dict | None:
+    if machine is None:
+        return None
+    return {"platform": machine.platform, "driver": machine.nvidia.driver_version, "driver_cuda": machine.cuda,
+            "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]}
+
+
 def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, LorastrapError | None]:
-    """Provision and verify this node; its report is written to REPORT_DIR/NODE.json whatever happens."""
+    """Provision and verify this node; its report is written to RUN_DIR/NODE.json whatever happens (RUN_DIR:
+    REPORT_DIR/job-JOB inside a Slurm job), its log to RUN_DIR/NODE.log."""
+    from lorastrap import __version__
     from lorastrap.install import bundles
     from lorastrap.matrix import profiles
     node = node_name()
-    opts.report_dir.mkdir(parents=True, exist_ok=True)
-    out = opts.report_dir / f"{node}.json"
-    base = {"schema_version": 1, "host": node, "node": node, "slurm_job": os.environ.get("SLURM_JOB_ID")}
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    folder = run_dir(opts.report_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    out, log = folder / f"{node}.json", folder / f"{node}.log"
+    base = {"schema_version": 1, "host": node, "node": node, "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "lorastrap_version": __version__, "log": str(log)}
+    started = _now()
     # Until the end, the report says the task started and did not finish (a time limit or a node failure kills it).
-    _write_json(out, {**base, "ok": False, "exit_code": None,
-                      "error": f"started at {started} and did not finish (killed by a time limit or a node failure?)"})
+    _write_json(out, {**base, "ok": False, "exit_code": None, "finished_at": None,
+                      "error": f"started at {started} and did not finish (killed by a time limit, a node failure "
+                               f"or a cancelled job?)"})
     t0 = time.perf_counter()
+    known: dict = {}  # what the node learnt before it failed: its machine, its profile and why, its bundle
     try:
         found = check_options(opts)
         machine, machine_file = _machine(opts, node)
+        known["machine"] = _machine_doc(machine)
         matrix = profiles.load(bundles.open_bundle(next(iter(found.values()))) / "envs")
+        if opts.profile:
+            known["reason"] = f"forced by --profile {opts.profile}"
         name, where, plan = choose(machine, matrix, found, opts.profile, node)
+        known.update(profile=name, bundle=bundles.identity(where), **_plan_doc(plan, opts.profile))
         home = _expand(opts.home, node) if opts.home else paths.data_dir() / "nodes" / node
         prefix = _expand(opts.prefix, node) if opts.prefix else home / "envs" / "lora"
-        narrate(f"{node}: profile {name} ({plan.reasons[0]}) from {where} → {prefix}")
-        doc = _install(opts, where, prefix, home, machine_file, opts.report_dir / f"{node}.log")
-        _verify_here(doc, matrix.profiles[name], matrix, machine, opts.extra)
+        narrate(f"{node}: profile {name} ({known['reason']}) from {where} → {prefix}")
+        env = _node_env(opts, home)
+        doc = _install(opts, where, prefix, env, machine_file, log)
+        _verify_here(doc, matrix.profiles[name], matrix, machine, opts, where, env, log)
         doc.update(base)
+        doc.update({k: v for k, v in known.items() if k not in ("machine", "profile")})
         doc["machine_source"] = str(machine_file) if machine_file else "detected"
         doc["timings"]["node_total"] = time.perf_counter() - t0
+        doc["finished_at"] = _now()
         _write_json(out, doc)
         return doc, None
     except Exception as exc:  # whatever went wrong is the node's report, not a traceback lost in a job log
         if not isinstance(exc, LorastrapError):
+            with open(log, "a") as f:
+                traceback.print_exc(file=f)
             exc = LorastrapError(f"internal error: {type(exc).__name__}: {exc}",
-                                 fix="This is a bug in lorastrap; report it with this node's log.", exit_code=INTERNAL)
-        doc = {**base, "ok": False, "exit_code": exc.exit_code,
-               "error": " | ".join(x for x in (exc.what, exc.why and f"why: {exc.why}", exc.fix and f"fix: {exc.fix}") if x)}
+                                 fix=f"This is a bug in lorastrap; report it with this node's log ({log}).",
+                                 exit_code=INTERNAL)
+        doc = {**base, **known, "ok": False, "exit_code": exc.exit_code, "error": exc.what.splitlines()[0],
+               "why": exc.why, "fix": exc.fix, "finished_at": _now()}
         _write_json(out, doc)
         return doc, exc
 
@@ -260,39 +342,91 @@ def job_nodes() -> list[str]:
     return res.stdout.split() if res.ok else []
 
 
-def report(report_dir: Path, hosts: list[str] | None = None) -> dict:
-    """Join REPORT_DIR/NODE.json into REPORT_DIR/fleet.json; the nodes are --hosts, else those the login node
-    asked for (slurm-run.json) when this job ran on them, else this job's nodes."""
+def _read_run(report_dir: Path, job: str | None) -> dict:
+    """What the login node asked Slurm for in this job: RUN_DIR/slurm-run.json, else REPORT_DIR/slurm-run.json
+    while it is still about this job (written before sbatch answered with the job's id)."""
+    for where in (run_dir(report_dir, job) / RUN_FILE, report_dir / RUN_FILE):
+        try:
+            run = json.loads(where.read_text())
+        except (OSError, ValueError):
+            continue
+        if run.get("job") in (None, job) or not job:
+            return run
+    return {}
+
+
+def report(report_dir: Path, hosts: list[str] | None = None, job: str | None = None) -> dict:
+    """Join RUN_DIR/NODE.json into RUN_DIR/fleet.json (RUN_DIR: REPORT_DIR/job-JOB); the nodes are --hosts, else
+    those the login node asked for (slurm-run.json) when this job ran on them, else this job's nodes.  The newest
+    job's fleet.json is also REPORT_DIR/fleet.json."""
     fr = fleet_report_module()
-    try:
-        run = json.loads((report_dir / RUN_FILE).read_text())
-    except (OSError, ValueError):
-        run = {}
+    job = job or os.environ.get("SLURM_JOB_ID")
+    run = _read_run(report_dir, job)
+    job = job or run.get("job")
+    folder = run_dir(report_dir, job)
+    mine = job_nodes()
     if not hosts:
-        mine = job_nodes()
         asked = run.get("nodes", [])
         hosts = asked if asked and set(mine) <= set(asked) else mine
     if not hosts:
         raise UsageError("which nodes? no --hosts, no " + RUN_FILE + " and not inside a Slurm job",
                          fix="Pass --hosts node1,node2,… (the nodes the fleet job ran on).")
-    job = run.get("job")
-    missing = {n: ("not-started", f"Slurm did not start it: {why}") for n, why in run.get("not_started", {}).items()}
-    for n in hosts:
-        missing.setdefault(n, ("not-started", "no report: Slurm ran no task there"
+    not_started = run.get("not_started", {})
+    missing = {n: ("not-started", f"Slurm did not start it: {why}") for n, why in not_started.items()}
+    for n in hosts:  # a node of the job with no report: Slurm ran no task there, or it died before writing one
+        missing.setdefault(n, ("failed", "no report: Slurm ran no task there"
                                + (f" (job {job}; see {report_dir}/slurm-{job}.out)" if job else "")))
-    fleet = fr.build(report_dir, hosts, missing)
-    fleet["slurm_job"] = job
-    _write_json(report_dir / FLEET_FILE, fleet)
+    fleet = fr.build(folder, hosts, missing)
+    fleet.update(slurm_job=job, report_dir=str(folder), written_at=_now(), lorastrap_version=_version())
+    _write_json(folder / FLEET_FILE, fleet)
+    _publish(report_dir, folder, fleet)
     return fleet
+
+
+def _version() -> str:
+    from lorastrap import __version__
+    return __version__
+
+
+def _publish(report_dir: Path, folder: Path, fleet: dict) -> None:
+    """REPORT_DIR/fleet.json: the newest job's fleet report (an older job that ends later does not replace it)."""
+    from lorastrap.core import locks
+    if folder == report_dir:
+        return
+    with locks.held(report_dir / ".fleet-json.lock", what=f"{report_dir / FLEET_FILE}"):
+        try:
+            current = json.loads((report_dir / FLEET_FILE).read_text()).get("slurm_job")
+        except (OSError, ValueError):
+            current = None
+        job = fleet.get("slurm_job")
+        if current and job and str(current).isdigit() and str(job).isdigit() and int(current) > int(job):
+            return
+        _write_json(report_dir / FLEET_FILE, fleet)
+
+
+def report_command(report_dir: Path, hosts: list[str] | None) -> tuple[dict, int]:
+    """`lorastrap fleet report`: the report, and the exit code.  Inside the job (its last step) the code counts
+    only the nodes the job ran on: a drained node does not make the job FAILED, a failed node does."""
+    fleet = report(report_dir, hosts)
+    return fleet, exit_code(fleet, started_only=bool(os.environ.get("SLURM_JOB_ID")))
 
 
 def format_fleet(fleet: dict) -> str:
     fr = fleet_report_module()
-    return fr.table(fleet["hosts"]) + "\n" + fr.summary_line(fleet)
+    head = " · ".join(x for x in (f"job {fleet['slurm_job']}" if fleet.get("slurm_job") else "",
+                                  f"lorastrap {fleet.get('lorastrap_version') or '?'}", fleet.get("written_at") or "",
+                                  f"reports in {fleet['report_dir']}" if fleet.get("report_dir") else "") if x)
+    text = head + "\n" + fr.table(fleet["hosts"]) + "\n" + fr.summary_line(fleet)
+    if fleet.get("interrupted"):
+        text += "\n" + fleet["interrupted"]
+    return text
 
 
-def exit_code(fleet: dict) -> int:
-    return 0 if all(r["status"] == "ok" for r in fleet["hosts"]) else FLEET_INCOMPLETE
+def exit_code(fleet: dict, started_only: bool = False) -> int:
+    if fleet.get("interrupted"):
+        return INTERRUPTED
+    skip = {"ok", "not-started"} if started_only else {"ok"}
+    return 0 if all(r["status"] in skip for r in fleet["hosts"]) else FLEET_INCOMPLETE
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,23 +471,52 @@ def job_state(job: str) -> tuple[str, str]:
     return fields.get("JobState", "UNANSWERED"), fields.get("ExitCode", "?")
 
 
-def wait(job: str, narrate=lambda m: None) -> str:
-    """Wait until the job ended (polling: 0.25 s apart at first, a tenth of the time waited later, 15 s at most);
-    Ctrl-C cancels it."""
-    t0, last = time.monotonic(), None
+class _Stopped(Exception):
+    """The login node was told to stop: signal name, and whether the job is cancelled."""
+
+    def __init__(self, signame: str, cancel: bool):
+        super().__init__(signame)
+        self.signame, self.cancel = signame, cancel
+
+
+@contextmanager
+def _login_signals():
+    """SIGTERM stops the wait and cancels the job (as Ctrl-C does); SIGHUP (the ssh session dropped) stops the wait
+    and leaves the job running: it writes its own report."""
+    def on(signum, frame):
+        raise _Stopped(signal.Signals(signum).name, cancel=signum == signal.SIGTERM)
+    old = {sig: signal.signal(sig, on) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            state, code = job_state(job)
-            if state in ENDED or state == "GONE":
-                return f"{state}, exit code {code}"
-            if state != last:
-                narrate(f"job {job}: {state.lower()}")
-                last = state
-            time.sleep(min(0.25 + (time.monotonic() - t0) / 10, 15.0))
-    except KeyboardInterrupt:
-        narrate(f"cancelling job {job}")
-        _slurm(["scancel", job])
-        raise
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def wait(job: str, narrate=lambda m: None) -> str:
+    """Wait until the job ended (polling: 0.25 s apart at first, a tenth of the time waited later, 15 s at most)."""
+    t0, last = time.monotonic(), None
+    while True:
+        state, code = job_state(job)
+        if state in ENDED or state == "GONE":
+            return f"{state}, exit code {code}"
+        if state != last:
+            narrate(f"job {job}: {state.lower()}")
+            last = state
+        time.sleep(min(0.25 + (time.monotonic() - t0) / 10, 15.0))
+
+
+def _cancel(job: str, why: str, narrate) -> str:
+    """Cancel the job and wait (a little) for its end, so that the reports of the nodes that finished are in."""
+    narrate(f"{why}: cancelling job {job}")
+    _slurm(["scancel", job])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state, _ = job_state(job)
+        if state in ENDED or state == "GONE":
+            return state
+        time.sleep(0.5)
+    return "CANCELLING"
 
 
 def startable(state: str) -> bool:
@@ -363,9 +526,28 @@ def startable(state: str) -> bool:
 def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | None = None,
           time_limit: str | None = None, sbatch_args: list[str] = (), lorastrap_cmd: str | None = None,
           narrate=lambda m: None) -> dict:
-    """Provision the partition's nodes through one batch job; returns the fleet report (also in fleet.json)."""
+    """Provision the partition's nodes through one batch job; returns the fleet report (also in fleet.json).
+    One run at a time per report folder (a lock beside the reports); each job's reports in REPORT_DIR/job-JOB."""
+    from lorastrap.core import locks
+    from lorastrap.core.errors import BusyError
     check_options(opts)
     opts.report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        held = locks.held(opts.report_dir / ".fleet-run.lock", what=f"report folder {opts.report_dir}", wait=False)
+        held.__enter__()
+    except BusyError as exc:
+        raise BusyError(f"another `lorastrap fleet slurm`{exc.what.split('run', 1)[-1]} reports into "
+                        f"{opts.report_dir}", why="two runs sharing a report folder would mix their fleet.json",
+                        fix="Wait for it to finish, or pass another --report-dir.") from None
+    try:
+        return _slurm_locked(opts, partition=partition, nodelist=nodelist, time_limit=time_limit,
+                             sbatch_args=sbatch_args, lorastrap_cmd=lorastrap_cmd, narrate=narrate)
+    finally:
+        held.__exit__(None, None, None)
+
+
+def _slurm_locked(opts: NodeOptions, *, partition, nodelist, time_limit, sbatch_args, lorastrap_cmd,
+                  narrate) -> dict:
     partition = partition or default_partition()
     nodes = sinfo(partition, nodelist)
     asked = [n for n, _, _ in nodes]
@@ -378,12 +560,11 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
         if not startable(state):
             not_started[n] = f"node {n} is {state}" + (f" (reason: {reason})" if reason and reason != "none" else "")
     go = [n for n in asked if n not in not_started]
-    for n in asked:  # no stale report from an earlier run may stand for this one
-        (opts.report_dir / f"{n}.json").unlink(missing_ok=True)
     run = {"schema_version": 1, "nodes": asked, "not_started": not_started, "job": None, "partition": partition}
     _write_json(opts.report_dir / RUN_FILE, run)
     for n, why in sorted(not_started.items()):
         narrate(f"not starting {n}: {why}")
+    job, interrupted = None, None
     if go:
         script = paths.DEPLOY / "slurm" / "lorastrap-fleet.sbatch"
         argv = ["sbatch", "--parsable", "--job-name=lorastrap-fleet", f"--nodes={len(go)}",
@@ -393,16 +574,44 @@ def slurm(opts: NodeOptions, *, partition: str | None = None, nodelist: str | No
         argv += [*sbatch_args, str(script), *opts.argv()]
         command = lorastrap_cmd or f"{shlex.quote(sys.executable)} -m lorastrap"
         narrate(f"submitting one lorastrap task on each of {len(go)} node(s): {', '.join(go)}")
-        res = _slurm(argv, env=subproc.clean_env(LORASTRAP=command))
-        job = (res.stdout.strip().splitlines() or [""])[0].split(";")[0]
-        if not res.ok or not job.isdigit():
-            raise UsageError("Slurm refused the fleet job: " + " ".join(argv[:9]) + " …", why=res.tail(),
-                             fix="Check --partition, --nodelist and the sbatch options (`sinfo -N` lists them).")
-        run["job"] = job
-        _write_json(opts.report_dir / RUN_FILE, run)
-        state = wait(job, narrate)
-        narrate(f"job {job} ended: {state}")
-    return report(opts.report_dir, asked)
+        with _login_signals():
+            res = _slurm(argv, env=subproc.clean_env(LORASTRAP=command))
+            job = (res.stdout.strip().splitlines() or [""])[0].split(";")[0]
+            if not res.ok or not job.isdigit():
+                raise UsageError("Slurm refused the fleet job: " + " ".join(argv[:9]) + " …", why=res.tail(),
+                                 fix="Check --partition, --nodelist and the sbatch options (`sinfo -N` lists them).")
+            run["job"] = job
+            run_dir(opts.report_dir, job).mkdir(parents=True, exist_ok=True)
+            _write_json(run_dir(opts.report_dir, job) / RUN_FILE, run)
+            _write_json(opts.report_dir / RUN_FILE, run)
+            where = run_dir(opts.report_dir, job) / FLEET_FILE
+            narrate(f"job {job} submitted; its reports go to {run_dir(opts.report_dir, job)} (Ctrl-C or SIGTERM "
+                    f"cancels it; if this session ends, the job goes on and writes {where} itself)")
+            try:
+                state = wait(job, narrate)
+                narrate(f"job {job} ended: {state}")
+            except KeyboardInterrupt:
+                state = _cancel(job, "interrupted (Ctrl-C)", narrate)
+                interrupted = f"interrupted: job {job} was cancelled ({state}); the table shows what had finished"
+            except _Stopped as stop:
+                if not stop.cancel:
+                    narrate(f"{stop.signame}: no longer waiting; job {job} keeps running and writes {where} "
+                            f"(and {opts.report_dir / FLEET_FILE}) when it ends; `scancel {job}` stops it")
+                    raise LorastrapError(f"stopped by {stop.signame}: job {job} keeps running",
+                                         why="the login session ended (or was told to hang up)",
+                                         fix=f"Its report will be {where}; `lorastrap fleet report --report-dir "
+                                             f"{opts.report_dir} --hosts {','.join(asked)}` prints it, "
+                                             f"`scancel {job}` stops it.", exit_code=INTERRUPTED) from None
+                state = _cancel(job, f"stopped by {stop.signame}", narrate)
+                interrupted = (f"stopped by {stop.signame}: job {job} was cancelled ({state}); the table shows what "
+                               f"had finished")
+    fleet = report(opts.report_dir, asked, job=job)
+    if interrupted:
+        fleet["interrupted"] = interrupted
+        folder = run_dir(opts.report_dir, job)
+        _write_json(folder / FLEET_FILE, fleet)
+        _publish(opts.report_dir, folder, fleet)
+    return fleet
 
 
 def bundle_paths(values: list[str] | None) -> list[Path]:

@@ -1,52 +1,121 @@
-"""Reading an offline bundle as a package source (fleet/bundle.py makes them): a .tar unpacked beside itself,
-every file checked against the manifest, the bundle's lock rewritten to point at the bundle's own files."""
+"""Reading an offline bundle as a package source (fleet/bundle.py makes them): a .tar unpacked beside itself only
+when the folder there is not this very tar's copy, every file checked against the manifest, the bundle's lock
+rewritten to point at the bundle's own files, a checksum error named as the bundle's damage, and the bundle's
+identity for reports."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from lorastrap.core import paths
-from lorastrap.core.errors import ConfigError, IntegrityError
+from lorastrap.core import locks, paths
+from lorastrap.core.errors import ConfigError, IntegrityError, LorastrapError, NoProfileError
 from lorastrap.core.records import BundleManifest
 from lorastrap.install.cache import sha256_file
 from lorastrap.locking import lockfile
 
 
-def open_bundle(path: Path) -> Path:
-    """A bundle folder (a .tar is unpacked next to it, once)."""
+def tar_manifest(tar: Path) -> bytes:
+    """The manifest.json inside a bundle .tar (read from the tar's index, nothing unpacked): the bundle's identity,
+    since it lists the sha256 of every file."""
+    try:
+        with tarfile.open(tar) as t:
+            for member in t:
+                if member.isfile() and member.name.count("/") == 1 and member.name.endswith("/manifest.json"):
+                    return t.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ConfigError(f"{tar} cannot be read", why=f"a damaged or truncated tar file ({exc})",
+                          fix="Copy the bundle again (compare its size with the original), or rebuild it.")
+    raise ConfigError(f"{tar} is not a lorastrap bundle (no manifest.json inside)",
+                      fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
+
+
+def _current(dest: Path, want: bytes) -> bool:
+    """Whether the folder DEST is the unpacked copy of the bundle whose manifest is WANT, every file at its size."""
+    try:
+        if (dest / "manifest.json").read_bytes() != want:
+            return False
+        check(dest)
+        return True
+    except (OSError, LorastrapError):
+        return False
+
+
+def open_bundle(path: Path, narrate=lambda m: None) -> Path:
+    """A bundle folder.  A .tar is unpacked next to it (X.tar → X/) when X/ is not the unpacked copy of this very
+    tar: the two manifests (which hold every file's sha256) must be the same bytes and every file there at its
+    size, else X/ (an older build of the bundle, or a damaged copy) is replaced by a fresh unpacking, under a lock
+    beside the tar so that nodes sharing the folder unpack it once."""
     path = path.absolute()
     if not path.exists():
         raise ConfigError(f"bundle {path} does not exist", fix="Pass the bundle folder or its .tar file.")
     if path.is_file() and path.suffix == ".tar":
         dest = path.with_suffix("")
-        if not (dest / "manifest.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=path.parent))
-            try:
-                with tarfile.open(path) as t:
-                    t.extractall(tmp, filter="data")
-                inner = next((p for p in tmp.iterdir() if (p / "manifest.json").is_file()), None)
-                if inner is None:
-                    raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json inside)",
-                                      fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
-                try:
-                    os.rename(inner, dest)
-                except OSError:
-                    if not (dest / "manifest.json").exists():  # else: another node unpacked it meanwhile
-                        raise
-            except (tarfile.TarError, EOFError, OSError) as exc:
-                raise ConfigError(f"{path} cannot be unpacked", why=f"a damaged or truncated tar file ({exc})",
-                                  fix="Copy the bundle again (compare its size with the original), or rebuild it.")
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        want = tar_manifest(path)
+        if not _current(dest, want):
+            with locks.held(path.parent / f".{path.name}.lock", what=f"the unpacking of {path}", narrate=narrate):
+                if not _current(dest, want):  # another node may have unpacked it meanwhile
+                    _unpack(path, dest, want, narrate)
         path = dest
     if not (path / "manifest.json").is_file():
         raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json)",
                           fix="Build one with `lorastrap bundle --profile P --platform X -o PATH`.")
     return path
+
+
+def _unpack(tar: Path, dest: Path, want: bytes, narrate) -> None:
+    narrate(f"unpacking {tar}" + (f" (replacing {dest}: another build of the bundle, or a damaged copy)"
+                                  if dest.exists() else ""))
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=tar.parent))
+    try:
+        try:
+            with tarfile.open(tar) as t:
+                t.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise ConfigError(f"{tar} cannot be unpacked", why=f"a damaged or truncated tar file ({exc})",
+                              fix="Copy the bundle again (compare its size with the original), or rebuild it.")
+        inner = next((p for p in tmp.iterdir() if (p / "manifest.json").is_file()), None)
+        if inner is None or (inner / "manifest.json").read_bytes() != want:
+            raise ConfigError(f"{tar} is not a lorastrap bundle (no manifest.json inside)",
+                              fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
+        if dest.exists() or dest.is_symlink():
+            old = tmp / ".replaced"
+            os.rename(dest, old)  # one rename each way: a reader sees the old folder or the new one
+        os.rename(inner, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def identity(path: Path) -> dict:
+    """What identifies an opened bundle in reports: its path, profile, when it was made, and the sha256 of its
+    manifest (which lists every file's sha256, so any change to the bundle changes it)."""
+    raw = (path / "manifest.json").read_bytes()
+    try:
+        manifest = BundleManifest.model_validate_json(raw)
+        created, profile = manifest.created, manifest.profile
+    except ValueError:
+        created = profile = None
+    return {"path": str(path), "id": hashlib.sha256(raw).hexdigest()[:16], "profile": profile, "created": created}
+
+
+@contextmanager
+def damage_named(path: Path | None):
+    """A checksum mismatch on a file of the bundle at PATH says that the bundle is damaged (not the mirror)."""
+    try:
+        yield
+    except IntegrityError as exc:
+        if path is None or "checksum mismatch" not in exc.what:
+            raise
+        raise IntegrityError(exc.what, why=f"the bundle {path} holds a file that differs from what its lock names: "
+                                           "it was altered or damaged after it was made",
+                             fix="Nothing was installed. Copy the bundle again from where it was built, or rebuild "
+                                 "it (`lorastrap bundle`); `lorastrap bundle` checks every file as it is made."
+                             ) from None
 
 
 def check(path: Path, *, deep: bool = False) -> BundleManifest:
@@ -86,3 +155,13 @@ def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
     out = lockfile.rewritten(lk, lock_dir / f"{manifest.profile}.bundle.conda-lock.yml", url_for,
                             channels=[(bundle / "channel").as_uri()])
     return manifest.profile, out
+
+
+def refuse_unfit(bundle: Path, plan, asked: bool) -> None:
+    """A bundle's profile that this machine cannot run (a CUDA bundle on a node without a GPU) is refused, as the
+    Slurm path refuses it; asked: the profile was named on the command line (then it is only a warning)."""
+    if plan.broken and not asked:
+        raise NoProfileError(f"bundle {bundle} holds profile {plan.profile}, which this machine cannot run",
+                             why="; ".join(c.message for c in plan.broken),
+                             fix=f"Install a bundle of the profile this machine plans (`lorastrap plan` names it), "
+                                 f"or force this one with --profile {plan.profile}. Nothing was changed.")

@@ -155,6 +155,45 @@ def mismatches(prefix: Path, entries: list) -> list[str]:
     return problems
 
 
+def damaged_files(prefix: Path) -> list[str]:
+    """Files of PREFIX's packages that are missing or changed in size, cheaply (one lstat each, no hashing): every
+    path of every conda-meta record (its size where no prefix was written into it: conda-meta gives the package's
+    size) and every file a pip-installed distribution's RECORD lists with a size.  Empty: the files are all there."""
+    out = [f"conda-meta/{name}: unreadable ({why})" for name, why in conda_meta(prefix).broken.items()]
+    for rec in conda_meta(prefix).records.values():
+        for p in rec.paths:
+            rel = p.get("_path")
+            if not isinstance(rel, str) or p.get("path_type") == "directory":
+                continue
+            try:
+                st = os.lstat(prefix / rel)
+            except OSError:
+                out.append(f"{rel} ({rec.name}): missing")
+                continue
+            rewritten = p.get("sha256_in_prefix") not in (None, p.get("sha256")) or "prefix_placeholder" in p
+            size = p.get("size_in_bytes")
+            if (p.get("path_type") in (None, "hardlink") and not rewritten and isinstance(size, int)
+                    and os.path.isfile(prefix / rel) and st.st_size != size):
+                out.append(f"{rel} ({rec.name}): {st.st_size} bytes, its package has {size}")
+    sp = site_packages(prefix)
+    for dist in (metadata.distributions(path=[str(sp)]) if sp else []):
+        if (dist.read_text("INSTALLER") or "").strip() == "conda":
+            continue  # conda-meta has its files (its RECORD was written before the prefix was)
+        for f in dist.files or []:
+            if f.size is None or f.suffix == ".pyc":
+                continue
+            where = sp / str(f)
+            try:
+                size = os.lstat(where).st_size
+            except OSError:
+                out.append(f"{os.path.relpath(where, prefix)} ({dist.metadata['Name']}): missing")
+                continue
+            if size != f.size:
+                out.append(f"{os.path.relpath(where, prefix)} ({dist.metadata['Name']}): {size} bytes, its RECORD "
+                           f"says {f.size}")
+    return sorted(set(out))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # lorastrap's record
 

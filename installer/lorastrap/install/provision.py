@@ -26,13 +26,13 @@ class Provisioned:
 
 
 def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | None = None,
-              bundle: Path | None = None, envs_dir_given: bool = False, channels: list[str] | None = None,
+              bundle: Path | None = None, envs_dir_given: bool = False, asked_profile: bool = False, channels: list[str] | None = None,
               mirror: str | None = None, pip_index_url: str | None = None, engine: str | None = None,
               frozen: bool = False, keep_backup: bool = False, wait: bool = True, run_verify: bool = True,
               link_mode: str = "hardlink", min_free_mib: int = 512, narrate=lambda m: None) -> Provisioned:
     """Plan (or take the bundle's profile), install atomically, verify, register.  ``bundle`` is a bundle folder
     or .tar: its profiles are used unless ``envs_dir_given``, and its lock points at its own files (no network)."""
-    opened = bundles.open_bundle(bundle) if bundle else None
+    opened = bundles.open_bundle(bundle, narrate=narrate) if bundle else None
     if opened and not envs_dir_given:
         envs_dir = opened / "envs"  # the profiles the bundle was made from
     matrix = profiles.load(envs_dir)
@@ -45,16 +45,21 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
         profile, lock_file = bundles.install_inputs(opened, machine)
         narrate(f"installing from bundle {opened} (profile {profile}, no network)")
     chosen = planner.plan(machine, matrix, profile=profile)
+    if opened:
+        bundles.refuse_unfit(opened, chosen, asked=asked_profile)
     name = planner.require_profile(chosen)
     for c in chosen.broken:
         narrate(f"warning: {name} breaks a requirement here: {c.message}")
     narrate(f"profile {name} for {machine.platform}" + (" (forced)" if chosen.forced else "") + f" → {prefix}")
-    result = transaction.install(
-        prefix=prefix, envs_dir=envs_dir, name=name, profile=profiles.get(matrix, name), matrix=matrix,
-        platform=machine.platform, lock_file=lock_file, engine=engine, frozen=frozen, channels=channels,
-        mirror=mirror, pip_index_url=pip_index_url or chans.DEFAULT_PIP_INDEX, keep_backup=keep_backup,
-        wait=wait, run_verify=run_verify,
-        link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
-        plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    with bundles.damage_named(opened):
+        result = transaction.install(
+            prefix=prefix, envs_dir=envs_dir, name=name, profile=profiles.get(matrix, name), matrix=matrix,
+            platform=machine.platform, lock_file=lock_file, engine=engine, frozen=frozen, channels=channels,
+            mirror=mirror, pip_index_url=pip_index_url or chans.DEFAULT_PIP_INDEX, keep_backup=keep_backup,
+            wait=wait, run_verify=run_verify,
+            link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
+            plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     generations.register(Path(result.prefix))
-    return Provisioned(result, transaction.node_report(result, machine))
+    report = transaction.node_report(result, machine)
+    report.bundle = bundles.identity(opened) if opened else None
+    return Provisioned(result, report)

@@ -63,6 +63,7 @@ class InstallResult:
     pip_packages: int
     downloaded_bytes: int = 0
     recovered: str | None = None
+    repaired: str | None = None  # why a run that had nothing to change rebuilt the environment
     backup: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     verify: dict | None = None
@@ -183,12 +184,20 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                                pip_packages=len(pip_entries), recovered=recovered, timings=timings)
 
         # No-op: the same lock is already installed and intact (the engine that built it is the one reported).
+        # Intact: every file of every package there at its size; if not, the run rebuilds it (as repair does).
         record = pfx.read_record(prefix)
         if not force and record and record.lock_digest == lk.digest(platform) and not pfx.mismatches(prefix, entries):
-            result.engine = record.engine
-            timings["total"] = time.perf_counter() - t0
-            narrate(f"{prefix} already matches the lock ({len(entries)} packages): nothing to do")
-            return result
+            damaged = pfx.damaged_files(prefix)
+            if not damaged:
+                result.engine = record.engine
+                timings["total"] = time.perf_counter() - t0
+                narrate(f"{prefix} already matches the lock ({len(entries)} packages, their files all there): "
+                        f"nothing to do")
+                return result
+            result.repaired = (f"{len(damaged)} file(s) of its packages were missing or changed, e.g. "
+                               + "; ".join(damaged[:3]))
+            narrate(f"{prefix} matches the lock, but {result.repaired}: rebuilding it from the lock")
+            force = check_cache = True
         eng = engines.find(engine, narrate=narrate)
         result.engine = eng.describe()
 
@@ -379,7 +388,11 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
     except LorastrapError:
         pass
     verdict = (result.verify or {}).get("verdict") if result.verify else ("unchanged" if not result.changed else "skipped")
+    from lorastrap import __version__
+    record = pfx.read_record(Path(result.prefix))
     return NodeReport(host=socket.gethostname(), ok=True, **result.to_dict(), versions=versions,
+                      lorastrap_version=__version__, finished_at=pfx.now(),
+                      lock_digest=record.lock_digest if record else None,
                       machine={"platform": machine.platform, "driver": machine.nvidia.driver_version,
                                "driver_cuda": machine.cuda,
                                "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]},
