@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, run_cli
 
 from lorastrap.care import explain
@@ -244,7 +245,10 @@ def test_recorded_environment(case):
 
 
 def test_every_table_entry_is_tested():
-    tested = {c["entry"] for c in recorded()} | {
+    corpus = ROOT / "tests" / "fixtures" / "explain" / "corpus"  # reports from public trackers (test_explain_corpus)
+    expected = (yaml.safe_load(p.read_text())["expect"] for p in corpus.glob("*.yaml"))
+    in_corpus = {x["error"] for expect in expected if expect != "unknown" for x in expect}
+    tested = in_corpus | {c["entry"] for c in recorded()} | {
         "load-in-8bit-requires", "load-in-8bit-keyword", "peft-int8-training-removed", "pkg-resources-missing",
         "scipy-missing-for-bnb", "bnb-compiled-without-gpu", "int8-cpu-offload", "torch-not-compiled-with-cuda"}
     assert {e.id for e in explain.load().errors} <= tested
@@ -262,8 +266,8 @@ def test_unknown_error_says_so_and_runs_doctor(ml_venv, tmp_path):
 
 
 def test_explain_without_an_environment_lists_the_causes():
-    res = run_cli("explain", "ImportError: Using `load_in_8bit=True` requires Accelerate: `pip install accelerate` "
-                  "and the latest version of bitsandbytes")
+    res = run_cli("explain", "--no-env", "ImportError: Using `load_in_8bit=True` requires Accelerate: "
+                  "`pip install accelerate` and the latest version of bitsandbytes")
     assert res.returncode == 0
     assert "accelerate is not installed" in res.stdout and "bitsandbytes is not installed" in res.stdout
     assert "pass --prefix or --python" in res.stdout
