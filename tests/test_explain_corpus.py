@@ -15,6 +15,7 @@ Each report is explained in-process, with the text alone, as a user pastes it, a
 `python tests/test_explain_corpus.py` prints the score and each report's verdict.
 """
 
+import functools
 import re
 import sys
 from collections import Counter
@@ -30,6 +31,11 @@ sys.path.insert(0, str(ROOT / "installer"))
 from lorastrap.care import explain  # noqa: E402
 
 MAX_OPEN = 3  # an open answer counts as right when the established cause is among its first three (and it asks)
+
+
+@functools.cache
+def table() -> explain.Table:
+    return explain.load()
 
 
 def reports() -> list[tuple[str, dict]]:
@@ -88,12 +94,11 @@ def failures_named(report: dict, result: dict) -> bool:
     return {e["id"] for e in result["errors"]} == want
 
 
-def score(table=None) -> tuple[list[tuple[str, str, str]], Counter]:
-    table = table or explain.load()
+def score() -> tuple[list[tuple[str, str, str]], Counter]:
     rows = []
     counts = Counter()
     for name, report in reports():
-        result = explain.explain(report["text"], table=table)
+        result = explain.explain(report["text"], table=table())
         verdict, detail = classify(report, result)
         rows.append((name, verdict, detail))
         counts[verdict] += 1
@@ -115,14 +120,14 @@ def summary(counts: Counter) -> str:
 
 @pytest.mark.parametrize("name, report", reports(), ids=lambda x: x if isinstance(x, str) else "")
 def test_report_is_well_formed(name, report):
-    table = {e.id: {c.id for c in e.causes} for e in explain.load().errors}
+    causes = {e.id: {c.id for c in e.causes} for e in table().errors}
     assert set(report) == {"source", "title", "versions", "established", "expect", "text"}, name
     assert report["source"].startswith("https://github.com/"), report["source"]
     assert report["text"].strip() and report["established"].strip()
     if report["expect"] != "unknown":
         for x in report["expect"]:
-            assert x["error"] in table, x
-            assert x["cause"] in table[x["error"]], x
+            assert x["error"] in causes, x
+            assert x["cause"] in causes[x["error"]], x
 
 
 def test_corpus_size_and_spread():
@@ -151,7 +156,7 @@ if __name__ == "__main__":
 # What the answers must and must not say (the failures the corpus was gathered for)
 
 def explained(text: str, error: str) -> dict:
-    result = explain.explain(text, table=explain.load())
+    result = explain.explain(text, table=table())
     return next(e for e in result["errors"] if e["id"] == error)
 
 
@@ -205,7 +210,7 @@ def test_reformatted_text_still_matches():
 
 
 def test_every_upgrade_names_the_version_that_fixes_it():
-    for e in explain.load().errors:
+    for e in table().errors:
         for c in e.causes:
             for m in re.finditer(r"pip install -U '?([\w-]+)", c.fix):
                 rest = c.fix[m.start():m.start() + 60]

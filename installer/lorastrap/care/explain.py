@@ -509,8 +509,9 @@ def judge(when: When, view: View) -> tuple[bool | None, int, list[str]]:
 # --------------------------------------------------------------------------------------------------------------
 # Explaining
 
-def matches(text: str, table: Table) -> list[KnownError]:
-    flat = flatten(text)
+def matches(text: str, table: Table, flat: str | None = None) -> list[KnownError]:
+    """The entries whose signatures TEXT shows (as pasted, or flattened: FLAT, by default flatten(text))."""
+    flat = flatten(text) if flat is None else flat
     return [e for e in table.errors
             if any(_search(sig, text, flat) for sig in e.signatures)
             and not any(_search(sig, text, flat) for sig in e.unless)]
@@ -520,6 +521,18 @@ def _doc(cause: Cause) -> dict:
     return {"id": cause.id, "why": cause.why, "fix": cause.fix, "source": cause.source}
 
 
+EVIDENCE_HEAD, EVIDENCE_TAIL = 100_000, 400_000
+
+
+def _evidence_window(text: str) -> str:
+    """What evidence is read from (and the reformatted text matched): all of TEXT, or for a long log its start
+    (banners, versions) and its end (the traceback), which bounds the time a multi-megabyte log takes; signatures
+    are still searched in all of it as pasted."""
+    if len(text) <= EVIDENCE_HEAD + EVIDENCE_TAIL:
+        return text
+    return text[:EVIDENCE_HEAD] + "\n" + text[-EVIDENCE_TAIL:]
+
+
 def explain(text: str, *, table: Table, facts: Facts | None = None) -> dict:
     """The known failures TEXT shows and, for each, the one cause that applies: decided by what the text shows, by
     FACTS (an environment's description) when given, or — when neither decides — the causes left, most likely
@@ -527,9 +540,12 @@ def explain(text: str, *, table: Table, facts: Facts | None = None) -> dict:
     if not text.strip():
         raise UsageError("no error text to explain", fix="Pass the message, a log file, or pipe it in: "
                          "`python train.py 2>&1 | lorastrap explain -`.")
-    view = View(text=text, flat=flatten(text), ev=read_evidence(text), facts=facts)
+    window = _evidence_window(text)
+    flat = flatten(window)
+    entries = matches(text, table, flat)
+    view = View(text=text, flat=flat, ev=read_evidence(window) if entries else Evidence(), facts=facts)
     found = []
-    for entry in matches(text, table):
+    for entry in entries:
         item = {"id": entry.id, "title": entry.title, "source": entry.source, "cause": None, "causes": [],
                 "ask": None}
         judged = [(i, c, *judge(c.when, view)) for i, c in enumerate(entry.causes)]
