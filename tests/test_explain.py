@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT, run_cli
 
 from lorastrap.care import explain
@@ -245,12 +246,16 @@ def test_recorded_environment(case):
 
 
 def test_every_table_entry_is_tested():
-    """Each entry of the table is the expected answer of some test: a recorded case, or a `cause_of(result, ID)`
-    assertion in this file (read from its source, so an entry whose test is deleted fails here)."""
+    """Each entry of the table is the expected answer of some test: a report of the corpus
+    (tests/fixtures/explain/corpus, test_explain_corpus), a recorded case, or a `cause_of(result, ID)` assertion in
+    this file (read from its source, so an entry whose test is deleted fails here)."""
     asserted = {node.args[1].value for node in ast.walk(ast.parse(Path(__file__).read_text()))
                 if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "cause_of" and len(node.args) > 1
                 and isinstance(node.args[1], ast.Constant)}
-    untested = {e.id for e in explain.load().errors} - asserted - {c["entry"] for c in recorded()}
+    corpus = ROOT / "tests" / "fixtures" / "explain" / "corpus"
+    expected = (yaml.safe_load(p.read_text())["expect"] for p in corpus.glob("*.yaml"))
+    in_corpus = {x["error"] for expect in expected if expect != "unknown" for x in expect}
+    untested = {e.id for e in explain.load().errors} - asserted - in_corpus - {c["entry"] for c in recorded()}
     assert not untested, f"table entries no test expects: {sorted(untested)}"
 
 
@@ -266,8 +271,8 @@ def test_unknown_error_says_so_and_runs_doctor(ml_venv, tmp_path):
 
 
 def test_explain_without_an_environment_lists_the_causes():
-    res = run_cli("explain", "ImportError: Using `load_in_8bit=True` requires Accelerate: `pip install accelerate` "
-                  "and the latest version of bitsandbytes")
+    res = run_cli("explain", "--no-env", "ImportError: Using `load_in_8bit=True` requires Accelerate: "
+                  "`pip install accelerate` and the latest version of bitsandbytes")
     assert res.returncode == 0
     assert "accelerate is not installed" in res.stdout and "bitsandbytes is not installed" in res.stdout
     assert "pass --prefix or --python" in res.stdout

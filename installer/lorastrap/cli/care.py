@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def add(sub, pp: dict) -> dict:
                    help="the error: a file (a training log), - for stdin, or the message itself")
     p.add_argument("--facts", type=Path, default=None,
                    help="judge by this environment description (the `environment` of `explain --json` run elsewhere)")
+    p.add_argument("--no-env", action="store_true",
+                   help="judge by the text alone, not by the active environment ($VIRTUAL_ENV, $CONDA_PREFIX, the "
+                        "python on PATH) explain otherwise uses when it has the stack installed")
 
     p = sub.add_parser("repair", parents=[common, where, machine, sources, transaction],
                        help="rebuild a broken environment through the install transaction (keeps a backup)")
@@ -76,7 +80,12 @@ def cmd_explain(args) -> int:
     from lorastrap.care import explain
     text = explain.read_text(args.source, sys.stdin)
     prefix, python = base.anywhere(args)
-    diag = None
+    diag, found_by = None, None
+    if not (prefix or python or args.facts or args.no_env):
+        active = explain.active_environment(os.environ)
+        if active:
+            prefix, python, found_by = active
+            say(f"judging by {found_by}: {prefix or python} (--no-env to judge by the text alone)")
     if prefix or python:
         if args.facts:
             raise errors.UsageError("--facts and an environment (--prefix, --name, --python) exclude each other",
@@ -84,6 +93,7 @@ def cmd_explain(args) -> int:
         say("checking the environment (imports, version gates, pip check)")
         result, diag = explain.explain_in(text, prefix=prefix, python=python, envs_dir=base.envs_dir(args),
                                           machine=base.machine(args))
+        result["environment_from"] = found_by and f"{found_by}: {prefix or python}"
     else:
         facts = explain.read_facts(args.facts) if args.facts else None
         result = explain.explain(text, table=explain.load(base.envs_dir(args)), facts=facts)
