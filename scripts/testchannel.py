@@ -5,7 +5,8 @@
     python scripts/testchannel.py publish DIR NAME VERSION   # add a newer NAME (noarch python) to DIR/channel
 
 LORASTRAP_TESTCHANNEL_FILES=N adds N small files to each package (benchmarks at realistic file counts), each of
-LORASTRAP_TESTCHANNEL_FILE_KIB KiB (default 2; benchmarks at realistic sizes).
+LORASTRAP_TESTCHANNEL_FILE_KIB KiB (default 2; benchmarks at realistic sizes).  LORASTRAP_TESTCHANNEL_BIG=NAME=MIB,...
+gives those packages one incompressible file of MIB MiB each (a CUDA environment's few huge archives).
 
 Packages are made with py-rattler-build's assemble_package with a fixed timestamp (identical bytes every run) and
 indexed with rattler.  ~40 packages for linux-64 and linux-aarch64 plus noarch ones: run-export-style pins
@@ -117,6 +118,13 @@ def _files(root: Path, name: str, version: str, kind: str, payload: int, extra: 
         (d / "lib").mkdir(exist_ok=True)
         rng = random.Random(f"{name}-{version}")
         (d / "lib" / f"lib{mod}.so").write_bytes(rng.randbytes(payload))
+    big = dict(item.split("=") for item in os.environ.get("LORASTRAP_TESTCHANNEL_BIG", "").split(",") if item)
+    if name in big:  # benchmarks: a CUDA environment's few huge archives (incompressible MiB)
+        (d / "lib").mkdir(exist_ok=True)
+        with open(d / "lib" / f"lib{mod}-big.so", "wb") as f:
+            rng = random.Random(f"big-{name}-{version}")
+            for _ in range(int(big[name])):
+                f.write(rng.randbytes(2**20))
     extra_files = int(os.environ.get("LORASTRAP_TESTCHANNEL_FILES", "0"))  # benchmarks: real-size file counts
     if extra_files:
         bulk = d / "share" / "lorastrap-bulk" / name

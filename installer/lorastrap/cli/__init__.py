@@ -13,21 +13,38 @@ May import: fleet, care, install, locking, matrix, machine, core (a command impo
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
-import traceback
 
 from lorastrap import __version__
-from lorastrap.cli import base, care, fleet, install, locking, machine, use
+from lorastrap.cli import base
 from lorastrap.core import errors
 from lorastrap.core.errors import LorastrapError
 
-GROUPS = (machine, locking, install, care, use, fleet)  # the order of `lorastrap --help`
+GROUPS = ("machine", "locking", "install", "care", "use", "fleet")  # the order of `lorastrap --help`
+# Which group holds each command: a run builds (and imports) only its command's group; --help, no command or an
+# unknown one build them all.  tests/test_startup.py checks this table against the groups.
+COMMANDS = {"detect": "machine", "plan": "machine", "lock": "locking", "diff-locks": "locking",
+            "install": "install", "verify": "install", "doctor": "care", "explain": "care", "repair": "care",
+            "list": "care", "update": "care", "rollback": "care", "uninstall": "care", "self": "care",
+            "run": "use", "shell-hook": "use", "shell": "use", "bundle": "fleet", "fleet": "fleet"}
 
 
-def parser() -> tuple[argparse.ArgumentParser, dict]:
-    """The whole parser, and command name → the function that runs it."""
+def _command(argv: list[str]) -> str | None:
+    """The command named in argv (the first word that is not a flag), when the top level has nothing else."""
+    for word in argv:
+        if word in ("-h", "--help", "--version"):
+            return None
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def parser(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser (only the named command's group when argv names one; else all), and command name → the function
+    that runs it."""
     codes = "\n".join(f"  {code:>3}  {text}" for code, text in errors.EXIT_CODES.items())
     top = base.Parser(prog="lorastrap",
                       description="lorastrap: detect the machine, choose and install a locked LoRA + 8-bit "
@@ -37,14 +54,18 @@ def parser() -> tuple[argparse.ArgumentParser, dict]:
     sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=base.Parser)
     parents = base.parents()
     commands: dict = {}
-    for group in GROUPS:
-        commands.update(group.add(sub, parents))
+    command = _command(argv or [])
+    for name in (COMMANDS[command],) if command else GROUPS:
+        commands.update(importlib.import_module(f"lorastrap.cli.{name}").add(sub, parents))
     return top, commands
 
 
 def main(argv: list[str] | None = None) -> int:
-    p, commands = parser()
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # answered before any parser is built
+        print(f"lorastrap {__version__}")
+        return errors.OK
+    p, commands = parser(argv)
     try:
         args = p.parse_args(argv)
     except SystemExit as exc:  # --help, --version
@@ -62,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except LorastrapError as exc:
         if debug:
+            import traceback
             traceback.print_exc()
         print(exc.render(), file=sys.stderr)
         if getattr(args, "json", False):
@@ -74,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return errors.OK
     except Exception as exc:  # a bug: say so plainly
         if debug:
+            import traceback
             traceback.print_exc()
         print(f"error: internal error: {type(exc).__name__}: {exc}\n"
               f"  fix: this is a bug in lorastrap; rerun with --debug and report the output", file=sys.stderr)

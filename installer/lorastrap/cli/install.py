@@ -31,25 +31,66 @@ def add(sub, pp: dict) -> dict:
     return {"install": cmd_install, "verify": cmd_verify}
 
 
+NOOP_FLAGS = ("envs_dir", "profile", "frozen", "channel", "mirror", "pip_index_url", "engine", "link_mode", "machine")
+
+
+def _resolved(prefix: Path) -> Path:
+    """PREFIX as the transaction will use it (a link to a folder is followed, as transaction.check_prefix does)."""
+    return prefix.resolve() if prefix.is_symlink() else prefix
+
+
 def cmd_install(args) -> int:
-    from lorastrap.care import activate
-    from lorastrap.install import provision, transaction
+    import time
+
+    from lorastrap.install import noop
+    t0 = time.perf_counter()
     base.report_target(args.report)
+    machine = base.machine(args)
+    quick = None
+    if not args.bundle:  # the quick no-op (install/noop.py): answered from the stamp when nothing it depends on moved
+        flags = {k: str(getattr(args, k, None)) for k in NOOP_FLAGS}
+        quick = {"envs_dir": base.envs_dir(args), "flags": flags, "machine": noop.machine_facts(machine)}
+        where = _resolved(base.prefix(args))
+        doc = noop.answer(where, noop.key(prefix=where, **quick))
+        if doc is not None:
+            doc = dict(doc, timings={"total": time.perf_counter() - t0},
+                       finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            say(f"{where} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip packages, "
+                f"their files all there): nothing to do")
+            return _done(args, doc)
+    from lorastrap.install import provision, transaction
+    from lorastrap.install import prefix as pfx
     prefix = transaction.check_prefix(base.prefix(args), say)
+    noop.forget(prefix)
     done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
-                               machine=base.machine(args), profile=args.profile, asked_profile=bool(args.profile),
+                               machine=machine, profile=args.profile, asked_profile=bool(args.profile),
                                bundle=args.bundle,
                                **base.sources(args), engine=args.engine, frozen=args.frozen,
                                keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
                                link_mode=args.link_mode, min_free_mib=args.min_free_mib, narrate=say)
-    result, doc = done.result, done.report.model_dump(mode="json")
+    doc = done.report.model_dump(mode="json")
+    if quick is not None and not done.result.repaired:
+        # What a re-run would print: the same environment, nothing changed, nothing fetched.
+        again = dict(doc, changed=False, downloaded_bytes=0, recovered=None, backup=None, verify=None,
+                     verify_verdict="unchanged", timings={})
+        broken, files = pfx.damage_manifest(prefix)
+        if not broken:
+            noop.write(prefix, noop.key(prefix=prefix, **quick), again, [f[:2] for f in files])
+    return _done(args, doc)
+
+
+def _done(args, doc: dict) -> int:
     base.write_report(args.report, doc)
-    state = "installed and verified" if result.changed and result.verify else (
-        "installed" if result.changed else "already up to date")
-    emit(args, doc, f"{state}: {result.prefix} (profile {result.profile}, {result.packages} conda + "
-                  f"{result.pip_packages} pip packages, engine {result.engine}, "
-                  f"{result.timings.get('total', 0):.1f} s)\n"
-                  + activate.usage_hint(Path(result.prefix)))
+    if args.json:
+        emit(args, doc, "")
+        return errors.OK
+    from lorastrap.care import activate
+    state = "installed and verified" if doc["changed"] and doc["verify"] else (
+        "installed" if doc["changed"] else "already up to date")
+    emit(args, doc, f"{state}: {doc['prefix']} (profile {doc['profile']}, {doc['packages']} conda + "
+                    f"{doc['pip_packages']} pip packages, engine {doc['engine']}, "
+                    f"{doc['timings'].get('total', 0):.1f} s)\n"
+                    + activate.usage_hint(Path(doc["prefix"])))
     return errors.OK
 
 

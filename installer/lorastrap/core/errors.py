@@ -7,9 +7,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from lorastrap.core.plain import Plain
 
 # Exit codes: documented in README.md ("Exit codes") and used by setup.sh.
 OK = 0
@@ -86,12 +87,12 @@ def render(label: str, what: str, why: str = "", fix: str = "", indent: str = " 
     return "\n".join(lines)
 
 
-class Finding(BaseModel):
+@dataclass(kw_only=True)
+class Finding(Plain):
     """An observation about the machine (detect) or an environment (doctor): what, why, fix, how serious.
 
     ``repair`` (doctor only) says what fixes it: a rebuild from the environment's own lock, a rebuild with the
     profile planned now, or nothing lorastrap does."""
-    model_config = ConfigDict(extra="forbid")
 
     severity: Literal["info", "warning", "error"]
     code: str

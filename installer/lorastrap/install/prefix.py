@@ -11,14 +11,15 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from packaging.utils import canonicalize_name
-from pydantic import ValidationError
 
 from lorastrap.core import fsutil, subproc
-from lorastrap.core.records import EnvRecord
+
+if TYPE_CHECKING:
+    from lorastrap.core.records import EnvRecord
 
 RECORD_DIR = Path("conda-meta") / "lorastrap"  # the environment's record and the lock it was built from
 
@@ -95,6 +96,7 @@ def distributions(prefix: Path) -> dict[str, Distribution]:
     sp = site_packages(prefix)
     if sp is None:
         return {}
+    from importlib import metadata
     out = {}
     for dist in metadata.distributions(path=[str(sp)]):
         raw_name = dist.metadata["Name"] if dist.metadata else None
@@ -155,42 +157,50 @@ def mismatches(prefix: Path, entries: list) -> list[str]:
     return problems
 
 
-def damaged_files(prefix: Path) -> list[str]:
-    """Files of PREFIX's packages that are missing or changed in size, cheaply (one lstat each, no hashing): every
-    path of every conda-meta record (its size where no prefix was written into it: conda-meta gives the package's
-    size) and every file a pip-installed distribution's RECORD lists with a size.  Empty: the files are all there."""
-    out = [f"conda-meta/{name}: unreadable ({why})" for name, why in conda_meta(prefix).broken.items()]
-    for rec in conda_meta(prefix).records.values():
+def damage_manifest(prefix: Path) -> tuple[list[str], list[list]]:
+    """What the damage check looks at: (conda-meta records that cannot be read, [[path relative to PREFIX, size it
+    must have or -1 (only present), owner], ...]): every path of every conda-meta record (its size where no prefix
+    was written into it: conda-meta gives the package's size) and every file a pip-installed distribution's RECORD
+    lists with a size.  The quick no-op (noop.py) keeps it, so that it checks without reading conda-meta."""
+    meta = conda_meta(prefix)
+    broken = [f"conda-meta/{name}: unreadable ({why})" for name, why in meta.broken.items()]
+    files = []
+    for rec in meta.records.values():
         for p in rec.paths:
             rel = p.get("_path")
             if not isinstance(rel, str) or p.get("path_type") == "directory":
                 continue
-            try:
-                st = os.lstat(prefix / rel)
-            except OSError:
-                out.append(f"{rel} ({rec.name}): missing")
-                continue
             rewritten = p.get("sha256_in_prefix") not in (None, p.get("sha256")) or "prefix_placeholder" in p
             size = p.get("size_in_bytes")
-            if (p.get("path_type") in (None, "hardlink") and not rewritten and isinstance(size, int)
-                    and os.path.isfile(prefix / rel) and st.st_size != size):
-                out.append(f"{rel} ({rec.name}): {st.st_size} bytes, its package has {size}")
+            sized = p.get("path_type") in (None, "hardlink") and not rewritten and isinstance(size, int)
+            files.append([rel, size if sized else -1, rec.name])
     sp = site_packages(prefix)
-    for dist in (metadata.distributions(path=[str(sp)]) if sp else []):
-        if (dist.read_text("INSTALLER") or "").strip() == "conda":
-            continue  # conda-meta has its files (its RECORD was written before the prefix was)
-        for f in dist.files or []:
-            if f.size is None or f.suffix == ".pyc":
-                continue
-            where = sp / str(f)
-            try:
-                size = os.lstat(where).st_size
-            except OSError:
-                out.append(f"{os.path.relpath(where, prefix)} ({dist.metadata['Name']}): missing")
-                continue
-            if size != f.size:
-                out.append(f"{os.path.relpath(where, prefix)} ({dist.metadata['Name']}): {size} bytes, its RECORD "
-                           f"says {f.size}")
+    if sp:
+        from importlib import metadata
+        for dist in metadata.distributions(path=[str(sp)]):
+            if (dist.read_text("INSTALLER") or "").strip() == "conda":
+                continue  # conda-meta has its files (its RECORD was written before the prefix was)
+            for f in dist.files or []:
+                if f.size is None or f.suffix == ".pyc":
+                    continue
+                files.append([os.path.relpath(sp / str(f), prefix), f.size, f"{dist.metadata['Name']} (pip)"])
+    return broken, files
+
+
+def damaged_files(prefix: Path, manifest: tuple[list[str], list[list]] | None = None) -> list[str]:
+    """Files of PREFIX's packages that are missing or changed in size, cheaply (one lstat each, no hashing; see
+    damage_manifest).  Empty: the files are all there."""
+    broken, files = manifest or damage_manifest(prefix)
+    out = list(broken)
+    for rel, size, owner in files:
+        where = os.path.join(prefix, rel)
+        try:
+            st = os.lstat(where)
+        except OSError:
+            out.append(f"{rel} ({owner}): missing")
+            continue
+        if size >= 0 and st.st_size != size and os.path.isfile(where):
+            out.append(f"{rel} ({owner}): {st.st_size} bytes, its package has {size}")
     return sorted(set(out))
 
 
@@ -198,6 +208,9 @@ def damaged_files(prefix: Path) -> list[str]:
 # lorastrap's record
 
 def read_record(prefix: Path) -> EnvRecord | None:
+    from pydantic import ValidationError
+
+    from lorastrap.core.records import EnvRecord
     try:
         return EnvRecord.model_validate_json((prefix / RECORD_DIR / "record.json").read_text())
     except (OSError, ValueError, ValidationError):

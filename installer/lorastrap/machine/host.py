@@ -1,4 +1,4 @@
-"""Host facts from the standard library and psutil: OS, CPU, glibc, kernel, container, WSL, the NVIDIA kernel
+"""Host facts from the standard library (psutil only off Linux): OS, CPU, glibc, kernel, container, WSL, the NVIDIA kernel
 module's version, memory and the free disk where environments go."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform as _platform
 import re
+import sys
 from pathlib import Path
 
 from lorastrap.core import subproc
@@ -77,20 +78,37 @@ def existing_parent(path: Path) -> Path:
     return path
 
 
+def _meminfo() -> tuple[int, int] | None:
+    """Linux: (MemTotal, MemAvailable) in bytes from /proc/meminfo (what psutil reads), without importing psutil."""
+    fields = {}
+    for line in (read("/proc/meminfo") or "").splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("MemTotal", "MemAvailable") and rest.split():
+            fields[name] = int(rest.split()[0]) * 1024
+    return (fields["MemTotal"], fields["MemAvailable"]) if len(fields) == 2 else None
+
+
+def _ram() -> tuple[int, int] | None:
+    mem = _meminfo() if sys.platform.startswith("linux") else None
+    if mem is None:
+        try:
+            import psutil
+            vm = psutil.virtual_memory()
+            mem = vm.total, vm.available
+        except (ImportError, OSError, RuntimeError):
+            return None
+    return mem
+
+
 def resources(disk_path: Path) -> Resources:
-    try:
-        import psutil
-    except ImportError:
-        return Resources(cpu_count=os.cpu_count())
-    res = Resources(cpu_count=psutil.cpu_count(logical=True))
-    try:
-        vm = psutil.virtual_memory()
-        res.ram_total_mib, res.ram_available_mib = vm.total // 2**20, vm.available // 2**20
-    except (OSError, RuntimeError):
-        pass
+    res = Resources(cpu_count=os.cpu_count())
+    ram = _ram()
+    if ram:
+        res.ram_total_mib, res.ram_available_mib = ram[0] // 2**20, ram[1] // 2**20
     where = existing_parent(disk_path)
     try:
-        res.disk_path, res.disk_free_mib = str(where), psutil.disk_usage(str(where)).free // 2**20
+        st = os.statvfs(where)  # psutil.disk_usage's free: blocks available to unprivileged users
+        res.disk_path, res.disk_free_mib = str(where), st.f_bavail * st.f_frsize // 2**20
     except OSError:
         res.disk_path = str(where)
     return res

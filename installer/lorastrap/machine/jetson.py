@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
-
 from lorastrap.core.errors import ConfigError, Finding
 from lorastrap.machine.host import read
-from lorastrap.machine.model import Jetson, Model
+from lorastrap.machine.model import Jetson
 
 
 def tegra_facts(root: Path = Path("/")) -> dict | None:
@@ -29,22 +25,32 @@ def l4t_release(text: str) -> str | None:
     return f"{match.group(1)}.{match.group(2).strip('.')}" if match else None
 
 
-class L4tRelease(Model):
-    release: str = Field(pattern=r"^\d+(\.\d+)*$", description="an L4T release or its prefix (36.4 = 36.4.x)")
-    jetpack: str
-    cuda: str = Field(pattern=r"^\d+\.\d+$", description="the CUDA that release ships")
-    source: str
+def _table_model():
+    """The model of envs/jetson.yaml (pydantic, built only when the table is read: on a Jetson)."""
+    from typing import Literal
 
+    from pydantic import BaseModel, ConfigDict, Field
 
-class JetsonTable(Model):
-    schema_version: Literal[1]
-    l4t: list[L4tRelease]
+    class L4tRelease(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        release: str = Field(pattern=r"^\d+(\.\d+)*$", description="an L4T release or its prefix (36.4 = 36.4.x)")
+        jetpack: str
+        cuda: str = Field(pattern=r"^\d+\.\d+$", description="the CUDA that release ships")
+        source: str
+
+    class JetsonTable(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        schema_version: Literal[1]
+        l4t: list[L4tRelease]
+
+    return JetsonTable
 
 
 def table(envs_dir: Path | None = None) -> list[dict]:
     """envs/jetson.yaml's rows, checked; a broken file is a ConfigError naming it."""
     import yaml
     from pydantic import ValidationError
+    JetsonTable = _table_model()  # noqa: N806
 
     from lorastrap.core import paths
     path = (envs_dir or paths.ENVS) / "jetson.yaml"

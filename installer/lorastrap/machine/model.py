@@ -1,22 +1,29 @@
-"""What ``detect`` says about a machine: the pydantic models of its answer (``Machine`` and its parts), whose JSON
-schema is committed as envs/schemas/machine.schema.json."""
+"""What ``detect`` says about a machine: the records of its answer (``Machine`` and its parts), plain dataclasses
+(core/plain.py: detect never imports pydantic; reading one validates it), whose JSON schema is committed as
+envs/schemas/machine.schema.json."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from lorastrap.core.errors import Finding
+from lorastrap.core.plain import Plain
 
 SCHEMA_VERSION = 1
 NOT_RUN = "not-run"  # a probe not started (its library was not found, or an earlier one answered)
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+Model = Plain
+record = dataclass(kw_only=True)
 
 
+def Field(default=dataclass, description: str | None = None):  # noqa: N802 - pydantic's spelling, kept
+    meta = {"description": description} if description else {}
+    return field(metadata=meta) if default is dataclass else field(default=default, metadata=meta)
+
+
+@record
 class MigInstance(Model):
     index: int
     uuid: str | None = None
@@ -24,13 +31,15 @@ class MigInstance(Model):
     memory_free_mib: int | None = None
 
 
+@record
 class Mig(Model):
     supported: bool = False
     current: bool = False
     pending: bool = False
-    instances: list[MigInstance] = []
+    instances: list[MigInstance] = field(default_factory=list)
 
 
+@record
 class Gpu(Model):
     index: int
     name: str | None = None
@@ -39,10 +48,11 @@ class Gpu(Model):
     architecture: str | None = None
     memory_total_mib: int | None = None
     memory_free_mib: int | None = None
-    mig: Mig = Mig()
+    mig: Mig = field(default_factory=Mig)
     error: str | None = None
 
 
+@record
 class Device(Model):
     """A CUDA device as a process will see it: a whole GPU, or one MIG instance of it."""
     gpu_index: int
@@ -52,6 +62,7 @@ class Device(Model):
     memory_total_mib: int | None = None
 
 
+@record
 class Probe(Model):
     """What one GPU probe said."""
     name: Literal["nvml", "libcuda", "tegra"]
@@ -64,6 +75,7 @@ class Probe(Model):
     message: str = ""
 
 
+@record
 class Jetson(Model):
     model: str | None = Field(None, description="/proc/device-tree/model")
     l4t: str | None = Field(None, description="the Jetson Linux (L4T) release, from /etc/nv_tegra_release")
@@ -72,20 +84,22 @@ class Jetson(Model):
     source: str | None = None
 
 
+@record
 class Nvidia(Model):
     nvml_status: str = Field(description='"ok", or the NVML error name at init (e.g. "LibraryNotFound", "Timeout")')
     cuda_status: str = Field(NOT_RUN, description='libcuda: "ok", "not-run", or the CUDA error name at cuInit')
     answered_by: Literal["nvml", "libcuda", "tegra"] | None = Field(
         None, description="the first probe (in the order nvml, libcuda, tegra) that found the GPU")
-    probes: list[Probe] = Field([], description="what each probe said")
+    probes: list[Probe] = field(default_factory=list, metadata={"description": "what each probe said"})
     jetson: Jetson | None = None
     driver_version: str | None = Field(None, description="NVML's (user-space) driver version")
     kernel_module_version: str | None = Field(None, description="/sys/module/nvidia/version or /proc/driver/nvidia/version")
     version_mismatch: bool = False
     cuda_driver_version: str | None = Field(None, description="highest CUDA the driver supports, 'major.minor'")
-    gpus: list[Gpu] = []
+    gpus: list[Gpu] = field(default_factory=list)
 
 
+@record
 class Resources(Model):
     cpu_count: int | None = None
     ram_total_mib: int | None = None
@@ -94,6 +108,7 @@ class Resources(Model):
     disk_free_mib: int | None = None
 
 
+@record
 class Host(Model):
     """Facts that do not come from NVML.  Recorded fixtures carry their own."""
     system: str = Field(description="platform.system(), lower case: linux, darwin, windows")
@@ -103,9 +118,10 @@ class Host(Model):
     container: str | None = None
     kernel_module_version: str | None = None
     kernel: str | None = Field(None, description="the kernel release's numeric part (for __linux)")
-    resources: Resources = Resources()
+    resources: Resources = field(default_factory=Resources)
 
 
+@record
 class Machine(Model):
     schema_version: int = SCHEMA_VERSION
     os: str = Field(description="linux, osx, win, or the raw system name")
@@ -115,14 +131,14 @@ class Machine(Model):
     glibc: str | None = None
     wsl: bool = False
     container: str | None = None
-    resources: Resources = Resources()
+    resources: Resources = field(default_factory=Resources)
     nvidia: Nvidia
-    devices: list[Device] = Field([], description="CUDA devices as a process sees them (MIG instances expanded)")
+    devices: list[Device] = field(default_factory=list, metadata={"description":"CUDA devices as a process sees them (MIG instances expanded)"})
     virtual_packages: dict[str, str] = Field(
         description="what a conda solver sees here (__cuda, __cuda_arch, __glibc, __linux/__osx/__win, __unix), "
                     "CONDA_OVERRIDE_* applied")
-    overrides: dict[str, str] = Field({}, description="the CONDA_OVERRIDE_* variables that were honoured")
-    findings: list[Finding] = []
+    overrides: dict[str, str] = field(default_factory=dict, metadata={"description": "the CONDA_OVERRIDE_* variables that were honoured"})
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def cuda(self) -> str | None:

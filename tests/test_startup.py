@@ -1,0 +1,94 @@
+"""Start-up: a command imports only what it uses.
+
+Measured with `python -X importtime` (the sum of every module's own import time), as a ratio to the bare
+interpreter's imports in the same run, runs interleaved, medians: the ratio holds on a loaded machine where wall
+times do not.  Beside the budget, the modules a light command must never import are named (pydantic alone is ~20x
+the bare interpreter; yaml, importlib.metadata and the install rooms are what a `detect` has no use for).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from lorastrap import cli
+
+# command → (import budget as a multiple of the bare interpreter's, modules it must not import)
+HEAVY = ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "rattler", "conda_lock", "psutil",
+         "lorastrap.install", "lorastrap.locking", "lorastrap.matrix", "lorastrap.care", "lorastrap.fleet")
+BUDGETS = {
+    ("--version",): (10.0, HEAVY),
+    ("--help",): (10.0, HEAVY),
+    ("detect", "--json"): (16.0, HEAVY),
+}
+RUNS = 5
+
+
+def imports(args: list[str]) -> tuple[int, set[str]]:
+    """(sum of the modules' own import time in µs, the modules imported) of one `python -X importtime` run."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # measure with bytecode cached
+    res = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    total, names = 0, set()
+    for line in res.stderr.splitlines():
+        if not line.startswith("import time:"):
+            continue
+        self_us, _, name = line[len("import time:"):].split("|")
+        if self_us.strip().isdigit():
+            total += int(self_us)
+            names.add(name.strip())
+    return total, names
+
+
+@pytest.fixture(scope="module")
+def measured() -> dict:
+    imports(["-m", "lorastrap", "--version"])  # bytecode written before anything is timed
+    runs: dict = {"bare": []}
+    names: dict = {}
+    for _ in range(RUNS):
+        runs["bare"].append(imports(["-c", "pass"])[0])
+        for argv in BUDGETS:
+            total, names[argv] = imports(["-m", "lorastrap", *argv])
+            runs.setdefault(argv, []).append(total)
+    bare = statistics.median(runs["bare"])
+    return {argv: (statistics.median(runs[argv]) / bare, names[argv]) for argv in BUDGETS}
+
+
+@pytest.mark.parametrize("argv", list(BUDGETS), ids=lambda a: " ".join(a))
+def test_command_imports_within_budget(measured, argv):
+    ratio, names = measured[argv]
+    budget, never = BUDGETS[argv]
+    heavy = sorted(n for n in names if n in never or n.split(".")[0] in never or
+                   any(n.startswith(h + ".") for h in never))
+    assert not heavy, f"`lorastrap {' '.join(argv)}` imports {heavy}: import them where they are used"
+    assert ratio <= budget, (f"`lorastrap {' '.join(argv)}` imports cost {ratio:.1f}x the bare interpreter's "
+                             f"(budget {budget}x): `python -X importtime -m lorastrap {' '.join(argv)}` says what")
+
+
+def test_command_table_names_every_command():
+    """cli.COMMANDS (which group a command's run builds) is the groups' own list, so no command is lost."""
+    import argparse
+    import importlib
+
+    from lorastrap.cli import base
+    found = {}
+    for group in cli.GROUPS:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(f"lorastrap.cli.{group}").add(sub, base.parents())
+        found.update({name: group for name in sub.choices})
+    assert found == cli.COMMANDS
+
+
+def test_narrow_parser_runs_the_named_command(capsys):
+    """A run builds only its command's group, and the answers are the full parser's."""
+    parser, commands = cli.parser(["detect", "--json"])
+    assert set(commands) == {"detect", "plan"}
+    full, all_commands = cli.parser([])
+    assert set(all_commands) == set(cli.COMMANDS)
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("lorastrap ")
+    assert cli.main(["no-such-command"]) == 2  # the full parser answers an unknown command
