@@ -254,8 +254,12 @@ ensure_runtime() {
         say "creating the runtime in $_rt with $_py (requirements.txt, hashes required)"
         rm -rf "$_rt.part"
         "$_py" -m venv "$_rt.part" >&2 || err "could not create a virtual environment in $_rt.part" "$EXIT_PREREQ"
-        if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only
-            set -- --no-index --find-links "$_bundle/runtime/wheels"
+        if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only (inside it, or in the store beside it)
+            set -- --no-index
+            for _w in "$_bundle/runtime/wheels" "$(dirname "$_bundle")/lorastrap-runtime/wheels"; do
+                [ -d "$_w" ] && set -- "$@" --find-links "$_w"
+            done
+            [ "$#" -gt 1 ] || err "lorastrap's runtime wheels for $_bundle are missing: they are in lorastrap-runtime/ beside the bundle where it was built (one folder for all the bundles made there); copy it to $(dirname "$_bundle")/lorastrap-runtime and run setup.sh again" "$EXIT_INTEGRITY"
         else
             set --
         fi

@@ -35,25 +35,50 @@ def _make_bundle(channel, out, profile):
 
 
 @pytest.fixture(scope="module")
-def bundle(channel, tmp_path_factory):
-    return _make_bundle(channel, tmp_path_factory.mktemp("bundle") / "lora-bundle.tar", "test-cpu")
+def site(tmp_path_factory):
+    """The head node's bundle folder: every bundle of the tests is made there, so they share one runtime store."""
+    return tmp_path_factory.mktemp("site")
 
 
 @pytest.fixture(scope="module")
-def cuda_bundle(channel, tmp_path_factory):
+def bundle(channel, site):
+    return _make_bundle(channel, site / "lora-bundle.tar", "test-cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(channel, site):
     """The test-cuda profile's bundle (a folder): nodes whose machine plans test-cuda install it."""
-    return _make_bundle(channel, tmp_path_factory.mktemp("cuda-bundle") / "cuda-bundle", "test-cuda")
+    return _make_bundle(channel, site / "cuda-bundle", "test-cuda")
 
 
-def test_bundle_contents(bundle, tmp_path):
+def test_bundle_contents(bundle, cuda_bundle):
     import tarfile
     with tarfile.open(bundle) as t:
         names = t.getnames()
     assert "lora-bundle/manifest.json" in names
     assert any(n.startswith("lora-bundle/channel/linux-64/pytorch-") for n in names)
     assert "lora-bundle/channel/linux-64/repodata.json" in names and "lora-bundle/channel/noarch/repodata.json" in names
-    assert any(n.startswith("lora-bundle/runtime/wheels/conda_lock-") for n in names)
     assert "lora-bundle/source/setup.sh" in names and "lora-bundle/envs/profiles.yaml" in names
+    # The runtime wheels are not inside: one store beside the bundles holds each once for both profiles.
+    assert not any("/runtime/" in n for n in names)
+    store = bundle.parent / "lorastrap-runtime" / "wheels"
+    listed = {}
+    with tarfile.open(bundle) as t:
+        cpu = json.loads(t.extractfile("lora-bundle/manifest.json").read())
+    cuda = json.loads((cuda_bundle / "manifest.json").read_text())
+    assert not any(rel.startswith("runtime/") for rel in list(cpu["files"]) + list(cuda["files"]))
+    for m in (cpu, cuda):
+        assert m["runtime"]["store"] == "../lorastrap-runtime/wheels"
+        assert any(n.startswith("conda_lock-") for n in m["runtime"]["wheels"])
+        for name, meta in m["runtime"]["wheels"].items():
+            assert listed.setdefault(name, meta) == meta  # one file per name, whichever bundle lists it
+    on_disk = {p.name: p for p in store.iterdir() if not p.name.startswith(".")}
+    assert set(on_disk) == set(listed)
+    for name, p in on_disk.items():
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == listed[name]["sha256"]
+    shared = set(cpu["runtime"]["wheels"]) & set(cuda["runtime"]["wheels"])
+    assert sum(listed[n]["size"] for n in shared) > 0.9 * sum(m["size"] for m in listed.values())
+    assert cpu["bytes"] < sum(m["size"] for m in listed.values())  # the wheels were most of a bundle
 
 
 def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
@@ -64,9 +89,14 @@ def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORASTRAP_")}
     env.update(LORASTRAP_HOME=str(home), HOME=str(tmp_path), PIP_NO_INDEX="1")  # no index, no channel: offline
-    res = subprocess.run([DASH, str(moved.parent / "lora-bundle" / "source" / "setup.sh"), "--bundle", str(moved),
-                          "--prefix", str(tmp_path / "env"), "--json"], env=env, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=900)
+    argv = [DASH, str(moved.parent / "lora-bundle" / "source" / "setup.sh"), "--bundle", str(moved), "--prefix",
+            str(tmp_path / "env"), "--json"]
+    # Copied without the runtime store beside it: refused, naming what to copy.
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
+    assert res.returncode == 6, res.stderr[-3000:]
+    assert f"copy it to {moved.parent}/lorastrap-runtime" in res.stderr and not (tmp_path / "env").exists()
+    shutil.copytree(bundle.parent / "lorastrap-runtime", moved.parent / "lorastrap-runtime")
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["schema_version"] == 1 and report["ok"] and report["verify_verdict"] == "pass"
@@ -76,9 +106,12 @@ def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
 
 
 def _unpacked(bundle, tmp_path):
+    """The bundle unpacked in a folder of the test's own, with the runtime store beside it (as copied from the head
+    node's bundle folder)."""
     dest = tmp_path / "b"
     dest.mkdir()
     subprocess.run(["tar", "-xf", str(bundle), "-C", str(dest)], check=True)
+    (dest / "lorastrap-runtime").symlink_to(bundle.parent / "lorastrap-runtime")
     return dest / "lora-bundle"
 
 
