@@ -57,6 +57,7 @@ usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s
   --envs-dir PATH      profiles folder (default: envs/)              LORASTRAP_ENVS_DIR
   --bundle PATH        install offline from a bundle (folder/.tar)   LORASTRAP_BUNDLE
   --frozen             install only from committed locks             LORASTRAP_FROZEN=1
+  --reverify           verify also when already up to date (fleets)  LORASTRAP_REVERIFY=1
   --yes                never ask (setup.sh never asks anyway)        LORASTRAP_YES=1
   --dry-run            detect and plan only; change nothing          LORASTRAP_DRY_RUN=1
   --json               print the result as JSON on stdout            LORASTRAP_JSON=1
@@ -254,8 +255,12 @@ ensure_runtime() {
         say "creating the runtime in $_rt with $_py (requirements.txt, hashes required)"
         rm -rf "$_rt.part"
         "$_py" -m venv "$_rt.part" >&2 || err "could not create a virtual environment in $_rt.part" "$EXIT_PREREQ"
-        if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only
-            set -- --no-index --find-links "$_bundle/runtime/wheels"
+        if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only (inside it, or in the store beside it)
+            set -- --no-index
+            for _w in "$_bundle/runtime/wheels" "$(dirname "$_bundle")/lorastrap-runtime/wheels"; do
+                [ -d "$_w" ] && set -- "$@" --find-links "$_w"
+            done
+            [ "$#" -gt 1 ] || err "lorastrap's runtime wheels for $_bundle are missing: they are in lorastrap-runtime/ beside the bundle where it was built (one folder for all the bundles made there); copy it to $(dirname "$_bundle")/lorastrap-runtime and run setup.sh again" "$EXIT_INTEGRITY"
         else
             set --
         fi
@@ -468,6 +473,7 @@ main() {
     _pipidx="${LORASTRAP_PIP_INDEX_URL:-}"
     _envs="${LORASTRAP_ENVS_DIR:-}"
     _frozen="${LORASTRAP_FROZEN:-}"
+    _reverify="${LORASTRAP_REVERIFY:-}"
     _dry="${LORASTRAP_DRY_RUN:-}"
     _json="${LORASTRAP_JSON:-}"
     _report="${LORASTRAP_REPORT:-}"
@@ -497,6 +503,7 @@ main() {
                 shift
                 ;;
             --frozen) _frozen=1 ;;
+            --reverify) _reverify=1 ;;
             --yes | -y) LORASTRAP_YES=1 ;;
             --dry-run) _dry=1 ;;
             --json) _json=1 ;;
@@ -561,6 +568,7 @@ main() {
         [ -n "$_mirror" ] && set -- "$@" --mirror "$_mirror"
         [ -n "$_pipidx" ] && set -- "$@" --pip-index-url "$_pipidx"
         [ -n "$_frozen" ] && set -- "$@" --frozen
+        [ -n "$_reverify" ] && set -- "$@" --reverify
         [ -n "$_report" ] && set -- "$@" --report "$_report"
         [ -n "$_bundle" ] && set -- "$@" --bundle "$_bundle"
         [ -n "$LORASTRAP_YES" ] && set -- "$@" --yes

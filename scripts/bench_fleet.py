@@ -28,7 +28,8 @@ def main() -> None:
         tmp = Path(tmp)
         bundle = testchannel.offline_bundle(tmp)
         manifest = json.loads((bundle / "manifest.json").read_text())
-        wheels = sum(m["size"] for rel, m in manifest["files"].items() if rel.startswith("runtime/wheels/"))
+        wheels = sum(m["size"] for m in (manifest.get("runtime") or {}).get("wheels", {}).values()) + sum(
+            m["size"] for rel, m in manifest["files"].items() if rel.startswith("runtime/wheels/"))
         print(f"bundle: {manifest['packages']} packages, {manifest['bytes'] / 2**20:.1f} MiB "
               f"(runtime wheels {wheels / 2**20:.1f} MiB)")
         print("| hosts | wall time | archives read per host (shared cache) | runtime wheels read per host |")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -35,25 +36,50 @@ def _make_bundle(channel, out, profile):
 
 
 @pytest.fixture(scope="module")
-def bundle(channel, tmp_path_factory):
-    return _make_bundle(channel, tmp_path_factory.mktemp("bundle") / "lora-bundle.tar", "test-cpu")
+def site(tmp_path_factory):
+    """The head node's bundle folder: every bundle of the tests is made there, so they share one runtime store."""
+    return tmp_path_factory.mktemp("site")
 
 
 @pytest.fixture(scope="module")
-def cuda_bundle(channel, tmp_path_factory):
+def bundle(channel, site):
+    return _make_bundle(channel, site / "lora-bundle.tar", "test-cpu")
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(channel, site):
     """The test-cuda profile's bundle (a folder): nodes whose machine plans test-cuda install it."""
-    return _make_bundle(channel, tmp_path_factory.mktemp("cuda-bundle") / "cuda-bundle", "test-cuda")
+    return _make_bundle(channel, site / "cuda-bundle", "test-cuda")
 
 
-def test_bundle_contents(bundle, tmp_path):
+def test_bundle_contents(bundle, cuda_bundle):
     import tarfile
     with tarfile.open(bundle) as t:
         names = t.getnames()
     assert "lora-bundle/manifest.json" in names
     assert any(n.startswith("lora-bundle/channel/linux-64/pytorch-") for n in names)
     assert "lora-bundle/channel/linux-64/repodata.json" in names and "lora-bundle/channel/noarch/repodata.json" in names
-    assert any(n.startswith("lora-bundle/runtime/wheels/conda_lock-") for n in names)
     assert "lora-bundle/source/setup.sh" in names and "lora-bundle/envs/profiles.yaml" in names
+    # The runtime wheels are not inside: one store beside the bundles holds each once for both profiles.
+    assert not any("/runtime/" in n for n in names)
+    store = bundle.parent / "lorastrap-runtime" / "wheels"
+    listed = {}
+    with tarfile.open(bundle) as t:
+        cpu = json.loads(t.extractfile("lora-bundle/manifest.json").read())
+    cuda = json.loads((cuda_bundle / "manifest.json").read_text())
+    assert not any(rel.startswith("runtime/") for rel in list(cpu["files"]) + list(cuda["files"]))
+    for m in (cpu, cuda):
+        assert m["runtime"]["store"] == "../lorastrap-runtime/wheels"
+        assert any(n.startswith("conda_lock-") for n in m["runtime"]["wheels"])
+        for name, meta in m["runtime"]["wheels"].items():
+            assert listed.setdefault(name, meta) == meta  # one file per name, whichever bundle lists it
+    on_disk = {p.name: p for p in store.iterdir() if not p.name.startswith(".")}
+    assert set(on_disk) == set(listed)
+    for name, p in on_disk.items():
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == listed[name]["sha256"]
+    shared = set(cpu["runtime"]["wheels"]) & set(cuda["runtime"]["wheels"])
+    assert sum(listed[n]["size"] for n in shared) > 0.9 * sum(m["size"] for m in listed.values())
+    assert cpu["bytes"] < sum(m["size"] for m in listed.values())  # the wheels were most of a bundle
 
 
 def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
@@ -64,9 +90,14 @@ def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORASTRAP_")}
     env.update(LORASTRAP_HOME=str(home), HOME=str(tmp_path), PIP_NO_INDEX="1")  # no index, no channel: offline
-    res = subprocess.run([DASH, str(moved.parent / "lora-bundle" / "source" / "setup.sh"), "--bundle", str(moved),
-                          "--prefix", str(tmp_path / "env"), "--json"], env=env, capture_output=True, text=True,
-                         stdin=subprocess.DEVNULL, timeout=900)
+    argv = [DASH, str(moved.parent / "lora-bundle" / "source" / "setup.sh"), "--bundle", str(moved), "--prefix",
+            str(tmp_path / "env"), "--json"]
+    # Copied without the runtime store beside it: refused, naming what to copy.
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
+    assert res.returncode == 6, res.stderr[-3000:]
+    assert f"copy it to {moved.parent}/lorastrap-runtime" in res.stderr and not (tmp_path / "env").exists()
+    shutil.copytree(bundle.parent / "lorastrap-runtime", moved.parent / "lorastrap-runtime")
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)
     assert report["schema_version"] == 1 and report["ok"] and report["verify_verdict"] == "pass"
@@ -76,9 +107,12 @@ def test_moved_bundle_installs_offline_with_setup_sh(bundle, tmp_path):
 
 
 def _unpacked(bundle, tmp_path):
+    """The bundle unpacked in a folder of the test's own, with the runtime store beside it (as copied from the head
+    node's bundle folder)."""
     dest = tmp_path / "b"
     dest.mkdir()
     subprocess.run(["tar", "-xf", str(bundle), "-C", str(dest)], check=True)
+    (dest / "lorastrap-runtime").symlink_to(bundle.parent / "lorastrap-runtime")
     return dest / "lora-bundle"
 
 
@@ -180,6 +214,35 @@ def test_a_no_op_notices_a_damaged_environment(bundle, tmp_path):
     assert subprocess.run([str(smoke)], capture_output=True).returncode == 0
 
 
+def test_reverify_checks_an_unchanged_environment_and_a_failure_names_the_machine(bundle, tmp_path):
+    """--reverify (what the fleet paths pass) verifies an environment that was already up to date; one that breaks
+    without losing a package's file fails with the repair command that works as printed, and the JSON error
+    carries the machine (its GPUs) it failed on."""
+    b = _unpacked(bundle, tmp_path)
+    machine = tmp_path / "t4.json"
+    _recorded("t4_driver-535--cuda12", machine)
+    env, envs = tmp_path / "env", {"LORASTRAP_HOME": str(tmp_path / "home")}
+    argv = ("install", "--bundle", str(b), "--prefix", str(env), "--json", "--machine", str(machine))
+    assert run_cli(*argv, env=envs).returncode == 0
+    again = run_cli(*argv, "--reverify", env=envs)
+    doc = json.loads(again.stdout)
+    assert again.returncode == 0 and doc["changed"] is False and doc["verify_verdict"] == "pass", again.stderr
+    assert json.loads(run_cli(*argv, env=envs).stdout)["verify_verdict"] == "unchanged"
+    site = next((env / "lib").glob("python3*/site-packages"))
+    (site / "sitecustomize.py").write_text("raise SystemExit('broken by a site hook')\n")  # no package's file
+    assert json.loads(run_cli(*argv, env=envs).stdout)["changed"] is False  # the file check cannot see it
+    res = run_cli(*argv, "--reverify", env=envs)
+    assert res.returncode == 9, res.stderr
+    err = json.loads(res.stdout)
+    assert err["what"].startswith(f"the environment at {env} failed verification")
+    assert err["machine"]["gpus"] == ["Tesla T4 (cc 7.5)"] and err["machine"]["driver"].startswith("535")
+    assert "nothing was changed" in err["fix"] and "the previous environment was restored" not in err["fix"]
+    repair = re.search(r"`lorastrap (repair [^`]+)`", err["fix"]).group(1).split()
+    (site / "sitecustomize.py").unlink()
+    assert run_cli(*repair, "--no-verify", env=envs).returncode == 0
+    assert run_cli(*argv, "--reverify", env=envs).returncode == 0
+
+
 def test_shared_cache_with_concurrent_installers(engine, bundle, tmp_path):
     b = _unpacked(bundle, tmp_path)
     shared = tmp_path / "shared-pkgs"
@@ -219,13 +282,80 @@ def _recap(log: str) -> dict:
 
 
 def _playbook(ansible_venv, inventory, report_dir, *extra, cwd):
+    """ansible-playbook site.yml; report_dir None: the inventory's own lorastrap_report_dir."""
     env = dict(os.environ, ANSIBLE_HOME=str(cwd / ".ansible"), ANSIBLE_LOCAL_TEMP=str(cwd / ".ansible" / "tmp"),
                ANSIBLE_REMOTE_TEMP=str(cwd / ".ansible" / "rtmp"), ANSIBLE_HOST_KEY_CHECKING="False",
                ANSIBLE_NOCOLOR="1")
     env.pop("LORASTRAP_HOME", None)
+    report = ["-e", f"lorastrap_report_dir={report_dir}"] if report_dir else []
     return subprocess.run([str(ansible_venv / "bin" / "ansible-playbook"), "-i", str(inventory),
-                           str(ROOT / "deploy" / "ansible" / "site.yml"), "-e", f"lorastrap_report_dir={report_dir}",
-                           "-f", "5", *extra], cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+                           str(ROOT / "deploy" / "ansible" / "site.yml"), *report, "-f", "5", *extra], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=1800)
+
+
+def _readme_inventory(tmp_path) -> str:
+    """The README's own inventory, on two local-connection hosts: its host range cut to two, its /shared and /opt
+    paths under TMP_PATH (each host its own /opt, as separate machines have), and the connection lines."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"^( *)```ini\n\1# inventory.ini[^\n]*\n(.*?)^\1```", text, re.S | re.M)
+    inv = textwrap.dedent(block.group(2))
+    assert re.search(r"^gpu\[01:16\]\.cluster$", inv, re.M) and inv.rstrip().splitlines()[-1].startswith("lorastrap_")
+    for key in ("lorastrap_bundle_tar=/shared/", "lorastrap_pkgs_dir=/shared/", "lorastrap_prefix=/opt/",
+                "lorastrap_report_dir=/shared/"):
+        assert key in inv, key
+    inv = inv.replace("gpu[01:16].cluster", "gpu[01:02].cluster").replace("=/shared/", f"={tmp_path}/shared/")
+    inv = inv.replace("=/opt/", f"={tmp_path}/{{{{ inventory_hostname }}}}/opt/")
+    return inv + f"""ansible_connection=local
+ansible_python_interpreter="{{{{ ansible_playbook_python }}}}"
+lorastrap_home={tmp_path}/{{{{ inventory_hostname }}}}/home
+"""
+
+
+@pytest.mark.slow
+def test_ansible_fleet_from_the_readme_inventory(ansible_venv, bundle, tmp_path):
+    """The README's inventory as documented (a bundle .tar copied to each node with the runtime store beside it,
+    the report folder from the inventory): --check on fresh nodes, the install, a re-run that verifies again and
+    changes nothing, and a run where every host fails still writes fleet.json, with each node's machine."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shutil.copy(bundle, shared / "lora-bundle.tar")
+    (shared / "lorastrap-runtime").symlink_to(bundle.parent / "lorastrap-runtime")
+    inv = tmp_path / "inventory.ini"
+    inv.write_text(_readme_inventory(tmp_path))
+    reports, hosts = shared / "reports", ("gpu01.cluster", "gpu02.cluster")
+    prefix = {h: tmp_path / h / "opt" / "envs" / "lora" for h in hosts}
+
+    check = _playbook(ansible_venv, inv, None, "--check", cwd=tmp_path)
+    assert check.returncode == 0, check.stdout[-4000:]
+    # The one change --check makes on a fresh node is its data dir (to unpack the bundle and run its planner).
+    assert {h: r["changed"] for h, r in _recap(check.stdout).items()} == {h: 1 for h in hosts} | {"localhost": 0}
+    changed_tasks = re.findall(r"^TASK \[([^\]]+)\][^\n]*\n(?:(?!TASK \[).*\n)*?changed: \[", check.stdout, re.M)
+    assert set(changed_tasks) == {"lorastrap : Create the data dir"}, check.stdout[-4000:]
+    fleet = json.loads((reports / "fleet.json").read_text())
+    assert [(r["host"], r["status"], r["profile"]) for r in fleet["hosts"]] == [(h, "planned", "test-cpu") for h in hosts]
+    assert not any(p.exists() for p in prefix.values())
+
+    res = _playbook(ansible_venv, inv, None, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-4000:]
+    fleet = json.loads((reports / "fleet.json").read_text())
+    assert [(r["status"], r["verify"], r["changed"]) for r in fleet["hosts"]] == [("ok", "pass", True)] * 2
+    assert all(json.loads((reports / f"{h}.json").read_text())["prefix"] == str(prefix[h]) for h in hosts)
+
+    again = _playbook(ansible_venv, inv, None, cwd=tmp_path)
+    assert again.returncode == 0 and all(r["changed"] == 0 for r in _recap(again.stdout).values()), again.stdout[-4000:]
+    fleet = json.loads((reports / "fleet.json").read_text())
+    assert [(r["status"], r["verify"], r["changed"]) for r in fleet["hosts"]] == [("ok", "pass", False)] * 2
+
+    (tmp_path / "afile").write_text("")
+    failed = _playbook(ansible_venv, inv, None, "-e", f"lorastrap_prefix={tmp_path}/afile/env", cwd=tmp_path)
+    assert failed.returncode == 2, failed.stdout[-4000:]
+    assert all(_recap(failed.stdout)[h]["failed"] == 1 for h in hosts)
+    fleet = json.loads((reports / "fleet.json").read_text())
+    assert [(r["host"], r["status"]) for r in fleet["hosts"]] == [(h, "failed") for h in hosts]
+    assert all("afile is a file" in r["error"] for r in fleet["hosts"])
+    for h in hosts:
+        node = json.loads((reports / f"{h}.json").read_text())
+        assert node["machine"]["platform"] == "linux-64" and node["machine"]["gpus"] == [], node
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 import fcntl
 import json
+import re
 import os
 import shutil
 import signal
@@ -317,7 +318,20 @@ def test_not_enough_disk_is_refused_before_any_change(channel, warm_home, tmp_pa
     res = install(channel, prefix, "--min-free-mib", str(free_mib + 10), env=CUDA)
     assert res.returncode == 7, res.stderr
     assert "not enough free disk" in res.stderr and "Nothing was changed" in res.stderr
+    # Here the package cache's disk is the first found short (the same disk as the prefix's): the message names it.
+    assert re.search(r"Free space on the disk that holds \S+/pkgs \(mounted at /", res.stderr), res.stderr
+    assert "point LORASTRAP_PKGS_DIR (or LORASTRAP_HOME) at a larger disk" in res.stderr
     assert meta_state(prefix) == before and smoke(prefix)["torch_build"] == "cpu"
+
+
+def test_a_full_prefix_disk_names_that_disk_not_the_data_dir(tmp_path):
+    from lorastrap.core.errors import DiskError
+    from lorastrap.install import transaction
+    with pytest.raises(DiskError) as exc:
+        transaction._check_disk(tmp_path / "envs", 0, 2**62, str(tmp_path / "envs"),
+                                fix_where="choose a --prefix on a larger disk")
+    assert f"the disk that holds {tmp_path} (mounted at /" in exc.value.fix and "LORASTRAP_HOME" not in exc.value.fix
+    assert "choose a --prefix on a larger disk" in exc.value.fix
 
 
 def test_a_folder_that_is_not_an_environment_is_never_replaced(channel, warm_home, tmp_path):
@@ -347,6 +361,19 @@ def test_failed_verification_restores_the_previous_environment(channel, warm_hom
     assert "failed verification" in res.stderr and "restoring the previous environment" in res.stderr
     assert smoke(prefix)["torch_build"] == "cpu"
     assert_placeholders(prefix)
+
+
+def test_failed_verification_of_a_first_install_says_there_was_nothing_to_restore(channel, warm_home, tmp_path):
+    prefix = tmp_path / "env"
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    text = (envs / "profiles.yaml").read_text()
+    (envs / "profiles.yaml").write_text(text.replace("verify: [lora-smoke]", "verify: [python, -c, 'raise SystemExit(3)']"))
+    res = install(channel, prefix, envs_dir=envs)
+    assert res.returncode == 9, res.stderr
+    assert "the previous environment was restored" not in res.stderr
+    assert f"there was no environment at {prefix} before, and the new one was removed" in res.stderr
+    assert not prefix.exists()
 
 
 def test_keep_backup(channel, warm_home, tmp_path):

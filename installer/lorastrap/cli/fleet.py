@@ -22,6 +22,9 @@ def add(sub, pp: dict) -> dict:
     p.add_argument("--platform", default=None, help="target conda platform (default: this machine's)")
     p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder, or a file ending in .tar")
     p.add_argument("--python-version", default=None, help="the nodes' Python for the runtime wheels (default: this one)")
+    p.add_argument("--self-contained", action="store_true",
+                   help="keep lorastrap's runtime wheels inside the bundle (default: in lorastrap-runtime/ beside "
+                        "it, one store that the bundles in that folder share)")
 
     _fleet_parsers(sub)
     return {"bundle": cmd_bundle, "fleet": cmd_fleet}
@@ -98,11 +101,17 @@ def cmd_bundle(args) -> int:
     out = args.output.absolute()
     manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
                            virtual_packages=spec.virtual_packages(envs, profile, platform),
-                           python_version=args.python_version, narrate=say)
+                           python_version=args.python_version, self_contained=args.self_contained, narrate=say)
+    store = out.parent / bundle.RUNTIME_STORE
     summary = {"profile": manifest.profile, "platform": manifest.platform, "python_version": manifest.python_version,
-               "packages": manifest.packages, "bytes": manifest.bytes, "path": str(out)}
+               "packages": manifest.packages, "bytes": manifest.bytes, "path": str(out),
+               "runtime_store": None if manifest.runtime is None else str(store),
+               "runtime_bytes": sum(w.size for w in manifest.runtime.wheels.values()) if manifest.runtime else None}
+    copy = "" if manifest.runtime is None else (
+        f"; its runtime wheels ({summary['runtime_bytes'] / 2**20:.1f} MiB) are in {store}, shared by the bundles "
+        f"there: copy that folder beside the bundle too")
     emit(args, summary, f"bundle {out}: profile {name} for {platform}, {manifest.packages} packages, "
-                        f"{manifest.bytes / 2**20:.1f} MiB; install on a node with: "
+                        f"{manifest.bytes / 2**20:.1f} MiB{copy}; install on a node with: "
                         + (f"tar -xf {out} -C {out.parent} && " if out.suffix == ".tar" else "")
                         + f"sh {out.with_suffix('') if out.suffix == '.tar' else out}/source/setup.sh --bundle {out}")
     return errors.OK

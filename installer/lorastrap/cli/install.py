@@ -21,6 +21,8 @@ def add(sub, pp: dict) -> dict:
     p.add_argument("--min-free-mib", type=base.count(0), default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
     p.add_argument("--report", type=base.path_arg, default=None, help="also write the JSON result to this file")
+    p.add_argument("--reverify", action="store_true",
+                   help="verify the environment on this machine also when it is already up to date (fleets do)")
     p.add_argument("--bundle", type=base.path_arg, default=None, help="install from an offline bundle (folder or .tar)")
 
     p = sub.add_parser("verify", parents=[common, where],
@@ -47,7 +49,7 @@ def cmd_install(args) -> int:
     base.report_target(args.report)
     machine = base.machine(args)
     quick = None
-    if not args.bundle:  # the quick no-op (install/noop.py): answered from the stamp when nothing it depends on moved
+    if not args.bundle and not args.reverify:  # the quick no-op (install/noop.py): answered from the stamp when nothing it depends on moved
         flags = {k: str(getattr(args, k, None)) for k in NOOP_FLAGS}
         quick = {"envs_dir": base.envs_dir(args), "flags": flags, "machine": noop.machine_facts(machine)}
         where = _resolved(base.prefix(args))
@@ -62,12 +64,18 @@ def cmd_install(args) -> int:
     from lorastrap.install import prefix as pfx
     prefix = transaction.check_prefix(base.prefix(args), say)
     noop.forget(prefix)
-    done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
-                               machine=machine, profile=args.profile, asked_profile=bool(args.profile),
-                               bundle=args.bundle,
-                               **base.sources(args), engine=args.engine, frozen=args.frozen,
-                               keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-                               link_mode=args.link_mode, min_free_mib=args.min_free_mib, narrate=say)
+    from lorastrap.machine.render import summary
+    try:
+        done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
+                                   machine=machine, profile=args.profile, asked_profile=bool(args.profile),
+                                   bundle=args.bundle,
+                                   **base.sources(args), engine=args.engine, frozen=args.frozen,
+                                   keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
+                                   reverify=args.reverify, link_mode=args.link_mode, min_free_mib=args.min_free_mib,
+                                   narrate=say)
+    except errors.LorastrapError as exc:  # the JSON error says which machine it failed on (its GPUs, its driver)
+        exc.context.setdefault("machine", summary(machine))
+        raise
     doc = done.report.model_dump(mode="json")
     if quick is not None and not done.result.repaired:
         # What a re-run would print: the same environment, nothing changed, nothing fetched.

@@ -66,11 +66,12 @@ class LorastrapError(Exception):
         self.what = what
         self.why = why
         self.fix = fix
+        self.context: dict = {}  # more facts for the JSON form (e.g. the machine it failed on), set by the caller
         if exit_code is not None:
             self.exit_code = exit_code
 
     def to_dict(self) -> dict:
-        return {"error": type(self).__name__, "what": self.what, "why": self.why, "fix": self.fix,
+        return {**self.context, "error": type(self).__name__, "what": self.what, "why": self.why, "fix": self.fix,
                 "exit_code": self.exit_code}
 
     def render(self) -> str:

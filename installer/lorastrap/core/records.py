@@ -45,6 +45,12 @@ class BundleFile(Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class RuntimeWheels(Strict):
+    store: str = Field(description="the wheel store's folder, relative to the bundle folder (X/ beside X.tar: the "
+                                   "same folder for both): ../lorastrap-runtime/wheels")
+    wheels: dict[str, BundleFile] = Field(description="the wheels this bundle's runtime is built from, by file name")
+
+
 class BundleManifest(Strict):
     schema_version: Literal[1] = 1
     profile: str
@@ -56,6 +62,9 @@ class BundleManifest(Strict):
     packages: int
     bytes: int
     files: dict[str, BundleFile]
+    runtime: RuntimeWheels | None = Field(
+        None, description="lorastrap's runtime wheels, kept outside the bundle in a store that several bundles share "
+                          "(None: they are inside, under runtime/wheels/)")
 
 
 class NodeMachine(Strict):

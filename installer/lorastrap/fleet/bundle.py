@@ -6,9 +6,16 @@
       channel/SUBDIR/…       every archive the lock names (sha256 checked while bundling) + repodata.json:
                              a valid conda channel folder (micromamba and conda can use it too)
       pip/…                  the lock's pip wheels
-      runtime/wheels/…       lorastrap's own runtime (requirements.txt) as wheels for the target platform
       source/…               lorastrap itself (setup.sh, installer/, envs/, scripts/, requirements*.txt)
       envs/…                 the profiles the bundle was made from (profiles.yaml, specs, virtual packages)
+    lorastrap-runtime/wheels/…  beside the bundles: lorastrap's own runtime (requirements.txt) as wheels, one store
+                             that every bundle in the folder shares (each wheel once, by its file name; the manifest
+                             of each bundle lists the wheels it needs with their sha256, and requirements.txt's
+                             hashes are checked again when setup.sh installs them)
+
+The runtime wheels are most of a bundle's size (about 67 of 72 MiB for a small profile), and the same for every
+profile of a platform: kept beside the bundles, a fleet with several profiles carries them once.  --self-contained
+keeps them inside instead (runtime/wheels/), for a bundle that travels alone.
 
 `sh setup.sh --bundle PATH` (or `lorastrap install --bundle PATH`) installs from it with no network; reading a bundle
 (unpacking, checking it against its manifest, its lock pointed at its files) is install/bundles.py's.
@@ -24,12 +31,13 @@ import tempfile
 from pathlib import Path
 
 from lorastrap.locking import channels, lockfile, wheels
-from lorastrap.core import paths, subproc
+from lorastrap.core import locks, paths, subproc
 from lorastrap.install import prefix as pfx
 from lorastrap.install.cache import Cache, sha256_file
-from lorastrap.core.errors import ConfigError, NetworkError
-from lorastrap.core.records import BundleManifest
+from lorastrap.core.errors import ConfigError, IntegrityError, NetworkError
+from lorastrap.core.records import BundleFile, BundleManifest, RuntimeWheels
 
+RUNTIME_STORE = "lorastrap-runtime"  # beside the bundles; its wheels/ is what setup.sh installs the runtime from
 SOURCE_ITEMS = ["setup.sh", "installer", "envs", "scripts", "requirements.txt", "requirements.in", "pyproject.toml",
                 "README.md", "deploy"]
 
@@ -59,10 +67,42 @@ def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_versi
                            fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
 
 
+def _into_store(downloaded: Path, store: Path, narrate) -> dict[str, BundleFile]:
+    """Move the wheels in DOWNLOADED into the shared STORE (its wheels/ folder), each once: a wheel already there is
+    kept when it is the same file, and refused when a file of that name differs (a wheel's name stands for its
+    content on PyPI, so a different file is a damaged or altered store).  Returns the wheels, by name."""
+    wheels_dir = store / "wheels"
+    wheels_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, BundleFile] = {}
+    added = 0
+    with locks.held(store / ".store.lock", what=f"the wheel store {store}", narrate=narrate):
+        for w in sorted(downloaded.iterdir()):
+            meta = BundleFile(size=w.stat().st_size, sha256=sha256_file(w))
+            target = wheels_dir / w.name
+            if target.exists():
+                if target.stat().st_size != meta.size or sha256_file(target) != meta.sha256:
+                    raise IntegrityError(f"{target} differs from the wheel of that name just downloaded",
+                                         why="a wheel's name stands for one file: the store's copy was altered or "
+                                             "damaged (other bundles that list it would fail too)",
+                                         fix=f"Remove {target} and bundle again; then rebuild the bundles beside it "
+                                             f"that were made from the damaged copy.")
+            else:
+                part = wheels_dir / f".{w.name}.part"
+                shutil.copyfile(w, part)
+                os.replace(part, target)
+                added += 1
+            out[w.name] = meta
+    narrate(f"runtime wheels: {len(out)} in {wheels_dir} ({added} added, {len(out) - added} already there, shared "
+            f"with the other bundles in {store.parent})")
+    return out
+
+
 def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, virtual_packages: dict[str, str],
          out: Path,
-         mirror: str | None = None, python_version: str | None = None, narrate=lambda m: None) -> BundleManifest:
-    """Build the bundle at out (a folder, or a .tar file).  Returns the manifest."""
+         mirror: str | None = None, python_version: str | None = None, self_contained: bool = False,
+         narrate=lambda m: None) -> BundleManifest:
+    """Build the bundle at out (a folder, or a .tar file), its runtime wheels in the store beside it
+    (OUT's folder/lorastrap-runtime), or inside it with self_contained.  Returns the manifest."""
     entries = lock_file.for_platform(platform)
     if not entries:
         raise ConfigError(f"{lock_file.path} has no {platform} section",
@@ -71,7 +111,7 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
     work = Path(tempfile.mkdtemp(prefix=".lorastrap-bundle-", dir=out.parent if out.parent.exists() else None))
     try:
         root = work / "bundle"
-        for d in ("lock", "channel", "pip", "runtime/wheels", "source"):
+        for d in ("lock", "channel", "pip", "source"):
             (root / d).mkdir(parents=True)
         shutil.copyfile(lock_file.path, root / "lock" / f"{name}.conda-lock.yml")
         cache = Cache(paths.cache_dir())
@@ -95,7 +135,11 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
             raise ConfigError("could not index the bundle's channel", why=answer.get("error", ""))
         pyver = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
         narrate(f"downloading lorastrap's runtime wheels for {platform}, Python {pyver}")
-        _runtime_wheels(root / "runtime" / "wheels", platform, virtual_packages, pyver)
+        downloaded = root / "runtime" / "wheels" if self_contained else work / "runtime-wheels"
+        downloaded.mkdir(parents=True)
+        _runtime_wheels(downloaded, platform, virtual_packages, pyver)
+        runtime = None if self_contained else RuntimeWheels(
+            store=f"../{RUNTIME_STORE}/wheels", wheels=_into_store(downloaded, out.parent / RUNTIME_STORE, narrate))
         _copy_source(root / "source")
         shutil.copytree(envs_dir, root / "envs", ignore=shutil.ignore_patterns("*.conda-lock.yml"))
         files = {}
@@ -105,7 +149,7 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = BundleManifest(profile=name, platform=platform, python_version=pyver, created=pfx.now(),
                                   lock=f"lock/{name}.conda-lock.yml", channel="channel", packages=len(entries),
-                                  bytes=sum(f["size"] for f in files.values()), files=files)
+                                  bytes=sum(f["size"] for f in files.values()), files=files, runtime=runtime)
         (root / "manifest.json").write_text(manifest.model_dump_json(indent=2) + "\n")
         if as_tar:
             tmp_tar = work / out.name

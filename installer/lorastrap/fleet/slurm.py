@@ -262,10 +262,8 @@ def _plan_doc(plan, profile: str | None) -> dict:
 
 
 def _machine_doc(machine) -> dict | None:
-    if machine is None:
-        return None
-    return {"platform": machine.platform, "driver": machine.nvidia.driver_version, "driver_cuda": machine.cuda,
-            "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]}
+    from lorastrap.machine.render import summary
+    return None if machine is None else summary(machine)
 
 
 def run_node(opts: NodeOptions, narrate=lambda m: None) -> tuple[dict, LorastrapError | None]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.core.errors import NoProfileError
+from lorastrap.core.errors import VERIFY, LorastrapError, NoProfileError
 from lorastrap.core.records import NodeReport
-from lorastrap.install import bundles, generations, transaction
+from lorastrap.install import bundles, generations, transaction, verify
 from lorastrap.install.transaction import InstallResult
 from lorastrap.locking import channels as chans
 from lorastrap.machine.model import Machine
@@ -29,9 +29,10 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
               bundle: Path | None = None, envs_dir_given: bool = False, asked_profile: bool = False, channels: list[str] | None = None,
               mirror: str | None = None, pip_index_url: str | None = None, engine: str | None = None,
               frozen: bool = False, keep_backup: bool = False, wait: bool = True, run_verify: bool = True,
-              link_mode: str = "hardlink", min_free_mib: int = 512, narrate=lambda m: None) -> Provisioned:
+              reverify: bool = False, link_mode: str = "hardlink", min_free_mib: int = 512, narrate=lambda m: None) -> Provisioned:
     """Plan (or take the bundle's profile), install atomically, verify, register.  ``bundle`` is a bundle folder
-    or .tar: its profiles are used unless ``envs_dir_given``, and its lock points at its own files (no network)."""
+    or .tar: its profiles are used unless ``envs_dir_given``, and its lock points at its own files (no network).
+    ``reverify``: verify the environment on this machine also when it was already up to date (fleets do)."""
     opened = bundles.open_bundle(bundle, narrate=narrate) if bundle else None
     if opened and not envs_dir_given:
         envs_dir = opened / "envs"  # the profiles the bundle was made from
@@ -59,7 +60,25 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
             wait=wait, run_verify=run_verify,
             link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
             plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
+    if reverify and run_verify and not result.changed and not result.verify:
+        result.verify = _verify_again(Path(result.prefix), profiles.get(matrix, name), matrix, machine, envs_dir,
+                                      narrate)
     generations.register(Path(result.prefix))
     report = transaction.node_report(result, machine)
     report.bundle = bundles.identity(opened) if opened else None
     return Provisioned(result, report)
+
+
+def _verify_again(prefix: Path, profile, matrix, machine: Machine, envs_dir: Path, narrate) -> dict:
+    """The profile's verification of an environment that was already up to date (nothing was changed, so a
+    failure leaves it as it is and says how to repair it)."""
+    narrate(f"already up to date; verifying {prefix} on this machine again")
+    try:
+        return verify.verify_profile(prefix, profile, matrix=matrix, driver_cuda=machine.cuda)
+    except LorastrapError as exc:
+        where = f"--prefix {prefix} --envs-dir {envs_dir}"
+        raise LorastrapError(f"the environment at {prefix} failed verification on this machine: "
+                             + " ".join(profile.verify), why=exc.why,
+                             fix=f"It was already up to date, so nothing was changed. `lorastrap doctor {where}` "
+                                 f"says why; `lorastrap repair {where} --yes` rebuilds it from its own lock.",
+                             exit_code=VERIFY) from None

@@ -49,6 +49,7 @@ from lorastrap.core.records import EnvRecord, Journal, NodeReport
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
 KEY_PACKAGES = ("python", "pytorch", "transformers", "peft", "accelerate", "bitsandbytes", "cuda-version")
+RESTORED = "the previous environment was restored."  # a failure's fix text, true only when there was one
 
 
 @dataclass
@@ -217,7 +218,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         timings["fetch"] = time.perf_counter() - t
         narrate(f"{len(entries)} packages checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
-        _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
+        _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent),
+                    fix_where="choose a --prefix on a larger disk")
         _check_prefix_length(prefix, archives)
         # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
@@ -269,6 +271,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 with txn.deferred_signals(swallow=True):
                     narrate(txn.rollback(prefix, had_old, narrate))
                     txn.clear_journal(prefix)
+                if not had_old and isinstance(exc, LorastrapError) and RESTORED in exc.fix:  # say what is true
+                    exc.fix = exc.fix.replace(RESTORED, f"there was no environment at {prefix} before, and the new "
+                                                        "one was removed.")
                 if isinstance(exc, KeyboardInterrupt):
                     raise Interrupted("interrupted (Ctrl-C)", why="the install was interrupted; nothing changed",
                                       fix="Run the same command again; it will converge.") from exc
@@ -366,7 +371,8 @@ def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:
                              "the environment's path", fix="Choose a shorter --prefix. Nothing was changed.")
 
 
-def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> None:
+def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str,
+                fix_where: str = "point LORASTRAP_PKGS_DIR (or LORASTRAP_HOME) at a larger disk") -> None:
     base = existing_parent(where)
     free = shutil.disk_usage(base).free
     need = need_bytes + min_free_mib * 2**20
@@ -374,8 +380,14 @@ def _check_disk(where: Path, min_free_mib: int, need_bytes: int, what: str) -> N
         raise DiskError(f"not enough free disk for {what}: {free / 2**20:.0f} MiB free at {base}, "
                         f"{need / 2**20:.0f} MiB needed", why=f"{need_bytes / 2**20:.0f} MiB for the environment plus "
                                                             f"{min_free_mib} MiB kept free (--min-free-mib)",
-                        fix="Free disk space, choose another --prefix, or set LORASTRAP_HOME on a larger disk. "
-                            "Nothing was changed.")
+                        fix=f"Free space on the disk that holds {base} (mounted at {_mount_of(base)}), or "
+                            f"{fix_where}. Nothing was changed.")
+
+
+def _mount_of(path: Path) -> Path:
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
 
 
 def node_report(result: InstallResult, machine: Machine) -> NodeReport:

@@ -5,6 +5,12 @@ from __future__ import annotations
 from lorastrap.machine.model import Machine
 
 
+def summary(machine: Machine) -> dict:
+    """The machine as reports carry it (also on failure): platform, driver, the CUDA it supports, every GPU."""
+    return {"platform": machine.platform, "driver": machine.nvidia.driver_version, "driver_cuda": machine.cuda,
+            "gpus": [f"{g.name} (cc {g.compute_capability})" for g in machine.nvidia.gpus]}
+
+
 def format_table(machine: Machine) -> str:
     nv = machine.nvidia
     rows = [
