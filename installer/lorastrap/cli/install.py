@@ -36,11 +36,6 @@ def add(sub, pp: dict) -> dict:
 NOOP_FLAGS = ("envs_dir", "profile", "frozen", "channel", "mirror", "pip_index_url", "engine", "link_mode", "machine")
 
 
-def _resolved(prefix: Path) -> Path:
-    """PREFIX as the transaction will use it (a link to a folder is followed, as transaction.check_prefix does)."""
-    return prefix.resolve() if prefix.is_symlink() else prefix
-
-
 def cmd_install(args) -> int:
     import time
 
@@ -48,23 +43,20 @@ def cmd_install(args) -> int:
     t0 = time.perf_counter()
     base.report_target(args.report)
     machine = base.machine(args)
-    quick = None
-    if not args.bundle and not args.reverify:  # the quick no-op (install/noop.py): answered from the stamp when nothing it depends on moved
-        flags = {k: str(getattr(args, k, None)) for k in NOOP_FLAGS}
-        quick = {"envs_dir": base.envs_dir(args), "flags": flags, "machine": noop.machine_facts(machine)}
-        where = _resolved(base.prefix(args))
-        doc = noop.answer(where, noop.key(prefix=where, **quick))
+    inputs = None
+    if not args.bundle and not args.reverify:  # the quick no-op: answered from the stamp when nothing it needs moved
+        doc, inputs = noop.lookup(base.prefix(args), envs_dir=base.envs_dir(args), machine=machine,
+                                  flags={k: getattr(args, k, None) for k in NOOP_FLAGS})
         if doc is not None:
             doc = dict(doc, timings={"total": time.perf_counter() - t0},
                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            say(f"{where} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip packages, "
-                f"their files all there): nothing to do")
+            say(f"{doc['prefix']} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip "
+                f"packages, their files all there): nothing to do")
             return _done(args, doc)
     from lorastrap.install import provision, transaction
-    from lorastrap.install import prefix as pfx
+    from lorastrap.machine.render import summary
     prefix = transaction.check_prefix(base.prefix(args), say)
     noop.forget(prefix)
-    from lorastrap.machine.render import summary
     try:
         done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
                                    machine=machine, profile=args.profile, asked_profile=bool(args.profile),
@@ -77,13 +69,8 @@ def cmd_install(args) -> int:
         exc.context.setdefault("machine", summary(machine))
         raise
     doc = done.report.model_dump(mode="json")
-    if quick is not None and not done.result.repaired:
-        # What a re-run would print: the same environment, nothing changed, nothing fetched.
-        again = dict(doc, changed=False, downloaded_bytes=0, recovered=None, backup=None, verify=None,
-                     verify_verdict="unchanged", timings={})
-        broken, files = pfx.damage_manifest(prefix)
-        if not broken:
-            noop.write(prefix, noop.key(prefix=prefix, **quick), again, [f[:2] for f in files])
+    if inputs is not None and not done.result.repaired:
+        noop.remember(prefix, inputs, doc)
     return _done(args, doc)
 
 

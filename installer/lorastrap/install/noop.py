@@ -124,3 +124,27 @@ def forget(prefix: Path) -> None:
         (prefix / STAMP).unlink()
     except OSError:
         pass
+
+
+def _resolved(prefix: Path) -> Path:
+    """PREFIX as the transaction will use it (a link to a folder is followed, as transaction.check_prefix does)."""
+    return prefix.resolve() if prefix.is_symlink() else prefix
+
+
+def lookup(prefix: Path, *, envs_dir: Path, flags: dict, machine) -> tuple[dict | None, dict]:
+    """(the result an earlier run printed, when nothing it depends on moved — else None; what ``remember`` needs
+    to stamp the full run's result)."""
+    inputs = {"envs_dir": envs_dir, "flags": {k: str(v) for k, v in flags.items()}, "machine": machine_facts(machine)}
+    where = _resolved(prefix)
+    return answer(where, key(prefix=where, **inputs)), inputs
+
+
+def remember(prefix: Path, inputs: dict, doc: dict) -> None:
+    """Stamp what a re-run would print (the same environment, nothing changed, nothing fetched) when every file of
+    the environment is there as its packages list it."""
+    from lorastrap.install import prefix as pfx
+    again = dict(doc, changed=False, downloaded_bytes=0, recovered=None, backup=None, verify=None,
+                 verify_verdict="unchanged", timings={})
+    broken, files = pfx.damage_manifest(prefix)
+    if not broken:
+        write(prefix, key(prefix=prefix, **inputs), again, [f[:2] for f in files])
