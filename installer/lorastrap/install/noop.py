@@ -135,8 +135,11 @@ def lookup(prefix: Path, *, envs_dir: Path, flags: dict, machine) -> tuple[dict 
     """(the result an earlier run printed, when nothing it depends on moved — else None; what ``remember`` needs
     to stamp the full run's result)."""
     inputs = {"envs_dir": envs_dir, "flags": {k: str(v) for k, v in flags.items()}, "machine": machine_facts(machine)}
-    where = _resolved(prefix)
-    return answer(where, key(prefix=where, **inputs)), inputs
+    try:
+        where = _resolved(prefix)
+        return answer(where, key(prefix=where, **inputs)), inputs
+    except OSError:  # a path the system refuses (too long, a link loop): the full run says why
+        return None, inputs
 
 
 def remember(prefix: Path, inputs: dict, doc: dict) -> None:
