@@ -72,8 +72,14 @@ def _kernel_module_version() -> str | None:
 
 
 def existing_parent(path: Path) -> Path:
+    """The nearest folder of PATH that exists (a name the system refuses, too long say, counts as missing)."""
     path = path.expanduser().absolute()
-    while not path.exists() and path != path.parent:
+    while path != path.parent:
+        try:
+            if path.exists():
+                break
+        except OSError:
+            pass
         path = path.parent
     return path
 
