@@ -180,17 +180,19 @@ def test_update_prints_the_change_rollback_swaps_uninstall_removes(growing_chann
     ours = {"env", "env.lorastrap-backup"}
     assert ours <= set(before) and "env.lorastrap.lock" not in before  # a lock file goes with the run that held it
     res = run_cli("uninstall", "--prefix", str(prefix), "--json")
+    assert res.returncode == 2 and "needs --yes" in res.stderr and prefix.exists()  # no terminal to ask on
+    res = run_cli("uninstall", "--prefix", str(prefix), "--json", "--yes")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["removed_generations"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(before) - ours)
     assert (tmp_path / "mine.txt").read_text() == "keep"
     assert json.loads(run_cli("list", "--json").stdout)["environments"] == []
-    res = run_cli("uninstall", "--prefix", str(prefix))
+    res = run_cli("uninstall", "--prefix", str(prefix), "--yes")
     assert res.returncode == 14 and "no environment at" in res.stderr
     other = tmp_path / "foreign"
     (other / "conda-meta").mkdir(parents=True)
-    res = run_cli("uninstall", "--prefix", str(other))
-    assert res.returncode == 2 and "not installed by lorastrap" in res.stderr and other.exists()
+    res = run_cli("uninstall", "--prefix", str(other), "--yes")
+    assert res.returncode == 17 and "not installed by lorastrap" in res.stderr and other.exists()
 
 
 def _stopped(proc, timeout=60):

@@ -468,13 +468,16 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
                          f"carry over {len(diag.unowned_files)} file(s) no package owns"]
             for line in plan_text:
                 narrate(f"repair will: {line}")
-            if not yes and confirm is not None and not confirm():
-                raise UsageError("repair cancelled", fix="Run again and answer y, or pass --yes.")
+            if not yes and (confirm is None or not confirm()):  # no way to ask: a script must say --yes
+                raise UsageError("repair cancelled" if confirm else "repair needs --yes when it cannot ask",
+                                 why="repair replaces the environment (the old one is kept as the backup)",
+                                 fix="Run again and answer y, or pass --yes.")
             result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
                                          matrix=matrix, platform=machine.platform or (record.platform if record else ""),
                                          lock_file=lock_file, force=True, keep_backup=keep_backup,
                                          check_cache=True,
                                          carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
+                                         replace_foreign=True,  # asked (or --yes) above; a foreign one is kept
                                          narrate=narrate, **install_args)
             return diag, result
         finally:

@@ -173,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-backup", action="store_true", help="keep the previous environment as PREFIX.lorastrap-backup")
     p.add_argument("--min-free-mib", type=_count(0), default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a conda environment lorastrap did not make (it is kept whole as the backup)")
     p.add_argument("--report", type=_path, default=None, help="also write the JSON result to this file")
     p.add_argument("--bundle", type=_path, default=None, help="install from an offline bundle (folder or .tar)")
 
@@ -411,7 +413,7 @@ def cmd_install(args) -> int:
         prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
         platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **src,
         keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-        link_mode=args.link_mode,
+        link_mode=args.link_mode, replace_foreign=args.force,
         min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     register(Path(result.prefix))
@@ -483,9 +485,12 @@ def cmd_doctor(args) -> int:
     return diag.exit_code
 
 
-def _confirm() -> bool:
+def _confirm(command: str = "repair") -> bool:
+    """Ask on the terminal; without one (scripts, cron, cluster jobs) a destructive command needs --yes."""
     if not sys.stdin.isatty():
-        return True  # non-interactive (cluster jobs, pipes): never prompt
+        raise errors.UsageError(f"{command} needs --yes when it cannot ask",
+                                why="stdin is not a terminal, and it changes or removes an environment",
+                                fix=f"Run `lorastrap {command} ... --yes` once you are sure.")
     return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")
 
 
@@ -622,11 +627,16 @@ def cmd_rollback(args) -> int:
 def cmd_uninstall(args) -> int:
     from lorastrap.care import envs
     prefix = _prefix(args)
-    if not args.yes and sys.stdin.isatty() and prefix.exists():
-        print(f"lorastrap: this removes {prefix} and its previous generations", file=sys.stderr)
-        if not _confirm():
+
+    def ask(what: str) -> None:
+        print(f"lorastrap: {what}", file=sys.stderr)
+        if not _confirm("uninstall"):
             raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
-    done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say)
+
+    done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say, confirm=None if args.yes else ask)
+    if not done["removed"] and done["dropped_from_registry"] and not done["removed_generations"]:
+        _print(args, done, f"{prefix} is not lorastrap's any more: dropped from the registry, nothing deleted")
+        return errors.OK
     _print(args, done, f"removed {prefix} and {done['removed_generations']} previous generation(s), "
                        f"{done['freed_bytes'] / 2**20:.1f} MiB freed")
     return errors.OK

@@ -165,6 +165,12 @@ def read_record(prefix: Path) -> EnvRecord | None:
         return None
 
 
+def made_by_lorastrap(prefix: Path) -> bool:
+    """Whether PREFIX holds lorastrap's record of it (conda-meta/lorastrap/record.json): what lorastrap may
+    replace or delete without being told to."""
+    return (prefix / RECORD_DIR / "record.json").is_file() and not (prefix / RECORD_DIR).is_symlink()
+
+
 def own_lock(prefix: Path) -> Path:
     """The copy of the lock the environment was built from."""
     return prefix / RECORD_DIR / "conda-lock.yml"

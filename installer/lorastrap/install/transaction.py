@@ -41,7 +41,8 @@ from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.locking import lock as locking
 from lorastrap.install.cache import Cache, pip_file_url
 from lorastrap.machine.detect import Machine, existing_parent
-from lorastrap.core.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
+from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UsageError,
+                                   VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import EnvRecord, Journal, NodeReport
 
@@ -143,13 +144,17 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
-                   link_mode: str = "hardlink", check_cache: bool = False, narrate=lambda m: None) -> InstallResult:
+                   link_mode: str = "hardlink", check_cache: bool = False, replace_foreign: bool = False,
+                   narrate=lambda m: None) -> InstallResult:
     """The transaction, with the prefix lock already held by the caller.
 
     lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
     package owns) copied from the previous environment into the new one; link_mode: "hardlink" (files shared
     with the package cache, as conda does) or "copy" (each file its own: a reflink where the filesystem has them);
-    check_cache: hash every extracted copy in the cache against its package before linking (repair)."""
+    check_cache: hash every extracted copy in the cache against its package before linking (repair);
+    replace_foreign: PREFIX may be a conda environment lorastrap did not make (no record in conda-meta/lorastrap/:
+    conda's, micromamba's, a Miniforge base) — the user named it with --force; it is then always kept as the
+    backup, never deleted."""
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -162,6 +167,19 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
                              fix="Choose another --prefix/--name, or empty that folder yourself.")
+        foreign = False  # nothing is carried out of another tool's environment: it is kept whole instead
+        if prefix.exists() and pfx.is_conda_env(prefix) and not pfx.made_by_lorastrap(prefix):
+            if not replace_foreign:
+                raise NotOursError(
+                    f"{prefix} is a conda environment lorastrap did not make (no record in conda-meta/lorastrap/)",
+                    why="lorastrap replaces only environments it made; this one is another tool's (conda, "
+                        "micromamba, a Miniforge base install) or was made by hand",
+                    fix="Choose another --prefix/--name, or pass --force to replace it (it is then kept whole as "
+                        f"{txn.backup_path(prefix)}).")
+            narrate(f"{prefix} was not made by lorastrap: replacing it as asked (--force); it is kept whole as "
+                    f"{txn.backup_path(prefix)}")
+            keep_backup, carry_over = True, ()
+            foreign = True
         lk = locking.read_lock(lock_file) if lock_file else locking.choose(
             envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen, channels=channels,
             pip_index_url=pip_index_url, narrate=narrate)
@@ -219,7 +237,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
             local_lock = engines.hand_over(lk, platform, archives, cache.root / "channel", work)
             had_old = prefix.exists()
-            if had_old and not carry_over:
+            if had_old and not carry_over and not foreign:
                 carry_over = tuple(pfx.user_files(prefix))  # the user's files come along on a switch too
             backup = txn.backup_path(prefix)
             if had_old and backup.exists():
