@@ -264,3 +264,21 @@ def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_t
     assert res.returncode == 0, res.stderr
     assert other.requests[wheel] == 1 and other.requests["index.html"] >= 1
     assert list((prefix / "lib").glob("python3*/site-packages/lorastrap_testwheel/__init__.py"))
+
+
+def test_a_redirect_only_to_the_same_host_or_a_named_one(tmp_path, served):
+    srv, root, sha = served
+    port = srv.url.rsplit(":", 1)[1]
+    srv.inject("big.conda", f"redirect:http://localhost:{port}/big.conda")  # another host name for the same server
+    with pytest.raises(NetworkError) as info:
+        _fetch(tmp_path, srv, sha)
+    assert "another host (localhost)" in info.value.why and "LORASTRAP_REDIRECT_HOSTS" in info.value.fix
+    assert srv.requests["big.conda"] == 1 and not list((tmp_path / "pkgs").rglob("*.part"))
+    srv.inject("big.conda", f"redirect:http://127.0.0.1:{port}/big.conda")  # the same host: followed
+    _, (path, _) = _fetch(tmp_path, srv, sha)
+    assert cache.sha256_file(path) == sha
+    (tmp_path / "pkgs").rename(tmp_path / "pkgs-1")
+    srv.inject("big.conda", f"redirect:http://localhost:{port}/big.conda")
+    c = cache.Cache(tmp_path / "pkgs", redirect_hosts=cache.redirect_hosts_from(["http://localhost:1/channel"]))
+    path, _ = c.fetch(f"{srv.url}/big.conda", sha, "big.conda")  # a host the user named: followed
+    assert cache.sha256_file(path) == sha

@@ -74,6 +74,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     transaction.add_argument("--no-verify", action="store_true",
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+    transaction.add_argument("--allow-link-scripts", action="store_true",
+                             help="install packages that carry link scripts (refused by default): the embedded engine "
+                                  "still never runs them, micromamba/mamba do")
     transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default="hardlink",
                              help="hardlink: files shared with the package cache (conda's default; fast, no extra "
                                   "disk); copy: each file the environment's own (a reflink where the filesystem has "
@@ -413,7 +416,7 @@ def cmd_install(args) -> int:
         prefix=prefix, envs_dir=envs, name=name, profile=profiles.get(matrix, name), matrix=matrix,
         platform=machine.platform, lock_file=lock_file, engine=args.engine, frozen=args.frozen, **src,
         keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-        link_mode=args.link_mode, replace_foreign=args.force,
+        link_mode=args.link_mode, replace_foreign=args.force, allow_link_scripts=args.allow_link_scripts,
         min_free_mib=args.min_free_mib, driver_cuda=machine.cuda, narrate=say,
         plan_info=result_plan.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     register(Path(result.prefix))
@@ -520,7 +523,8 @@ def cmd_repair(args) -> int:
     diag, result = doctor.repair(
         _prefix(args), envs_dir=_envs_dir(args), machine=_machine(args), replan=args.replan, yes=args.yes,
         keep_backup=not args.drop_backup, confirm=_confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
-        run_verify=not args.no_verify, link_mode=args.link_mode, **_sources(args))
+        run_verify=not args.no_verify, link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts,
+        **_sources(args))
     _print(args, {"before": diag.to_dict(), "result": result.to_dict()},
            f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
            f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")

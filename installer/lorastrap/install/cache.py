@@ -61,10 +61,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Where a named channel host is known to send its files: anaconda.org answers package downloads with a 302 to its
+# S3 storage (seen in https://github.com/conda-incubator/ensureconda/pull/25: "302 Found / Location:
+# https://binstar-cio-packages-prod.s3.amazonaws.com/…").
+STORAGE_OF = {"anaconda.org": {"binstar-cio-packages-prod.s3.amazonaws.com"},
+              "conda.anaconda.org": {"binstar-cio-packages-prod.s3.amazonaws.com"}}
+
+
+def redirect_hosts_from(urls) -> frozenset[str]:
+    """The hosts a download may be redirected to besides its own: those of the URLs the user named (channels,
+    mirrors, the pip index), the storage those hosts are known to use (STORAGE_OF) and LORASTRAP_REDIRECT_HOSTS
+    (comma-separated host names, e.g. a CDN a mirror uses)."""
+    named = {urllib.parse.urlsplit(u).hostname for u in urls if u and "://" in u}
+    named |= {h for host in list(named) for h in STORAGE_OF.get(host or "", ())}
+    named |= {h.strip().lower() for h in os.environ.get("LORASTRAP_REDIRECT_HOSTS", "").split(",") if h.strip()}
+    return frozenset(h.lower() for h in named if h)
+
+
 class Cache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, redirect_hosts: frozenset[str] = frozenset()):
         self.root = root
         self.archives = root / "archives"
+        self.redirect_hosts = redirect_hosts  # besides each URL's own host: see redirect_hosts_from
 
     def entry(self, sha256: str, filename: str) -> Path:
         return self.archives / sha256 / filename
@@ -105,12 +123,13 @@ class Cache:
                     return path, 0
                 path.unlink()
             resumed = tmp.exists() and tmp.stat().st_size > 0
-            got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
+            got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop, hosts=self.redirect_hosts)
             got = sha256_file(tmp)
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 tmp.unlink()
-                got_bytes += _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
+                got_bytes += _download(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                       hosts=self.redirect_hosts)
                 got = sha256_file(tmp)
             if got != sha256:
                 tmp.unlink()
@@ -146,6 +165,22 @@ class Cache:
             pool.shutdown(wait=True, cancel_futures=True)
             progress.close()
         return results
+
+    def inspect(self, path: Path) -> dict:
+        """archive.inspect of a checked entry, remembered beside it (keyed by the entry's signature, so an entry
+        changed since is inspected again)."""
+        import json
+        marker = path.with_name("." + path.name + ".inspected")
+        sig = _signature(path)
+        try:
+            kept = json.loads(marker.read_text())
+            if kept.get("signature") == sig:
+                return kept["info"]
+        except (OSError, ValueError, AttributeError, KeyError):
+            pass
+        info = archive.inspect(path)
+        fsutil.write_atomic(marker, json.dumps({"signature": sig, "info": info}))
+        return info
 
     def _mark(self, path: Path) -> None:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
@@ -265,8 +300,14 @@ def _proxied(parts: urllib.parse.SplitResult) -> bool:
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
-def _request(url: str, start: int, timeout: float):
-    """GET url from byte `start` (a Range request when > 0), following redirects: (status, headers, body)."""
+class _Redirected(Exception):
+    """A redirect to a host that is neither the URL's own nor one the user named."""
+
+
+def _request(url: str, start: int, timeout: float, hosts: frozenset[str] = frozenset()):
+    """GET url from byte `start` (a Range request when > 0), following redirects to the same host or to HOSTS only:
+    (status, headers, body)."""
+    home = (urllib.parse.urlsplit(url).hostname or "").lower()
     headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -296,7 +337,11 @@ def _request(url: str, start: int, timeout: float):
                 raise
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             resp.read()
-            url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            target_url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            host = (urllib.parse.urlsplit(target_url).hostname or "").lower()
+            if host != home and host not in hosts:
+                raise _Redirected(f"{url} redirects to {target_url}, on another host ({host})")
+            url = target_url
             continue
         if resp.status >= 400:
             _drop(parts.scheme, parts.netloc)
@@ -321,7 +366,7 @@ def _copy_local(url: str, dest: Path) -> int:
 
 
 def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
-              stop: threading.Event | None = None) -> int:
+              stop: threading.Event | None = None, hosts: frozenset[str] = frozenset()) -> int:
     """Download url into dest, resuming what dest already holds when the server honours Range.  Returns the
     bytes transferred.  A cut connection, a short body, a read that waits longer than read_timeout() or a 5xx
     is retried (RETRIES attempts, narrated); a 4xx, or running out of attempts, is a NetworkError."""
@@ -334,7 +379,13 @@ def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
     for attempt in range(1, RETRIES + 1):
         have = dest.stat().st_size if dest.exists() else 0
         try:
-            status, headers, body = _request(url, have, timeout)
+            try:
+                status, headers, body = _request(url, have, timeout, hosts)
+            except _Redirected as exc:
+                raise NetworkError(f"refused a redirect while downloading {url.rsplit('/', 1)[-1]}", why=str(exc),
+                                   fix="lorastrap follows redirects only to the same host or to hosts you named "
+                                       "(--channel, --mirror, --pip-index-url, or LORASTRAP_REDIRECT_HOSTS=host,…). "
+                                       "Nothing was installed.")
             length = int(headers.get("Content-Length") or -1)
             content_range = re.match(r"bytes (\d+)-", headers.get("Content-Range") or "")
             if status == 206 and content_range and int(content_range.group(1)) == have:

@@ -108,7 +108,8 @@ def distributions(prefix: Path) -> dict[str, Distribution]:
 
 
 def unowned(prefix: Path, owned: set[str]) -> list[str]:
-    """Files in the prefix that no path of OWNED names (conda-meta and compiled files aside): the user's."""
+    """What in the prefix no path of OWNED names (conda-meta and compiled files aside): the user's — files, links
+    (to files or folders: a link is listed, never followed), FIFOs and other special files, and empty folders."""
     out = []
     for root, dirs, files in os.walk(prefix):
         rel_root = os.path.relpath(root, prefix)
@@ -116,7 +117,12 @@ def unowned(prefix: Path, owned: set[str]) -> list[str]:
             dirs[:] = []
             continue
         dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for f in files:
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # os.walk does not enter them
+        if rel_root != "." and not dirs and not files:
+            rel = os.path.normpath(rel_root)
+            if rel not in owned:
+                out.append(rel)  # an empty folder
+        for f in files + links:
             rel = os.path.normpath(os.path.join(rel_root, f))
             if rel in owned or f.endswith(".pyc") or rel == "CACHEDIR.TAG":
                 continue

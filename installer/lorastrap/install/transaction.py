@@ -30,6 +30,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -39,10 +40,10 @@ from pathlib import Path
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.locking import lock as locking
-from lorastrap.install.cache import Cache, pip_file_url
+from lorastrap.install.cache import Cache, pip_file_url, redirect_hosts_from
 from lorastrap.machine.detect import Machine, existing_parent
-from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UsageError,
-                                   VerifyError)
+from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UnsafePackageError,
+                                   UsageError, VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import EnvRecord, Journal, NodeReport
 
@@ -145,7 +146,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
                    link_mode: str = "hardlink", check_cache: bool = False, replace_foreign: bool = False,
-                   narrate=lambda m: None) -> InstallResult:
+                   allow_link_scripts: bool = False, narrate=lambda m: None) -> InstallResult:
     """The transaction, with the prefix lock already held by the caller.
 
     lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
@@ -154,7 +155,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     check_cache: hash every extracted copy in the cache against its package before linking (repair);
     replace_foreign: PREFIX may be a conda environment lorastrap did not make (no record in conda-meta/lorastrap/:
     conda's, micromamba's, a Miniforge base) — the user named it with --force; it is then always kept as the
-    backup, never deleted."""
+    backup, never deleted; allow_link_scripts: install packages that carry link scripts (see _link_scripts)."""
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -210,7 +211,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         result.engine = eng.describe()
 
         # Preflight: free disk where the cache and the environment go.
-        cache = Cache(paths.cache_dir())
+        cache = Cache(paths.cache_dir(), redirect_hosts=redirect_hosts_from(
+            [*(lk.channels or []), *(channels or []), mirror or "", pip_index_url]))
         _check_disk(cache.root, min_free_mib, 0, "the package cache")
 
         # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
@@ -225,7 +227,14 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         timings["fetch"] = time.perf_counter() - t
         narrate(f"{len(entries)} packages checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
-        _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent))
+        # Containment, before any engine sees an archive: no path of any package leaves the prefix.
+        inspected = {n: cache.inspect(p) for n, p in archives.items()}
+        archive.check_together(inspected)
+        _link_scripts(inspected, eng, allow_link_scripts, narrate)
+        unpacked_bytes = sum(i["unpacked_bytes"] for i in inspected.values())
+        _check_disk(prefix.parent, min_free_mib,
+                    max(EXTRACT_FACTOR * total_bytes, total_bytes + unpacked_bytes * (2 if link_mode == "copy" else 1)),
+                    str(prefix.parent))
         _check_prefix_length(prefix, archives)
         # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
@@ -347,17 +356,89 @@ def _source_url(e: locking.Entry, channels: list[str], mirror: str | None, pip_i
     return url
 
 
-def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
-    """Copy the user's files (owned by no package) from the previous environment; never over a package's file."""
-    copied = 0
+def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> list[str]:
+    """Copy the user's things (owned by no package) from the previous environment: files (with their modes and
+    times), symbolic links (as links, never followed), empty folders and FIFOs; never over a package's file and
+    never through a link: a folder of the new environment on the way that is a symbolic link (a package's) stops
+    that path.  What was not carried is listed (it stays in the backup) and returned."""
+    copied, skipped = 0, []
     for rel in rels:
         src, dst = old / rel, new / rel
-        if dst.exists() or dst.is_symlink() or not (src.is_file() or src.is_symlink()):
+        try:
+            st = os.lstat(src)
+        except OSError:
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst, follow_symlinks=False)
+        if _link_on_the_way(new, rel):
+            skipped.append(f"{rel} (a link of the new environment is on its way)")
+            continue
+        if dst.exists() or dst.is_symlink():
+            if not (stat.S_ISDIR(st.st_mode) and dst.is_dir() and not dst.is_symlink()):
+                skipped.append(f"{rel} (a package's file is there now)")
+            continue
+        try:
+            _make_parents(new, rel)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISREG(st.st_mode):
+                shutil.copy2(src, dst, follow_symlinks=False)
+            elif stat.S_ISDIR(st.st_mode):
+                dst.mkdir()
+                shutil.copystat(src, dst, follow_symlinks=False)
+            elif stat.S_ISFIFO(st.st_mode):
+                os.mkfifo(dst, stat.S_IMODE(st.st_mode))
+            else:
+                skipped.append(f"{rel} (a socket or device: not copied)")
+                continue
+        except OSError as exc:
+            skipped.append(f"{rel} ({exc.strerror or exc})")
+            continue
         copied += 1
-    narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
+    narrate(f"carried over {copied} item(s) no package owns (also kept in the backup)")
+    if skipped:
+        narrate(f"not carried over ({len(skipped)}; they stay in the backup): " + "; ".join(skipped[:20])
+                + (" …" if len(skipped) > 20 else ""))
+    return skipped
+
+
+def _link_on_the_way(root: Path, rel: str) -> bool:
+    """Whether a folder on the way from ROOT to ROOT/REL is a symbolic link (or not a folder)."""
+    here = root
+    for part in Path(rel).parts[:-1]:
+        here = here / part
+        if here.is_symlink() or (here.exists() and not here.is_dir()):
+            return True
+    return False
+
+
+def _make_parents(root: Path, rel: str) -> None:
+    """mkdir each missing folder on the way to ROOT/REL, one at a time (never through a link: checked before)."""
+    here = root
+    for part in Path(rel).parts[:-1]:
+        here = here / part
+        if not here.exists():
+            here.mkdir()
+
+
+def _link_scripts(inspected: dict[str, dict], eng, allow: bool, narrate) -> None:
+    """Link scripts (bin/.NAME-post-link.sh and the like): lorastrap's policy is that no package runs code at install.
+    A package that carries one is refused by either engine, before anything changes, unless the user allows it
+    (--allow-link-scripts); then the embedded engine still never runs them (py-rattler is called with
+    execute_link_scripts=False), while micromamba/mamba run them (they have no switch to skip them) — said here."""
+    scripts = {name: info["link_scripts"] for name, info in inspected.items() if info["link_scripts"]}
+    if not scripts:
+        return
+    listed = ", ".join(f"{name} ({', '.join(s)})" for name, s in sorted(scripts.items()))
+    if not allow:
+        name, first = next(iter(sorted(scripts.items())))
+        raise UnsafePackageError(f"{len(scripts)} package(s) carry link scripts, e.g. {name}: {first[0]}",
+                                 why=f"a link script runs code at install time; lorastrap runs none by default "
+                                     f"(all: {listed})",
+                                 fix="Nothing was installed. Pass --allow-link-scripts to install them anyway (the "
+                                     "embedded engine still skips the scripts; micromamba/mamba run them).")
+    if eng.kind == "rattler":
+        narrate(f"link scripts allowed but not run (the embedded engine never runs them): {listed}")
+    else:
+        narrate(f"link scripts allowed: {eng.kind} runs them: {listed}")
 
 
 def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:
