@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -438,10 +439,12 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     if not pfx.is_conda_env(prefix) and not _interrupted(prefix):
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
-    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate), ExitStack() as stack:
         done = generations.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
         if done:
             narrate(done)
+        # From here every child (pip check in the diagnosis too) is in the transaction's children record.
+        stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if not pfx.is_conda_env(prefix):
             raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                              fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
