@@ -282,3 +282,22 @@ def test_a_redirect_only_to_the_same_host_or_a_named_one(tmp_path, served):
     c = cache.Cache(tmp_path / "pkgs", redirect_hosts=cache.redirect_hosts_from(["http://localhost:1/channel"]))
     path, _ = c.fetch(f"{srv.url}/big.conda", sha, "big.conda")  # a host the user named: followed
     assert cache.sha256_file(path) == sha
+
+
+@pytest.mark.parametrize("part", ["complete", "longer"])
+def test_a_complete_or_longer_part_never_wedges_the_archive(tmp_path, served, part):
+    """A run killed after the last byte leaves a complete .part: it is checked by its hash, not resumed (a Range
+    request past the end is answered 416); a longer part (another file) is downloaded again from the start."""
+    srv, root, sha = served
+    c = cache.Cache(tmp_path / "pkgs")
+    tmp = c.entry(sha, "big.conda").with_name(".big.conda.part")
+    tmp.parent.mkdir(parents=True)
+    data = (root / "big.conda").read_bytes()
+    tmp.write_bytes(data if part == "complete" else data + b"more bytes than the file has")
+    narrated = []
+    path, got = c.fetch(f"{srv.url}/big.conda", sha, "big.conda", narrate=narrated.append)
+    assert cache.sha256_file(path) == sha and not tmp.exists()
+    if part == "complete":
+        assert got == 0 and srv.requests.get("big.conda", 0) == 0
+    else:
+        assert any("from the start" in m for m in narrated) and got == SIZE

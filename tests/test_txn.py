@@ -197,6 +197,35 @@ def test_link_mode_copy_shares_no_file_with_the_cache(channel, warm_home, tmp_pa
     _smoke(prefix)
 
 
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_a_same_size_edit_with_its_mtime_put_back_never_reaches_a_new_environment(channel, warm_home, tmp_path, mode):
+    first = _installed(channel, tmp_path / "env")
+    assert run_cli("install", *_args(channel, tmp_path / "second", "--no-verify")).returncode == 0  # stamped
+    conf = first / "share" / "lorastrap-test" / "xz" / "VERSION"
+    st = conf.stat()
+    with open(conf, "r+") as f:  # same size, in place, through the shared inode
+        f.write("X")
+    os.utime(conf, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back: only the ctime tells
+    assert conf.stat().st_size == st.st_size and conf.stat().st_mtime_ns == st.st_mtime_ns
+    third = tmp_path / "third"
+    res = run_cli("install", *_args(channel, third, "--no-verify", "--link-mode", mode))
+    assert res.returncode == 0 and "unpacking it again" in res.stderr, res.stderr
+    assert not (third / conf.relative_to(first)).read_text().startswith("X")
+
+
+def test_an_entry_injected_into_an_extracted_copys_paths_json_is_never_linked(channel, warm_home, tmp_path):
+    _installed(channel, tmp_path / "env")
+    copy = next((warm_home / "pkgs" / "extracted").glob("xz-*"))
+    (copy / "share" / "injected.sh").write_text("echo injected\n")
+    own = json.loads((copy / "info" / "paths.json").read_text())
+    own["paths"].append({"_path": "share/injected.sh", "path_type": "hardlink", "size_in_bytes": 14})
+    (copy / "info" / "paths.json").write_text(json.dumps(own))
+    other = tmp_path / "other"
+    res = run_cli("install", *_args(channel, other, "--no-verify"))
+    assert res.returncode == 0 and "unpacking it again" in res.stderr and "share/injected.sh" in res.stderr
+    assert not (other / "share" / "injected.sh").exists() and not (copy / "share" / "injected.sh").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency
 

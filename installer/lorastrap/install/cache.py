@@ -123,8 +123,13 @@ class Cache:
                     return path, 0
                 path.unlink()
             resumed = tmp.exists() and tmp.stat().st_size > 0
-            got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop, hosts=self.redirect_hosts)
-            got = sha256_file(tmp)
+            if resumed and sha256_file(tmp) == sha256:  # a run killed after the last byte: complete, not resumed
+                narrate(f"{filename}: a complete earlier download matches the lock; using it")
+                got, got_bytes = sha256, 0
+            else:
+                got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                      hosts=self.redirect_hosts)
+                got = sha256_file(tmp)
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 tmp.unlink()
@@ -197,13 +202,22 @@ class Cache:
             if not folder.is_dir():
                 continue
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                bad = _extracted_damage(folder, archive.paths_json(path).get("paths", []), full=full)
+                entries = archive.paths_json(path).get("paths", [])
+                bad = _paths_differ(folder, entries) or _extracted_damage(folder, entries, full=full)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")
                     fsutil.remove_tree(folder)
                     removed.append(folder.name)
         return removed
+
+    def restamp_extracted(self, archives: list[Path], *, extracted: Path) -> None:
+        """restamp every extracted copy of ARCHIVES that passed check_extracted (see restamp)."""
+        for path in archives:
+            folder = extracted / _dist_name(path.name)
+            if folder.is_dir() and (folder / STAMP).exists():
+                with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
+                    restamp(folder, archive.paths_json(path).get("paths", []))
 
 
 def _signature(path: Path) -> str:
@@ -218,7 +232,40 @@ def _dist_name(filename: str) -> str:
     return filename
 
 
-STAMP = ".lorastrap-checked"  # in an extracted copy: the size and mtime of each file at its last full check
+STAMP = ".lorastrap-checked"  # in an extracted copy: size, mtime and ctime of each file at its last full check
+
+
+def _paths_key(entries) -> set:
+    return {(e.get("_path"), e.get("path_type", "hardlink"), e.get("sha256")) for e in entries if isinstance(e, dict)}
+
+
+def _paths_differ(folder: Path, entries: list[dict]) -> str | None:
+    """The engine links what the copy's own info/paths.json lists: it must list what the archive's does, no more."""
+    import json
+    try:
+        own = json.loads((folder / "info" / "paths.json").read_text()).get("paths", [])
+    except (OSError, ValueError, AttributeError):
+        return "its info/paths.json is missing or unreadable"
+    if _paths_key(own) != _paths_key(entries):
+        extra = sorted(str(p) for p, _, _ in _paths_key(own) - _paths_key(entries))
+        return "its info/paths.json differs from the archive's" + (f" (it adds {extra[0]})" if extra else "")
+    return None
+
+
+def restamp(folder: Path, entries: list[dict]) -> None:
+    """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link changes
+    a file's ctime, not its bytes), so the next quick check does not hash them all again."""
+    import json
+    stats = {}
+    for e in entries:
+        if e.get("path_type", "hardlink") != "hardlink":
+            continue
+        try:
+            st = (folder / e["_path"]).lstat()
+        except OSError:
+            return
+        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    fsutil.write_atomic(folder / STAMP, json.dumps(stats, sort_keys=True))
 
 
 def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
@@ -236,7 +283,7 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
             return f"{e['_path']} missing"
         if not p.is_file() or p.is_symlink():
             return f"{e['_path']} is not a file"
-        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}"
+        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
     stamp = folder / STAMP
     if not full:
         try:
@@ -413,6 +460,10 @@ def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
             return transferred
         except _HttpStatus as exc:
             last = str(exc)
+            if exc.code == 416 and have:  # nothing left to resume from there (a longer or other part): afresh
+                narrate(f"{dest.name[1:-5]}: the server cannot resume at {have} bytes; downloading it from the start")
+                dest.unlink(missing_ok=True)
+                continue
             if exc.code < 500 and exc.code not in (408, 429):
                 break
         except (socket.timeout, TimeoutError):

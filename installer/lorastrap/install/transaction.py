@@ -270,6 +270,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        entries=entries, wheels=local, profile=profile, link_mode=link_mode,
                        carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate)
+                # The copies the engine just linked from were checked above; the new links changed only their
+                # ctimes, so record those (the next quick check then hashes only what changed since).
+                cache.restamp_extracted(list(archives.values()), extracted=unpacked)
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -393,7 +396,7 @@ def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> list[st
             skipped.append(f"{rel} ({exc.strerror or exc})")
             continue
         copied += 1
-    narrate(f"carried over {copied} item(s) no package owns (also kept in the backup)")
+    narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
     if skipped:
         narrate(f"not carried over ({len(skipped)}; they stay in the backup): " + "; ".join(skipped[:20])
                 + (" …" if len(skipped) > 20 else ""))
