@@ -271,7 +271,7 @@ def _prefix(args) -> Path:
         raise errors.UsageError(f"--name {name!r} is not an environment name",
                                 why=f"a name is one folder under {paths.envs_dir()}; it cannot be empty or hold / or ..",
                                 fix="Give a plain name (for example lora), or --prefix PATH for another place.")
-    return (args.prefix or paths.envs_dir() / name).absolute()
+    return paths.check_prefix_path((args.prefix or paths.envs_dir() / name).absolute())
 
 
 def _write_report(path: Path | None, doc: dict) -> None:
@@ -374,8 +374,15 @@ def cmd_lock(args) -> int:
     return errors.OK
 
 
+LOCK_LIMIT = 256 << 20  # a lock of a whole distribution is a few MiB
+
+
 def cmd_diff_locks(args) -> int:
+    from lorastrap.core import fsutil
     from lorastrap.locking import lock
+    for path in (args.old, args.new):  # a FIFO or /dev/zero would block or never end: refused before reading
+        if path.exists():
+            fsutil.read_bounded(path, limit=LOCK_LIMIT, what="lock file", fix="Pass two conda-lock files.")
     old = lock.read_lock(args.old) if args.old.exists() else None
     diff = lock.diff_locks(old, lock.read_lock(args.new))
     _print(args, diff, lock.format_diff(diff))
@@ -431,11 +438,32 @@ def cmd_install(args) -> int:
     return errors.OK
 
 
+def _bundle_output(out: Path) -> None:
+    """Refuse, before any copying, an -o that cannot become a bundle: a device (/dev/null), a file that is not a
+    .tar, a path under a file."""
+    import stat as _stat
+    fix = "Pass -o a new or existing folder, or a file name ending in .tar."
+    try:
+        st = out.stat() if out.exists() else None
+    except OSError as exc:
+        raise errors.UsageError(f"-o {out} cannot be used", why=exc.strerror or str(exc), fix=fix)
+    if st is not None and not _stat.S_ISDIR(st.st_mode) and not (_stat.S_ISREG(st.st_mode) and out.suffix == ".tar"):
+        kind = "a device or FIFO" if not _stat.S_ISREG(st.st_mode) else "a file that is not a .tar"
+        raise errors.UsageError(f"-o {out} is {kind}", why="a bundle is a folder or a .tar file; lorastrap never "
+                                "writes a bundle over anything else", fix=fix)
+    above = out.absolute().parent
+    while not above.exists() and above.parent != above:
+        above = above.parent
+    if not above.is_dir():
+        raise errors.UsageError(f"-o {out} lies under {above}, a file", why="its folder cannot be made", fix=fix)
+
+
 def cmd_bundle(args) -> int:
     from lorastrap.fleet import bundle
     from lorastrap.locking import lock
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
+    _bundle_output(args.output)
     envs = _envs_dir(args)
     matrix = profiles.load(envs)
     machine = detect()

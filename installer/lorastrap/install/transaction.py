@@ -188,6 +188,13 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         if not entries:
             raise ConfigError(f"{lk.path}: no packages for {platform}",
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
+        odd = next((e for e in entries if e.filename in ("", ".", "..") or "\0" in e.url
+                    or "\\" in e.filename), None)
+        if odd:
+            raise ConfigError(f"{lk.path}: the URL of {odd.name} ({odd.url!r}) does not end in a file name",
+                              why="each locked package is one archive (…/NAME-VERSION-BUILD.conda, a wheel); a URL "
+                                  "ending in / or /.. names none",
+                              fix="Re-lock: `lorastrap lock`, or correct that URL. Nothing was changed.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
         unmet = locking.missing_dependencies(entries)
