@@ -267,3 +267,31 @@ def test_a_lock_lacking_a_dependency_is_refused_and_named_by_doctor(channel, war
     res = run_cli("install", *_args(channel, tmp_path / "third", "--no-verify"))
     assert res.returncode == 4 and "libzlib" in res.stderr and "Re-lock" in res.stderr, res.stderr
     assert not (tmp_path / "third").exists()
+
+
+def test_what_killed_runs_left_is_removed_by_the_next_run_only_when_its_owner_is_dead(channel, warm_home, tmp_path):
+    import socket
+    prefix = _installed(channel, tmp_path / "env")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    host = socket.gethostname()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    pkgs = warm_home / "pkgs"
+    stale = [pkgs / f".lorastrap-install-{host}.{dead.pid}.x1", tmpdir / f"lorastrap-repair-{host}.{dead.pid}.x2"]
+    kept = [pkgs / f".lorastrap-install-{host}.{os.getpid()}.x3",  # its owner runs
+            pkgs / f".lorastrap-install-another-node.{dead.pid}.x4",  # another node's, on a shared cache
+            tmpdir / f"lorastrap-repair-another-node.{dead.pid}.x5"]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "f").write_text("x")
+    copy = next((pkgs / "extracted").glob("xz-*"))
+    half = copy / f"..lorastrap-checked.{dead.pid}.tmp"  # a stamp write cut by SIGKILL
+    half.write_text("{")
+    (prefix / "share" / "lorastrap-test" / "xz" / "VERSION").write_text("edited")  # so repair has work
+    res = run_cli("repair", *_args(channel, prefix, "--yes", "--drop-backup"), env={"TMPDIR": str(tmpdir)})
+    assert res.returncode == 0, res.stderr
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+    assert not half.exists()
+    assert not list(pkgs.glob(f".lorastrap-install-{host}.{os.getpid() + 0}x*"))
+    assert not [p for p in tmpdir.iterdir() if p.name.startswith(f"lorastrap-repair-{host}.") and p not in kept]

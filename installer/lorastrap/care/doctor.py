@@ -33,7 +33,7 @@ from packaging.utils import canonicalize_name
 from lorastrap.install import generations
 from lorastrap.install import transaction as inst, prefix as pfx, txn, verify
 from lorastrap.locking import lock as locking
-from lorastrap.core import locks, paths, subproc
+from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.matrix import plan as planner, profiles
 from lorastrap.install.cache import sha256_file
 from lorastrap.machine.detect import Machine
@@ -451,7 +451,8 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
         diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)
         record = pfx.read_record(prefix)
-        tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
+        fsutil.remove_orphans(Path(tempfile.gettempdir()), "lorastrap-repair-")  # of repairs killed earlier
+        tmp = Path(tempfile.mkdtemp(prefix=f"lorastrap-repair-{fsutil.owner_tag()}."))
         try:
             if replan or record is None or not pfx.own_lock(prefix).exists():
                 name = planner.require_profile(planner.plan(machine, matrix))

@@ -117,3 +117,42 @@ def read_stream_tail(stream, *, keep: int, limit: int, what: str, fix: str) -> s
             raise UsageError(f"{what}: more than {limit} characters", why="the input does not end (or is not a log)",
                              fix=fix)
         tail = (tail + block)[-keep:]
+
+
+def owner_tag() -> str:
+    """Names a temporary folder after its owner: HOST.PID (a cache shared over NFS holds other hosts' folders)."""
+    import socket
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def _dead(host: str, pid: int) -> bool:
+    import socket
+    if host != socket.gethostname():
+        return False  # another node's: never judged from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Remove FOLDER's PREFIX<HOST>.<PID>.* entries whose owner (on this host) is dead: what a SIGKILLed run left.
+    Returns what was removed."""
+    import re as _re
+    removed = []
+    try:
+        names = [p for p in folder.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for p in names:
+        m = _re.fullmatch(_re.escape(prefix) + r"(.+)\.(\d+)\.[^/]*", p.name)
+        if m and _dead(m.group(1), int(m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

@@ -284,6 +284,8 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
         if not p.is_file() or p.is_symlink():
             return f"{e['_path']} is not a file"
         stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    for left in folder.glob(f".{STAMP}.*.tmp"):  # a writer killed mid-write (writes happen under the folder's lock)
+        left.unlink(missing_ok=True)
     stamp = folder / STAMP
     if not full:
         try:

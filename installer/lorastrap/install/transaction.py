@@ -248,7 +248,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
         cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
 
-        work = Path(tempfile.mkdtemp(prefix=".lorastrap-install-", dir=cache.root))  # hard links to the cache
+        fsutil.remove_orphans(cache.root, ".lorastrap-install-")  # work folders of runs killed earlier
+        work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
             # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
             local_lock = engines.hand_over(lk, platform, archives, cache.root / "channel", work)
