@@ -251,3 +251,27 @@ def test_update_and_rollback_survive_sigkill(growing_channel, warm_home, tmp_pat
         assert json.loads(res.stdout)["health"] == "ok"
         assert not Path(f"{prefix}.lorastrap-swap").exists() and not Path(f"{prefix}.lorastrap-swap.json").exists()
         assert len(list(tmp_path.glob("env.lorastrap-backup"))) == 1
+
+
+def test_the_users_work_survives_update_rollback_update(growing_channel, warm_home, tmp_path):
+    """update → edit a notebook → rollback → update: the edit and a new file stay current throughout."""
+    ch, prefix = growing_channel, tmp_path / "env"
+    assert _install(ch, prefix).returncode == 0
+    nb = prefix / "notebooks" / "run.ipynb"
+    nb.parent.mkdir()
+    nb.write_text("v1")
+    ch["publish"]("peft", "0.22.0")
+    assert _update(ch, prefix).returncode == 0 and nb.read_text() == "v1"
+    nb.write_text("v2: edited after the update")
+    (prefix / "notebooks" / "new.txt").write_text("made after the update")
+    os.symlink("run.ipynb", prefix / "notebooks" / "latest")
+    res = run_cli("rollback", "--prefix", str(prefix))
+    assert res.returncode == 0, res.stderr
+    assert _peft(prefix) == "0.21.2"
+    assert nb.read_text() == "v2: edited after the update"
+    assert (prefix / "notebooks" / "new.txt").read_text() == "made after the update"
+    assert os.readlink(prefix / "notebooks" / "latest") == "run.ipynb"
+    res = _update(ch, prefix, "--keep-generations", "1")  # prunes what was generation 1 before
+    assert res.returncode == 0, res.stderr
+    assert _peft(prefix) == "0.22.0" and nb.read_text() == "v2: edited after the update"
+    assert (prefix / "notebooks" / "new.txt").read_text() == "made after the update"

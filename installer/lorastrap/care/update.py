@@ -200,6 +200,7 @@ def rollback(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> Roll
                 raise NoEnvError(f"{prefix} has no previous generation to roll back to",
                                  why="one is kept when `lorastrap update` (or `rollback`) replaces an environment",
                                  fix="`lorastrap list` shows the generations kept; `lorastrap update` keeps one.")
+            install.user_files_follow(prefix, gens[0], narrate)  # the user's work stays current
             journal = generations.swap_journal(prefix)
             fsutil.write_atomic(journal, json.dumps({"prefix": str(prefix), "generation": str(gens[0])}) + "\n")
             generations.pause("rollback-journal")

@@ -130,12 +130,17 @@ def unowned(prefix: Path, owned: set[str]) -> list[str]:
     return sorted(out)
 
 
-def user_files(prefix: Path) -> list[str]:
-    """The files no conda package and no Python distribution owns: what install and repair carry over."""
+def owned_paths(prefix: Path) -> set[str]:
+    """Every path a conda package or a Python distribution of PREFIX owns."""
     owned = {p["_path"] for rec in conda_meta(prefix).records.values() for p in rec.paths}
     for dist in distributions(prefix).values():
         owned.update(dist.files)
-    return unowned(prefix, owned)
+    return owned
+
+
+def user_files(prefix: Path) -> list[str]:
+    """The files no conda package and no Python distribution owns: what install and repair carry over."""
+    return unowned(prefix, owned_paths(prefix))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import filecmp
 import signal
 import socket
 import stat
@@ -409,6 +410,28 @@ def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> list[st
         narrate(f"not carried over ({len(skipped)}; they stay in the backup): " + "; ".join(skipped[:20])
                 + (" …" if len(skipped) > 20 else ""))
     return skipped
+
+
+def user_files_follow(current: Path, target: Path, narrate) -> None:
+    """Before TARGET (a kept generation) becomes current again: the user's things in CURRENT (owned by no package)
+    go with it — missing ones are carried over, and a file of the user's that TARGET holds in an older state is
+    replaced by the current one (the user's work is not part of a generation).  A path a package of TARGET owns is
+    never written."""
+    owned = pfx.owned_paths(target)
+    rels = [r for r in pfx.user_files(current) if r not in owned]
+    updated = 0
+    for rel in rels:
+        src, dst = current / rel, target / rel
+        if (src.is_file() and not src.is_symlink() and dst.is_file() and not dst.is_symlink()
+                and not _link_on_the_way(target, rel) and not filecmp.cmp(src, dst, shallow=False)):
+            tmp = dst.with_name(f".{dst.name}.lorastrap-{os.getpid()}.tmp")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+            updated += 1
+    if updated:
+        narrate(f"{updated} file(s) of yours updated to their current state in {target}")
+    _carry_over(current, target, tuple(r for r in rels if not (target / r).exists() and not (target / r).is_symlink()),
+                narrate)
 
 
 def _link_on_the_way(root: Path, rel: str) -> bool:
