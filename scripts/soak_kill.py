@@ -105,9 +105,10 @@ def check_invariant(prefix: Path) -> str | None:
 
 def leftovers(prefix: Path, home: Path) -> list[str]:
     """What must not be there once a run ended well."""
-    found = [p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")]
+    found = [p.name for p in prefix.parent.iterdir()
+             if p.name.startswith(prefix.name + ".") and p.name != prefix.name + ".lorastrap.lock"]  # kept: locks.py
     found += [str(p) for p in (home / "pkgs").rglob("*.part")]
-    found += [str(p) for p in (home / "pkgs" / "archives").rglob("*.lock")]  # (extracted/: the engine's own)
+    found += [str(p) for p in (home / "pkgs").glob(".lorastrap-install-*")]
     for proc in Path("/proc").iterdir():  # anything still working in or on the environment
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue

@@ -245,7 +245,8 @@ def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_t
     assert _install(channel, prefix).returncode == 0
     before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
     wheel = _uncache(warm_home, "*.whl")[0]
-    (prefix / "conda-meta" / "lorastrap" / "record.json").unlink()  # force a rebuild of the same lock
+    record = prefix / "conda-meta" / "lorastrap" / "record.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "lock_digest": "0"}))  # force a rebuild
     empty = tmp_path / "empty-index"
     (empty / "simple").mkdir(parents=True)
     down = NetSim(empty).start()
@@ -301,3 +302,27 @@ def test_a_complete_or_longer_part_never_wedges_the_archive(tmp_path, served, pa
         assert got == 0 and srv.requests.get("big.conda", 0) == 0
     else:
         assert any("from the start" in m for m in narrated) and got == SIZE
+
+
+def test_a_mirror_per_channel(channel, warm_home, tmp_path, mirror):
+    """A committed lock of two channels: one bare --mirror is refused (it would stand for both); --mirror
+    CHANNEL=URL rewrites only its channel."""
+    import yaml
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    doc = yaml.safe_load((warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml").read_text())
+    doc["metadata"]["channels"].append({"url": "https://conda.anaconda.org/nvidia", "used_env_vars": []})
+    (envs / "test-cpu.conda-lock.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    prefix = tmp_path / "env"
+
+    def install(*args):
+        return run_cli("install", "--envs-dir", str(envs), "--pip-index-url", channel["simple"], "--prefix",
+                       str(prefix), "--no-verify", "--profile", "test-cpu", *args)
+
+    res = install("--mirror", f"{mirror.url}/channel")
+    assert res.returncode == 2 and "the lock uses 2 channels" in res.stderr and "--mirror CHANNEL=URL" in res.stderr
+    assert not prefix.exists()
+    gone = _uncache(warm_home, "peft-*")
+    res = install("--mirror", f"{channel['url']}={mirror.url}/channel", "--mirror", "nvidia=file:///nowhere")
+    assert res.returncode == 0, res.stderr
+    assert mirror.requests[gone[0]] == 1  # fetched from the mirror named for its channel

@@ -109,7 +109,7 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # The file lock, across real processes
 
-HOLD = "import sys, time; from lorastrap import locks; from pathlib import Path\n" \
+HOLD = "import sys, time; from lorastrap.core import locks; from pathlib import Path\n" \
        "with locks.held(Path(sys.argv[1]), what='p'):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
 
 
@@ -142,6 +142,31 @@ def test_lock_waits_says_so_and_gets_it_when_released(tmp_path):
         assert path.read_text().strip() == str(os.getpid())
     proc.wait()
     assert said and f"(pid {proc.pid})" in said[0] and waited > 0.3
+
+
+def test_lock_files_are_kept_and_a_waiter_on_a_removed_one_starts_over(tmp_path):
+    """The NFS-safe protocol (locks.py): the holder never removes its lock file; when one is removed (uninstall),
+    a waiter that then locks the removed inode sees, by opening the path afresh, that it is not the file there."""
+    path = tmp_path / "p.lorastrap.lock"
+    with locks.held(path, what="p"):
+        pass
+    assert path.exists()  # kept
+    proc = _holder(path, 1.0)
+    old_inode = path.stat().st_ino
+    path.unlink()  # removed while held, as uninstall does after its run
+    other = _holder(path, 30)  # a new file at PATH, held by another run
+    try:
+        with pytest.raises(BusyError):
+            with locks.held(path, what="p", wait=False):
+                pass
+        proc.wait()  # the old file's holder is gone: its inode is free, but it is not the lock file any more
+        with pytest.raises(BusyError):
+            with locks.held(path, what="p", wait=True, timeout=1.5):
+                pass
+        assert path.stat().st_ino != old_inode
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_killed_holder_releases_the_lock(tmp_path):

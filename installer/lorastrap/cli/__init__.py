@@ -64,7 +64,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     sources = _Parser(add_help=False)
     sources.add_argument("--channel", action="append", default=None,
                          help="channel URL, name or path to lock from (repeatable; replaces the spec's channels)")
-    sources.add_argument("--mirror", default=None, help="a mirror of the lock's channel (http(s), file:// or a path)")
+    sources.add_argument("--mirror", action="append", default=None, metavar="[CHANNEL=]URL",
+                         help="a mirror of a channel of the lock (http(s), file:// or a path): CHANNEL=URL for one "
+                              "channel (repeatable), or URL alone for a lock of a single channel")
     sources.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
 
     transaction = _Parser(add_help=False)
@@ -300,14 +302,35 @@ def _sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
     from lorastrap.locking import lock
-    for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
+    bare, by_channel = _mirrors(args.mirror or [])
+    for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [bare], False),
+                                ("--mirror", list(by_channel.values()), False),
                                 ("--pip-index-url", [args.pip_index_url], True)):
         for v in values:
             if v is not None:
                 lock.check_source(v, flag, index=index)
-    return {"channels": args.channel or ([args.mirror] if args.mirror else None),
-            "mirror": args.mirror or (args.channel[0] if args.channel else None),
+    return {"channels": args.channel or ([bare] if bare else None),
+            "mirror": by_channel or bare or (args.channel[0] if args.channel else None),
             "pip_index_url": args.pip_index_url or lock.DEFAULT_PIP_INDEX}
+
+
+def _mirrors(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """--mirror values: one bare URL, or CHANNEL=URL pairs (the = before any ://)."""
+    bare, pairs = [], {}
+    for v in values:
+        key, eq, url = v.partition("=")
+        is_pair = eq and url and "?" not in key and (
+            ("://" not in key and not key.startswith(("/", "."))) or ("://" in key and "://" in url))
+        if is_pair:
+            pairs[key.strip()] = url.strip()
+        else:
+            bare.append(v)
+    if len(bare) > 1 or (bare and pairs):
+        raise errors.UsageError("--mirror URL alone can be given once, and not with CHANNEL=URL",
+                                why="a mirror without its channel stands for every channel of the lock",
+                                fix="Name the channel each mirror stands for: --mirror conda-forge=URL "
+                                    "--mirror nvidia=URL2.")
+    return (bare[0] if bare else None), pairs
 
 
 def _machine(args):
@@ -474,7 +497,7 @@ def cmd_bundle(args) -> int:
     lk = lock.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
                      channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
     out = args.output.absolute()
-    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
+    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=src["mirror"],
                            virtual_packages=lock.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, narrate=say)
     summary = {"profile": manifest.profile, "platform": manifest.platform, "python_version": manifest.python_version,
@@ -627,8 +650,8 @@ def cmd_update(args) -> int:
     machine = detect(disk_path=prefix)
     src = _sources(args)
     result = update.update(prefix=prefix, envs_dir=_envs_dir(args), matrix=profiles.load(_envs_dir(args)),
-                           profile_name=args.profile, channels=args.channel or ([args.mirror] if args.mirror else None),
-                           mirror=args.mirror, pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
+                           profile_name=args.profile, channels=src["channels"],
+                           mirror=src["mirror"], pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
                            link_mode=args.link_mode, narrate=say)

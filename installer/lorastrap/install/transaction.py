@@ -99,10 +99,15 @@ def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs
     or failing at once with wait=False); see install_locked and the module's docstring."""
     prefix = check_prefix(prefix.expanduser().absolute(), narrate)
     made = [p for p in reversed(prefix.parents) if not p.exists()]  # folders this run creates for PREFIX
+    held_it = False
     try:
         with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+            held_it = True
             return install_locked(prefix=prefix, narrate=narrate, **kwargs)
     except BaseException:
+        if held_it and not (pfx.made_by_lorastrap(prefix) or txn.journal_path(prefix).exists()
+                            or txn.backup_path(prefix).exists()):
+            txn.lock_file_path(prefix).unlink(missing_ok=True)  # refused: no lock file left (waiters re-check)
         if not prefix.exists():  # refused or failed before anything was made: leave no empty folders behind
             for folder in reversed(made):
                 try:
@@ -142,7 +147,7 @@ def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
                    matrix: Matrix | None = None, engine: str | None = None, frozen: bool = False,
-                   channels: list[str] | None = None, mirror: str | None = None,
+                   channels: list[str] | None = None, mirror: str | dict[str, str] | None = None,
                    pip_index_url: str = locking.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
@@ -196,6 +201,13 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               why="each locked package is one archive (…/NAME-VERSION-BUILD.conda, a wheel); a URL "
                                   "ending in / or /.. names none",
                               fix="Re-lock: `lorastrap lock`, or correct that URL. Nothing was changed.")
+        own = {locking.channel_url(c) for c in lk.channels}
+        if isinstance(mirror, str) and len(own) > 1 and locking.channel_url(mirror) not in own:
+            raise UsageError(f"--mirror {mirror}: the lock uses {len(lk.channels)} channels "
+                             f"({', '.join(lk.channels)})",
+                             why="one mirror without its channel would stand for all of them (wrong URLs)",
+                             fix="Name the channel each mirror stands for: --mirror CHANNEL=URL (repeatable), "
+                                 f"e.g. --mirror {lk.channels[0]}={mirror}.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
         unmet = locking.missing_dependencies(entries)
@@ -220,7 +232,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
 
         # Preflight: free disk where the cache and the environment go.
         cache = Cache(paths.cache_dir(), redirect_hosts=redirect_hosts_from(
-            [*(lk.channels or []), *(channels or []), mirror or "", pip_index_url]))
+            [*(lk.channels or []), *(channels or []),
+             *((mirror.values() if isinstance(mirror, dict) else [mirror or ""])), pip_index_url]))
         _check_disk(cache.root, min_free_mib, 0, "the package cache")
 
         # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
@@ -357,7 +370,7 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
     timings["check"] = time.perf_counter() - t
 
 
-def _source_url(e: locking.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
+def _source_url(e: locking.Entry, channels: list[str], mirror, pip_index_url: str) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
     same file, found by name on the index's simple page: the lock's sha256 still decides)."""
