@@ -167,6 +167,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     t0 = time.perf_counter()
     with _signals_raise(), ExitStack() as stack:
         recovered = generations.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
+        fsutil.remove_orphans(paths.cache_dir(), ".lorastrap-install-")  # work folders of runs killed earlier
         stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if recovered:
             narrate(recovered)
@@ -262,7 +263,6 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
         cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
 
-        fsutil.remove_orphans(cache.root, ".lorastrap-install-")  # work folders of runs killed earlier
         work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
             # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
