@@ -654,7 +654,7 @@ def cmd_update(args) -> int:
                            mirror=src["mirror"], pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
-                           link_mode=args.link_mode, narrate=say)
+                           link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts, narrate=say)
     if result.changed:
         generations.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)
