@@ -206,6 +206,10 @@ find_root() {
     mkdir -p "$_src" || err "cannot create $_src" 1
     say "fetching lorastrap from $LORASTRAP_SOURCE_URL"
     download "$LORASTRAP_SOURCE_URL" "$_tmp/source.tar.gz" "${LORASTRAP_SOURCE_SHA256:-}" || exit $?
+    if [ -z "${LORASTRAP_SOURCE_SHA256:-}" ]; then
+        # Said even with LORASTRAP_QUIET: what runs next is whatever that URL served.
+        warn "UNCHECKED SOURCE: LORASTRAP_SOURCE_SHA256 is not set, so the archive from $LORASTRAP_SOURCE_URL (sha256 $(sha256_of "$_tmp/source.tar.gz")) runs without a check. Set LORASTRAP_SOURCE_SHA256 to the sha256 its release page publishes."
+    fi
     _into="$_src/$(sha256_of "$_tmp/source.tar.gz" | cut -c1-16)"
     if [ ! -f "$_into/installer/lorastrap/__main__.py" ]; then
         rm -rf "$_into.part"

@@ -6,7 +6,7 @@ It serves DIR with keep-alive and Range requests (206 / 416), and can
 - add a delay to every request (latency) and cap each connection's bandwidth (bytes per second);
 - inject faults per file name, consumed one a request: "500", "404", "cut" (half the body, then the connection
   closes), "stall" (half the body, then silence for `stall_s`, then close), "lie" (a complete body whose bytes
-  differ — a mirror serving something else under the right name).
+  differ — a mirror serving something else under the right name), "redirect:URL" (a 302 to URL).
 It counts requests, Range requests, connections and the most connections open at once.
 """
 
@@ -72,6 +72,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(srv.delay_s)
         if fault == "500":
             return self._plain(500, "injected server error")
+        if fault and fault.startswith("redirect:"):  # "redirect:URL": a 302 to URL
+            self.send_response(302)
+            self.send_header("Location", fault[len("redirect:"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if fault == "404" or not path.is_file() or srv.root not in path.resolve().parents:
             return self._plain(404, "not found")
         data = path.read_bytes()

@@ -7,7 +7,9 @@ After every interrupted run the invariant is checked: PREFIX works (its packaged
 file in it, or the journal is there and says how the next run restores it (the backup is complete and holds the
 user's file, or the journal says "committing" and PREFIX is the complete new environment).  After the re-run:
 exit 0, PREFIX works, the user's file is intact, and nothing is left over (journal, backup, trash, lock files,
-partial downloads, processes working in the environment).  tests/test_kill.py runs 30 of these on every test run.
+partial downloads, processes working in the environment).  tests/test_kill.py runs a short weighted soak in the
+default tier (signals inside the transaction's pause points, a cold cache now and then, rollbacks) and 30 runs in
+the slow tier.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ TEST_ENVS = ROOT / "tests" / "envs"
 USER_FILE = Path("mydata") / "notes.txt"
 USER_TEXT = "the user's own work\n"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
-OPS = ("install-cpu", "install-cuda", "install-cuda", "repair", "repair")  # cpu has a pip entry: slow (~4 s)
+OPS = ("install-cpu", "install-cuda", "install-cuda", "repair", "repair", "rollback")  # cpu has a pip entry (~4 s)
+# The transaction's pause points (LORASTRAP_PAUSE_AT): the critical windows. A weighted run stops there for PAUSE_S,
+# and the signal lands inside that window (at a random moment of it) instead of anywhere in the run.
+PAUSE_POINTS = ("download", "aside", "linked", "verify", "commit")
+PAUSE_S = 0.4
 
 
 @dataclass
@@ -41,6 +47,9 @@ class Stats:
     user_files_lost: int = 0
     leftovers: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    at_pause_points: dict[str, int] = field(default_factory=dict)  # pause point → runs signalled inside it
+    cold_cache_runs: int = 0  # runs started with archives (and their extracted copies) dropped from the cache
+    unrelated_killed: int = 0  # processes lorastrap did not start that died during a run
 
 
 def _argv(op: str, prefix: Path, channel_url: str, simple: str) -> tuple[list[str], dict[str, str]]:
@@ -49,6 +58,8 @@ def _argv(op: str, prefix: Path, channel_url: str, simple: str) -> tuple[list[st
     src = ["--envs-dir", str(TEST_ENVS), "--channel", channel_url, "--pip-index-url", simple, "--prefix", str(prefix)]
     if op == "repair":
         return base + ["repair", "--yes", "--drop-backup"] + src, env
+    if op == "rollback":
+        return base + ["rollback", "--prefix", str(prefix)], env
     if op == "install-cuda":
         env["CONDA_OVERRIDE_CUDA"] = "12.4"
     return base + ["install"] + src, env
@@ -82,6 +93,13 @@ def check_invariant(prefix: Path) -> str | None:
     """Right after an interrupted run: None when the user's environment is usable or restorable, else what broke."""
     journal = prefix.with_name(prefix.name + ".lorastrap-txn.json")
     backup = prefix.with_name(prefix.name + ".lorastrap-backup")
+    swap = prefix.with_name(prefix.name + ".lorastrap-swap.json")
+    if swap.exists():  # a rollback cut between its renames: both environments are complete somewhere
+        parked = prefix.with_name(prefix.name + ".lorastrap-swap")
+        places = [p for p in (prefix, backup, parked) if p.exists()]
+        if len(places) < 2 or not all(_complete(p) for p in places):
+            return f"rollback journal, but only {[p.name for p in places]} (complete: {[_complete(p) for p in places]})"
+        return None if any(has_user_file(p) for p in places) else "rollback journal, and the user's file is nowhere"
     if not journal.exists():
         if not works(prefix):
             return "no journal and PREFIX does not work"
@@ -105,9 +123,13 @@ def check_invariant(prefix: Path) -> str | None:
 
 def leftovers(prefix: Path, home: Path) -> list[str]:
     """What must not be there once a run ended well."""
-    found = [p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")]
+    kept = {prefix.name + ".lorastrap.lock"}  # the lock file stays (locks.py)
+    backup = prefix.with_name(prefix.name + ".lorastrap-backup")
+    if backup.exists() and _complete(backup) and (backup / "conda-meta" / "lorastrap" / "record.json").exists():
+        kept.add(backup.name)  # the generation rollback swaps with (kept on purpose)
+    found = [p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".") and p.name not in kept]
     found += [str(p) for p in (home / "pkgs").rglob("*.part")]
-    found += [str(p) for p in (home / "pkgs" / "archives").rglob("*.lock")]  # (extracted/: the engine's own)
+    found += [str(p) for p in (home / "pkgs").glob(".lorastrap-install-*")]
     for proc in Path("/proc").iterdir():  # anything still working in or on the environment
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
@@ -140,9 +162,48 @@ def _run(argv, env, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def _cool(home: Path, rng: random.Random) -> None:
+    """A cold cache for the next run: a few archives and their extracted copies dropped (download windows, .part
+    files left by a signal mid-download)."""
+    archives = sorted((home / "pkgs" / "archives").glob("*/*.conda"))
+    for a in rng.sample(archives, min(3, len(archives))):
+        for p in a.parent.iterdir():
+            p.unlink()
+        for x in (home / "pkgs" / "extracted").glob(a.name[: -len(".conda")]):
+            subprocess.run(["rm", "-rf", str(x)], check=False)
+
+
+def _ensure_generation(prefix: Path, channel_url: str, simple: str) -> None:
+    """rollback needs a previous generation: made (uninterrupted) by installing the other profile, keeping the
+    replaced one."""
+    if prefix.with_name(prefix.name + ".lorastrap-backup").exists():
+        return
+    cuda = "12.4" if "torch_build\": \"cpu" in _smoke_out(prefix) else ""
+    env = {k: v for k, v in os.environ.items() if k != "LORASTRAP_PAUSE_AT"}
+    env["CONDA_OVERRIDE_CUDA"] = cuda
+    res = _run([sys.executable, "-m", "lorastrap", "install", "--envs-dir", str(TEST_ENVS), "--channel", channel_url,
+                "--pip-index-url", simple, "--prefix", str(prefix), "--keep-backup"], env)
+    if res.returncode != 0:
+        raise RuntimeError(f"making a generation failed: {res.stderr[-2000:]}")
+
+
+def _smoke_out(prefix: Path) -> str:
+    try:
+        return subprocess.run([str(prefix / "bin" / "lora-smoke")], capture_output=True, text=True, timeout=60).stdout
+    except OSError:
+        return ""
+
+
+def _bystander() -> subprocess.Popen:
+    """A process lorastrap did not start, in its own session (as another user's job): it must outlive every run."""
+    return subprocess.Popen(["setsid", "sleep", "3600"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def soak(*, prefix: Path, home: Path, channel_url: str, simple: str, runs: int, seed: int,
-         say=lambda m: None) -> Stats:
-    """Install PREFIX with the user's file, then RUNS interrupted operations, each followed by its re-run."""
+         weighted: float = 0.0, cold: float = 0.0, say=lambda m: None) -> Stats:
+    """Install PREFIX with the user's file, then RUNS interrupted operations, each followed by its re-run.
+    WEIGHTED: the share of runs signalled inside a pause point (a critical window); COLD: the share of runs started
+    with part of the cache dropped."""
     rng = random.Random(seed)
     stats = Stats()
     argv, env = _argv("install-cpu", prefix, channel_url, simple)
@@ -152,23 +213,44 @@ def soak(*, prefix: Path, home: Path, channel_url: str, simple: str, runs: int, 
     (prefix / USER_FILE).parent.mkdir(parents=True, exist_ok=True)
     (prefix / USER_FILE).write_text(USER_TEXT)
     durations: dict[str, float] = {}
+    bystander = _bystander()
     for i in range(runs):
         op = rng.choice(OPS)
         sig = rng.choice(SIGNALS)
         if op == "repair":
             _damage(prefix, rng)
+        if op == "rollback":
+            _ensure_generation(prefix, channel_url, simple)
+        if cold and op != "rollback" and rng.random() < cold:
+            _cool(home, rng)
+            stats.cold_cache_runs += 1
         argv, env = _argv(op, prefix, channel_url, simple)
+        point = rng.choice(PAUSE_POINTS) if op != "rollback" and rng.random() < weighted else None
+        if point:
+            env = {**env, "LORASTRAP_PAUSE_AT": point, "LORASTRAP_PAUSE_S": str(PAUSE_S)}
         span = durations.get(op, 3.0)
-        delay = rng.uniform(0, span)
+        delay = rng.uniform(0, span if not point else PAUSE_S)
         start = time.monotonic()
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(sig)
+        early = ""
+        if point:  # wait for the window, then signal inside it
+            for line in proc.stderr:
+                early += line
+                if f"paused at {point}" in line:
+                    time.sleep(delay)
+                    proc.send_signal(sig)
+                    stats.at_pause_points[point] = stats.at_pause_points.get(point, 0) + 1
+                    break
+            delay = time.monotonic() - start
+        else:
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(sig)
         try:
             _, err = proc.communicate(timeout=120)
+            err = early + err
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
@@ -198,8 +280,14 @@ def soak(*, prefix: Path, home: Path, channel_url: str, simple: str, runs: int, 
         stats.leftovers += [f"run {i} ({op}): {x}" for x in left]
         if ok and not broken and not left:
             stats.survived += 1
-        say(f"run {i}: {op} + {sig.name} at {delay:.2f} s -> exit {proc.returncode}; "
-            f"{'ok' if ok and not broken and not left else 'FAILED'}")
+        say(f"run {i}: {op} + {sig.name} at {delay:.2f} s" + (f" (inside {point})" if point else "")
+            + f" -> exit {proc.returncode}; {'ok' if ok and not broken and not left else 'FAILED'}")
+        if bystander.poll() is not None:
+            stats.unrelated_killed += 1
+            stats.failures.append(f"run {i} ({op}): a process lorastrap did not start died")
+            bystander = _bystander()
+    bystander.kill()
+    bystander.wait()
     return stats
 
 

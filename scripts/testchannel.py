@@ -189,6 +189,165 @@ def _register_placeholders(archive: Path) -> None:
 CONSTRAINS = {"cuda-version": ["__cuda >=12"]}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Hostile packages (real .conda archives, for the containment tests): each is a plain generic package whose tar
+# and info/paths.json are then given members no honest build makes.
+
+def _with_members(archive: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], *,
+                  paths_only: list[dict] = ()) -> None:
+    """Append MEMBERS (TarInfo, data) to the archive's pkg tar and list them in info/paths.json; PATHS_ONLY entries
+    go into paths.json alone (a paths.json that names what the tar does not hold)."""
+    import zstandard
+
+    with zipfile.ZipFile(archive) as z:
+        infos = z.infolist()
+        blobs = {i.filename: z.read(i) for i in infos}
+    dctx, cctx = zstandard.ZstdDecompressor(), zstandard.ZstdCompressor(level=1)
+
+    def rewrite(name: str, edit) -> None:
+        old = []
+        with tarfile.open(fileobj=dctx.stream_reader(io.BytesIO(blobs[name])), mode="r|") as t:
+            for m in t:
+                old.append((m, t.extractfile(m).read() if m.isfile() else None))
+        raw = io.BytesIO()
+        with cctx.stream_writer(raw, closefd=False) as w, tarfile.open(fileobj=w, mode="w|",
+                                                                        format=tarfile.PAX_FORMAT) as t:
+            for m, data in edit(old):
+                t.addfile(m, io.BytesIO(data) if data is not None else None)
+        blobs[name] = raw.getvalue()
+
+    def add_files(old):
+        yield from old
+        yield from members
+
+    def add_paths(old):
+        for m, data in old:
+            if m.name == "info/paths.json":
+                doc = json.loads(data)
+                for tm, body in members:
+                    entry = {"_path": tm.name, "path_type": "softlink" if tm.issym() else "hardlink"}
+                    if tm.isfile():
+                        entry.update(sha256=hashlib.sha256(body).hexdigest(), size_in_bytes=len(body))
+                    doc["paths"].append(entry)
+                doc["paths"].extend(paths_only)
+                data = json.dumps(doc, indent=2, sort_keys=True).encode()
+                m.size = len(data)
+            yield m, data
+
+    rewrite(next(n for n in blobs if n.startswith("pkg-")), add_files)
+    rewrite(next(n for n in blobs if n.startswith("info-")), add_paths)
+    tmp = archive.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for i in infos:
+            z.writestr(zipfile.ZipInfo(i.filename, date_time=i.date_time), blobs[i.filename])
+    os.replace(tmp, archive)
+
+
+class _Zeros(io.RawIOBase):
+    """N zero bytes, streamed (an oversized member without holding it in memory)."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        k = min(len(b), self.left)
+        b[:k] = bytes(k)
+        self.left -= k
+        return k
+
+
+def _member(name: str, data: bytes | None = None, *, link: str | None = None, kind=tarfile.REGTYPE):
+    m = tarfile.TarInfo(name)
+    m.mtime, m.mode = int(TIMESTAMP.timestamp()), 0o755 if name.endswith(".sh") else 0o644
+    if link is not None:
+        m.type, m.linkname = tarfile.SYMTYPE, link
+    else:
+        m.type = kind
+        m.size = len(data or b"")
+    return m, data
+
+
+def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64") -> Path:
+    """One hostile package named hostile-KIND (version 1.0) in out_dir/PLATFORM; OUTSIDE is a folder outside every
+    prefix that a package of this kind tries to reach.  Kinds:
+      paths-traversal   info/paths.json names ../OUTSIDE-relative paths (the tar does not)
+      tar-traversal     a tar member ../../… and its paths.json entry
+      symlink-out       share/outlink → OUTSIDE, then share/outlink/pwned.txt written through it
+      link-maker        only share/outlink → OUTSIDE (link-user writes through it: the two together)
+      link-user         share/outlink/pwned.txt
+      script            bin/.hostile-script-post-link.sh that writes OUTSIDE/ran
+      inner-link        lib/ok.txt and lib64 → lib (a link inside the package: allowed)
+      oversized         share/zeros: 512 MiB of zeros in a tiny archive
+      fifo              a FIFO member"""
+    name = f"hostile-{kind}"
+    with tempfile.TemporaryDirectory(prefix="lorastrap-hostile-") as tmp:
+        work = Path(tmp)
+        files = _files(work, name, "1.0", "noarch", 0)
+        (out_dir / platform).mkdir(parents=True, exist_ok=True)
+        path = assemble(work, out_dir / platform, name, "1.0", platform, "h0_0", files, [])
+    rel_out = os.path.relpath(outside, "/")  # enough ../ to climb out of any prefix
+    up = "../" * 40
+    if kind == "paths-traversal":
+        body = b"pwned\n"
+        _with_members(path, [], paths_only=[{"_path": f"{up}{rel_out}/pwned.txt", "path_type": "hardlink",
+                                             "sha256": hashlib.sha256(body).hexdigest(), "size_in_bytes": 6}])
+    elif kind == "tar-traversal":
+        _with_members(path, [_member(f"{up}{rel_out}/pwned.txt", b"pwned\n")])
+    elif kind == "symlink-out":
+        _with_members(path, [_member("share/outlink", link=str(outside)), _member("share/outlink/pwned.txt",
+                                                                                  b"pwned\n")])
+    elif kind == "link-maker":
+        _with_members(path, [_member("share/outlink", link=str(outside))])
+    elif kind == "link-user":
+        _with_members(path, [_member("share/outlink/pwned.txt", b"pwned\n")])
+    elif kind == "script":
+        _with_members(path, [_member("bin/.hostile-script-post-link.sh",
+                                     f"#!/bin/sh\necho ran > '{outside}/ran'\n".encode())])
+    elif kind == "inner-link":
+        _with_members(path, [_member("lib/ok.txt", b"ok\n"), _member("lib64", link="lib")])
+    elif kind == "oversized":
+        m, _ = _member("share/zeros", b"")
+        m.size = 512 * MB
+        _with_members_stream(path, m)
+    elif kind == "fifo":
+        _with_members(path, [_member("share/pipe", kind=tarfile.FIFOTYPE)])
+    else:
+        raise ValueError(kind)
+    return path
+
+
+def _with_members_stream(archive: Path, member: tarfile.TarInfo) -> None:
+    """_with_members for one large member of zeros, streamed through the compressor."""
+    import zstandard
+
+    with zipfile.ZipFile(archive) as z:
+        infos = z.infolist()
+        blobs = {i.filename: z.read(i) for i in infos}
+    pkg = next(n for n in blobs if n.startswith("pkg-"))
+    dctx = zstandard.ZstdDecompressor()
+    old = []
+    with tarfile.open(fileobj=dctx.stream_reader(io.BytesIO(blobs[pkg])), mode="r|") as t:
+        for m in t:
+            old.append((m, t.extractfile(m).read() if m.isfile() else None))
+    raw = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as w, \
+            tarfile.open(fileobj=w, mode="w|", format=tarfile.PAX_FORMAT) as t:
+        for m, data in old:
+            t.addfile(m, io.BytesIO(data) if data is not None else None)
+        t.addfile(member, io.BufferedReader(_Zeros(member.size), buffer_size=1 << 20))
+    blobs[pkg] = raw.getvalue()
+    tmp = archive.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for i in infos:
+            z.writestr(zipfile.ZipInfo(i.filename, date_time=i.date_time), blobs[i.filename])
+    os.replace(tmp, archive)
+    _with_members(archive, [], paths_only=[{"_path": member.name, "path_type": "hardlink",
+                                            "size_in_bytes": member.size}])
+
+
 def assemble(work: Path, out_dir: Path, name: str, version: str, platform: str, build: str, files: Path,
              depends: list[str], build_number: int = 0, noarch: str | None = None,
              constrains: list[str] | None = None) -> Path:

@@ -43,6 +43,9 @@ def _setup(tmp: Path) -> dict[str, str]:
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
     (tmp / "truncated.tar").write_bytes(full.read_bytes()[:3000])
+    (tmp / "loop1").symlink_to(tmp / "loop2")
+    (tmp / "loop2").symlink_to(tmp / "loop1")
+    os.mkfifo(tmp / "fifo")
     env = tmp / "env"  # a conda environment whose package file became a directory, and one a symlink
     (env / "conda-meta").mkdir(parents=True)
     (env / "lib").mkdir()
@@ -124,6 +127,19 @@ CASES = [
     ("unknown-command", ["frobnicate"], {}, errors.USAGE),
     ("engine-unknown", I + ["--engine", "conda"], {}, errors.USAGE),
     ("prefix-name-too-long", I + ["--prefix", "{T}/" + "long" * 100], {}, errors.USAGE),
+    ("uninstall-root", ["uninstall", "--prefix", "/", "--yes"], {}, errors.USAGE),
+    ("doctor-root", ["doctor", "--prefix", "/"], {}, errors.USAGE),
+    ("repair-root", ["repair", "--prefix", "/", "--yes", "--envs-dir", ENVS], {}, errors.USAGE),
+    ("prefix-symlink-loop", I + ["--prefix", "{T}/loop1"], {}, errors.USAGE),
+    ("prefix-newline", I + ["--prefix", "{T}/new\nline"], {}, errors.USAGE),
+    ("home-under-a-file", I + ["--prefix", "{T}/p22"], {"LORASTRAP_HOME": "{T}/afile/home"}, errors.USAGE),
+    ("cuda-override-fullwidth", ["plan", "--envs-dir", ENVS], {"CONDA_OVERRIDE_CUDA": "１２.４"}, errors.USAGE),
+    ("explain-facts-dev-zero", ["explain", "--facts", "/dev/zero", "CUDA error"], {}, errors.USAGE),
+    ("explain-facts-fifo", ["explain", "--facts", "{T}/fifo", "CUDA error"], {}, errors.USAGE),
+    ("diff-locks-dev-zero", ["diff-locks", "/dev/zero", "/dev/zero"], {}, errors.USAGE),
+    ("diff-locks-fifo", ["diff-locks", "{T}/fifo", "{T}/fifo"], {}, errors.USAGE),
+    ("bundle-onto-dev-null", ["bundle", "--envs-dir", ENVS, "-o", "/dev/null"], {}, errors.USAGE),
+    ("bundle-onto-a-file", ["bundle", "--envs-dir", ENVS, "-o", "{T}/afile"], {}, errors.USAGE),
     ("prefix-longer-than-placeholder", I + ["--prefix", "{T}/" + "/".join(["long" * 15] * 4)], {}, errors.USAGE),
 ]
 
@@ -176,3 +192,32 @@ def test_bad_input(case, argv, env, code, json_flag, warm_home, channel, tmp_pat
 
 def test_the_table_is_long_enough():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("url_end", ["/", "/.."])
+def test_a_lock_url_that_names_no_file_is_refused(url_end, warm_home, channel, tmp_path, monkeypatch, capsys):
+    import yaml
+    lock = warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml"
+    doc = yaml.safe_load(lock.read_text())
+    entry = next(p for p in doc["package"] if p["name"] == "libzlib")
+    entry["url"] = entry["url"].rsplit("/", 1)[0] + url_end
+    lock.write_text(yaml.safe_dump(doc, sort_keys=False))
+    monkeypatch.setenv("LORASTRAP_HOME", str(warm_home))
+    monkeypatch.setenv("LORASTRAP_QUIET", "1")
+    rc = cli.main(I + ["--prefix", str(tmp_path / "p"), "--channel", channel["url"], "--pip-index-url",
+                       channel["simple"]])
+    err = capsys.readouterr().err
+    assert rc == errors.CONFIG and "does not end in a file name" in err and "internal error" not in err, err
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_hung_interpreter_is_found_in_the_start_timeout(tmp_path, monkeypatch, capsys):
+    prefix = tmp_path / "venv"
+    (prefix / "bin").mkdir(parents=True)
+    (prefix / "bin" / "python").write_text("#!/bin/sh\nexec sleep 600\n")  # a Python that never starts
+    os.chmod(prefix / "bin" / "python", 0o755)
+    monkeypatch.setenv("LORASTRAP_PYTHON_START_TIMEOUT", "1")
+    monkeypatch.setenv("LORASTRAP_QUIET", "1")
+    rc = cli.main(["verify", "--prefix", str(prefix)])
+    err = capsys.readouterr().err
+    assert rc == errors.VERIFY and "did not start and exit within 1 s" in err, err

@@ -249,7 +249,8 @@ def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_t
     assert _install(channel, prefix).returncode == 0
     before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
     wheel = _uncache(warm_home, "*.whl")[0]
-    (prefix / "conda-meta" / "lorastrap" / "record.json").unlink()  # force a rebuild of the same lock
+    record = prefix / "conda-meta" / "lorastrap" / "record.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "lock_digest": "0"}))  # force a rebuild
     empty = tmp_path / "empty-index"
     (empty / "simple").mkdir(parents=True)
     down = NetSim(empty).start()
@@ -268,3 +269,64 @@ def test_pip_wheels_are_fetched_and_checked_before_anything_changes_and_follow_t
     assert res.returncode == 0, res.stderr
     assert other.requests[wheel] == 1 and other.requests["index.html"] >= 1
     assert list((prefix / "lib").glob("python3*/site-packages/lorastrap_testwheel/__init__.py"))
+
+
+def test_a_redirect_only_to_the_same_host_or_a_named_one(tmp_path, served):
+    srv, root, sha = served
+    port = srv.url.rsplit(":", 1)[1]
+    srv.inject("big.conda", f"redirect:http://localhost:{port}/big.conda")  # another host name for the same server
+    with pytest.raises(NetworkError) as info:
+        _fetch(tmp_path, srv, sha)
+    assert "another host (localhost)" in info.value.why and "LORASTRAP_REDIRECT_HOSTS" in info.value.fix
+    assert srv.requests["big.conda"] == 1 and not list((tmp_path / "pkgs").rglob("*.part"))
+    srv.inject("big.conda", f"redirect:http://127.0.0.1:{port}/big.conda")  # the same host: followed
+    _, (path, _) = _fetch(tmp_path, srv, sha)
+    assert cache.sha256_file(path) == sha
+    (tmp_path / "pkgs").rename(tmp_path / "pkgs-1")
+    srv.inject("big.conda", f"redirect:http://localhost:{port}/big.conda")
+    c = cache.Cache(tmp_path / "pkgs", redirect_hosts=cache.redirect_hosts_from(["http://localhost:1/channel"]))
+    path, _ = c.fetch(f"{srv.url}/big.conda", sha, "big.conda")  # a host the user named: followed
+    assert cache.sha256_file(path) == sha
+
+
+@pytest.mark.parametrize("part", ["complete", "longer"])
+def test_a_complete_or_longer_part_never_wedges_the_archive(tmp_path, served, part):
+    """A run killed after the last byte leaves a complete .part: it is checked by its hash, not resumed (a Range
+    request past the end is answered 416); a longer part (another file) is downloaded again from the start."""
+    srv, root, sha = served
+    c = cache.Cache(tmp_path / "pkgs")
+    tmp = c.entry(sha, "big.conda").with_name(".big.conda.part")
+    tmp.parent.mkdir(parents=True)
+    data = (root / "big.conda").read_bytes()
+    tmp.write_bytes(data if part == "complete" else data + b"more bytes than the file has")
+    narrated = []
+    path, got = c.fetch(f"{srv.url}/big.conda", sha, "big.conda", narrate=narrated.append)
+    assert cache.sha256_file(path) == sha and not tmp.exists()
+    if part == "complete":
+        assert got == 0 and srv.requests.get("big.conda", 0) == 0
+    else:
+        assert any("from the start" in m for m in narrated) and got == SIZE
+
+
+def test_a_mirror_per_channel(channel, warm_home, tmp_path, mirror):
+    """A committed lock of two channels: one bare --mirror is refused (it would stand for both); --mirror
+    CHANNEL=URL rewrites only its channel."""
+    import yaml
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    doc = yaml.safe_load((warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml").read_text())
+    doc["metadata"]["channels"].append({"url": "https://conda.anaconda.org/nvidia", "used_env_vars": []})
+    (envs / "test-cpu.conda-lock.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    prefix = tmp_path / "env"
+
+    def install(*args):
+        return run_cli("install", "--envs-dir", str(envs), "--pip-index-url", channel["simple"], "--prefix",
+                       str(prefix), "--no-verify", "--profile", "test-cpu", *args)
+
+    res = install("--mirror", f"{mirror.url}/channel")
+    assert res.returncode == 2 and "the lock uses 2 channels" in res.stderr and "--mirror CHANNEL=URL" in res.stderr
+    assert not prefix.exists()
+    gone = _uncache(warm_home, "peft-*")
+    res = install("--mirror", f"{channel['url']}={mirror.url}/channel", "--mirror", "nvidia=file:///nowhere")
+    assert res.returncode == 0, res.stderr
+    assert mirror.requests[gone[0]] == 1  # fetched from the mirror named for its channel

@@ -57,6 +57,18 @@ def test_a_refused_release_gives_way_to_the_embedded_engine_or_stops_when_asked_
     assert "LORASTRAP_ENGINE='conda'" in info.value.what
 
 
+def test_auto_picks_only_a_tested_release_and_a_named_engine_any_not_known_bad(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("MAMBA_EXE", str(_standin(tmp_path, "2.3.3")))  # not known bad, never run here
+    said = []
+    assert engines.find("auto", narrate=said.append).kind == "rattler"
+    assert "not a release lorastrap is tested with" in said[0] and "1.5.12" in said[0]
+    assert engines.find("micromamba").version == "2.3.3"  # asked for by name: used
+    monkeypatch.setenv("MAMBA_EXE", str(_standin(tmp_path, "1.5.12")))
+    assert engines.find("auto").version == "1.5.12"
+
+
 @pytest.mark.skipif(MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
 def test_the_real_micromamba_is_found_with_its_version(tmp_path, monkeypatch):
     monkeypatch.setenv("MAMBA_EXE", str(MAMBA))

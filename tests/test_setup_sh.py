@@ -220,6 +220,14 @@ def test_piped_install_fetches_checks_and_runs_the_source(server, tmp_path, data
     res = piped(server, tmp_path, data_dir, "/src.tar.gz", sha=server["sha"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "fetching lorastrap from" in res.stderr and "profile: cpu" in res.stdout
+    assert "UNCHECKED" not in res.stderr
+
+
+def test_piped_install_without_a_checksum_says_so_loudly(server, tmp_path, data_dir):
+    res = piped(server, tmp_path, data_dir, "/src.tar.gz")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning: UNCHECKED SOURCE: LORASTRAP_SOURCE_SHA256 is not set" in res.stderr
+    assert server["sha"] in res.stderr and "LORASTRAP_SOURCE_SHA256" in res.stderr
 
 
 def test_piped_the_command_keeps_working_after_the_download_is_gone(server, tmp_path, data_dir, channel):

@@ -62,7 +62,9 @@ def _installed(channel, prefix, env=None, *extra):
 
 
 def _no_leftovers(prefix):
-    assert sorted(p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".")) == []
+    """Nothing beside PREFIX but its kept lock file (locks.py: lock files stay, the NFS-safe protocol)."""
+    assert sorted(p.name for p in prefix.parent.iterdir()
+                  if p.name.startswith(prefix.name + ".") and p.name != prefix.name + ".lorastrap.lock") == []
 
 
 
@@ -209,6 +211,35 @@ def test_link_mode_copy_shares_no_file_with_the_cache(channel, warm_home, tmp_pa
     _smoke(prefix)
 
 
+@pytest.mark.parametrize("mode", ["hardlink", "copy"])
+def test_a_same_size_edit_with_its_mtime_put_back_never_reaches_a_new_environment(channel, warm_home, tmp_path, mode):
+    first = _installed(channel, tmp_path / "env")
+    assert run_cli("install", *_args(channel, tmp_path / "second", "--no-verify")).returncode == 0  # stamped
+    conf = first / "share" / "lorastrap-test" / "xz" / "VERSION"
+    st = conf.stat()
+    with open(conf, "r+") as f:  # same size, in place, through the shared inode
+        f.write("X")
+    os.utime(conf, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back: only the ctime tells
+    assert conf.stat().st_size == st.st_size and conf.stat().st_mtime_ns == st.st_mtime_ns
+    third = tmp_path / "third"
+    res = run_cli("install", *_args(channel, third, "--no-verify", "--link-mode", mode))
+    assert res.returncode == 0 and "unpacking it again" in res.stderr, res.stderr
+    assert not (third / conf.relative_to(first)).read_text().startswith("X")
+
+
+def test_an_entry_injected_into_an_extracted_copys_paths_json_is_never_linked(channel, warm_home, tmp_path):
+    _installed(channel, tmp_path / "env")
+    copy = next((warm_home / "pkgs" / "extracted").glob("xz-*"))
+    (copy / "share" / "injected.sh").write_text("echo injected\n")
+    own = json.loads((copy / "info" / "paths.json").read_text())
+    own["paths"].append({"_path": "share/injected.sh", "path_type": "hardlink", "size_in_bytes": 14})
+    (copy / "info" / "paths.json").write_text(json.dumps(own))
+    other = tmp_path / "other"
+    res = run_cli("install", *_args(channel, other, "--no-verify"))
+    assert res.returncode == 0 and "unpacking it again" in res.stderr and "share/injected.sh" in res.stderr
+    assert not (other / "share" / "injected.sh").exists() and not (copy / "share" / "injected.sh").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency
 
@@ -250,3 +281,31 @@ def test_a_lock_lacking_a_dependency_is_refused_and_named_by_doctor(channel, war
     res = run_cli("install", *_args(channel, tmp_path / "third", "--no-verify"))
     assert res.returncode == 4 and "libzlib" in res.stderr and "Re-lock" in res.stderr, res.stderr
     assert not (tmp_path / "third").exists()
+
+
+def test_what_killed_runs_left_is_removed_by_the_next_run_only_when_its_owner_is_dead(channel, warm_home, tmp_path):
+    import socket
+    prefix = _installed(channel, tmp_path / "env")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid whose process is gone
+    host = socket.gethostname()
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    pkgs = warm_home / "pkgs"
+    stale = [pkgs / f".lorastrap-install-{host}.{dead.pid}.x1", tmpdir / f"lorastrap-repair-{host}.{dead.pid}.x2"]
+    kept = [pkgs / f".lorastrap-install-{host}.{os.getpid()}.x3",  # its owner runs
+            pkgs / f".lorastrap-install-another-node.{dead.pid}.x4",  # another node's, on a shared cache
+            tmpdir / f"lorastrap-repair-another-node.{dead.pid}.x5"]
+    for d in stale + kept:
+        d.mkdir()
+        (d / "f").write_text("x")
+    copy = next((pkgs / "extracted").glob("xz-*"))
+    half = copy / f"..lorastrap-checked.{dead.pid}.tmp"  # a stamp write cut by SIGKILL
+    half.write_text("{")
+    (prefix / "share" / "lorastrap-test" / "xz" / "VERSION").write_text("edited")  # so repair has work
+    res = run_cli("repair", *_args(channel, prefix, "--yes", "--drop-backup"), env={"TMPDIR": str(tmpdir)})
+    assert res.returncode == 0, res.stderr
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+    assert not half.exists()
+    assert not list(pkgs.glob(f".lorastrap-install-{host}.{os.getpid() + 0}x*"))
+    assert not [p for p in tmpdir.iterdir() if p.name.startswith(f"lorastrap-repair-{host}.") and p not in kept]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import alive, dies_within
+from conftest import ROOT, alive, dies_within
 
 from lorastrap.install import cache, txn, verify
 from lorastrap.core import fsutil, locks, records, versions
@@ -142,6 +142,31 @@ def test_lock_waits_says_so_and_gets_it_when_released(tmp_path):
         assert path.read_text().strip() == str(os.getpid())
     proc.wait()
     assert said and f"(pid {proc.pid})" in said[0] and waited > 0.3
+
+
+def test_lock_files_are_kept_and_a_waiter_on_a_removed_one_starts_over(tmp_path):
+    """The NFS-safe protocol (locks.py): the holder never removes its lock file; when one is removed (uninstall),
+    a waiter that then locks the removed inode sees, by opening the path afresh, that it is not the file there."""
+    path = tmp_path / "p.lorastrap.lock"
+    with locks.held(path, what="p"):
+        pass
+    assert path.exists()  # kept
+    proc = _holder(path, 1.0)
+    old_inode = path.stat().st_ino
+    path.unlink()  # removed while held, as uninstall does after its run
+    other = _holder(path, 30)  # a new file at PATH, held by another run
+    try:
+        with pytest.raises(BusyError):
+            with locks.held(path, what="p", wait=False):
+                pass
+        proc.wait()  # the old file's holder is gone: its inode is free, but it is not the lock file any more
+        with pytest.raises(BusyError):
+            with locks.held(path, what="p", wait=True, timeout=1.5):
+                pass
+        assert path.stat().st_ino != old_inode
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
@@ -313,6 +338,64 @@ def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
     record.write_text(left)
     assert subproc.kill_recorded_groups(record) == 1
     assert dies_within(grandchild, 5) and not record.exists()
+
+
+def _unrelated():
+    """A process lorastrap did not start, in a process group of its own (setsid), as any user's job is."""
+    import subprocess
+    proc = subprocess.Popen(["setsid", "sleep", "60"])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.getpgid(proc.pid) != proc.pid:
+        time.sleep(0.01)
+    return proc
+
+
+@pytest.mark.parametrize("record", [
+    "{pid}\n",  # a bare group id, as an older record or a reboot leaves it
+    '{{"token": "t", "host": "another-node", "boot_id": "{boot}"}}\n{{"pid": {pid}, "start": {start}}}\n',
+    '{{"token": "t", "host": "{host}", "boot_id": "a-boot-before"}}\n{{"pid": {pid}, "start": {start}}}\n',
+    '{{"token": "t", "host": "{host}", "boot_id": "{boot}"}}\n{{"pid": {pid}, "start": 1}}\n',  # the pid reused
+])
+def test_a_stale_or_foreign_children_record_kills_nothing_unrelated(tmp_path, record):
+    import socket
+    from lorastrap.core import subproc
+    proc = _unrelated()
+    try:
+        path = tmp_path / "env.lorastrap-children"
+        path.write_text(record.format(pid=proc.pid, host=socket.gethostname(), boot=subproc.boot_id(),
+                                      start=subproc.start_time(proc.pid)))
+        assert subproc.kill_recorded_groups(path) == 0
+        assert proc.poll() is None and not path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_children_carry_the_records_token_before_they_start_and_get_the_death_signal(tmp_path):
+    """The record names the run before any child starts; a child's children inherit its token; a child started
+    through setpriv or the exec shim dies with lorastrap, even by SIGKILL."""
+    import json
+    import subprocess
+    from lorastrap.core import subproc
+    record = tmp_path / "env.lorastrap-children"
+    with subproc.recording_groups(record):
+        head = json.loads(record.read_text().splitlines()[0])
+        res = subproc.run(["sh", "-c", "echo $LORASTRAP_CHILD_OF"], timeout=10)
+        assert head["token"] in res.stdout and head["boot_id"] == subproc.boot_id()
+    for how in ("setpriv", "shim"):
+        pid_file = tmp_path / f"{how}.pid"
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from lorastrap.core import subproc;"
+                "subproc.run(['sh', '-c', 'echo $$ > ' + sys.argv[2] + '; exec sleep 60'], timeout=60)")
+        parent = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "installer"), str(pid_file)],
+                                  env={**os.environ, "LORASTRAP_DEATH_SIGNAL": how})
+        deadline = time.monotonic() + 20
+        while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        child = int(pid_file.read_text())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        assert dies_within(child, 10), how
 
 
 

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from packaging.utils import canonicalize_name
 from lorastrap.install import generations
 from lorastrap.install import transaction as inst, prefix as pfx, txn, verify
 from lorastrap.locking import lockfile, names, spec
-from lorastrap.core import locks, subproc
+from lorastrap.core import fsutil, locks, subproc
 from lorastrap.matrix import plan as planner, profiles
 from lorastrap.install.cache import sha256_file
 from lorastrap.machine.model import Machine
@@ -431,17 +432,20 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     if not pfx.is_conda_env(prefix) and not _interrupted(prefix):
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
-    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+    with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate), ExitStack() as stack:
         done = generations.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
         if done:
             narrate(done)
+        # From here every child (pip check in the diagnosis too) is in the transaction's children record.
+        stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if not pfx.is_conda_env(prefix):
             raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
                              fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
         diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)
         record = pfx.read_record(prefix)
-        tmp = Path(tempfile.mkdtemp(prefix="lorastrap-repair-"))
+        fsutil.remove_orphans(Path(tempfile.gettempdir()), "lorastrap-repair-")  # of repairs killed earlier
+        tmp = Path(tempfile.mkdtemp(prefix=f"lorastrap-repair-{fsutil.owner_tag()}."))
         try:
             if replan or record is None or not pfx.own_lock(prefix).exists():
                 name = planner.require_profile(planner.plan(machine, matrix))
@@ -461,13 +465,16 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
                          f"carry over {len(diag.unowned_files)} file(s) no package owns"]
             for line in plan_text:
                 narrate(f"repair will: {line}")
-            if not yes and confirm is not None and not confirm():
-                raise UsageError("repair cancelled", fix="Run again and answer y, or pass --yes.")
+            if not yes and (confirm is None or not confirm()):  # no way to ask: a script must say --yes
+                raise UsageError("repair cancelled" if confirm else "repair needs --yes when it cannot ask",
+                                 why="repair replaces the environment (the old one is kept as the backup)",
+                                 fix="Run again and answer y, or pass --yes.")
             result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
                                          matrix=matrix, platform=machine.platform or (record.platform if record else ""),
                                          lock_file=lock_file, force=True, keep_backup=keep_backup,
                                          check_cache=True,
                                          carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
+                                         replace_foreign=True,  # asked (or --yes) above; a foreign one is kept
                                          narrate=narrate, **install_args)
             return diag, result
         finally:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from lorastrap.core import fsutil, locks, paths
-from lorastrap.core.errors import LorastrapError, NoEnvError, UsageError
+from lorastrap.core.errors import LorastrapError, NoEnvError, NotOursError
 from lorastrap.install import prefix as pfx, txn
 from lorastrap.install.generations import (generations, managed, outgoing, recover_all, registered, swap_journal,
                                           tree_bytes, unregister)
@@ -104,26 +104,42 @@ def _leftovers(prefix: Path) -> list[Path]:
     return [p for p in names if p.exists()] + list(prefix.parent.glob(f"{prefix.name}.lorastrap-*trash-*"))
 
 
-def uninstall(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> dict:
-    """Remove PREFIX, its generations, its transaction files and its registry entry, under the prefix lock."""
+def uninstall(prefix: Path, *, wait: bool = True, confirm=None, narrate=lambda m: None) -> dict:
+    """Remove PREFIX, its generations, its transaction files and its registry entry, under the prefix lock — only
+    what lorastrap made (its record in conda-meta/lorastrap/).  A registered PREFIX that is no longer lorastrap's
+    (the environment was removed long ago and the folder is the user's now) only loses its registry entry: nothing
+    in it is deleted.  CONFIRM (when given) is asked before anything is removed; it raises to stop."""
     lock_file = txn.lock_file_path(prefix)
     known = prefix in registered()
-    if not (prefix.exists() or generations(prefix) or known):
+    ours_gens = [g for g in generations(prefix) if pfx.made_by_lorastrap(g)]
+    if not (prefix.exists() or ours_gens or known):
         raise NoEnvError(f"no environment at {prefix}", fix="`lorastrap list` shows the environments lorastrap manages.")
-    if prefix.exists() and pfx.read_record(prefix) is None and not known:
-        raise UsageError(f"{prefix} was not installed by lorastrap (no lorastrap record in conda-meta/)",
-                         why="uninstall removes only environments lorastrap made",
-                         fix="Remove it yourself if you are sure (e.g. `rm -rf`), or pass another --prefix/--name.")
+    if prefix.exists() and not pfx.made_by_lorastrap(prefix) and not txn.journal_path(prefix).exists():
+        if known:
+            narrate(f"{prefix} is registered but is not lorastrap's any more (no lorastrap record in conda-meta/): "
+                    "dropping it from the registry, deleting nothing")
+            unregister(prefix)
+            return {"prefix": str(prefix), "removed_generations": 0, "freed_bytes": 0, "removed": False,
+                    "dropped_from_registry": True}
+        raise NotOursError(f"{prefix} was not installed by lorastrap (no lorastrap record in conda-meta/)",
+                           why="uninstall removes only environments lorastrap made",
+                           fix="Remove it yourself if you are sure (e.g. `rm -rf`), or pass another --prefix/--name.")
+    if confirm is not None:
+        confirm(f"this removes {prefix} and its {len(ours_gens)} previous generation(s)")
     with locks.held(lock_file, what=str(prefix), wait=wait, narrate=narrate):
         recover_all(prefix, narrate)
-        gens = generations(prefix)
-        freed = (tree_bytes(prefix) if prefix.exists() else 0) + sum(tree_bytes(g) for g in gens)
-        for path in gens + _leftovers(prefix) + ([prefix] if prefix.exists() else []):
+        mine = prefix.exists() and pfx.made_by_lorastrap(prefix)
+        if prefix.exists() and not mine:
+            narrate(f"{prefix} is not lorastrap's (no lorastrap record in conda-meta/): left as it is")
+        gens = [g for g in generations(prefix) if pfx.made_by_lorastrap(g)]
+        freed = (tree_bytes(prefix) if mine else 0) + sum(tree_bytes(g) for g in gens)
+        for path in gens + _leftovers(prefix) + ([prefix] if mine else []):
             narrate(f"removing {path}")
             fsutil.remove_tree(path)
         lock_file.unlink(missing_ok=True)
     unregister(prefix)
-    return {"prefix": str(prefix), "removed_generations": len(gens), "freed_bytes": freed}
+    return {"prefix": str(prefix), "removed_generations": len(gens), "freed_bytes": freed, "removed": mine,
+            "dropped_from_registry": known}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,13 +190,40 @@ def _strip_lines(path: Path, created: bool, narrate) -> None:
         fsutil.write_atomic(path, "".join(kept))
 
 
+def _remove_data_dir(data: Path, narrate) -> list[Path]:
+    """Remove the data dir, except the folders under its envs/ that are not lorastrap's (a conda environment another
+    tool made there, a folder of the user's): those stay, and the data dir with them.  Returns what stayed."""
+    envs_dir = paths.envs_dir()
+    kept = [p for p in envs_dir.iterdir() if not pfx.made_by_lorastrap(p) and not p.name.startswith(".")
+            and ".lorastrap" not in p.name] if envs_dir.is_dir() and not envs_dir.is_symlink() else []
+    narrate(f"removing {data}" + (f" (keeping {len(kept)} folder(s) lorastrap did not make)" if kept else ""))
+    if not kept:
+        shutil.rmtree(data)
+        return []
+    for part in data.iterdir():
+        if part == envs_dir:
+            for p in envs_dir.iterdir():
+                if p not in kept:
+                    fsutil.remove_tree(p)
+        elif part.is_dir() and not part.is_symlink():
+            shutil.rmtree(part)
+        else:
+            part.unlink()
+    for p in kept:
+        narrate(f"left {p}: lorastrap did not make it")
+    return kept
+
+
 def self_uninstall(*, narrate=lambda m: None) -> dict:
     """Remove every environment lorastrap manages, the launcher and PATH lines setup.sh added, and the data dir."""
     done = holdings()
     edits = setup_edits()
     for prefix in managed():
-        if prefix.exists() or generations(prefix):
-            uninstall(prefix, narrate=narrate)
+        if prefix.exists() or generations(prefix) or prefix in registered():
+            try:
+                uninstall(prefix, narrate=narrate)
+            except (NotOursError, NoEnvError) as exc:
+                narrate(f"left {prefix}: {exc.what}")
     for kind, path in edits:
         if kind == "dir":
             continue
@@ -196,8 +239,9 @@ def self_uninstall(*, narrate=lambda m: None) -> dict:
             _strip_lines(path, kind == "created", narrate)
     data = paths.data_dir()
     if data.exists():
-        narrate(f"removing {data}")
-        shutil.rmtree(data)
+        kept = _remove_data_dir(data, narrate)
+        if kept:
+            done["kept"] = [str(p) for p in kept]
     for path in sorted((p for kind, p in edits if kind == "dir"), key=lambda p: len(p.parts), reverse=True):
         try:
             path.rmdir()  # only the folders setup.sh created, and only if nothing else is in them now

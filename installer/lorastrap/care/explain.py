@@ -33,13 +33,16 @@ from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorastrap.care import doctor
-from lorastrap.core import paths
+from lorastrap.core import fsutil, paths
 from lorastrap.install import prefix as pfx
 from lorastrap.matrix import profiles
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import ConfigError, UsageError
 
 TABLE = "known-errors.yaml"
+FACTS_LIMIT = 1 << 20  # an environment description is a few KiB
+TEXT_KEEP = 8 << 20  # the last 8 MiB of a log: where its error is
+STDIN_LIMIT = 1 << 30  # more on stdin does not end (/dev/zero) or is no single run's log
 ABSENT, PRESENT = "absent", "present"
 
 
@@ -192,8 +195,10 @@ def facts_from(report: dict, machine: Machine | None = None, source: str | None 
 
 
 def read_facts(path: Path) -> Facts:
+    fix = "Pass the `environment` object of `lorastrap explain --json` run on that machine."
+    text = fsutil.read_bounded(path, limit=FACTS_LIMIT, what="--facts", fix=fix)
     try:
-        return Facts.model_validate_json(path.read_text())
+        return Facts.model_validate_json(text)
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path}: not an environment description", why=str(exc).splitlines()[0],
                          fix="Pass the `environment` object of `lorastrap explain --json` run on that machine.")
@@ -663,11 +668,14 @@ def read_text(source: str | None, stdin) -> str:
         if source is None and stdin.isatty():
             raise UsageError("no error text to explain", fix="Pass the message, a log file, or pipe it in: "
                              "`python train.py 2>&1 | lorastrap explain -`.")
-        return stdin.read()
+        return fsutil.read_stream_tail(stdin, keep=TEXT_KEEP, limit=STDIN_LIMIT, what="explain -",
+                                       fix="Pipe in the log of one run (its last part is what counts).")
     path = Path(source)
     if "\n" not in source and len(source) < 4096 and path.is_file():
         try:
-            return path.read_text(errors="replace")
+            with open(path, "rb") as f:  # a long training log: its end holds the error
+                f.seek(max(0, os.fstat(f.fileno()).st_size - TEXT_KEEP))
+                return f.read(TEXT_KEEP).decode("utf-8", errors="replace")
         except OSError as exc:
             raise UsageError(f"cannot read {path}", why=str(exc), fix="Pass a readable file, or the text itself.")
     return source

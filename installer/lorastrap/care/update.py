@@ -71,10 +71,11 @@ def _generations(prefix: Path) -> list[dict]:
 
 
 def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | None = None,
-           channels: list[str] | None = None, mirror: str | None = None,
+           channels: list[str] | None = None, mirror: str | dict[str, str] | None = None,
            pip_index_url: str = DEFAULT_PIP_INDEX, dry_run: bool = False, keep_generations: int = 1,
            engine: str | None = None, run_verify: bool = True, wait: bool = True, min_free_mib: int = 512,
-           driver_cuda: str | None = None, link_mode: str = "hardlink", narrate=lambda m: None) -> UpdateResult:
+           driver_cuda: str | None = None, link_mode: str = "hardlink", allow_link_scripts: bool = False,
+           narrate=lambda m: None) -> UpdateResult:
     if keep_generations < 0:
         raise UsageError(f"--keep-generations {keep_generations}: must be 0 or more")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
@@ -115,7 +116,8 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
             prefix=prefix, envs_dir=envs_dir, name=name, profile=profile, platform=record.platform, matrix=matrix,
             engine=engine, channels=chans, mirror=mirror, pip_index_url=pip_index_url,
             keep_backup=keep_generations > 0, run_verify=run_verify, min_free_mib=min_free_mib,
-            plan_info=record.plan, driver_cuda=driver_cuda, lock_file=out, link_mode=link_mode, narrate=narrate)
+            plan_info=record.plan, driver_cuda=driver_cuda, lock_file=out, link_mode=link_mode,
+            allow_link_scripts=allow_link_scripts, narrate=narrate)
         generations.prune(prefix, keep_generations)
         result.changed, result.install = done.changed, done.to_dict()
         result.generations = _generations(prefix)
@@ -153,6 +155,7 @@ def rollback(prefix: Path, *, wait: bool = True, narrate=lambda m: None) -> Roll
                 raise NoEnvError(f"{prefix} has no previous generation to roll back to",
                                  why="one is kept when `lorastrap update` (or `rollback`) replaces an environment",
                                  fix="`lorastrap list` shows the generations kept; `lorastrap update` keeps one.")
+            install.user_files_follow(prefix, gens[0], narrate)  # the user's work stays current
             journal = generations.swap_journal(prefix)
             fsutil.write_atomic(journal, json.dumps({"prefix": str(prefix), "generation": str(gens[0])}) + "\n")
             generations.pause("rollback-journal")

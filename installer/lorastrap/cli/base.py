@@ -55,7 +55,9 @@ def parents() -> dict[str, argparse.ArgumentParser]:
     sources = Parser(add_help=False)
     sources.add_argument("--channel", action="append", default=None,
                          help="channel URL, name or path to lock from (repeatable; replaces the spec's channels)")
-    sources.add_argument("--mirror", default=None, help="a mirror of the lock's channel (http(s), file:// or a path)")
+    sources.add_argument("--mirror", action="append", default=None, metavar="[CHANNEL=]URL",
+                         help="a mirror of a channel of the lock (http(s), file:// or a path): CHANNEL=URL for one "
+                              "channel (repeatable), or URL alone for a lock of a single channel")
     sources.add_argument("--pip-index-url", default=None, help="PyPI-compatible index for pip: entries")
 
     transaction = Parser(add_help=False)
@@ -65,6 +67,9 @@ def parents() -> dict[str, argparse.ArgumentParser]:
     transaction.add_argument("--no-verify", action="store_true",
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
+    transaction.add_argument("--allow-link-scripts", action="store_true",
+                             help="install packages that carry link scripts (refused by default): the embedded engine "
+                                  "still never runs them, micromamba/mamba do")
     transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default="hardlink",
                              help="hardlink: files shared with the package cache (conda's default; fast, no extra "
                                   "disk); copy: each file the environment's own (a reflink where the filesystem has "
@@ -103,7 +108,7 @@ def prefix(args) -> Path:
         raise errors.UsageError(f"--name {name!r} is not an environment name",
                                 why=f"a name is one folder under {paths.envs_dir()}; it cannot be empty or hold / or ..",
                                 fix="Give a plain name (for example lora), or --prefix PATH for another place.")
-    return (args.prefix or paths.envs_dir() / name).absolute()
+    return paths.check_prefix_path((args.prefix or paths.envs_dir() / name).absolute())
 
 
 def anywhere(args) -> tuple[Path | None, Path | None]:
@@ -139,14 +144,35 @@ def sources(args) -> dict:
     """--channel / --mirror / --pip-index-url as the lock and install functions take them: the channels to lock
     from (a mirror stands in for the spec's channel) and where to fetch the locked archives."""
     from lorastrap.locking import channels
-    for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [args.mirror], False),
+    bare, by_channel = mirrors(args.mirror or [])
+    for flag, values, index in (("--channel", args.channel or [], False), ("--mirror", [bare], False),
+                                ("--mirror", list(by_channel.values()), False),
                                 ("--pip-index-url", [args.pip_index_url], True)):
         for v in values:
             if v is not None:
                 channels.check_source(v, flag, index=index)
-    return {"channels": args.channel or ([args.mirror] if args.mirror else None),
-            "mirror": args.mirror or (args.channel[0] if args.channel else None),
+    return {"channels": args.channel or ([bare] if bare else None),
+            "mirror": by_channel or bare or (args.channel[0] if args.channel else None),
             "pip_index_url": args.pip_index_url or channels.DEFAULT_PIP_INDEX}
+
+
+def mirrors(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """--mirror values: one bare URL, or CHANNEL=URL pairs (the = before any ://)."""
+    bare, pairs = [], {}
+    for v in values:
+        key, eq, url = v.partition("=")
+        is_pair = eq and url and "?" not in key and (
+            ("://" not in key and not key.startswith(("/", "."))) or ("://" in key and "://" in url))
+        if is_pair:
+            pairs[key.strip()] = url.strip()
+        else:
+            bare.append(v)
+    if len(bare) > 1 or (bare and pairs):
+        raise errors.UsageError("--mirror URL alone can be given once, and not with CHANNEL=URL",
+                                why="a mirror without its channel stands for every channel of the lock",
+                                fix="Name the channel each mirror stands for: --mirror conda-forge=URL "
+                                    "--mirror nvidia=URL2.")
+    return (bare[0] if bare else None), pairs
 
 
 MACHINE_MAX_BYTES = 1 << 20  # a `detect --json` is a few KiB
@@ -175,7 +201,10 @@ def emit(args, doc: dict, text: str) -> None:
     print(json.dumps(doc, indent=2) if args.json else text)
 
 
-def confirm() -> bool:
+def confirm(command: str = "repair") -> bool:
+    """Ask on the terminal; without one (scripts, cron, cluster jobs) a destructive command needs --yes."""
     if not sys.stdin.isatty():
-        return True  # non-interactive (cluster jobs, pipes): never prompt
+        raise errors.UsageError(f"{command} needs --yes when it cannot ask",
+                                why="stdin is not a terminal, and it changes or removes an environment",
+                                fix=f"Run `lorastrap {command} ... --yes` once you are sure.")
     return input("lorastrap: go ahead? [y/N] ").strip().lower() in ("y", "yes")

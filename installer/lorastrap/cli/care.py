@@ -108,7 +108,8 @@ def cmd_repair(args) -> int:
     diag, result = doctor.repair(
         base.prefix(args), envs_dir=base.envs_dir(args), machine=base.machine(args), replan=args.replan, yes=args.yes,
         keep_backup=not args.drop_backup, confirm=base.confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
-        run_verify=not args.no_verify, link_mode=args.link_mode, **base.sources(args))
+        run_verify=not args.no_verify, link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts,
+        **base.sources(args))
     emit(args, {"before": diag.to_dict(), "result": result.to_dict()},
          f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
          f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
@@ -133,11 +134,11 @@ def cmd_update(args) -> int:
     machine = detect(disk_path=prefix)
     src = base.sources(args)
     result = update.update(prefix=prefix, envs_dir=base.envs_dir(args), matrix=profiles.load(base.envs_dir(args)),
-                           profile_name=args.profile, channels=args.channel or ([args.mirror] if args.mirror else None),
-                           mirror=args.mirror, pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
+                           profile_name=args.profile, channels=src["channels"],
+                           mirror=src["mirror"], pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
-                           link_mode=args.link_mode, narrate=say)
+                           link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts, narrate=say)
     if result.changed:
         generations.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)
@@ -166,11 +167,16 @@ def cmd_rollback(args) -> int:
 def cmd_uninstall(args) -> int:
     from lorastrap.care import envs
     prefix = base.prefix(args)
-    if not args.yes and sys.stdin.isatty() and prefix.exists():
-        print(f"lorastrap: this removes {prefix} and its previous generations", file=sys.stderr)
-        if not base.confirm():
+
+    def ask(what: str) -> None:
+        print(f"lorastrap: {what}", file=sys.stderr)
+        if not base.confirm("uninstall"):
             raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
-    done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say)
+
+    done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say, confirm=None if args.yes else ask)
+    if not done["removed"] and done["dropped_from_registry"] and not done["removed_generations"]:
+        emit(args, done, f"{prefix} is not lorastrap's any more: dropped from the registry, nothing deleted")
+        return errors.OK
     emit(args, done, f"removed {prefix} and {done['removed_generations']} previous generation(s), "
                      f"{done['freed_bytes'] / 2**20:.1f} MiB freed")
     return errors.OK

@@ -84,11 +84,32 @@ def _fleet_options(args):
                              repair=args.repair)
 
 
+def _bundle_output(out: Path) -> None:
+    """Refuse, before any copying, an -o that cannot become a bundle: a device (/dev/null), a file that is not a
+    .tar, a path under a file."""
+    import stat as _stat
+    fix = "Pass -o a new or existing folder, or a file name ending in .tar."
+    try:
+        st = out.stat() if out.exists() else None
+    except OSError as exc:
+        raise errors.UsageError(f"-o {out} cannot be used", why=exc.strerror or str(exc), fix=fix)
+    if st is not None and not _stat.S_ISDIR(st.st_mode) and not (_stat.S_ISREG(st.st_mode) and out.suffix == ".tar"):
+        kind = "a device or FIFO" if not _stat.S_ISREG(st.st_mode) else "a file that is not a .tar"
+        raise errors.UsageError(f"-o {out} is {kind}", why="a bundle is a folder or a .tar file; lorastrap never "
+                                "writes a bundle over anything else", fix=fix)
+    above = out.absolute().parent
+    while not above.exists() and above.parent != above:
+        above = above.parent
+    if not above.is_dir():
+        raise errors.UsageError(f"-o {out} lies under {above}, a file", why="its folder cannot be made", fix=fix)
+
+
 def cmd_bundle(args) -> int:
     from lorastrap.fleet import bundle
     from lorastrap.locking import choose, spec
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
+    _bundle_output(args.output)
     envs = base.envs_dir(args)
     matrix = profiles.load(envs)
     machine = detect()
@@ -97,9 +118,9 @@ def cmd_bundle(args) -> int:
     platform = args.platform or machine.platform
     src = base.sources(args)
     lk = choose.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
-                     channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
+                       channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
     out = args.output.absolute()
-    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=args.mirror,
+    manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=src["mirror"],
                            virtual_packages=spec.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, self_contained=args.self_contained, narrate=say)
     store = out.parent / bundle.RUNTIME_STORE

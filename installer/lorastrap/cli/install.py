@@ -20,6 +20,8 @@ def add(sub, pp: dict) -> dict:
     p.add_argument("--keep-backup", action="store_true", help="keep the previous environment as PREFIX.lorastrap-backup")
     p.add_argument("--min-free-mib", type=base.count(0), default=512, help="disk to keep free beyond what the install needs")
     p.add_argument("--yes", "-y", action="store_true", help="never ask (lorastrap does not ask anyway)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a conda environment lorastrap did not make (it is kept whole as the backup)")
     p.add_argument("--report", type=base.path_arg, default=None, help="also write the JSON result to this file")
     p.add_argument("--reverify", action="store_true",
                    help="verify the environment on this machine also when it is already up to date (fleets do)")
@@ -64,6 +66,7 @@ def cmd_install(args) -> int:
                                    **base.sources(args), engine=args.engine, frozen=args.frozen,
                                    keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
                                    reverify=args.reverify, link_mode=args.link_mode, min_free_mib=args.min_free_mib,
+                                   replace_foreign=args.force, allow_link_scripts=args.allow_link_scripts,
                                    narrate=say)
     except errors.LorastrapError as exc:  # the JSON error says which machine it failed on (its GPUs, its driver)
         exc.context.setdefault("machine", summary(machine))

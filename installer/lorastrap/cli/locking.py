@@ -44,8 +44,15 @@ def cmd_lock(args) -> int:
     return errors.OK
 
 
+LOCK_LIMIT = 256 << 20  # a lock of a whole distribution is a few MiB
+
+
 def cmd_diff_locks(args) -> int:
+    from lorastrap.core import fsutil
     from lorastrap.locking import diff as lockdiff, lockfile
+    for path in (args.old, args.new):  # a FIFO or /dev/zero would block or never end: refused before reading
+        if path.exists():
+            fsutil.read_bounded(path, limit=LOCK_LIMIT, what="lock file", fix="Pass two conda-lock files.")
     old = lockfile.read_lock(args.old) if args.old.exists() else None
     diff = lockdiff.by_platform(old, lockfile.read_lock(args.new))
     emit(args, diff, lockdiff.format_by_platform(diff))

@@ -31,6 +31,8 @@ NO_ENV = 14  # run, shell, update, rollback, uninstall: no such environment (or 
 CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
 EXPLAIN_UNKNOWN = 15  # explain: the error is not in the table of known failures (doctor's findings follow)
 NOT_WRITABLE = 16  # a folder lorastrap must write to is read-only or not permitted
+NOT_OURS = 17  # the target is not lorastrap's (another tool's environment, the user's folder): --force to replace it
+UNSAFE_PACKAGE = 18  # a package would write outside its environment (a path with .., an absolute path, through a link)
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -52,6 +54,8 @@ EXIT_CODES = {
     CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
     EXPLAIN_UNKNOWN: "explain: the error is not in the table of known failures",
     NOT_WRITABLE: "a folder lorastrap must write to is read-only (or not permitted)",
+    NOT_OURS: "the target was not made by lorastrap; it replaces or deletes only what it made (or --force)",
+    UNSAFE_PACKAGE: "a package would write outside its environment; nothing was installed",
     INTERRUPTED: "interrupted",
 }
 
@@ -118,3 +122,5 @@ class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
 class NoEnvError(LorastrapError): exit_code = NO_ENV  # noqa: E701
 class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701
 class NotWritableError(LorastrapError): exit_code = NOT_WRITABLE  # noqa: E701
+class NotOursError(LorastrapError): exit_code = NOT_OURS  # noqa: E701
+class UnsafePackageError(LorastrapError): exit_code = UNSAFE_PACKAGE  # noqa: E701

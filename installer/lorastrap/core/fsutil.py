@@ -77,3 +77,86 @@ def on_path(name: str) -> str | None:
     """shutil.which, skipping pyenv/asdf-style shim folders (a shim is not the program)."""
     dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d and "shims" not in Path(d).parts]
     return shutil.which(name, path=os.pathsep.join(dirs))
+def read_bounded(path: Path, *, limit: int, what: str, fix: str) -> str:
+    """The text of a regular file no larger than LIMIT bytes.  A FIFO, a device (/dev/zero) or a folder is refused
+    before anything is read (a read could block forever or never end), as is a larger file."""
+    import stat as _stat
+
+    from lorastrap.core.errors import UsageError
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be read", why=exc.strerror or str(exc), fix=fix)
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if _stat.S_ISDIR(st.st_mode) else "a FIFO" if _stat.S_ISFIFO(st.st_mode)
+                    else "a device or socket")
+            raise UsageError(f"{what} {path} is {kind}, not a file", why="only regular files are read (a pipe or "
+                             "device could block or never end)", fix=fix)
+        if st.st_size > limit:
+            raise UsageError(f"{what} {path} is {st.st_size} bytes, more than {limit}",
+                             why=f"files of this kind are far smaller; at most {limit} bytes are read", fix=fix)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise UsageError(f"{what} {path} grew past {limit} bytes while being read", why="it is being written",
+                             fix=fix)
+        return data.decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
+def read_stream_tail(stream, *, keep: int, limit: int, what: str, fix: str) -> str:
+    """Read a text stream (stdin) to its end, keeping its last KEEP characters; more than LIMIT characters in all
+    (an endless source such as /dev/zero) is refused."""
+    from lorastrap.core.errors import UsageError
+    tail, total = "", 0
+    while True:
+        block = stream.read(1 << 20)
+        if not block:
+            return tail
+        total += len(block)
+        if total > limit:
+            raise UsageError(f"{what}: more than {limit} characters", why="the input does not end (or is not a log)",
+                             fix=fix)
+        tail = (tail + block)[-keep:]
+
+
+def owner_tag() -> str:
+    """Names a temporary folder after its owner: HOST.PID (a cache shared over NFS holds other hosts' folders)."""
+    import socket
+    return f"{socket.gethostname()}.{os.getpid()}"
+
+
+def _dead(host: str, pid: int) -> bool:
+    import socket
+    if host != socket.gethostname():
+        return False  # another node's: never judged from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Remove FOLDER's PREFIX<HOST>.<PID>.* entries whose owner (on this host) is dead: what a SIGKILLed run left.
+    Returns what was removed."""
+    import re as _re
+    removed = []
+    try:
+        names = [p for p in folder.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for p in names:
+        m = _re.fullmatch(_re.escape(prefix) + r"(.+)\.(\d+)\.[^/]*", p.name)
+        if m and _dead(m.group(1), int(m.group(2))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

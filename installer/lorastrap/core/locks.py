@@ -1,10 +1,13 @@
 """File locks for a prefix and for the package cache (flock on POSIX).  A second run waits and says for whom
-("waiting for … (pid N)"), or fails at once with --no-wait.  Works on NFS where the server supports byte-range
-locks (Linux maps flock to fcntl there).
+("waiting for … (pid N)"), or fails at once with --no-wait.
 
-No lock file is left behind: the holder removes it before releasing.  A waiter that then gets the lock on the
-removed file sees that the path no longer names the file it locked (another inode, or none) and starts over on
-the new one, so two runs can never both hold "the" lock.
+The protocol is the one that holds on NFS (Linux maps flock to fcntl byte-range locks there, served by the
+server's lock manager): lock files are kept — created once, never removed by the run that holds them — so no
+holder ever locks a file that another run has removed or that the NFS client silly-renamed (.nfsXXXX) while it
+was open, and nothing depends on attribute caches agreeing about which inode a path names.  Only uninstall (for
+the prefix it removes) and a refused install of a new prefix remove a prefix's lock file, after releasing it; a
+waiter that got the lock on such a removed file notices — it opens the path afresh (an open revalidates with the
+server: NFS close-to-open consistency) and compares the inode — and starts over on the new file.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ def _open_locked(path: Path, blocking: bool) -> int | None:
             os.close(fd)
             raise
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            check = os.open(path, os.O_RDONLY)  # a fresh open, not a (possibly cached) stat
+            try:
+                now, held_st = os.fstat(check), os.fstat(fd)
+                same = (now.st_dev, now.st_ino) == (held_st.st_dev, held_st.st_ino) and held_st.st_nlink > 0
+            finally:
+                os.close(check)
         except FileNotFoundError:
             same = False
         if same:
@@ -71,11 +79,7 @@ def held(path: Path, *, what: str, wait: bool = True, narrate=lambda msg: None, 
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        try:
-            os.unlink(path)  # still ours: nobody else can hold the file at PATH while we do
-        except OSError:
-            pass
-        os.close(fd)
+        os.close(fd)  # the file stays (see the module's docstring)
 
 
 def held_by_another(path: Path) -> str | None:

@@ -37,6 +37,12 @@ def _folder(variable: str, value: str, fix: str) -> Path:
                          fix=fix)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{variable}={value!r} is not a folder", why="a file is in the way", fix=fix)
+    above = path
+    while not above.exists() and above.parent != above:
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{variable}={value!r} cannot become a folder", why=f"{above} is a file, not a folder",
+                         fix=fix)
     return path
 
 
@@ -68,3 +74,23 @@ def cache_dir() -> Path:
         return _folder("LORASTRAP_PKGS_DIR", os.environ["LORASTRAP_PKGS_DIR"],
                        "Set LORASTRAP_PKGS_DIR to an absolute folder, or unset it (the data dir's pkgs/).")
     return data_dir() / "pkgs"
+
+
+def check_prefix_path(prefix: Path) -> Path:
+    """A --prefix any command may take: not the filesystem's root, no control characters (a newline breaks every
+    activation script and record), not a symbolic-link loop.  Raises UsageError; returns PREFIX."""
+    from lorastrap.core.errors import UsageError
+    fix = "Choose another --prefix (or --name)."
+    if prefix.parent == prefix:
+        raise UsageError(f"--prefix {prefix} is the filesystem's root", why="an environment is a folder of its own",
+                         fix=fix)
+    bad = next((c for c in str(prefix) if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise UsageError(f"--prefix {str(prefix)!r} holds the control character {bad!r}",
+                         why="shells, activation scripts and conda's records cannot carry it", fix=fix)
+    try:
+        prefix.resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: "Symlink loop" (Python 3.11), ELOOP after
+        raise UsageError(f"--prefix {prefix} cannot be resolved", why=f"a symbolic-link loop ({exc})", fix=fix)
+    return prefix
+

@@ -2,8 +2,9 @@
 
 Output is captured (stdout and stderr apart, read together so no pipe can fill and deadlock), every call has a
 timeout, and on a timeout or an interrupt the whole process group is killed.  On Linux every child also gets
-SIGKILL when lorastrap itself dies (PR_SET_PDEATHSIG); a child's own children (pip re-running itself under the
-environment's Python) stay in its process group, which the transaction records so the next run can end them.
+SIGKILL when lorastrap itself dies (PR_SET_PDEATHSIG, set by setpriv or a small exec shim — see
+``with_death_signal``); a child's own children (pip re-running itself under the environment's Python) inherit the
+token of the transaction's children record, so the next run can end them and nothing else.
 The environment passed in
 is taken as is; callers build it with ``clean_env`` so a user's conda configuration or ``CUDA_VISIBLE_DEVICES``
 cannot leak in by accident.
@@ -48,16 +49,35 @@ def clean_env(drop: tuple[str, ...] = (), prefixes: tuple[str, ...] = (), **extr
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGKILL when lorastrap dies (even by SIGKILL), so no orphan keeps writing."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+# The death signal (Linux): set in the child by a program it execs first, never by Python code between fork and exec
+# (a preexec_fn in a threaded parent can deadlock, and a failure there went unseen).  setpriv (util-linux) when
+# present, else a few lines of Python that set it with prctl, check the parent is still the one that started it
+# (a parent that died before the signal was set would never send it), then exec the command.  Either failing is a
+# failure to start, never a child running silently without it.
+_SHIM = ("import ctypes, os, sys\n"
+         "if ctypes.CDLL(None, use_errno=True).prctl(1, 9) != 0:\n"  # PR_SET_PDEATHSIG, SIGKILL
+         "    sys.exit('lorastrap: cannot set the death signal: errno %d' % ctypes.get_errno())\n"
+         "if os.getppid() != int(sys.argv[1]):\n"
+         "    os._exit(137)\n"  # lorastrap died already: so do we
+         "os.execvp(sys.argv[2], sys.argv[2:])\n")
 
 
-_PREEXEC = _die_with_parent if sys.platform.startswith("linux") else None
+def _setpriv() -> str | None:
+    import shutil
+    exe = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+    return exe if exe and sys.platform.startswith("linux") else None
+
+
+_SETPRIV = _setpriv() if sys.platform.startswith("linux") else None
+
+
+def with_death_signal(argv: list[str]) -> list[str]:
+    """ARGV started so that it gets SIGKILL when lorastrap dies (Linux; elsewhere the children record covers it)."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    if _SETPRIV and os.environ.get("LORASTRAP_DEATH_SIGNAL") != "shim":
+        return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+    return [sys.executable, "-I", "-S", "-c", _SHIM, str(os.getpid()), *argv]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -81,49 +101,111 @@ def _communicate(proc: subprocess.Popen, stdin: str | None, timeout: float) -> t
         raise
 
 
-_GROUPS: list[Path] = []  # where the process groups of the children started now are recorded
+# The children record: PREFIX.lorastrap-children (txn.children_path), one JSON object a line.  The first line is
+# written before any child starts: {"token", "host", "boot_id"}; every child gets the token in its environment
+# (LORASTRAP_CHILD_OF), which its own children inherit.  Then a line per child, as it is started: {"pid", "start"}
+# (the start time from /proc/PID/stat, in clock ticks since boot).  A process is taken for one of the record's only
+# when it is on this host, in this boot, and carries the token (or is the recorded pid with the recorded start
+# time): a pid or process group reused after a reboot, or a process of another node sharing the prefix over NFS, is
+# never touched.
+TOKEN_VAR = "LORASTRAP_CHILD_OF"
+_RECORDS: list[tuple[Path, str]] = []  # (record file, token) of the blocks open now
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, /proc/PID/stat field 22), None when it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _append(path: Path, doc: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(doc) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager
 def recording_groups(path: Path):
-    """Record the process group of every child started inside the block in PATH (one id a line, written as soon
-    as the child is started).  A child's own children stay in its group but do not get
-    the death signal: after a SIGKILL of lorastrap the next run kills what is left of these groups
-    (``kill_recorded_groups``).  The file is removed when the block ends."""
-    _GROUPS.append(path)
+    """Record every child started inside the block in PATH (see above); the file is removed when the block ends.
+    Nested blocks for the same PATH share the outer one's record."""
+    if any(p == path for p, _ in _RECORDS):
+        yield
+        return
+    import secrets
+    import socket
+    token = secrets.token_hex(16)
+    _append(path, {"token": token, "host": socket.gethostname(), "boot_id": boot_id()})
+    _RECORDS.append((path, token))
     try:
         yield
     finally:
-        _GROUPS.remove(path)
+        _RECORDS.remove((path, token))
         path.unlink(missing_ok=True)
 
 
+def _child_env(env: dict[str, str] | None) -> dict[str, str] | None:
+    if not _RECORDS:
+        return env
+    out = dict(os.environ if env is None else env)
+    out[TOKEN_VAR] = ",".join(tok for _, tok in _RECORDS)
+    return out
+
+
 def _record(pid: int) -> None:
-    for path in _GROUPS:
-        with open(path, "a") as f:
-            f.write(f"{pid}\n")
-            f.flush()
-            os.fsync(f.fileno())
+    for path, _ in _RECORDS:
+        _append(path, {"pid": pid, "start": start_time(pid)})
 
 
-def kill_recorded_groups(path: Path) -> int:
-    """Kill (SIGKILL) the processes still in the groups recorded in PATH by a run that died; remove PATH.  Returns
-    how many processes were killed.  A group id is trusted only for processes that are still in that group."""
+def _carries(pid: int, token: str) -> bool:
     try:
-        groups = {int(x) for x in path.read_text().split()}
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    for item in environ:
+        if item.startswith(TOKEN_VAR.encode() + b"="):
+            return token.encode() in item[len(TOKEN_VAR) + 1:].split(b",")
+    return False
+
+
+def kill_recorded_groups(path: Path, *, narrate=lambda m: None) -> int:
+    """Kill (SIGKILL) what is left of the children recorded in PATH by a run that died; remove PATH.  Returns how
+    many processes were killed.  Only processes of this host and boot that carry the record's token, or are a
+    recorded pid with its recorded start time, are touched."""
+    import socket
+    if any(p == path for p, _ in _RECORDS):
+        return 0  # this run's own record, open now (repair holds it around the install transaction)
+    try:
+        lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        head = lines[0] if lines and isinstance(lines[0], dict) else {}
     except (OSError, ValueError):
-        groups = set()
+        lines, head = [], {}
+    token = head.get("token")
+    if lines and (head.get("host") != socket.gethostname() or head.get("boot_id") != boot_id() or not token):
+        narrate(f"{path}: recorded on {head.get('host') or 'an unknown host'}"
+                + ("" if head.get("host") != socket.gethostname() else " before a reboot")
+                + ": no process of it is touched")
+        path.unlink(missing_ok=True)
+        return 0
+    recorded = {(d.get("pid"), d.get("start")) for d in lines[1:] if isinstance(d, dict)}
     killed = 0
-    for proc in Path("/proc").iterdir() if groups else []:
-        if not proc.name.isdigit():
+    me = os.getpid()
+    for proc in Path("/proc").iterdir() if token else []:
+        if not proc.name.isdigit() or int(proc.name) == me:
             continue
-        try:
-            pgid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-        except (OSError, ValueError, IndexError):
-            continue
-        if pgid in groups and int(proc.name) != os.getpid():
+        pid = int(proc.name)
+        if _carries(pid, token) or (pid, start_time(pid)) in recorded:
             try:
-                os.kill(int(proc.name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
                 killed += 1
             except OSError:
                 pass
@@ -131,9 +213,24 @@ def kill_recorded_groups(path: Path) -> int:
     return killed
 
 
-def _popen(argv: list[str], **kwargs) -> subprocess.Popen:
-    """Every child: its own session (process group), the death signal, and its group recorded."""
-    proc = subprocess.Popen(argv, text=True, start_new_session=True, preexec_fn=_PREEXEC, **kwargs)
+def _resolve(exe: str, env: dict[str, str] | None) -> None:
+    import errno
+    import shutil
+    if "/" in exe:
+        if not os.path.exists(exe):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), exe)
+        if not os.access(exe, os.X_OK) or os.path.isdir(exe):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), exe)
+    elif shutil.which(exe, path=(env if env is not None else os.environ).get("PATH", os.defpath)) is None:
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), exe)
+
+
+def _popen(argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """Every child: its own session (process group), the death signal (an exec'd helper sets it), the record's
+    token in its environment, and its pid recorded."""
+    _resolve(argv[0], env)  # a missing program fails here as Popen itself would, not inside the helper
+    proc = subprocess.Popen(with_death_signal(argv), text=True, start_new_session=True, env=_child_env(env),
+                            **kwargs)
     _record(proc.pid)
     return proc
 

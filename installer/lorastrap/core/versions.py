@@ -18,14 +18,14 @@ from packaging.version import InvalidVersion, Version
 
 from lorastrap.core.errors import UsageError
 
-PATTERN = re.compile(r"^\d+(\.\d+)*$")
+PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")  # ASCII digits only: \d also matches fullwidth and other scripts' digits
 
 
 def parse(text: str, what: str = "version") -> tuple[int, ...]:
     """'12.4' → (12, 4).  Raises UsageError naming ``what`` for anything that is not dotted numbers."""
     text = str(text).strip()
-    if not PATTERN.match(text):
-        raise UsageError(f"{what}={text!r} is not a version", why="expected dotted numbers, such as 12.4",
+    if not PATTERN.fullmatch(text):
+        raise UsageError(f"{what}={text!r} is not a version", why="expected dotted ASCII numbers, such as 12.4",
                          fix=f"Give {what} as MAJOR.MINOR (for example 12.4), or leave it unset.")
     return tuple(int(p) for p in text.split("."))
 

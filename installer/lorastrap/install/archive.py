@@ -4,19 +4,27 @@
 Used before anything changes — the prefix-length preflight (a binary prefix placeholder can only be overwritten
 by a path no longer than itself: conda and rattler pad the new prefix with NULs and refuse a longer one) — and to
 validate an extracted copy in the package cache against the hashes its own package lists.
+
+``inspect`` is the containment check every archive passes before an engine sees it: no path of the package (its
+tar members and its info/paths.json) may leave the prefix — absolute, ``..``, or written through a symbolic link
+the package itself makes (a link may point anywhere; nothing may be written *through* one) — and no member may be
+a device or a FIFO.  It also returns what the package needs on disk unpacked (a small archive of a huge, highly
+compressible file is sized by what it unpacks to, not by its bytes) and its link scripts.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import posixpath
+import re
 import tarfile
 import zipfile
 from pathlib import Path
 
 import zstandard
 
-from lorastrap.core.errors import IntegrityError
+from lorastrap.core.errors import IntegrityError, UnsafePackageError
 
 
 def paths_json(archive: Path) -> dict:
@@ -41,3 +49,127 @@ def binary_placeholder_length(archive: Path) -> int | None:
     lengths = [len(p["prefix_placeholder"]) for p in paths_json(archive).get("paths", [])
                if p.get("prefix_placeholder") and p.get("file_mode") == "binary"]
     return min(lengths) if lengths else None
+
+
+LINK_SCRIPT = re.compile(r"^(bin/\.[^/]+-(pre-link|post-link|pre-unlink)\.sh|Scripts/\.[^/]+-(pre-link|post-link|pre-unlink)\.bat)$")
+
+
+def _outside(rel: str) -> bool:
+    """A path relative to the prefix that leaves it (or names nothing: empty, NUL)."""
+    if not rel or "\0" in rel or rel.startswith("/"):
+        return True
+    norm = posixpath.normpath(rel)
+    return norm == ".." or norm.startswith("../") or norm == "."
+
+
+def _through_link(rel: str, links: dict[str, str]) -> str | None:
+    """The link among LINKS (path → target, both as the package writes them) through which REL, written below it,
+    would land outside the prefix; None when REL stays inside (a link to a folder of the package itself, such as
+    lib64 → lib, is fine)."""
+    parts = [p for p in posixpath.normpath(rel).split("/") if p not in ("", ".")]
+    i, hops = 1, 0
+    while i < len(parts):
+        parent = "/".join(parts[:i])
+        target = links.get(parent)
+        if target is None:
+            i += 1
+            continue
+        hops += 1
+        landed = posixpath.normpath(posixpath.join(posixpath.dirname(parent), target))
+        if hops > 40 or target.startswith("/") or landed == ".." or landed.startswith("../"):
+            return parent
+        parts = [p for p in landed.split("/") if p not in ("", ".")] + parts[i:]
+        i = 1
+    return None
+
+
+def _unsafe(archive: Path, what: str, why: str) -> UnsafePackageError:
+    return UnsafePackageError(f"{archive.name}: {what}",
+                              why=why + "; lorastrap links no package that writes outside its environment",
+                              fix="Nothing was installed. Remove the package from the lock (or the channel), or "
+                                  "report it to whoever publishes it.")
+
+
+def _members(archive: Path):
+    """Every tar member of the archive (both inner tars of a .conda), streamed: nothing is unpacked."""
+    if archive.name.endswith(".conda"):
+        with zipfile.ZipFile(archive) as z:
+            for inner in z.namelist():
+                if inner.endswith(".tar.zst"):
+                    with z.open(inner) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
+                            tarfile.open(fileobj=stream, mode="r|") as t:
+                        yield from t
+    else:
+        with tarfile.open(archive, "r|bz2") as t:
+            yield from t
+
+
+def inspect(archive: Path) -> dict:
+    """The containment check (see the module's docstring).  Returns {"unpacked_bytes", "link_scripts",
+    "softlinks"}; raises UnsafePackageError for a package that would write outside the prefix."""
+    links: dict[str, str] = {}
+    names: list[str] = []
+    size = 0
+    try:
+        for m in _members(archive):
+            name = m.name[2:] if m.name.startswith("./") else m.name
+            if _outside(name):
+                raise _unsafe(archive, f"its member {name!r} lies outside the environment",
+                              why="an absolute path or one with .. would be written outside the prefix")
+            through = _through_link(name, links)
+            if through:
+                raise _unsafe(archive, f"its member {name!r} is written through the link {through}",
+                              why="a file below a symbolic link the package makes lands wherever that link points")
+            names.append(name)
+            if m.issym():
+                links[posixpath.normpath(name)] = m.linkname
+            elif m.islnk():
+                if _outside(m.linkname):
+                    raise _unsafe(archive, f"its hard link {name!r} names {m.linkname!r}",
+                                  why="a hard link to a path outside the package")
+            elif not (m.isfile() or m.isdir()):
+                raise _unsafe(archive, f"its member {name!r} is a device or FIFO",
+                              why="conda packages hold files, folders and links only")
+            size += max(m.size, 0)
+    except UnsafePackageError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError) as exc:
+        raise IntegrityError(f"{archive.name}: the archive cannot be read", why=str(exc) or type(exc).__name__,
+                             fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
+    for name in names:  # a link that comes after the files below it in the tar
+        through = _through_link(name, links)
+        if through:
+            raise _unsafe(archive, f"its member {name!r} is written through the link {through}",
+                          why="a file below a symbolic link the package makes lands wherever that link points")
+    entries = paths_json(archive).get("paths", [])
+    scripts = []
+    for e in entries:
+        rel = e.get("_path") if isinstance(e, dict) else None
+        if not isinstance(rel, str) or _outside(rel):
+            raise _unsafe(archive, f"its info/paths.json names {rel!r}",
+                          why="an entry outside the environment (absolute, .., or not a path)")
+        through = _through_link(rel, links)
+        if through:
+            raise _unsafe(archive, f"its info/paths.json names {rel!r}, below the link {through}",
+                          why="a file below a symbolic link lands wherever that link points")
+        if LINK_SCRIPT.match(rel):
+            scripts.append(rel)
+    return {"unpacked_bytes": size, "link_scripts": scripts, "softlinks": links,
+            "paths": sorted({posixpath.normpath(e["_path"]) for e in entries})}
+
+
+def check_together(inspected: dict[str, dict]) -> None:
+    """Across the packages of one environment: no package writes through a link another one makes."""
+    links = {link: target for info in inspected.values() for link, target in info["softlinks"].items()}
+    maker = {link: name for name, info in inspected.items() for link in info["softlinks"]}
+    if not links:
+        return
+    for name, info in inspected.items():
+        for rel in info["paths"]:
+            through = _through_link(rel, links)
+            if through:
+                raise UnsafePackageError(
+                    f"{name}: its file {rel} would be written through {through}, a link {maker[through]} makes",
+                    why="a file below a symbolic link lands wherever that link points; lorastrap links no package "
+                        "that writes outside its environment",
+                    fix="Nothing was installed. Remove one of the two packages from the lock, or report it.")

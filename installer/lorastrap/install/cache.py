@@ -61,10 +61,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# Where a named channel host is known to send its files: anaconda.org answers package downloads with a 302 to its
+# S3 storage (seen in https://github.com/conda-incubator/ensureconda/pull/25: "302 Found / Location:
+# https://binstar-cio-packages-prod.s3.amazonaws.com/…").
+STORAGE_OF = {"anaconda.org": {"binstar-cio-packages-prod.s3.amazonaws.com"},
+              "conda.anaconda.org": {"binstar-cio-packages-prod.s3.amazonaws.com"}}
+
+
+def redirect_hosts_from(urls) -> frozenset[str]:
+    """The hosts a download may be redirected to besides its own: those of the URLs the user named (channels,
+    mirrors, the pip index), the storage those hosts are known to use (STORAGE_OF) and LORASTRAP_REDIRECT_HOSTS
+    (comma-separated host names, e.g. a CDN a mirror uses)."""
+    named = {urllib.parse.urlsplit(u).hostname for u in urls if u and "://" in u}
+    named |= {h for host in list(named) for h in STORAGE_OF.get(host or "", ())}
+    named |= {h.strip().lower() for h in os.environ.get("LORASTRAP_REDIRECT_HOSTS", "").split(",") if h.strip()}
+    return frozenset(h.lower() for h in named if h)
+
+
 class Cache:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, redirect_hosts: frozenset[str] = frozenset()):
         self.root = root
         self.archives = root / "archives"
+        self.redirect_hosts = redirect_hosts  # besides each URL's own host: see redirect_hosts_from
 
     def entry(self, sha256: str, filename: str) -> Path:
         return self.archives / sha256 / filename
@@ -105,12 +123,18 @@ class Cache:
                     return path, 0
                 path.unlink()
             resumed = tmp.exists() and tmp.stat().st_size > 0
-            got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
-            got = sha256_file(tmp)
+            if resumed and sha256_file(tmp) == sha256:  # a run killed after the last byte: complete, not resumed
+                narrate(f"{filename}: a complete earlier download matches the lock; using it")
+                got, got_bytes = sha256, 0
+            else:
+                got_bytes = _download(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                      hosts=self.redirect_hosts)
+                got = sha256_file(tmp)
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 tmp.unlink()
-                got_bytes += _download(url, tmp, progress=progress, narrate=narrate, stop=stop)
+                got_bytes += _download(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                       hosts=self.redirect_hosts)
                 got = sha256_file(tmp)
             if got != sha256:
                 tmp.unlink()
@@ -147,6 +171,22 @@ class Cache:
             progress.close()
         return results
 
+    def inspect(self, path: Path) -> dict:
+        """archive.inspect of a checked entry, remembered beside it (keyed by the entry's signature, so an entry
+        changed since is inspected again)."""
+        import json
+        marker = path.with_name("." + path.name + ".inspected")
+        sig = _signature(path)
+        try:
+            kept = json.loads(marker.read_text())
+            if kept.get("signature") == sig:
+                return kept["info"]
+        except (OSError, ValueError, AttributeError, KeyError):
+            pass
+        info = archive.inspect(path)
+        fsutil.write_atomic(marker, json.dumps({"signature": sig, "info": info}))
+        return info
+
     def _mark(self, path: Path) -> None:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
 
@@ -162,13 +202,22 @@ class Cache:
             if not folder.is_dir():
                 continue
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                bad = _extracted_damage(folder, archive.paths_json(path).get("paths", []), full=full)
+                entries = archive.paths_json(path).get("paths", [])
+                bad = _paths_differ(folder, entries) or _extracted_damage(folder, entries, full=full)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")
                     fsutil.remove_tree(folder)
                     removed.append(folder.name)
         return removed
+
+    def restamp_extracted(self, archives: list[Path], *, extracted: Path) -> None:
+        """restamp every extracted copy of ARCHIVES that passed check_extracted (see restamp)."""
+        for path in archives:
+            folder = extracted / _dist_name(path.name)
+            if folder.is_dir() and (folder / STAMP).exists():
+                with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
+                    restamp(folder, archive.paths_json(path).get("paths", []))
 
 
 def _signature(path: Path) -> str:
@@ -183,7 +232,40 @@ def _dist_name(filename: str) -> str:
     return filename
 
 
-STAMP = ".lorastrap-checked"  # in an extracted copy: the size and mtime of each file at its last full check
+STAMP = ".lorastrap-checked"  # in an extracted copy: size, mtime and ctime of each file at its last full check
+
+
+def _paths_key(entries) -> set:
+    return {(e.get("_path"), e.get("path_type", "hardlink"), e.get("sha256")) for e in entries if isinstance(e, dict)}
+
+
+def _paths_differ(folder: Path, entries: list[dict]) -> str | None:
+    """The engine links what the copy's own info/paths.json lists: it must list what the archive's does, no more."""
+    import json
+    try:
+        own = json.loads((folder / "info" / "paths.json").read_text()).get("paths", [])
+    except (OSError, ValueError, AttributeError):
+        return "its info/paths.json is missing or unreadable"
+    if _paths_key(own) != _paths_key(entries):
+        extra = sorted(str(p) for p, _, _ in _paths_key(own) - _paths_key(entries))
+        return "its info/paths.json differs from the archive's" + (f" (it adds {extra[0]})" if extra else "")
+    return None
+
+
+def restamp(folder: Path, entries: list[dict]) -> None:
+    """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link changes
+    a file's ctime, not its bytes), so the next quick check does not hash them all again."""
+    import json
+    stats = {}
+    for e in entries:
+        if e.get("path_type", "hardlink") != "hardlink":
+            continue
+        try:
+            st = (folder / e["_path"]).lstat()
+        except OSError:
+            return
+        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    fsutil.write_atomic(folder / STAMP, json.dumps(stats, sort_keys=True))
 
 
 def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
@@ -201,7 +283,9 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
             return f"{e['_path']} missing"
         if not p.is_file() or p.is_symlink():
             return f"{e['_path']} is not a file"
-        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}"
+        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    for left in folder.glob(f".{STAMP}.*.tmp"):  # a writer killed mid-write (writes happen under the folder's lock)
+        left.unlink(missing_ok=True)
     stamp = folder / STAMP
     if not full:
         try:
@@ -265,8 +349,14 @@ def _proxied(parts: urllib.parse.SplitResult) -> bool:
     return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
 
 
-def _request(url: str, start: int, timeout: float):
-    """GET url from byte `start` (a Range request when > 0), following redirects: (status, headers, body)."""
+class _Redirected(Exception):
+    """A redirect to a host that is neither the URL's own nor one the user named."""
+
+
+def _request(url: str, start: int, timeout: float, hosts: frozenset[str] = frozenset()):
+    """GET url from byte `start` (a Range request when > 0), following redirects to the same host or to HOSTS only:
+    (status, headers, body)."""
+    home = (urllib.parse.urlsplit(url).hostname or "").lower()
     headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
     if start:
         headers["Range"] = f"bytes={start}-"
@@ -296,7 +386,11 @@ def _request(url: str, start: int, timeout: float):
                 raise
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             resp.read()
-            url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            target_url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            host = (urllib.parse.urlsplit(target_url).hostname or "").lower()
+            if host != home and host not in hosts:
+                raise _Redirected(f"{url} redirects to {target_url}, on another host ({host})")
+            url = target_url
             continue
         if resp.status >= 400:
             _drop(parts.scheme, parts.netloc)
@@ -321,7 +415,7 @@ def _copy_local(url: str, dest: Path) -> int:
 
 
 def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
-              stop: threading.Event | None = None) -> int:
+              stop: threading.Event | None = None, hosts: frozenset[str] = frozenset()) -> int:
     """Download url into dest, resuming what dest already holds when the server honours Range.  Returns the
     bytes transferred.  A cut connection, a short body, a read that waits longer than read_timeout() or a 5xx
     is retried (RETRIES attempts, narrated); a 4xx, or running out of attempts, is a NetworkError."""
@@ -334,7 +428,13 @@ def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
     for attempt in range(1, RETRIES + 1):
         have = dest.stat().st_size if dest.exists() else 0
         try:
-            status, headers, body = _request(url, have, timeout)
+            try:
+                status, headers, body = _request(url, have, timeout, hosts)
+            except _Redirected as exc:
+                raise NetworkError(f"refused a redirect while downloading {url.rsplit('/', 1)[-1]}", why=str(exc),
+                                   fix="lorastrap follows redirects only to the same host or to hosts you named "
+                                       "(--channel, --mirror, --pip-index-url, or LORASTRAP_REDIRECT_HOSTS=host,…). "
+                                       "Nothing was installed.")
             length = int(headers.get("Content-Length") or -1)
             content_range = re.match(r"bytes (\d+)-", headers.get("Content-Range") or "")
             if status == 206 and content_range and int(content_range.group(1)) == have:
@@ -362,6 +462,10 @@ def _download(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
             return transferred
         except _HttpStatus as exc:
             last = str(exc)
+            if exc.code == 416 and have:  # nothing left to resume from there (a longer or other part): afresh
+                narrate(f"{dest.name[1:-5]}: the server cannot resume at {have} bytes; downloading it from the start")
+                dest.unlink(missing_ok=True)
+                continue
             if exc.code < 500 and exc.code not in (408, 429):
                 break
         except (socket.timeout, TimeoutError):

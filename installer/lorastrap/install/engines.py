@@ -76,6 +76,7 @@ class Refused:
 class Facts:
     minimum: dict[str, Minimum]
     refused: list[Refused]
+    tested: dict[str, list[str]] = None  # kind → releases `auto` may pick
 
 
 def facts(envs_dir: Path | None = None) -> Facts:
@@ -83,8 +84,9 @@ def facts(envs_dir: Path | None = None) -> Facts:
     path = (envs_dir or paths.ENVS) / FACTS
     try:
         raw = yaml.safe_load(path.read_text())
-        if raw.get("schema_version") != 1 or set(raw) - {"schema_version", "minimum", "refused"}:
-            raise ValueError("expected the keys schema_version (1), minimum and refused")
+        if raw.get("schema_version") != 1 or set(raw) - {"schema_version", "minimum", "refused", "tested"}:
+            raise ValueError("expected the keys schema_version (1), tested, minimum and refused")
+        tested = {str(kind): [str(v) for v in versions] for kind, versions in (raw.get("tested") or {}).items()}
         minimum = {kind: Minimum(**m) for kind, m in (raw.get("minimum") or {}).items()}
         refused = [Refused(start=r["from"], end=r["to"], why=r["why"], source=r["source"])
                    for r in raw.get("refused") or []]
@@ -93,7 +95,10 @@ def facts(envs_dir: Path | None = None) -> Facts:
                 raise ValueError(f"{v!r} is not a version such as 2.3.2")
         if any(set(r) - {"from", "to", "why", "source"} for r in raw.get("refused") or []):
             raise ValueError("a refused range has a key other than from, to, why, source")
-        return Facts(minimum=minimum, refused=refused)
+        for v in [x for versions in tested.values() for x in versions]:
+            if not re.fullmatch(r"\d+\.\d+\.\d+", v):
+                raise ValueError(f"tested: {v!r} is not a version such as 1.5.12")
+        return Facts(minimum=minimum, refused=refused, tested=tested)
     except (OSError, yaml.YAMLError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{path} is not a valid list of engine releases", why=str(exc).splitlines()[0],
                           fix="Restore envs/engines.yaml from version control.")
@@ -171,6 +176,11 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
         bad = judge(kind, version, known)
         if bad:
             reasons.append(f"{exe} ({where}): {bad}")
+            continue
+        if choice == "auto" and version not in (known.tested or {}).get(kind, []):
+            reasons.append(f"{exe} ({where}): {kind} {version} is not a release lorastrap is tested with "
+                           f"(envs/engines.yaml lists {', '.join((known.tested or {}).get(kind, [])) or 'none'}; "
+                           f"--engine {kind} uses it anyway)")
             continue
         for reason in reasons:
             narrate(f"not using {reason}")

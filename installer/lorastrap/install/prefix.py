@@ -110,7 +110,8 @@ def distributions(prefix: Path) -> dict[str, Distribution]:
 
 
 def unowned(prefix: Path, owned: set[str]) -> list[str]:
-    """Files in the prefix that no path of OWNED names (conda-meta and compiled files aside): the user's."""
+    """What in the prefix no path of OWNED names (conda-meta and compiled files aside): the user's — files, links
+    (to files or folders: a link is listed, never followed), FIFOs and other special files, and empty folders."""
     out = []
     for root, dirs, files in os.walk(prefix):
         rel_root = os.path.relpath(root, prefix)
@@ -118,7 +119,12 @@ def unowned(prefix: Path, owned: set[str]) -> list[str]:
             dirs[:] = []
             continue
         dirs[:] = [d for d in dirs if d != "__pycache__"]
-        for f in files:
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]  # os.walk does not enter them
+        if rel_root != "." and not dirs and not files:
+            rel = os.path.normpath(rel_root)
+            if rel not in owned:
+                out.append(rel)  # an empty folder
+        for f in files + links:
             rel = os.path.normpath(os.path.join(rel_root, f))
             if rel in owned or f.endswith(".pyc") or rel == "CACHEDIR.TAG":
                 continue
@@ -126,12 +132,17 @@ def unowned(prefix: Path, owned: set[str]) -> list[str]:
     return sorted(out)
 
 
-def user_files(prefix: Path) -> list[str]:
-    """The files no conda package and no Python distribution owns: what install and repair carry over."""
+def owned_paths(prefix: Path) -> set[str]:
+    """Every path a conda package or a Python distribution of PREFIX owns."""
     owned = {p["_path"] for rec in conda_meta(prefix).records.values() for p in rec.paths}
     for dist in distributions(prefix).values():
         owned.update(dist.files)
-    return unowned(prefix, owned)
+    return owned
+
+
+def user_files(prefix: Path) -> list[str]:
+    """The files no conda package and no Python distribution owns: what install and repair carry over."""
+    return unowned(prefix, owned_paths(prefix))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,6 +226,12 @@ def read_record(prefix: Path) -> EnvRecord | None:
         return EnvRecord.model_validate_json((prefix / RECORD_DIR / "record.json").read_text())
     except (OSError, ValueError, ValidationError):
         return None
+
+
+def made_by_lorastrap(prefix: Path) -> bool:
+    """Whether PREFIX holds lorastrap's record of it (conda-meta/lorastrap/record.json): what lorastrap may
+    replace or delete without being told to."""
+    return (prefix / RECORD_DIR / "record.json").is_file() and not (prefix / RECORD_DIR).is_symlink()
 
 
 def own_lock(prefix: Path) -> Path:

@@ -26,10 +26,12 @@ class Provisioned:
 
 
 def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | None = None,
-              bundle: Path | None = None, envs_dir_given: bool = False, asked_profile: bool = False, channels: list[str] | None = None,
-              mirror: str | None = None, pip_index_url: str | None = None, engine: str | None = None,
-              frozen: bool = False, keep_backup: bool = False, wait: bool = True, run_verify: bool = True,
-              reverify: bool = False, link_mode: str = "hardlink", min_free_mib: int = 512, narrate=lambda m: None) -> Provisioned:
+              bundle: Path | None = None, envs_dir_given: bool = False, asked_profile: bool = False,
+              channels: list[str] | None = None, mirror: str | dict[str, str] | None = None,
+              pip_index_url: str | None = None, engine: str | None = None, frozen: bool = False,
+              keep_backup: bool = False, wait: bool = True, run_verify: bool = True, reverify: bool = False,
+              link_mode: str = "hardlink", min_free_mib: int = 512, replace_foreign: bool = False,
+              allow_link_scripts: bool = False, narrate=lambda m: None) -> Provisioned:
     """Plan (or take the bundle's profile), install atomically, verify, register.  ``bundle`` is a bundle folder
     or .tar: its profiles are used unless ``envs_dir_given``, and its lock points at its own files (no network).
     ``reverify``: verify the environment on this machine also when it was already up to date (fleets do)."""
@@ -58,7 +60,8 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
             platform=machine.platform, lock_file=lock_file, engine=engine, frozen=frozen, channels=channels,
             mirror=mirror, pip_index_url=pip_index_url or chans.DEFAULT_PIP_INDEX, keep_backup=keep_backup,
             wait=wait, run_verify=run_verify,
-            link_mode=link_mode, min_free_mib=min_free_mib, driver_cuda=machine.cuda, narrate=narrate,
+            link_mode=link_mode, min_free_mib=min_free_mib, replace_foreign=replace_foreign,
+            allow_link_scripts=allow_link_scripts, driver_cuda=machine.cuda, narrate=narrate,
             plan_info=chosen.model_dump(mode="json", include={"profile", "forced", "reasons", "warnings"}))
     if reverify and run_verify and not result.changed and not result.verify:
         result.verify = _verify_again(Path(result.prefix), profiles.get(matrix, name), matrix, machine, envs_dir,

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import filecmp
 import signal
 import socket
+import stat
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -39,10 +41,11 @@ from pathlib import Path
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.locking import channels as chans, choose, lockfile, pypi_index
-from lorastrap.install.cache import Cache, read_timeout
+from lorastrap.install.cache import Cache, read_timeout, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
 from lorastrap.machine.model import Machine
-from lorastrap.core.errors import ConfigError, DiskError, Interrupted, LorastrapError, UsageError, VerifyError
+from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UnsafePackageError,
+                                   UsageError, VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import EnvRecord, Journal, NodeReport
 
@@ -99,10 +102,15 @@ def install(*, prefix: Path, wait: bool = True, narrate=lambda m: None, **kwargs
     or failing at once with wait=False); see install_locked and the module's docstring."""
     prefix = check_prefix(prefix.expanduser().absolute(), narrate)
     made = [p for p in reversed(prefix.parents) if not p.exists()]  # folders this run creates for PREFIX
+    held_it = False
     try:
         with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate):
+            held_it = True
             return install_locked(prefix=prefix, narrate=narrate, **kwargs)
     except BaseException:
+        if held_it and not (pfx.made_by_lorastrap(prefix) or txn.journal_path(prefix).exists()
+                            or txn.backup_path(prefix).exists()):
+            txn.lock_file_path(prefix).unlink(missing_ok=True)  # refused: no lock file left (waiters re-check)
         if not prefix.exists():  # refused or failed before anything was made: leave no empty folders behind
             for folder in reversed(made):
                 try:
@@ -142,22 +150,27 @@ def check_prefix(prefix: Path, narrate=lambda m: None) -> Path:
 
 def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile, platform: str,
                    matrix: Matrix | None = None, engine: str | None = None, frozen: bool = False,
-                   channels: list[str] | None = None, mirror: str | None = None,
+                   channels: list[str] | None = None, mirror: str | dict[str, str] | None = None,
                    pip_index_url: str = chans.DEFAULT_PIP_INDEX, keep_backup: bool = False, run_verify: bool = True,
                    min_free_mib: int = 512, plan_info: dict | None = None, driver_cuda: str | None = None,
                    lock_file: Path | None = None, force: bool = False, carry_over: tuple[str, ...] = (),
-                   link_mode: str = "hardlink", check_cache: bool = False, narrate=lambda m: None) -> InstallResult:
+                   link_mode: str = "hardlink", check_cache: bool = False, replace_foreign: bool = False,
+                   allow_link_scripts: bool = False, narrate=lambda m: None) -> InstallResult:
     """The transaction, with the prefix lock already held by the caller.
 
     lock_file: install from this lock instead of the profile's; carry_over: paths relative to PREFIX (files no
     package owns) copied from the previous environment into the new one; link_mode: "hardlink" (files shared
     with the package cache, as conda does) or "copy" (each file its own: a reflink where the filesystem has them);
-    check_cache: hash every extracted copy in the cache against its package before linking (repair)."""
+    check_cache: hash every extracted copy in the cache against its package before linking (repair);
+    replace_foreign: PREFIX may be a conda environment lorastrap did not make (no record in conda-meta/lorastrap/:
+    conda's, micromamba's, a Miniforge base) — the user named it with --force; it is then always kept as the
+    backup, never deleted; allow_link_scripts: install packages that carry link scripts (see _link_scripts)."""
     prefix = prefix.expanduser().absolute()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with _signals_raise(), ExitStack() as stack:
         recovered = generations.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
+        fsutil.remove_orphans(paths.cache_dir(), ".lorastrap-install-")  # work folders of runs killed earlier
         stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if recovered:
             narrate(recovered)
@@ -165,6 +178,19 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             raise UsageError(f"{prefix} exists and is not a conda environment (no conda-meta/)",
                              why="lorastrap replaces only environments; it never moves or deletes other folders",
                              fix="Choose another --prefix/--name, or empty that folder yourself.")
+        foreign = False  # nothing is carried out of another tool's environment: it is kept whole instead
+        if prefix.exists() and pfx.is_conda_env(prefix) and not pfx.made_by_lorastrap(prefix):
+            if not replace_foreign:
+                raise NotOursError(
+                    f"{prefix} is a conda environment lorastrap did not make (no record in conda-meta/lorastrap/)",
+                    why="lorastrap replaces only environments it made; this one is another tool's (conda, "
+                        "micromamba, a Miniforge base install) or was made by hand",
+                    fix="Choose another --prefix/--name, or pass --force to replace it (it is then kept whole as "
+                        f"{txn.backup_path(prefix)}).")
+            narrate(f"{prefix} was not made by lorastrap: replacing it as asked (--force); it is kept whole as "
+                    f"{txn.backup_path(prefix)}")
+            keep_backup, carry_over = True, ()
+            foreign = True
         lk = lockfile.read_lock(lock_file) if lock_file else choose.choose(
             envs_dir=envs_dir, name=name, profile=profile, platform=platform, frozen=frozen, channels=channels,
             pip_index_url=pip_index_url, narrate=narrate)
@@ -172,6 +198,20 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         if not entries:
             raise ConfigError(f"{lk.path}: no packages for {platform}",
                               fix=f"Lock for {platform}: `lorastrap lock --platform {platform}`.")
+        odd = next((e for e in entries if e.filename in ("", ".", "..") or "\0" in e.url
+                    or "\\" in e.filename), None)
+        if odd:
+            raise ConfigError(f"{lk.path}: the URL of {odd.name} ({odd.url!r}) does not end in a file name",
+                              why="each locked package is one archive (…/NAME-VERSION-BUILD.conda, a wheel); a URL "
+                                  "ending in / or /.. names none",
+                              fix="Re-lock: `lorastrap lock`, or correct that URL. Nothing was changed.")
+        own = {chans.channel_url(c) for c in lk.channels}
+        if isinstance(mirror, str) and len(own) > 1 and chans.channel_url(mirror) not in own:
+            raise UsageError(f"--mirror {mirror}: the lock uses {len(lk.channels)} channels "
+                             f"({', '.join(lk.channels)})",
+                             why="one mirror without its channel would stand for all of them (wrong URLs)",
+                             fix="Name the channel each mirror stands for: --mirror CHANNEL=URL (repeatable), "
+                                 f"e.g. --mirror {lk.channels[0]}={mirror}.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
         unmet = lockfile.missing_dependencies(entries)
@@ -203,7 +243,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         result.engine = eng.describe()
 
         # Preflight: free disk where the cache and the environment go.
-        cache = Cache(paths.cache_dir())
+        cache = Cache(paths.cache_dir(), redirect_hosts=redirect_hosts_from(
+            [*(lk.channels or []), *(channels or []),
+             *((mirror.values() if isinstance(mirror, dict) else [mirror or ""])), pip_index_url]))
         _check_disk(cache.root, min_free_mib, 0, "the package cache")
 
         # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
@@ -218,20 +260,26 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         timings["fetch"] = time.perf_counter() - t
         narrate(f"{len(entries)} packages checked against the lock's sha256 "
                 f"({result.downloaded_bytes / 2**20:.1f} MiB downloaded, {timings['fetch']:.2f} s)")
-        _check_disk(prefix.parent, min_free_mib, EXTRACT_FACTOR * total_bytes, str(prefix.parent),
-                    fix_where="choose a --prefix on a larger disk")
+        # Containment, before any engine sees an archive: no path of any package leaves the prefix.
+        inspected = {n: cache.inspect(p) for n, p in archives.items()}
+        archive.check_together(inspected)
+        _link_scripts(inspected, eng, allow_link_scripts, narrate)
+        unpacked_bytes = sum(i["unpacked_bytes"] for i in inspected.values())
+        _check_disk(prefix.parent, min_free_mib,
+                    max(EXTRACT_FACTOR * total_bytes, total_bytes + unpacked_bytes * (2 if link_mode == "copy" else 1)),
+                    str(prefix.parent), fix_where="choose a --prefix on a larger disk")
         _check_prefix_length(prefix, archives)
         # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
         cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
 
-        work = Path(tempfile.mkdtemp(prefix=".lorastrap-install-", dir=cache.root))  # hard links to the cache
+        work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
             # The engine gets the archives checked above, laid out as a channel, not the channel's URLs.
             local_lock = engines.hand_over(lk, platform, archives, cache.root / "channel", work)
             had_old = prefix.exists()
-            if had_old and not carry_over:
+            if had_old and not carry_over and not foreign:
                 carry_over = tuple(pfx.user_files(prefix))  # the user's files come along on a switch too
             backup = txn.backup_path(prefix)
             if had_old and backup.exists():
@@ -255,6 +303,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        entries=entries, wheels=local, profile=profile, link_mode=link_mode,
                        carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate)
+                # The copies the engine just linked from were checked above; the new links changed only their
+                # ctimes, so record those (the next quick check then hashes only what changed since).
+                cache.restamp_extracted(list(archives.values()), extracted=unpacked)
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -333,7 +384,7 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
     timings["check"] = time.perf_counter() - t
 
 
-def _source_url(e: lockfile.Entry, channels: list[str], mirror: str | None, pip_index_url: str) -> str:
+def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
     same file, found by name on the index's simple page: the lock's sha256 still decides)."""
@@ -344,17 +395,111 @@ def _source_url(e: lockfile.Entry, channels: list[str], mirror: str | None, pip_
     return url
 
 
-def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> None:
-    """Copy the user's files (owned by no package) from the previous environment; never over a package's file."""
-    copied = 0
+def _carry_over(old: Path, new: Path, rels: tuple[str, ...], narrate) -> list[str]:
+    """Copy the user's things (owned by no package) from the previous environment: files (with their modes and
+    times), symbolic links (as links, never followed), empty folders and FIFOs; never over a package's file and
+    never through a link: a folder of the new environment on the way that is a symbolic link (a package's) stops
+    that path.  What was not carried is listed (it stays in the backup) and returned."""
+    copied, skipped = 0, []
     for rel in rels:
         src, dst = old / rel, new / rel
-        if dst.exists() or dst.is_symlink() or not (src.is_file() or src.is_symlink()):
+        try:
+            st = os.lstat(src)
+        except OSError:
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst, follow_symlinks=False)
+        if _link_on_the_way(new, rel):
+            skipped.append(f"{rel} (a link of the new environment is on its way)")
+            continue
+        if dst.exists() or dst.is_symlink():
+            if not (stat.S_ISDIR(st.st_mode) and dst.is_dir() and not dst.is_symlink()):
+                skipped.append(f"{rel} (a package's file is there now)")
+            continue
+        try:
+            _make_parents(new, rel)
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), dst)
+            elif stat.S_ISREG(st.st_mode):
+                shutil.copy2(src, dst, follow_symlinks=False)
+            elif stat.S_ISDIR(st.st_mode):
+                dst.mkdir()
+                shutil.copystat(src, dst, follow_symlinks=False)
+            elif stat.S_ISFIFO(st.st_mode):
+                os.mkfifo(dst, stat.S_IMODE(st.st_mode))
+            else:
+                skipped.append(f"{rel} (a socket or device: not copied)")
+                continue
+        except OSError as exc:
+            skipped.append(f"{rel} ({exc.strerror or exc})")
+            continue
         copied += 1
     narrate(f"carried over {copied} file(s) no package owns (also kept in the backup)")
+    if skipped:
+        narrate(f"not carried over ({len(skipped)}; they stay in the backup): " + "; ".join(skipped[:20])
+                + (" …" if len(skipped) > 20 else ""))
+    return skipped
+
+
+def user_files_follow(current: Path, target: Path, narrate) -> None:
+    """Before TARGET (a kept generation) becomes current again: the user's things in CURRENT (owned by no package)
+    go with it — missing ones are carried over, and a file of the user's that TARGET holds in an older state is
+    replaced by the current one (the user's work is not part of a generation).  A path a package of TARGET owns is
+    never written."""
+    owned = pfx.owned_paths(target)
+    rels = [r for r in pfx.user_files(current) if r not in owned]
+    updated = 0
+    for rel in rels:
+        src, dst = current / rel, target / rel
+        if (src.is_file() and not src.is_symlink() and dst.is_file() and not dst.is_symlink()
+                and not _link_on_the_way(target, rel) and not filecmp.cmp(src, dst, shallow=False)):
+            tmp = dst.with_name(f".{dst.name}.lorastrap-{os.getpid()}.tmp")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+            updated += 1
+    if updated:
+        narrate(f"{updated} file(s) of yours updated to their current state in {target}")
+    _carry_over(current, target, tuple(r for r in rels if not (target / r).exists() and not (target / r).is_symlink()),
+                narrate)
+
+
+def _link_on_the_way(root: Path, rel: str) -> bool:
+    """Whether a folder on the way from ROOT to ROOT/REL is a symbolic link (or not a folder)."""
+    here = root
+    for part in Path(rel).parts[:-1]:
+        here = here / part
+        if here.is_symlink() or (here.exists() and not here.is_dir()):
+            return True
+    return False
+
+
+def _make_parents(root: Path, rel: str) -> None:
+    """mkdir each missing folder on the way to ROOT/REL, one at a time (never through a link: checked before)."""
+    here = root
+    for part in Path(rel).parts[:-1]:
+        here = here / part
+        if not here.exists():
+            here.mkdir()
+
+
+def _link_scripts(inspected: dict[str, dict], eng, allow: bool, narrate) -> None:
+    """Link scripts (bin/.NAME-post-link.sh and the like): lorastrap's policy is that no package runs code at install.
+    A package that carries one is refused by either engine, before anything changes, unless the user allows it
+    (--allow-link-scripts); then the embedded engine still never runs them (py-rattler is called with
+    execute_link_scripts=False), while micromamba/mamba run them (they have no switch to skip them) — said here."""
+    scripts = {name: info["link_scripts"] for name, info in inspected.items() if info["link_scripts"]}
+    if not scripts:
+        return
+    listed = ", ".join(f"{name} ({', '.join(s)})" for name, s in sorted(scripts.items()))
+    if not allow:
+        name, first = next(iter(sorted(scripts.items())))
+        raise UnsafePackageError(f"{len(scripts)} package(s) carry link scripts, e.g. {name}: {first[0]}",
+                                 why=f"a link script runs code at install time; lorastrap runs none by default "
+                                     f"(all: {listed})",
+                                 fix="Nothing was installed. Pass --allow-link-scripts to install them anyway (the "
+                                     "embedded engine still skips the scripts; micromamba/mamba run them).")
+    if eng.kind == "rattler":
+        narrate(f"link scripts allowed but not run (the embedded engine never runs them): {listed}")
+    else:
+        narrate(f"link scripts allowed: {eng.kind} runs them: {listed}")
 
 
 def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:

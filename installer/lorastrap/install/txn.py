@@ -3,7 +3,7 @@
     PREFIX.lorastrap.lock       the prefix's file lock (held for the whole transaction)
     PREFIX.lorastrap-txn.json   the journal (records.Journal): written before each step that changes PREFIX
     PREFIX.lorastrap-backup     the previous environment while the new one is built (and after, if kept)
-    PREFIX.lorastrap-children   the process groups of the children the transaction started (ended by recovery)
+    PREFIX.lorastrap-children   the children the transaction started: host, boot, token, pids (ended by recovery)
 
 A journal left behind means a run died.  ``recover`` (with the prefix lock held) finishes what it left: a
 ``committing`` journal is completed (the new environment is final), any other state is rolled back (the backup
@@ -122,7 +122,7 @@ def recover(prefix: Path, narrate=lambda m: None) -> str | None:
 
 
 def _recover(prefix: Path, narrate) -> str | None:
-    if subproc.kill_recorded_groups(children_path(prefix)):
+    if subproc.kill_recorded_groups(children_path(prefix), narrate=narrate):
         narrate("stopped what was left of the children of an earlier run")
     clear_trash(prefix)
     journal = read_journal(prefix)

@@ -10,6 +10,7 @@ versions, the int8 fast path's compute capability) come from envs/profiles.yaml 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from lorastrap.core import paths
@@ -46,6 +47,26 @@ def _argv(template: list[str], prefix: Path, matrix: Matrix | None, driver_cuda:
     return argv
 
 
+def start_timeout() -> float:
+    """Seconds the environment's Python may take to start and exit (LORASTRAP_PYTHON_START_TIMEOUT, default 120)."""
+    try:
+        return max(0.5, float(os.environ.get("LORASTRAP_PYTHON_START_TIMEOUT") or 120))
+    except ValueError:
+        return 120.0
+
+
+def _starts(prefix: Path, python: str, driver_cuda: str | None) -> None:
+    """A hung interpreter (a sitecustomize or .pth that never returns) is found in START_TIMEOUT, not after the whole
+    verification's timeout."""
+    limit = start_timeout()
+    res = pfx.run_in(prefix, [python, "-c", "pass"], timeout=limit, driver_cuda=driver_cuda)
+    if res.timed_out:
+        raise LorastrapError(f"the Python of {prefix} did not start and exit within {limit:.0f} s",
+                             why="it hangs before running anything (a sitecustomize, a .pth file, a hung "
+                                 "filesystem)", fix=f"Run `{python} -c pass` by hand to see where it stops; "
+                                                    "`lorastrap repair` rebuilds the environment.", exit_code=VERIFY)
+
+
 def run(prefix: Path, *, matrix: Matrix | None, driver_cuda: str | None = None, steps: int = 10,
         pre_checks_only: bool = False, command: list[str] | None = None, timeout: float = TIMEOUT_S,
         python: Path | None = None) -> tuple[dict | None, object]:
@@ -57,6 +78,8 @@ def run(prefix: Path, *, matrix: Matrix | None, driver_cuda: str | None = None, 
     if pre_checks_only:
         template = ["python", "{verify_script}", "--json", "--pre-checks-only"]
     argv = _argv(template, prefix, matrix, driver_cuda, python)
+    if argv[0].endswith(("python", "python3", "python.exe")) or python is not None:
+        _starts(prefix, argv[0], driver_cuda)
     res = pfx.run_in(prefix, argv, timeout=timeout, driver_cuda=driver_cuda)
     if res.timed_out:
         raise LorastrapError(f"the verification run in {prefix} did not finish within {timeout:.0f} s",

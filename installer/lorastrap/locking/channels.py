@@ -47,12 +47,17 @@ def channel_url(channel: str) -> str:
     return f"{DEFAULT_CHANNEL_ALIAS}/{channel}"
 
 
-def mirrored(url: str, channels: list[str], mirror: str | None) -> str:
-    """Rewrite a package URL of one of the lock's channels onto a mirror (same layout: CHANNEL/SUBDIR/FILE)."""
+def mirrored(url: str, channels: list[str], mirror: str | dict[str, str] | None) -> str:
+    """Rewrite a package URL of one of the lock's channels onto a mirror (same layout: CHANNEL/SUBDIR/FILE).
+    MIRROR: one URL (for every channel: a lock of one channel), or {channel: URL} (--mirror CHANNEL=URL, like
+    pixi's [mirrors]; a channel given by name or URL), which rewrites only the channels it names."""
     if not mirror:
         return url
     for ch in sorted(channels, key=len, reverse=True):
         base = channel_url(ch)
         if url.startswith(base + "/"):
-            return channel_url(mirror) + url[len(base):]
+            if isinstance(mirror, str):
+                return channel_url(mirror) + url[len(base):]
+            target = next((m for k, m in mirror.items() if channel_url(k) == base), None)
+            return channel_url(target) + url[len(base):] if target else url
     return url
