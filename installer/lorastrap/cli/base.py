@@ -65,10 +65,11 @@ def parents() -> dict[str, argparse.ArgumentParser]:
     transaction.add_argument("--no-verify", action="store_true",
                              help="skip the verification run (the smoke test still runs)")
     transaction.add_argument("--no-wait", action="store_true", help="fail at once if another run holds the prefix")
-    transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default="hardlink",
+    transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default=None,
                              help="hardlink: files shared with the package cache (conda's default; fast, no extra "
                                   "disk); copy: each file the environment's own (a reflink where the filesystem has "
-                                  "them), for environments whose files you edit")
+                                  "them), for environments whose files you edit (default: hardlink; update and repair: as the "
+                                  "environment was built)")
 
     anywhere = Parser(add_help=False)  # any Python environment, not only conda ones
     group = anywhere.add_mutually_exclusive_group()

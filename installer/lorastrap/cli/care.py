@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lorastrap.cli import base
+from lorastrap.cli import base, remembered
 from lorastrap.cli.base import emit, say
 from lorastrap.core import errors
 from lorastrap.core.errors import LorastrapError
@@ -66,7 +66,9 @@ def add(sub, pp: dict) -> dict:
 def cmd_doctor(args) -> int:
     from lorastrap.care import doctor
     prefix, python = base.anywhere(args)
-    diag = doctor.diagnose(None if python else prefix or base.prefix(args), python=python, envs_dir=base.envs_dir(args),
+    prefix = None if python else prefix or base.prefix(args)
+    remembered.apply(args, prefix, ("envs_dir",))
+    diag = doctor.diagnose(prefix, python=python, envs_dir=base.envs_dir(args),
                            machine=base.machine(args), imports=not args.no_imports)
     emit(args, diag.to_dict(), doctor.format_diagnosis(diag))
     return diag.exit_code
@@ -94,11 +96,12 @@ def cmd_explain(args) -> int:
 
 def cmd_repair(args) -> int:
     from lorastrap.care import doctor
-
+    prefix = base.prefix(args)
+    remembered.apply(args, prefix)
     diag, result = doctor.repair(
-        base.prefix(args), envs_dir=base.envs_dir(args), machine=base.machine(args), replan=args.replan, yes=args.yes,
+        prefix, envs_dir=base.envs_dir(args), machine=base.machine(args), replan=args.replan, yes=args.yes,
         keep_backup=not args.drop_backup, confirm=base.confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
-        run_verify=not args.no_verify, link_mode=args.link_mode, **base.sources(args))
+        run_verify=not args.no_verify, link_mode=remembered.link_mode(args), **base.sources(args))
     emit(args, {"before": diag.to_dict(), "result": result.to_dict()},
          f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
          f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
@@ -120,6 +123,7 @@ def cmd_update(args) -> int:
     from lorastrap.matrix import profiles
     from lorastrap.machine.detect import detect
     prefix = base.prefix(args)
+    remembered.apply(args, prefix)
     machine = detect(disk_path=prefix)
     src = base.sources(args)
     result = update.update(prefix=prefix, envs_dir=base.envs_dir(args), matrix=profiles.load(base.envs_dir(args)),
@@ -127,7 +131,7 @@ def cmd_update(args) -> int:
                            mirror=args.mirror, pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
-                           link_mode=args.link_mode, narrate=say)
+                           link_mode=remembered.link_mode(args), narrate=say)
     if result.changed:
         generations.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)

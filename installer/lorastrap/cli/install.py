@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorastrap.cli import base
+from lorastrap.cli import base, remembered
 from lorastrap.cli.base import emit, say
 from lorastrap.core import errors
 
@@ -41,7 +41,7 @@ def cmd_install(args) -> int:
                                bundle=args.bundle,
                                **base.sources(args), engine=args.engine, frozen=args.frozen,
                                keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-                               link_mode=args.link_mode, min_free_mib=args.min_free_mib, narrate=say)
+                               link_mode=args.link_mode or "hardlink", min_free_mib=args.min_free_mib, narrate=say)
     result, doc = done.result, done.report.model_dump(mode="json")
     base.write_report(args.report, doc)
     state = "installed and verified" if result.changed and result.verify else (
@@ -59,6 +59,7 @@ def cmd_verify(args) -> int:
     from lorastrap.machine.detect import detect
     prefix = base.prefix(args)
     base.report_target(args.report)
+    remembered.apply(args, prefix, ("envs_dir",))
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
     report = verify.report(prefix, matrix=profiles.load(base.envs_dir(args)), driver_cuda=machine.cuda, steps=args.steps)

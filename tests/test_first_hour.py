@@ -1,0 +1,54 @@
+"""What a new user meets in the first hour: environments that remember how they were built, fix lines that run as
+printed, --frozen without a committed lock, generations that repair does not drop silently — the real CLI, the
+real engine, the test channel on loopback."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+TEST_ENVS = ROOT / "tests" / "envs"
+
+
+@pytest.fixture
+def envs_copy(tmp_path):
+    """The test profiles in a folder of their own (as a user's --envs-dir would be)."""
+    out = tmp_path / "my-envs"
+    shutil.copytree(TEST_ENVS, out)
+    return out
+
+
+def test_environment_remembers_how_it_was_built(channel, warm_home, envs_copy, tmp_path):
+    prefix = tmp_path / "env"
+    res = run_cli("install", "--envs-dir", str(envs_copy), "--channel", channel["url"], "--pip-index-url",
+                  channel["simple"], "--prefix", str(prefix), "--no-verify", "--link-mode", "copy",
+                  "--engine", "rattler")
+    assert res.returncode == 0, res.stderr
+    built = json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["built_with"]
+    assert built == {"envs_dir": str(envs_copy), "channels": [channel["url"]], "mirror": channel["url"],
+                     "pip_index_url": channel["simple"], "engine": "rattler", "link_mode": "copy"}
+    # update with no flag: the profile (only in envs_copy), the channel and the index are the environment's own
+    res = run_cli("update", "--prefix", str(prefix), "--dry-run", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["changes"] == [] and f"--envs-dir {envs_copy}" in res.stderr
+    assert f"--pip-index-url {channel['simple']}" in res.stderr and "--link-mode copy" in res.stderr
+    # doctor and verify read the profiles it was built from
+    res = run_cli("doctor", "--prefix", str(prefix), "--no-imports", "--json", cwd=tmp_path)
+    assert res.returncode == 0 and json.loads(res.stdout)["profile"] == "test-cpu", res.stdout + res.stderr
+    # a flag given now wins: an index without the pip entry is named as the cause, with the fix
+    empty = channel["base"] + "/channel/"  # an index with no lorastrap-testwheel
+    res = run_cli("update", "--prefix", str(prefix), "--dry-run", "--pip-index-url", empty, "--json", cwd=tmp_path)
+    assert res.returncode == 4, res.stderr
+    err = json.loads(res.stdout)
+    assert empty in err["what"] and "lorastrap-testwheel" in err["what"], err
+    assert err["fix"].startswith("Pass --pip-index-url") and "conda side" not in err["fix"], err
+    # repair rebuilds with the recorded link mode: the files are the environment's own, not the cache's
+    res = run_cli("repair", "--prefix", str(prefix), "--yes", "--no-verify", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "--link-mode copy" in res.stderr
+    some = next(p for p in (prefix / "lib").rglob("*.py"))
+    assert os.stat(some).st_nlink == 1, some
