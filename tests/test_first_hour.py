@@ -52,3 +52,50 @@ def test_environment_remembers_how_it_was_built(channel, warm_home, envs_copy, t
     assert "--link-mode copy" in res.stderr
     some = next(p for p in (prefix / "lib").rglob("*.py"))
     assert os.stat(some).st_nlink == 1, some
+
+
+# --- fix lines that run as printed ----------------------------------------------------------------------------
+
+def _quoted_commands(text: str) -> list[str]:
+    import re
+    return re.findall(r"`([^`]*lorastrap[^`]*)`", text)
+
+
+def test_doctor_fix_line_runs_as_printed(channel, warm_home, envs_copy, tmp_path):
+    import shlex
+    import subprocess
+    prefix = tmp_path / "env"
+    res = run_cli("install", "--envs-dir", str(envs_copy), "--channel", channel["url"], "--pip-index-url",
+                  channel["simple"], "--prefix", str(prefix), "--no-verify")
+    assert res.returncode == 0, res.stderr
+    script = Path(sys.executable).parent / "lorastrap"  # the console script, not on the PATH here
+    env = dict(os.environ, PATH=os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                                 if Path(p).absolute() != script.parent.absolute()))
+    assert "run in it:   " + str(script) + " run --prefix" in res.stdout or "-m lorastrap run --prefix" in res.stdout
+    (prefix / "lib" / "python3.11" / "site-packages" / "accelerate" / "__init__.py").unlink()
+    res = subprocess.run([str(script), "doctor", "--prefix", str(prefix), "--no-imports"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path / "..")
+    assert res.returncode == 11, res.stdout + res.stderr
+    fixes = _quoted_commands(res.stdout)
+    assert fixes and all(f.startswith(f"{script} repair --prefix {prefix}") for f in fixes), fixes
+    # run the printed fix exactly as printed, from another folder, then doctor's own verdict is healthy
+    res = subprocess.run(shlex.split(fixes[-1]), capture_output=True, text=True, env=env, cwd="/")
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run([str(script), "doctor", "--prefix", str(prefix), "--no-imports"], capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 0 and "verdict: healthy" in res.stdout, res.stdout
+
+
+def test_the_command_is_named_as_the_user_runs_it(tmp_path):
+    import subprocess
+    script = Path(sys.executable).parent / "lorastrap"
+    probe = "from lorastrap.core import invocation as i; i.set_where(['--name', 'x']); " \
+            "print(i.runnable('run `lorastrap repair` or `lorastrap run -- python t.py`, `lorastrap list`'))"
+    bare = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p).absolute() != script.parent.absolute()]
+    for path, argv0, want in ((bare, str(script), str(script)), ([str(script.parent)] + bare, str(script), "lorastrap"),
+                              (bare, "-c", f"{sys.executable} -m lorastrap")):
+        code = f"import sys; sys.argv[0] = {argv0!r}; " + probe
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, PATH=os.pathsep.join(path)))
+        assert res.stdout.strip() == (f"run `{want} repair --name x` or `{want} run --name x -- python t.py`, "
+                                      f"`{want} list`"), (path, res.stdout, res.stderr)

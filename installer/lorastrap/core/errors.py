@@ -69,7 +69,8 @@ class LorastrapError(Exception):
             self.exit_code = exit_code
 
     def to_dict(self) -> dict:
-        return {"error": type(self).__name__, "what": self.what, "why": self.why, "fix": self.fix,
+        from lorastrap.core.invocation import runnable
+        return {"error": type(self).__name__, "what": self.what, "why": self.why, "fix": runnable(self.fix),
                 "exit_code": self.exit_code}
 
     def render(self) -> str:
@@ -82,7 +83,8 @@ def render(label: str, what: str, why: str = "", fix: str = "", indent: str = " 
     if why:
         lines.append(f"{indent}why: {why}")
     if fix:
-        lines.append(f"{indent}fix: {fix}")
+        from lorastrap.core.invocation import runnable  # the command as the user runs it, with their --prefix
+        lines.append(f"{indent}fix: {runnable(fix)}")
     return "\n".join(lines)
 
 
