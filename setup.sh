@@ -79,7 +79,8 @@ More variables:
 
 Exit codes: 0 ok, 1 internal, 2 usage, 3 no profile fits, 4 bad config, 5 network, 6 checksum,
 7 disk, 8 busy, 9 verification failed, 10 a prerequisite is missing (python3/venv, curl/wget), 16 a folder is
-not writable (read-only filesystem or permissions), 130 interrupted (lorastrap --help lists them all).
+not writable (read-only filesystem or permissions), 17 --frozen without a committed lock, 130 interrupted
+(lorastrap --help lists them all).
 USAGE
 }
 

@@ -99,3 +99,20 @@ def test_the_command_is_named_as_the_user_runs_it(tmp_path):
                              env=dict(os.environ, PATH=os.pathsep.join(path)))
         assert res.stdout.strip() == (f"run `{want} repair --name x` or `{want} run --name x -- python t.py`, "
                                       f"`{want} list`"), (path, res.stdout, res.stderr)
+
+
+# --- --frozen without a committed lock ------------------------------------------------------------------------
+
+def test_frozen_without_a_committed_lock_has_its_own_code_and_a_users_fix(home, envs_copy, tmp_path):
+    from lorastrap.core import errors
+    assert not list(envs_copy.glob("*.conda-lock.yml")) and not list((ROOT / "envs").glob("*.conda-lock.yml"))
+    res = run_cli("install", "--envs-dir", str(envs_copy), "--frozen", "--prefix", str(tmp_path / "env"), "--json")
+    assert res.returncode == errors.NO_LOCK == 17, res.stderr
+    err = json.loads(res.stdout)
+    assert err["exit_code"] == 17 and err["error"] == "NoLockError"
+    assert "no committed lock for profile test-cpu on linux-64" in err["what"]
+    assert err["fix"].startswith("Drop --frozen: lorastrap then locks test-cpu") and "Traceback" not in res.stderr
+    assert not (tmp_path / "env").exists()
+    readme = (ROOT / "README.md").read_text()
+    assert "| 17 | `install --frozen`" in readme and "Today no lock is committed" in readme
+    assert "17 --frozen without a committed lock" in (ROOT / "setup.sh").read_text()

@@ -30,6 +30,7 @@ NO_ENV = 14  # run, shell, update, rollback, uninstall: no such environment (or 
 CMD_NOT_FOUND = 127  # run: the command is neither in the environment nor on PATH (as shells say it)
 EXPLAIN_UNKNOWN = 15  # explain: the error is not in the table of known failures (doctor's findings follow)
 NOT_WRITABLE = 16  # a folder lorastrap must write to is read-only or not permitted
+NO_LOCK = 17  # install --frozen: this lorastrap has no committed lock for the profile and platform
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -51,6 +52,7 @@ EXIT_CODES = {
     CMD_NOT_FOUND: "run: the command was not found in the environment or on PATH",
     EXPLAIN_UNKNOWN: "explain: the error is not in the table of known failures",
     NOT_WRITABLE: "a folder lorastrap must write to is read-only (or not permitted)",
+    NO_LOCK: "--frozen: no committed lock for this profile and platform (drop --frozen to lock on first use)",
     INTERRUPTED: "interrupted",
 }
 
@@ -118,3 +120,4 @@ class VerifyError(LorastrapError): exit_code = VERIFY  # noqa: E701
 class NoEnvError(LorastrapError): exit_code = NO_ENV  # noqa: E701
 class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701
 class NotWritableError(LorastrapError): exit_code = NOT_WRITABLE  # noqa: E701
+class NoLockError(LorastrapError): exit_code = NO_LOCK  # noqa: E701
