@@ -116,3 +116,59 @@ def test_frozen_without_a_committed_lock_has_its_own_code_and_a_users_fix(home, 
     readme = (ROOT / "README.md").read_text()
     assert "| 17 | `install --frozen`" in readme and "Today no lock is committed" in readme
     assert "17 --frozen without a committed lock" in (ROOT / "setup.sh").read_text()
+
+
+# --- generations: repair keeps them; list shows each one's lock and health -----------------------------------
+
+@pytest.fixture
+def growing_channel(channel, tmp_path):
+    import subprocess
+    import testchannel
+    root = tmp_path / "tc"
+    shutil.copytree(channel["root"], root)
+    server, url = testchannel.serve(root)
+
+    def publish(name, version):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "publish", str(root), name,
+                        version], check=True, capture_output=True, timeout=120)
+    yield {"url": f"{url}/channel", "simple": f"{url}/simple", "publish": publish}
+    server.shutdown()
+
+
+def _row(prefix):
+    res = run_cli("list", "--json")
+    assert res.returncode == 0, res.stderr
+    (row,) = [r for r in json.loads(res.stdout)["environments"] if r["prefix"] == str(prefix)]
+    return row
+
+
+def test_repair_keeps_updates_generation_and_list_shows_each_ones_lock_and_health(growing_channel, warm_home,
+                                                                                   tmp_path):
+    ch, prefix = growing_channel, tmp_path / "env"
+    res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--channel", ch["url"], "--pip-index-url", ch["simple"],
+                  "--prefix", str(prefix), "--no-verify")
+    assert res.returncode == 0, res.stderr
+    first = _row(prefix)["lock_digest"]
+    assert f"lock {first[:12]}" in run_cli("list").stdout
+    ch["publish"]("peft", "0.22.0")
+    res = run_cli("update", "--prefix", str(prefix), "--no-verify")  # the envs dir and sources: the record's
+    assert res.returncode == 0, res.stderr
+    row = _row(prefix)
+    assert row["lock_digest"] != first and f"lock {row['lock_digest'][:12]}" in run_cli("list").stdout
+    (gen,) = row["generations"]
+    assert gen["lock_digest"] == first and gen["health"] == "ok"
+    # damage the current environment, then repair it: update's generation stays generation 1
+    (prefix / "lib" / "python3.11" / "site-packages" / "accelerate" / "__init__.py").unlink()
+    res = run_cli("repair", "--prefix", str(prefix), "--yes", "--no-verify")
+    assert res.returncode == 0, res.stderr
+    assert "replacing the older backup" not in res.stderr
+    assert f"the 1 kept generation(s) stay, and `" in res.stderr and f"rollback --prefix {prefix}` still returns to " \
+        f"{prefix}.lorastrap-backup" in res.stderr, res.stderr
+    row = _row(prefix)
+    assert row["health"] == "ok" and [g["lock_digest"] for g in row["generations"]] == [first]
+    assert [g["health"] for g in row["generations"]] == ["ok"]
+    text = run_cli("list").stdout
+    assert f"{prefix}.lorastrap-backup: lock {first[:12]}" in text and "health: ok" in text, text
+    res = run_cli("rollback", "--prefix", str(prefix))
+    assert res.returncode == 0 and "downgraded peft" in res.stdout, res.stdout + res.stderr
+    assert _row(prefix)["lock_digest"] == first

@@ -104,7 +104,8 @@ def cmd_repair(args) -> int:
         run_verify=not args.no_verify, link_mode=remembered.link_mode(args), **base.sources(args))
     emit(args, {"before": diag.to_dict(), "result": result.to_dict()},
          f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
-         f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
+         f"pip packages); " + (f"previous environment kept at {result.backup}" if result.backup else
+                               "the replaced environment was removed once the new one verified"))
     return errors.OK
 
 
