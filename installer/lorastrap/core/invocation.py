@@ -28,10 +28,12 @@ def set_where(flags: list[str]) -> None:
 def command() -> str:
     """How to run lorastrap again from the user's shell."""
     launcher = os.environ.get("LORASTRAP_COMMAND")  # setup.sh and its launcher say how the user runs it
-    if launcher and "/" not in launcher:
-        return launcher  # `lorastrap`: the launcher's folder is (or, in a new shell, will be) on the PATH
-    argv0 = launcher or (sys.argv[0] if sys.argv and sys.argv[0] else "")
     on_path = shutil.which("lorastrap")
+    if launcher:  # setup.sh's launcher (maybe not written yet: setup.sh writes it once the install worked)
+        if "/" not in launcher:
+            return launcher  # `lorastrap`: the launcher's folder is (or, in a new shell, will be) on the PATH
+        return "lorastrap" if on_path and _same(on_path, launcher) else shlex.quote(launcher)
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if os.path.basename(argv0) == "lorastrap" and os.path.isfile(argv0):
         if on_path and _same(on_path, argv0):
             return "lorastrap"
