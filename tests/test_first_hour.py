@@ -172,3 +172,27 @@ def test_repair_keeps_updates_generation_and_list_shows_each_ones_lock_and_healt
     res = run_cli("rollback", "--prefix", str(prefix))
     assert res.returncode == 0 and "downgraded peft" in res.stdout, res.stdout + res.stderr
     assert _row(prefix)["lock_digest"] == first
+
+
+# --- trying it here: one command --------------------------------------------------------------------------------
+
+def test_try_sh_serves_on_a_free_port_installs_and_stops_the_server(tmp_path):
+    import re
+    import socket
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORASTRAP_")}
+    env.update(LORASTRAP_TRY_HOME=str(tmp_path / "try"), LORASTRAP_TRY_PYTHON=sys.executable, CONDA_OVERRIDE_CUDA="")
+    res = subprocess.run(["sh", str(ROOT / "scripts" / "try.sh")], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"installed and verified: {tmp_path / 'try' / 'lora'} (profile test-cpu" in res.stdout, res.stdout
+    (port,) = re.findall(r"serving the test channel at http://127\.0\.0\.1:(\d+)/channel", res.stderr)
+    assert "try: server stopped" in res.stderr
+    with socket.socket() as s:  # nothing listens there any more
+        assert s.connect_ex(("127.0.0.1", int(port))) != 0
+    # the printed hint runs as printed
+    (hint,) = [ln.split("run in it:", 1)[1].strip() for ln in res.stdout.splitlines() if ln.startswith("run in it:")]
+    assert hint.endswith(" -- python train.py")
+    run = subprocess.run(["sh", "-c", hint.replace("python train.py", "python -c 'import peft; print(\"ok\")'")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr

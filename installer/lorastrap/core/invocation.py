@@ -30,8 +30,8 @@ def command() -> str:
     launcher = os.environ.get("LORASTRAP_COMMAND")  # setup.sh and its launcher say how the user runs it
     on_path = shutil.which("lorastrap")
     if launcher:  # setup.sh's launcher (maybe not written yet: setup.sh writes it once the install worked)
-        if "/" not in launcher:
-            return launcher  # `lorastrap`: the launcher's folder is (or, in a new shell, will be) on the PATH
+        if "/" not in launcher or os.path.basename(launcher) != "lorastrap":
+            return launcher  # `lorastrap` (its folder on the PATH), or a whole command line (scripts/try.sh's)
         return "lorastrap" if on_path and _same(on_path, launcher) else shlex.quote(launcher)
     argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if os.path.basename(argv0) == "lorastrap" and os.path.isfile(argv0):
