@@ -406,14 +406,14 @@ def format_diagnosis(diag: Diagnosis) -> str:
     lines += [f.render() for f in diag.findings]
     if diag.kind != "conda":
         lines.append({"healthy": "verdict: healthy",
-                      "repairable": f"verdict: broken — apply the fixes above, or {LOCKED_HINT}",
-                      "not-repairable": "verdict: this environment cannot do 8-bit on this machine — "
-                                        + LOCKED_HINT}[diag.verdict])
+                      "repairable": f"verdict: repairable — apply the fixes above, or {LOCKED_HINT}",
+                      "not-repairable": "verdict: not-repairable — this environment cannot do 8-bit on this "
+                                        "machine; " + LOCKED_HINT}[diag.verdict])
         return "\n".join(lines)
     lines.append({"busy": "verdict: being changed by another run now — look again when it has finished",
                   "healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
-                  "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
+                  "not-repairable": "verdict: not-repairable as locked — `lorastrap repair --replan` "
                                     "rebuilds it with the profile that fits this machine now"}[diag.verdict])
     return "\n".join(lines)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from lorastrap.cli import base, remembered
 from lorastrap.cli.base import emit, say
 from lorastrap.core import errors
-from lorastrap.core.errors import LorastrapError
 
 
 def add(sub, pp: dict) -> dict:
@@ -164,7 +163,8 @@ def cmd_uninstall(args) -> int:
     if not args.yes and sys.stdin.isatty() and prefix.exists():
         print(f"lorastrap: this removes {prefix} and its previous generations", file=sys.stderr)
         if not base.confirm():
-            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+            raise errors.UsageError(f"uninstall declined: {prefix} was not removed",
+                                    fix="Run again and answer y, or pass --yes.")
     done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say)
     emit(args, done, f"removed {prefix} and {done['removed_generations']} previous generation(s), "
                      f"{done['freed_bytes'] / 2**20:.1f} MiB freed")
@@ -180,7 +180,8 @@ def cmd_self(args) -> int:
             raise errors.UsageError("self uninstall needs --yes when it cannot ask",
                                     why="stdin is not a terminal", fix="Run `lorastrap self uninstall --yes`.")
         if not base.confirm():
-            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+            raise errors.UsageError("self uninstall declined: nothing was removed",
+                                    fix="Run again and answer y, or pass --yes.")
     envs.self_uninstall(narrate=say)
     emit(args, held, "lorastrap is uninstalled")
     return errors.OK

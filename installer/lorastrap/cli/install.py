@@ -62,7 +62,8 @@ def cmd_verify(args) -> int:
     remembered.apply(args, prefix, ("envs_dir",))
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
-    report = verify.report(prefix, matrix=profiles.load(base.envs_dir(args)), driver_cuda=machine.cuda, steps=args.steps)
+    report = verify.as_result(verify.report(prefix, matrix=profiles.load(base.envs_dir(args)),
+                                            driver_cuda=machine.cuda, steps=args.steps))
     base.write_report(args.report, report)
     emit(args, report, verify.summary(report))
     return verify.exit_code(report)

@@ -21,7 +21,8 @@ def add(sub, pp: dict) -> dict:
 
     p = sub.add_parser("diff-locks", parents=[common],
                        help="what changed between two lock files: added, removed, changed versions")
-    p.add_argument("old", type=Path, help="the lock before (a missing file counts as empty)")
+    p.add_argument("old", type=Path, help="the lock before (a missing or empty file counts as empty: "
+                                          "`<(git show HEAD:envs/P.conda-lock.yml)` of a lock not yet committed)")
     p.add_argument("new", type=Path, help="the lock after")
 
     return {"lock": cmd_lock, "diff-locks": cmd_diff_locks}
@@ -44,9 +45,30 @@ def cmd_lock(args) -> int:
     return errors.OK
 
 
+def _old_lock(path: Path):
+    """diff-locks' OLD: None when missing or empty; a pipe (`<(git show …)`) is read once."""
+    from lorastrap.locking import lockfile
+    if not path.exists():
+        return None
+    if path.is_file():
+        return lockfile.read_lock(path) if path.stat().st_size and path.read_text().strip() else None
+    text = path.read_text()
+    if not text.strip():
+        return None
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="lorastrap-diff-") as d:
+        copy = Path(d) / "old.conda-lock.yml"
+        copy.write_text(text)
+        try:
+            return lockfile.read_lock(copy)
+        except errors.LorastrapError as exc:
+            exc.what = exc.what.replace(str(copy), str(path))
+            raise
+
+
 def cmd_diff_locks(args) -> int:
     from lorastrap.locking import diff as lockdiff, lockfile
-    old = lockfile.read_lock(args.old) if args.old.exists() else None
+    old = _old_lock(args.old)
     diff = lockdiff.by_platform(old, lockfile.read_lock(args.new))
     emit(args, diff, lockdiff.format_by_platform(diff))
     return errors.OK

@@ -48,5 +48,6 @@ def cmd_plan(args) -> int:
                                                   plan=result.model_dump(mode="json"), profile=result.profile,
                                                   platform=machine.platform).model_dump(mode="json"))
     emit(args, {"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")},
-         planner.format_plan(result, why_not=args.why_not))
+         planner.format_plan(result, why_not=args.why_not,
+                             profile=profiles.get(matrix, args.why_not) if args.why_not else None))
     return errors.OK if result.profile else errors.NO_PROFILE
