@@ -290,3 +290,24 @@ def test_the_embedded_engines_progress_bar_ends_its_line(channel, warm_home, tmp
     assert "installing packages" in res.stdout  # py-rattler drew its bar on the terminal
     lines = res.stdout.replace("\r\n", "\n").split("\n")
     assert any(ln.startswith("lorastrap: installing 1 pip entry") for ln in lines), res.stdout[-2000:]
+
+
+# --- tests never write outside their temporary HOME -----------------------------------------------------------
+
+def test_the_tests_run_with_a_temporary_home_and_a_changed_real_home_is_noticed(tmp_path):
+    import subprocess
+    from conftest import REAL_HOME, home_snapshot
+    assert Path(os.environ["HOME"]) != REAL_HOME and os.environ["HOME"] == os.environ["LORASTRAP_TEST_HOME"]
+    child = subprocess.run([sys.executable, "-c", "import pathlib, os; print(pathlib.Path.home()); "
+                            "print(os.environ['XDG_DATA_HOME']); print(os.environ['XDG_CONFIG_HOME'])"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert all(not p.startswith(str(REAL_HOME) + "/") and p != str(REAL_HOME) for p in child), child
+    fake = tmp_path / "home"
+    (fake / ".config" / "fish").mkdir(parents=True)
+    before = home_snapshot(fake)
+    (fake / ".conda").mkdir()
+    (fake / ".conda" / "environments.txt").write_text("/tmp/env\n")
+    (fake / ".config" / "fish" / "config.fish").write_text("# added\n")
+    after = home_snapshot(fake)
+    changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+    assert {str(fake / ".conda" / "environments.txt"), str(fake / ".config" / "fish" / "config.fish")} <= changed
