@@ -16,19 +16,45 @@ EXIT_PREREQ=10
 MICROMAMBA_VERSION_DEFAULT="2.0.5-0"
 SETUP_MARKER="# added by lorastrap setup.sh"
 
+# Narration on stderr, and into the run's log (the log holds everything, also of runs that succeed).
 say() {
     if [ -z "${LORASTRAP_QUIET:-}" ]; then
         printf 'lorastrap: %s\n' "$1" >&2
+    fi
+    to_log "lorastrap: $1"
+}
+
+to_log() {
+    if [ -n "${_log:-}" ]; then
+        printf '%s\n' "$1" >>"$_log" 2>/dev/null || true
     fi
 }
 
 warn() {
     printf 'lorastrap: warning: %s\n' "$1" >&2
+    to_log "lorastrap: warning: $1"
 }
 
 err() {
     printf 'lorastrap: error: %s\n' "$1" >&2
+    to_log "lorastrap: error: $1"
+    if [ -n "${_log:-}" ] && [ -s "$_log" ]; then
+        printf 'lorastrap: the full log is %s\n' "$_log" >&2
+    fi
+    if [ -n "${_json:-}" ]; then  # --json: every error as JSON on stdout too, as lorastrap prints them
+        printf '{"error": "%s", "what": "%s", "why": "", "fix": "%s", "exit_code": %s}\n' \
+            "$(json_str "${3:-SetupError}")" "$(json_str "$1")" "$(json_str "${4:-}")" "${2:-1}"
+    fi
     exit "${2:-1}"
+}
+
+# A string as the inside of a JSON string: backslash and double quote escaped, control characters as spaces.
+json_str() {
+    printf '%s' "$1" | tr '\001-\037' ' ' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'
+}
+
+usage_err() {
+    err "$1" "$EXIT_USAGE" UsageError "See 'sh setup.sh --help'."
 }
 
 check_cmd() {
@@ -58,14 +84,22 @@ usage: sh setup.sh [flags]            (or piped: curl -fsSL URL/setup.sh | sh -s
   --bundle PATH        install offline from a bundle (folder/.tar)   LORASTRAP_BUNDLE
   --frozen             install only from committed locks             LORASTRAP_FROZEN=1
   --reverify           verify also when already up to date (fleets)  LORASTRAP_REVERIFY=1
+  --frozen             install only from committed locks (exit 19 when there is none)  LORASTRAP_FROZEN=1
+  --no-verify          skip the verification run (the smoke test still runs)  LORASTRAP_NO_VERIFY=1
+  --keep-backup        keep the previous environment as PREFIX.lorastrap-backup  LORASTRAP_KEEP_BACKUP=1
+  --link-mode MODE     hardlink (default) | copy                     LORASTRAP_LINK_MODE
+  --no-wait            fail at once if another run holds the prefix  LORASTRAP_NO_WAIT=1
+  --min-free-mib N     disk to keep free beyond the install (512)    LORASTRAP_MIN_FREE_MIB
   --yes                never ask (setup.sh never asks anyway)        LORASTRAP_YES=1
   --dry-run            detect and plan only; change nothing          LORASTRAP_DRY_RUN=1
-  --json               print the result as JSON on stdout            LORASTRAP_JSON=1
-  --report FILE        write the JSON result to FILE                 LORASTRAP_REPORT
-  --verbose            more detail (tracebacks on errors)            LORASTRAP_VERBOSE=1
+  --json               print the result as JSON on stdout (errors too)  LORASTRAP_JSON=1
+  --report FILE        write the JSON result to FILE (also with --dry-run)  LORASTRAP_REPORT
+  --debug, --verbose   more detail (tracebacks on errors)            LORASTRAP_DEBUG=1
   --quiet              only errors and the result                    LORASTRAP_QUIET=1
   --no-modify-path     leave shell profiles alone (print the line)   LORASTRAP_NO_MODIFY_PATH=1
   --help               this text
+
+Every flag with a value also takes the form --flag=VALUE, as lorastrap's own flags do.
 
 More variables:
   LORASTRAP_HOME            data dir (runtime, package cache, logs, environments);
@@ -80,7 +114,9 @@ More variables:
 
 Exit codes: 0 ok, 1 internal, 2 usage, 3 no profile fits, 4 bad config, 5 network, 6 checksum,
 7 disk, 8 busy, 9 verification failed, 10 a prerequisite is missing (python3/venv, curl/wget), 16 a folder is
-not writable (read-only filesystem or permissions), 130 interrupted (lorastrap --help lists them all).
+not writable (read-only filesystem or permissions), 17 the target is not lorastrap's (--force), 18 a package
+would write outside its environment, 19 --frozen without a committed lock, 130 interrupted (lorastrap --help lists
+them all).
 USAGE
 }
 
@@ -256,7 +292,7 @@ ensure_runtime() {
             _v=$("$_py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
             err "$_py has no working venv module: on Debian/Ubuntu run 'sudo apt-get install python$_v-venv' (or python3-venv), then run setup.sh again" "$EXIT_PREREQ"
         fi
-        say "creating the runtime in $_rt with $_py (requirements.txt, hashes required)"
+        say "creating the runtime in $_rt with $_py (requirements.txt, hashes required; once, about a minute)"
         rm -rf "$_rt.part"
         "$_py" -m venv "$_rt.part" >&2 || err "could not create a virtual environment in $_rt.part" "$EXIT_PREREQ"
         if [ -n "$_bundle" ]; then  # offline: the bundle's wheels only (inside it, or in the store beside it)
@@ -268,8 +304,8 @@ ensure_runtime() {
         else
             set --
         fi
-        "$_rt.part/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes "$@" \
-            -r "$_root/requirements.txt" >&2 ||
+        say "installing lorastrap's runtime packages (each named as pip fetches it)"
+        runtime_pip "$_rt.part/bin/python" "$@" ||
             err "could not install lorastrap's runtime from requirements.txt (network or proxy? see above)" "$EXIT_NETWORK"
     else
         runtime_from_micromamba "$_root" "$_rt.part" || exit $?
@@ -315,8 +351,30 @@ runtime_from_micromamba() {
     say "creating the runtime with $_mm from envs/runtime.yml"
     MAMBA_ROOT_PREFIX="$(data_dir)/mamba-root" "$_mm" create --yes --no-rc --prefix "$_dest" \
         --file "$_root/envs/runtime.yml" >&2 || err "micromamba could not create the runtime (network? a mirror: --mirror)" "$EXIT_NETWORK"
-    "$_dest/bin/python" -m pip install --quiet --disable-pip-version-check --require-hashes \
-        -r "$_root/requirements.txt" >&2 || err "could not install lorastrap's runtime requirements" "$EXIT_NETWORK"
+    runtime_pip "$_dest/bin/python" || err "could not install lorastrap's runtime requirements" "$EXIT_NETWORK"
+}
+
+# pip install -r requirements.txt into the runtime: its progress (one line a package) on stderr and in the log.
+runtime_pip() {
+    _rpy="$1"
+    shift
+    if [ -n "${LORASTRAP_QUIET:-}" ]; then
+        set -- --quiet "$@"
+    fi
+    _pst="$_tmp/pip-status"
+    {
+        "$_rpy" -m pip install --disable-pip-version-check --progress-bar off --require-hashes "$@" \
+            -r "$_root/requirements.txt" 2>&1
+        echo "$?" >"$_pst"
+    } | while IFS= read -r _l; do
+        case "$_l" in
+            Collecting*) printf 'lorastrap:   %s\n' "${_l%% (from*}" >&2 ;;
+            Installing*) printf 'lorastrap:   installing the packages collected\n' >&2 ;;
+            ERROR* | error*) printf 'lorastrap:   %s\n' "$_l" >&2 ;;
+        esac
+        to_log "$_l"
+    done
+    [ "$(cat "$_pst" 2>/dev/null)" = 0 ]
 }
 
 # --- the lorastrap command on the PATH -----------------------------------------------------------------------
@@ -387,8 +445,9 @@ ensure_on_path() {
         *":$_bin:"*) return 0 ;;
     esac
     if [ -n "$_no_modify_path" ]; then
-        say "$_bin is not on your PATH; add this line to your shell profile (~/.profile, ~/.bashrc or ~/.zshrc):"
+        say "$_bin is not on your PATH; add this line where setup.sh would have (~/.profile, ~/.bashrc, and ~/.zshenv for zsh):"
         say "    export PATH=\"$_bin:\$PATH\""
+        say "(fish: fish_add_path $(sq "$_bin"))"
         return 0
     fi
     _env="$(data_dir)/env"
@@ -444,7 +503,8 @@ install_launcher() {
     write_if_changed "$_launcher" "#!/bin/sh
 # lorastrap launcher, written by setup.sh: the lorastrap command, run by its runtime in $(data_dir)
 LORASTRAP_HOME=\"\${LORASTRAP_HOME:-\"$(data_dir)\"}\"
-export LORASTRAP_HOME
+LORASTRAP_COMMAND=\"\$0\"  # how fix lines name this command
+export LORASTRAP_HOME LORASTRAP_COMMAND
 exec $(sq "$RUNTIME_PY") -m lorastrap \"\$@\""
     chmod +x "$_launcher"
     record_edit launcher "$_launcher"
@@ -481,17 +541,37 @@ main() {
     _dry="${LORASTRAP_DRY_RUN:-}"
     _json="${LORASTRAP_JSON:-}"
     _report="${LORASTRAP_REPORT:-}"
-    _verbose="${LORASTRAP_VERBOSE:-}"
+    _verbose="${LORASTRAP_DEBUG:-${LORASTRAP_VERBOSE:-}}"
     _bundle="${LORASTRAP_BUNDLE:-}"
     _no_modify_path="${LORASTRAP_NO_MODIFY_PATH:-}"
+    _no_verify="${LORASTRAP_NO_VERIFY:-}"
+    _keep_backup="${LORASTRAP_KEEP_BACKUP:-}"
+    _link_mode="${LORASTRAP_LINK_MODE:-}"
+    _no_wait="${LORASTRAP_NO_WAIT:-}"
+    _min_free="${LORASTRAP_MIN_FREE_MIB:-}"
+    for _a in "$@"; do  # --json anywhere: an argument error before it is printed as JSON too
+        [ "$_a" = --json ] && _json=1
+    done
     while [ $# -gt 0 ]; do
+        case "$1" in
+            --prefix=* | --name=* | --profile=* | --engine=* | --channel=* | --mirror=* | --pip-index-url=* | \
+                --envs-dir=* | --report=* | --bundle=* | --link-mode=* | --min-free-mib=*)
+                _a="$1"
+                shift
+                set -- "${_a%%=*}" "${_a#*=}" "$@"  # --flag=VALUE is --flag VALUE
+                continue
+                ;;
+            --frozen=* | --no-verify=* | --keep-backup=* | --no-wait=* | --yes=* | --dry-run=* | --json=* | \
+                --debug=* | --verbose=* | --quiet=* | --no-modify-path=* | --help=*)
+                usage_err "${1%%=*} takes no value (see 'sh setup.sh --help')" ;;
+        esac
         case "$1" in
             --help | -h)
                 usage
                 return 0
                 ;;
-            --prefix | --name | --profile | --engine | --channel | --mirror | --pip-index-url | --envs-dir | --report | --bundle)
-                [ $# -ge 2 ] || err "$1 needs a value (see --help)" "$EXIT_USAGE"
+            --prefix | --name | --profile | --engine | --channel | --mirror | --pip-index-url | --envs-dir | --report | --bundle | --link-mode | --min-free-mib)
+                [ $# -ge 2 ] || usage_err "$1 needs a value (see 'sh setup.sh --help')"
                 case "$1" in
                     --prefix) _prefix="$2" ;;
                     --name) _name="$2" ;;
@@ -503,21 +583,39 @@ main() {
                     --envs-dir) _envs="$2" ;;
                     --report) _report="$2" ;;
                     --bundle) _bundle="$2" ;;
+                    --link-mode) _link_mode="$2" ;;
+                    --min-free-mib) _min_free="$2" ;;
                 esac
                 shift
                 ;;
             --frozen) _frozen=1 ;;
             --reverify) _reverify=1 ;;
+            --no-verify) _no_verify=1 ;;
+            --keep-backup) _keep_backup=1 ;;
+            --no-wait) _no_wait=1 ;;
             --yes | -y) LORASTRAP_YES=1 ;;
             --dry-run) _dry=1 ;;
             --json) _json=1 ;;
-            --verbose | -v) _verbose=1 ;;
+            --debug | --verbose | -v) _verbose=1 ;;
             --quiet | -q) LORASTRAP_QUIET=1 ;;
             --no-modify-path) _no_modify_path=1 ;;
-            *) err "unknown flag '$1' (see 'sh setup.sh --help')" "$EXIT_USAGE" ;;
+            *) usage_err "unknown flag '$1' (see 'sh setup.sh --help')" ;;
         esac
         shift
     done
+    case "$_link_mode" in
+        "" | hardlink | copy) ;;
+        *) usage_err "--link-mode '$_link_mode' is not hardlink or copy" ;;
+    esac
+    case "$_min_free" in
+        "" | *[!0-9]*) [ -z "$_min_free" ] || usage_err "--min-free-mib '$_min_free' is not a whole number of MiB" ;;
+    esac
+    if [ -n "$_report" ]; then  # checked before any work, as lorastrap checks it
+        [ -d "$_report" ] && usage_err "--report $_report is a folder (name a file in an existing folder)"
+        _rdir=$(dirname "$_report")
+        [ -d "$_rdir" ] || usage_err "--report $_report: $_rdir does not exist (name a file in an existing folder)"
+        _report="$(cd "$_rdir" && pwd)/${_report##*/}"
+    fi
     export LORASTRAP_QUIET
     : "${LORASTRAP_YES:=}"
 
@@ -563,6 +661,7 @@ main() {
     # lorastrap's flags (set -- rebuilds the argument list without word-splitting values).
     if [ -n "$_dry" ]; then
         set -- plan
+        [ -n "$_report" ] && set -- "$@" --report "$_report"
     else
         set -- install
         [ -n "$_prefix" ] && set -- "$@" --prefix "$_prefix"
@@ -576,6 +675,11 @@ main() {
         [ -n "$_report" ] && set -- "$@" --report "$_report"
         [ -n "$_bundle" ] && set -- "$@" --bundle "$_bundle"
         [ -n "$LORASTRAP_YES" ] && set -- "$@" --yes
+        [ -n "$_no_verify" ] && set -- "$@" --no-verify
+        [ -n "$_keep_backup" ] && set -- "$@" --keep-backup
+        [ -n "$_link_mode" ] && set -- "$@" --link-mode "$_link_mode"
+        [ -n "$_no_wait" ] && set -- "$@" --no-wait
+        [ -n "$_min_free" ] && set -- "$@" --min-free-mib "$_min_free"
     fi
     [ -n "$_profile" ] && set -- "$@" --profile "$_profile"
     [ -n "$_envs" ] && set -- "$@" --envs-dir "$_envs"
@@ -590,10 +694,23 @@ main() {
         PYTHONPATH="$_root/installer" run_logged "$_log" "$RUNTIME_PY" -m lorastrap "$@" 3>&1
         return $?
     fi
+    # How lorastrap's hints and fix lines name the command: `lorastrap` where the launcher will be on the PATH.
+    LORASTRAP_COMMAND=lorastrap
+    if [ -n "$_no_modify_path" ]; then
+        case ":${PATH:-}:" in
+            *":$(bin_dir):"*) ;;
+            *) LORASTRAP_COMMAND="$(bin_dir)/lorastrap" ;;
+        esac
+    fi
+    export LORASTRAP_COMMAND
     PYTHONPATH="$_root/installer" run_logged "$_log" "$RUNTIME_PY" -m lorastrap "$@" 3>&1
     _status_code=$?
+    if [ "$_status_code" != 0 ]; then  # nothing outside the data dir changes unless the install worked
+        say "the lorastrap command and the shell profiles were left as they were (the install failed)"
+        return "$_status_code"
+    fi
     install_launcher "$_root" || warn "could not write the lorastrap command (run it as: $RUNTIME_PY -m lorastrap)"
-    return "$_status_code"
+    return 0
 }
 
 main "$@" || exit $?

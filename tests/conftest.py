@@ -10,6 +10,62 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))  # also importable without the editable install
 
+# Tests never write into the real HOME: every process they start (lorastrap, micromamba, conda-lock, uv, pip,
+# shells) gets a temporary HOME and XDG data/config/state folders for the session.  Caches stay where they are
+# (XDG_CACHE_HOME: pip's and uv's downloads), so a session does not fetch everything again.  At the end, the
+# places tools are known to write to in a HOME are compared with how they were: a change fails the run.
+REAL_HOME = Path(os.path.expanduser("~")).absolute()
+WATCHED = (".conda", ".condarc", ".mambarc", ".local/share", ".local/bin", ".local/state", ".config", ".profile",
+           ".bashrc", ".bash_profile", ".bash_login", ".zshenv", ".zshrc")
+
+
+def home_snapshot(home: Path = REAL_HOME, limit: int = 50000) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, size) of the watched files and folders under HOME (a folder's mtime changes when an entry is
+    added or removed in it)."""
+    out: dict[str, tuple[int, int]] = {}
+    for rel in WATCHED:
+        top = home / rel
+        if not top.exists() and not top.is_symlink():
+            continue
+        for root, dirs, files in os.walk(top) if top.is_dir() else [(str(top.parent), [], [top.name])]:
+            for name in [""] + files if top.is_dir() else files:
+                p = Path(root) / name if name else Path(root)
+                try:
+                    st = p.lstat()
+                except OSError:
+                    continue
+                out[str(p)] = (st.st_mtime_ns, st.st_size if not p.is_dir() else 0)
+                if len(out) >= limit:
+                    return out
+    return out
+
+
+def _isolate_home() -> None:
+    import tempfile
+    if os.environ.get("LORASTRAP_TEST_HOME"):
+        return  # already isolated (a pytest started by a test)
+    home = Path(tempfile.mkdtemp(prefix="lorastrap-tests-home-"))
+    os.environ.setdefault("XDG_CACHE_HOME", str(REAL_HOME / ".cache"))  # before HOME moves: the real caches
+    for var, sub in (("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share"),
+                     ("XDG_STATE_HOME", ".local/state"), ("XDG_BIN_HOME", ".local/bin")):
+        os.environ[var] = str(home / sub)
+    os.environ["HOME"] = os.environ["LORASTRAP_TEST_HOME"] = str(home)
+    os.environ.pop("ZDOTDIR", None)
+
+
+_BEFORE = home_snapshot()
+_isolate_home()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    after = home_snapshot()
+    changed = sorted(p for p in set(_BEFORE) | set(after) if _BEFORE.get(p) != after.get(p))
+    if changed and not os.environ.get("LORASTRAP_TEST_ALLOW_HOME_CHANGES"):
+        print(f"\nthe real HOME ({REAL_HOME}) changed during the tests: " + ", ".join(changed[:10])
+              + " (tests must write only into their temporary HOME; another process on this machine may also "
+                "have changed it: LORASTRAP_TEST_ALLOW_HOME_CHANGES=1 skips this check)", file=sys.stderr)
+        session.exitstatus = 1
+
 
 def _has_nvidia_driver() -> bool:
     from lorastrap.machine import libfind

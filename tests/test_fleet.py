@@ -707,3 +707,17 @@ def test_plan_for_a_gpu_node_from_its_recorded_description(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     res = run_cli("plan", "--machine", str(tmp_path / "bad.json"))
     assert res.returncode == 4 and "not a machine description" in res.stderr and "detect --json" in res.stderr
+
+
+def test_a_warm_cache_does_not_mask_an_altered_bundle(bundle, tmp_path):
+    b = _unpacked(bundle, tmp_path)
+    env = {"LORASTRAP_HOME": str(tmp_path / "home")}
+    res = run_cli("install", "--bundle", str(b), "--prefix", str(tmp_path / "env"), "--no-verify", env=env)
+    assert res.returncode == 0, res.stderr  # the cache now holds every archive, checked
+    victim = next((b / "channel" / "linux-64").glob("pytorch-*.conda"))
+    data = bytearray(victim.read_bytes())
+    data[-50] ^= 0xFF  # same size
+    victim.write_bytes(bytes(data))
+    res = run_cli("install", "--bundle", str(b), "--prefix", str(tmp_path / "env2"), "--no-verify", env=env)
+    assert res.returncode == 6, res.stderr
+    assert f"channel/linux-64/{victim.name} was altered" in res.stderr and not (tmp_path / "env2").exists()

@@ -331,3 +331,77 @@ def test_a_noexec_tmpdir_is_detected_and_avoided(checkout, data_dir, tmp_path):
         assert list(noexec.iterdir()) == []
     finally:
         subprocess.run(["umount", str(noexec)], capture_output=True)
+
+
+# --- setup.sh speaks the CLI's language ----------------------------------------------------------------------
+
+def test_flags_as_the_cli_spells_them_are_passed_through(checkout, data_dir, channel, tmp_path):
+    import json
+    home = tmp_path / "home"
+    home.mkdir()
+    prefix, report = tmp_path / "env", tmp_path / "report.json"
+    logs_before = set((data_dir / "logs").glob("*.log")) if (data_dir / "logs").is_dir() else set()
+    res = sh([DASH, "setup.sh", f"--envs-dir={TEST_ENVS}", f"--channel={channel['url']}",
+              f"--pip-index-url={channel['simple']}", f"--prefix={prefix}", "--no-verify", "--keep-backup",
+              "--link-mode=copy", "--no-wait", "--min-free-mib=1", "--debug", "--json", f"--report={report}"],
+             cwd=checkout, env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home)}, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out == json.loads(report.read_text()) and out["prefix"] == str(prefix) and out["verify"] is None
+    built = json.loads((prefix / "conda-meta" / "lorastrap" / "record.json").read_text())["built_with"]
+    assert built["link_mode"] == "copy" and built["pip_index_url"] == channel["simple"]
+    (log,) = set((data_dir / "logs").glob("*.log")) - logs_before  # a successful run's log is not empty
+    text = log.read_text()
+    assert "lorastrap: platform linux-64" in text and "linking" in text and "installed" in text
+
+
+def test_argument_errors_with_json_print_json_and_change_nothing(checkout, tmp_path):
+    import json
+    home, data = tmp_path / "home", tmp_path / "data"
+    home.mkdir()
+    for args, what in ((["--debug=1"], "--debug takes no value"), (["--bogus"], "unknown flag '--bogus'"),
+                       (["--link-mode", "symlink"], "--link-mode 'symlink'"),
+                       (["--min-free-mib=lots"], "--min-free-mib 'lots'"),
+                       (["--dry-run", "--report", str(tmp_path / "missing" / "r.json")], "does not exist")):
+        res = sh([DASH, "setup.sh", *args, "--json"], cwd=checkout,
+                 env={"LORASTRAP_HOME": str(data), "HOME": str(home)}, stdin="")
+        assert res.returncode == 2, (args, res.stderr)
+        err = json.loads(res.stdout)
+        assert err["exit_code"] == 2 and err["error"] == "UsageError" and what in err["what"], err
+        assert not data.exists() and tree(home) == [] and not (tmp_path / "missing").exists()
+
+
+def test_dry_run_writes_its_report(checkout, data_dir, tmp_path):
+    import json
+    home = tmp_path / "home"
+    home.mkdir()
+    res = sh([DASH, "setup.sh", "--dry-run", "--report", str(tmp_path / "plan.json")], cwd=checkout,
+             env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home)}, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "plan.json").read_text())
+    assert doc["check_mode"] is True and doc["ok"] is True and doc["plan"]["profile"] == "cpu"
+    assert doc["schema_version"] == 1 and tree(home) == []
+
+
+def test_a_failed_install_leaves_the_shell_profiles_and_launcher_alone(checkout, data_dir, channel, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("# mine\n")
+    res = sh([DASH, "setup.sh", "--yes", "--envs-dir", TEST_ENVS, "--channel", channel["url"], "--pip-index-url",
+              channel["simple"], "--profile", "no-such-profile"], cwd=checkout,
+             env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home)}, stdin="")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert tree(home) == [".bashrc"] and (home / ".bashrc").read_text() == "# mine\n"
+    assert "left as they were" in res.stderr
+
+
+def test_no_modify_path_names_the_files_setup_sh_would_write(checkout, data_dir, channel, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    res = sh([DASH, "setup.sh", "--envs-dir", TEST_ENVS, "--channel", channel["url"], "--pip-index-url",
+              channel["simple"], "--no-modify-path", "--no-verify"], cwd=checkout,
+             env={"LORASTRAP_HOME": str(data_dir), "HOME": str(home)}, stdin="")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "~/.zshenv for zsh" in res.stderr and "~/.zshrc" not in res.stderr
+    # the hints name the command by the path that works: its folder is not on the PATH
+    assert f"run in it:   {home}/.local/bin/lorastrap run" in res.stdout, res.stdout

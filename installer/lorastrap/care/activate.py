@@ -138,5 +138,7 @@ def usage_hint(prefix: Path) -> str:
     in_data_dir = prefix.parent == paths.envs_dir().absolute()
     where = "" if in_data_dir and prefix.name == "lora" else (
         f" --name {prefix.name}" if in_data_dir else f" --prefix {prefix}")
-    return (f"run in it:   lorastrap run{where} -- python train.py\n"
-            f"activate it: eval \"$(lorastrap shell-hook{where})\"   (or: lorastrap shell{where})")
+    from lorastrap.core.invocation import command
+    ls = command()
+    return (f"run in it:   {ls} run{where} -- python train.py\n"
+            f"activate it: eval \"$({ls} shell-hook{where})\"   (or: {ls} shell{where})")

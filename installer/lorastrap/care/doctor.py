@@ -407,14 +407,14 @@ def format_diagnosis(diag: Diagnosis) -> str:
     lines += [f.render() for f in diag.findings]
     if diag.kind != "conda":
         lines.append({"healthy": "verdict: healthy",
-                      "repairable": f"verdict: broken — apply the fixes above, or {LOCKED_HINT}",
-                      "not-repairable": "verdict: this environment cannot do 8-bit on this machine — "
-                                        + LOCKED_HINT}[diag.verdict])
+                      "repairable": f"verdict: repairable — apply the fixes above, or {LOCKED_HINT}",
+                      "not-repairable": "verdict: not-repairable — this environment cannot do 8-bit on this "
+                                        "machine; " + LOCKED_HINT}[diag.verdict])
         return "\n".join(lines)
     lines.append({"busy": "verdict: being changed by another run now — look again when it has finished",
                   "healthy": "verdict: healthy",
                   "repairable": "verdict: repairable — `lorastrap repair` rebuilds it from its lock",
-                  "not-repairable": "verdict: not repairable as locked — `lorastrap repair --replan` "
+                  "not-repairable": "verdict: not-repairable as locked — `lorastrap repair --replan` "
                                     "rebuilds it with the profile that fits this machine now"}[diag.verdict])
     return "\n".join(lines)
 
@@ -463,19 +463,30 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
                          f"keep the current environment as {txn.backup_path(prefix)}"
                          + ("" if keep_backup else " until the new one is verified"),
                          f"carry over {len(diag.unowned_files)} file(s) no package owns"]
+            kept = generations.generations(prefix)  # update's (or rollback's): never dropped by a repair
+            if kept:
+                plan_text[1] = (f"keep the current environment as {txn.backup_path(prefix)} only until the new one is "
+                                f"verified, then remove it: the {len(kept)} kept generation(s) stay, and `lorastrap "
+                                f"rollback` still returns to {kept[0]}")
             for line in plan_text:
                 narrate(f"repair will: {line}")
             if not yes and (confirm is None or not confirm()):  # no way to ask: a script must say --yes
                 raise UsageError("repair cancelled" if confirm else "repair needs --yes when it cannot ask",
                                  why="repair replaces the environment (the old one is kept as the backup)",
                                  fix="Run again and answer y, or pass --yes.")
-            result = inst.install_locked(prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name],
-                                         matrix=matrix, platform=machine.platform or (record.platform if record else ""),
-                                         lock_file=lock_file, force=True, keep_backup=keep_backup,
-                                         check_cache=True,
-                                         carry_over=tuple(diag.unowned_files), driver_cuda=machine.cuda,
-                                         replace_foreign=True,  # asked (or --yes) above; a foreign one is kept
-                                         narrate=narrate, **install_args)
+            if kept:
+                generations.shift_older(prefix)  # generation 1's place is the repair's own backup meanwhile
+            try:
+                result = inst.install_locked(
+                    prefix=prefix, envs_dir=envs_dir, name=name, profile=matrix.profiles[name], matrix=matrix,
+                    platform=machine.platform or (record.platform if record else ""), lock_file=lock_file, force=True,
+                    keep_backup=keep_backup and not kept, check_cache=True, carry_over=tuple(diag.unowned_files),
+                    driver_cuda=machine.cuda,
+                    replace_foreign=True,  # asked (or --yes) above; a foreign one is kept
+                    narrate=narrate, **install_args)
+            finally:
+                if kept:
+                    generations.close_gap(prefix)
             return diag, result
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

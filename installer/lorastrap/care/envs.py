@@ -35,7 +35,7 @@ def health(prefix: Path) -> str:
     if pfx.python_of(prefix) is None:
         problems.insert(0, "no python")
     if problems:
-        return f"broken: {len(problems)} problem(s), e.g. {problems[0]} (`lorastrap doctor`)"
+        return f"broken: {len(problems)} problem(s), e.g. {problems[0]} (`lorastrap doctor --prefix {prefix}`)"
     return HEALTHY
 
 
@@ -64,7 +64,8 @@ def describe(prefix: Path) -> dict:
         rec = pfx.read_record(g)
         row["generations"].append({"path": str(g), "bytes": tree_bytes(g),
                                    "profile": rec.profile if rec else None,
-                                   "installed_at": rec.installed_at if rec else None})
+                                   "installed_at": rec.installed_at if rec else None,
+                                   "lock_digest": rec.lock_digest if rec else None, "health": health(g)})
     return row
 
 
@@ -83,14 +84,18 @@ def format_list(rows: list[dict]) -> str:
     for r in rows:
         pk = r["packages"] or {}
         out.append(f"{r['name'] or r['prefix']}" + (f"  ({r['prefix']})" if r["name"] else ""))
-        out.append(f"  profile {r['profile'] or '-'} for {r['platform'] or '-'}, lock {(r['lock_content_hash'] or '-')[:12]}, "
+        out.append(f"  profile {r['profile'] or '-'} for {r['platform'] or '-'}, lock {(r['lock_digest'] or '-')[:12]}, "
                    f"{pk.get('conda', '-')} conda + {pk.get('pip', '-')} pip packages, {_mib(r['bytes'])}")
         out.append(f"  installed {r['installed_at'] or '-'}, verified: {r['verified'] or 'no'}, health: {r['health']}")
         gens = r["generations"]
         if gens:
             total = sum(g["bytes"] for g in gens)
-            out.append(f"  previous generations: {len(gens)} ({_mib(total)}), newest installed "
-                       f"{gens[0]['installed_at'] or '-'}: `lorastrap rollback` makes it current")
+            where = f"--name {r['name']}" if r["name"] else f"--prefix {r['prefix']}"
+            out.append(f"  previous generations: {len(gens)} ({_mib(total)}); `lorastrap rollback {where}` makes "
+                       "the first current")
+            for g in gens:
+                out.append(f"    {g['path']}: lock {(g['lock_digest'] or '-')[:12]}, installed "
+                           f"{g['installed_at'] or '-'}, health: {g['health']}")
         else:
             out.append("  previous generations: none (`lorastrap update` keeps one)")
     return "\n".join(out)

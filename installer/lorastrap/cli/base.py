@@ -70,10 +70,11 @@ def parents() -> dict[str, argparse.ArgumentParser]:
     transaction.add_argument("--allow-link-scripts", action="store_true",
                              help="install packages that carry link scripts (refused by default): the embedded engine "
                                   "still never runs them, micromamba/mamba do")
-    transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default="hardlink",
+    transaction.add_argument("--link-mode", choices=["hardlink", "copy"], default=None,
                              help="hardlink: files shared with the package cache (conda's default; fast, no extra "
                                   "disk); copy: each file the environment's own (a reflink where the filesystem has "
-                                  "them), for environments whose files you edit")
+                                  "them), for environments whose files you edit (default: hardlink; update and repair: as the "
+                                  "environment was built)")
 
     anywhere = Parser(add_help=False)  # any Python environment, not only conda ones
     group = anywhere.add_mutually_exclusive_group()
@@ -93,7 +94,8 @@ def parents() -> dict[str, argparse.ArgumentParser]:
 def say(msg: str) -> None:
     """Narration on stderr (LORASTRAP_QUIET=1 silences it; errors and results are still printed)."""
     if not os.environ.get("LORASTRAP_QUIET"):
-        print(f"lorastrap: {msg}", file=sys.stderr, flush=True)
+        from lorastrap.core.invocation import runnable
+        print(f"lorastrap: {runnable(msg)}", file=sys.stderr, flush=True)
 
 
 def envs_dir(args) -> Path:
@@ -108,12 +110,17 @@ def prefix(args) -> Path:
         raise errors.UsageError(f"--name {name!r} is not an environment name",
                                 why=f"a name is one folder under {paths.envs_dir()}; it cannot be empty or hold / or ..",
                                 fix="Give a plain name (for example lora), or --prefix PATH for another place.")
+    from lorastrap.core import invocation
+    invocation.set_where(["--prefix", str(args.prefix.absolute())] if args.prefix else
+                         ["--name", args.name] if args.name else [])
     return paths.check_prefix_path((args.prefix or paths.envs_dir() / name).absolute())
 
 
 def anywhere(args) -> tuple[Path | None, Path | None]:
     """--prefix / --name / --python: (prefix, python); both None when none was given."""
     if args.python:
+        from lorastrap.core import invocation
+        invocation.set_where(["--python", str(args.python.absolute())])
         return None, args.python
     return (prefix(args) if args.prefix or args.name else None), None
 
@@ -198,7 +205,19 @@ def machine(args):
 
 
 def emit(args, doc: dict, text: str) -> None:
-    print(json.dumps(doc, indent=2) if args.json else text)
+    """The result: JSON with --json, else the text; every quoted `lorastrap …` command in it (a fix, a hint) as
+    the user runs it, with the --prefix/--name they gave (core/invocation.py)."""
+    from lorastrap.core.invocation import runnable
+    print(json.dumps(_runnable_fixes(doc, runnable), indent=2) if args.json else runnable(text))
+
+
+def _runnable_fixes(doc, runnable):
+    if isinstance(doc, dict):
+        return {k: runnable(v) if k == "fix" and isinstance(v, str) else _runnable_fixes(v, runnable)
+                for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_runnable_fixes(v, runnable) for v in doc]
+    return doc
 
 
 def confirm(command: str = "repair") -> bool:

@@ -6,10 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-from lorastrap.cli import base
+from lorastrap.cli import base, remembered
 from lorastrap.cli.base import emit, say
 from lorastrap.core import errors
-from lorastrap.core.errors import LorastrapError
 
 
 def add(sub, pp: dict) -> dict:
@@ -70,7 +69,9 @@ def add(sub, pp: dict) -> dict:
 def cmd_doctor(args) -> int:
     from lorastrap.care import doctor
     prefix, python = base.anywhere(args)
-    diag = doctor.diagnose(None if python else prefix or base.prefix(args), python=python, envs_dir=base.envs_dir(args),
+    prefix = None if python else prefix or base.prefix(args)
+    remembered.apply(args, prefix, ("envs_dir",))
+    diag = doctor.diagnose(prefix, python=python, envs_dir=base.envs_dir(args),
                            machine=base.machine(args), imports=not args.no_imports)
     emit(args, diag.to_dict(), doctor.format_diagnosis(diag))
     return diag.exit_code
@@ -104,15 +105,17 @@ def cmd_explain(args) -> int:
 
 def cmd_repair(args) -> int:
     from lorastrap.care import doctor
-
+    prefix = base.prefix(args)
+    remembered.apply(args, prefix)
     diag, result = doctor.repair(
-        base.prefix(args), envs_dir=base.envs_dir(args), machine=base.machine(args), replan=args.replan, yes=args.yes,
+        prefix, envs_dir=base.envs_dir(args), machine=base.machine(args), replan=args.replan, yes=args.yes,
         keep_backup=not args.drop_backup, confirm=base.confirm, wait=not args.no_wait, narrate=say, engine=args.engine,
-        run_verify=not args.no_verify, link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts,
-        **base.sources(args))
+        run_verify=not args.no_verify, link_mode=remembered.link_mode(args),
+        allow_link_scripts=args.allow_link_scripts, **base.sources(args))
     emit(args, {"before": diag.to_dict(), "result": result.to_dict()},
          f"repaired: {result.prefix} (profile {result.profile}, {result.packages} conda + {result.pip_packages} "
-         f"pip packages); previous environment kept at {result.backup or 'nowhere (--drop-backup)'}")
+         f"pip packages); " + (f"previous environment kept at {result.backup}" if result.backup else
+                               "the replaced environment was removed once the new one verified"))
     return errors.OK
 
 
@@ -131,6 +134,7 @@ def cmd_update(args) -> int:
     from lorastrap.matrix import profiles
     from lorastrap.machine.detect import detect
     prefix = base.prefix(args)
+    remembered.apply(args, prefix)
     machine = detect(disk_path=prefix)
     src = base.sources(args)
     result = update.update(prefix=prefix, envs_dir=base.envs_dir(args), matrix=profiles.load(base.envs_dir(args)),
@@ -138,7 +142,8 @@ def cmd_update(args) -> int:
                            mirror=src["mirror"], pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,
                            wait=not args.no_wait, min_free_mib=args.min_free_mib, driver_cuda=machine.cuda,
-                           link_mode=args.link_mode, allow_link_scripts=args.allow_link_scripts, narrate=say)
+                           link_mode=remembered.link_mode(args), allow_link_scripts=args.allow_link_scripts,
+                           narrate=say)
     if result.changed:
         generations.register(prefix)
     kept = sum(g["bytes"] for g in result.generations)
@@ -171,7 +176,8 @@ def cmd_uninstall(args) -> int:
     def ask(what: str) -> None:
         print(f"lorastrap: {what}", file=sys.stderr)
         if not base.confirm("uninstall"):
-            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+            raise errors.UsageError(f"uninstall declined: {prefix} was not removed",
+                                    fix="Run again and answer y, or pass --yes.")
 
     done = envs.uninstall(prefix, wait=not args.no_wait, narrate=say, confirm=None if args.yes else ask)
     if not done["removed"] and done["dropped_from_registry"] and not done["removed_generations"]:
@@ -191,7 +197,8 @@ def cmd_self(args) -> int:
             raise errors.UsageError("self uninstall needs --yes when it cannot ask",
                                     why="stdin is not a terminal", fix="Run `lorastrap self uninstall --yes`.")
         if not base.confirm():
-            raise LorastrapError("nothing removed", exit_code=errors.INTERRUPTED)
+            raise errors.UsageError("self uninstall declined: nothing was removed",
+                                    fix="Run again and answer y, or pass --yes.")
     envs.self_uninstall(narrate=say)
     emit(args, held, "lorastrap is uninstalled")
     return errors.OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorastrap.cli import base
+from lorastrap.cli import base, remembered
 from lorastrap.cli.base import emit, say
 from lorastrap.core import errors
 
@@ -65,7 +65,7 @@ def cmd_install(args) -> int:
                                    bundle=args.bundle,
                                    **base.sources(args), engine=args.engine, frozen=args.frozen,
                                    keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-                                   reverify=args.reverify, link_mode=args.link_mode, min_free_mib=args.min_free_mib,
+                                   reverify=args.reverify, link_mode=args.link_mode or "hardlink", min_free_mib=args.min_free_mib,
                                    replace_foreign=args.force, allow_link_scripts=args.allow_link_scripts,
                                    narrate=say)
     except errors.LorastrapError as exc:  # the JSON error says which machine it failed on (its GPUs, its driver)
@@ -98,9 +98,11 @@ def cmd_verify(args) -> int:
     from lorastrap.machine.detect import detect
     prefix = base.prefix(args)
     base.report_target(args.report)
+    remembered.apply(args, prefix, ("envs_dir",))
     machine = detect(disk_path=prefix)
     say(f"verifying {prefix} (8-bit load + LoRA training on a tiny local model)")
-    report = verify.report(prefix, matrix=profiles.load(base.envs_dir(args)), driver_cuda=machine.cuda, steps=args.steps)
+    report = verify.as_result(verify.report(prefix, matrix=profiles.load(base.envs_dir(args)),
+                                            driver_cuda=machine.cuda, steps=args.steps))
     base.write_report(args.report, report)
     emit(args, report, verify.summary(report))
     return verify.exit_code(report)

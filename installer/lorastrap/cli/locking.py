@@ -21,7 +21,8 @@ def add(sub, pp: dict) -> dict:
 
     p = sub.add_parser("diff-locks", parents=[common],
                        help="what changed between two lock files: added, removed, changed versions")
-    p.add_argument("old", type=Path, help="the lock before (a missing file counts as empty)")
+    p.add_argument("old", type=Path, help="the lock before (a missing or empty file counts as empty: "
+                                          "`<(git show HEAD:envs/P.conda-lock.yml)` of a lock not yet committed)")
     p.add_argument("new", type=Path, help="the lock after")
 
     return {"lock": cmd_lock, "diff-locks": cmd_diff_locks}
@@ -45,15 +46,41 @@ def cmd_lock(args) -> int:
 
 
 LOCK_LIMIT = 256 << 20  # a lock of a whole distribution is a few MiB
+LOCK_FIX = "Pass two conda-lock files (OLD may also be empty, missing or a pipe: `<(git show REV:FILE)`)."
+
+
+def _old_lock(path: Path):
+    """diff-locks' OLD: None when missing or empty; a pipe (`<(git show …)`) is read once, boundedly; a device or
+    folder is refused (read_bounded says why)."""
+    import stat
+
+    from lorastrap.core import fsutil
+    from lorastrap.locking import lockfile
+    if not path.exists():
+        return None
+    if not stat.S_ISFIFO(path.stat().st_mode):
+        text = fsutil.read_bounded(path, limit=LOCK_LIMIT, what="lock file", fix=LOCK_FIX)
+        return lockfile.read_lock(path) if text.strip() else None
+    text = fsutil.read_pipe_bounded(path, limit=LOCK_LIMIT, what="lock file", fix=LOCK_FIX)
+    if not text.strip():
+        return None
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="lorastrap-diff-") as d:
+        copy = Path(d) / "old.conda-lock.yml"
+        copy.write_text(text)
+        try:
+            return lockfile.read_lock(copy)
+        except errors.LorastrapError as exc:
+            exc.what = exc.what.replace(str(copy), str(path))
+            raise
 
 
 def cmd_diff_locks(args) -> int:
     from lorastrap.core import fsutil
     from lorastrap.locking import diff as lockdiff, lockfile
-    for path in (args.old, args.new):  # a FIFO or /dev/zero would block or never end: refused before reading
-        if path.exists():
-            fsutil.read_bounded(path, limit=LOCK_LIMIT, what="lock file", fix="Pass two conda-lock files.")
-    old = lockfile.read_lock(args.old) if args.old.exists() else None
+    # NEW first: a regular file (a FIFO or /dev/zero would block or never end: refused before reading)
+    fsutil.read_bounded(args.new, limit=LOCK_LIMIT, what="lock file", fix=LOCK_FIX)
+    old = _old_lock(args.old)
     diff = lockdiff.by_platform(old, lockfile.read_lock(args.new))
     emit(args, diff, lockdiff.format_by_platform(diff))
     return errors.OK

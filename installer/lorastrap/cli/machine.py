@@ -19,6 +19,8 @@ def add(sub, pp: dict) -> dict:
     p = sub.add_parser("plan", parents=[common, machine], help="which environment profile fits this machine, and why")
     p.add_argument("--profile", default=None, help="force a profile; the plan says which requirements it breaks")
     p.add_argument("--why-not", default=None, metavar="NAME", help="list each rule of profile NAME and whether it is met")
+    p.add_argument("--report", type=base.path_arg, default=None,
+                   help="also write the node report (check_mode: the plan only) to this file")
 
     return {"detect": cmd_detect, "plan": cmd_plan}
 
@@ -33,11 +35,19 @@ def cmd_detect(args) -> int:
 
 def cmd_plan(args) -> int:
     from lorastrap.matrix import plan as planner, profiles
+    base.report_target(args.report)
     matrix = profiles.load(args.envs_dir)
     if args.why_not:
         profiles.get(matrix, args.why_not)
     machine = base.machine(args)
     result = planner.plan(machine, matrix, profile=args.profile)
+    if args.report:
+        import socket
+        from lorastrap.core.records import NodeReport
+        base.write_report(args.report, NodeReport(host=socket.gethostname(), ok=bool(result.profile), check_mode=True,
+                                                  plan=result.model_dump(mode="json"), profile=result.profile,
+                                                  platform=machine.platform).model_dump(mode="json"))
     emit(args, {"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")},
-         planner.format_plan(result, why_not=args.why_not))
+         planner.format_plan(result, why_not=args.why_not,
+                             profile=profiles.get(matrix, args.why_not) if args.why_not else None))
     return errors.OK if result.profile else errors.NO_PROFILE

@@ -33,6 +33,7 @@ EXPLAIN_UNKNOWN = 15  # explain: the error is not in the table of known failures
 NOT_WRITABLE = 16  # a folder lorastrap must write to is read-only or not permitted
 NOT_OURS = 17  # the target is not lorastrap's (another tool's environment, the user's folder): --force to replace it
 UNSAFE_PACKAGE = 18  # a package would write outside its environment (a path with .., an absolute path, through a link)
+NO_LOCK = 19  # install --frozen: this lorastrap has no committed lock for the profile and platform
 INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 EXIT_CODES = {
@@ -56,6 +57,7 @@ EXIT_CODES = {
     NOT_WRITABLE: "a folder lorastrap must write to is read-only (or not permitted)",
     NOT_OURS: "the target was not made by lorastrap; it replaces or deletes only what it made (or --force)",
     UNSAFE_PACKAGE: "a package would write outside its environment; nothing was installed",
+    NO_LOCK: "--frozen: no committed lock for this profile and platform (drop --frozen to lock on first use)",
     INTERRUPTED: "interrupted",
 }
 
@@ -75,7 +77,9 @@ class LorastrapError(Exception):
             self.exit_code = exit_code
 
     def to_dict(self) -> dict:
-        return {**self.context, "error": type(self).__name__, "what": self.what, "why": self.why, "fix": self.fix,
+        from lorastrap.core.invocation import runnable
+        return {**self.context, "error": type(self).__name__, "what": self.what, "why": self.why,
+                "fix": runnable(self.fix),
                 "exit_code": self.exit_code}
 
     def render(self) -> str:
@@ -88,7 +92,8 @@ def render(label: str, what: str, why: str = "", fix: str = "", indent: str = " 
     if why:
         lines.append(f"{indent}why: {why}")
     if fix:
-        lines.append(f"{indent}fix: {fix}")
+        from lorastrap.core.invocation import runnable  # the command as the user runs it, with their --prefix
+        lines.append(f"{indent}fix: {runnable(fix)}")
     return "\n".join(lines)
 
 
@@ -124,3 +129,4 @@ class Interrupted(LorastrapError): exit_code = INTERRUPTED  # noqa: E701
 class NotWritableError(LorastrapError): exit_code = NOT_WRITABLE  # noqa: E701
 class NotOursError(LorastrapError): exit_code = NOT_OURS  # noqa: E701
 class UnsafePackageError(LorastrapError): exit_code = UNSAFE_PACKAGE  # noqa: E701
+class NoLockError(LorastrapError): exit_code = NO_LOCK  # noqa: E701

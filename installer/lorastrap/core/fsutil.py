@@ -160,3 +160,35 @@ def remove_orphans(folder: Path, prefix: str) -> list[Path]:
                 p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def read_pipe_bounded(path: Path, *, limit: int, what: str, fix: str, timeout: float = 60.0) -> str:
+    """The text a pipe or FIFO at PATH carries (`<(git show …)`), to its end, at most LIMIT bytes.  Opened without
+    blocking: a FIFO nobody writes to reads as empty, and a writer that goes silent for TIMEOUT seconds is refused
+    rather than waited for."""
+    import select
+
+    from lorastrap.core.errors import UsageError
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise UsageError(f"{what} {path} cannot be read", why=exc.strerror or str(exc), fix=fix)
+    chunks, total = [], 0
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], timeout)
+            if not ready:
+                raise UsageError(f"{what} {path}: nothing came through the pipe for {timeout:.0f} s",
+                                 why="its writer is stuck or never ends", fix=fix)
+            try:
+                block = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            if not block:
+                return b"".join(chunks).decode("utf-8", errors="replace")
+            total += len(block)
+            if total > limit:
+                raise UsageError(f"{what} {path}: more than {limit} bytes", why="the input does not end", fix=fix)
+            chunks.append(block)
+    finally:
+        os.close(fd)

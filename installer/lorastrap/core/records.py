@@ -18,6 +18,17 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class BuiltWith(Strict):
+    """How an environment was built: what `update`, `repair`, `doctor` and `verify` use unless a flag says
+    otherwise (None: the default was used)."""
+    envs_dir: str | None = Field(None, description="the folder of profiles.yaml and the specs (--envs-dir)")
+    channels: list[str] | None = Field(None, description="the channels it was locked from (--channel)")
+    mirror: str | None = Field(None, description="the mirror its archives came from (--mirror)")
+    pip_index_url: str | None = Field(None, description="the index its pip entries came from (--pip-index-url)")
+    engine: str | None = Field(None, description="the engine asked for (--engine): auto, micromamba, mamba, rattler")
+    link_mode: str | None = Field(None, description="hardlink or copy (--link-mode)")
+
+
 class EnvRecord(Strict):
     schema_version: Literal[1] = 1
     profile: str
@@ -28,6 +39,8 @@ class EnvRecord(Strict):
     installed_at: str = Field(description="UTC, ISO 8601")
     plan: dict | None = Field(None, description="the plan that chose the profile (profile, forced, reasons, warnings)")
     verify: dict | None = Field(None, description="the verification run's summary and report, if it ran")
+    built_with: BuiltWith | None = Field(None, description="the sources and options it was built with (records "
+                                                           "written before these were kept have none)")
 
 
 class Journal(Strict):

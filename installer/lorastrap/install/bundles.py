@@ -137,9 +137,44 @@ def check(path: Path, *, deep: bool = False) -> BundleManifest:
     return manifest
 
 
+def check_contents(bundle: Path, manifest: BundleManifest) -> None:
+    """Every file of the bundle against the sha256 its manifest lists — also those the package cache already
+    holds (which the install would not read again), so an altered bundle is never masked by a warm cache.  Once
+    per file version: a stamp in the data dir keeps each checked file's path, size, mtime and inode, and only a
+    file whose stat changed is hashed again (a re-run that changes nothing stays cheap)."""
+    import json
+    from lorastrap.core import fsutil
+    raw = (bundle / "manifest.json").read_bytes()
+    stamp = paths.data_dir() / "bundles" / f"{hashlib.sha256(raw).hexdigest()[:16]}.checked.json"
+    try:
+        seen = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    now = {}
+    for rel, meta in manifest.files.items():
+        p = bundle / rel
+        st = p.stat()
+        key = [str(p), st.st_size, st.st_mtime_ns, st.st_ino]
+        if seen.get(rel) != key and sha256_file(p) != meta.sha256:
+            raise IntegrityError(f"bundle {bundle}: {rel} was altered (checksum mismatch: its sha256 differs "
+                                 "from the manifest's)",
+                                 why=f"the bundle {bundle} holds a file that differs from what it was made with: "
+                                     "it was altered or damaged after it was made",
+                                 fix="Nothing was installed. Copy the bundle again from where it was built, or "
+                                     "rebuild it (`lorastrap bundle`).")
+        now[rel] = key
+    if now != seen:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            fsutil.write_atomic(stamp, json.dumps(now) + "\n")
+        except OSError:
+            pass  # a read-only data dir: checked again next time
+
+
 def install_inputs(bundle: Path, machine) -> tuple[str, Path]:
     """The bundle's profile, and a copy of its lock (in the data dir) whose URLs are the bundle's files."""
     manifest = check(bundle)
+    check_contents(bundle, manifest)
     if manifest.platform != machine.platform:
         raise ConfigError(f"bundle {bundle} is for {manifest.platform}, this machine is {machine.platform}",
                           fix=f"Build a bundle with --platform {machine.platform}.")

@@ -94,6 +94,26 @@ def make_room(prefix: Path, keep: int) -> None:
     fsutil.fsync_dir(prefix.parent)
 
 
+def shift_older(prefix: Path) -> list[Path]:
+    """Before a repair: move every kept generation one place older (nothing dropped), so the repair's backup (the
+    damaged environment) does not take generation 1's place.  Returns the generations as they were."""
+    gens = generations(prefix)
+    if gens:
+        make_room(prefix, len(gens) + 1)
+    return gens
+
+
+def close_gap(prefix: Path) -> None:
+    """After a repair: the kept generations move back one place younger where generation 1 is free (single
+    renames, youngest first; an interrupted run leaves a gap, which ``generations`` reads in order anyway)."""
+    gens = generations(prefix)
+    for i, g in enumerate(gens, start=1):
+        target = generation_path(prefix, i)
+        if g != target and not target.exists():
+            os.rename(g, target)
+    fsutil.fsync_dir(prefix.parent)
+
+
 def prune(prefix: Path, keep: int) -> None:
     for old in generations(prefix)[keep:]:
         fsutil.remove_tree(old)

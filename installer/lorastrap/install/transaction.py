@@ -47,7 +47,7 @@ from lorastrap.machine.model import Machine
 from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UnsafePackageError,
                                    UsageError, VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
-from lorastrap.core.records import EnvRecord, Journal, NodeReport
+from lorastrap.core.records import BuiltWith, EnvRecord, Journal, NodeReport
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300
@@ -315,7 +315,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                     timings["verify"] = time.perf_counter() - t
                 pfx.write_record(prefix, EnvRecord(
                     profile=name, platform=platform, lock_digest=lk.digest(platform), lock_source=str(lk.path),
-                    engine=result.engine, installed_at=pfx.now(), plan=plan_info, verify=result.verify), lk.path)
+                    engine=result.engine, installed_at=pfx.now(), plan=plan_info, verify=result.verify,
+                    built_with=BuiltWith(envs_dir=str(envs_dir.absolute()), channels=channels, mirror=mirror,
+                                         pip_index_url=pip_index_url, link_mode=link_mode,
+                                         engine=engine or os.environ.get("LORASTRAP_ENGINE"))), lk.path)
                 commit_signals = txn.deferred_signals(f"after the commit: {prefix} is the new environment")
                 commit_signals.__enter__()  # held from before the point of no return to the end of the commit
             except BaseException as exc:

@@ -130,6 +130,16 @@ def exit_code(report: dict) -> int:
     return {"pass": 0, "unsupported": NO_PROFILE}.get(report.get("verdict"), VERIFY)
 
 
+def as_result(report: dict) -> dict:
+    """The report as `lorastrap verify` hands it on: its exit_code is the process's (the script's own is kept as
+    script_exit_code)."""
+    out = dict(report)
+    if "exit_code" in out:
+        out["script_exit_code"] = out["exit_code"]
+    out["exit_code"] = exit_code(report)
+    return out
+
+
 def summary(report: dict) -> str:
     lines = []
     for c in report.get("checks", []):
@@ -139,6 +149,8 @@ def summary(report: dict) -> str:
             if c.get(key) and c["status"] != "pass":
                 lines.append(f"       {key}: {c[key]}")
     verdict = report.get("verdict")
+    if report.get("error"):  # the verification script itself failed (an import, a crash): its reason
+        lines.append(f"error: {report['error']}")
     if verdict == "unsupported":
         lines.append("verdict: this environment cannot do 8-bit on this machine — " + (report.get("unsupported_reason") or ""))
     else:

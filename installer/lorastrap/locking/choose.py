@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorastrap.core import paths
-from lorastrap.core.errors import ConfigError
+from lorastrap.core.errors import NoLockError
 from lorastrap.locking.channels import channel_url
 from lorastrap.locking.lock import lock
 from lorastrap.locking.lockfile import Lock, is_stale, read_lock
@@ -35,10 +35,16 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
         if not is_stale(lk, envs_dir, profile) and (wanted is None or lk.channels == wanted):
             return lk
     if frozen:
-        raise ConfigError(f"no usable lock for profile {name} on {platform}: {reason}",
-                          why="--frozen installs only from committed locks",
-                          fix=f"Run `lorastrap lock --profile {name} --platform {platform}` and commit the lock, "
-                              f"or drop --frozen.")
+        raise NoLockError(f"--frozen: no committed lock for profile {name} on {platform} ({reason} in "
+                          f"{envs_dir})",
+                          why="--frozen installs only a lock committed beside the profiles (the locks workflow "
+                              "writes them where conda-forge is reachable); this copy of lorastrap has none that "
+                              "fits",
+                          fix=f"Drop --frozen: lorastrap then locks {name} for {platform} on first use (from the "
+                              "spec's channels, or --channel/--mirror) and keeps that lock with the environment; "
+                              "or install an offline bundle made where the lock exists (`lorastrap bundle`, then "
+                              "`--bundle`). Maintainers: `lorastrap lock --profile "
+                              f"{name} --platform {platform}` and commit {lock_path(envs_dir, name).name}.")
     narrate(f"{reason}: locking {name} for {platform} now")
     if local.exists():
         local.unlink()  # stale or for other channels: start afresh

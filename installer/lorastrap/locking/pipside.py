@@ -259,6 +259,13 @@ def _resolve_error(res: subproc.Result, reqs: list[str], provided: dict, ctx: Co
         return NetworkError(f"could not read the index {index_url} to resolve {', '.join(reqs)}", why=text[-1500:],
                             fix="Check the network or proxy, or pass --pip-index-url for a reachable index.")
     pinned = [f"{n} {v} (conda: {c})" for n, (c, v) in sorted(provided.items()) if n in low]
+    absent = _absent_from_index(low)
+    if absent:  # the index is the cause, not the conda side
+        return ConfigError(
+            f"the index {index_url} has no {', '.join(absent)}, which the pip entries of {ctx.spec_file} need",
+            why=text[-3000:],
+            fix=f"Pass --pip-index-url with the index that has {absent[0]} (`update` and `repair` use the one the "
+                "environment was built with unless told otherwise), or change the pip entries.")
     return ConfigError(
         f"the pip entries of {ctx.spec_file} cannot be resolved for {ctx.platform} (Python {ctx.python}) together "
         "with the conda side",
@@ -266,3 +273,12 @@ def _resolve_error(res: subproc.Result, reqs: list[str], provided: dict, ctx: Co
                             + ", ".join(pinned) + ")" if pinned else ""),
         fix="Give the conda side versions the pip entries accept (add bounds to the spec's conda dependencies), "
             "or change the pip entries.")
+
+
+def _absent_from_index(low: str) -> list[str]:
+    """The packages uv says the index does not have at all ("was not found in the package registry", "there are no
+    versions of"): then the index, not the conda side, is what to change."""
+    import re
+    found = re.findall(r"(?:because |and )?([a-z0-9][a-z0-9._-]*) was not found in the package registry", low)
+    found += re.findall(r"there (?:are|is) no versions? of ([a-z0-9][a-z0-9._-]*)", low)
+    return list(dict.fromkeys(found))

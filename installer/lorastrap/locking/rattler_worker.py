@@ -63,6 +63,9 @@ def _install(req: dict) -> dict:
             time.sleep(60)
     asyncio.run(rattler.install(records, target_prefix=req["prefix"], cache_dir=req["cache_dir"],
                                 show_progress=bool(req.get("show_progress")), execute_link_scripts=False))
+    if req.get("show_progress"):  # py-rattler's bar stops mid-line: end it, so the next line starts on its own
+        sys.stderr.write("\n")
+        sys.stderr.flush()
     return {"ok": True, "installed": len(records)}
 
 

@@ -306,7 +306,33 @@ def require_profile(result: Plan) -> str:
     return result.profile
 
 
-def format_plan(result: Plan, why_not: str | None = None) -> str:
+def _unjudged(profile: Profile, checks: list[Check]) -> list[tuple[str, str]]:
+    """The rules of PROFILE that CHECKS did not judge here (no GPU, not a Jetson board, not Linux, no memory
+    figure), as (the rule, its source), so `--why-not` lists every rule."""
+    req, judged = profile.requires, {c.rule for c in checks}
+    no_gpu = any(c.rule == "gpu" and not c.ok for c in checks)
+    why_gpu = "not judged: no usable NVIDIA GPU here" if no_gpu else "not judged: unknown here"
+    out = []
+    if req.compute_capability and "compute_capability" not in judged:
+        out.append((f"every GPU's compute capability must be in {req.compute_capability.min}.."
+                    f"{req.compute_capability.max} ({why_gpu})", req.compute_capability.source))
+    for r in (req.cuda_code or []) if "cuda_code" not in judged else []:
+        out.append((f"every GPU must run the code of {r.component} ({r.summary()}) ({why_gpu})", r.source))
+    if req.gpu_memory_min_mib and "gpu_memory_min_mib" not in judged:
+        out.append((f"every CUDA device needs >= {req.gpu_memory_min_mib.value} MiB "
+                    f"({why_gpu if no_gpu else 'not judged: the GPUs report no memory size'})",
+                    req.gpu_memory_min_mib.source))
+    if req.jetson_l4t_min and "jetson_l4t_min" not in judged:
+        out.append((f"a Jetson board needs Jetson Linux (L4T) >= {req.jetson_l4t_min.value} (not judged: this is "
+                    "not a Jetson board)", req.jetson_l4t_min.source))
+    if req.glibc_min and "glibc_min" not in judged:
+        out.append((f"glibc must be >= {req.glibc_min.value} (not judged: not Linux)", req.glibc_min.source))
+    return out
+
+
+def format_plan(result: Plan, why_not: str | None = None, profile: Profile | None = None) -> str:
+    """The plan as text; with WHY_NOT (and that profile), every rule of it, met, unmet or not judged here, each
+    with its source."""
     lines = []
     if why_not:
         cand = next(c for c in result.candidates if c.profile == why_not)
@@ -318,7 +344,9 @@ def format_plan(result: Plan, why_not: str | None = None) -> str:
         else:
             lines.append(f"{why_not} does not fit this machine:")
         for c in cand.checks:
-            lines.append(f"  [{'ok' if c.ok else 'unmet'}] {c.message}" + (f"\n      source: {c.source}" if c.source and not c.ok else ""))
+            lines.append(f"  [{'ok' if c.ok else 'unmet'}] {c.message}" + (f"\n      source: {c.source}" if c.source else ""))
+        for text, source in _unjudged(profile, cand.checks) if profile is not None else []:
+            lines.append(f"  [-] {text}" + (f"\n      source: {source}" if source else ""))
         return "\n".join(lines)
     if result.profile is None:
         lines.append("no profile fits this machine")
