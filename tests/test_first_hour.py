@@ -162,7 +162,7 @@ def test_repair_keeps_updates_generation_and_list_shows_each_ones_lock_and_healt
     res = run_cli("repair", "--prefix", str(prefix), "--yes", "--no-verify")
     assert res.returncode == 0, res.stderr
     assert "replacing the older backup" not in res.stderr
-    assert f"the 1 kept generation(s) stay, and `" in res.stderr and f"rollback --prefix {prefix}` still returns to " \
+    assert "the 1 kept generation(s) stay, and `" in res.stderr and f"rollback --prefix {prefix}` still returns to " \
         f"{prefix}.lorastrap-backup" in res.stderr, res.stderr
     row = _row(prefix)
     assert row["health"] == "ok" and [g["lock_digest"] for g in row["generations"]] == [first]
