@@ -78,9 +78,11 @@ def test_doctor_fix_line_runs_as_printed(channel, warm_home, envs_copy, tmp_path
     assert res.returncode == 11, res.stdout + res.stderr
     fixes = _quoted_commands(res.stdout)
     assert fixes and all(f.startswith(f"{script} repair --prefix {prefix}") for f in fixes), fixes
-    # run the printed fix exactly as printed, from another folder, then doctor's own verdict is healthy
-    res = subprocess.run(shlex.split(fixes[-1]), capture_output=True, text=True, env=env, cwd="/")
-    assert res.returncode == 0, res.stderr
+    # run the printed fix exactly as printed, from another folder, on a terminal (repair asks; answered y), then
+    # doctor's own verdict is healthy
+    res = subprocess.run(["script", "-qec", fixes[-1] + "; echo rc=$?", "/dev/null"], input="y\n",
+                         capture_output=True, text=True, env=env, cwd="/", timeout=600)
+    assert "rc=0" in res.stdout, res.stdout
     res = subprocess.run([str(script), "doctor", "--prefix", str(prefix), "--no-imports"], capture_output=True,
                          text=True, env=env)
     assert res.returncode == 0 and "verdict: healthy" in res.stdout, res.stdout
@@ -269,6 +271,7 @@ def test_declining_uninstall_is_not_an_interruption(tmp_path):
     import subprocess
     prefix = tmp_path / "env"
     (prefix / "conda-meta" / "lorastrap").mkdir(parents=True)
+    (prefix / "conda-meta" / "lorastrap" / "record.json").write_text("{}")  # lorastrap's: it may remove it, if asked
     env = dict(os.environ, LORASTRAP_HOME=str(tmp_path / "home"))
     cmd = f"{shlex.quote(sys.executable)} -m lorastrap uninstall --prefix {shlex.quote(str(prefix))}; echo rc=$?"
     res = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="n\n", capture_output=True, text=True,

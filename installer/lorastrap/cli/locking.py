@@ -56,7 +56,7 @@ def _old_lock(path: Path):
 
     from lorastrap.core import fsutil
     from lorastrap.locking import lockfile
-    if not path.exists():
+    if not path.exists() or path.resolve() == Path("/dev/null"):  # missing, or the empty file of shells
         return None
     if not stat.S_ISFIFO(path.stat().st_mode):
         text = fsutil.read_bounded(path, limit=LOCK_LIMIT, what="lock file", fix=LOCK_FIX)

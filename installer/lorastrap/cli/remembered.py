@@ -41,8 +41,9 @@ def apply(args, prefix: Path | None, fields: tuple[str, ...] = SOURCES, narrate=
         args.channel = list(bw.channels)
         taken.append(" ".join(f"--channel {c}" for c in bw.channels))
     if "mirror" in fields and not given_source and bw.mirror:
-        args.mirror = bw.mirror
-        taken.append(f"--mirror {bw.mirror}")
+        args.mirror = ([bw.mirror] if isinstance(bw.mirror, str)
+                       else [f"{channel}={url}" for channel, url in bw.mirror.items()])
+        taken.append(" ".join(f"--mirror {m}" for m in args.mirror))
     if "pip_index_url" in fields and getattr(args, "pip_index_url", None) is None and bw.pip_index_url:
         from lorastrap.locking.channels import DEFAULT_PIP_INDEX
         args.pip_index_url = bw.pip_index_url

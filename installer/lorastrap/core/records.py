@@ -23,7 +23,8 @@ class BuiltWith(Strict):
     otherwise (None: the default was used)."""
     envs_dir: str | None = Field(None, description="the folder of profiles.yaml and the specs (--envs-dir)")
     channels: list[str] | None = Field(None, description="the channels it was locked from (--channel)")
-    mirror: str | None = Field(None, description="the mirror its archives came from (--mirror)")
+    mirror: str | dict[str, str] | None = Field(
+        None, description="the mirror its archives came from (--mirror URL), or a mirror per channel (--mirror CHANNEL=URL)")
     pip_index_url: str | None = Field(None, description="the index its pip entries came from (--pip-index-url)")
     engine: str | None = Field(None, description="the engine asked for (--engine): auto, micromamba, mamba, rattler")
     link_mode: str | None = Field(None, description="hardlink or copy (--link-mode)")
