@@ -62,7 +62,6 @@ def _quoted_commands(text: str) -> list[str]:
 
 
 def test_doctor_fix_line_runs_as_printed(channel, warm_home, envs_copy, tmp_path):
-    import shlex
     import subprocess
     prefix = tmp_path / "env"
     res = run_cli("install", "--envs-dir", str(envs_copy), "--channel", channel["url"], "--pip-index-url",
