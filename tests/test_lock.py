@@ -121,3 +121,90 @@ def test_cpu_lock_never_uses_conda_lock_default_cuda(channel, home, tmp_path):
     assert "__cuda" not in json.dumps(vp)
     lk = do_lock(channel, tmp_path / "cpu.conda-lock.yml", "--profile", "test-cpu", "--platform", "linux-64")
     assert all(not (e.build or "").startswith("cuda") for e in lk.entries)
+
+
+CONDA_SPEC_LINES = ["python", "python 3.12.*", "pytorch >=2.8 cpu*", "transformers >=5.0,<6", "accelerate 0.17.1",
+                    "tokenizers >=0.11.1,!=0.11.3,<0.14", "cuda-version 12.9.*", "bitsandbytes 0.45.* cuda118*",
+                    "huggingface_hub >=0.11.0,<1.0", "numpy <2", "libcublas 12.*", "setuptools <81"]
+
+
+def _conda_lock_written(tmp_path, spec, vps, channels, platforms, packages, custom):
+    """The lock conda-lock's own models, writer and content hash give for these packages."""
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.lockfile import write_conda_lock_file
+    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
+    from conda_lock.models.channel import Channel
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+    out = tmp_path / "theirs" / "x.conda-lock.yml"
+    out.parent.mkdir()
+    lock_spec = make_lock_spec(src_files=[spec], channel_overrides=channels, platform_overrides=platforms,
+                               mapping_url=str(ROOT / "envs" / "pypi-to-conda.json"))
+    hashes = compute_content_hashes(lock_spec, virtual_package_repo_from_specification(vps))
+    deps = [LockedDependency(name=p["name"], version=p["version"], manager=p["manager"], platform=p["platform"],
+                             dependencies=p.get("dependencies", {}), url=p["url"],
+                             hash=HashModel(md5=p.get("md5"), sha256=p["sha256"]), categories={"main"},
+                             build=p.get("build")) for p in packages]
+    meta = LockMeta(content_hash=hashes, channels=[Channel.from_string(u) for u in channels], platforms=platforms,
+                    sources=[f"../{spec.name}"], custom_metadata=custom)
+    write_conda_lock_file(Lockfile(package=deps, metadata=meta), out, metadata_choices=set())
+    return hashes, out.read_text()
+
+
+@pytest.mark.parametrize("spec_name", sorted(p.name for p in (ROOT / "envs").glob("*.yml")
+                                             if p.with_suffix("").suffix != ".virtual-packages"
+                                             and (p.parent / p.name.replace(".yml", ".virtual-packages.yml")).exists())
+                         + ["synthetic"])
+def test_our_writer_and_content_hash_are_conda_locks(tmp_path, spec_name):
+    """lockfile.write (no conda-lock import) gives conda-lock's own bytes and content hash, on every real spec and
+    on every conda line shape the profiles use."""
+    from lorastrap.locking import condalock
+    if spec_name == "synthetic":
+        spec = tmp_path / "synthetic.yml"
+        spec.write_text("channels:\n  - conda-forge\ndependencies:\n" + "".join(f"  - {s}\n" for s in CONDA_SPEC_LINES)
+                        + "  - pip:\n      - bitsandbytes==0.50.2\n      - peft>=0.19\n")
+        vps = ROOT / "envs" / "cpu.virtual-packages.yml"
+    else:
+        spec = ROOT / "envs" / spec_name
+        vps = ROOT / "envs" / spec_name.replace(".yml", ".virtual-packages.yml")
+    platforms = sorted(yaml.safe_load(vps.read_text())["subdirs"])
+    channels = ["https://conda.anaconda.org/conda-forge", "file:///srv/mirror/channel"]
+    packages = [{"name": n, "version": "1.0", "manager": "conda", "platform": p, "url": f"{channels[0]}/{p}/{n}.conda",
+                 "md5": "0" * 32, "sha256": f"{i:064x}", "build": "h0_0",
+                 "dependencies": {"zlib": ">=1.2", "libgcc": "*"} if n != "zlib" else {}}
+                for p in platforms for i, n in enumerate(("zlib", "python", "a-long-named-package_with_under", "_openmp_mutex"))]
+    packages += [{"name": "bitsandbytes", "version": "0.50.2", "manager": "pip", "platform": p,
+                  "url": "https://files.pythonhosted.org/packages/b/bitsandbytes-0.50.2-py3-none-any.whl",
+                  "sha256": "f" * 64} for p in platforms]
+    custom = {"lorastrap_profile": "x", "lorastrap_inputs_sha256": "a" * 64}
+    hashes, theirs = _conda_lock_written(tmp_path, spec, vps, channels, platforms, packages, custom)
+    assert condalock.content_hashes(spec, vps, channels, platforms) == hashes
+    out = tmp_path / "ours" / "x.conda-lock.yml"
+    out.parent.mkdir()
+    spec_copy = tmp_path / spec.name
+    if spec_copy != spec:
+        shutil.copy(spec, spec_copy)  # sources: ../NAME, as conda-lock's copy says
+    lockfile.write(out, spec=spec_copy, virtual_packages=vps, channels=channels, platforms=platforms,
+                   packages=packages, custom_metadata=custom)
+    assert out.read_text() == theirs
+    # Re-locking one platform keeps the others' entries and gives the same bytes again.
+    lockfile.write(out, spec=spec_copy, virtual_packages=vps, channels=channels, platforms=platforms[:1],
+                   packages=[p for p in packages if p["platform"] == platforms[0]], custom_metadata=custom)
+    assert out.read_text() == theirs
+
+
+def test_a_spec_outside_the_fast_grammar_gets_conda_locks_own_hash(tmp_path):
+    from lorastrap.locking import condalock
+    spec = tmp_path / "odd.yml"
+    spec.write_text("channels: [conda-forge]\ndependencies:\n  - conda-forge::python =3.12\n  - numpy  # [linux]\n")
+    vps = ROOT / "envs" / "cpu.virtual-packages.yml"
+    assert condalock.content_hashes(spec, vps, ["https://conda.anaconda.org/conda-forge"], ["linux-64"]) is None
+    from conda_lock.content_hash import compute_content_hashes
+    from conda_lock.src_parser import make_lock_spec
+    from conda_lock.virtual_package import virtual_package_repo_from_specification
+    channels = ["https://conda.anaconda.org/conda-forge"]
+    want = compute_content_hashes(make_lock_spec(src_files=[spec], channel_overrides=channels,
+                                                 platform_overrides=["linux-64"],
+                                                 mapping_url=str(ROOT / "envs" / "pypi-to-conda.json")),
+                                  virtual_package_repo_from_specification(vps))
+    assert lockfile._conda_lock_hashes(spec, vps, channels, ["linux-64"]) == want

@@ -104,5 +104,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console script `lorastrap` (and `python -m lorastrap`)."""
-    sys.exit(main())
+    """The console script `lorastrap` (and `python -m lorastrap`).  py-rattler may crash at interpreter shutdown
+    after its work succeeded (locking/rattler_worker.py): a run that loaded it in this process (a solve) flushes
+    and leaves with os._exit, so the exit code is the command's."""
+    import lorastrap
+    lorastrap.ENGINE_EXITS_HARD = True
+    code = main()
+    if "rattler" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

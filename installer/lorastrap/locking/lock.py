@@ -8,7 +8,6 @@ from pathlib import Path
 
 from lorastrap.core import paths
 from lorastrap.core.errors import ConfigError
-from lorastrap.locking import pipside
 from lorastrap.locking.channels import DEFAULT_PIP_INDEX, channel_url
 from lorastrap.locking.lockfile import write
 from lorastrap.locking.solve import solve
@@ -53,6 +52,7 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
                       "dependencies": dict(_split_dep(d) for d in r["depends"]), "url": r["url"],
                       "md5": r["md5"], "sha256": r["sha256"], "build": r["build"]} for r in records]
         if spec.pip:
+            from lorastrap.locking import pipside  # packaging, urllib: only for pip entries
             ctx = pipside.Context(platform=platform, python=_python_version(records),
                                   wheel_platforms=wheel_platforms(platform, vps), policy=spec.pip_dependencies,
                                   vps_file=envs_dir / profile.virtual_packages, spec_file=spec_path,

@@ -1,5 +1,6 @@
-"""The lock file (conda-lock's unified format, version 1): written with conda-lock's own models, writer and
-content hash, so `conda-lock` judges its staleness as it would its own; read without importing conda-lock (0.6 s):
+"""The lock file (conda-lock's unified format, version 1): written as conda-lock's own writer writes it, with its
+content hash (condalock.py, without importing conda-lock: 0.6 s), so `conda-lock` judges its staleness as it
+would its own; read without importing conda-lock:
 ``read_lock`` checks the fields it uses and names the file and the field when one is wrong; a copy rewritten with
 other package URLs (what an engine or a bundle is handed)."""
 
@@ -8,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,52 +17,61 @@ import yaml
 
 from lorastrap.core import paths
 from lorastrap.core.errors import ConfigError
+from lorastrap.locking import condalock
 from lorastrap.locking.spec import inputs_sha256
 from lorastrap.matrix.profiles import Profile
 
 
-def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
-           packages: list[dict], custom_metadata: dict[str, str]) -> None:
-    """Write the lock with conda-lock's own models, writer and content hash (imported here: 0.6 s).
-
-    Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
+def _conda_lock_hashes(spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str]) -> dict:
+    """conda-lock's own content hash (imported here: 0.6 s) — for specs outside condalock's grammar."""
     from conda_lock.content_hash import compute_content_hashes
-    from conda_lock.lockfile import parse_conda_lock_file, write_conda_lock_file
-    from conda_lock.lockfile.v2prelim.models import HashModel, LockedDependency, Lockfile, LockMeta
-    from conda_lock.models.channel import Channel
     from conda_lock.src_parser import make_lock_spec
     from conda_lock.virtual_package import virtual_package_repo_from_specification
+    lock_spec = make_lock_spec(src_files=[spec], channel_overrides=channels, platform_overrides=platforms,
+                               mapping_url=str(paths.ENVS / "pypi-to-conda.json"))
+    return compute_content_hashes(lock_spec, virtual_package_repo_from_specification(virtual_packages))
 
-    deps = [LockedDependency(
-        name=p["name"], version=p["version"], manager=p["manager"], platform=p["platform"],
-        dependencies=p.get("dependencies", {}), url=p["url"],
-        hash=HashModel(md5=p.get("md5"), sha256=p["sha256"]), categories={"main"}, build=p.get("build"))
-        for p in packages]
+
+def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
+           packages: list[dict], custom_metadata: dict[str, str]) -> None:
+    """Write the lock as conda-lock's writer does, with its content hash (condalock.py; conda-lock itself only
+    for a spec outside the grammar handled there).
+
+    Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
+    entries = [condalock.package_entry(p) for p in packages]
     wanted = set(platforms)
     if out.exists():
         try:
-            old = parse_conda_lock_file(out)
-        except Exception as exc:  # conda-lock raises pydantic and YAML errors alike
-            raise ConfigError(f"{out}: cannot be read to update it", why=str(exc).splitlines()[0],
+            old = read_lock(out)
+        except ConfigError as exc:
+            raise ConfigError(f"{out}: cannot be read to update it", why=exc.what,
                               fix="Delete it (or restore it from version control) and lock again.")
-        if [c.url for c in old.metadata.channels] == channels:
-            deps += [p for p in old.package if p.platform not in wanted]
-            wanted |= set(old.metadata.platforms)
+        if old.channels == channels:
+            entries += [condalock.package_entry({**p, **(p.get("hash") or {})}) for p in old.raw["package"]
+                        if p.get("platform") not in wanted]
+            wanted |= set(old.platforms)
     all_platforms = sorted(wanted)
-    lock_spec = make_lock_spec(src_files=[spec], channel_overrides=channels, platform_overrides=all_platforms,
-                               mapping_url=str(paths.ENVS / "pypi-to-conda.json"))
-    meta = LockMeta(content_hash=compute_content_hashes(lock_spec, virtual_package_repo_from_specification(virtual_packages)),
-                    channels=[Channel.from_string(u) for u in channels], platforms=all_platforms,
-                    sources=[os.path.relpath(spec, out.parent)], custom_metadata=custom_metadata)
-    lockfile = Lockfile(package=deps, metadata=meta)
-    lockfile.toposort_inplace()
+    hashes = (condalock.content_hashes(spec, virtual_packages, channels, all_platforms)
+              or _conda_lock_hashes(spec, virtual_packages, channels, all_platforms))
+    text = condalock.dump(out.name, content_hash=hashes, channels=channels, platforms=all_platforms,
+                          sources=[os.path.relpath(spec, out.parent)], custom_metadata=custom_metadata,
+                          packages=entries)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".lock-", dir=out.parent))
-    try:  # the same name (the writer's help text quotes it), then an atomic rename into place
-        write_conda_lock_file(lockfile, tmpdir / out.name, metadata_choices=set())
-        os.replace(tmpdir / out.name, out)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    fd, tmp = tempfile.mkstemp(prefix=".lock-", dir=out.parent)
+    try:  # then an atomic rename into place
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @dataclass

@@ -30,10 +30,10 @@ def _solve(req: dict) -> dict:
 
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
-    records = asyncio.run(rattler.solve(
+    records = asyncio.run(asyncio.wait_for(rattler.solve(
         sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
         platforms=[req["platform"], "noarch"], virtual_packages=vps,
-        gateway=Gateway(cache_dir=req["cache_dir"])))
+        gateway=Gateway(cache_dir=req["cache_dir"])), req.get("timeout")))
     out = []
     for r in records:
         out.append({
@@ -75,12 +75,26 @@ def _index(req: dict) -> dict:
     return {"ok": True}
 
 
+def answer(req: dict) -> dict:
+    """The answer to one request; a failure is an answer too (the caller decides).  Also called in the lorastrap
+    process itself for a solve when that process leaves with os._exit (solve.py)."""
+    try:
+        return {"solve": _solve, "install": _install, "index": _index}[req["op"]](req)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # everything goes into the answer; the parent decides
+        if isinstance(exc, asyncio.TimeoutError):
+            return {"ok": False, "error": f"the solve did not finish within {req.get('timeout'):.0f} s",
+                    "timed_out": True}
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
 def main() -> None:
     req = json.loads(sys.stdin.read())
     try:
-        result = {"solve": _solve, "install": _install, "index": _index}[req["op"]](req)
-    except BaseException as exc:  # everything goes into the answer; the parent decides
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        result = answer(req)
+    except BaseException as exc:  # an interrupt too: it goes into the answer
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     tmp = req["result"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)

@@ -1,12 +1,17 @@
-"""Solving the conda side: py-rattler (in rattler_worker, a child process) with the profile's own virtual
-packages — never conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  A failed solve keeps the solver's
-whole explanation; ``explain_solve`` reads its leaves into the fix."""
+"""Solving the conda side: py-rattler with the profile's own virtual packages — never conda-lock's defaults, so a CPU lock cannot pull CUDA builds.  A failed solve keeps the solver's
+whole explanation; ``explain_solve`` reads its leaves into the fix.
+
+py-rattler may crash at interpreter shutdown after its work succeeded (rattler_worker's docstring), so it solves in
+this process only when the process will leave with os._exit — the console script sets ``lorastrap.ENGINE_EXITS_HARD``
+and does (cli.run) — and in a worker child otherwise (a library caller, a test calling cli.main).  In the process
+it saves a second interpreter, lorastrap's imports and the JSON hand-over (~0.15 s a platform)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import lorastrap
 from lorastrap.core import subproc
 from lorastrap.core.errors import ConfigError, NetworkError
 from lorastrap.locking.spec import Spec
@@ -72,9 +77,13 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
 
 def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
           vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
-    answer = subproc.worker("locking.rattler_worker", {
-        "op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
-        "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}, timeout=SOLVE_TIMEOUT_S)
+    request = {"op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
+               "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}
+    if getattr(lorastrap, "ENGINE_EXITS_HARD", False):
+        from lorastrap.locking import rattler_worker
+        answer = rattler_worker.answer({**request, "timeout": SOLVE_TIMEOUT_S})
+    else:
+        answer = subproc.worker("locking.rattler_worker", request, timeout=SOLVE_TIMEOUT_S)
     if not answer.get("ok"):
         raise _solve_error(answer, channels, platform, vps, vps_file)
     return answer["records"]
