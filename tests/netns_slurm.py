@@ -35,7 +35,8 @@ def unavailable() -> str | None:
     return None
 
 
-def _conf(work: Path, names: list[str], nodes: list[tuple[str, str]]) -> Path:
+def _conf(work: Path, names: list[str], nodes: list[tuple[str, str]],
+          partitions: dict[str, list[str]] | None = None) -> Path:
     lines = [
         "ClusterName=lorastrap-test",
         f"SlurmctldHost=ctl({netns_fleet.SUBNET}.1)",
@@ -59,7 +60,9 @@ def _conf(work: Path, names: list[str], nodes: list[tuple[str, str]]) -> Path:
     ]
     for name, (_, addr) in zip(names, nodes):
         lines.append(f"NodeName={name} NodeAddr={addr} CPUs=1 RealMemory=1000 State=UNKNOWN")
-    lines.append(f"PartitionName=lora Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP")
+    for i, (part, members) in enumerate((partitions or {"lora": names}).items()):
+        lines.append(f"PartitionName={part} Nodes={','.join(members)} Default={'YES' if i == 0 else 'NO'} "
+                     "MaxTime=INFINITE State=UP")
     conf = work / "slurm.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
@@ -82,9 +85,10 @@ def _wait_idle(env: dict, names: list[str], hub: str, work: Path, timeout: float
 
 
 @contextmanager
-def cluster(n: int, work: Path):
-    """n Slurm nodes (named sn0…) in partition "lora".  Yields (hub namespace, node names, env for the clients:
-    SLURM_CONF set; run the clients inside the hub namespace)."""
+def cluster(n: int, work: Path, partitions: dict[str, list[str]] | None = None):
+    """n Slurm nodes (named sn0…) in partition "lora" (or in PARTITIONS: name → its nodes, the first the default).
+    Yields (hub namespace, node names, env for the clients: SLURM_CONF set; run the clients inside the hub
+    namespace)."""
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # munged wants its socket's folder reachable by all
     names = [f"sn{i}" for i in range(n)]
@@ -102,7 +106,7 @@ def cluster(n: int, work: Path):
              f"--seed-file={work / 'munged.seed'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         with netns_fleet.network(n, prefix="sl") as (hub, nodes):
-            conf = _conf(work, names, nodes)
+            conf = _conf(work, names, nodes, partitions)
             deadline = time.monotonic() + 10
             while not (work / "munge.sock").exists():
                 if time.monotonic() > deadline:

@@ -20,18 +20,22 @@ TEST_ENVS = ROOT / "tests" / "envs"
 DASH = shutil.which("dash") or "/bin/sh"
 
 
-def _make_bundle(channel, out, profile):
-    """A bundle built from a channel served only for the occasion: the server is stopped afterwards, so every
+def _bundle_cli(channel, out, profile, *more, envs=TEST_ENVS):
+    """`lorastrap bundle` from a channel served only for the occasion: the server is stopped afterwards, so every
     install from the bundle runs with no channel to reach."""
     import testchannel
     server, url = testchannel.serve(channel["root"])
     try:
-        res = run_cli("bundle", "--envs-dir", str(TEST_ENVS), "--profile", profile, "--channel", f"{url}/channel",
-                      "--pip-index-url", f"{url}/simple", "-o", str(out),
-                      env={"LORASTRAP_HOME": str(out.parent / "home")}, timeout=1800)
-        assert res.returncode == 0, res.stderr
+        return run_cli("bundle", "--envs-dir", str(envs), "--profile", profile, "--channel", f"{url}/channel",
+                       "--pip-index-url", f"{url}/simple", "-o", str(out), *more,
+                       env={"LORASTRAP_HOME": str(out.parent / "home")}, timeout=1800)
     finally:
         server.shutdown()
+
+
+def _make_bundle(channel, out, profile, *more):
+    res = _bundle_cli(channel, out, profile, *more)
+    assert res.returncode == 0, res.stderr
     return out
 
 
@@ -645,6 +649,78 @@ def test_slurm_fleet(bundle, cuda_bundle, tmp_path):
                 assert f"job {jobid} keeps running" in err and f"job-{jobid}/fleet.json" in err, err[-2000:]
                 assert _job_state(hub, env, jobid) in ("RUNNING", "COMPLETING")
                 subprocess.run(["ip", "netns", "exec", hub, "scancel", jobid], env=env, check=True)
+
+
+@pytest.fixture(scope="module")
+def arm_bundle(channel, site):
+    """test-cuda for linux-aarch64, bundled on this x86-64 machine: its aarch64 runtime wheels join the shared store."""
+    return _make_bundle(channel, site / "cuda-arm-bundle", "test-cuda", "--platform", "linux-aarch64")
+
+
+def test_bundle_for_nodes_no_runtime_wheel_fits(channel, tmp_path):
+    """Bundling for Arm nodes whose glibc minimum is below what lorastrap's own runtime has wheels for (py-rattler
+    0.28.0's only aarch64 glibc wheel is manylinux_2_28) says so, and how to fix it: not a network failure."""
+    envs = tmp_path / "envs"
+    shutil.copytree(TEST_ENVS, envs)
+    vps = envs / "test-cuda.virtual-packages.yml"
+    head, tail = vps.read_text().split("  linux-aarch64:\n")
+    vps.write_text(head + "  linux-aarch64:\n" + tail.replace('__glibc: "2.28"', '__glibc: "2.17"'))
+    res = _bundle_cli(channel, tmp_path / "out" / "b", "test-cuda", "--platform", "linux-aarch64", envs=envs)
+    assert res.returncode == 4, res.stderr
+    assert "no wheel of py-rattler==0.28.0 for linux-aarch64, glibc 2.17" in res.stderr, res.stderr
+    assert "raise __glibc for linux-aarch64 in profile test-cuda's virtual-packages file" in res.stderr
+    assert "reaches PyPI" not in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "b").exists()
+
+
+@pytest.mark.slow
+def test_slurm_fleet_with_an_x86_and_an_arm_partition(bundle, cuda_bundle, arm_bundle, tmp_path):
+    """A cluster with an x86-64 partition and an Arm partition, provisioned from this x86-64 login node: one
+    `fleet slurm` per partition (a Slurm job runs in one partition), each given every bundle (both platforms); each
+    node plans over its own machine and takes the bundle of its profile and platform.
+
+    The Arm nodes are recorded GH200 and GB200 machines in namespaces of this x86-64 machine: their linux-aarch64
+    environments are linked here (the archives' subdir is checked), but nothing built for aarch64 can run on this
+    CPU, so their run goes with --install-arg=--no-verify and their reports say "skipped": verifying an Arm node's
+    environment is the Arm node's own step, not shown here.  (The test channel's aarch64 "python" is this machine's
+    interpreter, so a verification would pass and prove nothing about Arm.)  The Arm run names its lorastrap
+    command with --lorastrap, as the README's recipe does for the Arm partition's own runtime."""
+    netns_slurm = _hosts_or_skip("netns_slurm", "Slurm fleet")
+    cpu = _unpacked(bundle, tmp_path)
+    machines = tmp_path / "machines"
+    machines.mkdir()
+    _recorded("h100-sxm_driver-550--cuda12", machines / "sn0.json")  # x86-64: test-cuda, linux-64
+    # sn1 detects itself (this x86-64 machine, no GPU): test-cpu
+    _recorded("gh200_driver-570--cuda12-aarch64", machines / "sn2.json")  # Arm: test-cuda, linux-aarch64
+    _recorded("gb200-nvl72-tray_driver-580--cuda13-aarch64", machines / "sn3.json")
+    envs, reports = tmp_path / "envs", tmp_path / "reports"
+    common = ["--bundle", str(cpu), "--bundle", str(cuda_bundle), "--bundle", str(arm_bundle), "--report-dir",
+              str(reports), "--machines", str(machines), "--pkgs-dir", str(tmp_path / "shared-pkgs"), "--time", "10",
+              "--prefix", f"{envs}/lora-%n"]
+    per_partition = {
+        "x86": [],
+        "arm": ["--install-arg=--no-verify",
+                "--lorastrap", f"env PYTHONPATH={ROOT / 'installer'} {sys.executable} -m lorastrap"]}
+    with netns_slurm.cluster(4, tmp_path / "slurm", {"x86": ["sn0", "sn1"], "arm": ["sn2", "sn3"]}) as (hub, _, env):
+        env = {**env, "LORASTRAP_HOME": str(tmp_path / "login-home")}
+        rows = {}
+        for part, more in per_partition.items():
+            res = _fleet_cli("slurm", *common, "--partition", part, *more, hub=hub, env=env)
+            assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
+            got = _rows(reports)
+            assert set(got) == ({"sn0", "sn1"} if part == "x86" else {"sn2", "sn3"}), got
+            rows.update(got)
+    assert {h: (r["status"], r["profile"], r["verify"]) for h, r in rows.items()} == {
+        "sn0": ("ok", "test-cuda", "pass"), "sn1": ("ok", "test-cpu", "pass"),
+        "sn2": ("ok", "test-cuda", "skipped"), "sn3": ("ok", "test-cuda", "skipped")}, rows
+    ids = {p: json.loads((p / "manifest.json").read_text()) for p in (cpu, cuda_bundle, arm_bundle)}
+    assert [ids[p]["platform"] for p in (cpu, cuda_bundle, arm_bundle)] == ["linux-64", "linux-64", "linux-aarch64"]
+    assert rows["sn2"]["bundle"] == rows["sn3"]["bundle"] != rows["sn0"]["bundle"] != rows["sn1"]["bundle"]
+    for node, gpu in (("sn0", "H100"), ("sn2", "GH200"), ("sn3", "GB200")):
+        assert gpu in json.dumps(rows[node]), (node, rows[node])
+    for node, subdir in (("sn0", "linux-64"), ("sn1", "linux-64"), ("sn2", "linux-aarch64"), ("sn3", "linux-aarch64")):
+        meta = json.loads(next((envs / f"lora-{node}" / "conda-meta").glob("pytorch-*.json")).read_text())
+        assert meta["subdir"] == subdir, (node, meta.get("subdir"))
 
 
 def test_fleet_node_without_a_bundle_for_its_plan(bundle, tmp_path):

@@ -55,16 +55,41 @@ def _copy_source(dest: Path) -> None:
             shutil.copy2(src, dest / item)
 
 
-def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_version: str) -> None:
+# pip's words when the index answered but holds no file these tags admit, and when it could not be reached at all
+_NO_MATCH = "No matching distribution found for "
+_UNREACHED = ("NewConnectionError", "Failed to establish a new connection", "ProxyError", "Could not fetch URL",
+              "Temporary failure in name resolution", "Max retries exceeded")
+
+
+def _runtime_wheels(dest: Path, platform: str, vps: dict[str, str], python_version: str, profile: str = "") -> None:
     argv = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check", "--isolated",
             "--require-hashes", "--only-binary=:all:", "--python-version", python_version, "--implementation", "cp",
             "-r", str(paths.REQUIREMENTS), "-d", str(dest)]
-    for tag in wheels.wheel_platforms(platform, vps):  # the nodes the profile admits
+    plats = wheels.wheel_platforms(platform, vps)  # the nodes the profile admits
+    for tag in plats:
         argv += ["--platform", tag]
     res = subproc.run(argv, timeout=1800)
-    if not res.ok:
-        raise NetworkError("could not download lorastrap's runtime wheels for the bundle", why=res.tail(1),
-                           fix="Bundle on a machine that reaches PyPI (or its mirror: PIP_INDEX_URL).")
+    if res.ok:
+        return
+    missing = next((line.split(_NO_MATCH, 1)[1].strip() for line in res.stderr.splitlines() if _NO_MATCH in line),
+                   None)
+    if missing and not any(word in res.stderr for word in _UNREACHED):
+        glibc = f", glibc {vps['__glibc']}" if "__glibc" in vps else (f", macOS {vps['__osx']}" if "__osx" in vps
+                                                                       else "")
+        where = f"profile {profile}'s virtual-packages file" if profile else "the profile's virtual-packages file"
+        raise ConfigError(f"lorastrap's runtime has no wheel of {missing} for {platform}{glibc}, Python "
+                          f"{python_version}, so the bundle's nodes could not run lorastrap",
+                          why=f"the index answered, and none of {missing}'s files has a tag these nodes admit "
+                              f"({plats[0]} … {plats[-1]}: the {platform} minimums of {where}); "
+                              f"a wheel built for a newer glibc (manylinux_2_28 needs 2.28) or another Python is "
+                              f"not one these nodes can install",
+                          fix=f"Look up the file names of {missing} on PyPI: if the nodes have the glibc its "
+                              f"{platform} wheel names (manylinux_2_N: glibc 2.N), raise __glibc for {platform} in "
+                              f"{where} to it and lock and bundle again (with --python-version X.Y when the "
+                              f"nodes' Python is not this one).")
+    raise NetworkError("could not download lorastrap's runtime wheels for the bundle", why=res.tail(1),
+                       fix="Bundle on a machine that reaches PyPI (pip runs --isolated here: PIP_INDEX_URL and the "
+                           "user's pip.conf are not read; a mirror in /etc/pip.conf is).")
 
 
 def _into_store(downloaded: Path, store: Path, narrate) -> dict[str, BundleFile]:
@@ -137,7 +162,7 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
         narrate(f"downloading lorastrap's runtime wheels for {platform}, Python {pyver}")
         downloaded = root / "runtime" / "wheels" if self_contained else work / "runtime-wheels"
         downloaded.mkdir(parents=True)
-        _runtime_wheels(downloaded, platform, virtual_packages, pyver)
+        _runtime_wheels(downloaded, platform, virtual_packages, pyver, name)
         runtime = None if self_contained else RuntimeWheels(
             store=f"../{RUNTIME_STORE}/wheels", wheels=_into_store(downloaded, out.parent / RUNTIME_STORE, narrate))
         _copy_source(root / "source")
