@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
+from lorastrap.core import errors
 from lorastrap.locking import lockfile
 from lorastrap.matrix import profiles
 
@@ -111,7 +112,7 @@ def test_platform_missing_from_a_frozen_lock(channel, home, tmp_path):
     shutil.copytree(TEST_ENVS, envs)
     do_lock(channel, envs / "test-cpu.conda-lock.yml", "--profile", "test-cpu", "--platform", "linux-aarch64")
     res = run_cli("install", "--envs-dir", str(envs), "--frozen", "--prefix", str(tmp_path / "env"))
-    assert res.returncode == 17, res.stderr
+    assert res.returncode == errors.NO_LOCK, res.stderr
     assert "has no linux-64 section" in res.stderr and "--frozen" in res.stderr
 
 

@@ -24,7 +24,7 @@ import yaml
 _NAME = r"[a-z0-9][a-z0-9_.\-]*"
 _CLAUSE = r"(?:>=|<=|<|>|!=)?[0-9][0-9a-z_.]*(?:\.\*)?"
 _CONDA_LINE = re.compile(rf"^(?P<name>{_NAME})(?: (?P<version>{_CLAUSE}(?:,{_CLAUSE})*)(?: (?P<build>[a-z0-9_.*]+))?)?$")
-_PIP_LINE = re.compile(rf"^(?P<name>[a-z0-9][a-z0-9\-]*)(?P<version>(?:==|>=|<=|!=|~=|<|>)[0-9][0-9a-z.]*)?$")
+_PIP_LINE = re.compile(r"^(?P<name>[a-z0-9][a-z0-9\-]*)(?P<version>(?:==|>=|<=|!=|~=|<|>)[0-9][0-9a-z.]*)?$")
 _PLAIN_URL = re.compile(r"^(?:file|https?)://[^@$\s]+$")
 _VP_VERSION = re.compile(r"^[0-9a-z][0-9a-z._]*$")
 VP_TIMESTAMP = 1577854800000  # conda-lock's fixed timestamp for its fake virtual-package repodata
