@@ -176,7 +176,7 @@ def test_bad_input(case, argv, env, code, json_flag, warm_home, channel, tmp_pat
     assert rc >= 2 and rc in errors.EXIT_CODES
     assert "internal error" not in err and "Traceback" not in err, err
     if rc != errors.DOCTOR_REPAIRABLE:
-        assert err.startswith("error: ") and "\n  fix: " in err, err
+        assert err.startswith("error: ") and "\n  why: " in err and "\n  fix: " in err, err
     if json_flag:
         doc = json.loads(out)
         if rc == errors.DOCTOR_REPAIRABLE:
@@ -184,7 +184,7 @@ def test_bad_input(case, argv, env, code, json_flag, warm_home, channel, tmp_pat
             codes = {f["code"] for f in doc["findings"]}
             assert {"replaced-files"} <= codes, doc
         else:
-            assert doc["exit_code"] == rc and doc["what"] and doc["fix"], doc
+            assert doc["exit_code"] == rc and doc["what"] and doc["why"] and doc["fix"], doc
     # nothing left beside a refused path (lock files, half-made folders)
     assert sorted(os.listdir(tmp_path)) == before, set(os.listdir(tmp_path)) ^ set(before)
     assert not list(warm_home.parent.glob("*.lorastrap*")), list(warm_home.parent.glob("*.lorastrap*"))

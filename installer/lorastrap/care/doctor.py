@@ -366,6 +366,7 @@ def diagnose_python(prefix: Path | None, *, python: Path | None, envs_dir: Path,
         if python is None:
             raise UsageError(f"{prefix} is not a conda environment (no conda-meta/) nor any other Python "
                              "environment (no bin/python)",
+                             why="doctor judges an environment by its packages or its interpreter; there is neither",
                              fix="Pass a conda environment or a venv (--prefix, --name), or an interpreter "
                                  "(--python PATH).")
     python = Path(python).absolute()
@@ -431,6 +432,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
     prefix = prefix.absolute()
     if not pfx.is_conda_env(prefix) and not _interrupted(prefix):
         raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
+                         why="it has no conda-meta/ folder, so there is no record of its packages to rebuild from",
                          fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
     with locks.held(txn.lock_file_path(prefix), what=str(prefix), wait=wait, narrate=narrate), ExitStack() as stack:
         done = generations.recover_all(prefix, narrate)  # an interrupted run first (it may put the environment back)
@@ -440,6 +442,7 @@ def repair(prefix: Path, *, envs_dir: Path, machine: Machine, replan: bool = Fal
         stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if not pfx.is_conda_env(prefix):
             raise UsageError(f"{prefix} is not a conda environment: repair rebuilds conda environments from a lock",
+                             why="it has no conda-meta/ folder, so there is no record of its packages to rebuild from",
                              fix=f"Apply the fixes `lorastrap doctor --prefix {prefix}` lists, or {LOCKED_HINT}.")
         diag = diagnose(prefix, envs_dir=envs_dir, machine=machine, imports=False, lock_held=True)
         matrix = profiles.load(envs_dir)

@@ -19,7 +19,9 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are lorastrap's (what / why / fix, exit 2, JSON under --json)."""
 
     def error(self, message: str):
-        raise errors.UsageError(f"{self.prog}: {message}", fix=f"See `{self.prog} --help`.")
+        raise errors.UsageError(f"{self.prog}: {message}",
+                                why="the command line is checked before anything is done; nothing was changed",
+                                fix=f"See `{self.prog} --help`.")
 
 
 def count(minimum: int):

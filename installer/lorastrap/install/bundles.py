@@ -32,6 +32,7 @@ def tar_manifest(tar: Path) -> bytes:
         raise ConfigError(f"{tar} cannot be read", why=f"a damaged or truncated tar file ({exc})",
                           fix="Copy the bundle again (compare its size with the original), or rebuild it.")
     raise ConfigError(f"{tar} is not a lorastrap bundle (no manifest.json inside)",
+                      why="a bundle's tar holds one folder with the manifest listing every file; this tar has none",
                       fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
 
 
@@ -53,7 +54,8 @@ def open_bundle(path: Path, narrate=lambda m: None) -> Path:
     beside the tar so that nodes sharing the folder unpack it once."""
     path = path.absolute()
     if not path.exists():
-        raise ConfigError(f"bundle {path} does not exist", fix="Pass the bundle folder or its .tar file.")
+        raise ConfigError(f"bundle {path} does not exist", why="nothing is at that path (moved, or not copied yet?)",
+                          fix="Pass the bundle folder or its .tar file.")
     if path.is_file() and path.suffix == ".tar":
         dest = path.with_suffix("")
         want = tar_manifest(path)
@@ -64,6 +66,7 @@ def open_bundle(path: Path, narrate=lambda m: None) -> Path:
         path = dest
     if not (path / "manifest.json").is_file():
         raise ConfigError(f"{path} is not a lorastrap bundle (no manifest.json)",
+                          why="a bundle folder starts with the manifest that lists every file in it",
                           fix="Build one with `lorastrap bundle --profile P --platform X -o PATH`.")
     return path
 
@@ -82,6 +85,7 @@ def _unpack(tar: Path, dest: Path, want: bytes, narrate) -> None:
         inner = next((p for p in tmp.iterdir() if (p / "manifest.json").is_file()), None)
         if inner is None or (inner / "manifest.json").read_bytes() != want:
             raise ConfigError(f"{tar} is not a lorastrap bundle (no manifest.json inside)",
+                              why="the tar holds no folder whose manifest is the one it was opened with",
                               fix="Build one with `lorastrap bundle --profile P --platform X -o PATH.tar`.")
         if dest.exists() or dest.is_symlink():
             old = tmp / ".replaced"

@@ -38,6 +38,8 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
     bad = [p for p in platforms if p not in profile.platforms]
     if bad:
         raise ConfigError(f"profile {name!r} is not for {', '.join(bad)}",
+                          why=f"envs/profiles.yaml lists the platforms each profile is built for; {name} has "
+                              f"{', '.join(profile.platforms)}",
                           fix=f"Lock for one of {', '.join(profile.platforms)} (profiles.yaml lists them).")
     urls = [channel_url(c) for c in (channels or spec.channels)]
     cache_dir = cache_dir or paths.cache_dir()
