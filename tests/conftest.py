@@ -232,3 +232,18 @@ def venv_2023(tmp_path_factory):
 def ansible_venv(tmp_path_factory):
     """ansible-core (< 2.20 on Python 3.11) in its own venv."""
     return _session_venv(tmp_path_factory, "LORASTRAP_ANSIBLE_VENV", "requirements-ansible.txt")
+
+
+@pytest.fixture
+def growing_channel(channel, tmp_path):
+    """A copy of the test channel, served on its own port, that a test can publish a newer release into."""
+    import testchannel
+    root = tmp_path / "tc"
+    shutil.copytree(channel["root"], root)
+    server, url = testchannel.serve(root)
+
+    def publish(name, version):
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "publish", str(root), name,
+                        version], check=True, capture_output=True, timeout=120)
+    yield {"url": f"{url}/channel", "simple": f"{url}/simple", "publish": publish}
+    server.shutdown()

@@ -123,21 +123,6 @@ def test_list_shows_profile_lock_size_health(installed):
 
 # --- update and rollback on a channel that gained a release ---------------------------------------------------
 
-@pytest.fixture
-def growing_channel(channel, tmp_path):
-    """A copy of the test channel, served on its own port, that a test can publish a newer release into."""
-    import testchannel
-    root = tmp_path / "tc"
-    shutil.copytree(channel["root"], root)
-    server, url = testchannel.serve(root)
-
-    def publish(name, version):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "publish", str(root), name,
-                        version], check=True, capture_output=True, timeout=120)
-    yield {"url": f"{url}/channel", "simple": f"{url}/simple", "publish": publish}
-    server.shutdown()
-
-
 def _update(ch, prefix, *args):
     return run_cli("update", "--envs-dir", str(TEST_ENVS), "--prefix", str(prefix), "--pip-index-url", ch["simple"],
                    "--no-verify", *args)

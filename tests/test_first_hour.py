@@ -121,21 +121,6 @@ def test_frozen_without_a_committed_lock_has_its_own_code_and_a_users_fix(home, 
 
 # --- generations: repair keeps them; list shows each one's lock and health -----------------------------------
 
-@pytest.fixture
-def growing_channel(channel, tmp_path):
-    import subprocess
-    import testchannel
-    root = tmp_path / "tc"
-    shutil.copytree(channel["root"], root)
-    server, url = testchannel.serve(root)
-
-    def publish(name, version):
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "publish", str(root), name,
-                        version], check=True, capture_output=True, timeout=120)
-    yield {"url": f"{url}/channel", "simple": f"{url}/simple", "publish": publish}
-    server.shutdown()
-
-
 def _row(prefix):
     res = run_cli("list", "--json")
     assert res.returncode == 0, res.stderr
