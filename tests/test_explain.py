@@ -281,7 +281,7 @@ def test_explain_without_an_environment_lists_the_causes():
 @pytest.mark.parametrize("args, code, words", [
     ([], 2, "no error text"),
     (["--python", "/nonexistent/python", "x"], 2, "not an executable Python"),
-    (["--facts", "/nonexistent.json", "x"], 2, "not an environment description"),
+    (["--facts", "/nonexistent.json", "x"], 2, "--facts /nonexistent.json cannot be read"),
 ])
 def test_bad_input(args, code, words):
     res = run_cli("explain", *args, input="")

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help(sys.stderr)
         return errors.USAGE
     debug = getattr(args, "debug", False) or os.environ.get("LORASTRAP_DEBUG") == "1"
+    interrupted = _watch_interrupts()
     try:
         return commands[args.command](args)
     except LorastrapError as exc:
@@ -94,13 +95,37 @@ def main(argv: list[str] | None = None) -> int:
         return errors.INTERRUPTED
     except BrokenPipeError:
         return errors.OK
-    except Exception as exc:  # a bug: say so plainly
+    except BaseException as exc:  # SystemExit passes; a Ctrl-C that landed in a native module's start-up is still one
+        if isinstance(exc, SystemExit) or not (interrupted or isinstance(exc, Exception)):
+            raise
+        if interrupted:
+            print("interrupted", file=sys.stderr)
+            return errors.INTERRUPTED
         if debug:
             import traceback
             traceback.print_exc()
         print(f"error: internal error: {type(exc).__name__}: {exc}\n"
               f"  fix: this is a bug in lorastrap; rerun with --debug and report the output", file=sys.stderr)
         return errors.INTERNAL
+
+
+def _watch_interrupts() -> list:
+    """Ctrl-C raises KeyboardInterrupt as always, and is also noted: one that lands while a native extension starts
+    (pydantic_core or py-rattler, both pyo3) surfaces as that extension's own error (a pyo3 panic, an ImportError)
+    instead, and is still answered "interrupted".  datetime, which pydantic_core imports as it starts, is imported
+    first, so an interrupt cannot cut that import short inside the extension."""
+    __import__("datetime")
+    import signal
+    seen: list = []
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        def on_sigint(signum, frame):
+            seen.append(signum)
+            raise KeyboardInterrupt
+        try:
+            signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread (a test calling main()): the default handler stays
+            pass
+    return seen
 
 
 def run() -> None:

@@ -41,10 +41,21 @@ NOOP_FLAGS = ("envs_dir", "profile", "frozen", "channel", "mirror", "pip_index_u
 def cmd_install(args) -> int:
     import time
 
-    from lorastrap.install import noop
+    from lorastrap.machine.render import summary
     t0 = time.perf_counter()
     base.report_target(args.report)
     machine = base.machine(args)
+    try:
+        return _install(args, machine, t0)
+    except errors.LorastrapError as exc:  # the JSON error says which machine it failed on (its GPUs, its driver)
+        exc.context.setdefault("machine", summary(machine))
+        raise
+
+
+def _install(args, machine, t0: float) -> int:
+    import time
+
+    from lorastrap.install import noop
     inputs = None
     if not args.bundle and not args.reverify:  # the quick no-op: answered from the stamp when nothing it needs moved
         doc, inputs = noop.lookup(base.prefix(args), envs_dir=base.envs_dir(args), machine=machine,
@@ -56,21 +67,15 @@ def cmd_install(args) -> int:
                 f"packages, their files all there): nothing to do")
             return _done(args, doc)
     from lorastrap.install import provision, transaction
-    from lorastrap.machine.render import summary
     prefix = transaction.check_prefix(base.prefix(args), say)
     noop.forget(prefix)
-    try:
-        done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
-                                   machine=machine, profile=args.profile, asked_profile=bool(args.profile),
-                                   bundle=args.bundle,
-                                   **base.sources(args), engine=args.engine, frozen=args.frozen,
-                                   keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
-                                   reverify=args.reverify, link_mode=args.link_mode or "hardlink", min_free_mib=args.min_free_mib,
-                                   replace_foreign=args.force, allow_link_scripts=args.allow_link_scripts,
-                                   narrate=say)
-    except errors.LorastrapError as exc:  # the JSON error says which machine it failed on (its GPUs, its driver)
-        exc.context.setdefault("machine", summary(machine))
-        raise
+    done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),
+                               machine=machine, profile=args.profile, asked_profile=bool(args.profile),
+                               bundle=args.bundle, **base.sources(args), engine=args.engine, frozen=args.frozen,
+                               keep_backup=args.keep_backup, wait=not args.no_wait, run_verify=not args.no_verify,
+                               reverify=args.reverify, link_mode=args.link_mode or "hardlink",
+                               min_free_mib=args.min_free_mib, replace_foreign=args.force,
+                               allow_link_scripts=args.allow_link_scripts, narrate=say)
     doc = done.report.model_dump(mode="json")
     if inputs is not None and not done.result.repaired:
         noop.remember(prefix, inputs, doc)
