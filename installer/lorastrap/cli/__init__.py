@@ -134,7 +134,11 @@ def run() -> None:
     and leaves with os._exit, so the exit code is the command's."""
     import lorastrap
     lorastrap.ENGINE_EXITS_HARD = True
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a Ctrl-C before a command runs (while its modules are imported): no traceback
+        print("interrupted", file=sys.stderr)
+        code = errors.INTERRUPTED
     if "rattler" in sys.modules:
         sys.stdout.flush()
         sys.stderr.flush()
