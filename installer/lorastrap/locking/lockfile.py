@@ -33,9 +33,10 @@ def _conda_lock_hashes(spec: Path, virtual_packages: Path, channels: list[str], 
 
 
 def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
-           packages: list[dict], custom_metadata: dict[str, str]) -> None:
+           packages: list[dict], custom_metadata: dict[str, str]) -> dict[str, int]:
     """Write the lock as conda-lock's writer does, with its content hash (condalock.py; conda-lock itself only
-    for a spec outside the grammar handled there).
+    for a spec outside the grammar handled there).  Returns the packages it holds per platform (so nobody reads
+    the lock just written again to count them).
 
     Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
     entries = [condalock.package_entry(p) for p in packages]
@@ -66,6 +67,10 @@ def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str],
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    counts = dict.fromkeys(all_platforms, 0)
+    for e in entries:
+        counts[e["platform"]] = counts.get(e["platform"], 0) + 1
+    return counts
 
 
 def _umask() -> int:
