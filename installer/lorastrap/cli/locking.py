@@ -29,18 +29,17 @@ def add(sub, pp: dict) -> dict:
 
 
 def cmd_lock(args) -> int:
-    from lorastrap.locking import lock, lockfile
+    from lorastrap.locking import lock
     from lorastrap.matrix import plan as planner, profiles
     from lorastrap.machine.detect import detect
     envs = base.envs_dir(args)
     matrix = profiles.load(envs)
     name = args.profile or planner.require_profile(planner.plan(detect(), matrix))
     src = base.sources(args)
-    out = lock.lock(envs_dir=envs, name=name, profile=profiles.get(matrix, name), platforms=args.platform,
-                    channels=src["channels"], out=args.output, pip_index_url=src["pip_index_url"], narrate=say)
-    written = lockfile.read_lock(out)
-    result = {"profile": name, "lock": str(out), "platforms": written.platforms,
-              "packages": {p: len(written.for_platform(p)) for p in written.platforms}}
+    written = lock.lock(envs_dir=envs, name=name, profile=profiles.get(matrix, name), platforms=args.platform,
+                        channels=src["channels"], out=args.output, pip_index_url=src["pip_index_url"], narrate=say)
+    out = written.path
+    result = {"profile": name, "lock": str(out), "platforms": sorted(written.packages), "packages": written.packages}
     emit(args, result, f"wrote {out} (" + ", ".join(f"{p}: {n} packages" for p, n in result["packages"].items()) + ")")
     return errors.OK
 

@@ -4,6 +4,7 @@ sha256, written with conda-lock's writer (lockfile.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core import paths
@@ -26,6 +27,13 @@ def _python_version(records: list[dict]) -> str:
 def _split_dep(dep: str) -> tuple[str, str]:
     name, _, rest = dep.partition(" ")
     return name, rest.strip() or "*"
+
+
+@dataclass
+class Locked:
+    """A lock just written: where, and how many packages it holds for each of its platforms."""
+    path: Path
+    packages: dict[str, int]
 
 
 def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | None = None,
@@ -64,7 +72,7 @@ def lock(*, envs_dir: Path, name: str, profile: Profile, platforms: list[str] | 
             packages += [{"name": p["name"], "version": p["version"], "manager": "pip", "platform": platform,
                           "url": p["url"], "sha256": p["sha256"]}
                          for p in pipside.resolve(spec.pip, records, ctx, pip_index_url, cache_dir)]
-    write(out, spec=spec_path.absolute(), virtual_packages=(envs_dir / profile.virtual_packages).absolute(),
+    counts = write(out, spec=spec_path.absolute(), virtual_packages=(envs_dir / profile.virtual_packages).absolute(),
            channels=urls, platforms=platforms, packages=packages,
            custom_metadata={"lorastrap_profile": name, "lorastrap_inputs_sha256": inputs_sha256(envs_dir, profile)})
-    return out
+    return Locked(out, counts)

@@ -33,14 +33,15 @@ def _conda_lock_hashes(spec: Path, virtual_packages: Path, channels: list[str], 
 
 
 def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str],
-           packages: list[dict], custom_metadata: dict[str, str]) -> None:
+           packages: list[dict], custom_metadata: dict[str, str]) -> dict[str, int]:
     """Write the lock as conda-lock's writer does, with its content hash (condalock.py; conda-lock itself only
-    for a spec outside the grammar handled there).
+    for a spec outside the grammar handled there).  Returns the packages it holds per platform (so nobody reads
+    the lock just written again to count them).
 
     Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
     entries = [condalock.package_entry(p) for p in packages]
     wanted = set(platforms)
-    if out.exists():
+    if out.exists() and not _nothing_to_keep(out, wanted, channels):
         try:
             old = read_lock(out)
         except ConfigError as exc:
@@ -66,6 +67,30 @@ def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str],
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    counts = dict.fromkeys(all_platforms, 0)
+    for e in entries:
+        counts[e["platform"]] = counts.get(e["platform"], 0) + 1
+    return counts
+
+
+def _nothing_to_keep(path: Path, platforms: set[str], channels: list[str]) -> bool:
+    """Whether nothing of the lock at PATH would be kept — all its platforms are re-locked now, or it was locked
+    from other CHANNELS — judged by its header alone (version and metadata come before the packages in
+    conda-lock's format), so its packages need not be parsed.  False when unsure (the whole lock is read then)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = []
+            for line in f:
+                if line.startswith("package:"):
+                    break
+                head.append(line)
+                if len(head) > 10_000:
+                    return False
+        meta = (yaml.load("".join(head), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {})["metadata"]
+        old = [c.get("url") if isinstance(c, dict) else str(c) for c in meta["channels"]]
+        return set(meta["platforms"]) <= platforms or old != channels
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return False
 
 
 def _umask() -> int:
