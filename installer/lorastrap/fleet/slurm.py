@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorastrap.core import fsutil, paths, subproc
+from lorastrap.core import fsutil, paths, signals, subproc
 from lorastrap.core.errors import (FLEET_INCOMPLETE, INTERNAL, INTERRUPTED, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
                               UsageError)
 
@@ -483,12 +483,8 @@ def _login_signals():
     and leaves the job running: it writes its own report."""
     def on(signum, frame):
         raise _Stopped(signal.Signals(signum).name, cancel=signum == signal.SIGTERM)
-    old = {sig: signal.signal(sig, on) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with signals.handled((signal.SIGTERM, signal.SIGHUP), on):
         yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
 
 
 def wait(job: str, narrate=lambda m: None) -> str:

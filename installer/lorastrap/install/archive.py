@@ -116,10 +116,6 @@ def inspect(archive: Path) -> dict:
             if _outside(name):
                 raise _unsafe(archive, f"its member {name!r} lies outside the environment",
                               why="an absolute path or one with .. would be written outside the prefix")
-            through = _through_link(name, links)
-            if through:
-                raise _unsafe(archive, f"its member {name!r} is written through the link {through}",
-                              why="a file below a symbolic link the package makes lands wherever that link points")
             names.append(name)
             if m.issym():
                 links[posixpath.normpath(name)] = m.linkname
@@ -136,7 +132,7 @@ def inspect(archive: Path) -> dict:
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError) as exc:
         raise IntegrityError(f"{archive.name}: the archive cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
-    for name in names:  # a link that comes after the files below it in the tar
+    for name in names:  # once every link is known (one may come after the files below it in the tar)
         through = _through_link(name, links)
         if through:
             raise _unsafe(archive, f"its member {name!r} is written through the link {through}",

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
-from lorastrap.core import fsutil, locks, paths, subproc
+from lorastrap.core import fsutil, locks, paths, signals, subproc
 from lorastrap.locking import channels as chans, choose, lockfile, pypi_index
 from lorastrap.install.cache import Cache, read_timeout, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
@@ -82,12 +82,8 @@ def _signals_raise():
     def handler(signum, frame):
         raise Interrupted(f"stopped by signal {signal.Signals(signum).name}",
                           why="the install was interrupted", fix="Run the same command again; it will converge.")
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with signals.handled((signal.SIGTERM, signal.SIGHUP), handler):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _pause_point(stage: str, narrate) -> None:

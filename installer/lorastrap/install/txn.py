@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from lorastrap.core import fsutil, subproc
+from lorastrap.core import fsutil, signals, subproc
 from lorastrap.core.errors import Interrupted
 from lorastrap.core.records import Journal
 
@@ -43,12 +43,8 @@ def deferred_signals(after: str = "", *, swallow: bool = False):
     def hold(signum, frame) -> None:
         caught.append(signum)
 
-    old = {s: signal.signal(s, hold) for s in STOP_SIGNALS}
-    try:
+    with signals.handled(STOP_SIGNALS, hold):
         yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
     if caught and not swallow:
         name = signal.Signals(min(caught)).name
         raise Interrupted(f"stopped by {name}" + (f" {after}" if after else ""),
