@@ -129,9 +129,11 @@ def _watch_interrupts() -> list:
 
 
 def run() -> None:
-    """The console script `lorastrap` (and `python -m lorastrap`).  py-rattler may crash at interpreter shutdown
-    after its work succeeded (locking/rattler_worker.py): a run that loaded it in this process (a solve) flushes
-    and leaves with os._exit, so the exit code is the command's."""
+    """The console script `lorastrap` (and `python -m lorastrap`).  It flushes and leaves with os._exit, skipping
+    the interpreter's teardown of its modules (~30 ms after an install: nothing in it is lorastrap's work — every
+    file a command writes is closed by then, every child waited for).  And py-rattler may crash at interpreter
+    shutdown after its work succeeded (locking/rattler_worker.py): a run that loaded it in this process (a solve)
+    must not reach that teardown, so the exit code is the command's."""
     import lorastrap
     lorastrap.ENGINE_EXITS_HARD = True
     try:
@@ -139,8 +141,9 @@ def run() -> None:
     except KeyboardInterrupt:  # a Ctrl-C before a command runs (while its modules are imported): no traceback
         print("interrupted", file=sys.stderr)
         code = errors.INTERRUPTED
-    if "rattler" in sys.modules:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (a closed pipe): nothing more to say
+            pass
+    os._exit(code)

@@ -23,19 +23,23 @@ def fsync_dir(path: Path) -> None:
         pass
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name beside PATH, fsync, rename over PATH, fsync the folder."""
+def write_atomic(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write to a temporary name beside PATH, fsync, rename over PATH, fsync the folder.  durable=False: no fsync —
+    for a hint that may be lost or left stale by a power cut without harm (a cache marker that, when it does not
+    match, only makes the next run check again): readers see the old text or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def remove_tree(path: Path) -> None:

@@ -75,8 +75,10 @@ def held(path: Path, *, what: str, wait: bool = True, narrate=lambda msg: None, 
             time.sleep(POLL_S)
             fd = _open_locked(path, blocking=False)
     try:
-        os.ftruncate(fd, 0)  # who holds it, for the next run's "waiting for" message
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        note = f"{os.getpid()}\n".encode()  # who holds it, for the next run's "waiting for" message
+        os.pwrite(fd, note, 0)
+        if os.fstat(fd).st_size != len(note):  # a longer note of an earlier holder: cut (a truncate costs a journal write)
+            os.ftruncate(fd, len(note))
         yield
     finally:
         os.close(fd)  # the file stays (see the module's docstring)

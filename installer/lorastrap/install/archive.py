@@ -44,10 +44,10 @@ def paths_json(archive: Path) -> dict:
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
 
 
-def binary_placeholder_length(archive: Path) -> int | None:
-    """The shortest binary prefix placeholder in the archive (None: it has none)."""
-    lengths = [len(p["prefix_placeholder"]) for p in paths_json(archive).get("paths", [])
-               if p.get("prefix_placeholder") and p.get("file_mode") == "binary"]
+def binary_placeholder_length(entries: list[dict]) -> int | None:
+    """The shortest binary prefix placeholder among a package's info/paths.json entries (None: it has none)."""
+    lengths = [len(p["prefix_placeholder"]) for p in entries
+               if isinstance(p, dict) and p.get("prefix_placeholder") and p.get("file_mode") == "binary"]
     return min(lengths) if lengths else None
 
 
@@ -91,28 +91,33 @@ def _unsafe(archive: Path, what: str, why: str) -> UnsafePackageError:
 
 
 def _members(archive: Path):
-    """Every tar member of the archive (both inner tars of a .conda), streamed: nothing is unpacked."""
+    """(tar, member) for every tar member of the archive (both inner tars of a .conda), streamed: nothing is
+    unpacked."""
     if archive.name.endswith(".conda"):
         with zipfile.ZipFile(archive) as z:
             for inner in z.namelist():
                 if inner.endswith(".tar.zst"):
                     with z.open(inner) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
                             tarfile.open(fileobj=stream, mode="r|") as t:
-                        yield from t
+                        yield from ((t, m) for m in t)
     else:
         with tarfile.open(archive, "r|bz2") as t:
-            yield from t
+            yield from ((t, m) for m in t)
 
 
 def inspect(archive: Path) -> dict:
     """The containment check (see the module's docstring).  Returns {"unpacked_bytes", "link_scripts",
-    "softlinks"}; raises UnsafePackageError for a package that would write outside the prefix."""
+    "softlinks", "paths", "placeholder" (the shortest binary prefix placeholder, or None), "entries" (its
+    info/paths.json entries)}; raises UnsafePackageError for a package that would write outside the prefix."""
     links: dict[str, str] = {}
     names: list[str] = []
     size = 0
+    own_paths = None  # info/paths.json, read on the way (the archive is streamed once)
     try:
-        for m in _members(archive):
+        for t, m in _members(archive):
             name = m.name[2:] if m.name.startswith("./") else m.name
+            if name == "info/paths.json" and m.isfile() and own_paths is None:
+                own_paths = json.load(t.extractfile(m))
             if _outside(name):
                 raise _unsafe(archive, f"its member {name!r} lies outside the environment",
                               why="an absolute path or one with .. would be written outside the prefix")
@@ -137,7 +142,12 @@ def inspect(archive: Path) -> dict:
         if through:
             raise _unsafe(archive, f"its member {name!r} is written through the link {through}",
                           why="a file below a symbolic link the package makes lands wherever that link points")
-    entries = paths_json(archive).get("paths", [])
+    if not isinstance(own_paths, dict):
+        own_paths = paths_json(archive)  # raises IntegrityError: the package has none
+    entries = own_paths.get("paths", [])
+    if not isinstance(entries, list):
+        raise IntegrityError(f"{archive.name}: its info/paths.json has no list of paths",
+                             fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
     scripts = []
     for e in entries:
         rel = e.get("_path") if isinstance(e, dict) else None
@@ -151,7 +161,8 @@ def inspect(archive: Path) -> dict:
         if LINK_SCRIPT.match(rel):
             scripts.append(rel)
     return {"unpacked_bytes": size, "link_scripts": scripts, "softlinks": links,
-            "paths": sorted({posixpath.normpath(e["_path"]) for e in entries})}
+            "paths": sorted({posixpath.normpath(e["_path"]) for e in entries}),
+            "placeholder": binary_placeholder_length(entries), "entries": entries}
 
 
 def check_together(inspected: dict[str, dict]) -> None:

@@ -24,6 +24,7 @@ import http.client
 import os
 import re
 import shutil
+import stat
 import socket
 import ssl
 import sys
@@ -83,6 +84,7 @@ class Cache:
         self.root = root
         self.archives = root / "archives"
         self.redirect_hosts = redirect_hosts  # besides each URL's own host: see redirect_hosts_from
+        self._inspected: dict[Path, tuple[str, dict]] = {}  # path → (signature, inspect's answer)
 
     def entry(self, sha256: str, filename: str) -> Path:
         return self.archives / sha256 / filename
@@ -152,7 +154,8 @@ class Cache:
     def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS,
                   narrate=lambda m: None) -> list[tuple[Path, int]]:
         """fetch() for every (url, sha256, filename), JOBS at a time; the results in the same order.  The first
-        failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised."""
+        failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised.  Each conda archive
+        downloaded is also inspected (the containment check) in its thread while the others still download."""
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
@@ -160,7 +163,7 @@ class Cache:
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:
-            futures = [pool.submit(self.fetch, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
+            futures = [pool.submit(self._fetch_inspected, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
                        for url, sha, fn in items]
             results = [f.result() for f in futures]
         except BaseException:
@@ -171,20 +174,32 @@ class Cache:
             progress.close()
         return results
 
+    def _fetch_inspected(self, url: str, sha256: str, filename: str, **kw) -> tuple[Path, int]:
+        path, got = self.fetch(url, sha256, filename, **kw)
+        if got and filename.endswith((".conda", ".tar.bz2")):
+            self.inspect(path)
+        return path, got
+
     def inspect(self, path: Path) -> dict:
-        """archive.inspect of a checked entry, remembered beside it (keyed by the entry's signature, so an entry
-        changed since is inspected again)."""
+        """archive.inspect of a checked entry (its info/paths.json entries included), remembered beside it (keyed
+        by the entry's signature, so an entry changed since is inspected again) and in this process."""
         import json
-        marker = path.with_name("." + path.name + ".inspected")
         sig = _signature(path)
+        kept = self._inspected.get(path)
+        if kept and kept[0] == sig:
+            return kept[1]
+        marker = path.with_name("." + path.name + ".inspected")
         try:
             kept = json.loads(marker.read_text())
-            if kept.get("signature") == sig:
+            if kept.get("signature") == sig and kept.get("version") == INSPECTED_VERSION:
+                self._inspected[path] = (sig, kept["info"])
                 return kept["info"]
         except (OSError, ValueError, AttributeError, KeyError):
             pass
         info = archive.inspect(path)
-        fsutil.write_atomic(marker, json.dumps({"signature": sig, "info": info}))
+        fsutil.write_atomic(marker, json.dumps({"signature": sig, "version": INSPECTED_VERSION, "info": info}),
+                            durable=False)
+        self._inspected[path] = (sig, info)
         return info
 
     def _mark(self, path: Path) -> None:
@@ -202,8 +217,8 @@ class Cache:
             if not folder.is_dir():
                 continue
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                entries = archive.paths_json(path).get("paths", [])
-                bad = _paths_differ(folder, entries) or _extracted_damage(folder, entries, full=full)
+                entries = self.inspect(path)["entries"]
+                bad = _extracted_damage(folder, entries, full=full)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")
@@ -217,7 +232,7 @@ class Cache:
             folder = extracted / _dist_name(path.name)
             if folder.is_dir() and (folder / STAMP).exists():
                 with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                    restamp(folder, archive.paths_json(path).get("paths", []))
+                    restamp(folder, self.inspect(path)["entries"])
 
 
 def _signature(path: Path) -> str:
@@ -233,6 +248,8 @@ def _dist_name(filename: str) -> str:
 
 
 STAMP = ".lorastrap-checked"  # in an extracted copy: size, mtime and ctime of each file at its last full check
+INSPECTED_VERSION = 2  # the layout of an archive's .inspected marker (an older one is inspected again)
+OWN_PATHS = "info/paths.json"
 
 
 def _paths_key(entries) -> set:
@@ -243,7 +260,7 @@ def _paths_differ(folder: Path, entries: list[dict]) -> str | None:
     """The engine links what the copy's own info/paths.json lists: it must list what the archive's does, no more."""
     import json
     try:
-        own = json.loads((folder / "info" / "paths.json").read_text()).get("paths", [])
+        own = json.loads((folder / OWN_PATHS).read_text()).get("paths", [])
     except (OSError, ValueError, AttributeError):
         return "its info/paths.json is missing or unreadable"
     if _paths_key(own) != _paths_key(entries):
@@ -252,38 +269,40 @@ def _paths_differ(folder: Path, entries: list[dict]) -> str | None:
     return None
 
 
+def _stats(folder: Path, entries: list[dict]) -> dict[str, str] | str:
+    """Size, mtime and ctime of the copy's own info/paths.json and of each file ENTRIES list as a hard link (what
+    a stamp records); a string saying what is wrong when one is missing or not a file."""
+    stats = {}
+    for rel in [OWN_PATHS] + [e["_path"] for e in entries if e.get("path_type", "hardlink") == "hardlink"]:
+        p = folder / rel
+        try:
+            st = p.lstat()
+        except OSError:
+            return f"{rel} missing"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{rel} is not a file"
+        stats[rel] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return stats
+
+
 def restamp(folder: Path, entries: list[dict]) -> None:
     """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link changes
-    a file's ctime, not its bytes), so the next quick check does not hash them all again."""
+    a file's ctime, not its bytes), so the next quick check does not hash them all again.  The stamp is a hint
+    (written without fsync): lost or stale, it only makes the next check a full one."""
     import json
-    stats = {}
-    for e in entries:
-        if e.get("path_type", "hardlink") != "hardlink":
-            continue
-        try:
-            st = (folder / e["_path"]).lstat()
-        except OSError:
-            return
-        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    fsutil.write_atomic(folder / STAMP, json.dumps(stats, sort_keys=True))
+    stats = _stats(folder, entries)
+    if isinstance(stats, dict):
+        fsutil.write_atomic(folder / STAMP, json.dumps(stats, sort_keys=True), durable=False)
 
 
 def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
     """None when the extracted copy matches ENTRIES (the checked archive's own info/paths.json, so a copy unpacked
-    from another archive cannot vouch for itself), else the first difference."""
+    from another archive cannot vouch for itself), else the first difference.  Quick (not full): a copy whose
+    files (and own info/paths.json) kept the stats its stamp recorded at the last full check passes as it is."""
     import json
-    stats = {}
-    for e in entries:
-        if e.get("path_type", "hardlink") != "hardlink":
-            continue
-        p = folder / e["_path"]
-        try:
-            st = p.lstat()
-        except OSError:
-            return f"{e['_path']} missing"
-        if not p.is_file() or p.is_symlink():
-            return f"{e['_path']} is not a file"
-        stats[e["_path"]] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    stats = _stats(folder, entries)
+    if isinstance(stats, str):
+        return stats
     for left in folder.glob(f".{STAMP}.*.tmp"):  # a writer killed mid-write (writes happen under the folder's lock)
         left.unlink(missing_ok=True)
     stamp = folder / STAMP
@@ -293,10 +312,13 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
                 return None
         except OSError:
             pass
+    bad = _paths_differ(folder, entries)
+    if bad:
+        return bad
     for e in entries:
         if e["_path"] in stats and e.get("sha256") and sha256_file(folder / e["_path"]) != e["sha256"]:
             return f"{e['_path']} altered"
-    fsutil.write_atomic(stamp, json.dumps(stats, sort_keys=True))
+    fsutil.write_atomic(stamp, json.dumps(stats, sort_keys=True), durable=False)
     return None
 
 

@@ -264,7 +264,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         _check_disk(prefix.parent, min_free_mib,
                     max(EXTRACT_FACTOR * total_bytes, total_bytes + unpacked_bytes * (2 if link_mode == "copy" else 1)),
                     str(prefix.parent), fix_where="choose a --prefix on a larger disk")
-        _check_prefix_length(prefix, archives)
+        _check_prefix_length(prefix, {n: info["placeholder"] for n, info in inspected.items()})
         # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
@@ -501,11 +501,11 @@ def _link_scripts(inspected: dict[str, dict], eng, allow: bool, narrate) -> None
         narrate(f"link scripts allowed: {eng.kind} runs them: {listed}")
 
 
-def _check_prefix_length(prefix: Path, archives: dict[str, Path]) -> None:
-    """Preflight: a binary prefix placeholder holds a prefix no longer than itself (checked before anything moves)."""
+def _check_prefix_length(prefix: Path, placeholders: dict[str, int | None]) -> None:
+    """Preflight: a binary prefix placeholder holds a prefix no longer than itself (checked before anything moves).
+    PLACEHOLDERS: package name → its shortest binary placeholder's length (None: it has none)."""
     shortest = None
-    for name, path in archives.items():
-        n = archive.binary_placeholder_length(path)
+    for name, n in placeholders.items():
         if n is not None and (shortest is None or n < shortest[0]):
             shortest = (n, name)
     if shortest and len(str(prefix)) > shortest[0]:
