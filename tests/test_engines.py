@@ -118,3 +118,43 @@ def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home,
     bad = [(e.name, wheel[0][1], "0" * 64)]  # the hashes are required again by the installer itself
     with pytest.raises(engines.EngineError):
         engines.pip_install(prefix, bad, tmp_path, uv_cache=tmp_path / "uv")
+
+
+def test_a_worker_started_ahead_leaves_quietly_when_not_needed_and_answers_when_asked(tmp_path):
+    """The embedded engine's worker is started before its request (its start-up overlaps the install's checks):
+    one never asked reads the end of its stdin and exits 0 by itself (not killed); one asked answers, and a worker
+    started before a children record opened is recorded in it (pid and start time) before it does any work."""
+    from lorastrap.core import subproc
+    idle = subproc.Worker("locking.rattler_worker")
+    idle.discard()
+    assert idle.proc.returncode == 0  # left on its own: a kill would be -9
+
+    record = tmp_path / "children"
+    ahead = subproc.Worker("locking.rattler_worker")
+    with subproc.recording_groups(record):
+        answer = ahead.ask({"op": "index", "channel": str(tmp_path / "no-such-channel")}, timeout=60)
+        lines = [l for l in record.read_text().splitlines()[1:]]
+        assert any(f'"pid": {ahead.proc.pid}' in l for l in lines), lines
+    assert answer["ok"] is False and answer["error"]  # a failure is an answer too, not a crash
+
+
+def test_start_ahead_only_for_the_embedded_engine(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no micromamba/mamba anywhere
+    monkeypatch.delenv("MAMBA_EXE", raising=False)
+    try:
+        engines.start_ahead("micromamba")
+        assert not engines._AHEAD
+        engines.start_ahead("auto")
+        assert len(engines._AHEAD) == 1
+        first = engines._AHEAD[0]
+        engines.start_ahead("rattler")  # one at most
+        assert engines._AHEAD == [first]
+    finally:
+        engines.discard_ahead()
+    assert not engines._AHEAD and first.proc.returncode == 0
+    mm = tmp_path / "micromamba"
+    mm.write_text("#!/bin/sh\necho 1.5.12\n")
+    mm.chmod(0o755)
+    engines.start_ahead("auto")  # a micromamba on PATH: auto will most likely use it
+    assert not engines._AHEAD

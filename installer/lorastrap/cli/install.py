@@ -66,7 +66,16 @@ def _install(args, machine, t0: float) -> int:
             say(f"{doc['prefix']} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip "
                 f"packages, their files all there): nothing to do")
             return _done(args, doc)
-    from lorastrap.install import provision, transaction
+    from lorastrap.install import engines
+    engines.start_ahead(args.engine)  # the embedded engine's start-up overlaps the preparation below
+    try:
+        return _provision(args, machine, inputs)
+    finally:
+        engines.discard_ahead()
+
+
+def _provision(args, machine, inputs) -> int:
+    from lorastrap.install import noop, provision, transaction
     prefix = transaction.check_prefix(base.prefix(args), say)
     noop.forget(prefix)
     done = provision.provision(prefix=prefix, envs_dir=base.envs_dir(args), envs_dir_given=bool(args.envs_dir),

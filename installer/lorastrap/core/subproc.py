@@ -278,26 +278,63 @@ def python_module(module: str, *args: str, timeout: float, env: dict[str, str] |
     return run([sys.executable, "-m", f"lorastrap.{module}", *args], timeout=timeout, env=env, stdin=stdin)
 
 
-def worker(module: str, request: dict, *, timeout: float, show_progress: bool = False) -> dict:
-    """Run ``lorastrap.<module>`` with a JSON request; return the JSON answer it wrote to its result file.
+class Worker:
+    """A ``python -m lorastrap.<module>`` started now, that answers one JSON request later (``ask``): its start-up
+    (the interpreter, py-rattler's import) overlaps whatever this process does meanwhile.  One that is never asked
+    reads the end of its stdin and leaves (``discard``, or this process's exit closing the pipe)."""
 
-    The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
-    No answer at all means the worker died before finishing."""
-    with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
-        result = Path(tmp) / "result.json"
-        request = {**request, "result": str(result), "show_progress": show_progress}
-        proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                      stderr=None if show_progress else subprocess.PIPE)  # progress bars: the terminal
-        out, err, timed_out = _communicate(proc, json.dumps(request), timeout)
-        if timed_out:
-            return {"ok": False, "error": f"the engine did not finish within {timeout:.0f} s", "timed_out": True}
-        if result.exists():
-            answer = json.loads(result.read_text())
-            answer["exit_code"] = proc.returncode
-            return answer
-        tail = Result([], proc.returncode, out, err or "").tail()
-        return {"ok": False, "error": f"the engine exited with {proc.returncode} before answering: {tail}",
-                "exit_code": proc.returncode}
+    def __init__(self, module: str, *, show_progress: bool = False):
+        self.module, self.show_progress = module, show_progress
+        self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
+        self.recorded_in = {path for path, _ in _RECORDS}
+
+    def ask(self, request: dict, *, timeout: float) -> dict:
+        """Send REQUEST; return the JSON answer the worker wrote to its result file.
+
+        The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
+        No answer at all means the worker died before finishing."""
+        with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
+            result = Path(tmp) / "result.json"
+            request = {**request, "result": str(result), "show_progress": self.show_progress}
+            for path, _ in _RECORDS:  # started before a children record opened: recorded now, before it works
+                if path not in self.recorded_in:
+                    _append(path, {"pid": self.proc.pid, "start": start_time(self.proc.pid)})
+                    self.recorded_in.add(path)
+            try:
+                out, err, timed_out = _communicate(self.proc, json.dumps(request), timeout)
+            except BrokenPipeError:  # it died before reading the request
+                out, err, timed_out = "", "", False
+                self.proc.wait()
+            if timed_out:
+                return {"ok": False, "error": f"the engine did not finish within {timeout:.0f} s", "timed_out": True}
+            if result.exists():
+                answer = json.loads(result.read_text())
+                answer["exit_code"] = self.proc.returncode
+                return answer
+            tail = Result([], self.proc.returncode, out, err or "").tail()
+            return {"ok": False, "error": f"the engine exited with {self.proc.returncode} before answering: {tail}",
+                    "exit_code": self.proc.returncode}
+
+    def discard(self) -> None:
+        """Not needed after all: end it (its stdin closed; killed if it does not leave at once)."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
+            _kill_group(self.proc)
+            self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def worker(module: str, request: dict, *, timeout: float, show_progress: bool = False) -> dict:
+    """Run ``lorastrap.<module>`` with a JSON request; return the JSON answer it wrote to its result file (see
+    Worker.ask)."""
+    return Worker(module, show_progress=show_progress).ask(request, timeout=timeout)
 
 
 def become(argv: list[str], *, extra_env: dict[str, str] | None = None) -> None:

@@ -19,12 +19,9 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-import yaml
-
-from lorastrap.locking import lockfile, uvexe
+from lorastrap.locking import uvexe
 from lorastrap.core import fsutil, locks, paths, subproc, versions
 from lorastrap.install import prefix as pfx
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
@@ -48,6 +45,7 @@ class Engine:
 
 
 def _rattler_version() -> str:
+    from importlib import metadata
     try:
         return metadata.version("py-rattler")
     except metadata.PackageNotFoundError:
@@ -81,6 +79,7 @@ class Facts:
 
 def facts(envs_dir: Path | None = None) -> Facts:
     """envs/engines.yaml, checked (plain dataclasses: this is read on every install, so no model classes to build)."""
+    import yaml
     path = (envs_dir or paths.ENVS) / FACTS
     try:
         raw = yaml.safe_load(path.read_text())
@@ -198,12 +197,13 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
 # --------------------------------------------------------------------------------------------------------------
 # The hand-over and the link step
 
-def hand_over(lk: lockfile.Lock, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
+def hand_over(lk, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
     """A lock (written into work) of the conda entries only, whose URLs are CHANNEL/SUBDIR/FILE: hard links to the
     checked archives (a symlink where the cache is on another filesystem). CHANNEL stays the same from run to run,
     so an engine's own cache recognises a package it extracted before. The lock's name ends in -lock.yml
     (micromamba reads a file as a lock only then, mamba#3039) and every entry is in the `main` category (the only
     one micromamba installs without --category, mamba#1917)."""
+    from lorastrap.locking import lockfile
     urls: dict[str, str] = {}
     for e in lk.for_platform(platform):
         if e.manager != "conda":
@@ -250,13 +250,32 @@ def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> 
     return argv, _isolated_env(root)
 
 
+_AHEAD: list[subproc.Worker] = []  # the embedded engine's worker, started ahead of its request (start_ahead)
+
+
+def start_ahead(choice: str | None) -> None:
+    """Start the embedded engine's worker now when it will most likely link (--engine rattler, or auto with no
+    micromamba/mamba anywhere it is looked for), so its start-up overlaps the install's preparation; ``link`` takes
+    it, ``discard_ahead`` ends it when the install ends without linking."""
+    choice = choice or os.environ.get("LORASTRAP_ENGINE") or "auto"
+    if _AHEAD or not (choice == "rattler" or (choice == "auto" and not _candidates("auto"))):
+        return
+    _AHEAD.append(subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty()))
+
+
+def discard_ahead() -> None:
+    while _AHEAD:
+        _AHEAD.pop().discard()
+
+
 def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path,
          narrate=lambda m: None) -> None:
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure."""
     if engine.kind == "rattler":
-        answer = subproc.worker("locking.rattler_worker", {
-            "op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
-            "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S, show_progress=sys.stderr.isatty())
+        worker = _AHEAD.pop() if _AHEAD else subproc.Worker("locking.rattler_worker",
+                                                              show_progress=sys.stderr.isatty())
+        answer = worker.ask({"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
+                             "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
         if not answer.get("ok"):
             _raise_if_disk_full(answer.get("error", ""), prefix)
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],

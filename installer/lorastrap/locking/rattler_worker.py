@@ -90,7 +90,14 @@ def answer(req: dict) -> dict:
 
 
 def main() -> None:
-    req = json.loads(sys.stdin.read())
+    try:  # before the request: a worker started ahead of its request imports py-rattler while the parent works
+        import rattler  # noqa: F401
+    except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
+        pass
+    text = sys.stdin.read()
+    if not text.strip():  # started ahead and not needed after all
+        os._exit(0)
+    req = json.loads(text)
     try:
         result = answer(req)
     except BaseException as exc:  # an interrupt too: it goes into the answer
