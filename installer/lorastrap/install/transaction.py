@@ -34,6 +34,7 @@ import socket
 import stat
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -298,10 +299,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 _build(prefix=prefix, eng=eng, local_lock=local_lock, platform=platform, cache=cache, work=work,
                        entries=entries, wheels=local, profile=profile, link_mode=link_mode,
                        carry_from=backup if carry_over and had_old else None,
-                       carry_over=carry_over, timings=timings, narrate=narrate)
-                # The copies the engine just linked from were checked above; the new links changed only their
-                # ctimes, so record those (the next quick check then hashes only what changed since).
-                cache.restamp_extracted(list(archives.values()), extracted=unpacked)
+                       carry_over=carry_over, timings=timings, narrate=narrate,
+                       # The copies the engine just linked from were checked above; the new links changed only
+                       # their ctimes, so record those (the next quick check then hashes only what changed since).
+                       after_link=lambda: cache.restamp_extracted(list(archives.values()), extracted=unpacked))
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -348,10 +349,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
 
 def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, work: Path, entries: list,
            wheels: dict[tuple[str, str], Path], profile: Profile, link_mode: str, carry_from: Path | None,
-           carry_over: tuple[str, ...], timings: dict, narrate) -> None:
-    """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it."""
+           carry_over: tuple[str, ...], timings: dict, narrate, after_link=lambda: None) -> None:
+    """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it.
+    AFTER_LINK runs in a thread of its own once the engine is done, beside the pip step and the checks."""
     conda_entries = [e for e in entries if e.manager == "conda"]
-    pip_entries = [e for e in entries if e.manager == "pip"]
     t = time.perf_counter()
     narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
     engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted",
@@ -360,6 +361,20 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
         files, reflinked = fsutil.unshare_tree(prefix)
         narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
     timings["engine"] = time.perf_counter() - t
+    beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-after-link")
+    try:
+        done = beside.submit(after_link)
+        _pip_and_check(prefix=prefix, entries=entries, wheels=wheels, profile=profile, work=work, cache=cache,
+                       carry_from=carry_from, carry_over=carry_over, timings=timings, narrate=narrate)
+        done.result()
+    finally:
+        beside.shutdown(wait=True)
+
+
+def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str], Path], profile: Profile,
+                   work: Path, cache: Cache, carry_from: Path | None, carry_over: tuple[str, ...], timings: dict,
+                   narrate) -> None:
+    pip_entries = [e for e in entries if e.manager == "pip"]
     if pip_entries:
         t = time.perf_counter()
         narrate(f"installing {len(pip_entries)} pip entr{'y' if len(pip_entries) == 1 else 'ies'}")

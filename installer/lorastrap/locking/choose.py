@@ -8,7 +8,6 @@ from pathlib import Path
 from lorastrap.core import paths
 from lorastrap.core.errors import NoLockError
 from lorastrap.locking.channels import channel_url
-from lorastrap.locking.lock import lock
 from lorastrap.locking.lockfile import Lock, is_stale, read_lock
 from lorastrap.locking.spec import lock_path
 from lorastrap.matrix.profiles import Profile
@@ -48,6 +47,7 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
     narrate(f"{reason}: locking {name} for {platform} now")
     if local.exists():
         local.unlink()  # stale or for other channels: start afresh
+    from lorastrap.locking.lock import lock  # the solver and the pip side: only when a lock is made
     lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[platform], channels=channels, out=local,
          pip_index_url=pip_index_url, narrate=narrate)
     return read_lock(local)
