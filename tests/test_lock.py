@@ -209,3 +209,32 @@ def test_a_spec_outside_the_fast_grammar_gets_conda_locks_own_hash(tmp_path):
                                                  mapping_url=str(ROOT / "envs" / "pypi-to-conda.json")),
                                   virtual_package_repo_from_specification(vps))
     assert lockfile._conda_lock_hashes(spec, vps, channels, ["linux-64"]) == want
+
+
+def test_a_parsed_lock_is_reused_only_for_the_same_bytes_and_a_bad_cache_entry_is_ignored(tmp_path, monkeypatch):
+    """read_lock keeps the parsed YAML (as JSON, one entry per lock file, in the user's data dir — not the package
+    cache, which others may share) and uses it only while the file's bytes are the ones parsed: a lock edited in
+    place is read afresh, a corrupt entry is ignored and rewritten."""
+    import json
+    import yaml
+    from lorastrap.locking import lockfile
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LORASTRAP_PKGS_DIR", str(tmp_path / "shared-pkgs"))
+    doc = {"version": 1, "metadata": {"platforms": ["linux-64"], "channels": [{"url": "https://c", "used_env_vars": []}],
+                                      "content_hash": {"linux-64": "x"}},
+           "package": [{"name": "a", "version": "1.10", "manager": "conda", "platform": "linux-64",
+                        "url": "https://c/linux-64/a-1.10-0.conda", "hash": {"sha256": "1" * 64},
+                        "dependencies": {"b": ">=1"}}]}
+    lock = tmp_path / "x.conda-lock.yml"
+    lock.write_text(yaml.safe_dump(doc, sort_keys=False))
+    first = lockfile.read_lock(lock)
+    kept = list((tmp_path / "home" / "parsed-locks").iterdir())
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["raw"] == first.raw
+    assert lockfile.read_lock(lock).entries == first.entries  # from the cache: the same
+    doc["package"][0]["version"] = "1.11"  # edited in place: same path, other bytes
+    lock.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert lockfile.read_lock(lock).entries[0].version == "1.11"
+    kept[0].write_text("{not json")
+    assert lockfile.read_lock(lock).entries[0].version == "1.11"
+    assert json.loads(kept[0].read_text())["raw"]["package"][0]["version"] == "1.11"  # rewritten
+    assert not (tmp_path / "shared-pkgs").exists()
