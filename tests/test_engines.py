@@ -77,12 +77,14 @@ def test_the_real_micromamba_is_found_with_its_version(tmp_path, monkeypatch):
     assert engines.engine_root(eng, tmp_path / "pkgs" / "extracted") == tmp_path / "pkgs" / "mamba" / "micromamba-1.5.12"
 
 
-def test_the_hand_over_is_a_channel_of_hard_links_without_pip_entries(warm_home, tmp_path):
+def test_the_hand_over_is_a_channel_of_links_without_pip_entries_that_leaves_the_archives_as_checked(warm_home, tmp_path):
     lk = lockfile.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
     cache = Cache(warm_home / "pkgs")
     conda = [e for e in lk.for_platform("linux-64") if e.manager == "conda"]
     assert any(e.manager == "pip" for e in lk.for_platform("linux-64"))
     archives = {e.name: cache.entry(e.sha256, e.filename) for e in conda}
+    for e in conda:  # checked now (an older hand-over may have moved their ctimes): hashed, nothing downloaded
+        assert cache.fetch(e.url, e.sha256, e.filename)[1] == 0
     out = engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)
     assert out.name.endswith("-lock.yml")  # micromamba reads a file as a lock only then (mamba#3039)
     raw = yaml.safe_load(out.read_text())
@@ -91,9 +93,16 @@ def test_the_hand_over_is_a_channel_of_hard_links_without_pip_entries(warm_home,
     for p in raw["package"]:
         path = (cache.root / "channel" / p["url"].rsplit("/", 2)[-2] / p["url"].rsplit("/", 1)[-1])
         assert p["url"] == path.as_uri() and path.parent.name in ("linux-64", "noarch")
-        assert os.path.samefile(path, archives[p["name"]])  # a hard link: no copy, no extra disk
+        assert os.path.samefile(path, archives[p["name"]])  # a link: no copy, no extra disk
     again = engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)  # same URLs next run
     assert again.read_text() == out.read_text()
+    # the archives keep the stats they were checked with (a new hard link would move their ctime, and the next
+    # run would hash every archive again)
+    assert all(cache.is_ready(e.sha256, e.filename) for e in conda)
+    for e in conda:
+        (cache.root / "channel" / e.url.rsplit("/", 2)[-2] / e.filename).unlink()
+    engines.hand_over(lk, "linux-64", archives, cache.root / "channel", tmp_path)  # links made anew
+    assert all(cache.is_ready(e.sha256, e.filename) for e in conda)
 
 
 def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home, tmp_path, monkeypatch):

@@ -198,8 +198,9 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
 # The hand-over and the link step
 
 def hand_over(lk, platform: str, archives: dict[str, Path], channel: Path, work: Path) -> Path:
-    """A lock (written into work) of the conda entries only, whose URLs are CHANNEL/SUBDIR/FILE: hard links to the
-    checked archives (a symlink where the cache is on another filesystem). CHANNEL stays the same from run to run,
+    """A lock (written into work) of the conda entries only, whose URLs are CHANNEL/SUBDIR/FILE: symbolic links to
+    the checked archives (not hard links: a new hard link moves the archive's ctime, and the cache would hash it
+    again on the next run, see cache.py). CHANNEL stays the same from run to run,
     so an engine's own cache recognises a package it extracted before. The lock's name ends in -lock.yml
     (micromamba reads a file as a lock only then, mamba#3039) and every entry is in the `main` category (the only
     one micromamba installs without --category, mamba#1917)."""
@@ -210,13 +211,10 @@ def hand_over(lk, platform: str, archives: dict[str, Path], channel: Path, work:
             continue
         target = channel / e.url.rsplit("/", 2)[-2] / e.filename
         src = archives[e.name]
-        if not (target.exists() and os.path.samefile(target, src)):
+        if not (target.is_symlink() and os.readlink(target) == str(src)):
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                os.link(src, tmp)
-            except OSError:
-                os.symlink(src, tmp)
+            os.symlink(src, tmp)
             os.replace(tmp, target)
         urls[e.name] = target.as_uri()
     return lockfile.rewritten(lk, work / f"{platform}-lock.yml", lambda p: urls[p["name"]], platform=platform,
