@@ -153,11 +153,11 @@ class Cache:
             self._mark(path)
             return path, got_bytes
 
-    def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS,
+    def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS, inspect: bool = False,
                   narrate=lambda m: None) -> list[tuple[Path, int]]:
         """fetch() for every (url, sha256, filename), JOBS at a time; the results in the same order.  The first
-        failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised.  Each conda archive
-        downloaded is also inspected (the containment check) in its thread while the others still download."""
+        failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised.  inspect: each conda
+        archive downloaded is also inspected (the containment check) in its thread while the others download."""
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
@@ -165,8 +165,8 @@ class Cache:
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:
-            futures = [pool.submit(self._fetch_inspected, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
-                       for url, sha, fn in items]
+            futures = [pool.submit(self._fetch_inspected if inspect else self.fetch, url, sha, fn, progress=progress,
+                                   narrate=narrate, stop=stop) for url, sha, fn in items]
             results = [f.result() for f in futures]
         except BaseException:
             stop.set()

@@ -249,7 +249,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         t = time.perf_counter()
         _pause_point("download", narrate)
         fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
-                                   for e in entries], narrate=narrate)
+                                   for e in entries], inspect=True, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
         result.downloaded_bytes = sum(got for _, got in fetched)
