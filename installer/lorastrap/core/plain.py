@@ -28,6 +28,8 @@ _REGISTRY: dict[str, type] = {}
 _HINTS: dict[type, dict[str, tuple[object, bool]]] = {}  # class → field → (its annotation, resolved; required)
 _NESTED: dict[type, dict[str, tuple[str, type]]] = {}  # class → field → ("one" | "list" | "dict", record class)
 _BAD = object()  # what the plain check answers for data it does not vouch for
+# A surrogate code point, or its JSON escape: Python's json takes one alone, pydantic's JSON refuses it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
 
 
 record = dataclasses.dataclass(kw_only=True)  # a plain record's decorator
@@ -218,9 +220,10 @@ class Plain:
 
     @classmethod
     def model_validate_json(cls, text: str | bytes):
-        try:
-            record = _record(cls, json.loads(text))
-        except (ValueError, RecursionError):  # not JSON (or not UTF-8): pydantic says how
+        try:  # UTF-8 (no BOM, no lone surrogate) and JSON, as pydantic reads it; else pydantic says how it is not
+            decoded = text if isinstance(text, str) else bytes(text).decode()
+            record = _BAD if _SURROGATE.search(decoded) else _record(cls, json.loads(decoded))
+        except (ValueError, RecursionError):
             record = _BAD
         return cls._adapter().validate_json(text) if record is _BAD else record
 
