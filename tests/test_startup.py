@@ -8,6 +8,7 @@ the bare interpreter; yaml, importlib.metadata and the install rooms are what a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -129,6 +130,6 @@ def test_install_path_without_pydantic_on_a_warm_matrix(tmp_path):
         res = subprocess.run([sys.executable, "-c", INSTALL_PATH, str(machine_file)], capture_output=True, text=True,
                              env=env)
         assert res.returncode == 0, res.stderr[-2000:]
-        runs.append(__import__("json").loads(res.stdout))
+        runs.append(json.loads(res.stdout))
     assert len(list((tmp_path / "home" / "checked").glob("profiles.*.json"))) == 1
     assert runs[1] == {"profile": "cuda12", "yaml": False, "pydantic": []}, runs

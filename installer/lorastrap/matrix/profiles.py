@@ -229,10 +229,17 @@ CHECKED_KEEP = 32  # entries kept (the newest): one per profiles.yaml version an
 
 def _checked_key(data: bytes) -> str:
     import hashlib
+    import os
 
     from lorastrap import __version__
     from lorastrap.core import plain
-    code = [(st.st_mtime_ns, st.st_size) for st in (Path(f).stat() for f in (__file__, plain.__file__))]
+    code = []
+    for source in (__file__, plain.__file__):  # a checkout's edits change the key too (the version stays)
+        try:
+            st = os.stat(source)
+            code.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            code.append(None)
     return hashlib.sha256(f"{__version__} {code} {hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
 
 
