@@ -302,6 +302,31 @@ def test_malformed_profiles_name_file_and_field(tmp_path, case, edit, expect):
     assert res.returncode == 4 and "Traceback" not in res.stderr and expect in res.stderr
 
 
+def test_checked_matrix_is_kept_and_a_damaged_entry_ignored(tmp_path, monkeypatch):
+    """profiles.load keeps the matrix it checked in the data dir's checked/, keyed on the file's bytes, and reads
+    it from there next time; an entry that is not JSON, or not the matrix, is ignored and written again; a data
+    dir that cannot be used only costs the check."""
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
+    envs = broken_envs(tmp_path, lambda e: None)
+    first = profiles.load(envs)
+    assert first == MATRIX
+    kept = list((tmp_path / "home" / "checked").glob("profiles.*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["matrix"] == first.model_dump(mode="json")
+    for damage in ('{"key": "x", "matrix": ', json.dumps({"key": json.loads(kept[0].read_text())["key"],
+                                                            "matrix": {"schema_version": 1}}), ""):
+        kept[0].write_text(damage)
+        assert profiles.load(envs) == first
+        assert json.loads(kept[0].read_text())["matrix"] == first.model_dump(mode="json")  # written again
+    (envs / "profiles.yaml").write_text((envs / "profiles.yaml").read_text().replace('value: "12.0"', 'value: "x"'))
+    with pytest.raises(ConfigError, match="driver_cuda_min.value"):  # another file: checked, not the kept one
+        profiles.load(envs)
+    missing = broken_envs(tmp_path / "again", lambda e: (e / "cpu.yml").unlink())  # the kept profiles.yaml
+    with pytest.raises(ConfigError, match="profiles.cpu.spec"):  # the files it names: checked every time
+        profiles.load(missing)
+    monkeypatch.setenv("LORASTRAP_HOME", "relative/home")  # refused by the data dir: not kept, still loaded
+    assert profiles.load() == MATRIX
+
+
 # --- derived files ---------------------------------------------------------------------------------------------
 
 def test_committed_schemas_and_readme_table_are_up_to_date():

@@ -8,6 +8,7 @@ the bare interpreter; yaml, importlib.metadata and the install rooms are what a 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,3 +93,43 @@ def test_narrow_parser_runs_the_named_command(capsys):
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("lorastrap ")
     assert cli.main(["no-such-command"]) == 2  # the full parser answers an unknown command
+
+
+# What an install does with its records and the matrix, in a process of its own: on a warm cache of the checked
+# profiles.yaml (the data dir's checked/), nothing of it needs pydantic, nor (for the matrix) yaml.
+INSTALL_PATH = """
+import json, sys
+from lorastrap.core import records
+from lorastrap.machine.model import Machine
+from lorastrap.matrix import plan, profiles
+matrix = profiles.load()
+result = plan.plan(Machine.model_validate_json(open(sys.argv[1]).read()), matrix)
+parsed = "yaml" in sys.modules
+import lorastrap.cli.install, lorastrap.install.provision, lorastrap.install.transaction  # noqa: E401
+from lorastrap.install import bundles, prefix, txn  # noqa: F401
+record = records.EnvRecord(profile=result.profile, platform="linux-64", lock_digest="d", lock_source="s", engine="e",
+                           installed_at="t", plan=result.model_dump(mode="json", include={"profile", "reasons"}),
+                           built_with=records.BuiltWith(channels=["c"], mirror={"c": "m"}))
+journal = records.Journal(state="linking", had_old=True, pid=1)
+report = records.NodeReport(host="h", ok=True, timings={"total": 1.5}, plan=result.model_dump(mode="json"),
+                            machine={"platform": "linux-64", "driver": None, "driver_cuda": None, "gpus": ["g"]})
+for r in (record, journal, report, result):
+    assert type(r).model_validate_json(r.model_dump_json(indent=2)) == r
+print(json.dumps({"profile": result.profile, "yaml": parsed,
+                  "pydantic": sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core"))}))
+"""
+
+
+def test_install_path_without_pydantic_on_a_warm_matrix(tmp_path):
+    from recorded_nvml import FIXTURES, load, machine
+    machine_file = tmp_path / "machine.json"
+    machine_file.write_text(machine(load(FIXTURES / "b200_driver-580--cuda12.json")).model_dump_json())
+    env = dict(os.environ, LORASTRAP_HOME=str(tmp_path / "home"))
+    runs = []
+    for _ in range(2):  # the first fills the cache
+        res = subprocess.run([sys.executable, "-c", INSTALL_PATH, str(machine_file)], capture_output=True, text=True,
+                             env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        runs.append(json.loads(res.stdout))
+    assert len(list((tmp_path / "home" / "checked").glob("profiles.*.json"))) == 1
+    assert runs[1] == {"profile": "cuda12", "yaml": False, "pydantic": []}, runs

@@ -301,6 +301,26 @@ def test_records_round_trip_and_reject_unknown_keys():
                                             engine="e", installed_at="t").model_dump_json())["schema_version"] == 1
 
 
+@pytest.mark.parametrize("change", [
+    {"files": {"a": {"size": 1, "sha256": "0" * 63}}},  # the pattern of a sha256
+    {"files": {"a": {"size": 1, "sha256": "0" * 64 + "\n"}}},  # ... whole: not before a last newline
+    {"files": {"a": {"size": "many", "sha256": "0" * 64}}},
+    {"files": {"a": {"size": 1, "sha256": "0" * 64, "mode": 1}}},  # an unknown key, nested
+    {"schema_version": 2}, {"packages": None}, {"runtime": {"store": "s"}}, {"created": 5}, {"surprise": 1},
+])
+def test_records_read_back_refuse_what_does_not_fit(change):
+    """A record read back is checked in plain Python first; what does not fit is pydantic's to refuse."""
+    good = {"profile": "p", "platform": "linux-64", "python_version": "3.12", "created": "c", "lock": "l",
+            "channel": "c", "packages": 1, "bytes": 2, "files": {"a": {"size": 1, "sha256": "0" * 64}}}
+    manifest = records.BundleManifest.model_validate(good)
+    assert isinstance(manifest.files["a"], records.BundleFile)
+    assert records.BundleManifest.model_validate_json(manifest.model_dump_json(indent=2)) == manifest
+    with pytest.raises(ValueError):
+        records.BundleManifest.model_validate({**good, **change})
+    with pytest.raises(ValueError):
+        records.BundleManifest.model_validate_json(json.dumps({**good, **change}))
+
+
 def test_a_same_size_swap_with_its_mtime_put_back_is_hashed_again(tmp_path, served):
     root, url, good, c, path, _ = _first_fetch(tmp_path, served)
     st = path.stat()

@@ -1,14 +1,18 @@
 """Plain records: dataclasses with the part of pydantic's surface lorastrap uses (``model_dump``,
 ``model_dump_json``, ``model_validate``, ``model_validate_json``, ``model_json_schema``), so that a command which
-only builds and prints them (``detect``) never imports pydantic.  Reading one from outside (a file, another node's
-``detect --json``) validates it with pydantic — strictly, unknown keys refused — imported only then.
+only builds, reads and prints them (``detect``, an install) never imports pydantic.
 
-    @dataclass(kw_only=True)
+    @record  # dataclass(kw_only=True); frozen_record: also frozen
     class Gpu(Plain):
         index: int
-        name: str | None = field(default=None, metadata={"description": "..."})
+        name: str | None = Field(None, description="...")
+        sha256: Annotated[str, Checked(pattern=r"^[0-9a-f]{64}$")]
 
-Nested records given as dicts (``Gpu(**probe_answer)``) are turned into their classes on construction.
+Nested records given as dicts (``Gpu(**probe_answer)``; in lists and as dict values too) are turned into their
+classes on construction.  Reading one from outside (a file, another node's ``detect --json``) validates it
+strictly, unknown keys refused: first in plain Python, which takes only data of exactly the declared types
+(JSON's own: str, int, bool, float, None, lists, objects) and every ``Checked`` constraint met; anything else goes
+to pydantic (imported only then), which answers with its ValidationError or accepts it the way pydantic does.
 """
 
 from __future__ import annotations
@@ -16,27 +20,150 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
+import types
+import typing
 
 _REGISTRY: dict[str, type] = {}
-_NESTED: dict[type, dict[str, tuple[str, type]]] = {}  # class → field → ("one" | "list", record class)
+_HINTS: dict[type, dict[str, tuple[object, bool]]] = {}  # class → field → (its annotation, resolved; required)
+_NESTED: dict[type, dict[str, tuple[str, type]]] = {}  # class → field → ("one" | "list" | "dict", record class)
+_BAD = object()  # what the plain check answers for data it does not vouch for
+# A surrogate code point, or its JSON escape: Python's json takes one alone, pydantic's JSON refuses it.
+_SURROGATE = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
+
+
+record = dataclasses.dataclass(kw_only=True)  # a plain record's decorator
+frozen_record = dataclasses.dataclass(kw_only=True, frozen=True)
+
+
+def Field(default=dataclasses.MISSING, description: str | None = None, *,  # noqa: N802 - pydantic's spelling
+          default_factory=dataclasses.MISSING):
+    """A field with a description for the JSON schema (``metadata["description"]``)."""
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"description": description} if description else {})
+
+
+class Checked:
+    """A constraint on a field, checked when a record is read (and written into its JSON schema), named in the
+    field's annotation, which stays a string until it is read (a module of plain records starts with ``from
+    __future__ import annotations``): ``Annotated[str, Checked(pattern=r"^[0-9a-f]{64}$")]``.  Keywords:
+    ``pattern``, ``min_length``, ``ge`` (pydantic.Field's), and ``after``: a function given the
+    value that returns it or raises ValueError (as a field validator would)."""
+
+    KNOWN = frozenset({"pattern", "min_length", "ge"})
+
+    def __init__(self, after=None, **constraints):
+        assert set(constraints) <= self.KNOWN, constraints
+        self.after, self.constraints = after, constraints
+
+    def holds(self, value):
+        """VALUE (as ``after`` returns it) when every constraint holds, else _BAD."""
+        c = self.constraints
+        if "pattern" in c and not (type(value) is str and re.search(c["pattern"], value)
+                                   and not value.endswith("\n")):  # Python's $ also matches before a last \n
+            return _BAD
+        if "min_length" in c and len(value) < c["min_length"]:
+            return _BAD
+        if "ge" in c and not value >= c["ge"]:
+            return _BAD
+        if self.after is not None:
+            try:
+                return self.after(value)
+            except ValueError:
+                return _BAD
+        return value
+
+    def __get_pydantic_core_schema__(self, source, handler):
+        from typing import Annotated
+
+        from pydantic import Field as PydanticField
+        from pydantic_core import core_schema
+        schema = (handler.generate_schema(Annotated[source, PydanticField(**self.constraints)]) if self.constraints
+                  else handler(source))
+        return core_schema.no_info_after_validator_function(self.after, schema) if self.after else schema
+
+
+def _hints(cls: type) -> dict[str, tuple[object, bool]]:
+    if cls not in _HINTS:
+        module = vars(sys.modules[cls.__module__])
+        _HINTS[cls] = {f.name: (eval(f.type, module) if isinstance(f.type, str) else f.type,  # noqa: S307 - its own
+                                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                       for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+
+def _shape(annotation) -> tuple[str, type] | None:
+    """("one" | "list" | "dict", the record class) when a field holds records (None allowed), else None."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(rest) != 1:
+            return None
+        annotation = rest[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    kind, sub = (("list", args[0]) if origin is list and args else ("dict", args[-1]) if origin is dict and args
+                 else ("one", annotation) if origin is None else (None, None))
+    return (kind, sub) if isinstance(sub, type) and issubclass(sub, Plain) else None
 
 
 def _nested(cls: type) -> dict[str, tuple[str, type]]:
     if cls not in _NESTED:
-        out = {}
-        for f in dataclasses.fields(cls):
-            text = str(f.type).replace(" ", "")
-            text = re.sub(r"\|None$|^None\|", "", text)
-            match = re.fullmatch(r"list\[(\w+)\]", text)
-            name, kind = (match.group(1), "list") if match else (text, "one")
-            if name in _REGISTRY:
-                out[f.name] = (kind, _REGISTRY[name])
-        _NESTED[cls] = out
+        _NESTED[cls] = {name: shape for name, (annotation, _) in _hints(cls).items() if (shape := _shape(annotation))}
     return _NESTED[cls]
 
 
+def _record(cls: type, data):
+    """CLS built from DATA when DATA is exactly what it declares, else _BAD."""
+    if type(data) is cls:
+        return data
+    hints = _hints(cls)
+    if type(data) is not dict or not data.keys() <= hints.keys():
+        return _BAD
+    values = {}
+    for name, (annotation, required) in hints.items():
+        if name in data:
+            values[name] = _value(annotation, data[name])
+            if values[name] is _BAD:
+                return _BAD
+        elif required:
+            return _BAD
+    return cls(**values)
+
+
+def _value(annotation, value):
+    """VALUE checked against ANNOTATION (records built, lists and dicts copied), or _BAD."""
+    if annotation in (str, int, bool, float):
+        return value if type(value) is annotation else _BAD
+    if annotation is type(None):
+        return value if value is None else _BAD
+    if annotation is dict:
+        return dict(value) if type(value) is dict else _BAD
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return next((v for v in (_value(a, value) for a in args) if v is not _BAD), _BAD)
+    if origin is typing.Literal:
+        return value if any(type(value) is type(a) and value == a for a in args) else _BAD
+    if origin is typing.Annotated:
+        value = _value(args[0], value)
+        for check in args[1:]:
+            if value is _BAD or not isinstance(check, Checked):
+                return _BAD
+            value = check.holds(value)
+        return value
+    if origin is list and len(args) == 1 and type(value) is list:
+        out = [_value(args[0], v) for v in value]
+        return _BAD if any(v is _BAD for v in out) else out
+    if origin is dict and len(args) == 2 and type(value) is dict:
+        out = {_value(args[0], k): _value(args[1], v) for k, v in value.items()}
+        return _BAD if _BAD in out or any(v is _BAD for v in out.values()) else out
+    if origin is None and isinstance(annotation, type) and issubclass(annotation, Plain):
+        return _record(annotation, value)
+    return _BAD
+
+
 class Plain:
-    """Base of plain records (decorate the subclass with ``@dataclass(kw_only=True)``)."""
+    """Base of plain records (decorate the subclass with ``@record`` or ``@frozen_record``)."""
 
     __pydantic_config__ = {"extra": "forbid"}
 
@@ -48,9 +175,14 @@ class Plain:
         for name, (kind, sub) in _nested(type(self)).items():
             value = getattr(self, name)
             if kind == "one" and isinstance(value, dict):
-                setattr(self, name, sub(**value))
+                value = sub(**value)
             elif kind == "list" and value and any(isinstance(v, dict) for v in value):
-                setattr(self, name, [sub(**v) if isinstance(v, dict) else v for v in value])
+                value = [sub(**v) if isinstance(v, dict) else v for v in value]
+            elif kind == "dict" and value and any(isinstance(v, dict) for v in value.values()):
+                value = {k: sub(**v) if isinstance(v, dict) else v for k, v in value.items()}
+            else:
+                continue
+            object.__setattr__(self, name, value)  # also on a frozen record
 
     def model_dump(self, mode: str = "python", include: set | None = None, exclude: set | None = None) -> dict:
         out = dataclasses.asdict(self)
@@ -76,11 +208,24 @@ class Plain:
     @classmethod
     def model_validate(cls, obj):
         """A record from Python data, checked (pydantic.ValidationError when it does not fit)."""
-        return cls._adapter().validate_python(obj)
+        record = _record(cls, obj)
+        return cls._adapter().validate_python(obj) if record is _BAD else record
+
+    @classmethod
+    def model_validate_plain(cls, obj):
+        """A record from Python data that is exactly what the record declares (as its model_dump gives), else
+        None: never pydantic."""
+        record = _record(cls, obj)
+        return None if record is _BAD else record
 
     @classmethod
     def model_validate_json(cls, text: str | bytes):
-        return cls._adapter().validate_json(text)
+        try:  # UTF-8 (no BOM, no lone surrogate) and JSON, as pydantic reads it; else pydantic says how it is not
+            decoded = text if isinstance(text, str) else bytes(text).decode()
+            record = _BAD if _SURROGATE.search(decoded) else _record(cls, json.loads(decoded))
+        except (ValueError, RecursionError):
+            record = _BAD
+        return cls._adapter().validate_json(text) if record is _BAD else record
 
     @classmethod
     def model_json_schema(cls) -> dict:

@@ -219,12 +219,10 @@ def damaged_files(prefix: Path, manifest: tuple[list[str], list[list]] | None = 
 # lorastrap's record
 
 def read_record(prefix: Path) -> EnvRecord | None:
-    from pydantic import ValidationError
-
     from lorastrap.core.records import EnvRecord
     try:
         return EnvRecord.model_validate_json((prefix / RECORD_DIR / "record.json").read_text())
-    except (OSError, ValueError, ValidationError):
+    except (OSError, ValueError):  # ValueError: also pydantic's ValidationError (not valid, or not JSON)
         return None
 
 

@@ -23,8 +23,6 @@ import signal
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from lorastrap.core import fsutil, signals, subproc
 from lorastrap.core.errors import Interrupted
 from lorastrap.core.records import Journal
@@ -81,7 +79,7 @@ def read_journal(prefix: Path) -> Journal | None:
         return None
     try:
         return Journal.model_validate_json(path.read_text())
-    except (OSError, ValueError, ValidationError):
+    except (OSError, ValueError):  # ValueError: also pydantic's ValidationError (not valid, or not JSON)
         return Journal(state="aside", had_old=backup_path(prefix).exists())
 
 

@@ -4,23 +4,17 @@ envs/schemas/machine.schema.json."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Literal
 
 from lorastrap.core.errors import Finding
-from lorastrap.core.plain import Plain
+from lorastrap.core.plain import Field, Plain, record
 
 SCHEMA_VERSION = 1
 NOT_RUN = "not-run"  # a probe not started (its library was not found, or an earlier one answered)
 
 
 Model = Plain
-record = dataclass(kw_only=True)
-
-
-def Field(default=dataclass, description: str | None = None):  # noqa: N802 - pydantic's spelling, kept
-    meta = {"description": description} if description else {}
-    return field(metadata=meta) if default is dataclass else field(default=default, metadata=meta)
 
 
 @record

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from lorastrap.core import versions
+from lorastrap.core.plain import Field, Plain, record
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import NoProfileError
 from lorastrap.matrix.profiles import Matrix, Profile
@@ -17,18 +16,16 @@ from lorastrap.matrix.profiles import Matrix, Profile
 SCHEMA_VERSION = 1
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Check(Model):
+@record
+class Check(Plain):
     rule: str
     ok: bool
     message: str
     source: str | None = None
 
 
-class Candidate(Model):
+@record
+class Candidate(Plain):
     profile: str
     auto: bool
     fits: bool
@@ -39,23 +36,26 @@ class Candidate(Model):
         return [c for c in self.checks if not c.ok]
 
 
-class Warning_(Model):
+@record
+class Warning_(Plain):
     severity: Literal["info", "warning"]
     message: str
     source: str | None = None
 
 
-class Plan(Model):
+@record
+class Plan(Plain):
     schema_version: int = SCHEMA_VERSION
     profile: str | None = Field(description="the chosen profile; null when none fits")
     forced: bool = Field(False, description="chosen with --profile")
     platform: str | None
     reasons: list[str] = Field(description="why this profile")
-    broken: list[Check] = Field([], description="requirements a forced profile does not meet")
-    warnings: list[Warning_] = []
-    hints: list[str] = Field([], description="what would unlock a better profile")
-    alternatives: list[str] = Field([], description="other automatic profiles that also fit (lower priority), "
-                                                    "each installable with --profile")
+    broken: list[Check] = Field(default_factory=list, description="requirements a forced profile does not meet")
+    warnings: list[Warning_] = Field(default_factory=list)
+    hints: list[str] = Field(default_factory=list, description="what would unlock a better profile")
+    alternatives: list[str] = Field(default_factory=list, description="other automatic profiles that also fit "
+                                                                      "(lower priority), each installable with "
+                                                                      "--profile")
     candidates: list[Candidate]
 
 

@@ -1,4 +1,6 @@
-"""The compatibility matrix: envs/profiles.yaml loaded into strict models (unknown keys are rejected).
+"""The compatibility matrix: envs/profiles.yaml loaded into strict plain records (core/plain.py: unknown keys are
+rejected), checked once per version of the file: what the check found is kept in the data dir's checked/, so an
+install reads the matrix without parsing YAML or importing pydantic.
 
 The JSON schema of the file is committed as envs/schemas/profiles.schema.json; tests regenerate and compare it.
 Every rule carries its source.  Errors name the file and the field.
@@ -7,47 +9,61 @@ Every rule carries its source.  Errors name the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from lorastrap.core import paths
-from lorastrap.core.errors import ConfigError
+from lorastrap.core import fsutil, paths
+from lorastrap.core.errors import ConfigError, LorastrapError
+from lorastrap.core.plain import Checked, Field, Plain, frozen_record as record
 
 VERSION_PATTERN = r"^\d+(\.\d+)*$"
 # The conda platforms lorastrap itself runs on (POSIX file locks and process groups: not native Windows).
 RUNS_ON = frozenset({"linux-64", "linux-aarch64", "linux-ppc64le", "osx-64", "osx-arm64"})
+CC_PATTERN = r"^\d+\.\d+$"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+def _compute_capabilities(value: list[str]) -> list[str]:
+    import re
+    bad = [v for v in value if not re.match(CC_PATTERN, v)]
+    if bad:
+        raise ValueError(f"{bad}: a compute capability is MAJOR.MINOR, e.g. 8.0")
+    return value
 
 
-class Rule(Strict):
+def _known_platforms(value: list[str]) -> list[str]:
+    unknown = [p for p in value if p not in RUNS_ON]
+    if unknown:
+        raise ValueError(f"platform(s) {unknown}: lorastrap itself does not run there (file locks, process "
+                         f"groups); it runs on {sorted(RUNS_ON)} (Windows: inside WSL2, as linux-64)")
+    return value
+
+
+@record
+class Rule(Plain):
     source: str = Field(description="where the fact behind this rule comes from")
 
 
+@record
 class BoolRule(Rule):
     value: bool
 
 
+@record
 class VersionRule(Rule):
-    value: str = Field(pattern=VERSION_PATTERN)
+    value: Annotated[str, Checked(pattern=VERSION_PATTERN)]
 
 
+@record
 class IntRule(Rule):
-    value: int = Field(ge=0)
+    value: Annotated[int, Checked(ge=0)]
 
 
+@record
 class RangeRule(Rule):
-    min: str = Field(pattern=VERSION_PATTERN)
-    max: str = Field(pattern=VERSION_PATTERN)
+    min: Annotated[str, Checked(pattern=VERSION_PATTERN)]
+    max: Annotated[str, Checked(pattern=VERSION_PATTERN)]
 
 
-CC_PATTERN = r"^\d+\.\d+$"
-
-
+@record
 class CodeRule(Rule):
     """The GPU code one component of a build carries, as its build script or its own binary says.
 
@@ -56,17 +72,10 @@ class CodeRule(Rule):
     time).  Source of those two rules: CUDA C++ Programming Guide, "Binary Compatibility" / "PTX Compatibility".
     """
     component: str = Field(description="what carries the code, e.g. 'pytorch 2.13 cuda130 (linux-64)'")
-    cubins: list[str] = Field(min_length=1, description="compute capabilities with real code (sm_XY), 'X.Y'")
-    ptx: list[str] = Field([], description="compute capabilities with PTX (compute_XY), 'X.Y'")
-
-    @field_validator("cubins", "ptx")
-    @classmethod
-    def _ccs(cls, value: list[str]) -> list[str]:
-        import re
-        bad = [v for v in value if not re.match(CC_PATTERN, v)]
-        if bad:
-            raise ValueError(f"{bad}: a compute capability is MAJOR.MINOR, e.g. 8.0")
-        return value
+    cubins: Annotated[list[str], Checked(min_length=1, after=_compute_capabilities)] = Field(
+        description="compute capabilities with real code (sm_XY), 'X.Y'")
+    ptx: Annotated[list[str], Checked(after=_compute_capabilities)] = Field(
+        default_factory=list, description="compute capabilities with PTX (compute_XY), 'X.Y'")
 
     def runs_on(self, cc: str) -> str | None:
         """How a GPU of compute capability cc runs this component ('sm_90', 'PTX compute_120'), or None."""
@@ -86,7 +95,8 @@ class CodeRule(Rule):
         return text + (", PTX " + " ".join("compute_" + c.replace(".", "") for c in self.ptx) if self.ptx else "")
 
 
-class Requirements(Strict):
+@record
+class Requirements(Plain):
     gpu: BoolRule | None = Field(None, description="true: needs a usable NVIDIA GPU (a __cuda virtual package)")
     driver_cuda_min: VersionRule | None = Field(None, description="lowest CUDA version the driver must support")
     compute_capability: RangeRule | None = Field(None, description="every GPU's compute capability in [min, max]")
@@ -99,54 +109,55 @@ class Requirements(Strict):
     glibc_min: VersionRule | None = None
 
 
-class Note(Strict):
+@record
+class Note(Plain):
     severity: Literal["info", "warning"] = "info"
     message: str
     source: str | None = None
 
 
-class Profile(Strict):
+def _smoke() -> list[str]:
+    return ["python", "-c", "import sys"]
+
+
+@record
+class Profile(Plain):
     description: str
     spec: str = Field(description="environment.yml (conda-lock's format), relative to envs/")
     virtual_packages: str = Field(description="conda-lock virtual-packages file, relative to envs/")
-    platforms: list[str] = Field(min_length=1)
+    platforms: Annotated[list[str], Checked(min_length=1, after=_known_platforms)]
     auto: bool = Field(True, description="false: chosen only by name (--profile)")
     priority: int = Field(description="among profiles that fit, the highest priority wins")
-    verify: list[str] = Field(min_length=1, description="verification command run with the environment's "
-                                                       "python; {verify_script} is scripts/verify_lora.py")
-    smoke: list[str] = Field(default_factory=lambda: ["python", "-c", "import sys"],
+    verify: Annotated[list[str], Checked(min_length=1)] = Field(
+        description="verification command run with the environment's python; {verify_script} is "
+                    "scripts/verify_lora.py")
+    smoke: list[str] = Field(default_factory=_smoke,
                              description="quick check run inside a new environment before it is committed")
-    requires: Requirements = Requirements()
+    requires: Requirements = Field(default_factory=Requirements)
     preferred: str | None = Field(None, description="why it ranks where it does against the profiles that fit the "
                                                     "same machines (said when it is chosen over one of them)")
-    notes: list[Note] = []
-
-    @field_validator("platforms")
-    @classmethod
-    def _known_platforms(cls, value: list[str]) -> list[str]:
-        unknown = [p for p in value if p not in RUNS_ON]
-        if unknown:
-            raise ValueError(f"platform(s) {unknown}: lorastrap itself does not run there (file locks, process "
-                             f"groups); it runs on {sorted(RUNS_ON)} (Windows: inside WSL2, as linux-64)")
-        return value
+    notes: list[Note] = Field(default_factory=list)
 
 
-class CudaDriver(Strict):
-    cuda: str = Field(pattern=r"^\d+$", description="CUDA major version")
-    linux: str = Field(pattern=VERSION_PATTERN, description="minimum Linux driver")
-    windows: str | None = Field(None, pattern=VERSION_PATTERN)
+@record
+class CudaDriver(Plain):
+    cuda: Annotated[str, Checked(pattern=r"^\d+$")] = Field(description="CUDA major version")
+    linux: Annotated[str, Checked(pattern=VERSION_PATTERN)] = Field(description="minimum Linux driver")
+    windows: Annotated[str, Checked(pattern=VERSION_PATTERN)] | None = None
     source: str
 
 
-class Advisory(Strict):
+@record
+class Advisory(Plain):
     id: str
-    compute_capability_below: str = Field(pattern=VERSION_PATTERN)
+    compute_capability_below: Annotated[str, Checked(pattern=VERSION_PATTERN)]
     severity: Literal["info", "warning"] = "warning"
     message: str
     source: str
 
 
-class VerifyFacts(Strict):
+@record
+class VerifyFacts(Plain):
     """What scripts/verify_lora.py judges by, passed on its command line."""
     int8_fast_path_min_cc: VersionRule = Field(description="lowest compute capability with bitsandbytes' int8 "
                                                            "matmul fast path")
@@ -155,12 +166,13 @@ class VerifyFacts(Strict):
     bitsandbytes_min: VersionRule = Field(description="transformers' gate for bitsandbytes (as above)")
 
 
-class Matrix(Strict):
+@record
+class Matrix(Plain):
     schema_version: Literal[1]
     cuda_drivers: list[CudaDriver]
-    advisories: list[Advisory] = []
+    advisories: list[Advisory] = Field(default_factory=list)
     verify: VerifyFacts | None = None
-    profiles: dict[str, Profile] = Field(min_length=1)
+    profiles: Annotated[dict[str, Profile], Checked(min_length=1)]
 
     def names(self) -> list[str]:
         return list(self.profiles)
@@ -170,13 +182,18 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith(("function-after", "BoolRule", "VersionRule")))
 
 
-def read_yaml(path: Path, what: str):
-    """A data file of envs/ (WHAT names it in the message when it is missing or not YAML)."""
+def _read_bytes(path: Path, what: str) -> bytes:
     try:
-        return yaml.safe_load(path.read_text())
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist", why=f"{what} is missing",
                           fix=f"Pass --envs-dir pointing at a folder with {path.name}, or restore envs/ from git.")
+
+
+def _parse_yaml(path: Path, data: bytes):
+    import yaml
+    try:
+        return yaml.safe_load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -184,20 +201,87 @@ def read_yaml(path: Path, what: str):
                           fix="Fix the YAML syntax (indentation, quotes, colons).")
 
 
-def load(envs_dir: Path | None = None) -> Matrix:
-    """Load and check envs/profiles.yaml (and that every file it names exists)."""
-    envs_dir = envs_dir or paths.ENVS
-    path = envs_dir / "profiles.yaml"
-    raw = read_yaml(path, "the compatibility matrix")
+def read_yaml(path: Path, what: str):
+    """A data file of envs/ (WHAT names it in the message when it is missing or not YAML)."""
+    return _parse_yaml(path, _read_bytes(path, what))
+
+
+def _validate(path: Path, raw) -> Matrix:
     try:
-        matrix = Matrix.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
+        return Matrix.model_validate(raw)
+    except ValueError as exc:
+        if not hasattr(exc, "errors"):
+            raise
+        first = exc.errors()[0]  # pydantic's ValidationError
         field = _field_path(first["loc"]) or "(top level)"
+        # A record is a dataclass: pydantic calls an unknown key an unexpected keyword argument.
+        message = "Extra inputs are not permitted" if first["type"] == "unexpected_keyword_argument" else first["msg"]
         more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{path}: field '{field}': {first['msg']}{more}",
+        raise ConfigError(f"{path}: field '{field}': {message}{more}",
                           why="profiles.yaml does not match its schema (envs/schemas/profiles.schema.json)",
                           fix="Correct that field; unknown keys are rejected, so check its spelling.")
+
+
+# The matrix a check found valid is kept in the data dir, by a key over the file's bytes and the code that checks
+# it, so that the next read of the same file (every install reads it) neither parses nor checks it again.
+CHECKED_KEEP = 32  # entries kept (the newest): one per profiles.yaml version and lorastrap release
+
+
+def _checked_key(data: bytes) -> str:
+    import hashlib
+    import os
+
+    from lorastrap import __version__
+    from lorastrap.core import plain
+    code = []
+    for source in (__file__, plain.__file__):  # a checkout's edits change the key too (the version stays)
+        try:
+            st = os.stat(source)
+            code.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            code.append(None)
+    return hashlib.sha256(f"{__version__} {code} {hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
+
+
+def _checked_file(key: str) -> Path:
+    return paths.data_dir() / "checked" / f"profiles.{key[:32]}.json"
+
+
+def _read_checked(key: str) -> Matrix | None:
+    """The matrix kept under KEY, or None (none, or one that cannot be read, or not what was written)."""
+    import json
+    try:
+        doc = json.loads(_checked_file(key).read_bytes())
+        return Matrix.model_validate_plain(doc["matrix"]) if doc.get("key") == key else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, LorastrapError):
+        return None
+
+
+def _keep_checked(key: str, matrix: Matrix) -> None:
+    """Keep MATRIX under KEY (never failing: without it the next run checks the file again)."""
+    import json
+    try:
+        path = _checked_file(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsutil.write_atomic(path, json.dumps({"key": key, "matrix": matrix.model_dump()}) + "\n")
+        kept = sorted(path.parent.glob("profiles.*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in kept[CHECKED_KEEP:]:
+            old.unlink()
+    except (OSError, LorastrapError):
+        pass
+
+
+def load(envs_dir: Path | None = None) -> Matrix:
+    """Load and check envs/profiles.yaml (and that every file it names exists); a file checked before is read
+    from what that check kept."""
+    envs_dir = envs_dir or paths.ENVS
+    path = envs_dir / "profiles.yaml"
+    data = _read_bytes(path, "the compatibility matrix")
+    key = _checked_key(data)
+    matrix = _read_checked(key)
+    if matrix is None:
+        matrix = _validate(path, _parse_yaml(path, data))
+        _keep_checked(key, matrix)
     for name, profile in matrix.profiles.items():
         for field in ("spec", "virtual_packages"):
             target = envs_dir / getattr(profile, field)
