@@ -13,11 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lorastrap.core import fsutil, paths
 from lorastrap.core.errors import ConfigError, LorastrapError
-from lorastrap.locking import condalock
 from lorastrap.locking.spec import inputs_sha256
 from lorastrap.matrix.profiles import Profile
 
@@ -39,6 +36,7 @@ def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str],
     the lock just written again to count them).
 
     Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
+    from lorastrap.locking import condalock  # only when a lock is written
     entries = [condalock.package_entry(p) for p in packages]
     wanted = set(platforms)
     if out.exists() and not _nothing_to_keep(out, wanted, channels):
@@ -77,6 +75,7 @@ def _nothing_to_keep(path: Path, platforms: set[str], channels: list[str]) -> bo
     """Whether nothing of the lock at PATH would be kept — all its platforms are re-locked now, or it was locked
     from other CHANNELS — judged by its header alone (version and metadata come before the packages in
     conda-lock's format), so its packages need not be parsed.  False when unsure (the whole lock is read then)."""
+    import yaml
     try:
         with open(path, encoding="utf-8") as f:
             head = []
@@ -171,7 +170,14 @@ def _parsed(path: Path):
                 return doc["raw"]
         except (OSError, ValueError, AttributeError, KeyError):
             pass
-    raw = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    import yaml
+    try:
+        raw = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
+                          fix="Regenerate it with `lorastrap lock`.")
     if kept is not None:
         try:
             text = json.dumps({"sha256": key, "raw": raw})
@@ -188,11 +194,6 @@ def read_lock(path: Path) -> Lock:
         raw = _parsed(path)
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist", fix="Run `lorastrap lock` to create it.")
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
-                          fix="Regenerate it with `lorastrap lock`.")
     if not isinstance(raw, dict):
         raise _bad(path, "(top level)", "not a mapping")
     if raw.get("version") != 1:
@@ -245,6 +246,7 @@ def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, chan
     if channels is not None:
         meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
     raw["metadata"] = meta
+    import yaml
     if conda_only:  # for an engine only: JSON, which is YAML too (its flow style), written ~20x faster
         import json
         try:

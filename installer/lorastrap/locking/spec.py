@@ -7,8 +7,6 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from lorastrap.core.errors import ConfigError
 from lorastrap.matrix.profiles import Profile
 
@@ -31,6 +29,7 @@ class Spec:
 
 
 def read_spec(path: Path) -> Spec:
+    import yaml
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -67,6 +66,7 @@ def inputs_sha256(envs_dir: Path, profile: Profile) -> str:
 
 
 def virtual_packages(envs_dir: Path, profile: Profile, platform: str) -> dict[str, str]:
+    import yaml
     path = envs_dir / profile.virtual_packages
     try:
         raw = yaml.safe_load(path.read_text())
