@@ -41,7 +41,7 @@ from pathlib import Path
 
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, signals, subproc
-from lorastrap.locking import channels as chans, choose, lockfile, pypi_index
+from lorastrap.locking import channels as chans, choose, lockfile
 from lorastrap.install.cache import Cache, read_timeout, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
 from lorastrap.machine.model import Machine
@@ -405,6 +405,7 @@ def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: s
     url = chans.mirrored(e.url, channels, mirror)
     if (e.manager == "pip" and url == e.url and pip_index_url != chans.DEFAULT_PIP_INDEX
             and not url.startswith(pip_index_url.rstrip("/") + "/")):
+        from lorastrap.locking import pypi_index  # the index's simple page: only for another index
         return pypi_index.file_url(pip_index_url, e.name, e.filename, timeout=read_timeout())
     return url
 
