@@ -227,14 +227,15 @@ def test_a_parsed_lock_is_reused_only_for_the_same_bytes_and_a_bad_cache_entry_i
                         "dependencies": {"b": ">=1"}}]}
     lock = tmp_path / "x.conda-lock.yml"
     lock.write_text(yaml.safe_dump(doc, sort_keys=False))
-    first = lockfile.read_lock(lock)
+    assert lockfile.read_lock(lock) and not (tmp_path / "home").exists()  # a plain read keeps nothing
+    first = lockfile.read_lock(lock, keep=True)
     kept = list((tmp_path / "home" / "parsed-locks").iterdir())
     assert len(kept) == 1 and json.loads(kept[0].read_text())["raw"] == first.raw
-    assert lockfile.read_lock(lock).entries == first.entries  # from the cache: the same
+    assert lockfile.read_lock(lock).entries == first.entries  # from what was kept: the same
     doc["package"][0]["version"] = "1.11"  # edited in place: same path, other bytes
     lock.write_text(yaml.safe_dump(doc, sort_keys=False))
-    assert lockfile.read_lock(lock).entries[0].version == "1.11"
+    assert lockfile.read_lock(lock, keep=True).entries[0].version == "1.11"
     kept[0].write_text("{not json")
-    assert lockfile.read_lock(lock).entries[0].version == "1.11"
+    assert lockfile.read_lock(lock, keep=True).entries[0].version == "1.11"
     assert json.loads(kept[0].read_text())["raw"]["package"][0]["version"] == "1.11"  # rewritten
     assert not (tmp_path / "shared-pkgs").exists()

@@ -308,14 +308,15 @@ def test_checked_matrix_is_kept_and_a_damaged_entry_ignored(tmp_path, monkeypatc
     dir that cannot be used only costs the check."""
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path / "home"))
     envs = broken_envs(tmp_path, lambda e: None)
-    first = profiles.load(envs)
+    assert profiles.load(envs) == MATRIX and not (tmp_path / "home").exists()  # read-only (plan, a dry run): kept not
+    first = profiles.load(envs, keep=True)
     assert first == MATRIX
     kept = list((tmp_path / "home" / "checked").glob("profiles.*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["matrix"] == first.model_dump(mode="json")
     for damage in ('{"key": "x", "matrix": ', json.dumps({"key": json.loads(kept[0].read_text())["key"],
                                                             "matrix": {"schema_version": 1}}), ""):
         kept[0].write_text(damage)
-        assert profiles.load(envs) == first
+        assert profiles.load(envs, keep=True) == first
         assert json.loads(kept[0].read_text())["matrix"] == first.model_dump(mode="json")  # written again
     (envs / "profiles.yaml").write_text((envs / "profiles.yaml").read_text().replace('value: "12.0"', 'value: "x"'))
     with pytest.raises(ConfigError, match="driver_cuda_min.value"):  # another file: checked, not the kept one
@@ -324,7 +325,7 @@ def test_checked_matrix_is_kept_and_a_damaged_entry_ignored(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="profiles.cpu.spec"):  # the files it names: checked every time
         profiles.load(missing)
     monkeypatch.setenv("LORASTRAP_HOME", "relative/home")  # refused by the data dir: not kept, still loaded
-    assert profiles.load() == MATRIX
+    assert profiles.load(keep=True) == MATRIX
 
 
 # --- derived files ---------------------------------------------------------------------------------------------

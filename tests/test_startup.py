@@ -102,7 +102,7 @@ import json, sys
 from lorastrap.core import records
 from lorastrap.machine.model import Machine
 from lorastrap.matrix import plan, profiles
-matrix = profiles.load()
+matrix = profiles.load(keep=True)
 result = plan.plan(Machine.model_validate_json(open(sys.argv[1]).read()), matrix)
 parsed = "yaml" in sys.modules
 import lorastrap.cli.install, lorastrap.install.provision, lorastrap.install.transaction  # noqa: E401

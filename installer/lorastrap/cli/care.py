@@ -137,7 +137,7 @@ def cmd_update(args) -> int:
     remembered.apply(args, prefix)
     machine = detect(disk_path=prefix)
     src = base.sources(args)
-    result = update.update(prefix=prefix, envs_dir=base.envs_dir(args), matrix=profiles.load(base.envs_dir(args)),
+    result = update.update(prefix=prefix, envs_dir=base.envs_dir(args), matrix=profiles.load(base.envs_dir(args), keep=True),
                            profile_name=args.profile, channels=src["channels"],
                            mirror=src["mirror"], pip_index_url=src["pip_index_url"], dry_run=args.dry_run,
                            keep_generations=args.keep_generations, engine=args.engine, run_verify=not args.no_verify,

@@ -38,7 +38,7 @@ def provision(*, prefix: Path, envs_dir: Path, machine: Machine, profile: str | 
     opened = bundles.open_bundle(bundle, narrate=narrate) if bundle else None
     if opened and not envs_dir_given:
         envs_dir = opened / "envs"  # the profiles the bundle was made from
-    matrix = profiles.load(envs_dir)
+    matrix = profiles.load(envs_dir, keep=True)
     if machine.platform is None:
         raise NoProfileError(f"this platform ({machine.os}/{machine.arch}) is not supported",
                              fix="lorastrap runs on linux-64, linux-aarch64, osx-arm64 and osx-64; on Windows, run "

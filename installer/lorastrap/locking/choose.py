@@ -21,7 +21,7 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
     local = paths.data_dir() / "locks" / f"{name}.{platform}.conda-lock.yml"
     reason = f"{committed.name} does not exist"
     if committed.exists():
-        lk = read_lock(committed)
+        lk = read_lock(committed, keep=True)
         if platform not in lk.platforms:
             reason = f"{committed.name} has no {platform} section"
         elif is_stale(lk, envs_dir, profile):
@@ -29,7 +29,7 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
         else:
             return lk
     if not frozen and local.exists():  # locked on an earlier run here, for the same spec and channels
-        lk = read_lock(local)
+        lk = read_lock(local, keep=True)
         wanted = [channel_url(c) for c in channels] if channels else None
         if not is_stale(lk, envs_dir, profile) and (wanted is None or lk.channels == wanted):
             return lk
@@ -50,4 +50,4 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
     from lorastrap.locking.lock import lock  # the solver and the pip side: only when a lock is made
     lock(envs_dir=envs_dir, name=name, profile=profile, platforms=[platform], channels=channels, out=local,
          pip_index_url=pip_index_url, narrate=narrate)
-    return read_lock(local)
+    return read_lock(local, keep=True)

@@ -149,9 +149,10 @@ def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
                        fix="Regenerate it with `lorastrap lock`, or restore it from version control.")
 
 
-def _parsed(path: Path):
+def _parsed(path: Path, keep: bool):
     """The lock's YAML, parsed — from lorastrap's cache when this file's bytes were parsed before (a lock of a few
-    hundred packages takes ~35 ms to parse, its cached JSON ~2 ms).  One entry per lock file, replaced when its bytes
+    hundred packages takes ~35 ms to parse, its cached JSON ~2 ms) — kept only when KEEP (an install: a read-only
+    command writes nothing).  One entry per lock file, replaced when its bytes
     change; only a document that JSON holds exactly is kept; an unreadable or unwritable entry is ignored.  Kept in
     the data dir, the user's own — never in the package cache, which nodes and users may share (an entry there
     could say another lock's packages)."""
@@ -178,7 +179,7 @@ def _parsed(path: Path):
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
                           fix="Regenerate it with `lorastrap lock`.")
-    if kept is not None:
+    if kept is not None and keep:
         try:
             text = json.dumps({"sha256": key, "raw": raw})
             if json.loads(text)["raw"] == raw:  # nothing JSON would change (a date, a number as a key)
@@ -189,9 +190,10 @@ def _parsed(path: Path):
     return raw
 
 
-def read_lock(path: Path) -> Lock:
+def read_lock(path: Path, *, keep: bool = False) -> Lock:
+    """The lock at PATH, its fields checked.  keep: keep its parsed YAML for the next read (see _parsed)."""
     try:
-        raw = _parsed(path)
+        raw = _parsed(path, keep)
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist", fix="Run `lorastrap lock` to create it.")
     if not isinstance(raw, dict):

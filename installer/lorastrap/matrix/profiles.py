@@ -271,9 +271,10 @@ def _keep_checked(key: str, matrix: Matrix) -> None:
         pass
 
 
-def load(envs_dir: Path | None = None) -> Matrix:
+def load(envs_dir: Path | None = None, *, keep: bool = False) -> Matrix:
     """Load and check envs/profiles.yaml (and that every file it names exists); a file checked before is read
-    from what that check kept."""
+    from what that check kept.  keep: keep what this check found (the commands that change things ask for it; a
+    read-only command such as `plan` or a dry run writes nothing)."""
     envs_dir = envs_dir or paths.ENVS
     path = envs_dir / "profiles.yaml"
     data = _read_bytes(path, "the compatibility matrix")
@@ -281,7 +282,8 @@ def load(envs_dir: Path | None = None) -> Matrix:
     matrix = _read_checked(key)
     if matrix is None:
         matrix = _validate(path, _parse_yaml(path, data))
-        _keep_checked(key, matrix)
+        if keep:
+            _keep_checked(key, matrix)
     for name, profile in matrix.profiles.items():
         for field in ("spec", "virtual_packages"):
             target = envs_dir / getattr(profile, field)
