@@ -2,12 +2,14 @@
 
     python scripts/netsim.py DIR [--port P] [--delay-ms 20] [--rate-mib 10]
 
-It serves DIR with keep-alive and Range requests (206 / 416), and can
+It serves DIR with keep-alive and Range requests (`bytes=A-` and `bytes=A-B`: 206 / 416; ranges=False ignores
+both, closed_ranges=False the second), and can
 - add a delay to every request (latency) and cap each connection's bandwidth (bytes per second);
 - inject faults per file name, consumed one a request: "500", "404", "cut" (half the body, then the connection
   closes), "stall" (half the body, then silence for `stall_s`, then close), "lie" (a complete body whose bytes
   differ — a mirror serving something else under the right name), "redirect:URL" (a 302 to URL).
-It counts requests, Range requests, connections and the most connections open at once.
+It counts requests, Range requests (and records where each started), connections, the most connections open at
+once and the most requests answered at once.
 """
 
 from __future__ import annotations
@@ -65,9 +67,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.server
+        srv.answering(+1)
+        try:
+            self._get()
+        finally:
+            srv.answering(-1)
+
+    def _get(self) -> None:
+        srv = self.server
         path = self._target()
         fault = srv.next_fault(path.name)
-        srv.record(path.name, bool(self.headers.get("Range")))
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        srv.record(path.name, bool(self.headers.get("Range")), int(m.group(1)) if m else None)
         if srv.delay_s:
             time.sleep(srv.delay_s)
         if fault == "500":
@@ -83,9 +94,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data = path.read_bytes()
         if fault == "lie":
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
-        start, status = 0, 200
-        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if m and srv.ranges:
+        start, end, status = 0, len(data), 200
+        if m and srv.ranges and (srv.closed_ranges or not m.group(2)):
             start = int(m.group(1))
             if start >= len(data):
                 self.send_response(416)
@@ -93,14 +103,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
             status = 206
-        body = data[start:]
+        body = data[start:end]
         self.send_response(status)
         self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
         self.end_headers()
         if fault in ("cut", "stall"):
             self._send(body[:len(body) // 2])
@@ -131,14 +142,17 @@ class NetSim(http.server.ThreadingHTTPServer):
         pass  # a client that hung up (a cancelled or timed-out download) is part of the game
 
     def __init__(self, root: Path, *, port: int = 0, delay_s: float = 0.0, rate: int = 0, ranges: bool = True,
-                 stall_s: float = 5.0):
+                 stall_s: float = 5.0, closed_ranges: bool = True):
         super().__init__(("127.0.0.1", port), Handler)
         self.root = root.resolve()
         self.delay_s, self.rate, self.ranges, self.stall_s = delay_s, rate, ranges, stall_s
+        self.closed_ranges = closed_ranges  # False: `bytes=A-B` is answered with the whole file (200)
         self.faults: dict[str, deque[str]] = defaultdict(deque)
         self.requests: dict[str, int] = defaultdict(int)
         self.range_requests: dict[str, int] = defaultdict(int)
+        self.range_starts: dict[str, list[int]] = defaultdict(list)  # the first byte each Range request asked for
         self.connections = self.open = self.max_open = 0
+        self.active = self.max_active = 0  # GET requests being answered at once
         self._lock = threading.Lock()
 
     @property
@@ -154,10 +168,17 @@ class NetSim(http.server.ThreadingHTTPServer):
             queue = self.faults.get(filename)
             return queue.popleft() if queue else None
 
-    def record(self, filename: str, ranged: bool) -> None:
+    def record(self, filename: str, ranged: bool, start: int | None = None) -> None:
         with self._lock:
             self.requests[filename] += 1
             self.range_requests[filename] += ranged
+            if start is not None:
+                self.range_starts[filename].append(start)
+
+    def answering(self, change: int) -> None:
+        with self._lock:
+            self.active += change
+            self.max_active = max(self.max_active, self.active)
 
     def connected(self, change: int) -> None:
         with self._lock:

@@ -129,6 +129,7 @@ def leftovers(prefix: Path, home: Path) -> list[str]:
         kept.add(backup.name)  # the generation rollback swaps with (kept on purpose)
     found = [p.name for p in prefix.parent.iterdir() if p.name.startswith(prefix.name + ".") and p.name not in kept]
     found += [str(p) for p in (home / "pkgs").rglob("*.part")]
+    found += [str(p) for p in (home / "pkgs").rglob("*.part.segments")]  # a segmented download's sidecar
     found += [str(p) for p in (home / "pkgs").glob(".lorastrap-install-*")]
     for proc in Path("/proc").iterdir():  # anything still working in or on the environment
         if not proc.name.isdigit() or int(proc.name) == os.getpid():

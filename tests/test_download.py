@@ -1,9 +1,14 @@
 """Downloads against a real loopback server that misbehaves on demand (scripts/netsim.py): retry, Range resume,
-a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections."""
+a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections, large
+files in segments over several connections (resumed across runs from their sidecar)."""
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,13 +33,19 @@ def served(tmp_path):
     srv.shutdown()
 
 
+@pytest.fixture
+def one_connection(monkeypatch):
+    """The contiguous path: each file over one connection, no segments (what a proxied download gets)."""
+    monkeypatch.setattr(cache, "SEGMENTS", 1)
+
+
 def _fetch(tmp_path, srv, sha, narrated=None):
     c = cache.Cache(tmp_path / "pkgs")
     return c, c.fetch(f"{srv.url}/big.conda", sha, "big.conda",
                       narrate=(narrated.append if narrated is not None else lambda m: None))
 
 
-def test_a_cut_download_is_resumed_with_range(tmp_path, served):
+def test_a_cut_download_is_resumed_with_range(tmp_path, served, one_connection):
     srv, root, sha = served
     srv.inject("big.conda", "cut", "cut")
     narrated = []
@@ -47,7 +58,8 @@ def test_a_cut_download_is_resumed_with_range(tmp_path, served):
 
 
 def test_a_cut_that_never_heals_is_a_network_error_and_the_part_is_kept_for_the_next_run(tmp_path, served,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch,
+                                                                                            one_connection):
     srv, root, sha = served
     monkeypatch.setattr(cache, "RETRIES", 2)
     srv.inject("big.conda", "cut", "cut")
@@ -60,7 +72,7 @@ def test_a_cut_that_never_heals_is_a_network_error_and_the_part_is_kept_for_the_
     assert cache.sha256_file(path) == sha and got < SIZE and srv.range_requests["big.conda"] >= 2
 
 
-def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatch):
+def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatch, one_connection):
     srv, root, sha = served
     srv.inject("big.conda", "500", "500")
     _, (path, _) = _fetch(tmp_path, srv, sha)
@@ -78,7 +90,7 @@ def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatc
     assert "HTTP 500" in info.value.why and srv.requests["gone.conda"] == 4
 
 
-def test_a_stall_is_narrated_bounded_and_resumed(tmp_path, served, monkeypatch):
+def test_a_stall_is_narrated_bounded_and_resumed(tmp_path, served, monkeypatch, one_connection):
     srv, root, sha = served
     srv.stall_s = 3
     monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "0.3")
@@ -209,8 +221,9 @@ def test_install_through_cuts_resumes_and_a_cut_that_never_heals_is_a_network_er
     assert _install(channel, prefix).returncode == 0
     before = sorted(p.name for p in (prefix / "conda-meta").glob("*.json"))
     names = _uncache(warm_home, "pytorch-*cuda*.conda")
-    mirror.inject(names[0], *["cut"] * 5)
+    mirror.inject(names[0], *["cut"] * 40)  # every request (the archive comes in segments, each with 5 attempts)
     res = _install(channel, prefix, "--mirror", f"{mirror.url}/channel", env=CUDA)
+    mirror.faults[names[0]].clear()
     assert res.returncode == 5, res.stderr
     assert "could not download" in res.stderr and "closed after" in res.stderr and "checksum" not in res.stderr
     assert "retrying (4/4)" in res.stderr and "Traceback" not in res.stderr
@@ -330,3 +343,181 @@ def test_a_mirror_per_channel(channel, warm_home, tmp_path, mirror):
     res = install("--mirror", f"{channel['url']}={mirror.url}/channel", "--mirror", "nvidia=file:///nowhere")
     assert res.returncode == 0, res.stderr
     assert mirror.requests[gone[0]] == 1  # fetched from the mirror named for its channel
+
+
+# --- large files in segments -----------------------------------------------------------------------------------
+
+SIX = 6 * 2**20  # six segments of SEGMENT_MIN
+
+
+@pytest.fixture
+def six(tmp_path):
+    root = tmp_path / "srv6"
+    root.mkdir()
+    (root / "six.conda").write_bytes(os.urandom(SIX))
+    return root, cache.sha256_file(root / "six.conda")
+
+
+def _fetch_six(pkgs, srv, sha, narrated=None):
+    return cache.Cache(pkgs).fetch(f"{srv.url}/six.conda", sha, "six.conda",
+                                   narrate=(narrated.append if narrated is not None else lambda m: None))
+
+
+def _leftovers(pkgs):
+    return [p.name for p in pkgs.rglob(".*.part*")]
+
+
+def test_a_large_file_comes_in_segments_over_several_connections_and_sooner(tmp_path, six, monkeypatch):
+    root, sha = six
+    srv = NetSim(root, delay_s=0.02, rate=4 * 2**20).start()  # a capped link: 4 MiB/s a connection
+    try:
+        t = time.monotonic()
+        path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
+        segmented = time.monotonic() - t
+        ranged, at_once = srv.range_requests["six.conda"], srv.max_active
+        monkeypatch.setattr(cache, "SEGMENTS", 1)  # the same download over one connection, same server and run
+        t = time.monotonic()
+        path1, got1 = _fetch_six(tmp_path / "pkgs-one", srv, sha)
+        one = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha == cache.sha256_file(path1) and got == got1 == SIX
+    assert ranged >= 3 and at_once >= 3, (ranged, at_once)
+    assert segmented < one / 2, (segmented, one)
+    assert not _leftovers(tmp_path / "pkgs")  # the sidecar went with the part
+
+
+def test_a_server_that_ignores_range_gets_one_plain_download(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, ranges=False).start()
+    try:
+        path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha and got == SIX
+    assert srv.requests["six.conda"] == 1 and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_server_that_answers_only_open_ranges_gets_the_rest_over_the_first_connection(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, closed_ranges=False).start()  # `bytes=N-`: 206; `bytes=N-M`: the whole file
+    narrated = []
+    try:
+        path, got = _fetch_six(tmp_path / "pkgs", srv, sha, narrated)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+    assert any("closed range" in m for m in narrated), narrated
+
+
+def test_a_cut_segment_is_retried_from_where_it_stopped(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=8 * 2**20).start()
+    srv.inject("six.conda", "none", "cut")  # the first request goes through; the next (a helper's segment) is cut
+    narrated = []
+    try:
+        path, got = _fetch_six(tmp_path / "pkgs", srv, sha, narrated)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha
+    assert got == SIX  # no byte twice: the cut segment went on from its own offset
+    assert any("segment" in m and "closed after" in m and "retrying (1/4)" in m for m in narrated), narrated
+    assert any("segment" in m and "resuming at" in m for m in narrated), narrated
+
+
+def test_a_segment_that_fails_stops_the_others_and_its_error_is_raised(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=2**20).start()  # each segment would take a second
+    srv.inject("six.conda", "none", "404")
+    t = time.monotonic()
+    try:
+        with pytest.raises(NetworkError) as info:
+            _fetch_six(tmp_path / "pkgs", srv, sha)
+        took = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert "HTTP 404" in info.value.why and took < 0.8, took
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    assert cache._kept_segments(part)  # kept, with its sidecar, for the next run
+
+
+def test_extra_connections_are_bounded_in_the_whole_process(tmp_path, monkeypatch):
+    root = tmp_path / "srv"
+    root.mkdir()
+    for i in range(3):
+        (root / f"s{i}.bin").write_bytes(os.urandom(4 * 2**20))
+    monkeypatch.setattr(cache, "_EXTRA", threading.BoundedSemaphore(2))
+    srv = NetSim(root, rate=8 * 2**20).start()
+    try:
+        items = [(f"{srv.url}/s{i}.bin", cache.sha256_file(root / f"s{i}.bin"), f"s{i}.bin") for i in range(3)]
+        results = cache.Cache(tmp_path / "pkgs").fetch_all(items, jobs=3)
+    finally:
+        srv.shutdown()
+    assert all(cache.sha256_file(p) == sha for (p, _), (_, sha, _) in zip(results, items))
+    assert srv.max_active <= 3 + 2, srv.max_active  # a connection per file, and two more in all
+    assert sum(srv.range_requests.values()) > 3  # some files did get a helper
+
+
+KILLED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from lorastrap.install import cache
+cache.Cache(Path(sys.argv[2])).fetch(sys.argv[3], sys.argv[4], "six.conda")
+"""
+
+
+def test_a_download_killed_mid_way_resumes_its_segments_in_the_next_run(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=2**20).start()  # six segments of a second each
+    pkgs = tmp_path / "pkgs"
+    sidecar = pkgs / "archives" / sha / ".six.conda.part.segments"
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED, str(ROOT / "installer"), str(pkgs),
+                                 f"{srv.url}/six.conda", sha])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # until the sidecar records some bytes of each segment
+            try:
+                segments = json.loads(sidecar.read_text())["segments"]
+                if len(segments) == 6 and all(done > 0 for _, _, done in segments):
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        else:
+            pytest.fail("the sidecar never recorded progress")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        first_run = srv.requests["six.conda"]
+        srv.rate = 0
+        narrated = []
+        path, got = _fetch_six(pkgs, srv, sha, narrated)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha
+    assert 0 < got < SIX, got  # only what the first run had not written
+    again = srv.range_starts["six.conda"][first_run:]
+    assert again and all(start > 0 for start in again), again  # each segment from where it stopped
+    assert any("resuming at" in m for m in narrated) and not _leftovers(pkgs)
+
+
+def test_a_sidecar_that_lies_ends_in_a_checksum_mismatch_and_a_download_from_the_start(tmp_path, six):
+    root, sha = six
+    c = cache.Cache(tmp_path / "pkgs")
+    part = c.entry(sha, "six.conda").with_name(".six.conda.part")
+    part.parent.mkdir(parents=True)
+    with open(part, "wb") as f:
+        f.truncate(SIX)  # holes only
+    half = SIX // 2
+    part.with_name(part.name + ".segments").write_text(
+        json.dumps({"total": SIX, "segments": [[0, half, half], [half, SIX, 0]]}))  # claims the first half
+    srv = NetSim(root).start()
+    narrated = []
+    try:
+        path, got = c.fetch(f"{srv.url}/six.conda", sha, "six.conda", narrate=narrated.append)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha
+    assert srv.range_starts["six.conda"][0] == half and 0 in srv.range_starts["six.conda"][1:]
+    assert any("again from the start" in m for m in narrated), narrated
+    assert got == SIX - half + SIX and not _leftovers(tmp_path / "pkgs")

@@ -342,8 +342,11 @@ def test_a_killed_downloads_part_file_is_removed_by_the_next_fetch(tmp_path, ser
     stale = c.entry(good, "a.conda").with_name(".a.conda.999999.part")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"real ar")  # what a SIGKILL mid-download leaves
+    sidecar = stale.with_name(stale.name + ".segments")  # and beside a part written in segments, its sidecar
+    sidecar.write_text("{}")
+    sidecar.with_name(f".{sidecar.name}.4242.tmp").write_text("{")  # one being written
     path, _ = c.fetch(f"{url}/a.conda", good, "a.conda")
-    assert path.read_bytes() == b"real archive" and not list(path.parent.glob("*.part"))
+    assert path.read_bytes() == b"real archive" and not list(path.parent.glob("*.part*"))
 
 
 def test_the_recorded_groups_of_a_dead_run_are_ended(tmp_path):
