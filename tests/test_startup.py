@@ -25,6 +25,13 @@ BUDGETS = {
     ("--help",): (10.0, HEAVY),
     ("detect", "--json"): (16.0, HEAVY),
 }
+# What `lorastrap install` imports before it works (the command, its orchestration, the transaction): the code it
+# needs, none of what only checks or writes other files (pydantic, yaml: read from what an earlier check kept), nor
+# py-rattler (its worker's) nor the day-two rooms.  ~21x the bare interpreter's when this budget was set.
+INSTALL_PATH_IMPORTS = "import lorastrap.cli.install, lorastrap.install.provision, lorastrap.machine.detect"
+INSTALL_BUDGET = (30.0, ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "rattler", "conda_lock", "psutil",
+                         "html.parser", "lorastrap.care", "lorastrap.fleet", "lorastrap.locking.lock",
+                         "lorastrap.locking.solve"))
 RUNS = 5
 
 
@@ -54,20 +61,35 @@ def measured() -> dict:
         for argv in BUDGETS:
             total, names[argv] = imports(["-m", "lorastrap", *argv])
             runs.setdefault(argv, []).append(total)
+        total, names["install"] = imports(["-c", INSTALL_PATH_IMPORTS])
+        runs.setdefault("install", []).append(total)
     # The fastest of the runs: load only ever adds time, so the minimum is the figure least disturbed by it.
     bare = min(runs["bare"])
-    return {argv: (min(runs[argv]) / bare, names[argv]) for argv in BUDGETS}
+    return {argv: (min(runs[argv]) / bare, names[argv]) for argv in [*BUDGETS, "install"]}
+
+
+def _heavy(names: set[str], never: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if n in never or n.split(".")[0] in never or
+                  any(n.startswith(h + ".") for h in never))
 
 
 @pytest.mark.parametrize("argv", list(BUDGETS), ids=lambda a: " ".join(a))
 def test_command_imports_within_budget(measured, argv):
     ratio, names = measured[argv]
     budget, never = BUDGETS[argv]
-    heavy = sorted(n for n in names if n in never or n.split(".")[0] in never or
-                   any(n.startswith(h + ".") for h in never))
+    heavy = _heavy(names, never)
     assert not heavy, f"`lorastrap {' '.join(argv)}` imports {heavy}: import them where they are used"
     assert ratio <= budget, (f"`lorastrap {' '.join(argv)}` imports cost {ratio:.1f}x the bare interpreter's "
                              f"(budget {budget}x): `python -X importtime -m lorastrap {' '.join(argv)}` says what")
+
+
+def test_install_path_imports_within_budget(measured):
+    ratio, names = measured["install"]
+    budget, never = INSTALL_BUDGET
+    heavy = _heavy(names, never)
+    assert not heavy, f"the install path imports {heavy}: import them where they are used"
+    assert ratio <= budget, (f"the install path's imports cost {ratio:.1f}x the bare interpreter's (budget {budget}x): "
+                             f"`python -X importtime -c '{INSTALL_PATH_IMPORTS}'` says what")
 
 
 def test_command_table_names_every_command():
