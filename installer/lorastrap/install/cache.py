@@ -23,6 +23,7 @@ link, not by one connection); a sidecar beside its `.part` records what each seg
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -37,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from lorastrap.install import archive
@@ -52,6 +53,7 @@ SEGMENTS = 8  # a large archive comes as up to this many byte ranges at once, ea
 SEGMENT_MIN = 1 << 20  # the least a segment holds (a file is split when at least twice this remains)
 EXTRA_CONNECTIONS = 16  # the connections segments add, in the whole process (beyond each fetch thread's own)
 SIDECAR_EVERY = 0.5  # seconds between writes of a segmented part's sidecar (its progress, for the next run)
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full, or a quota used up (a shared filesystem's usual limit)
 
 
 def read_timeout() -> float:
@@ -180,6 +182,13 @@ class Cache:
         try:
             futures = [pool.submit(self._fetch_inspected if inspect else self.fetch, url, sha, fn, progress=progress,
                                    narrate=narrate, stop=stop) for url, sha, fn in items]
+            wait(futures, return_when=FIRST_EXCEPTION)  # a failure of any item, not only of the first ones
+            failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+            if failed:
+                stop.set()
+                wait(futures)
+                failed = [f.exception() for f in futures if f.exception() is not None]
+                raise next((e for e in failed if not isinstance(e, Cancelled)), failed[0])
             results = [f.result() for f in futures]
         except BaseException:
             stop.set()
@@ -459,7 +468,10 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
 
 def _extent(status: int, headers) -> tuple[int, int]:
     """Where a response's body starts in the file, and the file's size (-1: not said)."""
-    length = int(headers.get("Content-Length") or -1)
+    try:
+        length = max(-1, int(headers.get("Content-Length") or -1))
+    except ValueError:  # no length (http.client then reads the answer to its connection's end)
+        length = -1
     if status != 206:
         return 0, length
     m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", headers.get("Content-Range") or "")
@@ -476,8 +488,8 @@ def _copy_local(url: str, dest: Path) -> int:
         raise NetworkError(f"{src} does not exist", why="the lock names a local file that is not there",
                            fix="Point --channel/--mirror at the folder that holds the packages.")
     except OSError as exc:
-        if exc.errno == 28:
-            raise DiskError(f"the package cache's disk is full while copying {src.name}",
+        if exc.errno in FULL:
+            raise DiskError(f"the package cache's disk is full while copying {src.name} ({exc.strerror})",
                             fix="Free disk space or set LORASTRAP_HOME to a larger disk.")
         raise
     return dest.stat().st_size
@@ -591,7 +603,9 @@ class _Job:
     def run(self) -> int:
         try:
             opened = self._opening()
-            if opened is None:  # every segment the sidecar records is written: the sha256 check decides
+            if opened is None:  # every byte is written (or there is none to write): the sha256 check decides
+                if self.progress:
+                    self.progress.done_one()
                 return 0
             try:
                 self._spawn()
@@ -689,7 +703,10 @@ class _Job:
                 os.ftruncate(self.fd, total)
             else:
                 self.segments = [_Segment(0, total if total >= 0 else None, have)]
-        first = next(s for s in self.segments if not s.finished)
+        first = next((s for s in self.segments if not s.finished), None)
+        if first is None:  # the answer holds nothing the part lacks (an empty file, or a total where it stops)
+            self._hang_up(body)
+            return None
         first.taken = True
         return first, body
 
@@ -836,7 +853,6 @@ class _Job:
         self.halt.set()
 
     def _join(self) -> None:
-        from concurrent.futures import wait
         while True:
             with self.lock:
                 pending = [f for f in self.helpers if not f.done()]
@@ -878,8 +894,9 @@ class _Job:
             return str(exc)
         if isinstance(exc, (socket.timeout, TimeoutError)):
             return f"no data from {urllib.parse.urlsplit(self.final).netloc} for {self.timeout:.0f} s"
-        if isinstance(exc, OSError) and exc.errno == 28:
-            raise DiskError("the package cache's disk is full", fix="Free disk space or set LORASTRAP_HOME.")
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            raise DiskError(f"the package cache's disk is full ({exc.strerror})",
+                            fix="Free disk space or set LORASTRAP_HOME.")
         return str(exc) or type(exc).__name__
 
     def _retry(self, attempt: int, last: str, label: str) -> None:
@@ -889,9 +906,14 @@ class _Job:
         if attempt >= RETRIES:
             self._give_up(last)
         self.narrate(f"{label}: {last}; retrying ({attempt}/{RETRIES - 1})")
-        self.halt.wait(min(0.25 * 2 ** (attempt - 1), 4))
-        if self.halt.is_set() or (self.stop is not None and self.stop.is_set()):
+        until = time.monotonic() + min(0.25 * 2 ** (attempt - 1), 4)
+        while not self._stopped() and time.monotonic() < until:  # a stop is seen during the pause, not after it
+            self.halt.wait(min(0.05, max(0.0, until - time.monotonic())))
+        if self._stopped():
             raise Cancelled()
+
+    def _stopped(self) -> bool:
+        return self.halt.is_set() or (self.stop is not None and self.stop.is_set())
 
     def _give_up(self, last: str):
         raise NetworkError(f"could not download {self.url}", why=last,

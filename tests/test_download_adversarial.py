@@ -1,0 +1,499 @@
+"""The segmented downloader against servers that lie, disks that fill, runs that are stopped, and parts that others
+touch: every probe ends in the right bytes or in a clear NetworkError / IntegrityError / DiskError, with the
+extra-connection permits given back and nothing written beside the part."""
+
+import errno
+import http.server
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT
+from netsim import NetSim
+from test_download import SIX, _fetch_six, _leftovers, one_connection, six  # noqa: F401  (fixtures)
+
+from lorastrap.install import cache
+from lorastrap.core.errors import DiskError, IntegrityError, NetworkError
+
+
+@pytest.fixture(autouse=True)
+def permits(monkeypatch):
+    """A fresh process-wide bound for each probe; every permit must be back when the download ended, however."""
+    sem = threading.BoundedSemaphore(cache.EXTRA_CONNECTIONS)
+    monkeypatch.setattr(cache, "_EXTRA", sem)
+    yield sem
+    assert sem._value == cache.EXTRA_CONNECTIONS, "a helper kept its extra connection"
+    helpers = [t for t in threading.enumerate() if t.name.startswith("lorastrap-segment")]
+    assert len(helpers) <= cache.EXTRA_CONNECTIONS
+    assert cache._HELPERS is None or cache._HELPERS._work_queue.empty()  # no helper left queued
+
+
+def _only_expected(pkgs, sha, name="six.conda"):
+    """Nothing but the entry's own files (its lock, the archive and its marker, or the part and its sidecar)."""
+    allowed = {".lock", name, f".{name}.verified", f".{name}.part", f".{name}.part.segments"}
+    found = {p.name for p in (pkgs / "archives" / sha).iterdir()}
+    assert found <= allowed, found - allowed
+
+
+# --- a scripted server that lies -------------------------------------------------------------------------------
+
+class _Liar(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        first = int(m.group(1)) if m else None
+        last = int(m.group(2)) if m and m.group(2) else None
+        with srv.lock:
+            srv.n += 1
+            n = srv.n
+            srv.asked.append((first, last))
+        status, headers, body, close = srv.script(n, first, last, srv.data)
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if close:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:
+            pass
+        if close:
+            self.close_connection = True
+
+
+def _honest(n, first, last, data):
+    if first is None:
+        return 200, {"Content-Length": str(len(data))}, data, False
+    if first >= len(data):
+        return 416, {"Content-Range": f"bytes */{len(data)}", "Content-Length": "0"}, b"", False
+    end = len(data) if last is None else min(len(data), last + 1)
+    return 206, {"Content-Length": str(end - first), "Content-Range": f"bytes {first}-{end - 1}/{len(data)}"}, \
+        data[first:end], False
+
+
+class Liar(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
+    def __init__(self, data: bytes, script=_honest):
+        super().__init__(("127.0.0.1", 0), _Liar)
+        self.data, self.script, self.n, self.asked, self.lock = data, script, 0, [], threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/six.conda"
+
+
+@pytest.fixture
+def liar(six):
+    root, sha = six
+    data = (root / "six.conda").read_bytes()
+    servers = []
+
+    def make(script):
+        srv = Liar(data, script)
+        servers.append(srv)
+        return srv
+
+    yield make, data, sha
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _fetch(pkgs, url, sha, narrated=None, **kw):
+    return cache.Cache(pkgs).fetch(url, sha, "six.conda",
+                                   narrate=(narrated.append if narrated is not None else lambda m: None), **kw)
+
+
+# --- answers of no length --------------------------------------------------------------------------------------
+
+def test_an_empty_answer_is_checked_by_its_hash_not_a_stop_iteration(tmp_path, liar, one_connection):
+    """A mirror whose file is empty (a sync that failed half-way) answers 200 with Content-Length: 0."""
+    make, data, sha = liar
+    srv = make(lambda n, first, last, data: (200, {"Content-Length": "0"}, b"", False))
+    with pytest.raises(IntegrityError):
+        _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert not _leftovers(tmp_path / "pkgs")
+    empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    path, got = _fetch(tmp_path / "pkgs", srv.url, empty)  # a lock that names the empty file gets it
+    assert path.stat().st_size == 0 and got == 0
+
+
+def test_a_206_that_ends_where_the_kept_part_ends_is_checked_by_its_hash(tmp_path, liar):
+    """A server that answers a resume with a Content-Range whose total is where the part stops."""
+    make, data, sha = liar
+    srv = make(lambda n, first, last, data: (206, {"Content-Length": "0",
+                                                   "Content-Range": f"bytes {first}-{first}/{first}"}, b"", False)
+               if first and last is None else _honest(n, first, last, data))  # a resume, not a segment
+    c = cache.Cache(tmp_path / "pkgs")
+    part = c.entry(sha, "six.conda").with_name(".six.conda.part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:1000])
+    narrated = []
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha, narrated)  # checked, found short, fetched from the start
+    assert cache.sha256_file(path) == sha and got == len(data)
+    assert any("again from the start" in m for m in narrated), narrated
+
+
+def test_a_content_length_that_is_not_a_number_is_not_a_traceback(tmp_path, liar, one_connection):
+    make, data, sha = liar
+    srv = make(lambda n, first, last, data: (200, {"Content-Length": "lots"}, data, True))
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)  # read to the connection's end: the right bytes
+    assert cache.sha256_file(path) == sha and got == SIX
+
+
+# --- servers that lie about ranges -----------------------------------------------------------------------------
+
+def test_a_total_that_changes_between_requests_is_never_written_and_the_next_run_converges(tmp_path, liar,
+                                                                                           monkeypatch):
+    monkeypatch.setattr(cache, "RETRIES", 2)
+    make, data, sha = liar
+
+    def script(n, first, last, data):
+        status, headers, body, close = _honest(n, first, last, data)
+        if n > 1 and status == 206:  # the file "grew" after the first answer
+            headers["Content-Range"] = headers["Content-Range"].rsplit("/", 1)[0] + f"/{len(data) + 1}"
+        return status, headers, body, close
+
+    srv = make(script)
+    with pytest.raises(NetworkError) as info:
+        _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert "did not answer with bytes" in info.value.why
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    assert cache._kept_segments(part)
+    _only_expected(tmp_path / "pkgs", sha)
+    srv.script = _honest
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_206_of_another_range_than_asked_is_a_network_error_and_nothing_wrong_is_kept(tmp_path, liar,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(cache, "RETRIES", 3)
+    make, data, sha = liar
+
+    def script(n, first, last, data):
+        if last is not None and first:  # a helper's closed range: answered from one byte earlier
+            return _honest(n, first - 1, last, data)
+        return _honest(n, first, last, data)
+
+    srv = make(script)
+    with pytest.raises(NetworkError) as info:
+        _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert "did not answer with bytes" in info.value.why
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    total, segments = cache._kept_segments(part)
+    held = part.read_bytes()
+    assert total == len(data) and any(s.done for s in segments)
+    for s in segments:  # every byte the sidecar says is written is the file's
+        assert held[s.start:s.pos] == data[s.start:s.pos]
+    srv.script = _honest
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert cache.sha256_file(path) == sha and got < len(data)
+
+
+def test_a_206_whose_body_is_shorter_than_its_content_range_is_resumed(tmp_path, liar):
+    make, data, sha = liar
+    lock = threading.Lock()
+    seen = set()
+
+    def script(n, first, last, data):
+        status, headers, body, close = _honest(n, first, last, data)
+        with lock:
+            once = status == 206 and last is not None and last not in seen  # once a segment
+            seen.add(last)
+        if once:  # Content-Length says less than Content-Range; then the rest comes anyway, on the same socket
+            headers["Content-Length"] = str(len(body) // 2)
+        return status, headers, body, close
+
+    srv = make(script)
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_206_whose_content_length_promises_more_than_comes_is_a_stall_then_resumed(tmp_path, liar, monkeypatch):
+    monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "0.3")
+    make, data, sha = liar
+    lock = threading.Lock()
+    seen = set()
+
+    def script(n, first, last, data):
+        status, headers, body, close = _honest(n, first, last, data)
+        with lock:
+            once = status == 206 and last is not None and last not in seen  # once a segment
+            seen.add(last)
+        if once:
+            headers["Content-Length"] = str(len(body) + 10)
+        return status, headers, body, close
+
+    srv = make(script)
+    narrated = []
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha, narrated)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_206_that_lies_about_its_bytes_is_an_integrity_error_and_leaves_nothing(tmp_path, liar):
+    make, data, sha = liar
+
+    def script(n, first, last, data):
+        status, headers, body, close = _honest(n, first, last, data)
+        if status == 206 and last is not None:
+            body = bytes(len(body))  # the right range said, zeros sent
+        return status, headers, body, close
+
+    srv = make(script)
+    with pytest.raises(IntegrityError):
+        _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_segment_that_flaps_to_a_whole_file_answer_mid_way_converges(tmp_path, liar):
+    """A helper's segment is cut half-way, and its retry is answered with the whole file (200)."""
+    make, data, sha = liar
+    lock = threading.Lock()
+    state = {}
+
+    def script(n, first, last, data):
+        if last is None or first is None:
+            return _honest(n, first, last, data)
+        with lock:
+            k = state.setdefault(last, 0)
+            state[last] = k + 1
+        if k == 0:
+            status, headers, body, _ = _honest(n, first, last, data)
+            return status, headers, body[:len(body) // 2], True  # cut
+        if k == 1:
+            return 200, {"Content-Length": str(len(data))}, data, False
+        return _honest(n, first, last, data)
+
+    srv = make(script)
+    narrated = []
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha, narrated)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_redirect_of_a_segment_to_another_host_is_refused(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=4 * 2**20).start()
+    port = srv.url.rsplit(":", 1)[1]
+    srv.inject("six.conda", "none", *[f"redirect:http://localhost:{port}/six.conda"] * 20)
+    try:
+        with pytest.raises(NetworkError) as info:
+            _fetch_six(tmp_path / "pkgs", srv, sha)
+    finally:
+        srv.shutdown()
+    assert "another host (localhost)" in info.value.why
+    _only_expected(tmp_path / "pkgs", sha)
+
+
+def test_a_server_that_fails_every_segment_gives_every_permit_back(tmp_path, six, monkeypatch, permits):
+    monkeypatch.setattr(cache, "RETRIES", 2)
+    root, sha = six
+    srv = NetSim(root, rate=4 * 2**20).start()
+    srv.inject("six.conda", "none", *["500"] * 40)
+    try:
+        with pytest.raises(NetworkError) as info:
+            _fetch_six(tmp_path / "pkgs", srv, sha)
+    finally:
+        srv.shutdown()
+    assert "HTTP 500" in info.value.why
+    assert permits._value == cache.EXTRA_CONNECTIONS
+
+
+# --- the disk ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_during_a_segment_write_is_a_disk_error_and_the_part_is_kept(tmp_path, six, monkeypatch, code):
+    root, sha = six
+    real = os.pwrite
+    written = [0]
+    lock = threading.Lock()
+
+    def pwrite(fd, data, offset):
+        with lock:
+            if written[0] > 2 * 2**20:
+                raise OSError(code, os.strerror(code))
+            written[0] += len(data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    srv = NetSim(root, rate=8 * 2**20).start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(DiskError):
+            _fetch_six(tmp_path / "pkgs", srv, sha)
+        assert time.monotonic() - t < 3
+        monkeypatch.setattr(os, "pwrite", real)
+        part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+        assert cache._kept_segments(part)
+        path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha and got < SIX
+
+
+def test_a_part_truncated_while_segments_write_never_passes_and_writes_nothing_beside_it(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=2 * 2**20).start()
+    pkgs = tmp_path / "pkgs"
+    part = pkgs / "archives" / sha / ".six.conda.part"
+
+    def truncate():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if part.stat().st_size == SIX:
+                    time.sleep(0.3)
+                    os.truncate(part, 0)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    t = threading.Thread(target=truncate)
+    t.start()
+    try:
+        with pytest.raises(IntegrityError):
+            _fetch_six(pkgs, srv, sha)
+        t.join()
+        _only_expected(pkgs, sha)
+        path, got = _fetch_six(pkgs, srv, sha)  # the next run starts afresh and converges
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha
+
+
+# --- stop, Ctrl-C ------------------------------------------------------------------------------------------------
+
+def test_a_stop_ends_a_segmented_download_at_once_and_keeps_its_part(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=2**20).start()
+    stop = threading.Event()
+    threading.Timer(0.8, stop.set).start()
+    try:
+        t = time.monotonic()
+        with pytest.raises(cache.Cancelled):
+            cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/six.conda", sha, "six.conda", stop=stop)
+        took = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert took < 1.5, took
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    assert cache._kept_segments(part)
+
+
+@pytest.mark.parametrize("segments", [1, 8])
+def test_a_stop_during_a_retry_pause_is_honoured_at_once(tmp_path, six, monkeypatch, segments):
+    monkeypatch.setattr(cache, "SEGMENTS", segments)
+    root, sha = six
+    srv = NetSim(root).start()
+    srv.inject("six.conda", *["500"] * 4)  # the fourth failure pauses 2 s before the fifth attempt
+    stop = threading.Event()
+    when = []
+
+    def stopper():
+        while srv.requests["six.conda"] < 4:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        when.append(time.monotonic())
+        stop.set()
+
+    threading.Thread(target=stopper, daemon=True).start()
+    try:
+        with pytest.raises(cache.Cancelled):
+            cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/six.conda", sha, "six.conda", stop=stop)
+        took = time.monotonic() - when[0]
+    finally:
+        srv.shutdown()
+    assert took < 0.5, took
+
+
+def test_ctrl_c_in_the_main_thread_joins_the_helpers_and_keeps_the_sidecar(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=2**20).start()
+    main = threading.main_thread()
+    start = time.monotonic()
+
+    class Interrupting:
+        def add(self, n):
+            if threading.current_thread() is main and time.monotonic() - start > 0.8:
+                raise KeyboardInterrupt
+
+        def done_one(self):
+            pass
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/six.conda", sha, "six.conda", progress=Interrupting())
+        took = time.monotonic() - start
+        time.sleep(0.3)
+        active = srv.active
+    finally:
+        srv.shutdown()
+    assert took < 2, took
+    assert active == 0  # no helper still reading
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    assert cache._kept_segments(part)
+
+
+def test_the_first_failure_of_a_later_archive_stops_a_long_earlier_one(tmp_path):
+    root = tmp_path / "srv"
+    root.mkdir()
+    (root / "big.bin").write_bytes(os.urandom(8 * 2**20))
+    (root / "bad.bin").write_bytes(b"x")
+    srv = NetSim(root, rate=2**20).start()  # the big one would take a second or more, even in segments
+    srv.inject("bad.bin", "404")
+    items = [(f"{srv.url}/big.bin", cache.sha256_file(root / "big.bin"), "big.bin"),
+             (f"{srv.url}/bad.bin", "0" * 64, "bad.bin")]
+    try:
+        t = time.monotonic()
+        with pytest.raises(NetworkError) as info:
+            cache.Cache(tmp_path / "pkgs").fetch_all(items, jobs=2)
+        took = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert "HTTP 404" in info.value.why and took < 0.8, took
+
+
+# --- two processes, one cache ----------------------------------------------------------------------------------
+
+TWICE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from lorastrap.install import cache
+path, got = cache.Cache(Path(sys.argv[2])).fetch(sys.argv[3], sys.argv[4], "six.conda")
+print(got)
+"""
+
+
+def test_two_processes_fetching_one_archive_into_one_cache(tmp_path, six):
+    root, sha = six
+    srv = NetSim(root, rate=4 * 2**20).start()
+    pkgs = tmp_path / "pkgs"
+    try:
+        procs = [subprocess.Popen([sys.executable, "-c", TWICE, str(ROOT / "installer"), str(pkgs),
+                                   f"{srv.url}/six.conda", sha], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        srv.shutdown()
+    assert all(p.returncode == 0 for p in procs), outs
+    got = sorted(int(o.strip()) for o, _ in outs)
+    assert got == [0, SIX], got  # one downloaded it, the other used it
+    assert not _leftovers(pkgs) and cache.sha256_file(pkgs / "archives" / sha / "six.conda") == sha
