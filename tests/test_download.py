@@ -400,7 +400,8 @@ def test_a_server_that_ignores_range_gets_one_plain_download(tmp_path, six):
 
 def test_a_server_that_answers_only_open_ranges_gets_the_rest_over_the_first_connection(tmp_path, six):
     root, sha = six
-    srv = NetSim(root, closed_ranges=False).start()  # `bytes=N-`: 206; `bytes=N-M`: the whole file
+    srv = NetSim(root, rate=4 * 2**20, closed_ranges=False).start()  # `bytes=N-`: 206; `bytes=N-M`: the whole
+    # file.  Capped, so the helpers ask for their closed ranges before the first connection could have read it all
     narrated = []
     try:
         path, got = _fetch_six(tmp_path / "pkgs", srv, sha, narrated)
