@@ -91,27 +91,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "404" or not path.is_file() or srv.root not in path.resolve().parents:
             return self._plain(404, "not found")
-        data = path.read_bytes()
-        if fault == "lie":
-            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
-        start, end, status = 0, len(data), 200
+        size = path.stat().st_size
+        start, end, status = 0, size, 200
         if m and srv.ranges and (srv.closed_ranges or not m.group(2)):
             start = int(m.group(1))
-            if start >= len(data):
+            if start >= size:
                 self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
-            end = min(len(data), int(m.group(2)) + 1) if m.group(2) else len(data)
+            end = min(size, int(m.group(2)) + 1) if m.group(2) else size
             status = 206
-        body = data[start:end]
+        with open(path, "rb") as f:  # only the bytes asked for (a server reads a range, not the whole file)
+            f.seek(start)
+            body = f.read(end - start)
+        if fault == "lie":  # the file's first 64 bytes altered
+            body = bytes(b ^ 0xFF if start + i < 64 else b for i, b in enumerate(body[:64])) + body[64:]
+        data_len = size
         self.send_response(status)
         self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{data_len}")
         self.end_headers()
         if fault in ("cut", "stall"):
             self._send(body[:len(body) // 2])
