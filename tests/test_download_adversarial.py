@@ -207,21 +207,26 @@ def test_a_206_of_another_range_than_asked_is_a_network_error_and_nothing_wrong_
     assert cache.sha256_file(path) == sha and got < len(data)
 
 
-def test_a_206_whose_body_is_shorter_than_its_content_range_is_resumed(tmp_path, liar):
-    make, data, sha = liar
+def _once_a_segment(length_of):
+    """A script answering honestly, except that each segment's first answer claims LENGTH_OF(body) bytes."""
     lock = threading.Lock()
     seen = set()
 
     def script(n, first, last, data):
         status, headers, body, close = _honest(n, first, last, data)
         with lock:
-            once = status == 206 and last is not None and last not in seen  # once a segment
+            once = status == 206 and last is not None and last not in seen
             seen.add(last)
-        if once:  # Content-Length says less than Content-Range; then the rest comes anyway, on the same socket
-            headers["Content-Length"] = str(len(body) // 2)
+        if once:
+            headers["Content-Length"] = str(length_of(body))
         return status, headers, body, close
+    return script
 
-    srv = make(script)
+
+def test_a_206_whose_body_is_shorter_than_its_content_range_is_resumed(tmp_path, liar):
+    make, data, sha = liar
+    # Content-Length says less than Content-Range; then the rest comes anyway, on the same socket
+    srv = make(_once_a_segment(lambda body: len(body) // 2))
     path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
     assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
 
@@ -229,19 +234,7 @@ def test_a_206_whose_body_is_shorter_than_its_content_range_is_resumed(tmp_path,
 def test_a_206_whose_content_length_promises_more_than_comes_is_a_stall_then_resumed(tmp_path, liar, monkeypatch):
     monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "0.3")
     make, data, sha = liar
-    lock = threading.Lock()
-    seen = set()
-
-    def script(n, first, last, data):
-        status, headers, body, close = _honest(n, first, last, data)
-        with lock:
-            once = status == 206 and last is not None and last not in seen  # once a segment
-            seen.add(last)
-        if once:
-            headers["Content-Length"] = str(len(body) + 10)
-        return status, headers, body, close
-
-    srv = make(script)
+    srv = make(_once_a_segment(lambda body: len(body) + 10))
     narrated = []
     path, got = _fetch(tmp_path / "pkgs", srv.url, sha, narrated)
     assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
@@ -287,31 +280,29 @@ def test_a_segment_that_flaps_to_a_whole_file_answer_mid_way_converges(tmp_path,
     assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
 
 
-def test_a_redirect_of_a_segment_to_another_host_is_refused(tmp_path, six):
+def _refused(tmp_path, six, faults) -> NetworkError:
+    """The NetworkError of fetching six.conda when every request after the first meets FAULTS(port) in turn."""
     root, sha = six
     srv = NetSim(root, rate=4 * 2**20).start()
-    port = srv.url.rsplit(":", 1)[1]
-    srv.inject("six.conda", "none", *[f"redirect:http://localhost:{port}/six.conda"] * 20)
+    srv.inject("six.conda", "none", *faults(srv.url.rsplit(":", 1)[1]))
     try:
         with pytest.raises(NetworkError) as info:
             _fetch_six(tmp_path / "pkgs", srv, sha)
     finally:
         srv.shutdown()
-    assert "another host (localhost)" in info.value.why
-    _only_expected(tmp_path / "pkgs", sha)
+    return info.value
+
+
+def test_a_redirect_of_a_segment_to_another_host_is_refused(tmp_path, six):
+    err = _refused(tmp_path, six, lambda port: [f"redirect:http://localhost:{port}/six.conda"] * 20)
+    assert "another host (localhost)" in err.why
+    _only_expected(tmp_path / "pkgs", six[1])
 
 
 def test_a_server_that_fails_every_segment_gives_every_permit_back(tmp_path, six, monkeypatch, permits):
     monkeypatch.setattr(cache, "RETRIES", 2)
-    root, sha = six
-    srv = NetSim(root, rate=4 * 2**20).start()
-    srv.inject("six.conda", "none", *["500"] * 40)
-    try:
-        with pytest.raises(NetworkError) as info:
-            _fetch_six(tmp_path / "pkgs", srv, sha)
-    finally:
-        srv.shutdown()
-    assert "HTTP 500" in info.value.why
+    err = _refused(tmp_path, six, lambda port: ["500"] * 40)
+    assert "HTTP 500" in err.why
     assert permits._value == cache.EXTRA_CONNECTIONS
 
 

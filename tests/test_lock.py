@@ -229,7 +229,7 @@ def test_a_parsed_lock_is_reused_only_for_the_same_bytes_and_a_bad_cache_entry_i
     lock.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert lockfile.read_lock(lock) and not (tmp_path / "home").exists()  # a plain read keeps nothing
     first = lockfile.read_lock(lock, keep=True)
-    kept = list((tmp_path / "home" / "parsed-locks").iterdir())
+    kept = list((tmp_path / "home" / "checked").glob("lock.*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["raw"] == first.raw
     assert lockfile.read_lock(lock).entries == first.entries  # from what was kept: the same
     doc["package"][0]["version"] = "1.11"  # edited in place: same path, other bytes

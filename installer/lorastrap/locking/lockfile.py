@@ -150,18 +150,18 @@ def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
 
 
 def _parsed(path: Path, keep: bool):
-    """The lock's YAML, parsed — from lorastrap's cache when this file's bytes were parsed before (a lock of a few
-    hundred packages takes ~35 ms to parse, its cached JSON ~2 ms) — kept only when KEEP (an install: a read-only
-    command writes nothing).  One entry per lock file, replaced when its bytes
-    change; only a document that JSON holds exactly is kept; an unreadable or unwritable entry is ignored.  Kept in
-    the data dir, the user's own — never in the package cache, which nodes and users may share (an entry there
-    could say another lock's packages)."""
+    """The lock's YAML, parsed — from what an earlier parse of the same bytes kept (a lock of a few hundred
+    packages takes ~35 ms to parse, the kept JSON ~2 ms).  KEEP (an install): keep this parse; a read-only command
+    writes nothing.  One entry per lock file, replaced when its bytes change; only a document that JSON holds
+    exactly is kept; an unreadable or unwritable entry is ignored.  Kept in the data dir's checked/ (beside the
+    checked profiles), the user's own — never in the package cache, which nodes and users may share (an entry
+    there could say another lock's packages)."""
     import json
     data = path.read_bytes()
     key = hashlib.sha256(data).hexdigest()
     try:
-        kept = paths.data_dir() / "parsed-locks" / (hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
-                                                     + ".json")
+        name = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
+        kept = paths.data_dir() / "checked" / f"lock.{name}.json"
     except LorastrapError:  # no usable data dir: parse, keep nothing
         kept = None
     if kept is not None:
