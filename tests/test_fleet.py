@@ -258,7 +258,9 @@ def test_shared_cache_with_concurrent_installers(engine, bundle, tmp_path):
                                        str(tmp_path / f"env{i}"), "--json"], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 4, [e[-2000:] for _, e in outs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(  # the failing ones whole, not cut by the repr
+        f"installer {i}: exit {p.returncode}\nstdout: {o[-3000:]}\nstderr: {e[-6000:]}"
+        for i, (p, (o, e)) in enumerate(zip(procs, outs)) if p.returncode)
     reports = [json.loads(o) for o, _ in outs]
     manifest = json.loads((b / "manifest.json").read_text())
     package_bytes = sum(m["size"] for rel, m in manifest["files"].items()
