@@ -79,6 +79,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fault = srv.next_fault(path.name)
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         srv.record(path.name, bool(self.headers.get("Range")), int(m.group(1)) if m else None)
+        if srv.auth is not None:
+            import base64
+            want = "Basic " + base64.b64encode(srv.auth.encode()).decode()
+            if self.headers.get("Authorization") != want:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="netsim"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
         if srv.delay_s:
             time.sleep(srv.delay_s)
         if fault == "500":
@@ -145,8 +154,9 @@ class NetSim(http.server.ThreadingHTTPServer):
         pass  # a client that hung up (a cancelled or timed-out download) is part of the game
 
     def __init__(self, root: Path, *, port: int = 0, delay_s: float = 0.0, rate: int = 0, ranges: bool = True,
-                 stall_s: float = 5.0, closed_ranges: bool = True):
+                 stall_s: float = 5.0, closed_ranges: bool = True, auth: str | None = None):
         super().__init__(("127.0.0.1", port), Handler)
+        self.auth = auth  # "USER:PASSWORD": every GET must carry it as HTTP Basic auth (else 401)
         self.root = root.resolve()
         self.delay_s, self.rate, self.ranges, self.stall_s = delay_s, rate, ranges, stall_s
         self.closed_ranges = closed_ranges  # False: `bytes=A-B` is answered with the whole file (200)

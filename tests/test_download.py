@@ -524,3 +524,37 @@ def test_a_sidecar_that_lies_ends_in_a_checksum_mismatch_and_a_download_from_the
     assert srv.range_starts["six.conda"][0] == half and 0 in srv.range_starts["six.conda"][1:]
     assert any("again from the start" in m for m in narrated), narrated
     assert got == SIX - half + SIX and not _leftovers(tmp_path / "pkgs")
+
+
+# --- a private mirror: credentials ---------------------------------------------------------------------------------
+
+def test_a_mirror_that_wants_credentials_gets_them_from_netrc_or_the_url_and_says_how_when_none(tmp_path, six,
+                                                                                               monkeypatch):
+    """HTTP Basic credentials from $NETRC / ~/.netrc (per host) or the URL's user:password — for every segment;
+    without them a clear NetworkError naming both ways (exit 5), and no password in any message."""
+    root, sha = six
+    srv = NetSim(root, rate=8 * 2**20, auth="alice:s3cr et").start()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc of the user's
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    try:
+        with pytest.raises(NetworkError) as info:
+            _fetch_six(tmp_path / "none", srv, sha)
+        assert "HTTP 401" in info.value.why and ".netrc" in info.value.fix and info.value.exit_code == 5
+        netrc_file = tmp_path / "netrc"
+        netrc_file.write_text("machine 127.0.0.1 login alice password \"s3cr et\"\n")
+        netrc_file.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc_file))
+        path, got = _fetch_six(tmp_path / "by-netrc", srv, sha)
+        assert cache.sha256_file(path) == sha and got == SIX
+        assert sum(srv.range_requests.values()) >= 3  # the segments carried them too
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        port = srv.url.rsplit(":", 1)[1]
+        narrated = []
+        path, _ = cache.Cache(tmp_path / "by-url").fetch(f"http://alice:s3cr%20et@127.0.0.1:{port}/six.conda", sha,
+                                                         "six.conda", narrate=narrated.append)
+        assert cache.sha256_file(path) == sha
+        with pytest.raises(NetworkError) as info:  # a wrong password: said without the password
+            cache.Cache(tmp_path / "wrong").fetch(f"http://alice:hunter2@127.0.0.1:{port}/six.conda", sha, "six.conda")
+        assert "hunter2" not in str(info.value.to_dict()) and "alice:***@" in info.value.what
+    finally:
+        srv.shutdown()

@@ -158,7 +158,7 @@ class Cache:
                 _discard(tmp)
                 raise IntegrityError(
                     f"{filename}: checksum mismatch (want sha256 {sha256}, got {got})",
-                    why=f"the archive at {url} was downloaded completely and is not the one the lock names: "
+                    why=f"the archive at {shown(url)} was downloaded completely and is not the one the lock names: "
                         f"altered, corrupted, or a different build on the mirror",
                     fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
                         "with `lorastrap lock`.")
@@ -378,6 +378,7 @@ _CONNECTIONS = _Connections()
 
 
 def _connection(scheme: str, netloc: str, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    netloc = netloc.rsplit("@", 1)[-1]  # a pool per host and port, whatever user:password a URL names
     conn = _CONNECTIONS.by_host.get((scheme, netloc))
     if conn is not None:
         conn.timeout = timeout
@@ -393,7 +394,7 @@ def _connection(scheme: str, netloc: str, timeout: float) -> tuple[http.client.H
 
 
 def _drop(scheme: str, netloc: str) -> None:
-    conn = _CONNECTIONS.by_host.pop((scheme, netloc), None)
+    conn = _CONNECTIONS.by_host.pop((scheme, netloc.rsplit("@", 1)[-1]), None)
     if conn is not None:
         conn.close()
 
@@ -420,10 +421,55 @@ def _helpers() -> ThreadPoolExecutor:
         return _HELPERS
 
 
+def shown(url: str) -> str:
+    """URL as it may be printed: a password in it replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+def _netrc_login(host: str) -> tuple[str, str] | None:
+    """(login, password) for HOST from $NETRC or ~/.netrc (what curl, pip and conda read), else None; a file that
+    is missing or cannot be parsed gives none."""
+    import netrc
+    where = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        st = os.stat(where)
+    except OSError:
+        return None
+    key = (where, st.st_mtime_ns, st.st_size)
+    if _NETRC.get("key") != key:
+        try:
+            _NETRC.update(key=key, file=netrc.netrc(where))
+        except (OSError, netrc.NetrcParseError, UnicodeDecodeError):
+            _NETRC.update(key=key, file=None)
+    found = _NETRC["file"].authenticators(host) if _NETRC["file"] else None
+    return (found[0] or "", found[2] or "") if found else None
+
+
+_NETRC: dict = {}
+
+
+def _authorization(parts: urllib.parse.SplitResult, own: bool) -> str | None:
+    """HTTP Basic credentials for this request: the URL's own user and password (only to the URL's own host: OWN),
+    else the host's entry in .netrc."""
+    import base64
+    if own and parts.username is not None:
+        login = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    else:
+        login = _netrc_login(parts.hostname or "")
+    if login is None:
+        return None
+    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+
+
 def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset()):
     """GET url's bytes FIRST..LAST (a Range request; no Range header when FIRST is None, to the end when LAST is
-    None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered)."""
+    None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered).
+    Credentials: the URL's user:password (sent to its own host only) or the host's .netrc entry, as HTTP Basic."""
     home = (urllib.parse.urlsplit(url).hostname or "").lower()
+    own_netloc = urllib.parse.urlsplit(url).netloc
     headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
     if first is not None:
         headers["Range"] = f"bytes={first}-{'' if last is None else last}"
@@ -431,36 +477,42 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise _HttpStatus(0, f"unsupported URL scheme {parts.scheme!r}")
+        netloc = parts.netloc.rsplit("@", 1)[-1]  # without user:password
+        sent = dict(headers)
+        auth = _authorization(parts, own=parts.netloc == own_netloc)
+        if auth:
+            sent["Authorization"] = auth
         if _proxied(parts):  # through the user's proxy (https_proxy/http_proxy): urllib, one connection a file
             try:
-                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+                resp = urllib.request.urlopen(urllib.request.Request(
+                    urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=sent), timeout=timeout)
             except urllib.error.HTTPError as exc:
                 raise _HttpStatus(exc.code, str(exc.reason))
             return resp.status, resp.headers, resp, url
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):  # a pooled connection the server closed meanwhile: once more, on a new one
-            conn, reused = _connection(parts.scheme, parts.netloc, timeout)
+            conn, reused = _connection(parts.scheme, netloc, timeout)
             try:
-                conn.request("GET", target, headers=headers)
+                conn.request("GET", target, headers=sent)
                 resp = conn.getresponse()
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                _drop(parts.scheme, parts.netloc)
+                _drop(parts.scheme, netloc)
                 if fresh or not reused:
                     raise
             except BaseException:
-                _drop(parts.scheme, parts.netloc)
+                _drop(parts.scheme, netloc)
                 raise
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             resp.read()
             target_url = urllib.parse.urljoin(url, resp.getheader("Location"))
             host = (urllib.parse.urlsplit(target_url).hostname or "").lower()
             if host != home and host not in hosts:
-                raise _Redirected(f"{url} redirects to {target_url}, on another host ({host})")
+                raise _Redirected(f"{shown(url)} redirects to {shown(target_url)}, on another host ({host})")
             url = target_url
             continue
         if resp.status >= 400:
-            _drop(parts.scheme, parts.netloc)
+            _drop(parts.scheme, netloc)
             raise _HttpStatus(resp.status, resp.reason)
         return resp.status, resp.headers, resp, url
     raise _HttpStatus(0, f"more than {MAX_REDIRECTS} redirects")
@@ -893,7 +945,7 @@ class _Job:
                 self._give_up(str(exc))
             return str(exc)
         if isinstance(exc, (socket.timeout, TimeoutError)):
-            return f"no data from {urllib.parse.urlsplit(self.final).netloc} for {self.timeout:.0f} s"
+            return f"no data from {urllib.parse.urlsplit(self.final).netloc.rsplit('@', 1)[-1]} for {self.timeout:.0f} s"
         if isinstance(exc, OSError) and exc.errno in FULL:
             raise DiskError(f"the package cache's disk is full ({exc.strerror})",
                             fix="Free disk space or set LORASTRAP_HOME.")
@@ -916,7 +968,13 @@ class _Job:
         return self.halt.is_set() or (self.stop is not None and self.stop.is_set())
 
     def _give_up(self, last: str):
-        raise NetworkError(f"could not download {self.url}", why=last,
+        host = urllib.parse.urlsplit(self.final).hostname
+        if last.startswith(("HTTP 401", "HTTP 403")):
+            raise NetworkError(f"could not download {shown(self.url)}", why=f"{last}: {host} wants credentials",
+                               fix=f"Give them in ~/.netrc (or the file $NETRC names): `machine {host} login USER "
+                                   f"password PASSWORD`, or in the URL (https://USER:PASSWORD@{host}/…, e.g. with "
+                                   "--mirror); lorastrap sends them to that host only.")
+        raise NetworkError(f"could not download {shown(self.url)}", why=last,
                            fix="Check the network or proxy (https_proxy); rerun to resume what was downloaded; use "
                                "--mirror URL for a reachable mirror, or a bundle/local channel for offline machines.")
 
