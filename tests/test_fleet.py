@@ -800,3 +800,25 @@ def test_a_warm_cache_does_not_mask_an_altered_bundle(bundle, tmp_path):
     res = run_cli("install", "--bundle", str(b), "--prefix", str(tmp_path / "env2"), "--no-verify", env=env)
     assert res.returncode == 6, res.stderr
     assert f"channel/linux-64/{victim.name} was altered" in res.stderr and not (tmp_path / "env2").exists()
+
+
+@pytest.mark.slow
+def test_many_installers_on_one_shared_cache_never_break_each_others_engine(engine, bundle, tmp_path):
+    """Soak: six installers at once on one shared package cache, ten rounds.  A check of micromamba's unpacked
+    copies while another installer's micromamba was unpacking one saw it incomplete and removed it, and that
+    micromamba failed ("Cannot find a valid extracted directory cache"; ~1 round in 10 before the checks took
+    micromamba's cache lock)."""
+    b = _unpacked(bundle, tmp_path)
+    for round_ in range(10):
+        here = tmp_path / f"round{round_}"
+        procs = []
+        for i in range(6):
+            env = dict(os.environ, LORASTRAP_HOME=str(here / f"node{i}"), LORASTRAP_PKGS_DIR=str(here / "shared"))
+            procs.append(subprocess.Popen([sys.executable, "-m", "lorastrap", "install", "--bundle", str(b), "--prefix",
+                                           str(here / f"env{i}"), "--json"], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=600) for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(
+            f"round {round_}, installer {i}: exit {p.returncode}\n{e[-4000:]}"
+            for i, (p, (_, e)) in enumerate(zip(procs, outs)) if p.returncode)
+        shutil.rmtree(here)

@@ -230,6 +230,19 @@ def engine_root(engine: Engine, cache_dir: Path) -> Path:
     return cache_dir.parent / "mamba" / f"{engine.kind}-{engine.version or 'unknown'}"
 
 
+def engine_cache_held(engine: Engine, cache_dir: Path, *, wait: bool = True, narrate=lambda m: None):
+    """micromamba/mamba's package cache, held: micromamba 1.5 run concurrently on one package cache fails ("Package
+    cache error"), and a copy it is unpacking looks damaged to a check from outside (a missing info/index.json) — so
+    its runs, and lorastrap's checks of its unpacked copies, go one at a time per cache (installers on one node, or
+    nodes sharing LORASTRAP_PKGS_DIR).  The embedded engine's cache needs no such lock: a nullcontext."""
+    from contextlib import nullcontext
+    if engine.kind == "rattler":
+        return nullcontext()
+    root = engine_root(engine, cache_dir)
+    return locks.held(root / ".lorastrap.lock", what=f"{engine.kind}'s package cache {root}", wait=wait,
+                      narrate=narrate)
+
+
 def _isolated_env(root: Path | None) -> dict[str, str]:
     extra = {"MAMBA_ROOT_PREFIX": str(root), "CONDA_PKGS_DIRS": str(root / "pkgs"), "HOME": str(root)} if root else {}
     return subproc.clean_env(drop=("CONDARC", "MAMBARC"), prefixes=("CONDA_", "MAMBA_"), **extra)
@@ -282,9 +295,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     root = engine_root(engine, cache_dir)
     (root / "pkgs").mkdir(parents=True, exist_ok=True)
     argv, env = mamba_command(engine, prefix, lock_file, root)
-    # micromamba 1.5 run concurrently on one package cache fails ("Package cache error"): one at a time per cache
-    # (installers on one node, or nodes sharing LORASTRAP_PKGS_DIR).
-    with locks.held(root / ".lorastrap.lock", what=f"{engine.kind}'s package cache {root}", narrate=narrate):
+    with engine_cache_held(engine, cache_dir, narrate=narrate):
         res = subproc.run(argv, timeout=ENGINE_TIMEOUT_S, env=env)
     if not res.ok:
         _raise_if_disk_full(res.stdout + res.stderr, prefix)

@@ -45,8 +45,8 @@ from lorastrap.locking import channels as chans, choose, lockfile
 from lorastrap.install.cache import Cache, read_timeout, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
 from lorastrap.machine.model import Machine
-from lorastrap.core.errors import (ConfigError, DiskError, Interrupted, LorastrapError, NotOursError, UnsafePackageError,
-                                   UsageError, VerifyError)
+from lorastrap.core.errors import (BusyError, ConfigError, DiskError, Interrupted, LorastrapError, NotOursError,
+                                   UnsafePackageError, UsageError, VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import BuiltWith, EnvRecord, Journal, NodeReport
 
@@ -269,7 +269,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         # The unpacked copies the engine will link from: the embedded engine's, or micromamba/mamba's own cache.
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
-        cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
+        with engines.engine_cache_held(eng, cache.root / "extracted", narrate=narrate):  # not while it unpacks
+            cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
 
         work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
@@ -302,7 +303,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        carry_over=carry_over, timings=timings, narrate=narrate,
                        # The copies the engine just linked from were checked above; the new links changed only
                        # their ctimes, so record those (the next quick check then hashes only what changed since).
-                       after_link=lambda: cache.restamp_extracted(list(archives.values()), extracted=unpacked))
+                       after_link=lambda: _restamp(cache, eng, list(archives.values()), unpacked))
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -345,6 +346,16 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path) -> None:
+    """Restamp the unpacked copies just linked from — unless another installer's micromamba holds its cache now
+    (not waited for: without the new stamps the next check hashes those copies again, nothing worse)."""
+    try:
+        with engines.engine_cache_held(eng, cache.root / "extracted", wait=False):
+            cache.restamp_extracted(archives, extracted=unpacked)
+    except BusyError:
+        pass
 
 
 def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, work: Path, entries: list,
