@@ -13,8 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.core import fsutil, paths
-from lorastrap.core.errors import ConfigError, LorastrapError
+from lorastrap.core import kept, paths
+from lorastrap.core.errors import ConfigError
 from lorastrap.locking.spec import inputs_sha256
 from lorastrap.matrix.profiles import Profile
 
@@ -150,27 +150,15 @@ def _bad(path: Path, field_name: str, problem: str) -> ConfigError:
 
 
 def _parsed(path: Path, keep: bool):
-    """The lock's YAML, parsed — from what an earlier parse of the same bytes kept (a lock of a few hundred
-    packages takes ~35 ms to parse, the kept JSON ~2 ms).  KEEP (an install): keep this parse; a read-only command
-    writes nothing.  One entry per lock file, replaced when its bytes change; only a document that JSON holds
-    exactly is kept; an unreadable or unwritable entry is ignored.  Kept in the data dir's checked/ (beside the
-    checked profiles), the user's own — never in the package cache, which nodes and users may share (an entry
-    there could say another lock's packages)."""
-    import json
+    """The lock's YAML, parsed — from what an earlier parse of the same bytes kept (core/kept.py: a lock of a few
+    hundred packages takes ~35 ms to parse, the kept JSON ~2 ms).  KEEP (an install): keep this parse; a read-only
+    command writes nothing.  One entry per lock file, replaced when its bytes change."""
     data = path.read_bytes()
     key = hashlib.sha256(data).hexdigest()
-    try:
-        name = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
-        kept = paths.data_dir() / "checked" / f"lock.{name}.json"
-    except LorastrapError:  # no usable data dir: parse, keep nothing
-        kept = None
-    if kept is not None:
-        try:
-            doc = json.loads(kept.read_text())
-            if doc.get("sha256") == key:
-                return doc["raw"]
-        except (OSError, ValueError, AttributeError, KeyError):
-            pass
+    name = "lock." + hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
+    raw = kept.recall(name, key, "raw")
+    if raw is not None:
+        return raw
     import yaml
     try:
         raw = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -179,14 +167,8 @@ def _parsed(path: Path, keep: bool):
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}", why=str(getattr(exc, "problem", exc)),
                           fix="Regenerate it with `lorastrap lock`.")
-    if kept is not None and keep:
-        try:
-            text = json.dumps({"sha256": key, "raw": raw})
-            if json.loads(text)["raw"] == raw:  # nothing JSON would change (a date, a number as a key)
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                fsutil.write_atomic(kept, text, durable=False)
-        except (OSError, TypeError, ValueError):
-            pass
+    if keep:
+        kept.keep(name, key, "raw", raw)
     return raw
 
 

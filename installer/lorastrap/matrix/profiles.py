@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from lorastrap.core import fsutil, paths
+from lorastrap.core import kept, paths
 from lorastrap.core.errors import ConfigError, LorastrapError
 from lorastrap.core.plain import Checked, Field, Plain, frozen_record as record
 
@@ -243,32 +243,19 @@ def _checked_key(data: bytes) -> str:
     return hashlib.sha256(f"{__version__} {code} {hashlib.sha256(data).hexdigest()}".encode()).hexdigest()
 
 
-def _checked_file(key: str) -> Path:
-    return paths.data_dir() / "checked" / f"profiles.{key[:32]}.json"
-
-
 def _read_checked(key: str) -> Matrix | None:
     """The matrix kept under KEY, or None (none, or one that cannot be read, or not what was written)."""
-    import json
+    raw = kept.recall(f"profiles.{key[:32]}", key, "matrix")
     try:
-        doc = json.loads(_checked_file(key).read_bytes())
-        return Matrix.model_validate_plain(doc["matrix"]) if doc.get("key") == key else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, LorastrapError):
+        return Matrix.model_validate_plain(raw) if raw is not None else None
+    except (ValueError, KeyError, TypeError, AttributeError, LorastrapError):
         return None
 
 
 def _keep_checked(key: str, matrix: Matrix) -> None:
     """Keep MATRIX under KEY (never failing: without it the next run checks the file again)."""
-    import json
-    try:
-        path = _checked_file(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fsutil.write_atomic(path, json.dumps({"key": key, "matrix": matrix.model_dump()}) + "\n")
-        kept = sorted(path.parent.glob("profiles.*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-        for old in kept[CHECKED_KEEP:]:
-            old.unlink()
-    except (OSError, LorastrapError):
-        pass
+    kept.keep(f"profiles.{key[:32]}", key, "matrix", matrix.model_dump(), exact=False,
+              newest=("profiles.*.json", CHECKED_KEEP))
 
 
 def load(envs_dir: Path | None = None, *, keep: bool = False) -> Matrix:
