@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, run_cli
 from netsim import NetSim
 
-from lorastrap.install import cache
+from lorastrap.install import cache, download
 from lorastrap.core.errors import IntegrityError, NetworkError
 
 SIZE = 3 * 2**20 + 123  # more than one read block, so a cut lands mid-body
@@ -36,7 +36,7 @@ def served(tmp_path):
 @pytest.fixture
 def one_connection(monkeypatch):
     """The contiguous path: each file over one connection, no segments (what a proxied download gets)."""
-    monkeypatch.setattr(cache, "SEGMENTS", 1)
+    monkeypatch.setattr(download, "SEGMENTS", 1)
 
 
 def _fetch(tmp_path, srv, sha, narrated=None):
@@ -61,7 +61,7 @@ def test_a_cut_that_never_heals_is_a_network_error_and_the_part_is_kept_for_the_
                                                                                             monkeypatch,
                                                                                             one_connection):
     srv, root, sha = served
-    monkeypatch.setattr(cache, "RETRIES", 2)
+    monkeypatch.setattr(download, "RETRIES", 2)
     srv.inject("big.conda", "cut", "cut")
     with pytest.raises(NetworkError) as info:
         _fetch(tmp_path, srv, sha)
@@ -83,7 +83,7 @@ def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatc
     with pytest.raises(NetworkError) as info:
         c.fetch(f"{srv.url}/gone.conda", "0" * 64, "gone.conda")
     assert "HTTP 404" in info.value.why and srv.requests["gone.conda"] == 1
-    monkeypatch.setattr(cache, "RETRIES", 3)
+    monkeypatch.setattr(download, "RETRIES", 3)
     srv.inject("gone.conda", "500", "500", "500")
     with pytest.raises(NetworkError) as info:
         c.fetch(f"{srv.url}/gone.conda", "0" * 64, "gone.conda")
@@ -100,7 +100,7 @@ def test_a_stall_is_narrated_bounded_and_resumed(tmp_path, served, monkeypatch, 
     _, (path, _) = _fetch(tmp_path, srv, sha, narrated)
     assert time.monotonic() - t < 2.5 and cache.sha256_file(path) == sha
     assert any("no data from 127.0.0.1" in m and "retrying" in m for m in narrated), narrated
-    monkeypatch.setattr(cache, "RETRIES", 2)
+    monkeypatch.setattr(download, "RETRIES", 2)
     srv.inject("big.conda", "stall", "stall")
     c = cache.Cache(tmp_path / "pkgs2")
     t = time.monotonic()
@@ -172,7 +172,7 @@ def test_the_first_failure_stops_the_others(tmp_path):
 
 
 def test_progress_ends_its_line(capsys):
-    p = cache.Progress(2)
+    p = download.Progress(2)
     p.tty = True
     p.add(2**20)
     p.done_one()
@@ -375,7 +375,7 @@ def test_a_large_file_comes_in_segments_over_several_connections_and_sooner(tmp_
         path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
         segmented = time.monotonic() - t
         ranged, at_once = srv.range_requests["six.conda"], srv.max_active
-        monkeypatch.setattr(cache, "SEGMENTS", 1)  # the same download over one connection, same server and run
+        monkeypatch.setattr(download, "SEGMENTS", 1)  # the same download over one connection, same server and run
         t = time.monotonic()
         path1, got1 = _fetch_six(tmp_path / "pkgs-one", srv, sha)
         one = time.monotonic() - t
@@ -439,7 +439,7 @@ def test_a_segment_that_fails_stops_the_others_and_its_error_is_raised(tmp_path,
         srv.shutdown()
     assert "HTTP 404" in info.value.why and took < 0.8, took
     part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-    assert cache._kept_segments(part)  # kept, with its sidecar, for the next run
+    assert download.kept_segments(part)  # kept, with its sidecar, for the next run
 
 
 def test_extra_connections_are_bounded_in_the_whole_process(tmp_path, monkeypatch):
@@ -447,7 +447,7 @@ def test_extra_connections_are_bounded_in_the_whole_process(tmp_path, monkeypatc
     root.mkdir()
     for i in range(3):
         (root / f"s{i}.bin").write_bytes(os.urandom(4 * 2**20))
-    monkeypatch.setattr(cache, "_EXTRA", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(download, "_EXTRA", threading.BoundedSemaphore(2))
     srv = NetSim(root, rate=8 * 2**20).start()
     try:
         items = [(f"{srv.url}/s{i}.bin", cache.sha256_file(root / f"s{i}.bin"), f"s{i}.bin") for i in range(3)]
@@ -465,7 +465,7 @@ KILLED = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from lorastrap.install import cache
+from lorastrap.install import cache, download
 cache.Cache(Path(sys.argv[2])).fetch(sys.argv[3], sys.argv[4], "six.conda")
 """
 

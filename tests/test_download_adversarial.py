@@ -4,7 +4,6 @@ extra-connection permits given back and nothing written beside the part."""
 
 import errno
 import http.server
-import json
 import os
 import re
 import subprocess
@@ -17,20 +16,20 @@ from conftest import ROOT
 from netsim import NetSim
 from test_download import SIX, _fetch_six, _leftovers, one_connection, six  # noqa: F401  (fixtures)
 
-from lorastrap.install import cache
+from lorastrap.install import cache, download
 from lorastrap.core.errors import DiskError, IntegrityError, NetworkError
 
 
 @pytest.fixture(autouse=True)
 def permits(monkeypatch):
     """A fresh process-wide bound for each probe; every permit must be back when the download ended, however."""
-    sem = threading.BoundedSemaphore(cache.EXTRA_CONNECTIONS)
-    monkeypatch.setattr(cache, "_EXTRA", sem)
+    sem = threading.BoundedSemaphore(download.EXTRA_CONNECTIONS)
+    monkeypatch.setattr(download, "_EXTRA", sem)
     yield sem
-    assert sem._value == cache.EXTRA_CONNECTIONS, "a helper kept its extra connection"
+    assert sem._value == download.EXTRA_CONNECTIONS, "a helper kept its extra connection"
     helpers = [t for t in threading.enumerate() if t.name.startswith("lorastrap-segment")]
-    assert len(helpers) <= cache.EXTRA_CONNECTIONS
-    assert cache._HELPERS is None or cache._HELPERS._work_queue.empty()  # no helper left queued
+    assert len(helpers) <= download.EXTRA_CONNECTIONS
+    assert download._HELPERS is None or download._HELPERS._work_queue.empty()  # no helper left queued
 
 
 def _only_expected(pkgs, sha, name="six.conda"):
@@ -161,7 +160,7 @@ def test_a_content_length_that_is_not_a_number_is_not_a_traceback(tmp_path, liar
 
 def test_a_total_that_changes_between_requests_is_never_written_and_the_next_run_converges(tmp_path, liar,
                                                                                            monkeypatch):
-    monkeypatch.setattr(cache, "RETRIES", 2)
+    monkeypatch.setattr(download, "RETRIES", 2)
     make, data, sha = liar
 
     def script(n, first, last, data):
@@ -175,7 +174,7 @@ def test_a_total_that_changes_between_requests_is_never_written_and_the_next_run
         _fetch(tmp_path / "pkgs", srv.url, sha)
     assert "did not answer with bytes" in info.value.why
     part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-    assert cache._kept_segments(part)
+    assert download.kept_segments(part)
     _only_expected(tmp_path / "pkgs", sha)
     srv.script = _honest
     path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
@@ -184,7 +183,7 @@ def test_a_total_that_changes_between_requests_is_never_written_and_the_next_run
 
 def test_a_206_of_another_range_than_asked_is_a_network_error_and_nothing_wrong_is_kept(tmp_path, liar,
                                                                                         monkeypatch):
-    monkeypatch.setattr(cache, "RETRIES", 3)
+    monkeypatch.setattr(download, "RETRIES", 3)
     make, data, sha = liar
 
     def script(n, first, last, data):
@@ -197,7 +196,7 @@ def test_a_206_of_another_range_than_asked_is_a_network_error_and_nothing_wrong_
         _fetch(tmp_path / "pkgs", srv.url, sha)
     assert "did not answer with bytes" in info.value.why
     part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-    total, segments = cache._kept_segments(part)
+    total, segments = download.kept_segments(part)
     held = part.read_bytes()
     assert total == len(data) and any(s.done for s in segments)
     for s in segments:  # every byte the sidecar says is written is the file's
@@ -300,10 +299,10 @@ def test_a_redirect_of_a_segment_to_another_host_is_refused(tmp_path, six):
 
 
 def test_a_server_that_fails_every_segment_gives_every_permit_back(tmp_path, six, monkeypatch, permits):
-    monkeypatch.setattr(cache, "RETRIES", 2)
+    monkeypatch.setattr(download, "RETRIES", 2)
     err = _refused(tmp_path, six, lambda port: ["500"] * 40)
     assert "HTTP 500" in err.why
-    assert permits._value == cache.EXTRA_CONNECTIONS
+    assert permits._value == download.EXTRA_CONNECTIONS
 
 
 # --- the disk ----------------------------------------------------------------------------------------------------
@@ -331,7 +330,7 @@ def test_a_full_disk_during_a_segment_write_is_a_disk_error_and_the_part_is_kept
         assert time.monotonic() - t < 3
         monkeypatch.setattr(os, "pwrite", real)
         part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-        assert cache._kept_segments(part)
+        assert download.kept_segments(part)
         path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
     finally:
         srv.shutdown()
@@ -378,19 +377,19 @@ def test_a_stop_ends_a_segmented_download_at_once_and_keeps_its_part(tmp_path, s
     threading.Timer(0.8, stop.set).start()
     try:
         t = time.monotonic()
-        with pytest.raises(cache.Cancelled):
+        with pytest.raises(download.Cancelled):
             cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/six.conda", sha, "six.conda", stop=stop)
         took = time.monotonic() - t
     finally:
         srv.shutdown()
     assert took < 1.5, took
     part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-    assert cache._kept_segments(part)
+    assert download.kept_segments(part)
 
 
 @pytest.mark.parametrize("segments", [1, 8])
 def test_a_stop_during_a_retry_pause_is_honoured_at_once(tmp_path, six, monkeypatch, segments):
-    monkeypatch.setattr(cache, "SEGMENTS", segments)
+    monkeypatch.setattr(download, "SEGMENTS", segments)
     root, sha = six
     srv = NetSim(root).start()
     srv.inject("six.conda", *["500"] * 4)  # the fourth failure pauses 2 s before the fifth attempt
@@ -406,7 +405,7 @@ def test_a_stop_during_a_retry_pause_is_honoured_at_once(tmp_path, six, monkeypa
 
     threading.Thread(target=stopper, daemon=True).start()
     try:
-        with pytest.raises(cache.Cancelled):
+        with pytest.raises(download.Cancelled):
             cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/six.conda", sha, "six.conda", stop=stop)
         took = time.monotonic() - when[0]
     finally:
@@ -439,7 +438,7 @@ def test_ctrl_c_in_the_main_thread_joins_the_helpers_and_keeps_the_sidecar(tmp_p
     assert took < 2, took
     assert active == 0  # no helper still reading
     part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
-    assert cache._kept_segments(part)
+    assert download.kept_segments(part)
 
 
 def test_the_first_failure_of_a_later_archive_stops_a_long_earlier_one(tmp_path):
@@ -467,7 +466,7 @@ TWICE = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from lorastrap.install import cache
+from lorastrap.install import cache, download
 path, got = cache.Cache(Path(sys.argv[2])).fetch(sys.argv[3], sys.argv[4], "six.conda")
 print(got)
 """

@@ -27,11 +27,12 @@ BUDGETS = {
 }
 # What `lorastrap install` imports before it works (the command, its orchestration, the transaction): the code it
 # needs, none of what only checks or writes other files (pydantic, yaml: read from what an earlier check kept), nor
-# py-rattler (its worker's) nor the day-two rooms.  ~21x the bare interpreter's when this budget was set.
+# py-rattler (its worker's) nor the day-two rooms, nor the transport (http.client, ssl: only when an archive is
+# missing).  ~21x the bare interpreter's when this budget was set.
 INSTALL_PATH_IMPORTS = "import lorastrap.cli.install, lorastrap.install.provision, lorastrap.machine.detect"
 INSTALL_BUDGET = (30.0, ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "rattler", "conda_lock", "psutil",
                          "html.parser", "lorastrap.care", "lorastrap.fleet", "lorastrap.locking.lock",
-                         "lorastrap.locking.solve"))
+                         "lorastrap.locking.solve", "lorastrap.install.download", "http.client", "ssl"))
 RUNS = 5
 
 

@@ -2,7 +2,7 @@
 and the pip step (uv, else pip) for a lock's pip entries.
 
 Each engine gets the same hand-over (``hand_over``): a lock holding only the conda entries, whose URLs name the
-archives lorastrap already checked (cache.py), laid out as a channel (``pkgs/channel/SUBDIR/FILE``, hard links) —
+archives lorastrap already checked (cache.py), laid out as a channel (``pkgs/channel/SUBDIR/FILE``, symbolic links) —
 micromamba 1.5 rebuilds every URL of a lock as CHANNEL/SUBDIR/FILENAME, so a bare cache path does not do. The pip
 entries are installed by lorastrap itself from wheels it checked too, so no engine runs a pip step of its own.
 

@@ -30,7 +30,6 @@ import os
 import shutil
 import filecmp
 import signal
-import socket
 import stat
 import tempfile
 import time
@@ -42,7 +41,7 @@ from pathlib import Path
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, signals, subproc
 from lorastrap.locking import channels as chans, choose, lockfile
-from lorastrap.install.cache import Cache, read_timeout, redirect_hosts_from
+from lorastrap.install.cache import Cache, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import (BusyError, ConfigError, DiskError, Interrupted, LorastrapError, NotOursError,
@@ -416,6 +415,7 @@ def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: s
     url = chans.mirrored(e.url, channels, mirror)
     if (e.manager == "pip" and url == e.url and pip_index_url != chans.DEFAULT_PIP_INDEX
             and not url.startswith(pip_index_url.rstrip("/") + "/")):
+        from lorastrap.install.download import read_timeout
         from lorastrap.locking import pypi_index  # the index's simple page: only for another index
         return pypi_index.file_url(pip_index_url, e.name, e.filename, timeout=read_timeout())
     return url
@@ -573,7 +573,7 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
     verdict = (result.verify or {}).get("verdict") if result.verify else ("unchanged" if not result.changed else "skipped")
     from lorastrap import __version__
     record = pfx.read_record(Path(result.prefix))
-    return NodeReport(host=socket.gethostname(), ok=True, **result.to_dict(), versions=versions,
+    return NodeReport(host=os.uname().nodename, ok=True, **result.to_dict(), versions=versions,
                       lorastrap_version=__version__, finished_at=pfx.now(),
                       lock_digest=record.lock_digest if record else None,
                       machine={"platform": machine.platform, "driver": machine.nvidia.driver_version,

@@ -1,0 +1,710 @@
+"""The transport: one file over HTTP(S) (or a local copy) into a `.part` file, resumed, retried, in segments.
+
+http.client with a kept-alive connection per host and thread (measured against urllib3 on loopback: as fast on
+small files, faster on big ones), proxies through urllib (https_proxy, no_proxy), redirects only to the URL's own
+host or hosts the user named, HTTP Basic credentials from the URL (its own host only) or .netrc.
+
+A large archive from a server that honours Range is downloaded in segments, several byte ranges at once, each over
+its own connection (a link that caps each connection's bandwidth is then bounded by the archive's share of the
+link, not by one connection); a sidecar beside its `.part` records what each segment wrote, for the next run.
+Imported only when something is downloaded: a warm install never pays for http.client and ssl.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import re
+import shutil
+import socket
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+from lorastrap.core import fsutil
+from lorastrap.core.errors import DiskError, NetworkError
+
+CHUNK = 1 << 20
+RETRIES = 5  # attempts per archive (per segment); a cut or a stall is retried (resuming with Range), a 4xx is not
+MAX_REDIRECTS = 5
+SEGMENTS = 8  # a large archive comes as up to this many byte ranges at once, each over its own connection
+SEGMENT_MIN = 1 << 20  # the least a segment holds (a file is split when at least twice this remains)
+EXTRA_CONNECTIONS = 16  # the connections segments add, in the whole process (beyond each fetch thread's own)
+SIDECAR_EVERY = 0.5  # seconds between writes of a segmented part's sidecar (its progress, for the next run)
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full, or a quota used up (a shared filesystem's usual limit)
+
+
+def read_timeout() -> float:
+    """Seconds without a byte from the server before a download counts as stalled (LORASTRAP_READ_TIMEOUT)."""
+    try:
+        return max(0.1, float(os.environ.get("LORASTRAP_READ_TIMEOUT") or 30))
+    except ValueError:
+        return 30.0
+
+
+class Cancelled(Exception):
+    """Another download failed, or the run was interrupted: this one stops at its next block."""
+
+
+class _HttpStatus(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"HTTP {code} {reason}")
+        self.code = code
+
+
+class _Cut(Exception):
+    pass
+
+
+class _Connections(threading.local):
+    """Each download thread keeps one keep-alive connection per host (a pool of JOBS connections per host)."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[tuple[str, str], http.client.HTTPConnection] = {}
+
+
+_CONNECTIONS = _Connections()
+
+
+def _connection(scheme: str, netloc: str, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    netloc = netloc.rsplit("@", 1)[-1]  # a pool per host and port, whatever user:password a URL names
+    conn = _CONNECTIONS.by_host.get((scheme, netloc))
+    if conn is not None:
+        conn.timeout = timeout
+        return conn, True
+    if scheme == "https":
+        ctx = ssl.create_default_context()
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(netloc, timeout=timeout)
+    _CONNECTIONS.by_host[(scheme, netloc)] = conn
+    return conn, False
+
+
+def _drop(scheme: str, netloc: str) -> None:
+    conn = _CONNECTIONS.by_host.pop((scheme, netloc.rsplit("@", 1)[-1]), None)
+    if conn is not None:
+        conn.close()
+
+
+def _proxied(parts: urllib.parse.SplitResult) -> bool:
+    return parts.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+class _Redirected(Exception):
+    """A redirect to a host that is neither the URL's own nor one the user named."""
+
+
+_EXTRA = threading.BoundedSemaphore(EXTRA_CONNECTIONS)  # one a helper segment, while it works
+_HELPERS: ThreadPoolExecutor | None = None
+_HELPERS_LOCK = threading.Lock()
+
+
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that fetch segments besides each file's first connection (each keeps its own connections)."""
+    global _HELPERS
+    with _HELPERS_LOCK:
+        if _HELPERS is None:
+            _HELPERS = ThreadPoolExecutor(max_workers=EXTRA_CONNECTIONS, thread_name_prefix="lorastrap-segment")
+        return _HELPERS
+
+
+def shown(url: str) -> str:
+    """URL as it may be printed: a password in it replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[-1]}"))
+
+
+def _netrc_login(host: str) -> tuple[str, str] | None:
+    """(login, password) for HOST from $NETRC or ~/.netrc (what curl, pip and conda read), else None; a file that
+    is missing or cannot be parsed gives none."""
+    import netrc
+    where = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        st = os.stat(where)
+    except OSError:
+        return None
+    key = (where, st.st_mtime_ns, st.st_size)
+    if _NETRC.get("key") != key:
+        try:
+            _NETRC.update(key=key, file=netrc.netrc(where))
+        except (OSError, netrc.NetrcParseError, UnicodeDecodeError):
+            _NETRC.update(key=key, file=None)
+    found = _NETRC["file"].authenticators(host) if _NETRC["file"] else None
+    return (found[0] or "", found[2] or "") if found else None
+
+
+_NETRC: dict = {}
+
+
+def _authorization(parts: urllib.parse.SplitResult, own: bool) -> str | None:
+    """HTTP Basic credentials for this request: the URL's own user and password (only to the URL's own host: OWN),
+    else the host's entry in .netrc."""
+    import base64
+    if own and parts.username is not None:
+        login = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    else:
+        login = _netrc_login(parts.hostname or "")
+    if login is None:
+        return None
+    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
+
+
+def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset()):
+    """GET url's bytes FIRST..LAST (a Range request; no Range header when FIRST is None, to the end when LAST is
+    None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered).
+    Credentials: the URL's user:password (sent to its own host only) or the host's .netrc entry, as HTTP Basic."""
+    home = (urllib.parse.urlsplit(url).hostname or "").lower()
+    own_netloc = urllib.parse.urlsplit(url).netloc
+    headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
+    if first is not None:
+        headers["Range"] = f"bytes={first}-{'' if last is None else last}"
+    for _ in range(MAX_REDIRECTS):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise _HttpStatus(0, f"unsupported URL scheme {parts.scheme!r}")
+        netloc = parts.netloc.rsplit("@", 1)[-1]  # without user:password
+        sent = dict(headers)
+        auth = _authorization(parts, own=parts.netloc == own_netloc)
+        if auth:
+            sent["Authorization"] = auth
+        if _proxied(parts):  # through the user's proxy (https_proxy/http_proxy): urllib, one connection a file
+            try:
+                resp = urllib.request.urlopen(urllib.request.Request(
+                    urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=sent), timeout=timeout)
+            except urllib.error.HTTPError as exc:
+                raise _HttpStatus(exc.code, str(exc.reason))
+            return resp.status, resp.headers, resp, url
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for fresh in (False, True):  # a pooled connection the server closed meanwhile: once more, on a new one
+            conn, reused = _connection(parts.scheme, netloc, timeout)
+            try:
+                conn.request("GET", target, headers=sent)
+                resp = conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                _drop(parts.scheme, netloc)
+                if fresh or not reused:
+                    raise
+            except BaseException:
+                _drop(parts.scheme, netloc)
+                raise
+        if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
+            resp.read()
+            target_url = urllib.parse.urljoin(url, resp.getheader("Location"))
+            host = (urllib.parse.urlsplit(target_url).hostname or "").lower()
+            if host != home and host not in hosts:
+                raise _Redirected(f"{shown(url)} redirects to {shown(target_url)}, on another host ({host})")
+            url = target_url
+            continue
+        if resp.status >= 400:
+            _drop(parts.scheme, netloc)
+            raise _HttpStatus(resp.status, resp.reason)
+        return resp.status, resp.headers, resp, url
+    raise _HttpStatus(0, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _extent(status: int, headers) -> tuple[int, int]:
+    """Where a response's body starts in the file, and the file's size (-1: not said)."""
+    try:
+        length = max(-1, int(headers.get("Content-Length") or -1))
+    except ValueError:  # no length (http.client then reads the answer to its connection's end)
+        length = -1
+    if status != 206:
+        return 0, length
+    m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", headers.get("Content-Range") or "")
+    if not m:
+        return -1, -1
+    return int(m.group(1)), int(m.group(3)) if m.group(3) != "*" else -1
+
+
+def _copy_local(url: str, dest: Path) -> int:
+    src = Path(urllib.request.url2pathname(url[7:])) if url.startswith("file://") else Path(url)
+    try:
+        shutil.copyfile(src, dest)
+    except FileNotFoundError:
+        raise NetworkError(f"{src} does not exist", why="the lock names a local file that is not there",
+                           fix="Point --channel/--mirror at the folder that holds the packages.")
+    except OSError as exc:
+        if exc.errno in FULL:
+            raise DiskError(f"the package cache's disk is full while copying {src.name} ({exc.strerror})",
+                            fix="Free disk space or set LORASTRAP_HOME to a larger disk.")
+        raise
+    return dest.stat().st_size
+
+
+def into(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
+              stop: threading.Event | None = None, hosts: frozenset[str] = frozenset()) -> int:
+    """Download url into dest, resuming what dest already holds when the server honours Range (a contiguous
+    start, or the segments its sidecar records).  A large file from a server that honours Range comes as several
+    byte ranges at once, each over its own connection (see _Job).  Returns the bytes transferred.  A cut
+    connection, a short body, a read that waits longer than read_timeout() or a 5xx is retried (RETRIES attempts
+    for each range, narrated); a 4xx, or running out of attempts, is a NetworkError."""
+    if url.startswith("file://") or url.startswith("/"):
+        return _copy_local(url, dest)
+    return _Job(url, dest, progress=progress, narrate=narrate, stop=stop, hosts=hosts).run()
+
+
+class _Segment:
+    """Bytes start..end (exclusive; None: to the end of an answer of unknown size) of the file, `done` of them
+    written; `taken` once a connection works on it."""
+
+    def __init__(self, start: int, end: int | None, done: int = 0):
+        self.start, self.end, self.done, self.taken = start, end, done, False
+
+    @property
+    def pos(self) -> int:
+        return self.start + self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.end is not None and self.pos >= self.end
+
+
+def sidecar(part: Path) -> Path:
+    """Beside a `.part` written in segments: its size and each segment's start, end and bytes written."""
+    return part.with_name(part.name + ".segments")
+
+
+def kept_segments(part: Path) -> tuple[int, list[_Segment]] | None:
+    """The size and segments a `.part`'s sidecar records, when it describes that part: segments that cover the
+    file from its first byte to its last, in order, of the part's size; else None."""
+    import json
+    try:
+        doc = json.loads(sidecar(part).read_text())
+        total = int(doc["total"])
+        segments = [_Segment(int(s), int(e), int(d)) for s, e, d in doc["segments"]]
+        size = part.stat().st_size
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    at = 0
+    for seg in segments:
+        if seg.start != at or seg.end <= seg.start or not 0 <= seg.done <= seg.end - seg.start:
+            return None
+        at = seg.end
+    return (total, segments) if segments and at == total == size else None
+
+
+def discard(part: Path) -> None:
+    """Remove a `.part` and then its sidecar (so a part with holes never outlives the sidecar that says where)."""
+    part.unlink(missing_ok=True)
+    sidecar(part).unlink(missing_ok=True)
+
+
+def _read(body, n: int) -> bytes:
+    """Up to N bytes of an answer, as soon as some came (a stop or a failure elsewhere is seen at once, whatever
+    the link's speed); an answer read to its end is closed, so its connection can carry the next request."""
+    block = body.read1(n)
+    if getattr(body, "length", None) == 0:
+        body.read()
+    return block
+
+
+class _Whole(Exception):
+    """A server that honours `bytes=N-` answered a helper's closed range (`bytes=N-M`) with the whole file: the
+    helper gives its segment back, and the first connection fetches it."""
+
+
+class _Afresh(Exception):
+    """What the part holds cannot be resumed (removed): the next attempt starts from the first byte."""
+
+
+class _Job:
+    """One archive's download into its `.part` file.  The first request (`Range: bytes=N-`, N being where the part
+    stops) tells whether the server honours ranges and the file's size.  When it does and at least 2 × SEGMENT_MIN
+    remain, the rest is cut into up to SEGMENTS segments, recorded in a sidecar beside the part (preallocated to
+    the file's size): the first connection reads on from the first segment (and into the next while no other
+    connection took it), helpers — each over its own pooled connection, at most EXTRA_CONNECTIONS in the process,
+    none when none is free — take segments from the end, with closed ranges; each writes at its offsets with
+    os.pwrite and retries its own segment from where it stopped.  The first failure stops the others."""
+
+    def __init__(self, url: str, dest: Path, *, progress, narrate, stop, hosts):
+        self.url = self.final = url  # final: the URL the first request landed on (segments ask it)
+        self.dest, self.progress, self.narrate, self.stop, self.hosts = dest, progress, narrate, stop, hosts
+        self.name = dest.name[1:-5]
+        self.timeout = read_timeout()
+        self.may_split = SEGMENTS > 1 and not _proxied(urllib.parse.urlsplit(url))
+        self.segments: list[_Segment] = []
+        self.total = -1
+        self.split = False  # the segments are recorded in the sidecar
+        self.fd: int | None = None
+        self.transferred = 0
+        self.lock, self.save_lock = threading.Lock(), threading.Lock()
+        self.saved = 0.0
+        self.halt = threading.Event()  # a segment failed: the others stop at their next block
+        self.errors: list[BaseException] = []
+        self.helpers: list = []
+        self.waiting = 0  # helpers started that have not taken a segment yet
+        self.helped = True  # False once the server answered a helper's closed range with the whole file
+        self.permits = _EXTRA
+
+    def run(self) -> int:
+        try:
+            opened = self._opening()
+            if opened is None:  # every byte is written (or there is none to write): the sha256 check decides
+                if self.progress:
+                    self.progress.done_one()
+                return 0
+            try:
+                self._spawn()
+                seg, body, attempt = opened
+                while seg is not None:
+                    self._work(seg, body, attempt, first=True)
+                    self._join()  # a helper may have given its segment back (see _Whole)
+                    seg, body, attempt = None if self.halt.is_set() else self._take(front=True), None, 1
+            except BaseException as exc:
+                self._failed(exc)
+            finally:
+                self._join()
+        finally:
+            self._close()
+        real = [e for e in self.errors if not isinstance(e, Cancelled)]
+        if real or self.errors:
+            raise (real or self.errors)[0]
+        if self.progress:
+            self.progress.done_one()
+        return self.transferred
+
+    # --- the first request: what the server answers decides the segments -------------------------------------
+
+    def _opening(self) -> tuple[_Segment, object, int] | None:
+        """The first request, retried: (the segment its answer starts, the answer, the attempt it took)."""
+        attempt = 1
+        while True:
+            try:
+                opened = self._open()
+                return opened if opened is None else (*opened, attempt)
+            except _Afresh:
+                pass
+            except _Redirected as exc:
+                raise NetworkError(f"refused a redirect while downloading {self.url.rsplit('/', 1)[-1]}",
+                                   why=str(exc),
+                                   fix="lorastrap follows redirects only to the same host or to hosts you named "
+                                       "(--channel, --mirror, --pip-index-url, or LORASTRAP_REDIRECT_HOSTS=host,…). "
+                                       "Nothing was installed.")
+            except (_HttpStatus, _Cut, http.client.HTTPException, OSError) as exc:
+                self._retry(attempt, self._failure(exc), self.name)
+            attempt += 1
+            if attempt > RETRIES:
+                self._give_up("the part kept could not be resumed")
+
+    def _open(self) -> tuple[_Segment, object] | None:
+        kept = kept_segments(self.dest)
+        if kept is None and sidecar(self.dest).exists():  # a sidecar that does not describe the part: holes
+            discard(self.dest)
+        if kept:
+            todo = [s for s in kept[1] if not s.finished]
+            if not todo:
+                self.segments = kept[1]
+                return None
+            start = todo[0].pos
+        else:
+            start = self.dest.stat().st_size if self.dest.exists() else 0
+        try:
+            status, headers, body, self.final = _request(self.url, start if start or self.may_split else None, None,
+                                                         self.timeout, self.hosts)
+        except _HttpStatus as exc:
+            if exc.code == 416 and start:  # nothing left to resume from there (a longer or other part): afresh
+                self.narrate(f"{self.name}: the server cannot resume at {start} bytes; downloading it from the start")
+                discard(self.dest)
+                raise _Afresh()
+            raise
+        at, total = _extent(status, headers)
+        if status == 206 and at != start:
+            self._hang_up(body)
+            raise _Cut(f"the server answered from byte {at}, not {start}")
+        if kept:
+            if status != 206 or total != kept[0]:
+                self._hang_up(body)
+                self.narrate(f"{self.name}: the kept part is not of the file the server has now; downloading it "
+                             "from the start")
+                discard(self.dest)
+                raise _Afresh()
+            self.total, self.segments, self.split = kept[0], kept[1], True
+            self._open_part()
+            self.narrate(f"{self.name}: resuming at {sum(s.done for s in self.segments) / 2**20:.1f} of "
+                         f"{self.total / 2**20:.1f} MiB ({len(todo)} segments to finish)")
+        else:
+            have = start if status == 206 else 0
+            if have:
+                self.narrate(f"{self.name}: resuming at {have / 2**20:.1f} MiB")
+            self.total = total
+            self._open_part(truncate=status != 206)
+            if self.may_split and status == 206 and total - have >= 2 * SEGMENT_MIN \
+                    and not _proxied(urllib.parse.urlsplit(self.final)):
+                n = min(SEGMENTS, (total - have) // SEGMENT_MIN)
+                cuts = [have + (total - have) * i // n for i in range(n + 1)]
+                self.segments = [_Segment(0, have, have)] if have else []
+                self.segments += [_Segment(a, b) for a, b in zip(cuts, cuts[1:])]
+                self.split = True
+                self._save()  # the sidecar before the holes
+                os.ftruncate(self.fd, total)
+            else:
+                self.segments = [_Segment(0, total if total >= 0 else None, have)]
+        first = next((s for s in self.segments if not s.finished), None)
+        if first is None:  # the answer holds nothing the part lacks (an empty file, or a total where it stops)
+            self._hang_up(body)
+            return None
+        first.taken = True
+        return first, body
+
+    def _open_part(self, truncate: bool = False) -> None:
+        if self.fd is not None:  # an earlier attempt's (its part may have been discarded since)
+            os.close(self.fd)
+        self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT, 0o644)
+        if truncate:
+            os.ftruncate(self.fd, 0)
+
+    # --- the segments -------------------------------------------------------------------------------------------
+
+    def _work(self, seg: _Segment, body, attempt: int = 1, *, first: bool = False) -> None:
+        """Fetch SEG, then the segments left (the first connection: from the front, reading on into the next one
+        while no helper took it; a helper: from the end), each with RETRIES attempts from where it stopped."""
+        while seg is not None:
+            try:
+                if body is None:
+                    body = self._ranged(seg, open_ended=first)
+                self._fill(seg, body)
+                attempt = 1
+                nxt = self._take(after=seg.end) if first and not body.isclosed() else None
+                if nxt is None:
+                    if not body.isclosed():  # the answer goes on past what this connection still needs
+                        self._hang_up(body)
+                    body = None
+                    nxt = self._take(front=first)
+                seg = nxt
+                self._spawn()
+            except _Whole:
+                with self.lock:
+                    seg.taken, told, self.helped = False, self.helped, False
+                if told:
+                    self.narrate(f"{self.name}: the server answers a closed range with the whole file; the first "
+                                 "connection fetches the rest")
+                return
+            except (_HttpStatus, _Cut, http.client.HTTPException, OSError) as exc:
+                body = None
+                self._retry(attempt, self._failure(exc), self._label(seg))
+                attempt += 1
+
+    def _ranged(self, seg: _Segment, *, open_ended: bool):
+        """Ask for what SEG still lacks; a server that now answers the whole file starts an unsplit download over."""
+        single = not self.split
+        try:
+            status, headers, body, _ = _request(self.final, seg.pos if seg.pos or self.may_split else None,
+                                                None if open_ended or seg.end is None else seg.end - 1,
+                                                self.timeout, self.hosts)
+        except _Redirected as exc:
+            raise _HttpStatus(0, str(exc))
+        at, total = _extent(status, headers)
+        if status == 206 and at == seg.pos and (total < 0 or self.total < 0 or total == self.total):
+            if seg.done:
+                self.narrate(f"{self._label(seg)}: resuming at {seg.pos / 2**20:.1f} MiB")
+            return body
+        if status == 200 and single:
+            seg.done, seg.end, self.total = 0, (total if total >= 0 else None), total
+            os.ftruncate(self.fd, 0)
+            return body
+        self._hang_up(body)
+        if status == 200 and not open_ended:
+            raise _Whole()
+        raise _Cut(f"the server did not answer with bytes {seg.pos}- (HTTP {status})")
+
+    def _fill(self, seg: _Segment, body) -> None:
+        while not seg.finished:
+            if (self.stop is not None and self.stop.is_set()) or self.halt.is_set():
+                raise Cancelled()
+            block = _read(body, CHUNK if seg.end is None else min(CHUNK, seg.end - seg.pos))
+            if not block:
+                if seg.end is None:  # an answer of unknown size ends where its body ends
+                    seg.end = seg.pos
+                break
+            view = memoryview(block)
+            while view:
+                view = view[os.pwrite(self.fd, view, seg.pos + len(block) - len(view)):]
+            self._advance(seg, len(block))
+        if seg.end is not None and not seg.finished:
+            raise _Cut(f"the connection closed after {seg.pos if not self.split else seg.done} of "
+                       f"{seg.end if not self.split else seg.end - seg.start} bytes")
+
+    def _advance(self, seg: _Segment, n: int) -> None:
+        with self.lock:
+            seg.done += n
+            self.transferred += n
+        if self.progress:
+            self.progress.add(n)
+        if self.split and time.monotonic() - self.saved >= SIDECAR_EVERY:
+            self._save(every=SIDECAR_EVERY)
+
+    def _save(self, every: float = 0.0) -> None:
+        """The sidecar: the segments' progress as it is now (written atomically; no fsync — see fetch), unless it
+        was written less than EVERY seconds ago."""
+        import json
+        with self.save_lock:
+            if every and time.monotonic() - self.saved < every:
+                return
+            with self.lock:
+                doc = {"total": self.total, "segments": [[s.start, s.end, s.done] for s in self.segments]}
+            self.saved = time.monotonic()
+            fsutil.write_atomic(sidecar(self.dest), json.dumps(doc), durable=False)
+
+    def _take(self, *, after: int | None = None, front: bool = True) -> _Segment | None:
+        """The segment that starts at AFTER, when no one took it; else (AFTER None) the first or last one no one
+        took."""
+        with self.lock:
+            free = [s for s in self.segments if not s.taken and not s.finished]
+            if after is not None:
+                free = [s for s in free if s.pos == after]
+            if not free:
+                return None
+            seg = free[0] if front else free[-1]
+            seg.taken = True
+            return seg
+
+    def _spawn(self) -> None:
+        """A helper for each segment no one took, as far as the process's extra connections allow."""
+        while not self.halt.is_set() and self.helped:
+            with self.lock:
+                if sum(not s.taken and not s.finished for s in self.segments) <= self.waiting:
+                    return
+            if not self.permits.acquire(blocking=False):
+                return
+            with self.lock:
+                self.waiting += 1
+                self.helpers.append(_helpers().submit(self._helper))
+
+    def _helper(self) -> None:
+        try:
+            with self.lock:
+                self.waiting -= 1
+            seg = self._take(front=False)
+            if seg is not None:
+                self._work(seg, None)
+        except BaseException as exc:
+            self._failed(exc)
+        finally:
+            self.permits.release()
+
+    def _failed(self, exc: BaseException) -> None:
+        _drop(*urllib.parse.urlsplit(self.final)[:2])  # this thread's connection may hold an answer half read
+        with self.lock:
+            self.errors.append(exc)
+        self.halt.set()
+
+    def _join(self) -> None:
+        while True:
+            with self.lock:
+                pending = [f for f in self.helpers if not f.done()]
+            if not pending:
+                return
+            wait(pending)
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if not self.split:
+            return
+        try:
+            if all(s.finished for s in self.segments):
+                sidecar(self.dest).unlink(missing_ok=True)  # the part is whole: contiguous from now on
+            else:
+                self._save()  # the next run resumes from here
+        except OSError:
+            pass
+
+    # --- failures ---------------------------------------------------------------------------------------------
+
+    def _label(self, seg: _Segment) -> str:
+        if not self.split:
+            return self.name
+        return f"{self.name} (segment {self.segments.index(seg) + 1}/{len(self.segments)})"
+
+    def _hang_up(self, body) -> None:
+        """Close the connection an answer not read to its end came on (it cannot carry another request)."""
+        body.close()
+        _drop(*urllib.parse.urlsplit(self.final)[:2])
+
+    def _failure(self, exc: BaseException) -> str:
+        """What went wrong, for the narration; raises at once what another attempt cannot mend."""
+        if isinstance(exc, _HttpStatus):
+            if exc.code < 500 and exc.code not in (408, 429):
+                self._give_up(str(exc))
+            return str(exc)
+        if isinstance(exc, (socket.timeout, TimeoutError)):
+            return f"no data from {urllib.parse.urlsplit(self.final).netloc.rsplit('@', 1)[-1]} for {self.timeout:.0f} s"
+        if isinstance(exc, OSError) and exc.errno in FULL:
+            raise DiskError(f"the package cache's disk is full ({exc.strerror})",
+                            fix="Free disk space or set LORASTRAP_HOME.")
+        return str(exc) or type(exc).__name__
+
+    def _retry(self, attempt: int, last: str, label: str) -> None:
+        """After a failed attempt: narrated, then a pause before the next; a NetworkError after the last."""
+        for u in {self.url, self.final}:
+            _drop(*urllib.parse.urlsplit(u)[:2])
+        if attempt >= RETRIES:
+            self._give_up(last)
+        self.narrate(f"{label}: {last}; retrying ({attempt}/{RETRIES - 1})")
+        until = time.monotonic() + min(0.25 * 2 ** (attempt - 1), 4)
+        while not self._stopped() and time.monotonic() < until:  # a stop is seen during the pause, not after it
+            self.halt.wait(min(0.05, max(0.0, until - time.monotonic())))
+        if self._stopped():
+            raise Cancelled()
+
+    def _stopped(self) -> bool:
+        return self.halt.is_set() or (self.stop is not None and self.stop.is_set())
+
+    def _give_up(self, last: str):
+        host = urllib.parse.urlsplit(self.final).hostname
+        if last.startswith(("HTTP 401", "HTTP 403")):
+            raise NetworkError(f"could not download {shown(self.url)}", why=f"{last}: {host} wants credentials",
+                               fix=f"Give them in ~/.netrc (or the file $NETRC names): `machine {host} login USER "
+                                   f"password PASSWORD`, or in the URL (https://USER:PASSWORD@{host}/…, e.g. with "
+                                   "--mirror); lorastrap sends them to that host only.")
+        raise NetworkError(f"could not download {shown(self.url)}", why=last,
+                           fix="Check the network or proxy (https_proxy); rerun to resume what was downloaded; use "
+                               "--mirror URL for a reachable mirror, or a bundle/local channel for offline machines.")
+
+
+class Progress:
+    """One progress line on stderr for a parallel fetch, only when stderr is a terminal (never in --json output);
+    close() ends the line."""
+
+    def __init__(self, files: int):
+        self.files, self.done, self.bytes = files, 0, 0
+        self.lock = threading.Lock()
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def _show(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.tty or (not force and now - self.last < 0.1):
+            return
+        self.last = now
+        self.shown = True
+        print(f"\r  downloading: {self.done}/{self.files} files, {self.bytes / 2**20:7.1f} MiB", end="",
+              file=sys.stderr, flush=True)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.bytes += n
+            self._show()
+
+    def done_one(self) -> None:
+        with self.lock:
+            self.done += 1
+            self._show(force=self.done == self.files)
+
+    def close(self) -> None:
+        if self.shown:
+            print(file=sys.stderr, flush=True)
