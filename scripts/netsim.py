@@ -3,7 +3,9 @@
     python scripts/netsim.py DIR [--port P] [--delay-ms 20] [--rate-mib 10]
 
 It serves DIR with keep-alive and Range requests (`bytes=A-` and `bytes=A-B`: 206 / 416; ranges=False ignores
-both, closed_ranges=False the second), and can
+both, closed_ranges=False the second), each file with an ETag and a Last-Modified in nginx's way (`"MTIME-SIZE"` in
+hex, seconds), and If-Range as RFC 9110 13.1.5 has it (the range only while the validator is the file's, else the
+whole file: 200); and it can
 - add a delay to every request (latency) and cap each connection's bandwidth (bytes per second);
 - inject faults per file name, consumed one a request: "500", "404", "cut" (half the body, then the connection
   closes), "stall" (half the body, then silence for `stall_s`, then close), "lie" (a complete body whose bytes
@@ -15,6 +17,7 @@ once and the most requests answered at once.
 from __future__ import annotations
 
 import argparse
+import email.utils
 import http.server
 import mimetypes
 import re
@@ -100,9 +103,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         if fault == "404" or not path.is_file() or srv.root not in path.resolve().parents:
             return self._plain(404, "not found")
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
+        etag, modified = f'"{int(st.st_mtime):x}-{size:x}"', email.utils.formatdate(int(st.st_mtime), usegmt=True)
+        if_range = self.headers.get("If-Range")
+        same = if_range is None or if_range in (etag, modified)  # a strong ETag, or the exact date
+        if if_range is not None:
+            srv.note_if_range(path.name, same)
         start, end, status = 0, size, 200
-        if m and srv.ranges and (srv.closed_ranges or not m.group(2)):
+        if m and srv.ranges and same and (srv.closed_ranges or not m.group(2)):
             start = int(m.group(1))
             if start >= size:
                 self.send_response(416)
@@ -122,6 +131,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Last-Modified", modified)
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{data_len}")
         self.end_headers()
@@ -164,6 +175,7 @@ class NetSim(http.server.ThreadingHTTPServer):
         self.requests: dict[str, int] = defaultdict(int)
         self.range_requests: dict[str, int] = defaultdict(int)
         self.range_starts: dict[str, list[int]] = defaultdict(list)  # the first byte each Range request asked for
+        self.if_range: dict[str, list[bool]] = defaultdict(list)  # each If-Range a file got: did it still match?
         self.connections = self.open = self.max_open = 0
         self.active = self.max_active = 0  # GET requests being answered at once
         self._lock = threading.Lock()
@@ -187,6 +199,10 @@ class NetSim(http.server.ThreadingHTTPServer):
             self.range_requests[filename] += ranged
             if start is not None:
                 self.range_starts[filename].append(start)
+
+    def note_if_range(self, filename: str, matched: bool) -> None:
+        with self._lock:
+            self.if_range[filename].append(matched)
 
     def answering(self, change: int) -> None:
         with self._lock:

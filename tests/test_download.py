@@ -72,6 +72,46 @@ def test_a_cut_that_never_heals_is_a_network_error_and_the_part_is_kept_for_the_
     assert cache.sha256_file(path) == sha and got < SIZE and srv.range_requests["big.conda"] >= 2
 
 
+def _served_as(path: Path, data: bytes, minutes: int) -> None:
+    """What the server has under PATH's name from now on, MINUTES newer (a mirror syncing)."""
+    path.write_bytes(data)
+    later = time.time() + 60 * minutes
+    os.utime(path, (later, later))
+
+
+def test_a_kept_part_is_resumed_only_while_the_server_has_the_same_file(tmp_path, served, monkeypatch,
+                                                                         one_connection):
+    """RFC 9110 13.1.5: the next run asks for the rest with If-Range (the ETag of the file the part is of).  The
+    same file: the rest comes (206).  A file changed on the server meanwhile — the first run got part of a file a
+    mirror was still syncing, the mirror now has the right one — comes whole in that one answer (200), instead
+    of the rest of another file, a checksum mismatch and a second download."""
+    srv, root, sha = served
+    monkeypatch.setattr(download, "RETRIES", 2)
+    good = (root / "big.conda").read_bytes()
+    for run in ("same", "changed"):
+        pkgs = tmp_path / run
+        if run == "changed":
+            _served_as(root / "big.conda", os.urandom(SIZE), minutes=1)  # not yet the file the lock names
+        srv.inject("big.conda", "cut", "cut")
+        with pytest.raises(NetworkError):
+            _fetch(pkgs, srv, sha)
+        part = next((pkgs / "pkgs").rglob(".big.conda.part"))
+        kept = part.stat().st_size
+        assert 0 < kept < SIZE and json.loads(download.sidecar(part).read_text())["validator"].startswith('"')
+        if run == "changed":
+            _served_as(root / "big.conda", good, minutes=2)  # synced: the lock's file
+        narrated: list[str] = []
+        _, (path, got) = _fetch(pkgs, srv, sha, narrated)
+        assert cache.sha256_file(path) == sha and not _leftovers(pkgs / "pkgs")
+        if run == "same":
+            assert srv.if_range["big.conda"] == [True] and got == SIZE - kept
+            assert any("resuming at" in m for m in narrated), narrated
+        else:
+            assert srv.if_range["big.conda"] == [True, False] and got == SIZE, got  # one whole download
+            assert any("changed on the server" in m for m in narrated), narrated
+            assert not any("does not match" in m for m in narrated), narrated
+
+
 def test_server_errors_are_retried_and_a_404_is_not(tmp_path, served, monkeypatch, one_connection):
     srv, root, sha = served
     srv.inject("big.conda", "500", "500")
@@ -524,6 +564,30 @@ def test_a_sidecar_that_lies_ends_in_a_checksum_mismatch_and_a_download_from_the
     assert srv.range_starts["six.conda"][0] == half and 0 in srv.range_starts["six.conda"][1:]
     assert any("again from the start" in m for m in narrated), narrated
     assert got == SIX - half + SIX and not _leftovers(tmp_path / "pkgs")
+
+
+def test_a_kept_segmented_part_of_a_file_changed_on_the_server_starts_afresh(tmp_path, six):
+    root, sha = six
+    good = (root / "six.conda").read_bytes()
+    _served_as(root / "six.conda", os.urandom(SIX), minutes=1)  # a mirror still syncing: not the lock's file yet
+    srv = NetSim(root, rate=2**20).start()
+    srv.inject("six.conda", "none", "404")  # a segment fails: the part is kept, with its sidecar
+    pkgs = tmp_path / "pkgs"
+    try:
+        with pytest.raises(NetworkError):
+            _fetch_six(pkgs, srv, sha)
+        part = next(pkgs.rglob(".six.conda.part"))
+        assert json.loads(download.sidecar(part).read_text())["validator"].startswith('"')
+        _served_as(root / "six.conda", good, minutes=2)  # synced
+        srv.rate = 0
+        narrated: list[str] = []
+        path, got = _fetch_six(pkgs, srv, sha, narrated)
+    finally:
+        srv.shutdown()
+    assert cache.sha256_file(path) == sha and got == SIX, got  # no byte of the other file kept, none twice
+    assert srv.if_range["six.conda"][0] is False
+    assert any("not of the file the server has now" in m for m in narrated), narrated
+    assert not any("does not match" in m for m in narrated) and not _leftovers(pkgs)
 
 
 # --- a private mirror: credentials ---------------------------------------------------------------------------------

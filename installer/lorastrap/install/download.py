@@ -7,6 +7,8 @@ host or hosts the user named, HTTP Basic credentials from the URL (its own host 
 A large archive from a server that honours Range is downloaded in segments, several byte ranges at once, each over
 its own connection (a link that caps each connection's bandwidth is then bounded by the archive's share of the
 link, not by one connection); a sidecar beside its `.part` records what each segment wrote, for the next run.
+A part kept for the next run is resumed with If-Range (its file's ETag, else Last-Modified, kept in that sidecar):
+a file the server changed meanwhile comes whole in the same answer, never spliced onto the old one's bytes.
 Imported only when something is downloaded: a warm install never pays for http.client and ssl.
 """
 
@@ -160,15 +162,20 @@ def _authorization(parts: urllib.parse.SplitResult, own: bool) -> str | None:
     return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
 
 
-def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset()):
+def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset(),
+             if_range: str | None = None):
     """GET url's bytes FIRST..LAST (a Range request; no Range header when FIRST is None, to the end when LAST is
     None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered).
-    Credentials: the URL's user:password (sent to its own host only) or the host's .netrc entry, as HTTP Basic."""
+    IF_RANGE (an ETag or a date the file had): the range only while the file is still that one, else the whole
+    file (200), as RFC 9110 13.1.5 says.  Credentials: the URL's user:password (sent to its own host only) or the
+    host's .netrc entry, as HTTP Basic."""
     home = (urllib.parse.urlsplit(url).hostname or "").lower()
     own_netloc = urllib.parse.urlsplit(url).netloc
     headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
     if first is not None:
         headers["Range"] = f"bytes={first}-{'' if last is None else last}"
+        if if_range:
+            headers["If-Range"] = if_range
     for _ in range(MAX_REDIRECTS):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
@@ -276,12 +283,37 @@ def sidecar(part: Path) -> Path:
     return part.with_name(part.name + ".segments")
 
 
-def kept_segments(part: Path) -> tuple[int, list[_Segment]] | None:
-    """The size and segments a `.part`'s sidecar records, when it describes that part: segments that cover the
-    file from its first byte to its last, in order, of the part's size; else None."""
+def _sidecar_doc(part: Path) -> dict | None:
+    """What a `.part`'s sidecar holds: the validator of the file the part is of (`validator`: its ETag or
+    Last-Modified, to resume it with If-Range), and for a part written in segments `total` and `segments`."""
     import json
     try:
         doc = json.loads(sidecar(part).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _validator_of(doc: dict | None) -> str | None:
+    v = doc.get("validator") if doc else None
+    return v if isinstance(v, str) and v and len(v) <= 200 and v.isprintable() else None
+
+
+def _validator(headers) -> str | None:
+    """What identifies this version of the file, for If-Range: a strong ETag, else its Last-Modified date (a weak
+    ETag may not be used there: RFC 9110 13.1.5)."""
+    etag = (headers.get("ETag") or "").strip()
+    if etag and not etag.startswith("W/") and len(etag) <= 200 and etag.isascii() and etag.isprintable():
+        return etag
+    date = (headers.get("Last-Modified") or "").strip()
+    return date if date and len(date) <= 200 and date.isascii() and date.isprintable() else None
+
+
+def kept_segments(part: Path) -> tuple[int, list[_Segment]] | None:
+    """The size and segments a `.part`'s sidecar records, when it describes that part: segments that cover the
+    file from its first byte to its last, in order, of the part's size; else None."""
+    doc = _sidecar_doc(part)
+    try:
         total = int(doc["total"])
         segments = [_Segment(int(s), int(e), int(d)) for s, e, d in doc["segments"]]
         size = part.stat().st_size
@@ -338,6 +370,7 @@ class _Job:
         self.total = -1
         self.split = False  # the segments are recorded in the sidecar
         self.fd: int | None = None
+        self.validator: str | None = None  # the file's ETag or Last-Modified (see _validator)
         self.transferred = 0
         self.lock, self.save_lock = threading.Lock(), threading.Lock()
         self.saved = 0.0
@@ -399,9 +432,10 @@ class _Job:
                 self._give_up("the part kept could not be resumed")
 
     def _open(self) -> tuple[_Segment, object] | None:
-        kept = kept_segments(self.dest)
-        if kept is None and sidecar(self.dest).exists():  # a sidecar that does not describe the part: holes
-            discard(self.dest)
+        doc, kept = _sidecar_doc(self.dest), kept_segments(self.dest)
+        if kept is None and sidecar(self.dest).exists() and (doc is None or "segments" in doc):
+            discard(self.dest)  # a sidecar that does not describe the part: holes
+            doc = None
         if kept:
             todo = [s for s in kept[1] if not s.finished]
             if not todo:
@@ -410,9 +444,10 @@ class _Job:
             start = todo[0].pos
         else:
             start = self.dest.stat().st_size if self.dest.exists() else 0
+        kept_of = _validator_of(doc) if start else None  # the file the kept part is of: resumed only if unchanged
         try:
             status, headers, body, self.final = _request(self.url, start if start or self.may_split else None, None,
-                                                         self.timeout, self.hosts)
+                                                         self.timeout, self.hosts, if_range=kept_of)
         except _HttpStatus as exc:
             if exc.code == 416 and start:  # nothing left to resume from there (a longer or other part): afresh
                 self.narrate(f"{self.name}: the server cannot resume at {start} bytes; downloading it from the start")
@@ -423,6 +458,7 @@ class _Job:
         if status == 206 and at != start:
             self._hang_up(body)
             raise _Cut(f"the server answered from byte {at}, not {start}")
+        self.validator = _validator(headers) or kept_of
         if kept:
             if status != 206 or total != kept[0]:
                 self._hang_up(body)
@@ -438,6 +474,9 @@ class _Job:
             have = start if status == 206 else 0
             if have:
                 self.narrate(f"{self.name}: resuming at {have / 2**20:.1f} MiB")
+            elif start and kept_of:
+                self.narrate(f"{self.name}: the file changed on the server since the part was kept; downloading it "
+                             "from the start")
             self.total = total
             self._open_part(truncate=status != 206)
             if self.may_split and status == 206 and total - have >= 2 * SEGMENT_MIN \
@@ -553,7 +592,8 @@ class _Job:
             if every and time.monotonic() - self.saved < every:
                 return
             with self.lock:
-                doc = {"total": self.total, "segments": [[s.start, s.end, s.done] for s in self.segments]}
+                doc = {"total": self.total, "segments": [[s.start, s.end, s.done] for s in self.segments],
+                       "validator": self.validator}
             self.saved = time.monotonic()
             fsutil.write_atomic(sidecar(self.dest), json.dumps(doc), durable=False)
 
@@ -612,9 +652,12 @@ class _Job:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if not self.split:
-            return
         try:
+            if not self.split:  # one contiguous part: what it is of, for the next run's If-Range, when unfinished
+                if self.validator and self.transferred and not all(s.finished for s in self.segments):
+                    import json
+                    fsutil.write_atomic(sidecar(self.dest), json.dumps({"validator": self.validator}), durable=False)
+                return
             if all(s.finished for s in self.segments):
                 sidecar(self.dest).unlink(missing_ok=True)  # the part is whole: contiguous from now on
             else:
