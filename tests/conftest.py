@@ -1,11 +1,19 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+# A test run started as an asynchronous list of a shell without job control (`cmd &` in a script, as CI runners and
+# nohup do) inherits SIGINT ignored, and so would every lorastrap it starts — which then rightly keeps ignoring it
+# (a process started with SIGINT ignored is meant to be immune to Ctrl-C).  The tests that interrupt lorastrap with
+# SIGINT need it honoured: their children get the default disposition back (an exec resets a handled signal).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "installer"))  # also importable without the editable install
