@@ -4,6 +4,7 @@ extra-connection permits given back and nothing written beside the part."""
 
 import errno
 import http.server
+import json
 import os
 import re
 import subprocess
@@ -458,6 +459,29 @@ def test_the_first_failure_of_a_later_archive_stops_a_long_earlier_one(tmp_path)
     finally:
         srv.shutdown()
     assert "HTTP 404" in info.value.why and took < 0.8, took
+
+
+# --- sidecars that others touch --------------------------------------------------------------------------------
+
+def _kept(pkgs, sha, data, held: int, sidecar_text: str):
+    """A part of HELD bytes of the file beside a sidecar of SIDECAR_TEXT, as a damaged or edited cache has them."""
+    part = pkgs / "archives" / sha / ".six.conda.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:held])
+    download.sidecar(part).write_text(sidecar_text)
+    return part
+
+
+@pytest.mark.parametrize("validator", ['"\u4e2d"', '"\u20ac1"'])
+def test_a_sidecar_validator_that_cannot_be_sent_is_not_a_traceback_nor_a_wedged_entry(tmp_path, liar,
+                                                                                       one_connection, validator):
+    """A validator no HTTP header can carry (not Latin-1: http.client cannot encode it) is no validator: the part
+    is resumed without If-Range, and its hash decides."""
+    make, data, sha = liar
+    srv = make(_honest)
+    _kept(tmp_path / "pkgs", sha, data, 1000, json.dumps({"validator": validator}))
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert cache.sha256_file(path) == sha and got == len(data) - 1000 and not _leftovers(tmp_path / "pkgs")
 
 
 # --- two processes, one cache ----------------------------------------------------------------------------------

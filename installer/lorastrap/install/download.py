@@ -295,8 +295,10 @@ def _sidecar_doc(part: Path) -> dict | None:
 
 
 def _validator_of(doc: dict | None) -> str | None:
+    """The sidecar's validator, when it is one _validator could have kept (printable ASCII: a header can carry it;
+    anything else, e.g. a sidecar edited or damaged, made http.client raise UnicodeEncodeError at every run)."""
     v = doc.get("validator") if doc else None
-    return v if isinstance(v, str) and v and len(v) <= 200 and v.isprintable() else None
+    return v if isinstance(v, str) and v and len(v) <= 200 and v.isascii() and v.isprintable() else None
 
 
 def _validator(headers) -> str | None:
