@@ -484,6 +484,18 @@ def test_a_sidecar_validator_that_cannot_be_sent_is_not_a_traceback_nor_a_wedged
     assert cache.sha256_file(path) == sha and got == len(data) - 1000 and not _leftovers(tmp_path / "pkgs")
 
 
+@pytest.mark.parametrize("doc", ['{"total": Infinity, "segments": [[0, 6291456, 0]]}',
+                                 '{"total": 6291456, "segments": [[0, 1e999, 0]]}'])
+def test_a_sidecar_of_infinite_numbers_is_a_sidecar_that_does_not_describe_the_part(tmp_path, liar, doc):
+    """Python's json reads Infinity (and 1e999 as infinity): a sidecar holding one describes no part."""
+    make, data, sha = liar
+    srv = make(_honest)
+    part = _kept(tmp_path / "pkgs", sha, data, SIX, doc)
+    assert download.kept_segments(part) is None
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
 # --- two processes, one cache ----------------------------------------------------------------------------------
 
 TWICE = """

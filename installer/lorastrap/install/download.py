@@ -319,7 +319,7 @@ def kept_segments(part: Path) -> tuple[int, list[_Segment]] | None:
         total = int(doc["total"])
         segments = [_Segment(int(s), int(e), int(d)) for s, e, d in doc["segments"]]
         size = part.stat().st_size
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, OverflowError):  # OverflowError: json reads Infinity, 1e999
         return None
     at = 0
     for seg in segments:
