@@ -57,6 +57,7 @@ class _Liar(http.server.BaseHTTPRequestHandler):
             srv.n += 1
             n = srv.n
             srv.asked.append((first, last))
+            srv.if_range_of[n] = self.headers.get("If-Range")
         status, headers, body, close = srv.script(n, first, last, srv.data)
         self.send_response(status)
         for k, v in headers.items():
@@ -91,6 +92,7 @@ class Liar(http.server.ThreadingHTTPServer):
     def __init__(self, data: bytes, script=_honest):
         super().__init__(("127.0.0.1", 0), _Liar)
         self.data, self.script, self.n, self.asked, self.lock = data, script, 0, [], threading.Lock()
+        self.if_range_of: dict[int, str | None] = {}  # request number → its If-Range
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -494,6 +496,52 @@ def test_a_sidecar_of_infinite_numbers_is_a_sidecar_that_does_not_describe_the_p
     assert download.kept_segments(part) is None
     path, got = _fetch(tmp_path / "pkgs", srv.url, sha)
     assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
+
+# --- If-Range: servers that refuse it, servers whose validators change -----------------------------------------
+
+def _tagged(etag_of, *, cut: int | None = None, refuse: int | None = None):
+    """(box, script): an honest server that tags each answer with ETag ETAG_OF(n) and a fixed Last-Modified and
+    honours If-Range against that answer's own ETag; each body cut after CUT bytes; REFUSE: the status of every
+    request that carries If-Range.  box[0] is to be the server (the script reads each request's If-Range there)."""
+    modified = "Tue, 14 Nov 2023 22:13:20 GMT"
+    box = []
+
+    def script(n, first, last, data):
+        etag, if_range = etag_of(n), box[0].if_range_of.get(n)
+        if if_range is not None and refuse:
+            return refuse, {"Content-Length": "0"}, b"", False
+        status, headers, body, close = _honest(n, first if if_range in (None, etag, modified) else None, last, data)
+        headers.update({"ETag": etag, "Last-Modified": modified})
+        if cut is not None and len(body) > cut:
+            return status, headers, body[:cut], True
+        return status, headers, body, close
+    return box, script
+
+
+@pytest.mark.parametrize("segments", [1, 8])
+@pytest.mark.parametrize("code", [400, 412])
+def test_a_server_that_refuses_if_range_resumes_without_it_and_never_wedges_the_entry(tmp_path, liar, monkeypatch,
+                                                                                     segments, code):
+    """RFC 9110 13.1.5 has a server that does not take If-Range ignore it; some answer it with an error instead.
+    The kept part is then resumed without it (its hash decides, as before If-Range), not refused at every run."""
+    monkeypatch.setattr(download, "SEGMENTS", segments)
+    monkeypatch.setattr(download, "RETRIES", 2)
+    make, data, sha = liar
+    box, script = _tagged(lambda n: '"same"', cut=200_000)
+    box.append(make(script))
+    with pytest.raises(NetworkError):
+        _fetch(tmp_path / "pkgs", box[0].url, sha)
+    part = next((tmp_path / "pkgs").rglob(".six.conda.part"))
+    kept = part.stat().st_size if segments == 1 else None
+    assert json.loads(download.sidecar(part).read_text())["validator"] == '"same"'
+    again, box[0].script = _tagged(lambda n: '"same"', refuse=code)
+    again.append(box[0])
+    narrated = []
+    path, got = _fetch(tmp_path / "pkgs", box[0].url, sha, narrated)
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+    assert kept is None or got == len(data) - kept, got  # resumed, not downloaded again
+    assert any("refuses If-Range" in m for m in narrated), narrated
 
 
 # --- two processes, one cache ----------------------------------------------------------------------------------

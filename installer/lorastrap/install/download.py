@@ -350,7 +350,8 @@ class _Whole(Exception):
 
 
 class _Afresh(Exception):
-    """What the part holds cannot be resumed (removed): the next attempt starts from the first byte."""
+    """The first request must be made again: what the part holds cannot be resumed (removed: the next attempt
+    starts from the first byte), or the server refused If-Range (the next attempt asks without it)."""
 
 
 class _Job:
@@ -373,6 +374,7 @@ class _Job:
         self.split = False  # the segments are recorded in the sidecar
         self.fd: int | None = None
         self.validator: str | None = None  # the file's ETag or Last-Modified (see _validator)
+        self.if_range = True  # False once the server refused a request for carrying If-Range
         self.transferred = 0
         self.lock, self.save_lock = threading.Lock(), threading.Lock()
         self.saved = 0.0
@@ -446,7 +448,7 @@ class _Job:
             start = todo[0].pos
         else:
             start = self.dest.stat().st_size if self.dest.exists() else 0
-        kept_of = _validator_of(doc) if start else None  # the file the kept part is of: resumed only if unchanged
+        kept_of = _validator_of(doc) if start and self.if_range else None  # resumed only while the file is that one
         try:
             status, headers, body, self.final = _request(self.url, start if start or self.may_split else None, None,
                                                          self.timeout, self.hosts, if_range=kept_of)
@@ -454,6 +456,10 @@ class _Job:
             if exc.code == 416 and start:  # nothing left to resume from there (a longer or other part): afresh
                 self.narrate(f"{self.name}: the server cannot resume at {start} bytes; downloading it from the start")
                 discard(self.dest)
+                raise _Afresh()
+            if kept_of and exc.code in (400, 412):  # a server that refuses If-Range (RFC 9110: ignore it) — else
+                self.narrate(f"{self.name}: the server refuses If-Range (HTTP {exc.code}); resuming without it")
+                self.if_range = False  # every run would be refused, the entry wedged: the sha256 decides, as before
                 raise _Afresh()
             raise
         at, total = _extent(status, headers)
