@@ -295,20 +295,23 @@ def _sidecar_doc(part: Path) -> dict | None:
 
 
 def _validator_of(doc: dict | None) -> str | None:
-    """The sidecar's validator, when it is one _validator could have kept (printable ASCII: a header can carry it;
+    """The sidecar's validator, when it is one _validators could have kept (printable ASCII: a header can carry it;
     anything else, e.g. a sidecar edited or damaged, made http.client raise UnicodeEncodeError at every run)."""
     v = doc.get("validator") if doc else None
-    return v if isinstance(v, str) and v and len(v) <= 200 and v.isascii() and v.isprintable() else None
+    return v if isinstance(v, str) and v and _sendable(v) else None
 
 
-def _validator(headers) -> str | None:
-    """What identifies this version of the file, for If-Range: a strong ETag, else its Last-Modified date (a weak
-    ETag may not be used there: RFC 9110 13.1.5)."""
+def _validators(headers) -> tuple[str | None, str | None]:
+    """What may identify this version of the file, for If-Range: its strong ETag (a weak one may not be used there:
+    RFC 9110 13.1.5) and its Last-Modified date; None for either that is missing or could not be sent back."""
     etag = (headers.get("ETag") or "").strip()
-    if etag and not etag.startswith("W/") and len(etag) <= 200 and etag.isascii() and etag.isprintable():
-        return etag
     date = (headers.get("Last-Modified") or "").strip()
-    return date if date and len(date) <= 200 and date.isascii() and date.isprintable() else None
+    return (etag if etag and not etag.startswith("W/") and _sendable(etag) else None,
+            date if date and _sendable(date) else None)
+
+
+def _sendable(value: str) -> bool:
+    return len(value) <= 200 and value.isascii() and value.isprintable()
 
 
 def kept_segments(part: Path) -> tuple[int, list[_Segment]] | None:
@@ -373,7 +376,9 @@ class _Job:
         self.total = -1
         self.split = False  # the segments are recorded in the sidecar
         self.fd: int | None = None
-        self.validator: str | None = None  # the file's ETag or Last-Modified (see _validator)
+        self.validator: str | None = None  # the file's ETag or Last-Modified (see _seen)
+        self.etags: set[str | None] = set()  # the ETags, and Last-Modified dates, the file's answers carried
+        self.dates: set[str | None] = set()
         self.if_range = True  # False once the server refused a request for carrying If-Range
         self.transferred = 0
         self.lock, self.save_lock = threading.Lock(), threading.Lock()
@@ -449,6 +454,7 @@ class _Job:
         else:
             start = self.dest.stat().st_size if self.dest.exists() else 0
         kept_of = _validator_of(doc) if start and self.if_range else None  # resumed only while the file is that one
+        self.etags, self.dates = set(), set()
         try:
             status, headers, body, self.final = _request(self.url, start if start or self.may_split else None, None,
                                                          self.timeout, self.hosts, if_range=kept_of)
@@ -466,7 +472,11 @@ class _Job:
         if status == 206 and at != start:
             self._hang_up(body)
             raise _Cut(f"the server answered from byte {at}, not {start}")
-        self.validator = _validator(headers) or kept_of
+        if status == 206 and kept_of:  # the part's file, by the validator an earlier run settled on
+            etag, date = _validators(headers)
+            if kept_of != etag:  # that run's ETags differed (it kept the date), or this one names another
+                self.etags.add(None if kept_of == date else kept_of)
+        self._seen(headers)
         if kept:
             if status != 206 or total != kept[0]:
                 self._hang_up(body)
@@ -556,15 +566,31 @@ class _Job:
         if status == 206 and at == seg.pos and (total < 0 or self.total < 0 or total == self.total):
             if seg.done:
                 self.narrate(f"{self._label(seg)}: resuming at {seg.pos / 2**20:.1f} MiB")
+            self._seen(headers)
             return body
         if status == 200 and single:
             seg.done, seg.end, self.total = 0, (total if total >= 0 else None), total
             os.ftruncate(self.fd, 0)
+            with self.lock:
+                self.etags, self.dates = set(), set()  # the file from its first byte: what this answer says
+            self._seen(headers)
             return body
         self._hang_up(body)
         if status == 200 and not open_ended:
             raise _Whole()
         raise _Cut(f"the server did not answer with bytes {seg.pos}- (HTTP {status})")
+
+    def _seen(self, headers) -> None:
+        """An answer's validators.  The part is kept with the file's ETag while every answer carried the same one,
+        else with its Last-Modified date while that was the same (load-balanced backends each give the same file
+        an ETag of their own, from its inode: an If-Range on one of them would never match, and every run would
+        start the part over), else with none (resumed as before If-Range: its sha256 decides)."""
+        etag, date = _validators(headers)
+        with self.lock:
+            self.etags.add(etag)
+            self.dates.add(date)
+            one = lambda seen: next(iter(seen)) if len(seen) == 1 else None  # noqa: E731
+            self.validator = one(self.etags) or one(self.dates)
 
     def _fill(self, seg: _Segment, body) -> None:
         while not seg.finished:
