@@ -240,6 +240,47 @@ def test_an_entry_injected_into_an_extracted_copys_paths_json_is_never_linked(ch
     assert not (other / "share" / "injected.sh").exists() and not (copy / "share" / "injected.sh").exists()
 
 
+
+def _copies(tmp_path, n: int):
+    """N archives (of different sizes) and their extracted copies, each of three files (one empty), as the engine
+    unpacks them; a Cache whose inspect answers their entries without opening an archive."""
+    import hashlib
+    from lorastrap.install import cache
+    extracted, archives, info = tmp_path / "extracted", [], {}
+    for i in range(n):
+        path = tmp_path / "archives" / f"p{i:02d}-1.0-0.conda"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(1000 * (i % 5 + 1)))
+        copy, entries = extracted / f"p{i:02d}-1.0-0", []
+        for j, data in enumerate([b"", os.urandom(100), os.urandom(5000)]):
+            (copy / "lib").mkdir(parents=True, exist_ok=True)
+            (copy / "lib" / f"f{j}").write_bytes(data)
+            entries.append({"_path": f"lib/f{j}", "path_type": "hardlink", "sha256": hashlib.sha256(data).hexdigest()})
+        (copy / "info").mkdir()
+        (copy / "info" / "paths.json").write_text(json.dumps({"paths": entries}))
+        archives.append(path)
+        info[path] = {"entries": entries}
+    c = cache.Cache(tmp_path / "pkgs")
+    c.inspect = info.__getitem__
+    return c, archives, extracted
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8])
+def test_damaged_copies_in_several_packages_are_all_removed_and_named_in_order(tmp_path, monkeypatch, cpus):
+    """However many threads the check takes (one a CPU, at most four), every damaged copy is removed, the others
+    kept, and the copies removed come back sorted (one CPU: they came in the order of the shares, by size)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    c, archives, extracted = _copies(tmp_path, 12)
+    damaged = [f"p{i:02d}-1.0-0" for i in (0, 3, 7, 8, 11)]
+    for name in damaged:
+        (extracted / name / "lib" / "f1").write_bytes(b"X")
+    (extracted / damaged[1] / "lib" / "f0").write_bytes(b"Y")  # the empty file, no longer empty
+    assert c.check_extracted(archives, full=True, extracted=extracted) == damaged
+    left = sorted(p.name for p in extracted.iterdir() if p.is_dir())
+    assert left == sorted({f"p{i:02d}-1.0-0" for i in range(12)} - set(damaged))
+    assert c.check_extracted(archives, full=False, extracted=extracted) == []  # stamped: the quick check passes
+    assert c.check_extracted(archives, full=True, extracted=extracted) == []
+
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency
 

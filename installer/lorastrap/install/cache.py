@@ -215,7 +215,7 @@ class Cache:
         """Remove every extracted copy of ARCHIVES (in EXTRACTED: the engine's folder of unpacked packages, by default
         the embedded engine's) whose files differ from their package's paths.json (full: hash every file; else only
         copies whose sizes or mtimes moved since their last full check).  Returns the names of the copies removed
-        (the engine unpacks them again from the checked archives)."""
+        (the engine unpacks them again from the checked archives), sorted."""
         def check(path: Path) -> str | None:
             folder = (extracted or self.root / "extracted") / _dist_name(path.name)
             if not folder.is_dir():
@@ -240,7 +240,7 @@ class Cache:
             shares[i].append(path)
             loads[i] += _size(path) + 1
         if len(shares) == 1:
-            return [name for name in map(check, shares[0]) if name]
+            return sorted(name for name in map(check, shares[0]) if name)
         with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="lorastrap-check") as pool:
             done = pool.map(lambda share: [name for name in map(check, share) if name], shares)
             return sorted(name for names in done for name in names)
