@@ -209,6 +209,27 @@ def test_a_206_of_another_range_than_asked_is_a_network_error_and_nothing_wrong_
     assert cache.sha256_file(path) == sha and got < len(data)
 
 
+
+@pytest.mark.parametrize("total", [str(10**30), "9" * 5000])
+def test_a_content_range_of_an_absurd_size_is_a_network_error_not_a_traceback(tmp_path, liar, monkeypatch, total):
+    """A total past what a file can be (os.ftruncate raised OverflowError) or past what int() reads (ValueError:
+    more than 4,300 digits) is an answer that does not say where its bytes go."""
+    monkeypatch.setattr(download, "RETRIES", 2)
+    make, data, sha = liar
+
+    def script(n, first, last, data):
+        status, headers, body, close = _honest(n, first, last, data)
+        if status == 206:
+            headers["Content-Range"] = headers["Content-Range"].rsplit("/", 1)[0] + f"/{total}"
+        return status, headers, body, close
+
+    srv = make(script)
+    with pytest.raises(NetworkError):
+        _fetch(tmp_path / "pkgs", srv.url, sha)
+    srv.script = _honest
+    path, got = _fetch(tmp_path / "pkgs", srv.url, sha)  # nothing kept wedges the next run
+    assert cache.sha256_file(path) == sha and not _leftovers(tmp_path / "pkgs")
+
 def _once_a_segment(length_of):
     """A script answering honestly, except that each segment's first answer claims LENGTH_OF(body) bytes."""
     lock = threading.Lock()

@@ -229,7 +229,9 @@ def _extent(status: int, headers) -> tuple[int, int]:
         length = -1
     if status != 206:
         return 0, length
-    m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", headers.get("Content-Range") or "")
+    # At most 18 digits (an exabyte): a longer number fits no file (os.ftruncate raised OverflowError, int() of
+    # more than 4,300 digits ValueError); such an answer says nothing usable.
+    m = re.match(r"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}(?![0-9])|\*)", headers.get("Content-Range") or "")
     if not m:
         return -1, -1
     return int(m.group(1)), int(m.group(3)) if m.group(3) != "*" else -1
