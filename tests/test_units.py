@@ -430,3 +430,52 @@ def test_an_engine_that_ran_out_of_disk_says_so():
                                     Path("/p"))
     assert info.value.exit_code == 7 and "df -i" in info.value.fix
     engines._raise_if_disk_full("some other failure", Path("/p"))  # anything else: not a disk error
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading an archive: a .conda's stored members straight from the file, any other through zipfile
+
+def _conda(tmp_path) -> Path:
+    import testchannel
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    return testchannel.hostile(tmp_path / "pkgs", "inner-link", outside)
+
+
+def test_a_conda_archive_reads_the_same_stored_or_deflated_and_a_cut_one_is_unreadable(tmp_path):
+    import zipfile
+    from lorastrap.install import archive
+    stored = _conda(tmp_path)
+    with zipfile.ZipFile(stored) as z:
+        assert all(i.compress_type == zipfile.ZIP_STORED for i in z.infolist())  # what conda writes
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    deflated = tmp_path / "deflated" / stored.name
+    deflated.parent.mkdir()
+    with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, data in members:
+            z.writestr(name, data)
+    want = archive.inspect(stored)
+    assert want["softlinks"] == {"lib64": "lib"} and "lib/ok.txt" in want["paths"]
+    assert archive.inspect(deflated) == want
+    # A directory that claims fewer bytes than the stored member holds (lying, or damaged): the member's
+    # compressed stream ends early — an unreadable archive (exit 6), never a traceback.
+    data = stored.read_bytes()
+    with zipfile.ZipFile(stored) as z:
+        last = max(z.infolist(), key=lambda i: i.header_offset)
+    entry = data.rfind(b"PK\x01\x02")  # the last member's central directory entry; its compressed size at +20
+    assert data[entry + 46:entry + 46 + len(last.filename)] == last.filename.encode()
+    for claimed in (last.compress_size // 2, 1):
+        cut = tmp_path / f"cut{claimed}" / stored.name
+        cut.parent.mkdir()
+        cut.write_bytes(data[:entry + 20] + claimed.to_bytes(4, "little") + data[entry + 24:])
+        with pytest.raises(IntegrityError) as info:
+            archive.inspect(cut)
+        assert "cannot be read" in info.value.what
+    # A local header that is not one where the directory says: unreadable too.
+    bad = tmp_path / "bad" / stored.name
+    bad.parent.mkdir()
+    b = bytearray(data)
+    b[last.header_offset:last.header_offset + 4] = b"XXXX"
+    bad.write_bytes(bytes(b))
+    with pytest.raises(IntegrityError):
+        archive.inspect(bad)
