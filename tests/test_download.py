@@ -2,6 +2,7 @@
 a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections, large
 files in segments over several connections (resumed across runs from their sidecar)."""
 
+import http.server
 import json
 import os
 import shutil
@@ -620,5 +621,111 @@ def test_a_mirror_that_wants_credentials_gets_them_from_netrc_or_the_url_and_say
         with pytest.raises(NetworkError) as info:  # a wrong password: said without the password
             cache.Cache(tmp_path / "wrong").fetch(f"http://alice:hunter2@127.0.0.1:{port}/six.conda", sha, "six.conda")
         assert "hunter2" not in str(info.value.to_dict()) and "alice:***@" in info.value.what
+    finally:
+        srv.shutdown()
+
+
+class _Proxy(http.server.ThreadingHTTPServer):
+    """A forward HTTP proxy (absolute-form GETs relayed over http.client), recording each request it relays:
+    (URL, whether it carried an Authorization header)."""
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.seen: list[tuple[str, bool]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        import http.client
+        import urllib.parse
+        target = urllib.parse.urlsplit(self.path)
+        self.server.seen.append((self.path, "Authorization" in self.headers))
+        conn = http.client.HTTPConnection(target.netloc, timeout=10)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-connection", "connection")}
+        conn.request("GET", target.path or "/", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        conn.close()
+
+
+def test_through_a_proxy_credentials_go_only_to_their_host_and_redirects_only_where_allowed(tmp_path, served,
+                                                                                            monkeypatch):
+    """http_proxy set: every request goes through the proxy, with the .netrc credentials of the file's host; a
+    redirect to another host is refused there as on a direct connection (urllib alone would follow it, taking the
+    credentials along), and one to the same host is followed."""
+    srv, root, sha = served
+    auth = NetSim(root, auth="alice:pw").start()
+    proxy = _Proxy()
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine 127.0.0.1 login alice password pw\n")
+    netrc_file.chmod(0o600)
+    for var in ("no_proxy", "NO_PROXY", "https_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    try:
+        path, got = cache.Cache(tmp_path / "a").fetch(f"{auth.url}/big.conda", sha, "big.conda")
+        assert cache.sha256_file(path) == sha and got == SIZE
+        assert proxy.seen == [(f"{auth.url}/big.conda", True)]  # one request, through the proxy, credentials on
+        # To another host (localhost is not 127.0.0.1 by name): refused, nothing sent there.
+        other = f"http://localhost:{srv.server_address[1]}/big.conda"
+        auth.inject("big.conda", f"redirect:{other}")
+        with pytest.raises(NetworkError) as info:
+            cache.Cache(tmp_path / "b").fetch(f"{auth.url}/big.conda", sha, "big.conda")
+        assert "refused a redirect" in info.value.what and "localhost" in info.value.why
+        assert not any(u.startswith("http://localhost") for u, _ in proxy.seen)
+        # To the same host: followed, the credentials still on.
+        auth.inject("big.conda", f"redirect:{auth.url}/big.conda")
+        path, _ = cache.Cache(tmp_path / "c").fetch(f"{auth.url}/big.conda", sha, "big.conda")
+        assert cache.sha256_file(path) == sha and proxy.seen[-2:] == [(f"{auth.url}/big.conda", True)] * 2
+    finally:
+        proxy.shutdown()
+        auth.shutdown()
+
+
+def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_only(tmp_path, monkeypatch):
+    """--pip-index-url with user:password, or a .netrc entry: the index page is read with them (a 401 without them
+    says how to give them, with no password shown); the files it lists on its own host carry the URL's
+    credentials on to their download, files elsewhere do not."""
+    from lorastrap.locking import pypi_index
+    root = tmp_path / "idx"
+    (root / "simple" / "demo").mkdir(parents=True)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    srv = NetSim(root, auth="bob:s3cret").start()
+    host = srv.url.split("://", 1)[1]
+    (root / "simple" / "demo" / "index.html").write_text(
+        f'<a href="../../files/demo-1.0-py3-none-any.whl#sha256={"0" * 64}">demo-1.0-py3-none-any.whl</a>\n'
+        f'<a href="http://elsewhere.invalid/demo-1.1-py3-none-any.whl">demo-1.1-py3-none-any.whl</a>\n')
+    try:
+        with pytest.raises(NetworkError) as info:
+            pypi_index.files(f"http://bob:wrong@{host}/simple", "demo")
+        assert "HTTP 401" in info.value.why and ".netrc" in info.value.fix and "bob:***@" in info.value.what
+        assert "wrong" not in str(info.value.to_dict())
+        found = {f.filename: f.url for f in pypi_index.files(f"http://bob:s3cret@{host}/simple", "demo")}
+        assert found == {"demo-1.0-py3-none-any.whl": f"http://bob:s3cret@{host}/files/demo-1.0-py3-none-any.whl",
+                         "demo-1.1-py3-none-any.whl": "http://elsewhere.invalid/demo-1.1-py3-none-any.whl"}
+        netrc_file = tmp_path / "netrc"
+        netrc_file.write_text("machine 127.0.0.1 login bob password s3cret\n")
+        netrc_file.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc_file))
+        assert len(pypi_index.files(f"{srv.url}/simple", "demo")) == 2
     finally:
         srv.shutdown()

@@ -30,7 +30,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
-from lorastrap.core import fsutil
+from lorastrap.core import credentials, fsutil
+from lorastrap.core.credentials import shown
 from lorastrap.core.errors import DiskError, NetworkError
 
 CHUNK = 1 << 20
@@ -119,49 +120,6 @@ def _helpers() -> ThreadPoolExecutor:
         return _HELPERS
 
 
-def shown(url: str) -> str:
-    """URL as it may be printed: a password in it replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rsplit('@', 1)[-1]}"))
-
-
-def _netrc_login(host: str) -> tuple[str, str] | None:
-    """(login, password) for HOST from $NETRC or ~/.netrc (what curl, pip and conda read), else None; a file that
-    is missing or cannot be parsed gives none."""
-    import netrc
-    where = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        st = os.stat(where)
-    except OSError:
-        return None
-    key = (where, st.st_mtime_ns, st.st_size)
-    if _NETRC.get("key") != key:
-        try:
-            _NETRC.update(key=key, file=netrc.netrc(where))
-        except (OSError, netrc.NetrcParseError, UnicodeDecodeError):
-            _NETRC.update(key=key, file=None)
-    found = _NETRC["file"].authenticators(host) if _NETRC["file"] else None
-    return (found[0] or "", found[2] or "") if found else None
-
-
-_NETRC: dict = {}
-
-
-def _authorization(parts: urllib.parse.SplitResult, own: bool) -> str | None:
-    """HTTP Basic credentials for this request: the URL's own user and password (only to the URL's own host: OWN),
-    else the host's entry in .netrc."""
-    import base64
-    if own and parts.username is not None:
-        login = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
-    else:
-        login = _netrc_login(parts.hostname or "")
-    if login is None:
-        return None
-    return "Basic " + base64.b64encode(f"{login[0]}:{login[1]}".encode()).decode()
-
-
 def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset(),
              if_range: str | None = None):
     """GET url's bytes FIRST..LAST (a Range request; no Range header when FIRST is None, to the end when LAST is
@@ -182,16 +140,23 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
             raise _HttpStatus(0, f"unsupported URL scheme {parts.scheme!r}")
         netloc = parts.netloc.rsplit("@", 1)[-1]  # without user:password
         sent = dict(headers)
-        auth = _authorization(parts, own=parts.netloc == own_netloc)
-        if auth:
-            sent["Authorization"] = auth
+        auth = credentials.authorization(parts, own=parts.netloc == own_netloc)
         if _proxied(parts):  # through the user's proxy (https_proxy/http_proxy): urllib, one connection a file
+            req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=sent)
+            if auth:
+                req.add_unredirected_header("Authorization", auth)
             try:
-                resp = urllib.request.urlopen(urllib.request.Request(
-                    urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=sent), timeout=timeout)
+                resp = _proxy_opener().open(req, timeout=timeout)
             except urllib.error.HTTPError as exc:
+                location = exc.headers.get("Location") if exc.headers else None
+                exc.close()
+                if exc.code in (301, 302, 303, 307, 308) and location:
+                    url = _redirected(url, location, home, hosts)
+                    continue
                 raise _HttpStatus(exc.code, str(exc.reason))
             return resp.status, resp.headers, resp, url
+        if auth:
+            sent["Authorization"] = auth
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):  # a pooled connection the server closed meanwhile: once more, on a new one
             conn, reused = _connection(parts.scheme, netloc, timeout)
@@ -208,17 +173,39 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
                 raise
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             resp.read()
-            target_url = urllib.parse.urljoin(url, resp.getheader("Location"))
-            host = (urllib.parse.urlsplit(target_url).hostname or "").lower()
-            if host != home and host not in hosts:
-                raise _Redirected(f"{shown(url)} redirects to {shown(target_url)}, on another host ({host})")
-            url = target_url
+            url = _redirected(url, resp.getheader("Location"), home, hosts)
             continue
         if resp.status >= 400:
             _drop(parts.scheme, netloc)
             raise _HttpStatus(resp.status, resp.reason)
         return resp.status, resp.headers, resp, url
     raise _HttpStatus(0, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _redirected(url: str, location: str, home: str, hosts: frozenset[str]) -> str:
+    """Where a redirect from URL to LOCATION leads, when it stays on URL's host (HOME) or goes to one of HOSTS."""
+    target = urllib.parse.urljoin(url, location)
+    host = (urllib.parse.urlsplit(target).hostname or "").lower()
+    if host != home and host not in hosts:
+        raise _Redirected(f"{shown(url)} redirects to {shown(target)}, on another host ({host})")
+    return target
+
+
+class _Unfollowed(urllib.request.HTTPRedirectHandler):
+    """Through a proxy too, lorastrap decides which redirects to follow (_redirected): urllib answers each as an
+    HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER: list = []
+
+
+def _proxy_opener():
+    if not _OPENER:
+        _OPENER.append(urllib.request.build_opener(_Unfollowed))  # with the environment's proxies, as urlopen's
+    return _OPENER[0]
 
 
 def _extent(status: int, headers) -> tuple[int, int]:

@@ -18,9 +18,12 @@ from pathlib import Path
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import InvalidVersion, Version
 
+from lorastrap.core import credentials
+from lorastrap.core.credentials import shown
 from lorastrap.core.errors import NetworkError
 
 INDEX_TIMEOUT_S = 60
+MAX_PAGE_BYTES = 64 * 2**20  # a project page of PyPI's largest projects is a few MiB
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 ACCEPT = f"{JSON_TYPE}, text/html;q=0.1"  # PEP 691's negotiation: JSON preferred, HTML accepted
 
@@ -94,24 +97,44 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
             return _from_html((folder / "index.html").read_text(errors="replace"), folder.as_uri() + "/")
         return [IndexFile(filename=p.name, url=p.as_uri(), sha256=None, requires_python=None, yanked=False)
                 for p in sorted(folder.iterdir()) if p.is_file()] if folder.is_dir() else []
-    req = urllib.request.Request(page, headers={"User-Agent": "lorastrap", "Accept": ACCEPT})
+    parts = urllib.parse.urlsplit(page)
+    req = urllib.request.Request(credentials.without_login(page), headers={"User-Agent": "lorastrap", "Accept": ACCEPT})
+    auth = credentials.authorization(parts, own=True)
+    if auth:  # an unredirected header: a redirect to another host does not carry it there
+        req.add_unredirected_header("Authorization", auth)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            text = resp.read().decode("utf-8", "replace")
+            text = resp.read(MAX_PAGE_BYTES + 1).decode("utf-8", "replace")
             base, kind = resp.geturl(), resp.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return []
-        raise NetworkError(f"could not read the pip index page {page}", why=f"HTTP {exc.code}",
+        if exc.code in (401, 403):
+            host = parts.hostname
+            raise NetworkError(f"could not read the pip index page {shown(page)}",
+                               why=f"HTTP {exc.code}: {host} wants credentials",
+                               fix=f"Give them in ~/.netrc (or the file $NETRC names): `machine {host} login USER "
+                                   f"password PASSWORD`, or in the URL (https://USER:PASSWORD@{host}/…); lorastrap "
+                                   "sends them to that host only.")
+        raise NetworkError(f"could not read the pip index page {shown(page)}", why=f"HTTP {exc.code}",
                            fix="Check the index URL (--pip-index-url, a PEP 503 simple index) or the network.")
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-        raise NetworkError(f"could not read the pip index page {page}", why=str(getattr(exc, "reason", exc)),
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        raise NetworkError(f"could not read the pip index page {shown(page)}", why=str(getattr(exc, "reason", exc)),
                            fix="Check the network or proxy, or pass --pip-index-url for a reachable index.")
-    try:
-        return _from_json(text, base) if kind == JSON_TYPE else _from_html(text, base)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise NetworkError(f"the pip index page {page} cannot be read", why=str(exc).splitlines()[0],
+    if len(text) > MAX_PAGE_BYTES:
+        raise NetworkError(f"the pip index page {shown(page)} is larger than {MAX_PAGE_BYTES // 2**20} MiB",
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
+    try:
+        found = _from_json(text, base) if kind == JSON_TYPE else _from_html(text, base)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NetworkError(f"the pip index page {shown(page)} cannot be read", why=str(exc).splitlines()[0],
+                           fix="Check that --pip-index-url names a PEP 503/691 simple index.")
+    if parts.username is not None:  # the index's own user:password go on to its files on the same host (as pip's)
+        for f in found:
+            fp = urllib.parse.urlsplit(f.url)
+            if fp.scheme == parts.scheme and fp.netloc == parts.netloc.rsplit("@", 1)[-1]:
+                f.url = urllib.parse.urlunsplit(fp._replace(netloc=parts.netloc))
+    return found
 
 
 def file_url(index_url: str, name: str, filename: str, *, timeout: float = INDEX_TIMEOUT_S) -> str:
@@ -119,6 +142,6 @@ def file_url(index_url: str, name: str, filename: str, *, timeout: float = INDEX
     for f in files(index_url, name, timeout=timeout):
         if f.filename == filename:
             return f.url
-    raise NetworkError(f"{filename} is not on the pip index {index_url}",
-                       why=f"{project_url(index_url, name)} does not list it (the lock names this exact wheel)",
+    raise NetworkError(f"{filename} is not on the pip index {shown(index_url)}",
+                       why=f"{shown(project_url(index_url, name))} does not list it (the lock names this exact wheel)",
                        fix="Put the lock's wheels on that index (a PyPI mirror), or install from a bundle.")
