@@ -703,8 +703,8 @@ def test_through_a_proxy_credentials_go_only_to_their_host_and_redirects_only_wh
 
 def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_only(tmp_path, monkeypatch):
     """--pip-index-url with user:password, or a .netrc entry: the index page is read with them (a 401 without them
-    says how to give them, with no password shown); the files it lists on its own host carry the URL's
-    credentials on to their download, files elsewhere do not."""
+    says how to give them, with no password shown); a file it lists on its own host carries the URL's credentials
+    on to its download (never into what files() gives, which a lock records), a file elsewhere does not."""
     from lorastrap.locking import pypi_index
     root = tmp_path / "idx"
     (root / "simple" / "demo").mkdir(parents=True)
@@ -719,9 +719,14 @@ def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_o
             pypi_index.files(f"http://bob:wrong@{host}/simple", "demo")
         assert "HTTP 401" in info.value.why and ".netrc" in info.value.fix and "bob:***@" in info.value.what
         assert "wrong" not in str(info.value.to_dict())
-        found = {f.filename: f.url for f in pypi_index.files(f"http://bob:s3cret@{host}/simple", "demo")}
-        assert found == {"demo-1.0-py3-none-any.whl": f"http://bob:s3cret@{host}/files/demo-1.0-py3-none-any.whl",
+        index = f"http://bob:s3cret@{host}/simple"
+        found = {f.filename: f.url for f in pypi_index.files(index, "demo")}  # what a lock records: no password
+        assert found == {"demo-1.0-py3-none-any.whl": f"http://{host}/files/demo-1.0-py3-none-any.whl",
                          "demo-1.1-py3-none-any.whl": "http://elsewhere.invalid/demo-1.1-py3-none-any.whl"}
+        assert pypi_index.file_url(index, "demo", "demo-1.0-py3-none-any.whl") == \
+            f"http://bob:s3cret@{host}/files/demo-1.0-py3-none-any.whl"  # downloaded now: with them
+        assert pypi_index.file_url(index, "demo", "demo-1.1-py3-none-any.whl") == \
+            "http://elsewhere.invalid/demo-1.1-py3-none-any.whl"
         netrc_file = tmp_path / "netrc"
         netrc_file.write_text("machine 127.0.0.1 login bob password s3cret\n")
         netrc_file.chmod(0o600)

@@ -31,6 +31,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from lorastrap.core import subproc
+from lorastrap.core.credentials import shown
 from lorastrap.core.errors import ConfigError, NetworkError
 from lorastrap.locking import names, pypi_index, uvexe, wheels
 from lorastrap.machine import platforms
@@ -256,13 +257,13 @@ def _resolve_error(res: subproc.Result, reqs: list[str], provided: dict, ctx: Co
     text = (res.stderr or res.stdout).strip()
     low = text.lower()
     if any(w in low for w in ("failed to fetch", "connection", "dns error", "timed out", "network")):
-        return NetworkError(f"could not read the index {index_url} to resolve {', '.join(reqs)}", why=text[-1500:],
+        return NetworkError(f"could not read the index {shown(index_url)} to resolve {', '.join(reqs)}", why=text[-1500:],
                             fix="Check the network or proxy, or pass --pip-index-url for a reachable index.")
     pinned = [f"{n} {v} (conda: {c})" for n, (c, v) in sorted(provided.items()) if n in low]
     absent = _absent_from_index(low)
     if absent:  # the index is the cause, not the conda side
         return ConfigError(
-            f"the index {index_url} has no {', '.join(absent)}, which the pip entries of {ctx.spec_file} need",
+            f"the index {shown(index_url)} has no {', '.join(absent)}, which the pip entries of {ctx.spec_file} need",
             why=text[-3000:],
             fix=f"Pass --pip-index-url with the index that has {absent[0]} (`update` and `repair` use the one the "
                 "environment was built with unless told otherwise), or change the pip entries.")

@@ -129,18 +129,19 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NetworkError(f"the pip index page {shown(page)} cannot be read", why=str(exc).splitlines()[0],
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
-    if parts.username is not None:  # the index's own user:password go on to its files on the same host (as pip's)
-        for f in found:
-            fp = urllib.parse.urlsplit(f.url)
-            if fp.scheme == parts.scheme and fp.netloc == parts.netloc.rsplit("@", 1)[-1]:
-                f.url = urllib.parse.urlunsplit(fp._replace(netloc=parts.netloc))
     return found
 
 
 def file_url(index_url: str, name: str, filename: str, *, timeout: float = INDEX_TIMEOUT_S) -> str:
-    """The URL of one file of a project on the index (a PyPI mirror holding the lock's exact wheel)."""
+    """The URL of one file of a project on the index (a PyPI mirror holding the lock's exact wheel), to download it
+    now: on the index's own host it carries the index URL's user:password, as pip passes them on (the URLs files()
+    gives, which a lock records, never do)."""
+    index = urllib.parse.urlsplit(index_url)
     for f in files(index_url, name, timeout=timeout):
         if f.filename == filename:
+            at = urllib.parse.urlsplit(f.url)
+            if index.username is not None and (at.scheme, at.netloc) == (index.scheme, index.netloc.rsplit("@", 1)[-1]):
+                return urllib.parse.urlunsplit(at._replace(netloc=index.netloc))
             return f.url
     raise NetworkError(f"{filename} is not on the pip index {shown(index_url)}",
                        why=f"{shown(project_url(index_url, name))} does not list it (the lock names this exact wheel)",
