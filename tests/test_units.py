@@ -479,3 +479,42 @@ def test_a_conda_archive_reads_the_same_stored_or_deflated_and_a_cut_one_is_unre
     bad.write_bytes(bytes(b))
     with pytest.raises(IntegrityError):
         archive.inspect(bad)
+
+
+def _with_pkg_tar(stored: Path, out: Path, tar: bytes) -> Path:
+    """STORED with its pkg-*.tar.zst replaced by TAR (raw bytes, compressed)."""
+    import zipfile
+    import zstandard
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(stored) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as w:
+        for i in z.infolist():
+            data = zstandard.ZstdCompressor().compress(tar) if i.filename.startswith("pkg-") else z.read(i)
+            w.writestr(zipfile.ZipInfo(i.filename, date_time=i.date_time), data)
+    return out
+
+
+def _tar_header(name: str, size: int, kind: bytes = b"0") -> bytes:
+    """A ustar header whose size field says SIZE (base-256 when octal cannot: any size a hostile tar may claim)."""
+    b = bytearray(512)
+    b[0:len(name)] = name.encode()
+    b[100:124] = b"0000644\x000000000\x000000000\x00"
+    b[124:136] = b"%011o\x00" % size if size < 8 ** 11 else bytes([0x80]) + size.to_bytes(11, "big")
+    b[136:148] = b"00000000000\x00"
+    b[156:157], b[257:265] = kind, b"ustar\x0000"
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\x00 " % sum(b)
+    return bytes(b)
+
+
+@pytest.mark.parametrize("name,kind", [("././@PaxHeader", b"x"), ("././@LongLink", b"L"), ("info/paths.json", b"0"),
+                                       ("share/a.txt", b"0")])
+@pytest.mark.parametrize("size", [2 ** 40, 2 ** 70])
+def test_a_tar_header_that_claims_an_absurd_size_is_an_unreadable_archive(tmp_path, name, kind, size):
+    # tarfile reads a pax/GNU header's data (and info/paths.json) in one read of the size the header names, and
+    # seeks past a member by it: never an allocation of that size (MemoryError, OverflowError) or a traceback.
+    from lorastrap.install import archive
+    tar = _tar_header(name, size, kind) + b"{}" + bytes(510) + bytes(1024)
+    bad = _with_pkg_tar(_conda(tmp_path), tmp_path / "bad" / "hostile-inner-link-1.0-h0_0.conda", tar)
+    with pytest.raises(IntegrityError) as info:
+        archive.inspect(bad)
+    assert "cannot be read" in info.value.what

@@ -117,6 +117,42 @@ class _Stored(io.RawIOBase):
         return got
 
 
+READ_MOST = 256 << 20  # the most one read of the inner tar may hold: a pax or GNU header's data, info/paths.json
+
+
+class _Forward:
+    """A .conda's decompressed inner tar as tarfile's seekable reader sees it.  A tar header names any size (up to
+    2**95 in base-256): tarfile reads a pax or GNU long-name header's data, and info/paths.json, with one read of
+    the size it names, and seeks past a member by its size.  zstandard would allocate such a read whole (a
+    MemoryError or OverflowError, not an unreadable archive); here a read takes the stream in blocks, as far as
+    it goes, and no more than READ_MOST; a seek past any possible end ends the archive."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 0 and pos >= 1 << 62:
+            raise EOFError("a member's size runs past the archive's end")
+        return self.stream.seek(pos, whence)
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and 0 <= n <= STREAM_BLOCK:
+            return self.stream.read(n)
+        parts, got = [], 0
+        while n is None or n < 0 or got < n:
+            block = self.stream.read(STREAM_BLOCK if n is None or n < 0 else min(STREAM_BLOCK, n - got))
+            if not block:
+                break
+            got += len(block)
+            if got > READ_MOST:
+                raise ValueError(f"a tar header's data or info/paths.json over {READ_MOST >> 20} MiB")
+            parts.append(block)
+        return b"".join(parts)
+
+
 def _member_stream(z: zipfile.ZipFile, f, info: zipfile.ZipInfo):
     """A reader of a .conda's inner member: straight from the file when it is stored (its data after the local
     header), else zipfile's own."""
@@ -143,7 +179,7 @@ def _members(archive: Path):
                     # than tarfile's stream mode copying them through Python); a seek backwards (no sound tar
                     # asks for one) fails, and the archive counts as unreadable.
                     with _member_stream(z, f, info) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
-                            tarfile.open(fileobj=stream, mode="r:") as t:
+                            tarfile.open(fileobj=_Forward(stream), mode="r:") as t:
                         yield from ((t, m) for m in t)
     else:
         with tarfile.open(archive, "r|bz2", bufsize=STREAM_BLOCK) as t:
