@@ -518,3 +518,24 @@ def test_a_tar_header_that_claims_an_absurd_size_is_an_unreadable_archive(tmp_pa
     with pytest.raises(IntegrityError) as info:
         archive.inspect(bad)
     assert "cannot be read" in info.value.what
+
+
+@pytest.mark.parametrize("field,value", [(8, 1), (10, 99)])  # the general-purpose flags: encrypted; the method: 99
+@pytest.mark.parametrize("member", ["pkg-", "info-"])
+def test_an_encrypted_member_or_an_unknown_compression_method_is_an_unreadable_archive(tmp_path, field, value, member):
+    # zipfile raises RuntimeError / NotImplementedError for these, not BadZipFile: never a traceback.
+    from lorastrap.install import archive
+    stored = _conda(tmp_path)
+    data = bytearray(stored.read_bytes())
+    entry = data.find(b"PK\x01\x02")
+    while data[entry + 46:entry + 46 + len(member)] != member.encode():
+        entry = data.find(b"PK\x01\x02", entry + 1)
+    data[entry + field:entry + field + 2] = value.to_bytes(2, "little")
+    bad = tmp_path / "bad" / stored.name
+    bad.parent.mkdir()
+    bad.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError):
+        archive.inspect(bad)
+    if member == "info-":
+        with pytest.raises(IntegrityError):
+            archive.paths_json(bad)

@@ -39,8 +39,8 @@ def paths_json(archive: Path) -> dict:
                 return json.load(t.extractfile("info/paths.json"))
         with tarfile.open(archive, "r:bz2") as t:
             return json.load(t.extractfile("info/paths.json"))
-    except (OSError, KeyError, StopIteration, ValueError, zipfile.BadZipFile, tarfile.TarError,
-            zstandard.ZstdError) as exc:
+    except (OSError, KeyError, StopIteration, ValueError, RuntimeError, zipfile.BadZipFile, tarfile.TarError,
+            zstandard.ZstdError) as exc:  # RuntimeError: zipfile's for an encrypted member or an unknown method
         raise IntegrityError(f"{archive.name}: its info/paths.json cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
 
@@ -156,8 +156,13 @@ class _Forward:
 def _member_stream(z: zipfile.ZipFile, f, info: zipfile.ZipInfo):
     """A reader of a .conda's inner member: straight from the file when it is stored (its data after the local
     header), else zipfile's own."""
-    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-        return z.open(info)
+    if info.flag_bits & 0x1:  # zipfile: a RuntimeError (a password is needed), not an archive error
+        raise zipfile.BadZipFile(f"{info.filename} is encrypted")
+    if info.compress_type != zipfile.ZIP_STORED:
+        try:
+            return z.open(info)
+        except NotImplementedError as exc:  # a compression method zipfile does not know
+            raise zipfile.BadZipFile(f"{info.filename}: {exc}") from None
     f.seek(info.header_offset)
     header = f.read(zipfile.sizeFileHeader)
     if len(header) != zipfile.sizeFileHeader or header[:4] != zipfile.stringFileHeader:
