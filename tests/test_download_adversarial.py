@@ -619,3 +619,22 @@ def test_two_processes_fetching_one_archive_into_one_cache(tmp_path, six):
     got = sorted(int(o.strip()) for o, _ in outs)
     assert got == [0, SIX], got  # one downloaded it, the other used it
     assert not _leftovers(pkgs) and cache.sha256_file(pkgs / "archives" / sha / "six.conda") == sha
+
+
+def test_an_index_page_over_the_limit_in_bytes_is_refused_whatever_its_characters(tmp_path, monkeypatch):
+    """The page limit counts bytes: a page of multi-byte characters over it is refused, never parsed cut (its
+    files past the cut silently missing)."""
+    from lorastrap.locking import pypi_index
+    monkeypatch.setattr(pypi_index, "MAX_PAGE_BYTES", 1000)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    (tmp_path / "simple" / "demo").mkdir(parents=True)
+    link = '<a href="demo-1.0-py3-none-any.whl">demo-1.0-py3-none-any.whl</a>\n'
+    (tmp_path / "simple" / "demo" / "index.html").write_text(link + "<!-- " + "é" * 700 + " -->\n" + link.replace(
+        "1.0", "1.1"), encoding="utf-8")
+    srv = NetSim(tmp_path).start()
+    try:
+        with pytest.raises(NetworkError) as info:
+            pypi_index.files(f"{srv.url}/simple", "demo")
+        assert "larger than" in info.value.what
+    finally:
+        srv.shutdown()

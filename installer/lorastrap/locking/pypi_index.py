@@ -104,7 +104,7 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
         req.add_unredirected_header("Authorization", auth)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            text = resp.read(MAX_PAGE_BYTES + 1).decode("utf-8", "replace")
+            raw = resp.read(MAX_PAGE_BYTES + 1)
             base, kind = resp.geturl(), resp.headers.get_content_type()
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
@@ -121,9 +121,10 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         raise NetworkError(f"could not read the pip index page {shown(page)}", why=str(getattr(exc, "reason", exc)),
                            fix="Check the network or proxy, or pass --pip-index-url for a reachable index.")
-    if len(text) > MAX_PAGE_BYTES:
+    if len(raw) > MAX_PAGE_BYTES:  # bytes: the decoded text of multi-byte characters is shorter than its page
         raise NetworkError(f"the pip index page {shown(page)} is larger than {MAX_PAGE_BYTES // 2**20} MiB",
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
+    text = raw.decode("utf-8", "replace")
     try:
         found = _from_json(text, base) if kind == JSON_TYPE else _from_html(text, base)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
