@@ -539,3 +539,20 @@ def test_an_encrypted_member_or_an_unknown_compression_method_is_an_unreadable_a
     if member == "info-":
         with pytest.raises(IntegrityError):
             archive.paths_json(bad)
+
+
+def test_the_flags_taken_from_how_an_environment_was_built_show_no_password(monkeypatch):
+    import argparse
+    from lorastrap.cli import remembered
+    from lorastrap.core.records import BuiltWith
+    monkeypatch.setattr(remembered, "built_with", lambda prefix: BuiltWith(
+        envs_dir=None, channels=["https://ann:ch4nnel@conda.example/c"], mirror="https://ann:m1rror@m.example/c",
+        pip_index_url="https://ann:p%40ss@pypi.example/simple", link_mode="hardlink", engine=None))
+    args = argparse.Namespace(envs_dir=None, channel=None, mirror=None, pip_index_url=None, engine=None,
+                              link_mode=None)
+    said = []
+    taken = remembered.apply(args, Path("/env"), narrate=said.append)
+    assert args.pip_index_url == "https://ann:p%40ss@pypi.example/simple"  # still used with them
+    assert said and taken
+    for secret in ("ch4nnel", "m1rror", "p%40ss"):
+        assert secret not in " ".join(said + taken)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from lorastrap.cli.base import say
+from lorastrap.core.credentials import shown
 
 SOURCES = ("envs_dir", "channel", "mirror", "pip_index_url", "engine", "link_mode")
 
@@ -39,16 +40,16 @@ def apply(args, prefix: Path | None, fields: tuple[str, ...] = SOURCES, narrate=
     given_source = any(getattr(args, f, None) for f in ("channel", "mirror"))
     if "channel" in fields and not given_source and bw.channels:
         args.channel = list(bw.channels)
-        taken.append(" ".join(f"--channel {c}" for c in bw.channels))
+        taken.append(" ".join(f"--channel {shown(c)}" for c in bw.channels))
     if "mirror" in fields and not given_source and bw.mirror:
         args.mirror = ([bw.mirror] if isinstance(bw.mirror, str)
                        else [f"{channel}={url}" for channel, url in bw.mirror.items()])
-        taken.append(" ".join(f"--mirror {m}" for m in args.mirror))
+        taken.append(" ".join(f"--mirror {_shown_mirror(m)}" for m in args.mirror))
     if "pip_index_url" in fields and getattr(args, "pip_index_url", None) is None and bw.pip_index_url:
         from lorastrap.locking.channels import DEFAULT_PIP_INDEX
         args.pip_index_url = bw.pip_index_url
         if bw.pip_index_url != DEFAULT_PIP_INDEX:
-            taken.append(f"--pip-index-url {bw.pip_index_url}")
+            taken.append(f"--pip-index-url {shown(bw.pip_index_url)}")
     if ("engine" in fields and getattr(args, "engine", None) is None and not os.environ.get("LORASTRAP_ENGINE")
             and bw.engine and bw.engine != "auto"):
         args.engine = bw.engine
@@ -60,6 +61,12 @@ def apply(args, prefix: Path | None, fields: tuple[str, ...] = SOURCES, narrate=
     if taken:
         narrate(f"as {prefix} was built: " + " ".join(taken) + " (a flag given now wins)")
     return taken
+
+
+def _shown_mirror(value: str) -> str:
+    """A --mirror value (a URL, or CHANNEL=URL) as it may be printed: no password."""
+    channel, sep, url = value.partition("=")
+    return f"{channel}={shown(url)}" if sep and "://" not in channel else shown(value)
 
 
 def link_mode(args) -> str:
