@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -727,6 +728,10 @@ def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_o
             f"http://bob:s3cret@{host}/files/demo-1.0-py3-none-any.whl"  # downloaded now: with them
         assert pypi_index.file_url(index, "demo", "demo-1.1-py3-none-any.whl") == \
             "http://elsewhere.invalid/demo-1.1-py3-none-any.whl"
+        # The same origin however written (host case, the scheme's own port spelled out); not another port or scheme.
+        o = lambda u: pypi_index._origin(urllib.parse.urlsplit(u))  # noqa: E731
+        assert o("https://Files.Example:443/a") == o("https://files.example/b") != o("http://files.example/b")
+        assert o("https://files.example:8443/a") != o("https://files.example/a")
         netrc_file = tmp_path / "netrc"
         netrc_file.write_text("machine 127.0.0.1 login bob password s3cret\n")
         netrc_file.chmod(0o600)
@@ -734,3 +739,42 @@ def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_o
         assert len(pypi_index.files(f"{srv.url}/simple", "demo")) == 2
     finally:
         srv.shutdown()
+
+
+def test_an_https_url_redirected_to_http_sends_no_credentials(tmp_path, served, monkeypatch):
+    """A .netrc login is for the host; after an https URL redirected to http (another port of the same host) it
+    would go out unencrypted: it is not sent (the server then says 401, and the download fails saying so)."""
+    import ssl
+    srv, root, sha = served
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                           "-out", str(cert)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("no openssl to make a certificate")
+    plain = NetSim(root, auth="alice:pw").start()
+    tls = NetSim(root)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+    tls.start()
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine 127.0.0.1 login alice password pw\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    https_url = f"https://127.0.0.1:{tls.server_address[1]}/big.conda"
+    try:
+        path, _ = cache.Cache(tmp_path / "a").fetch(https_url, sha, "big.conda")  # the TLS server itself works
+        assert cache.sha256_file(path) == sha
+        tls.inject("big.conda", f"redirect:{plain.url}/big.conda")
+        with pytest.raises(NetworkError) as info:
+            cache.Cache(tmp_path / "b").fetch(https_url, sha, "big.conda")
+        assert "HTTP 401" in info.value.why and plain.requests["big.conda"] == 1
+        path, _ = cache.Cache(tmp_path / "c").fetch(f"{plain.url}/big.conda", sha, "big.conda")  # http from the start:
+        assert cache.sha256_file(path) == sha  # the .netrc login goes, as the user asked for plain http
+    finally:
+        tls.shutdown()
+        plain.shutdown()

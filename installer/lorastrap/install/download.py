@@ -129,6 +129,7 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
     host's .netrc entry, as HTTP Basic."""
     home = (urllib.parse.urlsplit(url).hostname or "").lower()
     own_netloc = urllib.parse.urlsplit(url).netloc
+    secure = urllib.parse.urlsplit(url).scheme == "https"
     headers = {"User-Agent": "lorastrap", "Accept-Encoding": "identity"}
     if first is not None:
         headers["Range"] = f"bytes={first}-{'' if last is None else last}"
@@ -140,7 +141,9 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
             raise _HttpStatus(0, f"unsupported URL scheme {parts.scheme!r}")
         netloc = parts.netloc.rsplit("@", 1)[-1]  # without user:password
         sent = dict(headers)
-        auth = credentials.authorization(parts, own=parts.netloc == own_netloc)
+        # Credentials never go out unencrypted after an https URL redirected to http (requests strips them too).
+        auth = None if secure and parts.scheme != "https" else credentials.authorization(
+            parts, own=parts.netloc == own_netloc)
         if _proxied(parts):  # through the user's proxy (https_proxy/http_proxy): urllib, one connection a file
             req = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), headers=sent)
             if auth:
