@@ -556,3 +556,23 @@ def test_the_flags_taken_from_how_an_environment_was_built_show_no_password(monk
     assert said and taken
     for secret in ("ch4nnel", "m1rror", "p%40ss"):
         assert secret not in " ".join(said + taken)
+
+
+def test_a_tar_bz2_member_that_claims_an_absurd_size_is_unreadable_at_once(tmp_path):
+    """A .tar.bz2 whose member header claims 2**70 bytes (base-256, GNU format): tarfile's stream would skip it
+    block by block for ever; it is an unreadable archive (exit 6), at once."""
+    import bz2
+    import io
+    import tarfile
+    from lorastrap.install import archive
+    head = tarfile.TarInfo("lib/huge.bin")
+    head.size = 2**70
+    raw = io.BytesIO()
+    raw.write(head.tobuf(tarfile.GNU_FORMAT))
+    raw.write(b"\0" * 4096)
+    path = tmp_path / "huge-1.0-h0_0.tar.bz2"
+    path.write_bytes(bz2.compress(raw.getvalue()))
+    t = time.monotonic()
+    with pytest.raises(IntegrityError) as info:
+        archive.inspect(path)
+    assert "cannot be read" in info.value.what and time.monotonic() - t < 5

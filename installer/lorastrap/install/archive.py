@@ -117,6 +117,7 @@ class _Stored(io.RawIOBase):
         return got
 
 
+MEMBER_MOST = 1 << 44  # 16 TiB: a tar member that claims more is no package's (and would take forever to skip)
 READ_MOST = 256 << 20  # the most one read of the inner tar may hold: a pax or GNU header's data, info/paths.json
 
 
@@ -188,7 +189,10 @@ def _members(archive: Path):
                         yield from ((t, m) for m in t)
     else:
         with tarfile.open(archive, "r|bz2", bufsize=STREAM_BLOCK) as t:
-            yield from ((t, m) for m in t)
+            for m in t:
+                if m.size > MEMBER_MOST:  # tarfile's stream would skip it block by block, 2**50 turns for 2**70
+                    raise ValueError(f"its member {m.name!r} claims {m.size} bytes")
+                yield t, m
 
 
 def inspect(archive: Path) -> dict:
