@@ -213,6 +213,41 @@ def test_the_first_failure_stops_the_others(tmp_path):
         srv.shutdown()
 
 
+@pytest.mark.parametrize("segments", [1, 8])
+def test_a_failure_or_an_interrupt_does_not_wait_for_a_silent_server(tmp_path, monkeypatch, segments):
+    """One archive's server goes silent mid-body (a stall longer than the test); another archive's 404 — or a
+    Ctrl-C — stops the run at once: the stalled read is ended by shutting its connection down, not waited for until
+    the read timeout (30 s)."""
+    import signal
+    monkeypatch.setattr(download, "SEGMENTS", segments)
+    root = tmp_path / "srv"
+    root.mkdir()
+    for name in ("slow.conda", "gone.conda"):
+        (root / name).write_bytes(os.urandom(3 * 2**20))
+    srv = NetSim(root, stall_s=25).start()
+    late = NetSim(root, delay_s=1.0).start()  # its answers come a second late: the stall is under way by then
+    items = [(f"{srv.url}/slow.conda", cache.sha256_file(root / "slow.conda"), "slow.conda"),
+             (f"{late.url}/gone.conda", cache.sha256_file(root / "gone.conda"), "gone.conda")]
+    try:
+        srv.inject("slow.conda", *["stall"] * 9)  # every request for it stalls halfway
+        late.inject("gone.conda", *["404"] * 9)
+        t = time.monotonic()
+        with pytest.raises(NetworkError) as info:
+            cache.Cache(tmp_path / "a").fetch_all(items, jobs=2)
+        assert "404" in info.value.why and time.monotonic() - t < 5, time.monotonic() - t
+        # Ctrl-C while the only download waits on the silent server
+        srv.inject("slow.conda", *["stall"] * 9)
+        timer = threading.Timer(0.5, lambda: signal.pthread_kill(threading.main_thread().ident, signal.SIGINT))
+        t = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            cache.Cache(tmp_path / "b").fetch_all(items[:1], jobs=1)
+        assert time.monotonic() - t < 5, time.monotonic() - t
+    finally:
+        srv.shutdown()
+        late.shutdown()
+
+
 def test_progress_ends_its_line(capsys):
     p = download.Progress(2)
     p.tty = True

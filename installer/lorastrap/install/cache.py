@@ -156,8 +156,8 @@ class Cache:
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
-        from lorastrap.install.download import Cancelled, Progress
-        stop = threading.Event()
+        from lorastrap.install.download import Cancelled, Progress, Stop
+        stop = Stop()  # set: every download's connections are shut down too, so none waits on a silent server
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:

@@ -56,6 +56,50 @@ class Cancelled(Exception):
     """Another download failed, or the run was interrupted: this one stops at its next block."""
 
 
+class Stop(threading.Event):
+    """The stop of several downloads at once (fetch_all's).  Set, it also runs what the downloads hooked on it: each
+    shuts down the connections it reads from, so that a read waiting on a silent server ends now, not at its read
+    timeout (a Ctrl-C, or another archive's failure, would otherwise wait for it up to LORASTRAP_READ_TIMEOUT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hooks: list = []
+        self._hooks_lock = threading.Lock()
+
+    def hook(self, fn) -> None:
+        with self._hooks_lock:
+            self._hooks.append(fn)
+            now = self.is_set()
+        if now:
+            fn()
+
+    def unhook(self, fn) -> None:
+        with self._hooks_lock:
+            if fn in self._hooks:
+                self._hooks.remove(fn)
+
+    def set(self) -> None:
+        super().set()
+        with self._hooks_lock:
+            hooks = list(self._hooks)
+        for fn in hooks:
+            fn()
+
+
+def _shut(sock) -> None:
+    """End every read and write on SOCK, whichever thread waits in one (socket.socket's own shutdown, also for a TLS
+    socket: its reader then sees an error, not a torn-down TLS object)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, TypeError):
+        pass
+
+
+def _socket_of(resp):
+    """The socket an answer (http.client's, also urllib's) is read from, or None."""
+    return getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+
+
 class _HttpStatus(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(f"HTTP {code} {reason}")
@@ -121,7 +165,7 @@ def _helpers() -> ThreadPoolExecutor:
 
 
 def _request(url: str, first: int | None, last: int | None, timeout: float, hosts: frozenset[str] = frozenset(),
-             if_range: str | None = None):
+             if_range: str | None = None, track=lambda sock: None):
     """GET url's bytes FIRST..LAST (a Range request; no Range header when FIRST is None, to the end when LAST is
     None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered).
     IF_RANGE (an ETag or a date the file had): the range only while the file is still that one, else the whole
@@ -150,6 +194,7 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
                 req.add_unredirected_header("Authorization", auth)
             try:
                 resp = _proxy_opener().open(req, timeout=timeout)
+                track(_socket_of(resp))
             except urllib.error.HTTPError as exc:
                 location = exc.headers.get("Location") if exc.headers else None
                 exc.close()
@@ -165,6 +210,7 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
             conn, reused = _connection(parts.scheme, netloc, timeout)
             try:
                 conn.request("GET", target, headers=sent)
+                track(conn.sock)  # connected now: a stop can end the wait for the answer too
                 resp = conn.getresponse()
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -381,8 +427,32 @@ class _Job:
         self.waiting = 0  # helpers started that have not taken a segment yet
         self.helped = True  # False once the server answered a helper's closed range with the whole file
         self.permits = _EXTRA
+        self.socks: list = []  # the sockets this download reads from (see Stop)
 
     def run(self) -> int:
+        if isinstance(self.stop, Stop):
+            self.stop.hook(self._shut_all)
+        try:
+            return self._run()
+        finally:
+            if isinstance(self.stop, Stop):
+                self.stop.unhook(self._shut_all)
+
+    def _track(self, sock) -> None:
+        if sock is None:
+            return
+        with self.lock:
+            self.socks.append(sock)
+        if self._stopped():
+            _shut(sock)
+
+    def _shut_all(self) -> None:
+        with self.lock:
+            socks = list(self.socks)
+        for sock in socks:
+            _shut(sock)
+
+    def _run(self) -> int:
         try:
             opened = self._opening()
             if opened is None:  # every byte is written (or there is none to write): the sha256 check decides
@@ -449,7 +519,8 @@ class _Job:
         self.etags, self.dates = set(), set()
         try:
             status, headers, body, self.final = _request(self.url, start if start or self.may_split else None, None,
-                                                         self.timeout, self.hosts, if_range=kept_of)
+                                                         self.timeout, self.hosts, if_range=kept_of,
+                                                         track=self._track)
         except _HttpStatus as exc:
             if exc.code == 416 and start:  # nothing left to resume from there (a longer or other part): afresh
                 self.narrate(f"{self.name}: the server cannot resume at {start} bytes; downloading it from the start")
@@ -551,7 +622,7 @@ class _Job:
         try:
             status, headers, body, _ = _request(self.final, seg.pos if seg.pos or self.may_split else None,
                                                 None if open_ended or seg.end is None else seg.end - 1,
-                                                self.timeout, self.hosts)
+                                                self.timeout, self.hosts, track=self._track)
         except _Redirected as exc:
             raise _HttpStatus(0, str(exc))
         at, total = _extent(status, headers)
@@ -665,6 +736,7 @@ class _Job:
         with self.lock:
             self.errors.append(exc)
         self.halt.set()
+        self._shut_all()  # the other segments' reads end now (their threads see the halt and stop)
 
     def _join(self) -> None:
         while True:
