@@ -532,9 +532,10 @@ def test_extra_connections_are_bounded_in_the_whole_process(tmp_path, monkeypatc
     finally:
         srv.shutdown()
     assert all(cache.sha256_file(p) == sha for (p, _), (_, sha, _) in zip(results, items))
-    # a connection per file and two more in all (+1: the server may still be closing an answer whose bytes all
-    # arrived, when that permit's next request comes in); unbounded, it would be up to 3 + 3 x 7
-    assert srv.max_active <= 3 + 2 + 1, srv.max_active
+    # a connection per file and two more in all; each of those 5 may overlap its next request with the last moments
+    # of its previous answer (all its bytes arrived, the server's thread not yet done with it: on a loaded machine
+    # several at once, so at most 2 x 5 answers); unbounded, it would be up to 3 + 3 x 7 = 24
+    assert srv.max_active <= 2 * (3 + 2), srv.max_active
     assert sum(srv.range_requests.values()) > 3  # some files did get a helper
 
 
