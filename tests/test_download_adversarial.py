@@ -638,3 +638,36 @@ def test_an_index_page_over_the_limit_in_bytes_is_refused_whatever_its_character
         assert "larger than" in info.value.what
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize("how", ["tls-handshake", "proxy-headers"])
+def test_a_stop_ends_a_tls_handshake_or_a_proxy_that_is_silent(tmp_path, monkeypatch, how):
+    """A server that accepts the connection and then says nothing: during the TLS handshake (https), or before the
+    headers of an answer through an http proxy.  A stop (another archive's failure, Ctrl-C) ends the wait at once,
+    not at the read timeout."""
+    import socket
+    monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "20")
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in iter(int, 1)], daemon=True).start()
+    port = listener.getsockname()[1]
+    if how == "tls-handshake":
+        url = f"https://127.0.0.1:{port}/six.conda"
+    else:
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")
+        url = "http://mirror.invalid/six.conda"
+    stop = download.Stop()
+    threading.Timer(0.5, stop.set).start()
+    t = time.monotonic()
+    try:
+        with pytest.raises(download.Cancelled):
+            download.into(url, tmp_path / ".six.conda.part", stop=stop)
+        assert time.monotonic() - t < 5, time.monotonic() - t
+    finally:
+        listener.close()
+        for conn, _ in held:
+            conn.close()

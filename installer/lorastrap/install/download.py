@@ -110,6 +110,59 @@ class _Cut(Exception):
     pass
 
 
+class _Tracking(threading.local):
+    """The track function of the request this thread makes now (see _request): a connection's socket is handed to
+    it as soon as it exists, so a stop also ends a connect's proxy tunnel, TLS handshake or wait for headers."""
+
+    def __init__(self) -> None:
+        self.fn = None
+
+
+_TRACKING = _Tracking()
+
+
+def _tracked(sock) -> None:
+    if _TRACKING.fn is not None:
+        _TRACKING.fn(sock)
+
+
+def _create_connection(*args, **kwargs):
+    sock = socket.create_connection(*args, **kwargs)
+    _tracked(sock)  # before a proxy's tunnel answers
+    return sock
+
+
+class _HTTP(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _create_connection
+
+
+class _HTTPS(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _create_connection
+
+    def connect(self) -> None:
+        """http.client's, with the TLS socket tracked before its handshake (a silent server would hold it until the
+        read timeout)."""
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._tunnel_host or self.host,
+                                              do_handshake_on_connect=False)
+        _tracked(self.sock)
+        self.sock.do_handshake()
+
+
+class _TrackedHTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_HTTP, req, **kwargs)
+
+
+class _TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_HTTPS, req, **kwargs)
+
+
 class _Connections(threading.local):
     """Each download thread keeps one keep-alive connection per host (a pool of JOBS connections per host)."""
 
@@ -129,9 +182,9 @@ def _connection(scheme: str, netloc: str, timeout: float) -> tuple[http.client.H
     if scheme == "https":
         ctx = ssl.create_default_context()
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        conn = http.client.HTTPSConnection(netloc, timeout=timeout, context=ctx)
+        conn = _HTTPS(netloc, timeout=timeout, context=ctx)
     else:
-        conn = http.client.HTTPConnection(netloc, timeout=timeout)
+        conn = _HTTP(netloc, timeout=timeout)
     _CONNECTIONS.by_host[(scheme, netloc)] = conn
     return conn, False
 
@@ -170,7 +223,15 @@ def _request(url: str, first: int | None, last: int | None, timeout: float, host
     None), following redirects to the same host or to HOSTS only: (status, headers, body, the URL that answered).
     IF_RANGE (an ETag or a date the file had): the range only while the file is still that one, else the whole
     file (200), as RFC 9110 13.1.5 says.  Credentials: the URL's user:password (sent to its own host only) or the
-    host's .netrc entry, as HTTP Basic."""
+    host's .netrc entry, as HTTP Basic.  TRACK gets every socket the request opens, as soon as it is connected."""
+    _TRACKING.fn = track
+    try:
+        return _requested(url, first, last, timeout, hosts, if_range, track)
+    finally:
+        _TRACKING.fn = None
+
+
+def _requested(url, first, last, timeout, hosts, if_range, track):
     home = (urllib.parse.urlsplit(url).hostname or "").lower()
     own_netloc = urllib.parse.urlsplit(url).netloc
     secure = urllib.parse.urlsplit(url).scheme == "https"
@@ -253,7 +314,7 @@ _OPENER: list = []
 
 def _proxy_opener():
     if not _OPENER:
-        _OPENER.append(urllib.request.build_opener(_Unfollowed))  # with the environment's proxies, as urlopen's
+        _OPENER.append(urllib.request.build_opener(_Unfollowed, _TrackedHTTPHandler, _TrackedHTTPSHandler))  # with the environment's proxies, as urlopen's
     return _OPENER[0]
 
 
