@@ -314,7 +314,8 @@ _OPENER: list = []
 
 def _proxy_opener():
     if not _OPENER:
-        _OPENER.append(urllib.request.build_opener(_Unfollowed, _TrackedHTTPHandler, _TrackedHTTPSHandler))  # with the environment's proxies, as urlopen's
+        # with the environment's proxies, as urlopen's; its connections tracked as the pooled ones are
+        _OPENER.append(urllib.request.build_opener(_Unfollowed, _TrackedHTTPHandler, _TrackedHTTPSHandler))
     return _OPENER[0]
 
 
