@@ -640,22 +640,27 @@ def test_an_index_page_over_the_limit_in_bytes_is_refused_whatever_its_character
         srv.shutdown()
 
 
-@pytest.mark.parametrize("how", ["tls-handshake", "proxy-headers"])
+@pytest.mark.parametrize("how", ["tls-handshake", "proxy-headers", "connect"])
 def test_a_stop_ends_a_tls_handshake_or_a_proxy_that_is_silent(tmp_path, monkeypatch, how):
     """A server that accepts the connection and then says nothing: during the TLS handshake (https), or before the
-    headers of an answer through an http proxy.  A stop (another archive's failure, Ctrl-C) ends the wait at once,
-    not at the read timeout."""
+    headers of an answer through an http proxy; or one that never completes the connect (its accept queue full:
+    the kernel drops the SYN, as a firewall would).  A stop (another archive's failure, Ctrl-C) ends the wait at
+    once, not at the read timeout."""
     import socket
     monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "20")
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
         monkeypatch.delenv(var, raising=False)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
     held = []
-    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in iter(int, 1)], daemon=True).start()
     port = listener.getsockname()[1]
-    if how == "tls-handshake":
+    if how == "connect":
+        listener.listen(0)  # one connection fills the queue; the next connect waits, unanswered
+        held.append((socket.create_connection(("127.0.0.1", port)), None))
+    else:
+        listener.listen(8)
+        threading.Thread(target=lambda: [held.append(listener.accept()) for _ in iter(int, 1)], daemon=True).start()
+    if how in ("tls-handshake", "connect"):
         url = f"https://127.0.0.1:{port}/six.conda"
     else:
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{port}")

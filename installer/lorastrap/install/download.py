@@ -126,10 +126,26 @@ def _tracked(sock) -> None:
         _TRACKING.fn(sock)
 
 
-def _create_connection(*args, **kwargs):
-    sock = socket.create_connection(*args, **kwargs)
-    _tracked(sock)  # before a proxy's tunnel answers
-    return sock
+def _create_connection(address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT, source_address=None, **_):
+    """socket.create_connection's, with each socket tracked before it connects: a stop also ends a connect that a
+    host dropping packets (a firewall, a full accept queue) would leave waiting for the timeout, and a proxy's tunnel
+    or a TLS handshake after it."""
+    host, port = address
+    last: OSError | None = None
+    for family, kind, proto, _name, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        _tracked(sock)
+        try:
+            if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(where)
+            return sock
+        except OSError as exc:
+            last = exc
+            sock.close()
+    raise last or OSError(f"no address for {host}")
 
 
 class _HTTP(http.client.HTTPConnection):
