@@ -3,6 +3,7 @@ the package cache, mirror URL rewriting, wheel tags, the verify report parser, t
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, alive, dies_within
+from conftest import MAMBA, ROOT, alive, dies_within
 
 from lorastrap.install import cache, txn, verify
 from lorastrap.core import fsutil, locks, records, versions
@@ -576,3 +577,27 @@ def test_a_tar_bz2_member_that_claims_an_absurd_size_is_unreadable_at_once(tmp_p
     with pytest.raises(IntegrityError) as info:
         archive.inspect(path)
     assert "cannot be read" in info.value.what and time.monotonic() - t < 5
+
+
+@pytest.mark.skipif(MAMBA is None, reason="no micromamba")
+def test_archives_another_writer_made_read_the_same(tmp_path):
+    """The same package rewritten by the real micromamba (`package transmute`: libarchive writes its .conda with
+    data descriptors, and a .tar.bz2): the containment check reads the same paths, links and sizes from all three."""
+    from lorastrap.install import archive
+    ours = _conda(tmp_path)
+    work = tmp_path / "mm"
+    work.mkdir()
+    shutil.copy(ours, work / ours.name)
+    subprocess.run([str(MAMBA), "package", "transmute", ours.name], cwd=work, check=True, capture_output=True)
+    bz2 = next(work.glob("*.tar.bz2"))
+    subprocess.run([str(MAMBA), "package", "transmute", bz2.name], cwd=work, check=True, capture_output=True)
+    theirs = [p for p in work.glob("*.conda") if p.name != ours.name]
+    assert len(theirs) == 1
+    import zipfile
+    with zipfile.ZipFile(theirs[0]) as z:
+        assert any(i.flag_bits & 0x8 for i in z.infolist())  # sizes after the data: another writer's layout
+    want = archive.inspect(ours)
+    for p in (bz2, theirs[0]):
+        got = archive.inspect(p)
+        assert (got["paths"], got["softlinks"], got["unpacked_bytes"]) == \
+            (want["paths"], want["softlinks"], want["unpacked_bytes"]), p.name

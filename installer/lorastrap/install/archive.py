@@ -126,7 +126,7 @@ class _Forward:
     2**95 in base-256): tarfile reads a pax or GNU long-name header's data, and info/paths.json, with one read of
     the size it names, and seeks past a member by its size.  zstandard would allocate such a read whole (a
     MemoryError or OverflowError, not an unreadable archive); here a read takes the stream in blocks, as far as
-    it goes, and no more than READ_MOST; a seek past any possible end ends the archive."""
+    it goes, and no more than READ_MOST (a member's own size is bounded by _sized)."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -135,9 +135,7 @@ class _Forward:
         return self.stream.tell()
 
     def seek(self, pos: int, whence: int = 0) -> int:
-        if whence == 0 and pos >= 1 << 62:
-            raise EOFError("a member's size runs past the archive's end")
-        return self.stream.seek(pos, whence)
+        return self.stream.seek(pos, whence)  # past a member, whose size _sized has bounded
 
     def read(self, n: int | None = -1) -> bytes:
         if n is not None and 0 <= n <= STREAM_BLOCK:
@@ -186,13 +184,19 @@ def _members(archive: Path):
                     # asks for one) fails, and the archive counts as unreadable.
                     with _member_stream(z, f, info) as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
                             tarfile.open(fileobj=_Forward(stream), mode="r:") as t:
-                        yield from ((t, m) for m in t)
+                        yield from _sized(t)
     else:
         with tarfile.open(archive, "r|bz2", bufsize=STREAM_BLOCK) as t:
-            for m in t:
-                if m.size > MEMBER_MOST:  # tarfile's stream would skip it block by block, 2**50 turns for 2**70
-                    raise ValueError(f"its member {m.name!r} claims {m.size} bytes")
-                yield t, m
+            yield from _sized(t)
+
+
+def _sized(t: tarfile.TarFile):
+    """(t, member) for each member, refusing one that claims more than MEMBER_MOST before tarfile skips past it (a
+    stream would skip 2**70 bytes block by block for ever; a seek that far is no file's)."""
+    for m in t:
+        if m.size > MEMBER_MOST:
+            raise ValueError(f"its member {m.name!r} claims {m.size} bytes")
+        yield t, m
 
 
 def inspect(archive: Path) -> dict:

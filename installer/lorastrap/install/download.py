@@ -95,11 +95,6 @@ def _shut(sock) -> None:
         pass
 
 
-def _socket_of(resp):
-    """The socket an answer (http.client's, also urllib's) is read from, or None."""
-    return getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
-
-
 class _HttpStatus(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(f"HTTP {code} {reason}")
@@ -270,8 +265,7 @@ def _requested(url, first, last, timeout, hosts, if_range, track):
             if auth:
                 req.add_unredirected_header("Authorization", auth)
             try:
-                resp = _proxy_opener().open(req, timeout=timeout)
-                track(_socket_of(resp))
+                resp = _proxy_opener().open(req, timeout=timeout)  # its sockets tracked as they connect
             except urllib.error.HTTPError as exc:
                 location = exc.headers.get("Location") if exc.headers else None
                 exc.close()
@@ -285,9 +279,10 @@ def _requested(url, first, last, timeout, hosts, if_range, track):
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         for fresh in (False, True):  # a pooled connection the server closed meanwhile: once more, on a new one
             conn, reused = _connection(parts.scheme, netloc, timeout)
+            if conn.sock is not None:  # a pooled connection, opened (and tracked) for an earlier download
+                track(conn.sock)
             try:
                 conn.request("GET", target, headers=sent)
-                track(conn.sock)  # connected now: a stop can end the wait for the answer too
                 resp = conn.getresponse()
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
