@@ -9,7 +9,7 @@ import yaml
 from conftest import MAMBA, ROOT
 
 from lorastrap.install import engines
-from lorastrap.locking import lockfile
+from lorastrap.locking import lockfile, uvexe
 from lorastrap.install.cache import Cache
 from lorastrap.core.errors import UsageError
 
@@ -119,7 +119,7 @@ def test_the_pip_step_installs_checked_wheels_with_uv_or_pip(channel, warm_home,
         for p in list(site.glob("lorastrap_testwheel*")):
             shutil.rmtree(p)
         if how == "pip":
-            monkeypatch.setattr(engines.uvexe, "find", lambda: None)  # a machine without uv: pip is the fallback
+            monkeypatch.setattr(uvexe, "find", lambda: None)  # a machine without uv: pip is the fallback
         assert engines.pip_install(prefix, wheel, tmp_path, uv_cache=tmp_path / "uv") == how
         info = next(site.glob("lorastrap_testwheel-1.0.dist-info"))
         assert (info / "INSTALLER").read_text().strip() == how and (site / "lorastrap_testwheel" / "__init__.py").exists()

@@ -156,3 +156,26 @@ def test_install_path_without_pydantic_on_a_warm_matrix(tmp_path):
         runs.append(json.loads(res.stdout))
     assert len(list((tmp_path / "home" / "checked").glob("profiles.*.json"))) == 1
     assert runs[1] == {"profile": "cuda12", "yaml": False, "pydantic": []}, runs
+
+
+# What a real install of a new environment must not import in lorastrap's own process, measured while it runs (the
+# budget above covers the modules' top-level imports only; these came in through functions): yaml (the engine's
+# lock is JSON), importlib.metadata with email and socket (py-rattler's release, the pip entries' check, the
+# no-op stamp), the transport (nothing to download), pydantic, and py-rattler (the worker's).
+RUNTIME_NEVER = ("yaml", "importlib.metadata", "email", "socket", "secrets", "http.client", "ssl", "pydantic",
+                 "pydantic_core", "rattler", "packaging.tags")
+
+
+def test_a_warm_install_imports_none_of_the_heavy_modules_while_it_runs(channel, warm_home, tmp_path):
+    from conftest import ROOT, run_cli
+    args = ("install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", channel["url"], "--pip-index-url", channel["simple"],
+            "--engine", "rattler", "--no-verify", "--json")
+    first = run_cli(*args, "--prefix", str(tmp_path / "first"))  # fills the extracted copies: the next is warm
+    assert first.returncode == 0, first.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "lorastrap", *args, "--prefix",
+                          str(tmp_path / "env")], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and json.loads(res.stdout)["changed"], res.stderr[-2000:]
+    names = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
+    assert "lorastrap.install.transaction" in names  # the measure saw the install's own imports
+    assert not _heavy(names, RUNTIME_NEVER), _heavy(names, RUNTIME_NEVER)

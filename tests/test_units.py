@@ -601,3 +601,43 @@ def test_archives_another_writer_made_read_the_same(tmp_path):
         got = archive.inspect(p)
         assert (got["paths"], got["softlinks"], got["unpacked_bytes"]) == \
             (want["paths"], want["softlinks"], want["unpacked_bytes"]), p.name
+
+
+def test_pip_records_read_with_csv_are_what_importlib_metadata_reads():
+    """damage_manifest reads each dist-info's RECORD with csv alone (prefix._recorded); importlib.metadata, which it
+    replaced, is the oracle — on this runtime's own site-packages, written by pip and uv, not by lorastrap."""
+    import sysconfig
+    from importlib import metadata
+
+    from lorastrap.install import prefix as pfx
+    sp = Path(sysconfig.get_path("purelib"))
+    ours = {(os.path.normpath(sp / rel), size) for _, _, rows in pfx._recorded(sp) for rel, size in rows}
+    oracle = {(os.path.normpath(sp / str(f)), f.size) for d in metadata.distributions(path=[str(sp)])
+              if str(getattr(d, "_path", "")).endswith(".dist-info") for f in d.files or [] if f.size is not None}
+    assert len(oracle) > 1000 and ours == oracle
+    installers = {project: how for project, how, _ in pfx._recorded(sp)}
+    assert installers["pytest"] in ("pip", "uv")
+
+
+def test_the_pip_entries_check_looks_at_the_dist_info_folder_then_asks_importlib_metadata(tmp_path):
+    """mismatches: a pip entry whose {name}-{version}.dist-info folder (PEP 503 name, - as _) is there passes
+    without importlib.metadata; any other layout (an older installer's folder name) is decided by it."""
+    from types import SimpleNamespace
+
+    from lorastrap.install import prefix as pfx
+    sp = tmp_path / "lib" / "python3.11" / "site-packages"
+    entry = SimpleNamespace(manager="pip", name="Foo.Bar", version="1.0", sha256="0" * 64)
+
+    def dist(folder, version="1.0"):
+        (sp / folder).mkdir(parents=True)
+        (sp / folder / "METADATA").write_text(f"Metadata-Version: 2.1\nName: Foo.Bar\nVersion: {version}\n")
+
+    assert pfx.mismatches(tmp_path, [entry]) == ["Foo.Bar (pip): not installed at 1.0"]
+    dist("foo_bar-1.0.dist-info")
+    assert pfx._dist_info_present(tmp_path, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
+    shutil.rmtree(sp / "foo_bar-1.0.dist-info")
+    dist("Foo.Bar-1.0.dist-info")  # not the normalized name: the quick look misses, importlib.metadata finds it
+    assert not pfx._dist_info_present(tmp_path, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
+    shutil.rmtree(sp / "Foo.Bar-1.0.dist-info")
+    dist("foo_bar-0.9.dist-info", "0.9")
+    assert pfx.mismatches(tmp_path, [entry]) == ["Foo.Bar (pip): not installed at 1.0"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lorastrap.cli import base, remembered
@@ -40,10 +41,10 @@ NOOP_FLAGS = ("envs_dir", "profile", "frozen", "channel", "mirror", "pip_index_u
 
 def cmd_install(args) -> int:
     import time
-
-    from lorastrap.machine.render import summary
     t0 = time.perf_counter()
     base.report_target(args.report)
+
+    from lorastrap.machine.render import summary
     machine = base.machine(args)
     try:
         return _install(args, machine, t0)
@@ -65,13 +66,15 @@ def _install(args, machine, t0: float) -> int:
                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             say(f"{doc['prefix']} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip "
                 f"packages, their files all there): nothing to do")
+            if "lorastrap.install.engines" in sys.modules:  # the engine started ahead in cli.main: not needed
+                sys.modules["lorastrap.install.engines"].discard_ahead(wait=False)
             return _done(args, doc)
     from lorastrap.install import engines
-    engines.start_ahead(args.engine)  # the embedded engine's start-up overlaps the preparation below
+    engines.start_ahead(args.engine)  # if cli.main did not (--engine rattler where auto would not pick it)
     try:
         return _provision(args, machine, inputs)
     finally:
-        engines.discard_ahead()
+        engines.discard_ahead(wait=False)
 
 
 def _provision(args, machine, inputs) -> int:

@@ -42,9 +42,9 @@ def cmd_plan(args) -> int:
     machine = base.machine(args)
     result = planner.plan(machine, matrix, profile=args.profile)
     if args.report:
-        import socket
+        from lorastrap.core import fsutil
         from lorastrap.core.records import NodeReport
-        base.write_report(args.report, NodeReport(host=socket.gethostname(), ok=bool(result.profile), check_mode=True,
+        base.write_report(args.report, NodeReport(host=fsutil.hostname(), ok=bool(result.profile), check_mode=True,
                                                   plan=result.model_dump(mode="json"), profile=result.profile,
                                                   platform=machine.platform).model_dump(mode="json"))
     emit(args, {"machine": machine.model_dump(mode="json"), "plan": result.model_dump(mode="json")},

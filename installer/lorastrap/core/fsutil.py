@@ -127,15 +127,18 @@ def read_stream_tail(stream, *, keep: int, limit: int, what: str, fix: str) -> s
         tail = (tail + block)[-keep:]
 
 
+def hostname() -> str:
+    """This node's name as gethostname(2) gives it (uname's nodename), without importing socket (~2 ms)."""
+    return os.uname().nodename
+
+
 def owner_tag() -> str:
     """Names a temporary folder after its owner: HOST.PID (a cache shared over NFS holds other hosts' folders)."""
-    import socket
-    return f"{socket.gethostname()}.{os.getpid()}"
+    return f"{hostname()}.{os.getpid()}"
 
 
 def _dead(host: str, pid: int) -> bool:
-    import socket
-    if host != socket.gethostname():
+    if host != hostname():
         return False  # another node's: never judged from here
     try:
         os.kill(pid, 0)

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorastrap.core import fsutil
+
 
 @dataclass
 class Result:
@@ -141,10 +143,8 @@ def recording_groups(path: Path):
     if any(p == path for p, _ in _RECORDS):
         yield
         return
-    import secrets
-    import socket
-    token = secrets.token_hex(16)
-    _append(path, {"token": token, "host": socket.gethostname(), "boot_id": boot_id()})
+    token = os.urandom(16).hex()  # what secrets.token_hex(16) returns, without its imports
+    _append(path, {"token": token, "host": fsutil.hostname(), "boot_id": boot_id()})
     _RECORDS.append((path, token))
     try:
         yield
@@ -181,7 +181,6 @@ def kill_recorded_groups(path: Path, *, narrate=lambda m: None) -> int:
     """Kill (SIGKILL) what is left of the children recorded in PATH by a run that died; remove PATH.  Returns how
     many processes were killed.  Only processes of this host and boot that carry the record's token, or are a
     recorded pid with its recorded start time, are touched."""
-    import socket
     if any(p == path for p, _ in _RECORDS):
         return 0  # this run's own record, open now (repair holds it around the install transaction)
     try:
@@ -190,9 +189,9 @@ def kill_recorded_groups(path: Path, *, narrate=lambda m: None) -> int:
     except (OSError, ValueError):
         lines, head = [], {}
     token = head.get("token")
-    if lines and (head.get("host") != socket.gethostname() or head.get("boot_id") != boot_id() or not token):
+    if lines and (head.get("host") != fsutil.hostname() or head.get("boot_id") != boot_id() or not token):
         narrate(f"{path}: recorded on {head.get('host') or 'an unknown host'}"
-                + ("" if head.get("host") != socket.gethostname() else " before a reboot")
+                + ("" if head.get("host") != fsutil.hostname() else " before a reboot")
                 + ": no process of it is touched")
         path.unlink(missing_ok=True)
         return 0
@@ -316,12 +315,15 @@ class Worker:
             return {"ok": False, "error": f"the engine exited with {self.proc.returncode} before answering: {tail}",
                     "exit_code": self.proc.returncode}
 
-    def discard(self) -> None:
-        """Not needed after all: end it (its stdin closed; killed if it does not leave at once)."""
+    def discard(self, *, wait: bool = True) -> None:
+        """Not needed after all: end it (its stdin closed; killed if it does not leave at once).  wait=False: only
+        close its stdin — it leaves by itself once its start-up is done, and this process does not wait for that."""
         if self.proc.poll() is not None:
             return
         try:
             self.proc.stdin.close()
+            if not wait:
+                return
             self.proc.wait(timeout=2)
         except (OSError, subprocess.TimeoutExpired):
             _kill_group(self.proc)

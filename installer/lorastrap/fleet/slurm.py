@@ -22,7 +22,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -83,7 +82,7 @@ def _expand(template: str, node: str) -> Path:
 
 def node_name() -> str:
     """Slurm's name for this node (SLURMD_NODENAME inside a job), else the short hostname."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
+    return os.environ.get("SLURMD_NODENAME") or fsutil.hostname().split(".")[0]
 
 
 def fleet_report_module():

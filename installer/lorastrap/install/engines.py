@@ -21,9 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.locking import uvexe
-from lorastrap.core import fsutil, locks, paths, subproc, versions
-from lorastrap.install import prefix as pfx
+from lorastrap.core import fsutil, locks, paths, subproc
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
@@ -45,6 +43,19 @@ class Engine:
 
 
 def _rattler_version() -> str:
+    """py-rattler's release, from its dist-info folder beside the package (the folder's name says it: PEP 427) —
+    without importing py-rattler (the worker does that) or importlib.metadata (~6 ms with the email parser it pulls
+    in), which is asked only when that folder is not found as expected."""
+    from importlib import util
+    try:
+        spec = util.find_spec("rattler")
+        site = Path(spec.origin).parent.parent if spec and spec.origin else None
+        found = [d.name for d in site.iterdir() if d.name.startswith("py_rattler-")] if site else []
+        named = [m.group(1) for n in found if (m := re.fullmatch(r"py_rattler-(\d[\w.+!]*)\.dist-info", n))]
+        if len(named) == 1:
+            return named[0]
+    except (OSError, ValueError, ImportError):
+        pass
     from importlib import metadata
     try:
         return metadata.version("py-rattler")
@@ -105,6 +116,7 @@ def facts(envs_dir: Path | None = None) -> Facts:
 
 def judge(kind: str, version: str, known: Facts) -> str | None:
     """Why this release may not install a lock (with the source), or None when it may."""
+    from lorastrap.core import versions  # here, not at the top: an install imports this module before it detects
     v = versions.pypi(version)  # releases are dotted numbers (read_version, facts): 2.0 is 2.0.0
     low = known.minimum.get(kind)
     if low and v < versions.pypi(low.version):
@@ -274,9 +286,9 @@ def start_ahead(choice: str | None) -> None:
     _AHEAD.append(subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty()))
 
 
-def discard_ahead() -> None:
+def discard_ahead(*, wait: bool = True) -> None:
     while _AHEAD:
-        _AHEAD.pop().discard()
+        _AHEAD.pop().discard(wait=wait)
 
 
 def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path,
@@ -323,6 +335,7 @@ def pip_command(python: Path, wheels: list[tuple[str, Path, str]], req: Path, uv
     (already checked against the lock's sha256), hashes required again, no dependencies, no index. uv keeps its
     cache (unpacked wheels, interpreter facts) in lorastrap's cache and copies files out of it (no shared inodes)."""
     req.write_text("".join(f"{name} @ {w.as_uri()} --hash=sha256:{sha}\n" for name, w, sha in wheels))
+    from lorastrap.locking import uvexe
     uv = uvexe.find()
     if uv:
         return [uv, "pip", "install", "--python", str(python), "--no-deps", "--require-hashes", "--offline",
@@ -335,6 +348,7 @@ def pip_command(python: Path, wheels: list[tuple[str, Path, str]], req: Path, uv
 def pip_install(prefix: Path, wheels: list[tuple[str, Path, str]], work: Path, *, uv_cache: Path,
                 timeout: float = 1800) -> str:
     """Install checked wheel files (name, path, sha256) into the environment. Returns the installer's name."""
+    from lorastrap.install import prefix as pfx
     python = pfx.python_of(prefix) or prefix / "bin" / "python"
     argv = pip_command(python, wheels, work / "pip-requirements.txt", uv_cache)
     env = subproc.clean_env(prefixes=("PIP_", "UV_"))

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from packaging.utils import canonicalize_name
-
 from lorastrap.core import fsutil, subproc
 
 if TYPE_CHECKING:
@@ -97,6 +95,8 @@ def distributions(prefix: Path) -> dict[str, Distribution]:
     if sp is None:
         return {}
     from importlib import metadata
+
+    from packaging.utils import canonicalize_name
     out = {}
     for dist in metadata.distributions(path=[str(sp)]):
         raw_name = dist.metadata["Name"] if dist.metadata else None
@@ -148,10 +148,22 @@ def user_files(prefix: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Compared with a lock
 
+def _dist_info_present(prefix: Path, name: str, version: str) -> bool:
+    """Whether site-packages has NAME's VERSION recorded as the packaging specs name its folder
+    ("Recording installed projects": {name}-{version}.dist-info, the name normalized as PEP 503 says, then - as _)
+    with its METADATA: what pip and uv write.  A quick answer for a pip entry just installed; False sends the
+    caller to ``distributions`` (importlib.metadata, ~14 ms of imports), which decides."""
+    import re
+    sp = site_packages(prefix)
+    stem = re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
+    return sp is not None and (sp / f"{stem}-{version}.dist-info" / "METADATA").is_file()
+
+
 def mismatches(prefix: Path, entries: list) -> list[str]:
     """What in PREFIX differs from the lock's entries (lock.Entry); empty: the environment is what the lock says."""
     meta = conda_meta(prefix).records
-    dists = distributions(prefix) if any(e.manager == "pip" for e in entries) else {}
+    pip = [e for e in entries if e.manager == "pip"]
+    dists = None if all(_dist_info_present(prefix, e.name, e.version) for e in pip) else distributions(prefix)
     problems = []
     for e in entries:
         if e.manager == "conda":
@@ -161,7 +173,8 @@ def mismatches(prefix: Path, entries: list) -> list[str]:
             elif rec.sha256 != e.sha256 or rec.version != e.version:
                 problems.append(f"{e.name}: conda-meta has {rec.version} sha256 {rec.sha256}, "
                                 f"the lock {e.version} sha256 {e.sha256}")
-        else:
+        elif dists is not None:  # the quick look did not find every pip entry: importlib.metadata decides
+            from packaging.utils import canonicalize_name
             dist = dists.get(canonicalize_name(e.name))
             if dist is None or dist.version != e.version:
                 problems.append(f"{e.name} (pip): not installed at {e.version}")
@@ -186,16 +199,36 @@ def damage_manifest(prefix: Path) -> tuple[list[str], list[list]]:
             sized = p.get("path_type") in (None, "hardlink") and not rewritten and isinstance(size, int)
             files.append([rel, size if sized else -1, rec.name])
     sp = site_packages(prefix)
-    if sp:
-        from importlib import metadata
-        for dist in metadata.distributions(path=[str(sp)]):
-            if (dist.read_text("INSTALLER") or "").strip() == "conda":
-                continue  # conda-meta has its files (its RECORD was written before the prefix was)
-            for f in dist.files or []:
-                if f.size is None or f.suffix == ".pyc":
-                    continue
-                files.append([os.path.relpath(sp / str(f), prefix), f.size, f"{dist.metadata['Name']} (pip)"])
+    for project, installer, recorded in _recorded(sp) if sp else []:
+        if installer == "conda":
+            continue  # conda-meta has its files (its RECORD was written before the prefix was)
+        for rel, size in recorded:
+            if not rel.endswith(".pyc"):
+                files.append([os.path.relpath(os.path.normpath(sp / rel), prefix), size, f"{project} (pip)"])
     return broken, files
+
+
+def _recorded(sp: Path) -> list[tuple[str, str, list[tuple[str, int]]]]:
+    """(project, installer, [(path relative to SP, size), ...]) for each *.dist-info folder of SP with a RECORD:
+    that file is CSV rows of path, hash, size (the "Recording installed projects" specification), INSTALLER names
+    who wrote it.  Rows without a size are left out (RECORD itself).  Read with csv alone: importlib.metadata
+    costs ~14 ms of imports (email, socket) on every install that remembers its result."""
+    import csv
+    out = []
+    try:
+        folders = sorted(d for d in os.listdir(sp) if d.endswith(".dist-info"))
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            with open(sp / folder / "RECORD", newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.reader(f) if len(r) >= 3 and r[2].strip().isdigit()]
+            installer = (sp / folder / "INSTALLER").read_text(encoding="utf-8").strip() \
+                if (sp / folder / "INSTALLER").is_file() else ""
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        out.append((folder[:-len(".dist-info")].split("-")[0], installer, [(r[0], int(r[2])) for r in rows]))
+    return out
 
 
 def damaged_files(prefix: Path, manifest: tuple[list[str], list[list]] | None = None) -> list[str]:

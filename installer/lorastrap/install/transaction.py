@@ -573,7 +573,7 @@ def node_report(result: InstallResult, machine: Machine) -> NodeReport:
     verdict = (result.verify or {}).get("verdict") if result.verify else ("unchanged" if not result.changed else "skipped")
     from lorastrap import __version__
     record = pfx.read_record(Path(result.prefix))
-    return NodeReport(host=os.uname().nodename, ok=True, **result.to_dict(), versions=versions,
+    return NodeReport(host=fsutil.hostname(), ok=True, **result.to_dict(), versions=versions,
                       lorastrap_version=__version__, finished_at=pfx.now(),
                       lock_digest=record.lock_digest if record else None,
                       machine={"platform": machine.platform, "driver": machine.nvidia.driver_version,

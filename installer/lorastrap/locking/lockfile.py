@@ -230,7 +230,6 @@ def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, chan
     if channels is not None:
         meta["channels"] = [{"url": c, "used_env_vars": []} for c in channels]
     raw["metadata"] = meta
-    import yaml
     if conda_only:  # for an engine only: JSON, which is YAML too (its flow style), written ~20x faster
         import json
         try:
@@ -238,5 +237,6 @@ def rewritten(lk: Lock, out: Path, url_for, *, platform: str | None = None, chan
             return out
         except (TypeError, ValueError):  # a value JSON has no type for (a YAML timestamp): YAML then
             pass
+    import yaml
     out.write_text(yaml.dump(raw, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False))
     return out
