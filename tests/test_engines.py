@@ -3,6 +3,8 @@
 import os
 import shutil
 import stat
+import subprocess
+import time
 
 import pytest
 import yaml
@@ -167,3 +169,82 @@ def test_start_ahead_only_for_the_embedded_engine(monkeypatch, tmp_path):
     mm.chmod(0o755)
     engines.start_ahead("auto")  # a micromamba on PATH: auto will most likely use it
     assert not engines._AHEAD
+
+
+def _tree(root):
+    """{path: (bytes, mode)} of every file and link under ROOT (a link: its target)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(folder, f)
+            rel = os.path.relpath(p, root)
+            out[rel] = (os.readlink(p).encode(), 0) if os.path.islink(p) else (open(p, "rb").read(),
+                                                                             stat.S_IMODE(os.lstat(p).st_mode))
+    return out
+
+
+def _handed_over(warm_home, tmp_path):
+    lk = lockfile.read_lock(warm_home / "locks" / "test-cpu.linux-64.conda-lock.yml")
+    cache = Cache(warm_home / "pkgs")
+    conda = [e for e in lk.for_platform("linux-64") if e.manager == "conda"]
+    archives = {e.name: cache.entry(e.sha256, e.filename) for e in conda}
+    return conda, archives, engines.hand_over(lk, "linux-64", archives, tmp_path / "channel", tmp_path)
+
+
+def test_archives_unpacked_ahead_are_the_entries_rattler_makes_and_the_link_step_uses_them(warm_home, tmp_path):
+    """The oracle is py-rattler itself: the same lock installed by rattler alone (it unpacks at the link step)
+    leaves, for every package, the same files with the same modes and a byte-identical metadata file (DIST.lock);
+    and the entries the worker unpacked ahead are linked from as they are (their inodes stay)."""
+    from lorastrap.core import subproc
+    from lorastrap.install.cache import dist_name
+    conda, archives, lock = _handed_over(warm_home, tmp_path)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    alone = subproc.worker("locking.rattler_worker", {"op": "install", "lock": str(lock), "platform": "linux-64",
+                                                        "prefix": str(tmp_path / "env-alone"),
+                                                        "cache_dir": str(theirs)}, timeout=120)
+    assert alone["ok"] and "extracted" not in alone, alone
+    worker = subproc.Worker("locking.rattler_worker")
+    dists = {e.name: dist_name(archives[e.name].name) for e in conda}
+    for e in conda:
+        assert worker.send({"op": "extract", "archive": str(archives[e.name]), "dist": dists[e.name],
+                            "sha256": e.sha256, "cache_dir": str(ours)})
+    deadline = time.monotonic() + 60
+    while not all((ours / f"{d}.lock").exists() for d in dists.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # each entry's metadata file is written last, once its folder is in place
+    inodes = {d: os.stat(ours / d / "info" / "index.json").st_ino for d in dists.values()}
+    answer = worker.ask({"op": "install", "lock": str(lock), "platform": "linux-64",
+                         "prefix": str(tmp_path / "env-ahead"), "cache_dir": str(ours)}, timeout=120)
+    assert answer["ok"] and answer["extracted"] == {d: "ok" for d in dists.values()}, answer
+    assert inodes == {d: os.stat(ours / d / "info" / "index.json").st_ino for d in dists.values()}
+    for d in dists.values():
+        assert (ours / f"{d}.lock").read_bytes() == (theirs / f"{d}.lock").read_bytes(), d
+        assert _tree(ours / d) == _tree(theirs / d), d
+    here, there = str(tmp_path / "env-ahead").encode(), str(tmp_path / "env-alone").encode()  # the same length
+    linked = {k: (v.replace(here, there), mode) for k, (v, mode) in _tree(tmp_path / "env-ahead").items()
+              if not k.startswith("conda-meta")}
+    assert linked and linked == {k: v for k, v in _tree(tmp_path / "env-alone").items()
+                                 if not k.startswith("conda-meta")}
+    assert not [p for p in ours.iterdir() if ".partial." in p.name]
+
+
+def test_an_archive_whose_unpacked_bytes_are_not_the_locks_is_left_to_the_link_step(warm_home, tmp_path):
+    """A wrong sha256 (the bytes extract() read are not the lock's): no entry is made, the answer says why.  And
+    what a worker killed while unpacking left on this node (its pid gone) is removed by the next one."""
+    from lorastrap.core import fsutil, subproc
+    from lorastrap.install.cache import dist_name
+    conda, archives, _ = _handed_over(warm_home, tmp_path)
+    e = conda[0]
+    dist, cache_dir = dist_name(archives[e.name].name), tmp_path / "cache"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = cache_dir / f".{dist}.partial.{fsutil.hostname()}.{gone.pid}.d"
+    other = cache_dir / f".other-1.0-h0_0.partial.{fsutil.hostname()}.{gone.pid}.d"  # another package's
+    live = cache_dir / f".other-1.0-h0_0.partial.{fsutil.owner_tag()}.d"  # a live one's (this process)
+    for d in (stale, other, live):
+        (d / "info").mkdir(parents=True)
+    worker = subproc.Worker("locking.rattler_worker")
+    assert worker.send({"op": "extract", "archive": str(archives[e.name]), "dist": dist, "sha256": "0" * 64,
+                        "cache_dir": str(cache_dir)})
+    answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-such-channel")}, timeout=60)
+    assert answer["extracted"][dist].startswith(f"unpacked bytes have sha256 {e.sha256}"), answer
+    assert list(cache_dir.iterdir()) == [live]  # no entry, no metadata file, no dead worker's part, not its own

@@ -144,7 +144,13 @@ def test_a_package_that_writes_outside_the_prefix_is_refused_before_linking(chan
     assert "outside" in res.stderr or "link" in res.stderr or "FIFO" in res.stderr
     assert "Nothing was installed" in res.stderr and "Traceback" not in res.stderr
     assert list(outside.iterdir()) == [] and not prefix.exists()
-    assert not list(tmp_path.rglob("pwned.txt"))  # nowhere at all
+    # Nowhere else — but in the package cache's unpacked copy of the package that holds it: each package passed its
+    # own containment check and was unpacked ahead, into a folder of its own, while the others downloaded (the
+    # two-package case is refused when they are checked together, before any link).  Never through a link.
+    extracted = warm_home / "pkgs" / "extracted"
+    for found in tmp_path.rglob("pwned.txt"):
+        assert found.is_relative_to(extracted / "hostile-link-user-1.0-h0_0"), found
+        assert not any(p.is_symlink() for p in [found, *found.parents] if p.is_relative_to(extracted)), found
 
 
 def test_a_link_inside_the_package_is_fine(channel, warm_home, tmp_path, outside):

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,6 +288,18 @@ class Worker:
         self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
+        self._sending = threading.Lock()
+
+    def send(self, request: dict) -> bool:
+        """A request it carries out before the one ``ask`` sends (one JSON line; from any thread).  False when it
+        has gone already (ask then says how)."""
+        with self._sending:
+            try:
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+                return True
+            except (OSError, ValueError):  # a closed pipe (BrokenPipeError), or stdin closed by discard
+                return False
 
     def ask(self, request: dict, *, timeout: float) -> dict:
         """Send REQUEST; return the JSON answer the worker wrote to its result file.

@@ -151,10 +151,11 @@ class Cache:
             return path, got_bytes
 
     def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS, inspect: bool = False,
-                  narrate=lambda m: None) -> list[tuple[Path, int]]:
+                  on_ready=None, narrate=lambda m: None) -> list[tuple[Path, int]]:
         """fetch() for every (url, sha256, filename), JOBS at a time; the results in the same order.  The first
         failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised.  inspect: each conda
-        archive downloaded is also inspected (the containment check) in its thread while the others download."""
+        archive downloaded is also inspected (the containment check) in its thread while the others download, and
+        then given to ON_READY(path, sha256) there."""
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
@@ -163,8 +164,10 @@ class Cache:
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:
-            futures = [pool.submit(self._fetch_inspected if inspect else self.fetch, url, sha, fn, progress=progress,
-                                   narrate=narrate, stop=stop) for url, sha, fn in items]
+            futures = [pool.submit(self._fetch_inspected, url, sha, fn, on_ready=on_ready, progress=progress,
+                                   narrate=narrate, stop=stop) if inspect else
+                       pool.submit(self.fetch, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
+                       for url, sha, fn in items]
             wait(futures, return_when=FIRST_EXCEPTION)  # a failure of any item, not only of the first ones
             failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
             if failed:
@@ -181,10 +184,12 @@ class Cache:
             progress.close()
         return results
 
-    def _fetch_inspected(self, url: str, sha256: str, filename: str, **kw) -> tuple[Path, int]:
+    def _fetch_inspected(self, url: str, sha256: str, filename: str, *, on_ready=None, **kw) -> tuple[Path, int]:
         path, got = self.fetch(url, sha256, filename, **kw)
         if got and filename.endswith((".conda", ".tar.bz2")):
             self.inspect(path)
+            if on_ready is not None:
+                on_ready(path, sha256)
         return path, got
 
     def inspect(self, path: Path) -> dict:
@@ -219,7 +224,7 @@ class Cache:
         copies whose sizes or mtimes moved since their last full check).  Returns the names of the copies removed
         (the engine unpacks them again from the checked archives), sorted."""
         def check(path: Path) -> str | None:
-            folder = (extracted or self.root / "extracted") / _dist_name(path.name)
+            folder = (extracted or self.root / "extracted") / dist_name(path.name)
             if not folder.is_dir():
                 return None
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
@@ -246,11 +251,13 @@ class Cache:
             done = pool.map(lambda share: [name for name in map(check, share) if name], shares)
             return sorted(name for names in done for name in names)
 
-    def restamp_extracted(self, archives: list[Path], *, extracted: Path) -> None:
-        """restamp every extracted copy of ARCHIVES that passed check_extracted (see restamp)."""
+    def restamp_extracted(self, archives: list[Path], *, extracted: Path, fresh: frozenset = frozenset()) -> None:
+        """restamp every extracted copy of ARCHIVES that passed check_extracted (see restamp), and the FRESH ones:
+        the copies the embedded engine's worker unpacked in this run from the checked archive (the sha256 it
+        computed of the bytes it unpacked was the lock's), named by dist_name."""
         for path in archives:
-            folder = extracted / _dist_name(path.name)
-            if folder.is_dir() and (folder / STAMP).exists():
+            folder = extracted / dist_name(path.name)
+            if folder.is_dir() and ((folder / STAMP).exists() or folder.name in fresh):
                 with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
                     restamp(folder, self.inspect(path)["entries"])
 
@@ -270,7 +277,8 @@ def _signature(path: Path) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
 
 
-def _dist_name(filename: str) -> str:
+def dist_name(filename: str) -> str:
+    """An archive's NAME-VERSION-BUILD: the name of its unpacked copy."""
     for ext in (".conda", ".tar.bz2"):
         if filename.endswith(ext):
             return filename[: -len(ext)]

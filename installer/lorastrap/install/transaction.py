@@ -41,7 +41,7 @@ from pathlib import Path
 from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, signals, subproc
 from lorastrap.locking import channels as chans, choose, lockfile
-from lorastrap.install.cache import Cache, redirect_hosts_from
+from lorastrap.install.cache import Cache, dist_name, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import (BusyError, ConfigError, DiskError, Interrupted, LorastrapError, NotOursError,
@@ -247,10 +247,19 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         # Fetch and check every archive and wheel, in parallel. Nothing of the user's is touched up to here.
         t = time.perf_counter()
         _pause_point("download", narrate)
+        unpacked_ahead: set[str] = set()  # what the embedded engine's worker unpacks while the downloads go on
+
+        def unpack_ahead(path: Path, sha256: str) -> None:  # an archive just checked: its sha256, its containment
+            if eng.kind == "rattler" and engines.unpack_ahead(path, sha256, cache.root / "extracted"):
+                unpacked_ahead.add(dist_name(path.name))
         fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
-                                   for e in entries], inspect=True, narrate=narrate)
+                                   for e in entries], inspect=True, on_ready=unpack_ahead, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
+        for e in conda_entries:  # the ones the cache had already: checked when they came, contained (inspect)
+            if dist_name(archives[e.name].name) not in unpacked_ahead:
+                cache.inspect(archives[e.name])
+                unpack_ahead(archives[e.name], e.sha256)
         result.downloaded_bytes = sum(got for _, got in fetched)
         total_bytes = sum(path.stat().st_size for path, _ in fetched)
         timings["fetch"] = time.perf_counter() - t
@@ -269,7 +278,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         unpacked = (cache.root / "extracted" if eng.kind == "rattler"
                     else engines.engine_root(eng, cache.root / "extracted") / "pkgs")
         with engines.engine_cache_held(eng, cache.root / "extracted", narrate=narrate):  # not while it unpacks
-            cache.check_extracted(list(archives.values()), full=check_cache, extracted=unpacked, narrate=narrate)
+            cache.check_extracted([p for p in archives.values() if dist_name(p.name) not in unpacked_ahead],
+                                  full=check_cache, extracted=unpacked, narrate=narrate)
 
         work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
@@ -300,9 +310,10 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        entries=entries, wheels=local, profile=profile, link_mode=link_mode,
                        carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate,
-                       # The copies the engine just linked from were checked above; the new links changed only
-                       # their ctimes, so record those (the next quick check then hashes only what changed since).
-                       after_link=lambda: _restamp(cache, eng, list(archives.values()), unpacked))
+                       # The copies the engine just linked from were checked above (or unpacked in this run from
+                       # the checked archives); the new links changed only their ctimes, so record those (the next
+                       # quick check then hashes only what changed since).
+                       after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh))
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -347,33 +358,34 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         return result
 
 
-def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path) -> None:
+def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path, fresh: frozenset) -> None:
     """Restamp the unpacked copies just linked from — unless another installer's micromamba holds its cache now
     (not waited for: without the new stamps the next check hashes those copies again, nothing worse)."""
     try:
         with engines.engine_cache_held(eng, cache.root / "extracted", wait=False):
-            cache.restamp_extracted(archives, extracted=unpacked)
+            cache.restamp_extracted(archives, extracted=unpacked, fresh=fresh)
     except BusyError:
         pass
 
 
 def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, work: Path, entries: list,
            wheels: dict[tuple[str, str], Path], profile: Profile, link_mode: str, carry_from: Path | None,
-           carry_over: tuple[str, ...], timings: dict, narrate, after_link=lambda: None) -> None:
+           carry_over: tuple[str, ...], timings: dict, narrate, after_link=lambda fresh: None) -> None:
     """Link the new environment at PREFIX (the old one is aside), add pip entries and the user's files, check it.
-    AFTER_LINK runs in a thread of its own once the engine is done, beside the pip step and the checks."""
+    AFTER_LINK(the packages the worker unpacked ahead) runs in a thread of its own once the engine is done, beside
+    the pip step and the checks."""
     conda_entries = [e for e in entries if e.manager == "conda"]
     t = time.perf_counter()
     narrate(f"linking {len(conda_entries)} packages into {prefix} with {eng.describe()}")
-    engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform, cache_dir=cache.root / "extracted",
-                 narrate=narrate)
+    fresh = engines.link(eng, prefix=prefix, lock_file=local_lock, platform=platform,
+                         cache_dir=cache.root / "extracted", narrate=narrate)
     if link_mode == "copy":
         files, reflinked = fsutil.unshare_tree(prefix)
         narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
     timings["engine"] = time.perf_counter() - t
     beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-after-link")
     try:
-        done = beside.submit(after_link)
+        done = beside.submit(after_link, fresh)
         _pip_and_check(prefix=prefix, entries=entries, wheels=wheels, profile=profile, work=work, cache=cache,
                        carry_from=carry_from, carry_over=carry_over, timings=timings, narrate=narrate)
         done.result()

@@ -6,7 +6,8 @@ the worker writes its JSON answer to the result file named in the request (atomi
 os._exit.  The parent judges the outcome by that file alone — an exit code mangled at shutdown cannot turn a
 success into a failure or the reverse.
 
-Requests:
+Requests, one JSON document a line on stdin: any number of "extract" ones, then the one answered:
+  {"op": "extract", "archive": "/cache/archives/…/x.conda", "dist": "x-1.0-h0_0", "sha256": "…", "cache_dir": "…"}
   {"op": "solve", "channels": [...], "specs": [...], "platform": "linux-64", "virtual_packages": {"__cuda": "12.0"},
    "cache_dir": "...", "result": "/path/result.json"}
   {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
@@ -89,24 +90,93 @@ def answer(req: dict) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
+_SWEPT: list[Path] = []
+
+
+def _extract(req: dict) -> str:
+    """Unpack one checked archive into the embedded engine's package cache while the parent still downloads the
+    others (py-rattler 0.28's own unpacking; rattler.install then only links it).  The entry is what rattler itself
+    leaves: the folder CACHE/DIST and its metadata file CACHE/DIST.lock — the revision (8 bytes, big-endian) and the
+    archive's sha256 (32 bytes), rattler_cache's CacheMetadataFile — made under rattler's own cache lock
+    (CACHE/.cache.lock, flock).  The folder is filled under a private name and renamed into place; the sha256
+    extract() computed of the bytes it unpacked must be the lock's.  An entry already there is left alone (the
+    parent's check, then rattler, decide about it).  Answers "ok", "present", or why not (the link step then
+    unpacks it as before)."""
+    import fcntl
+    import shutil
+    import struct
+
+    from rattler.package_streaming import extract
+
+    from lorastrap.core import fsutil
+    cache, dist, sha = Path(req["cache_dir"]), req["dist"], req["sha256"]
+    folder, record = cache / dist, cache / f"{dist}.lock"
+    if folder.exists() or record.exists():
+        return "present"
+    cache.mkdir(parents=True, exist_ok=True)
+    if not _SWEPT:  # what workers killed while unpacking left, on this node: once a run, every package's
+        _SWEPT.append(cache)
+        for leftover in {n.split(".partial.")[0] for n in os.listdir(cache) if ".partial." in n}:
+            fsutil.remove_orphans(cache, f"{leftover}.partial.")
+    tmp = cache / f".{dist}.partial.{fsutil.owner_tag()}.d"
+    try:
+        got, _ = extract(req["archive"], tmp)
+        if bytes(got).hex() != sha:
+            return f"unpacked bytes have sha256 {bytes(got).hex()}, the lock says {sha}"
+        with open(cache / ".cache.lock", "a+b") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            if folder.exists() or record.exists():
+                return "present"
+            os.rename(tmp, folder)
+            with open(record, "wb") as f:
+                f.write(struct.pack(">Q", 1) + bytes.fromhex(sha))
+        return "ok"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _requests():
+    """The requests on stdin, one JSON document a line, read in a thread of their own (the pipe never fills while
+    an archive is unpacked); None at the end of stdin."""
+    import queue
+    import threading
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip():
+                lines.put(line)
+        lines.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    while (line := lines.get()) is not None:
+        yield json.loads(line)
+    yield None
+
+
 def main() -> None:
     try:  # before the request: a worker started ahead of its request imports py-rattler while the parent works
         import rattler  # noqa: F401
     except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
         pass
-    text = sys.stdin.read()
-    if not text.strip():  # started ahead and not needed after all
-        os._exit(0)
-    req = json.loads(text)
+    extracted: dict[str, str] = {}
+    for req in _requests():  # "extract" requests as the parent's downloads finish, then the one to answer
+        if req is None:  # started ahead and not needed after all
+            os._exit(0)
+        if req.get("op") != "extract":
+            break
+        try:
+            extracted[req["dist"]] = _extract(req)
+        except Exception as exc:  # not fatal: the link step unpacks it
+            extracted[req["dist"]] = f"{type(exc).__name__}: {exc}"
     try:
         result = answer(req)
     except BaseException as exc:  # an interrupt too: it goes into the answer
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    if extracted:
+        result["extracted"] = extracted
     tmp = req["result"] + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "w") as f:  # read by the parent as soon as this process has left: no fsync
         json.dump(result, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, req["result"])
     sys.stdout.flush()
     sys.stderr.flush()
