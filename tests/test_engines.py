@@ -248,3 +248,83 @@ def test_an_archive_whose_unpacked_bytes_are_not_the_locks_is_left_to_the_link_s
     answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-such-channel")}, timeout=60)
     assert answer["extracted"][dist].startswith(f"unpacked bytes have sha256 {e.sha256}"), answer
     assert list(cache_dir.iterdir()) == [live]  # no entry, no metadata file, no dead worker's part, not its own
+
+
+def test_a_worker_sent_work_for_an_install_that_ends_without_linking_is_stopped_at_once(warm_home, tmp_path):
+    """An install that fails after its downloads (a refused package, say) must not leave its worker unpacking
+    the rest of the queue into the cache: discarded, a worker that was sent work is killed, not waited for."""
+    from lorastrap.core import subproc
+    from lorastrap.install.cache import dist_name
+    conda, archives, _ = _handed_over(warm_home, tmp_path)
+    worker = subproc.Worker("locking.rattler_worker")
+    for e in conda:
+        worker.send({"op": "extract", "archive": str(archives[e.name]), "dist": dist_name(archives[e.name].name),
+                     "sha256": e.sha256, "cache_dir": str(tmp_path / "cache")})
+    worker.discard(wait=False)
+    assert worker.proc.returncode == -9  # killed, and reaped
+
+
+def test_a_worker_let_go_unwaited_does_not_go_on_unpacking_into_the_cache(warm_home, tmp_path):
+    """An install that fails after some archives were handed over (a later download fails, Ctrl-C) lets the worker
+    go with discard_ahead(wait=False).  Once that has returned, the worker must not write into the package cache
+    any more: a library caller may remove or reuse LORASTRAP_HOME right after cli.main returned."""
+    from lorastrap.core import subproc
+    from lorastrap.install.cache import dist_name
+    conda, archives, _ = _handed_over(warm_home, tmp_path)
+    cache_dir = tmp_path / "cache"
+    engines._AHEAD.append(subproc.Worker("locking.rattler_worker"))
+    try:
+        for e in conda:
+            assert engines.unpack_ahead(archives[e.name], e.sha256, cache_dir)
+        engines.discard_ahead(wait=False)  # what cli/install.py does when the install fails
+        at_return = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
+        time.sleep(3)
+        later = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
+        assert later == at_return, f"{len(later - at_return)} entries written after the worker was let go"
+    finally:
+        engines._AHEAD.clear()
+
+
+def test_sending_work_never_waits_on_a_busy_worker_and_keeps_the_order(tmp_path):
+    """send() is called from download threads: it must return at once even while the worker reads nothing (here
+    it is stopped; unpacking a big archive holds its GIL the same way) and the pipe is full — ~300 KiB of requests
+    against a 64 KiB pipe.  The worker then carries them all out, in order, before the request it answers."""
+    import signal
+    import threading
+
+    from lorastrap.core import subproc
+    worker = subproc.Worker("locking.rattler_worker")
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        dists = [f"pkg{i:04d}-1.0-h0_0" for i in range(1000)]
+        sender = threading.Thread(target=lambda: [worker.send(
+            {"op": "extract", "archive": str(tmp_path / "missing" / f"{d}.conda"), "dist": d, "sha256": "0" * 64,
+             "cache_dir": str(tmp_path / "cache")}) for d in dists])
+        sender.start()
+        sender.join(timeout=30)
+        assert not sender.is_alive(), "send() waited for a worker that reads nothing"
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-such-channel")}, timeout=120)
+    assert list(answer["extracted"]) == dists, list(answer["extracted"])[:3]
+    assert all(why not in ("ok", "present") for why in answer["extracted"].values())  # no such archives
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_worker_started_ahead_that_died_is_replaced_at_the_link_step(warm_home, tmp_path):
+    """Unpacking ahead is a speed-up only: if the worker started ahead is gone (killed, crashed in py-rattler),
+    the link step starts a fresh one, which unpacks what it needs itself."""
+    import signal
+
+    from lorastrap.core import subproc
+    _, _, lock = _handed_over(warm_home, tmp_path)
+    dead = subproc.Worker("locking.rattler_worker")
+    os.killpg(dead.proc.pid, signal.SIGKILL)
+    dead.proc.wait()
+    engines._AHEAD.append(dead)
+    try:
+        fresh = engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=lock, platform="linux-64",
+                             cache_dir=tmp_path / "cache")
+    finally:
+        engines._AHEAD.clear()
+    assert fresh == frozenset() and (tmp_path / "env" / "conda-meta").is_dir()

@@ -149,17 +149,19 @@ def _dead(host: str, pid: int) -> bool:
     return False
 
 
-def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+def remove_orphans(folder: Path, prefix: str, *, marked: bool = False) -> list[Path]:
     """Remove FOLDER's PREFIX<HOST>.<PID>.* entries whose owner (on this host) is dead: what a SIGKILLed run left.
-    Returns what was removed."""
+    marked: PREFIX is a marker inside the name, after a part of its own (.<NAME>.partial.<HOST>.<PID>.d).  Returns
+    what was removed."""
     import re as _re
     removed = []
     try:
-        names = [p for p in folder.iterdir() if p.name.startswith(prefix)]
+        names = [p for p in folder.iterdir() if (prefix in p.name if marked else p.name.startswith(prefix))]
     except OSError:
         return removed
     for p in names:
-        m = _re.fullmatch(_re.escape(prefix) + r"(.+)\.(\d+)\.[^/]*", p.name)
+        head = p.name.split(prefix)[0] + prefix if marked else prefix
+        m = _re.fullmatch(_re.escape(head) + r"(.+)\.(\d+)\.[^/]*", p.name)
         if m and _dead(m.group(1), int(m.group(2))):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)

@@ -25,6 +25,8 @@ ENVS = _DATA / "envs"  # the compatibility matrix and the profiles' specs and lo
 SCRIPTS = _DATA / "scripts"
 VERIFY_SCRIPT = SCRIPTS / "verify_lora.py"
 REQUIREMENTS = _DATA / "requirements.txt"  # lorastrap's own runtime, hash-pinned
+# In the embedded engine's package cache: .DIST.partial.HOST.PID.d, a package being unpacked (then renamed to DIST)
+PARTIAL = ".partial."
 DEPLOY = _DATA / "deploy"  # the fleet tools: ansible/fleet_report.py, slurm/lorastrap-fleet.sbatch
 
 

@@ -278,6 +278,9 @@ def python_module(module: str, *args: str, timeout: float, env: dict[str, str] |
     return run([sys.executable, "-m", f"lorastrap.{module}", *args], timeout=timeout, env=env, stdin=stdin)
 
 
+_SENDING = threading.Lock()  # starting a worker's feeder thread: once
+
+
 class Worker:
     """A ``python -m lorastrap.<module>`` started now, that answers one JSON request later (``ask``): its start-up
     (the interpreter, py-rattler's import) overlaps whatever this process does meanwhile.  One that is never asked
@@ -288,18 +291,37 @@ class Worker:
         self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
-        self._sending = threading.Lock()
+        self.sent, self._queue, self._feeder = False, None, None
 
     def send(self, request: dict) -> bool:
-        """A request it carries out before the one ``ask`` sends (one JSON line; from any thread).  False when it
-        has gone already (ask then says how)."""
-        with self._sending:
+        """A request it carries out before the one ``ask`` sends (one JSON line), from any thread, never waiting:
+        a thread of its own writes them to the worker's stdin, whose pipe fills while the worker is busy (one
+        unpacking holds its GIL, so it reads nothing meanwhile).  False when the worker has gone already."""
+        if self.proc.poll() is not None:
+            return False
+        with _SENDING:
+            if self._feeder is None:
+                import queue
+                self._queue = queue.SimpleQueue()
+                self._feeder = threading.Thread(target=self._feed, name="lorastrap-worker-feed", daemon=True)
+                self._feeder.start()
+            self._queue.put(json.dumps(request) + "\n")
+            self.sent = True
+        return True
+
+    def _feed(self) -> None:
+        while (line := self._queue.get()) is not None:
             try:
-                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.write(line)
                 self.proc.stdin.flush()
-                return True
-            except (OSError, ValueError):  # a closed pipe (BrokenPipeError), or stdin closed by discard
-                return False
+            except (OSError, ValueError):  # it has gone (BrokenPipeError), or its stdin was closed: nothing more
+                return
+
+    def _fed(self) -> None:
+        """Every request sent is written (or the worker has gone)."""
+        if self._feeder is not None:
+            self._queue.put(None)
+            self._feeder.join()
 
     def ask(self, request: dict, *, timeout: float) -> dict:
         """Send REQUEST; return the JSON answer the worker wrote to its result file.
@@ -314,6 +336,7 @@ class Worker:
                     _append(path, {"pid": self.proc.pid, "start": start_time(self.proc.pid)})
                     self.recorded_in.add(path)
             try:
+                self._fed()
                 out, err, timed_out = _communicate(self.proc, json.dumps(request), timeout)
             except BrokenPipeError:  # it died before reading the request
                 out, err, timed_out = "", "", False
@@ -329,21 +352,30 @@ class Worker:
                     "exit_code": self.proc.returncode}
 
     def discard(self, *, wait: bool = True) -> None:
-        """Not needed after all: end it (its stdin closed; killed if it does not leave at once).  wait=False: only
-        close its stdin — it leaves by itself once its start-up is done, and this process does not wait for that."""
+        """Not needed after all: end it (its stdin closed; killed if it does not leave at once, or when it was sent
+        work).  wait=False: only close its stdin — it leaves by itself once its start-up is done, and this process
+        does not wait for that."""
         if self.proc.poll() is not None:
             return
-        try:
-            self.proc.stdin.close()
-            if not wait:
-                return
-            self.proc.wait(timeout=2)
-        except (OSError, subprocess.TimeoutExpired):
+        if self.sent:  # work it was sent (``send``) for a request that will not come: stopped now, not once done
             _kill_group(self.proc)
             self.proc.wait()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            if pipe is not None:
-                pipe.close()
+            self._fed()
+        else:
+            try:
+                self.proc.stdin.close()
+                if not wait:
+                    return
+                self.proc.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill_group(self.proc)
+                self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                if pipe is not None:
+                    pipe.close()
+            except OSError:  # stdin of a killed worker, with nothing left to flush: nothing to do
+                pass
 
 
 def worker(module: str, request: dict, *, timeout: float, show_progress: bool = False) -> dict:

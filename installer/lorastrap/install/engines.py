@@ -322,8 +322,10 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure.  Returns
     the packages (dist names) the worker unpacked into CACHE_DIR ahead of the link in this run (unpack_ahead)."""
     if engine.kind == "rattler":
-        worker = _AHEAD.pop() if _AHEAD else subproc.Worker("locking.rattler_worker",
-                                                              show_progress=sys.stderr.isatty())
+        worker = _AHEAD.pop() if _AHEAD else None
+        if worker is None or worker.proc.poll() is not None:  # none ahead, or it died meanwhile (unpacking ahead
+            worker = subproc.Worker("locking.rattler_worker",  # is a speed-up only: the link step unpacks all)
+                                    show_progress=sys.stderr.isatty())
         answer = worker.ask({"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                              "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
         if not answer.get("ok"):

@@ -167,6 +167,7 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
     with _signals_raise(), ExitStack() as stack:
         recovered = generations.recover_all(prefix, narrate)  # a killed rollback's renames, then a killed transaction
         fsutil.remove_orphans(paths.cache_dir(), ".lorastrap-install-")  # work folders of runs killed earlier
+        fsutil.remove_orphans(paths.cache_dir() / "extracted", paths.PARTIAL, marked=True)  # half unpacked
         stack.enter_context(subproc.recording_groups(txn.children_path(prefix)))
         if recovered:
             narrate(recovered)

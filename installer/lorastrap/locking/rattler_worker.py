@@ -108,7 +108,7 @@ def _extract(req: dict) -> str:
 
     from rattler.package_streaming import extract
 
-    from lorastrap.core import fsutil
+    from lorastrap.core import fsutil, paths
     cache, dist, sha = Path(req["cache_dir"]), req["dist"], req["sha256"]
     folder, record = cache / dist, cache / f"{dist}.lock"
     if folder.exists() or record.exists():
@@ -116,9 +116,8 @@ def _extract(req: dict) -> str:
     cache.mkdir(parents=True, exist_ok=True)
     if not _SWEPT:  # what workers killed while unpacking left, on this node: once a run, every package's
         _SWEPT.append(cache)
-        for leftover in {n.split(".partial.")[0] for n in os.listdir(cache) if ".partial." in n}:
-            fsutil.remove_orphans(cache, f"{leftover}.partial.")
-    tmp = cache / f".{dist}.partial.{fsutil.owner_tag()}.d"
+        fsutil.remove_orphans(cache, paths.PARTIAL, marked=True)
+    tmp = cache / f".{dist}{paths.PARTIAL}{fsutil.owner_tag()}.d"
     try:
         got, _ = extract(req["archive"], tmp)
         if bytes(got).hex() != sha:
@@ -166,7 +165,7 @@ def main() -> None:
             break
         try:
             extracted[req["dist"]] = _extract(req)
-        except Exception as exc:  # not fatal: the link step unpacks it
+        except BaseException as exc:  # not fatal (a pyo3 PanicException is no Exception): the link step unpacks it
             extracted[req["dist"]] = f"{type(exc).__name__}: {exc}"
     try:
         result = answer(req)
