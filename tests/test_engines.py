@@ -328,3 +328,33 @@ def test_a_worker_started_ahead_that_died_is_replaced_at_the_link_step(warm_home
     finally:
         engines._AHEAD.clear()
     assert fresh == frozenset() and (tmp_path / "env" / "conda-meta").is_dir()
+
+
+def test_what_is_still_queued_when_the_link_request_comes_is_left_to_the_link_step(warm_home, tmp_path):
+    """The worker unpacks one archive at a time; the link step unpacks several at once.  So once the request it
+    answers has come, the extract requests still queued are left ("left") to rattler.install, which unpacks them
+    itself: the environment is whole either way."""
+    import signal
+    import threading
+
+    from lorastrap.core import subproc
+    from lorastrap.install.cache import dist_name
+    conda, archives, lock = _handed_over(warm_home, tmp_path)
+    worker = subproc.Worker("locking.rattler_worker")
+    os.kill(worker.proc.pid, signal.SIGSTOP)  # everything reaches its stdin before it reads a line
+    answer = {}
+    try:
+        for e in conda:
+            worker.send({"op": "extract", "archive": str(archives[e.name]), "dist": dist_name(archives[e.name].name),
+                         "sha256": e.sha256, "cache_dir": str(tmp_path / "cache")})
+        asking = threading.Thread(target=lambda: answer.update(worker.ask(
+            {"op": "install", "lock": str(lock), "platform": "linux-64", "prefix": str(tmp_path / "env"),
+             "cache_dir": str(tmp_path / "cache")}, timeout=120)))
+        asking.start()
+        time.sleep(1)  # the last request written into the pipe too
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+    asking.join(timeout=120)
+    assert answer["ok"], answer
+    assert set(answer["extracted"].values()) <= {"ok", "left"} and "left" in answer["extracted"].values(), answer
+    assert len(list((tmp_path / "env" / "conda-meta").glob("*.json"))) == len(conda)

@@ -333,7 +333,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
                               fix="Rerun with --debug; if it persists, try --engine micromamba.")
         unpacked = answer.get("extracted") or {}
-        failed = {dist: why for dist, why in unpacked.items() if why not in ("ok", "present")}
+        failed = {dist: why for dist, why in unpacked.items() if why not in ("ok", "present", "left")}
         if failed:
             narrate(f"unpacked at the link step instead of ahead: {', '.join(sorted(failed))} "
                     f"({next(iter(failed.values()))[:200]})")

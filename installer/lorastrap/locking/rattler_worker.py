@@ -101,7 +101,7 @@ def _extract(req: dict) -> str:
     (CACHE/.cache.lock, flock).  The folder is filled under a private name and renamed into place; the sha256
     extract() computed of the bytes it unpacked must be the lock's.  An entry already there is left alone (the
     parent's check, then rattler, decide about it).  Answers "ok", "present", or why not (the link step then
-    unpacks it as before)."""
+    unpacks it as before); "left" (in main) when the answered request came before its turn."""
     import fcntl
     import shutil
     import struct
@@ -135,21 +135,29 @@ def _extract(req: dict) -> str:
 
 
 def _requests():
-    """The requests on stdin, one JSON document a line, read in a thread of their own (the pipe never fills while
-    an archive is unpacked); None at the end of stdin."""
+    """(request, whether the answered one has come already) for each request on stdin, one JSON document a line,
+    read in a thread of its own; None at the end of stdin.  The parent's feeder keeps writing while an archive is
+    unpacked (py-rattler's extract holds the GIL, so this thread reads between two)."""
     import queue
     import threading
     lines: queue.Queue = queue.Queue()
+    last = threading.Event()
 
     def read() -> None:
         for line in sys.stdin:
             if line.strip():
-                lines.put(line)
+                try:
+                    req = json.loads(line)
+                except ValueError:  # main reads it again and fails as it always did
+                    req = line
+                if not (isinstance(req, dict) and req.get("op") == "extract"):
+                    last.set()
+                lines.put(req)
         lines.put(None)
     threading.Thread(target=read, daemon=True).start()
-    while (line := lines.get()) is not None:
-        yield json.loads(line)
-    yield None
+    while (req := lines.get()) is not None:
+        yield (req if isinstance(req, dict) else json.loads(req)), last.is_set()
+    yield None, True
 
 
 def main() -> None:
@@ -158,11 +166,14 @@ def main() -> None:
     except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
         pass
     extracted: dict[str, str] = {}
-    for req in _requests():  # "extract" requests as the parent's downloads finish, then the one to answer
+    for req, last_came in _requests():  # "extract" requests as the parent's downloads finish, then the one to answer
         if req is None:  # started ahead and not needed after all
             os._exit(0)
         if req.get("op") != "extract":
             break
+        if last_came:  # the link step is waiting: what is still queued it unpacks, several at once, not one by one
+            extracted[req["dist"]] = "left"
+            continue
         try:
             extracted[req["dist"]] = _extract(req)
         except BaseException as exc:  # not fatal (a pyo3 PanicException is no Exception): the link step unpacks it
