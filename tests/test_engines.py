@@ -245,6 +245,9 @@ def test_an_archive_whose_unpacked_bytes_are_not_the_locks_is_left_to_the_link_s
     worker = subproc.Worker("locking.rattler_worker")
     assert worker.send({"op": "extract", "archive": str(archives[e.name]), "dist": dist, "sha256": "0" * 64,
                         "cache_dir": str(cache_dir)})
+    deadline = time.monotonic() + 60
+    while stale.exists() and time.monotonic() < deadline:  # swept as the extract starts: it is under way
+        time.sleep(0.02)
     answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-such-channel")}, timeout=60)
     assert answer["extracted"][dist].startswith(f"unpacked bytes have sha256 {e.sha256}"), answer
     assert list(cache_dir.iterdir()) == [live]  # no entry, no metadata file, no dead worker's part, not its own
