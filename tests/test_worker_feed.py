@@ -1,0 +1,155 @@
+"""The engine worker's feeder (subproc.Worker.send/_fed/ask/discard): timeouts, interrupts, leaks."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from lorastrap.install import engines
+
+
+def _feeders():
+    return [t for t in threading.enumerate() if t.name == "lorastrap-worker-feed" and t.is_alive()]
+
+
+def _fill(worker, tmp_path, n=1000):
+    """~300 KiB of extract requests against a 64 KiB pipe: the feeder blocks once the worker stops reading."""
+    for i in range(n):
+        d = f"pkg{i:04d}-1.0-h0_0"
+        worker.send({"op": "extract", "archive": str(tmp_path / "missing" / f"{d}.conda"), "dist": d,
+                     "sha256": "0" * 64, "cache_dir": str(tmp_path / "cache")})
+
+
+def _closed(worker):
+    return all(p is None or p.closed for p in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr))
+
+
+def test_ask_honours_its_timeout_when_the_worker_reads_nothing(tmp_path):
+    """A worker that hangs (stopped here; a hung import or an extract that never returns holds it the same way)
+    with more queued than its pipe holds: ask(timeout=3) must come back, timed out, not wait forever."""
+    from lorastrap.core import subproc
+    worker = subproc.Worker("locking.rattler_worker")
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    answer = {}
+    try:
+        _fill(worker, tmp_path)
+        asking = threading.Thread(target=lambda: answer.update(worker.ask({"op": "index", "channel": "x"},
+                                                                          timeout=3)), daemon=True)
+        asking.start()
+        asking.join(timeout=30)
+        assert not asking.is_alive(), "ask(timeout=3) still waiting after 30 s"
+        assert answer.get("timed_out"), answer
+    finally:
+        if worker.proc.poll() is None:
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+
+
+def test_an_interrupt_while_the_last_requests_are_written_ends_the_worker(tmp_path):
+    """Ctrl-C (or SIGTERM made an exception) while ask() waits for the feeder: the worker goes too, as it does
+    when the interrupt comes while ask waits for the answer."""
+    from lorastrap.core import subproc
+    worker = subproc.Worker("locking.rattler_worker")
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        _fill(worker, tmp_path)
+        timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            worker.ask({"op": "index", "channel": "x"}, timeout=60)
+        timer.join()
+        assert worker.proc.poll() is not None, "the worker outlived the interrupted ask()"
+    finally:
+        if worker.proc.poll() is None:
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait()
+
+
+def test_a_dead_worker_replaced_at_the_link_step_leaves_no_thread_or_pipe(warm_home, tmp_path):
+    """The worker started ahead was sent work and then died: link() starts a fresh one.  The dead one's feeder
+    thread and its three pipes must not outlive the install (a library caller runs many installs in one process)."""
+    from lorastrap.core import subproc
+    from lorastrap.install.cache import dist_name
+    from test_engines import _handed_over
+    conda, archives, lock = _handed_over(warm_home, tmp_path)
+    before_threads = len(_feeders())
+    dead = subproc.Worker("locking.rattler_worker")
+    e = conda[0]
+    assert dead.send({"op": "extract", "archive": str(archives[e.name]), "dist": dist_name(archives[e.name].name),
+                      "sha256": e.sha256, "cache_dir": str(tmp_path / "cache")})
+    time.sleep(0.5)  # the line is written; the feeder waits for the next one
+    os.killpg(dead.proc.pid, signal.SIGKILL)
+    dead.proc.wait()
+    engines._AHEAD.append(dead)
+    try:
+        engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=lock, platform="linux-64",
+                     cache_dir=tmp_path / "cache")
+    finally:
+        engines._AHEAD.clear()
+    time.sleep(0.5)
+    assert len(_feeders()) == before_threads, "the dead worker's feeder thread is still waiting for lines"
+    assert _closed(dead), "the dead worker's pipes are still open"
+
+
+def test_discarding_a_worker_that_exited_already_leaves_no_thread_or_pipe(tmp_path):
+    """discard() of a worker that was sent work and has died meanwhile (a crash in py-rattler): nothing of it
+    is left in this process."""
+    from lorastrap.core import subproc
+    before_threads = len(_feeders())
+    worker = subproc.Worker("locking.rattler_worker")
+    _fill(worker, tmp_path, n=1)
+    time.sleep(0.5)
+    os.killpg(worker.proc.pid, signal.SIGKILL)
+    worker.proc.wait()
+    worker.discard(wait=False)
+    time.sleep(0.5)
+    assert len(_feeders()) == before_threads, "the feeder thread is still waiting for lines"
+    assert _closed(worker), "its pipes are still open"
+
+
+def test_many_installs_in_one_process_leave_no_descriptor_or_thread(channel, session_state, tmp_path, monkeypatch):
+    """A library caller running cold installs one after another (each archive handed to the worker ahead):
+    the descriptors and threads of this process come back to what they were."""
+    import shutil
+
+    from lorastrap import cli
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "")
+    monkeypatch.delenv("LORASTRAP_PKGS_DIR", raising=False)
+    from lorastrap.core import subproc
+    sent = []
+    real_send = subproc.Worker.send
+    monkeypatch.setattr(subproc.Worker, "send", lambda self, req: sent.append(req) or real_send(self, req))
+    counts = []
+    for i in range(4):
+        home = tmp_path / f"home{i}"
+        shutil.copytree(session_state / "locks", home / "locks")
+        shutil.copytree(session_state / "pkgs" / "archives", home / "pkgs" / "archives", copy_function=os.link)
+        monkeypatch.setenv("LORASTRAP_HOME", str(home))
+        rc = cli.main(["install", "--envs-dir", os.path.join(root, "tests", "envs"), "--channel", channel["url"],
+                       "--pip-index-url", channel["simple"], "--prefix", str(tmp_path / f"env{i}"),
+                       "--engine", "rattler", "--no-verify", "--json"])
+        assert rc == 0
+        time.sleep(0.3)
+        counts.append((len(os.listdir("/proc/self/fd")), threading.active_count(), len(_feeders())))
+    assert len(sent) >= 4 and counts[-1] == counts[1], (len(sent), counts)
+
+
+def test_a_request_sent_once_the_answered_one_is_on_its_way_is_refused_not_dropped(tmp_path):
+    """send() while ask() is under way (from another thread): either it is carried out (in the answer) or send
+    says False — never True for a line no one writes."""
+    from lorastrap.core import subproc
+    worker = subproc.Worker("locking.rattler_worker")
+    _fill(worker, tmp_path, n=1)
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.update(worker.ask({"op": "index", "channel": "x"}, timeout=60)))
+    asking.start()
+    time.sleep(1)
+    late = worker.send({"op": "extract", "archive": str(tmp_path / "late.conda"), "dist": "late-1.0-h0_0",
+                        "sha256": "0" * 64, "cache_dir": str(tmp_path / "cache")})
+    os.kill(worker.proc.pid, signal.SIGCONT)
+    asking.join(timeout=60)
+    assert not late or "late-1.0-h0_0" in answer.get("extracted", {}), (late, answer.get("extracted"))
