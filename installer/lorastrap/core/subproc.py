@@ -291,37 +291,56 @@ class Worker:
         self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
-        self.sent, self._queue, self._feeder = False, None, None
+        self.sent, self._queue, self._feeder, self._closed = False, None, None, False
 
     def send(self, request: dict) -> bool:
         """A request it carries out before the one ``ask`` sends (one JSON line), from any thread, never waiting:
         a thread of its own writes them to the worker's stdin, whose pipe fills while the worker is busy (one
-        unpacking holds its GIL, so it reads nothing meanwhile).  False when the worker has gone already."""
+        unpacking holds its GIL, so it reads nothing meanwhile).  False when the worker has gone already, or the
+        request it answers was sent (or it was let go)."""
         if self.proc.poll() is not None:
             return False
         with _SENDING:
-            if self._feeder is None:
-                import queue
-                self._queue = queue.SimpleQueue()
-                self._feeder = threading.Thread(target=self._feed, name="lorastrap-worker-feed", daemon=True)
-                self._feeder.start()
+            if self._closed:
+                return False
+            self._start_feeder()
             self._queue.put(json.dumps(request) + "\n")
             self.sent = True
         return True
 
-    def _feed(self) -> None:
-        while (line := self._queue.get()) is not None:
-            try:
-                self.proc.stdin.write(line)
-                self.proc.stdin.flush()
-            except (OSError, ValueError):  # it has gone (BrokenPipeError), or its stdin was closed: nothing more
-                return
+    def _start_feeder(self) -> None:  # under _SENDING
+        if self._feeder is None:
+            import queue
+            self._queue = queue.SimpleQueue()
+            self._feeder = threading.Thread(target=self._feed, args=(self.proc.stdin,), name="lorastrap-worker-feed",
+                                            daemon=True)
+            self._feeder.start()
 
-    def _fed(self) -> None:
-        """Every request sent is written (or the worker has gone)."""
-        if self._feeder is not None:
+    def _feed(self, stdin) -> None:
+        """Owns STDIN: writes the queued lines, and closes it at the end of the queue (None)."""
+        try:
+            while (line := self._queue.get()) is not None:
+                stdin.write(line)
+                stdin.flush()
+        except (OSError, ValueError):  # it has gone (BrokenPipeError), or its stdin was closed: nothing more
+            pass
+        finally:
+            try:
+                stdin.close()
+            except (OSError, ValueError):
+                pass
+
+    def _fed(self, last: str | None = None) -> bool:
+        """No more requests (LAST, if given, is the final one): the feeder writes what is queued, then closes the
+        worker's stdin.  True when a feeder was running (it owns stdin from now on)."""
+        with _SENDING:
+            self._closed = True
+            if self._feeder is None:
+                return False
+            if last is not None:
+                self._queue.put(last)
             self._queue.put(None)
-            self._feeder.join()
+            return True
 
     def ask(self, request: dict, *, timeout: float) -> dict:
         """Send REQUEST; return the JSON answer the worker wrote to its result file.
@@ -336,8 +355,12 @@ class Worker:
                     _append(path, {"pid": self.proc.pid, "start": start_time(self.proc.pid)})
                     self.recorded_in.add(path)
             try:
-                self._fed()
-                out, err, timed_out = _communicate(self.proc, json.dumps(request), timeout)
+                if self._fed(json.dumps(request) + "\n"):  # the feeder writes it after the others: only read here
+                    self.proc.stdin = None
+                    out, err, timed_out = _communicate(self.proc, None, timeout)
+                    self._feeder.join()  # the worker has left or was killed: its writes fail, it ends
+                else:
+                    out, err, timed_out = _communicate(self.proc, json.dumps(request), timeout)
             except BrokenPipeError:  # it died before reading the request
                 out, err, timed_out = "", "", False
                 self.proc.wait()
@@ -355,12 +378,13 @@ class Worker:
         """Not needed after all: end it (its stdin closed; killed if it does not leave at once, or when it was sent
         work).  wait=False: only close its stdin — it leaves by itself once its start-up is done, and this process
         does not wait for that."""
-        if self.proc.poll() is not None:
-            return
-        if self.sent:  # work it was sent (``send``) for a request that will not come: stopped now, not once done
-            _kill_group(self.proc)
-            self.proc.wait()
-            self._fed()
+        if self.proc.poll() is not None or self.sent:  # gone already; or sent work (``send``) for a request that
+            if self.proc.poll() is None:  # will not come: stopped now, not once done
+                _kill_group(self.proc)
+                self.proc.wait()
+            if self._fed():
+                self.proc.stdin = None
+                self._feeder.join()  # its writes fail now: it ends
         else:
             try:
                 self.proc.stdin.close()
