@@ -361,3 +361,24 @@ def test_what_is_still_queued_when_the_link_request_comes_is_left_to_the_link_st
     assert answer["ok"], answer
     assert set(answer["extracted"].values()) <= {"ok", "left"} and "left" in answer["extracted"].values(), answer
     assert len(list((tmp_path / "env" / "conda-meta").glob("*.json"))) == len(conda)
+
+
+@pytest.mark.skipif(MAMBA is None, reason="no micromamba (not at ../shared/tools/micromamba/bin, MAMBA_EXE or on PATH)")
+def test_every_install_sweeps_what_killed_workers_left_half_unpacked(channel, warm_home, tmp_path):
+    """A worker killed while it unpacked leaves .DIST.partial.HOST.PID.d in the package cache: the next install
+    removes it whatever it unpacks (here with micromamba: no worker at all), and leaves a live one's alone."""
+    from conftest import run_cli
+
+    from lorastrap.core import fsutil
+    extracted = warm_home / "pkgs" / "extracted"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = extracted / f".zlib-1.3.1-h0_0.partial.{fsutil.hostname()}.{gone.pid}.d"
+    live = extracted / f".zlib-1.3.1-h0_0.partial.{fsutil.owner_tag()}.d"  # this test's own process: alive
+    for d in (dead, live):
+        (d / "info").mkdir(parents=True)
+    res = run_cli("install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", channel["url"],
+                  "--pip-index-url", channel["simple"], "--prefix", str(tmp_path / "env"), "--no-verify",
+                  "--engine", "micromamba", env={"MAMBA_EXE": str(MAMBA)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not dead.exists() and live.exists()
