@@ -634,10 +634,10 @@ def test_the_pip_entries_check_looks_at_the_dist_info_folder_then_asks_importlib
 
     assert pfx.mismatches(tmp_path, [entry]) == ["Foo.Bar (pip): not installed at 1.0"]
     dist("foo_bar-1.0.dist-info")
-    assert pfx._dist_info_present(tmp_path, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
+    assert pfx._dist_info_present(sp, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
     shutil.rmtree(sp / "foo_bar-1.0.dist-info")
     dist("Foo.Bar-1.0.dist-info")  # not the normalized name: the quick look misses, importlib.metadata finds it
-    assert not pfx._dist_info_present(tmp_path, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
+    assert not pfx._dist_info_present(sp, "Foo.Bar", "1.0") and pfx.mismatches(tmp_path, [entry]) == []
     shutil.rmtree(sp / "Foo.Bar-1.0.dist-info")
     dist("foo_bar-0.9.dist-info", "0.9")
     assert pfx.mismatches(tmp_path, [entry]) == ["Foo.Bar (pip): not installed at 1.0"]

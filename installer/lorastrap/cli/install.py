@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from lorastrap.cli import base, remembered
@@ -41,10 +40,10 @@ NOOP_FLAGS = ("envs_dir", "profile", "frozen", "channel", "mirror", "pip_index_u
 
 def cmd_install(args) -> int:
     import time
-    t0 = time.perf_counter()
-    base.report_target(args.report)
 
     from lorastrap.machine.render import summary
+    t0 = time.perf_counter()
+    base.report_target(args.report)
     machine = base.machine(args)
     try:
         return _install(args, machine, t0)
@@ -66,8 +65,8 @@ def _install(args, machine, t0: float) -> int:
                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             say(f"{doc['prefix']} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip "
                 f"packages, their files all there): nothing to do")
-            if "lorastrap.install.engines" in sys.modules:  # the engine started ahead in cli.main: not needed
-                sys.modules["lorastrap.install.engines"].discard_ahead(wait=False)
+            from lorastrap.install import engines
+            engines.discard_ahead(wait=False)  # the worker cli.main started ahead: not needed
             return _done(args, doc)
     from lorastrap.install import engines
     engines.start_ahead(args.engine)  # if cli.main did not (--engine rattler where auto would not pick it)

@@ -278,9 +278,6 @@ def python_module(module: str, *args: str, timeout: float, env: dict[str, str] |
     return run([sys.executable, "-m", f"lorastrap.{module}", *args], timeout=timeout, env=env, stdin=stdin)
 
 
-_SENDING = threading.Lock()  # starting a worker's feeder thread: once
-
-
 class Worker:
     """A ``python -m lorastrap.<module>`` started now, that answers one JSON request later (``ask``): its start-up
     (the interpreter, py-rattler's import) overlaps whatever this process does meanwhile.  One that is never asked
@@ -292,6 +289,7 @@ class Worker:
                            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
         self.sent, self._queue, self._feeder, self._closed = False, None, None, False
+        self._sending = threading.Lock()  # the feeder started once; nothing queued after the answered request
 
     def send(self, request: dict) -> bool:
         """A request it carries out before the one ``ask`` sends (one JSON line), from any thread, never waiting:
@@ -300,7 +298,7 @@ class Worker:
         request it answers was sent (or it was let go)."""
         if self.proc.poll() is not None:
             return False
-        with _SENDING:
+        with self._sending:
             if self._closed:
                 return False
             self._start_feeder()
@@ -308,7 +306,7 @@ class Worker:
             self.sent = True
         return True
 
-    def _start_feeder(self) -> None:  # under _SENDING
+    def _start_feeder(self) -> None:  # under self._sending
         if self._feeder is None:
             import queue
             self._queue = queue.SimpleQueue()
@@ -333,7 +331,7 @@ class Worker:
     def _fed(self, last: str | None = None) -> bool:
         """No more requests (LAST, if given, is the final one): the feeder writes what is queued, then closes the
         worker's stdin.  True when a feeder was running (it owns stdin from now on)."""
-        with _SENDING:
+        with self._sending:
             self._closed = True
             if self._feeder is None:
                 return False

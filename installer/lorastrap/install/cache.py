@@ -22,6 +22,7 @@ The bytes come through download.py, imported only when an archive is missing.
 from __future__ import annotations
 
 import hashlib
+import functools
 import os
 import re
 import stat
@@ -164,9 +165,8 @@ class Cache:
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:
-            futures = [pool.submit(self._fetch_inspected, url, sha, fn, on_ready=on_ready, progress=progress,
-                                   narrate=narrate, stop=stop) if inspect else
-                       pool.submit(self.fetch, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
+            job = functools.partial(self._fetch_inspected, on_ready=on_ready) if inspect else self.fetch
+            futures = [pool.submit(job, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
                        for url, sha, fn in items]
             wait(futures, return_when=FIRST_EXCEPTION)  # a failure of any item, not only of the first ones
             failed = [f.exception() for f in futures if f.done() and f.exception() is not None]

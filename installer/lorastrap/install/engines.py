@@ -323,11 +323,11 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     the packages (dist names) the worker unpacked into CACHE_DIR ahead of the link in this run (unpack_ahead)."""
     if engine.kind == "rattler":
         worker = _AHEAD.pop() if _AHEAD else None
-        if worker is not None and worker.proc.poll() is not None:
-            worker.discard()  # its pipes and feeder thread
-        if worker is None or worker.proc.poll() is not None:  # none ahead, or it died meanwhile (unpacking ahead
-            worker = subproc.Worker("locking.rattler_worker",  # is a speed-up only: the link step unpacks all)
-                                    show_progress=sys.stderr.isatty())
+        if worker is not None and worker.proc.poll() is not None:  # it died meanwhile: unpacking ahead is a
+            worker.discard()  # speed-up only (its pipes and feeder end here), a fresh one unpacks what it needs
+            worker = None
+        if worker is None:
+            worker = subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
         answer = worker.ask({"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                              "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
         if not answer.get("ok"):

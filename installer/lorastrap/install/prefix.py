@@ -148,13 +148,12 @@ def user_files(prefix: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 # Compared with a lock
 
-def _dist_info_present(prefix: Path, name: str, version: str) -> bool:
-    """Whether site-packages has NAME's VERSION recorded as the packaging specs name its folder
+def _dist_info_present(sp: Path | None, name: str, version: str) -> bool:
+    """Whether site-packages SP has NAME's VERSION recorded as the packaging specs name its folder
     ("Recording installed projects": {name}-{version}.dist-info, the name normalized as PEP 503 says, then - as _)
     with its METADATA: what pip and uv write.  A quick answer for a pip entry just installed; False sends the
     caller to ``distributions`` (importlib.metadata, ~14 ms of imports), which decides."""
     import re
-    sp = site_packages(prefix)
     stem = re.sub(r"[-_.]+", "-", name).lower().replace("-", "_")
     return sp is not None and (sp / f"{stem}-{version}.dist-info" / "METADATA").is_file()
 
@@ -163,7 +162,8 @@ def mismatches(prefix: Path, entries: list) -> list[str]:
     """What in PREFIX differs from the lock's entries (lock.Entry); empty: the environment is what the lock says."""
     meta = conda_meta(prefix).records
     pip = [e for e in entries if e.manager == "pip"]
-    dists = None if all(_dist_info_present(prefix, e.name, e.version) for e in pip) else distributions(prefix)
+    sp = site_packages(prefix) if pip else None
+    dists = None if all(_dist_info_present(sp, e.name, e.version) for e in pip) else distributions(prefix)
     problems = []
     for e in entries:
         if e.manager == "conda":

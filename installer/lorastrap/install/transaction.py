@@ -251,14 +251,16 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         unpacked_ahead: set[str] = set()  # what the embedded engine's worker unpacks while the downloads go on
 
         def unpack_ahead(path: Path, sha256: str) -> None:  # an archive just checked: its sha256, its containment
-            if eng.kind == "rattler" and engines.unpack_ahead(path, sha256, cache.root / "extracted"):
+            if engines.unpack_ahead(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
+        ahead = eng.kind == "rattler"
         fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
-                                   for e in entries], inspect=True, on_ready=unpack_ahead, narrate=narrate)
+                                   for e in entries], inspect=True, on_ready=unpack_ahead if ahead else None,
+                                  narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
-        for e in conda_entries:  # the ones the cache had already: checked when they came, contained (inspect)
-            if dist_name(archives[e.name].name) not in unpacked_ahead:
+        for e in conda_entries if ahead else []:  # the ones the cache had already: checked when they came,
+            if dist_name(archives[e.name].name) not in unpacked_ahead:  # contained once inspected
                 cache.inspect(archives[e.name])
                 unpack_ahead(archives[e.name], e.sha256)
         result.downloaded_bytes = sum(got for _, got in fetched)

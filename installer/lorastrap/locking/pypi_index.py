@@ -126,11 +126,10 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
     text = raw.decode("utf-8", "replace")
     try:
-        found = _from_json(text, base) if kind == JSON_TYPE else _from_html(text, base)
+        return _from_json(text, base) if kind == JSON_TYPE else _from_html(text, base)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise NetworkError(f"the pip index page {shown(page)} cannot be read", why=str(exc).splitlines()[0],
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
-    return found
 
 
 def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int | None]:
