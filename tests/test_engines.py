@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import MAMBA, ROOT
 
-from lorastrap.install import engines
+from lorastrap.install import ahead, engines
 from lorastrap.locking import lockfile, uvexe
 from lorastrap.install.cache import Cache
 from lorastrap.core.errors import UsageError
@@ -149,27 +149,57 @@ def test_a_worker_started_ahead_leaves_quietly_when_not_needed_and_answers_when_
     assert answer["ok"] is False and answer["error"]  # a failure is an answer too, not a crash
 
 
-def test_start_ahead_only_for_the_embedded_engine(monkeypatch, tmp_path):
+def test_a_worker_is_started_ahead_only_for_the_embedded_engine(monkeypatch, tmp_path):
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path))
     monkeypatch.setenv("PATH", str(tmp_path))  # no micromamba/mamba anywhere
     monkeypatch.delenv("MAMBA_EXE", raising=False)
     try:
-        engines.start_ahead("micromamba")
-        assert not engines._AHEAD
-        engines.start_ahead("auto")
-        assert len(engines._AHEAD) == 1
-        first = engines._AHEAD[0]
-        engines.start_ahead("rattler")  # one at most
-        assert engines._AHEAD == [first]
+        ahead.start("micromamba")
+        assert not ahead.WORKERS
+        ahead.start("auto")
+        assert len(ahead.WORKERS) == 1
+        first = ahead.WORKERS[0]
+        ahead.start("rattler")  # one at most
+        assert ahead.WORKERS == [first]
     finally:
-        engines.discard_ahead()
-    assert not engines._AHEAD and first.proc.returncode == 0
+        ahead.discard()
+    assert not ahead.WORKERS and first.proc.returncode == 0
     mm = tmp_path / "micromamba"
     mm.write_text("#!/bin/sh\necho 1.5.12\n")
     mm.chmod(0o755)
-    engines.start_ahead("auto")  # a micromamba on PATH: auto will most likely use it
-    assert not engines._AHEAD
+    ahead.start("auto")  # a micromamba on PATH: auto will most likely use it
+    assert not ahead.WORKERS
 
+
+
+def test_the_worker_is_started_first_of_all_on_a_guess_from_the_command_line(monkeypatch, tmp_path):
+    """lorastrap/__main__.py starts the embedded engine's worker before the command line is parsed: from its
+    --engine flag when it names one, else as auto would choose.  A guess that fails (a LORASTRAP_HOME lorastrap
+    cannot use) starts nothing and says nothing, the install meets that error itself; a bug is not swallowed."""
+    monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path))
+    mm = tmp_path / "bin" / "micromamba"
+    mm.parent.mkdir()
+    mm.write_text("#!/bin/sh\necho 1.5.12\n")
+    mm.chmod(0o755)
+    monkeypatch.setenv("PATH", str(mm.parent))
+    monkeypatch.delenv("MAMBA_EXE", raising=False)
+    monkeypatch.delenv("LORASTRAP_ENGINE", raising=False)
+    try:
+        ahead.start_guessing(["--prefix", "x"])  # auto with a micromamba on PATH: not the embedded engine
+        ahead.start_guessing(["--engine=micromamba", "--prefix", "x"])
+        ahead.start_guessing(["--engine", "no-such-engine"])  # not a choice: auto's guess
+        assert not ahead.WORKERS
+        ahead.start_guessing(["--prefix", "x", "--engine", "rattler"])
+        assert len(ahead.WORKERS) == 1
+    finally:
+        ahead.discard()
+    monkeypatch.setenv("LORASTRAP_HOME", "relative/home")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    ahead.start_guessing([])
+    assert not ahead.WORKERS
+    monkeypatch.setattr(ahead, "candidates", lambda choice: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ahead.start_guessing([])
 
 def _tree(root):
     """{path: (bytes, mode)} of every file and link under ROOT (a link: its target)."""
@@ -269,23 +299,22 @@ def test_a_worker_sent_work_for_an_install_that_ends_without_linking_is_stopped_
 
 def test_a_worker_let_go_unwaited_does_not_go_on_unpacking_into_the_cache(warm_home, tmp_path):
     """An install that fails after some archives were handed over (a later download fails, Ctrl-C) lets the worker
-    go with discard_ahead(wait=False).  Once that has returned, the worker must not write into the package cache
+    go with ahead.discard(wait=False).  Once that has returned, the worker must not write into the package cache
     any more: a library caller may remove or reuse LORASTRAP_HOME right after cli.main returned."""
     from lorastrap.core import subproc
-    from lorastrap.install.cache import dist_name
     conda, archives, _ = _handed_over(warm_home, tmp_path)
     cache_dir = tmp_path / "cache"
-    engines._AHEAD.append(subproc.Worker("locking.rattler_worker"))
+    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
     try:
         for e in conda:
-            assert engines.unpack_ahead(archives[e.name], e.sha256, cache_dir)
-        engines.discard_ahead(wait=False)  # what cli/install.py does when the install fails
+            assert ahead.unpack(archives[e.name], e.sha256, cache_dir)
+        ahead.discard(wait=False)  # what cli/install.py does when the install fails
         at_return = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
         time.sleep(3)
         later = set(os.listdir(cache_dir)) if cache_dir.exists() else set()
         assert later == at_return, f"{len(later - at_return)} entries written after the worker was let go"
     finally:
-        engines._AHEAD.clear()
+        ahead.WORKERS.clear()
 
 
 def test_sending_work_never_waits_on_a_busy_worker_and_keeps_the_order(tmp_path):
@@ -324,12 +353,12 @@ def test_a_worker_started_ahead_that_died_is_replaced_at_the_link_step(warm_home
     dead = subproc.Worker("locking.rattler_worker")
     os.killpg(dead.proc.pid, signal.SIGKILL)
     dead.proc.wait()
-    engines._AHEAD.append(dead)
+    ahead.WORKERS.append(dead)
     try:
         fresh = engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=lock, platform="linux-64",
                              cache_dir=tmp_path / "cache")
     finally:
-        engines._AHEAD.clear()
+        ahead.WORKERS.clear()
     assert fresh == frozenset() and (tmp_path / "env" / "conda-meta").is_dir()
 
 

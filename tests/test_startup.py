@@ -158,6 +158,20 @@ def test_install_path_without_pydantic_on_a_warm_matrix(tmp_path):
     assert runs[1] == {"profile": "cuda12", "yaml": False, "pydantic": []}, runs
 
 
+# What `lorastrap install` imports before it starts the embedded engine's worker (lorastrap/__main__.py): each
+# millisecond of it is one the worker starts later.  Not the records (dataclasses and typing: ~10 ms), nor the errors
+# module, nor any room the install uses after that.
+AHEAD_NEVER = ("dataclasses", "typing", "inspect", "argparse", "yaml", "email", "lorastrap.core.errors",
+               "lorastrap.core.plain", "lorastrap.cli", "lorastrap.machine", "lorastrap.matrix", "lorastrap.locking",
+               "lorastrap.install.engines", "lorastrap.install.cache")
+
+
+def test_the_worker_started_ahead_waits_for_no_heavy_import():
+    _, names = imports(["-c", "import lorastrap.install.ahead"])
+    assert "lorastrap.core.subproc" in names  # the measure saw it
+    assert not _heavy(names, AHEAD_NEVER), _heavy(names, AHEAD_NEVER)
+
+
 # What a real install of a new environment must not import in lorastrap's own process, measured while it runs (the
 # budget above covers the modules' top-level imports only; these came in through functions): yaml (the engine's
 # lock is JSON), importlib.metadata with email and socket (py-rattler's release, the pip entries' check, the
@@ -178,4 +192,6 @@ def test_a_warm_install_imports_none_of_the_heavy_modules_while_it_runs(channel,
     assert res.returncode == 0 and json.loads(res.stdout)["changed"], res.stderr[-2000:]
     names = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")}
     assert "lorastrap.install.transaction" in names  # the measure saw the install's own imports
+    order = [line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
+    assert order.index("lorastrap.install.ahead") < order.index("lorastrap.cli")  # the worker was started first
     assert not _heavy(names, RUNTIME_NEVER), _heavy(names, RUNTIME_NEVER)

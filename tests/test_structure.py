@@ -21,6 +21,9 @@ ALLOWED = {
     "core": set(),
 }
 TOP = {"__init__", "__main__"}  # the package's face: its version, and `python -m lorastrap`
+# `python -m lorastrap install` starts the embedded engine's worker before the CLI's modules are imported: the one
+# module the face imports besides the CLI (install/ahead.py, which imports only the light part of core).
+FACE_ALSO = {"install.ahead"}
 
 
 def modules() -> dict[str, ast.Module]:
@@ -80,7 +83,8 @@ def test_rooms_import_only_the_rooms_below_them():
             allowed = {"cli"} if name == "lorastrap.__main__" else set()
         else:
             allowed = ALLOWED[room_of(name)] | {room_of(name)}
-        offences += [f"{name} imports {used}" for used in sorted(imports(tree)[1]) if room_of(used) not in allowed]
+        offences += [f"{name} imports {used}" for used in sorted(imports(tree)[1])
+                     if room_of(used) not in allowed and not (name == "lorastrap.__main__" and used in FACE_ALSO)]
     assert not offences
 
 

@@ -281,6 +281,36 @@ def test_damaged_copies_in_several_packages_are_all_removed_and_named_in_order(t
     assert c.check_extracted(archives, full=False, extracted=extracted) == []  # stamped: the quick check passes
     assert c.check_extracted(archives, full=True, extracted=extracted) == []
 
+
+def test_the_quick_check_takes_a_moved_link_count_for_a_link_and_a_moved_ctime_alone_for_an_edit(tmp_path, monkeypatch):
+    """Every environment made or removed moves the link count and the ctime of each file it links: the quick check
+    lets a copy pass when its files kept size, mtime and inode and only their link counts (with their ctimes)
+    moved, so removing an environment does not have every copy hashed again.  A ctime that moved while the link
+    count did not is an edit (or a link made and dropped since): that copy is hashed whole."""
+    from lorastrap.install import cache
+    c, archives, extracted = _copies(tmp_path, 3)
+    assert c.check_extracted(archives, full=True, extracted=extracted) == []  # stamped
+    hashed = []
+    real = cache.sha256_file
+    monkeypatch.setattr(cache, "sha256_file", lambda path: hashed.append(path) or real(path))
+    files = [f for f in extracted.glob("p0*/lib/f*")]
+    env = tmp_path / "env"
+    env.mkdir()
+    time.sleep(0.01)
+    for i, f in enumerate(files):  # an environment made: every file one link more
+        os.link(f, env / f"{i}")
+    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []
+    shutil.rmtree(env)  # ... and removed again: the link counts back to the stamp's, the ctimes moved twice
+    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and len(hashed) == len(files)
+    hashed.clear()
+    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []  # stamped again
+    victim = extracted / "p01-1.0-0" / "lib" / "f2"
+    st = victim.stat()
+    with open(victim, "r+b") as f:  # the same size, in place; the mtime put back: only the ctime moved
+        f.write(b"X")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert c.check_extracted(archives, full=False, extracted=extracted) == ["p01-1.0-0"]
+
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency
 

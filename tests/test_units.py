@@ -641,3 +641,73 @@ def test_the_pip_entries_check_looks_at_the_dist_info_folder_then_asks_importlib
     shutil.rmtree(sp / "Foo.Bar-1.0.dist-info")
     dist("foo_bar-0.9.dist-info", "0.9")
     assert pfx.mismatches(tmp_path, [entry]) == ["Foo.Bar (pip): not installed at 1.0"]
+
+
+def test_plain_records_behave_as_the_dataclasses_they_replace():
+    """core/plain.py's record and frozen_record write __init__, __repr__, __eq__ and __hash__ once, in Plain, not per
+    class as dataclass does (a start-up cost): the same classes made with Python's own dataclass are the oracle."""
+    import copy
+    import dataclasses
+
+    from lorastrap.core import plain
+
+    def both(frozen: bool):
+        made = []
+        for deco in ((plain.frozen_record if frozen else plain.record),
+                     dataclasses.dataclass(kw_only=True, frozen=frozen)):
+            class Inner(plain.Plain):
+                x: int = 0
+            Inner = deco(Inner)
+
+            class Rec(plain.Plain):
+                name: str
+                tags: list = plain.Field(default_factory=list)
+                inner: Inner | None = None
+                size: int = plain.Field(7, description="a described default")
+                hidden: int = dataclasses.field(default=0, repr=False, compare=False)
+            Rec.__annotations__["inner"] = Inner | None  # resolved here: the class is local
+            made.append((deco(Rec), Inner))
+        return made
+
+    for frozen in (False, True):
+        (ours, our_inner), (theirs, their_inner) = both(frozen)
+        for kw in ({"name": "a"}, {"name": "a", "tags": [1], "size": 3, "hidden": 9},
+                   {"name": "b", "inner": {"x": 2}}):
+            a, b = ours(**kw), theirs(**kw)
+            assert repr(a).replace("Rec(", "").replace("Inner(", "") == \
+                repr(b).replace("Rec(", "").replace("Inner(", "")
+            assert a.model_dump() == b.model_dump() == dataclasses.asdict(a)
+            assert a == ours(**kw) and (a != ours(**{**kw, "name": "z"}))
+            assert a == ours(**{**kw, "hidden": 123})  # compare=False, as the dataclass has it
+            assert (a == b) is False  # another class: never equal (NotImplemented both ways)
+            assert copy.copy(a) == a and copy.deepcopy(a) == a and copy.deepcopy(a) is not a
+            assert dataclasses.replace(a, size=1).size == 1 and dataclasses.replace(a, size=1).name == a.name
+        assert ours(name="a").tags is not ours(name="a").tags  # each its own default list
+        for make in (ours, theirs):
+            with pytest.raises(TypeError):
+                make("a")  # keyword arguments only
+        with pytest.raises(TypeError, match="unexpected keyword argument 'nope'"):
+            ours(name="a", nope=1)
+        with pytest.raises(TypeError, match="missing 1 required keyword-only argument: 'name'"):
+            ours(tags=[])
+        a = ours(name="a", tags=(), inner=our_inner(x=1))
+        if frozen:
+            assert hash(a) == hash(ours(name="a", tags=(), inner=our_inner(x=1), hidden=5))  # by the compared values
+            assert hash(ours(name="a", tags=(1,))) == hash(theirs(name="a", tags=(1,)))  # the same tuple hashed
+            for make in (ours, theirs):
+                with pytest.raises(TypeError):
+                    hash(make(name="a", tags=[1]))  # a list inside: unhashable, as the dataclass's
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                a.name = "b"
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                del a.name
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                theirs(name="a").name = "b"
+        else:
+            a.name = "b"
+            assert a.name == "b"
+            with pytest.raises(TypeError):
+                hash(a)  # unhashable, as a dataclass with eq and without frozen
+            with pytest.raises(TypeError):
+                hash(theirs(name="a"))
+        assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(theirs)]

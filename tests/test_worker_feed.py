@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from lorastrap.install import engines
+from lorastrap.install import ahead, engines
 
 
 def _feeders():
@@ -81,12 +81,12 @@ def test_a_dead_worker_replaced_at_the_link_step_leaves_no_thread_or_pipe(warm_h
     time.sleep(0.5)  # the line is written; the feeder waits for the next one
     os.killpg(dead.proc.pid, signal.SIGKILL)
     dead.proc.wait()
-    engines._AHEAD.append(dead)
+    ahead.WORKERS.append(dead)
     try:
         engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=lock, platform="linux-64",
                      cache_dir=tmp_path / "cache")
     finally:
-        engines._AHEAD.clear()
+        ahead.WORKERS.clear()
     time.sleep(0.5)
     assert len(_feeders()) == before_threads, "the dead worker's feeder thread is still waiting for lines"
     assert _closed(dead), "the dead worker's pipes are still open"

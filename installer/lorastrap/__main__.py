@@ -6,6 +6,9 @@ import sys
 
 def main() -> None:
     try:
+        if sys.argv[1:2] == ["install"]:  # first of all: the embedded engine's worker (install/ahead.py)
+            from lorastrap.install import ahead
+            ahead.start_guessing(sys.argv[2:])
         from lorastrap.cli import run
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

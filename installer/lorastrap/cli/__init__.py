@@ -65,12 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--version"]:  # answered before any parser is built
         print(f"lorastrap {__version__}")
         return errors.OK
-    if argv[:1] == ["install"]:  # before the parser is built and the machine detected: the embedded engine's worker
-        from lorastrap.install import engines  # (an interpreter, asyncio, py-rattler: ~60 ms) is what a new
-        try:  # environment's install waits for longest; one not needed is let go unwaited
-            engines.start_ahead(None)
-        except (LorastrapError, OSError):  # a guess only: the install itself meets the same error and says it
-            pass
     p, commands = parser(argv)
     try:
         args = p.parse_args(argv)

@@ -65,15 +65,15 @@ def _install(args, machine, t0: float) -> int:
                        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             say(f"{doc['prefix']} already matches the lock ({doc['packages']} conda + {doc['pip_packages']} pip "
                 f"packages, their files all there): nothing to do")
-            from lorastrap.install import engines
-            engines.discard_ahead(wait=False)  # the worker cli.main started ahead: not needed
+            from lorastrap.install import ahead
+            ahead.discard(wait=False)  # the worker started ahead (lorastrap/__main__.py): not needed
             return _done(args, doc)
-    from lorastrap.install import engines
-    engines.start_ahead(args.engine)  # if cli.main did not (--engine rattler where auto would not pick it)
+    from lorastrap.install import ahead
+    ahead.start(args.engine)  # if none was started ahead (run in-process; a flag the guess did not read)
     try:
         return _provision(args, machine, inputs)
     finally:
-        engines.discard_ahead(wait=False)
+        ahead.discard(wait=False)
 
 
 def _provision(args, machine, inputs) -> int:

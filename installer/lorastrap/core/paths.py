@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lorastrap.core.errors import UsageError
 
 _PACKAGE = Path(__file__).resolve().parent.parent  # core/ → the lorastrap package
 _CHECKOUT = _PACKAGE.parent.parent  # installer/lorastrap/ → the repository root
@@ -32,6 +31,7 @@ DEPLOY = _DATA / "deploy"  # the fleet tools: ansible/fleet_report.py, slurm/lor
 
 def _folder(variable: str, value: str, fix: str) -> Path:
     """A folder named by an environment variable: absolute, and not something else (a file)."""
+    from lorastrap.core.errors import UsageError  # here: install/ahead.py imports this module before the rest
     path = Path(value).expanduser()
     if not path.is_absolute():
         raise UsageError(f"{variable}={value!r} is not an absolute path",
@@ -59,6 +59,7 @@ def data_dir() -> Path:
                        "Set XDG_DATA_HOME to an absolute folder, unset it, or set LORASTRAP_HOME.") / "lorastrap"
     home = os.environ.get("HOME", "")
     if not home or not Path(home).is_absolute():
+        from lorastrap.core.errors import UsageError
         raise UsageError(f"HOME={home!r} is not a home folder", why="the default data dir is $HOME/.local/share/"
                          "lorastrap, and without a home it would land at the filesystem's root",
                          fix="Set HOME, or set LORASTRAP_HOME to an absolute folder.")

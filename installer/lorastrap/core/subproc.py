@@ -17,23 +17,27 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core import fsutil
 
 
-@dataclass
 class Result:
-    argv: list[str]
-    returncode: int | None  # None when it timed out
-    stdout: str
-    stderr: str
-    timed_out: bool = False
+    """What a child did: its argv, exit code (None when it timed out) and output.  (A plain class, not a dataclass:
+    this module is imported before the worker started ahead, and the dataclasses module costs ~7 ms.)"""
+
+    __slots__ = ("argv", "returncode", "stdout", "stderr", "timed_out")
+
+    def __init__(self, argv: list[str], returncode: int | None, stdout: str, stderr: str, timed_out: bool = False):
+        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
+        self.timed_out = timed_out
+
+    def __repr__(self) -> str:
+        return (f"Result(argv={self.argv!r}, returncode={self.returncode!r}, stdout={self.stdout!r}, "
+                f"stderr={self.stderr!r}, timed_out={self.timed_out!r})")
 
     @property
     def ok(self) -> bool:
@@ -345,6 +349,7 @@ class Worker:
 
         The answer file, not the exit code, is the outcome (py-rattler may crash at shutdown after succeeding).
         No answer at all means the worker died before finishing."""
+        import tempfile
         with tempfile.TemporaryDirectory(prefix="lorastrap-worker-") as tmp:
             result = Path(tmp) / "result.json"
             request = {**request, "result": str(result), "show_progress": self.show_progress}

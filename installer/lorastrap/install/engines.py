@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.core import fsutil, locks, paths, subproc
+from lorastrap.core import locks, paths, subproc
+from lorastrap.install import ahead
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
 
 ENGINE_TIMEOUT_S = 3600
@@ -137,22 +138,6 @@ def read_version(exe: str) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # Finding one
 
-def _candidates(choice: str) -> list[tuple[str, str, str]]:
-    """(kind, path, where found) in the order they are tried."""
-    found: list[tuple[str, str, str]] = []
-    if os.environ.get("MAMBA_EXE"):
-        exe = os.environ["MAMBA_EXE"]
-        found.append(("mamba" if Path(exe).name.startswith("mamba") else "micromamba", exe, "MAMBA_EXE"))
-    for kind in (["micromamba", "mamba"] if choice == "auto" else [choice]):
-        on_path = fsutil.on_path(kind)
-        if on_path:
-            found.append((kind, on_path, "PATH"))
-        bundled = paths.data_dir() / "bin" / kind  # the copy setup.sh fetched
-        if bundled.exists():
-            found.append((kind, str(bundled), "the data dir"))
-    return [c for c in found if choice == "auto" or c[0] == choice]
-
-
 CHOICES = ("auto", "micromamba", "mamba", "rattler")
 
 
@@ -174,9 +159,10 @@ def find(choice: str | None = None, *, narrate=lambda m: None, envs_dir: Path | 
                                                               "cannot be executed"),
                          fix="Point MAMBA_EXE at a micromamba/mamba executable, or unset it (lorastrap then "
                              "uses one on PATH or its embedded engine).")
-    known = facts(envs_dir)
+    found = ahead.candidates(choice)
+    known = facts(envs_dir) if found else None  # envs/engines.yaml judges what was found (none: not read at all)
     reasons = []
-    for kind, exe, where in _candidates(choice):
+    for kind, exe, where in found:
         if not (Path(exe).is_file() and os.access(exe, os.X_OK)):
             reasons.append(f"{exe} ({where}) is not an executable file")
             continue
@@ -273,61 +259,12 @@ def mamba_command(engine: Engine, prefix: Path, lock_file: Path, root: Path) -> 
     return argv, _isolated_env(root)
 
 
-_AHEAD: list[subproc.Worker] = []  # the embedded engine's worker, started ahead of its request (start_ahead)
-
-
-def start_ahead(choice: str | None) -> None:
-    """Start the embedded engine's worker now when it will most likely link (--engine rattler, or auto with no
-    micromamba/mamba anywhere it is looked for), so its start-up overlaps the install's preparation; ``link`` takes
-    it, ``discard_ahead`` ends it when the install ends without linking."""
-    choice = choice or os.environ.get("LORASTRAP_ENGINE") or "auto"
-    if _AHEAD or not (choice == "rattler" or (choice == "auto" and not _candidates("auto"))):
-        return
-    _AHEAD.append(subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty()))
-
-
-# The worker unpacks one archive at a time (py-rattler 0.28's extract holds the GIL: 2 or 4 threads unpacked the
-# large set's 39 archives no faster than 1), while the link step unpacks several at once.  Big archives, which
-# also arrive last, are left to the link step: handed over ahead, two of 320 MiB made a cold install over a
-# 40 MiB/s link 0.8 s slower (the worker's 1.6 s against rattler's 0.9 s); the large set's many small ones over
-# 5 MiB/s came 0.3-0.5 s sooner (link step 0.24 s instead of 0.73-0.95 s).
-UNPACK_AHEAD_MAX = 64 * 2**20
-
-
-def unpack_ahead(archive: Path, sha256: str, cache_dir: Path) -> bool:
-    """Give a checked archive to the embedded engine's worker started ahead, to unpack into its package cache
-    (CACHE_DIR) while the other downloads go on — as the engines themselves do, instead of every archive being
-    unpacked only at the link step.  True when handed over; False when no worker was started ahead, the cache
-    has a copy already (check_extracted looks at that one), or the archive is big (UNPACK_AHEAD_MAX)."""
-    from lorastrap.install.cache import dist_name
-    dist = dist_name(archive.name)
-    if not _AHEAD or os.path.lexists(cache_dir / dist) or os.path.lexists(cache_dir / f"{dist}.lock"):
-        return False
-    try:
-        if archive.stat().st_size > UNPACK_AHEAD_MAX:
-            return False
-    except OSError:
-        return False
-    return _AHEAD[0].send({"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256,
-                           "cache_dir": str(cache_dir)})
-
-
-def discard_ahead(*, wait: bool = True) -> None:
-    while _AHEAD:
-        _AHEAD.pop().discard(wait=wait)
-
-
 def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_dir: Path,
          narrate=lambda m: None) -> frozenset:
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure.  Returns
-    the packages (dist names) the worker unpacked into CACHE_DIR ahead of the link in this run (unpack_ahead)."""
+    the packages (dist names) the worker unpacked into CACHE_DIR ahead of the link in this run (ahead.unpack)."""
     if engine.kind == "rattler":
-        worker = _AHEAD.pop() if _AHEAD else None
-        if worker is not None and worker.proc.poll() is not None:  # it died meanwhile: unpacking ahead is a
-            worker.discard()  # speed-up only (its pipes and feeder end here), a fresh one unpacks what it needs
-            worker = None
-        if worker is None:
-            worker = subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
+        worker = ahead.take() or subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
         answer = worker.ask({"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                              "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
         if not answer.get("ok"):

@@ -38,7 +38,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lorastrap.install import archive, engines, generations, prefix as pfx, txn, verify
+from lorastrap.install import ahead, archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, signals, subproc
 from lorastrap.locking import channels as chans, choose, lockfile
 from lorastrap.install.cache import Cache, dist_name, redirect_hosts_from
@@ -251,16 +251,16 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         unpacked_ahead: set[str] = set()  # what the embedded engine's worker unpacks while the downloads go on
 
         def unpack_ahead(path: Path, sha256: str) -> None:  # an archive just checked: its sha256, its containment
-            if engines.unpack_ahead(path, sha256, cache.root / "extracted"):
+            if ahead.unpack(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
-        ahead = eng.kind == "rattler"
+        worker_unpacks = eng.kind == "rattler"
         fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
-                                   for e in entries], inspect=True, on_ready=unpack_ahead if ahead else None,
-                                  narrate=narrate)
+                                   for e in entries], inspect=True,
+                                  on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
-        for e in conda_entries if ahead else []:  # the ones the cache had already: checked when they came,
-            if dist_name(archives[e.name].name) not in unpacked_ahead:  # contained once inspected
+        for e in conda_entries if worker_unpacks else []:  # the ones the cache had already: checked when they
+            if dist_name(archives[e.name].name) not in unpacked_ahead:  # came, contained once inspected
                 cache.inspect(archives[e.name])
                 unpack_ahead(archives[e.name], e.sha256)
         result.downloaded_bytes = sum(got for _, got in fetched)
@@ -314,8 +314,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        carry_from=backup if carry_over and had_old else None,
                        carry_over=carry_over, timings=timings, narrate=narrate,
                        # The copies the engine just linked from were checked above (or unpacked in this run from
-                       # the checked archives); the new links changed only their ctimes, so record those (the next
-                       # quick check then hashes only what changed since).
+                       # the checked archives); the new links moved their link counts and ctimes: record those, so
+                       # that the next quick check takes a ctime moved without a link count for an edit.
                        after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh))
                 journal("verifying")
                 if run_verify:
