@@ -19,17 +19,22 @@ import json
 import posixpath
 import re
 import struct
-import tarfile
-import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import zstandard
+if TYPE_CHECKING:  # read where they are used: a warm install reads no archive (zstandard alone ~3 ms to import)
+    import tarfile
+    import zipfile
 
 from lorastrap.core.errors import IntegrityError, UnsafePackageError
 
 
 def paths_json(archive: Path) -> dict:
     """The archive's info/paths.json (``{"paths": [...], "paths_version": 1}``)."""
+    import tarfile
+    import zipfile
+
+    import zstandard
     try:
         if archive.name.endswith(".conda"):
             with zipfile.ZipFile(archive) as z:
@@ -155,6 +160,7 @@ class _Forward:
 def _member_stream(z: zipfile.ZipFile, f, info: zipfile.ZipInfo):
     """A reader of a .conda's inner member: straight from the file when it is stored (its data after the local
     header), else zipfile's own."""
+    import zipfile
     if info.flag_bits & 0x1:  # zipfile: a RuntimeError (a password is needed), not an archive error
         raise zipfile.BadZipFile(f"{info.filename} is encrypted")
     if info.compress_type != zipfile.ZIP_STORED:
@@ -175,6 +181,10 @@ def _member_stream(z: zipfile.ZipFile, f, info: zipfile.ZipInfo):
 def _members(archive: Path):
     """(tar, member) for every tar member of the archive (both inner tars of a .conda), streamed: nothing is
     unpacked."""
+    import tarfile
+    import zipfile
+
+    import zstandard
     if archive.name.endswith(".conda"):
         with open(archive, "rb") as f, zipfile.ZipFile(f) as z:
             for info in z.infolist():
@@ -203,6 +213,10 @@ def inspect(archive: Path) -> dict:
     """The containment check (see the module's docstring).  Returns {"unpacked_bytes", "link_scripts",
     "softlinks", "paths", "placeholder" (the shortest binary prefix placeholder, or None), "entries" (its
     info/paths.json entries)}; raises UnsafePackageError for a package that would write outside the prefix."""
+    import tarfile
+    import zipfile
+
+    import zstandard
     links: dict[str, str] = {}
     names: list[str] = []
     size = 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from lorastrap.locking import lockfile
 def tar_manifest(tar: Path) -> bytes:
     """The manifest.json inside a bundle .tar (read from the tar's index, nothing unpacked): the bundle's identity,
     since it lists the sha256 of every file."""
+    import tarfile  # here: an install not from a bundle reads no tar (~1.5 ms to import)
     try:
         with tarfile.open(tar) as t:
             for member in t:
@@ -72,6 +72,7 @@ def open_bundle(path: Path, narrate=lambda m: None) -> Path:
 
 
 def _unpack(tar: Path, dest: Path, want: bytes, narrate) -> None:
+    import tarfile
     narrate(f"unpacking {tar}" + (f" (replacing {dest}: another build of the bundle, or a damaged copy)"
                                   if dest.exists() else ""))
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=tar.parent))
