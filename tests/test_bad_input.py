@@ -83,6 +83,8 @@ CASES = [
     ("pkgs-dir-relative", I + ["--prefix", "{T}/p3"], {"LORASTRAP_PKGS_DIR": "pkgs"}, errors.USAGE),
     ("HOME-empty", I, {"LORASTRAP_HOME": None, "XDG_DATA_HOME": None, "HOME": ""}, errors.USAGE),
     ("xdg-relative", I, {"LORASTRAP_HOME": None, "XDG_DATA_HOME": "data"}, errors.USAGE),
+    ("xdg-no-such-user", I, {"LORASTRAP_HOME": None, "XDG_DATA_HOME": "~no-such-user-here/data"}, errors.USAGE),
+    ("home-no-such-user", I + ["--engine", "rattler"], {"LORASTRAP_HOME": "~no-such-user-here/ls"}, errors.USAGE),
     ("report-missing-folder", I + ["--prefix", "{T}/p4", "--report", "{T}/missing/r.json"], {}, errors.USAGE),
     ("report-is-a-folder", I + ["--prefix", "{T}/p5", "--report", "{T}/notenv"], {}, errors.USAGE),
     ("verify-report-missing-folder", ["verify", "--prefix", "{T}/env", "--report", "{T}/missing/r.json"], {},

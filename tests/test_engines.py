@@ -175,7 +175,7 @@ def test_a_worker_is_started_ahead_only_for_the_embedded_engine(monkeypatch, tmp
 def test_the_worker_is_started_first_of_all_on_a_guess_from_the_command_line(monkeypatch, tmp_path):
     """lorastrap/__main__.py starts the embedded engine's worker before the command line is parsed: from its
     --engine flag when it names one, else as auto would choose.  A guess that fails (a LORASTRAP_HOME lorastrap
-    cannot use) starts nothing and says nothing, the install meets that error itself; a bug is not swallowed."""
+    cannot use, or anything else) starts nothing and says nothing: the install meets that error itself."""
     monkeypatch.setenv("LORASTRAP_HOME", str(tmp_path))
     mm = tmp_path / "bin" / "micromamba"
     mm.parent.mkdir()
@@ -198,8 +198,8 @@ def test_the_worker_is_started_first_of_all_on_a_guess_from_the_command_line(mon
     ahead.start_guessing([])
     assert not ahead.WORKERS
     monkeypatch.setattr(ahead, "candidates", lambda choice: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        ahead.start_guessing([])
+    ahead.start_guessing([])  # whatever it was, the install meets it again and explains it
+    assert not ahead.WORKERS
 
 def _tree(root):
     """{path: (bytes, mode)} of every file and link under ROOT (a link: its target)."""

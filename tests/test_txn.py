@@ -285,8 +285,8 @@ def test_damaged_copies_in_several_packages_are_all_removed_and_named_in_order(t
 def test_the_quick_check_takes_a_moved_link_count_for_a_link_and_a_moved_ctime_alone_for_an_edit(tmp_path, monkeypatch):
     """Every environment made or removed moves the link count and the ctime of each file it links: the quick check
     lets a copy pass when its files kept size, mtime and inode and only their link counts (with their ctimes)
-    moved, so removing an environment does not have every copy hashed again.  A ctime that moved while the link
-    count did not is an edit (or a link made and dropped since): that copy is hashed whole."""
+    moved, and stamps it anew, so removing an environment does not have every copy hashed again.  A ctime that
+    moved while the link count did not is an edit: that copy is hashed whole, and removed when it differs."""
     from lorastrap.install import cache
     c, archives, extracted = _copies(tmp_path, 3)
     assert c.check_extracted(archives, full=True, extracted=extracted) == []  # stamped
@@ -300,16 +300,37 @@ def test_the_quick_check_takes_a_moved_link_count_for_a_link_and_a_moved_ctime_a
     for i, f in enumerate(files):  # an environment made: every file one link more
         os.link(f, env / f"{i}")
     assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []
-    shutil.rmtree(env)  # ... and removed again: the link counts back to the stamp's, the ctimes moved twice
-    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and len(hashed) == len(files)
-    hashed.clear()
-    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []  # stamped again
+    shutil.rmtree(env)  # ... and removed
+    assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []
     victim = extracted / "p01-1.0-0" / "lib" / "f2"
     st = victim.stat()
     with open(victim, "r+b") as f:  # the same size, in place; the mtime put back: only the ctime moved
         f.write(b"X")
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert c.check_extracted(archives, full=False, extracted=extracted) == ["p01-1.0-0"]
+    assert c.check_extracted(archives, full=False, extracted=extracted) == ["p01-1.0-0"] and hashed
+
+
+def test_a_stamp_that_cannot_be_one_makes_the_check_a_full_one(tmp_path, monkeypatch):
+    from lorastrap.install import cache
+    c, archives, extracted = _copies(tmp_path, 2)
+    assert c.check_extracted(archives, full=True, extracted=extracted) == []
+    monkeypatch.setattr(cache, "STAMP_MOST", 1 << 16)
+    bad = {"p00-1.0-0": "[" * 100_000, "p01-1.0-0": '{"a": "' + "x" * (1 << 17) + '"}'}  # too deep; too large
+    for name, text in bad.items():
+        (extracted / name / cache.STAMP).write_text(text)
+    assert c.check_extracted(archives, full=False, extracted=extracted) == []  # hashed whole, and stamped
+    assert all(json.loads((extracted / name / cache.STAMP).read_text()) for name in bad)
+    fifo = extracted / "p00-1.0-0" / cache.STAMP
+    fifo.unlink()
+    os.mkfifo(fifo)  # a read would block for ever
+    import threading
+    done = []
+    t = threading.Thread(target=lambda: done.append(c.check_extracted(archives, full=False, extracted=extracted)),
+                         daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [[]], "the check blocked on a stamp that is a FIFO"
+
 
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency

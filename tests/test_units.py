@@ -711,3 +711,49 @@ def test_plain_records_behave_as_the_dataclasses_they_replace():
             with pytest.raises(TypeError):
                 hash(theirs(name="a"))
         assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(theirs)]
+
+
+def test_plain_records_keep_what_dataclass_does_with_the_rarer_fields():
+    """Fields out of __init__ or out of the hash, a record holding itself, inheritance between frozen and not: as
+    dataclass has them (the oracle); what a plain record cannot do (an InitVar) is refused when the class is made."""
+    import dataclasses
+
+    from lorastrap.core import plain
+
+    for frozen, deco in ((False, plain.record), (True, plain.frozen_record)):
+        made = []
+        for d in (deco, dataclasses.dataclass(kw_only=True, frozen=frozen)):
+            class A(plain.Plain):
+                x: int = 0
+                seen: list = dataclasses.field(init=False, default_factory=list, hash=False)
+                tag: str = dataclasses.field(init=False, default="t")
+                loose: tuple = dataclasses.field(default=(), hash=False)
+                counted: int = dataclasses.field(default=5, compare=False, hash=True)
+            made.append(d(A))
+        ours, theirs = made
+        a, b = ours(x=1, loose=(1,)), theirs(x=1, loose=(1,))
+        assert (a.seen, a.tag) == (b.seen, b.tag) == ([], "t") and a.seen is not ours(x=1).seen
+        assert dataclasses.asdict(a) == dataclasses.asdict(b)
+        if frozen:
+            assert hash(a) == hash(b) == hash((1, "t", 5))  # x, tag, counted: seen and loose compared, not hashed
+            assert hash(ours(x=1, loose=([],))) == hash(a)  # a list where the hash does not look
+    with pytest.raises(TypeError, match="frozen"):
+        @plain.record
+        class Child(ours):  # ours is frozen here: dataclass refuses the same
+            c: int = 0
+
+    @plain.record
+    class Loop(plain.Plain):
+        x: object = None
+    loop = Loop()
+    loop.x = loop
+    assert repr(loop).endswith("Loop(x=...)")
+    with pytest.raises(TypeError, match="InitVar"):
+        @plain.record
+        class WithInitVar(plain.Plain):
+            z: dataclasses.InitVar[int] = 0
+    with pytest.raises(TypeError, match="__eq__"):
+        @plain.record
+        class OwnEq(plain.Plain):
+            def __eq__(self, other):
+                return True

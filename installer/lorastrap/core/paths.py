@@ -32,7 +32,10 @@ DEPLOY = _DATA / "deploy"  # the fleet tools: ansible/fleet_report.py, slurm/lor
 def _folder(variable: str, value: str, fix: str) -> Path:
     """A folder named by an environment variable: absolute, and not something else (a file)."""
     from lorastrap.core.errors import UsageError  # here: install/ahead.py imports this module before the rest
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as exc:  # ~nosuchuser/...: no such user's home
+        raise UsageError(f"{variable}={value!r} names no home folder", why=str(exc), fix=fix) from None
     if not path.is_absolute():
         raise UsageError(f"{variable}={value!r} is not an absolute path",
                          why="a relative path would point somewhere else from every folder lorastrap is run in",

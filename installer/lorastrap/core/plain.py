@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -37,22 +38,33 @@ def _decorator(frozen: bool):
     once, not made for each class: a dataclass compiles those from source for every class it makes (0.3 ms a
     class, 0.5 ms a frozen one: ~20 ms of each install's start-up, in the ~40 records it imports), these take
     0.05 ms.  They behave as the dataclass's own would (keyword arguments only, defaults and default factories,
-    __post_init__, equality by type and field values, frozen records hashable and immutable)."""
+    fields left out of __init__, __post_init__, equality by type and compared fields, frozen records hashable by
+    their hashed fields and immutable, a repr that stops at a record inside itself); tests/test_units.py holds
+    them against dataclass.  What a record may not use (its own __init__/__repr__/__eq__/__hash__, InitVar, a
+    frozen and a non-frozen record in one line of inheritance) is refused when the class is made."""
     def decorate(cls: type) -> type:
         own = {"__init__", "__repr__", "__eq__", "__hash__"} & cls.__dict__.keys()
-        assert not own, f"{cls.__name__} defines {sorted(own)}: make it with dataclasses.dataclass instead"
+        if own:
+            raise TypeError(f"{cls.__name__} defines {sorted(own)}: make it with dataclasses.dataclass instead")
+        for base in cls.__mro__[1:]:
+            if base in _FROZEN and _FROZEN[base] != frozen:
+                raise TypeError(f"cannot inherit {'' if frozen else 'non-'}frozen record {cls.__name__} from a "
+                                f"{'non-' if frozen else ''}frozen one ({base.__name__})")
         if not cls.__dict__.get("__doc__"):  # what dataclass would write, without its inspect.signature
             cls.__doc__ = f"{cls.__name__}(...)"
         cls = dataclasses.dataclass(kw_only=True, init=False, repr=False, eq=False)(cls)
+        if any(f._field_type is dataclasses._FIELD_INITVAR for f in cls.__dataclass_fields__.values()):
+            raise TypeError(f"{cls.__name__} has an InitVar: make it with dataclasses.dataclass instead")
         cls.__hash__ = _frozen_hash if frozen else None  # as dataclass(eq=True) sets it
         if frozen:
             cls.__setattr__, cls.__delattr__ = _frozen_setattr, _frozen_delattr
+        _FROZEN[cls] = frozen
         return cls
     return decorate
 
 
 def _frozen_hash(self) -> int:
-    return hash(tuple(getattr(self, name) for name in _spec(type(self))[2]))
+    return hash(tuple(getattr(self, name) for name in _spec(type(self))[4]))
 
 
 def _frozen_setattr(self, name, value):
@@ -65,7 +77,9 @@ def _frozen_delattr(self, name):
 
 record = _decorator(frozen=False)  # a plain record's decorator
 frozen_record = _decorator(frozen=True)
-_SPECS: dict[type, tuple] = {}  # class → (its __init__'s fields with their defaults, repr's, eq's and hash's names)
+_FROZEN: dict[type, bool] = {}  # each record class → whether it is frozen
+# class → (its __init__'s fields with their defaults, the other fields with theirs, repr's, eq's and hash's names)
+_SPECS: dict[type, tuple] = {}
 
 
 def _spec(cls: type) -> tuple:
@@ -73,6 +87,7 @@ def _spec(cls: type) -> tuple:
     if spec is None:
         fields = dataclasses.fields(cls)
         spec = _SPECS[cls] = (tuple((f.name, f.default, f.default_factory) for f in fields if f.init),
+                              tuple((f.name, f.default, f.default_factory) for f in fields if not f.init),
                               tuple(f.name for f in fields if f.repr), tuple(f.name for f in fields if f.compare),
                               tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)))
     return spec
@@ -215,7 +230,8 @@ class Plain:
 
     def __init__(self, **values) -> None:
         cls = type(self)
-        for name, default, factory in _spec(cls)[0]:
+        given, rest, *_ = _spec(cls)
+        for name, default, factory in given:
             if name in values:
                 value = values.pop(name)
             elif default is not dataclasses.MISSING:
@@ -227,16 +243,22 @@ class Plain:
             object.__setattr__(self, name, value)  # also on a frozen record
         if values:
             raise TypeError(f"{cls.__qualname__}.__init__() got an unexpected keyword argument {next(iter(values))!r}")
+        for name, default, factory in rest:  # init=False: set as the dataclass sets it, when it has a default
+            if default is not dataclasses.MISSING:
+                object.__setattr__(self, name, default)
+            elif factory is not dataclasses.MISSING:
+                object.__setattr__(self, name, factory())
         self.__post_init__()
 
+    @reprlib.recursive_repr()
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self))[1])
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self))[2])
         return f"{type(self).__qualname__}({shown})"
 
     def __eq__(self, other):
         if other.__class__ is not self.__class__:
             return NotImplemented
-        names = _spec(type(self))[2]
+        names = _spec(type(self))[3]
         return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
 
     def __post_init__(self) -> None:

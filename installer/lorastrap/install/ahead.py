@@ -50,8 +50,9 @@ def start(choice: str | None) -> None:
 
 def start_guessing(argv: list[str]) -> None:
     """``start`` for the command line ARGV (the words after ``install``), before it is parsed: its ``--engine``
-    flag if it names one plainly, else the default.  A guess only: an error here (a LORASTRAP_HOME that is no
-    folder, a worker that cannot start) is left for the install itself to meet and explain."""
+    flag if it names one plainly, else the default.  A guess only, made before the command line's own error
+    handling: whatever goes wrong here (a LORASTRAP_HOME that is no folder, a worker that cannot start) starts
+    nothing and says nothing — the install itself meets the same error later and explains it."""
     choice = None
     for i, word in enumerate(argv):
         if word == "--engine" and i + 1 < len(argv):
@@ -60,10 +61,8 @@ def start_guessing(argv: list[str]) -> None:
             choice = word.partition("=")[2]
     try:
         start(choice if choice in ("auto", "micromamba", "mamba", "rattler") else None)
-    except Exception as exc:
-        from lorastrap.core.errors import LorastrapError
-        if not isinstance(exc, (LorastrapError, OSError)):
-            raise
+    except Exception:  # noqa: BLE001 - see the docstring: never a traceback from a guess
+        pass
 
 
 # The worker unpacks one archive at a time (py-rattler 0.28's extract holds the GIL: 2 or 4 threads unpacked the

@@ -18,9 +18,11 @@ engine unpacks it again from the checked archive; repair always checks fully.  A
 while each keeps its size, mtime and inode, and its ctime too unless its link count moved: each hard link an
 install makes, and each one an environment's removal drops, moves the ctime of every file it links, so a stamp of
 ctimes alone had every copy hashed whole after any environment was deleted (0.13 s of a warm install of 4,000
-files; a real CUDA environment has 10-50x as many).  What the quick check misses, then: a write in place that
-keeps the size and puts the mtime back, made before a link count moved (an environment made or removed), by
-someone who can write the cache's files, and so the environments' (the same inodes).
+files; a real CUDA environment has 10-50x as many).  A check that passes a copy whose link counts moved stamps it
+anew, as does each install after linking from it.  What the quick check misses, then: a write in place that keeps
+the size and puts the mtime back (or a file replaced by one of the same size and mtime that got the old inode
+number back), made between two checks of that copy across which its link count also moved (an environment made or
+removed) — by someone who can write the cache's files, and so the environments' (the same inodes).
 
 The bytes come through download.py, imported only when an archive is missing.
 """
@@ -40,7 +42,7 @@ from pathlib import Path
 from lorastrap.install import archive
 from lorastrap.core import fsutil, locks
 from lorastrap.core.credentials import shown
-from lorastrap.core.errors import IntegrityError
+from lorastrap.core.errors import IntegrityError, LorastrapError
 
 HASH_BLOCK = 1 << 20  # what sha256_file reads at a time
 JOBS = 16  # archives fetched at once, each thread over its own kept-alive connection (rattler/pixi allow 50)
@@ -343,6 +345,19 @@ def _unmoved(stamped: dict, stats: dict[str, str]) -> bool:
     return True
 
 
+STAMP_MOST = 64 << 20  # a stamp larger than this is no stamp of lorastrap's (4,000 files: ~0.4 MiB)
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    """The stamp's record of each file's stats; None when there is none or it cannot be one (unreadable, not a
+    regular file, too large, not JSON): the check is then a full one."""
+    import json
+    try:
+        return json.loads(fsutil.read_bounded(stamp, limit=STAMP_MOST, what="the stamp", fix=""))
+    except (LorastrapError, ValueError, RecursionError):
+        return None
+
+
 def restamp(folder: Path, entries: list[dict]) -> None:
     """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link changes
     a file's ctime, not its bytes), so the next quick check does not hash them all again.  The stamp is a hint
@@ -366,11 +381,11 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
         left.unlink(missing_ok=True)
     stamp = folder / STAMP
     if not full:
-        try:
-            if _unmoved(json.loads(stamp.read_text()), stats):
-                return None
-        except (OSError, ValueError):
-            pass
+        stamped = _read_stamp(stamp)
+        if stamped is not None and _unmoved(stamped, stats):
+            if stamped != stats:  # link counts moved (an environment made or removed): from now on, a ctime that
+                fsutil.write_atomic(stamp, json.dumps(stats, sort_keys=True), durable=False)  # moves is an edit
+            return None
     bad = _paths_differ(folder, entries)
     if bad:
         return bad
