@@ -285,8 +285,8 @@ def test_damaged_copies_in_several_packages_are_all_removed_and_named_in_order(t
 def test_the_quick_check_takes_a_moved_link_count_for_a_link_and_a_moved_ctime_alone_for_an_edit(tmp_path, monkeypatch):
     """Every environment made or removed moves the link count and the ctime of each file it links: the quick check
     lets a copy pass when its files kept size, mtime and inode and only their link counts (with their ctimes)
-    moved, and stamps it anew, so removing an environment does not have every copy hashed again.  A ctime that
-    moved while the link count did not is an edit: that copy is hashed whole, and removed when it differs."""
+    moved, so removing an environment does not have every copy hashed again.  A ctime that moved since the last
+    stamp while the link count did not is an edit: that copy is hashed whole, and removed when it differs."""
     from lorastrap.install import cache
     c, archives, extracted = _copies(tmp_path, 3)
     assert c.check_extracted(archives, full=True, extracted=extracted) == []  # stamped
@@ -300,8 +300,13 @@ def test_the_quick_check_takes_a_moved_link_count_for_a_link_and_a_moved_ctime_a
     for i, f in enumerate(files):  # an environment made: every file one link more
         os.link(f, env / f"{i}")
     assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []
-    shutil.rmtree(env)  # ... and removed
+    c.restamp_extracted(archives, extracted=extracted)  # what the install does right after linking from them
+    shutil.rmtree(env)  # ... and the environment removed
     assert c.check_extracted(archives, full=False, extracted=extracted) == [] and hashed == []
+    env.mkdir()
+    for i, f in enumerate(files):  # the next install links from them, and stamps them anew
+        os.link(f, env / f"{i}")
+    c.restamp_extracted(archives, extracted=extracted)
     victim = extracted / "p01-1.0-0" / "lib" / "f2"
     st = victim.stat()
     with open(victim, "r+b") as f:  # the same size, in place; the mtime put back: only the ctime moved

@@ -18,11 +18,11 @@ engine unpacks it again from the checked archive; repair always checks fully.  A
 while each keeps its size, mtime and inode, and its ctime too unless its link count moved: each hard link an
 install makes, and each one an environment's removal drops, moves the ctime of every file it links, so a stamp of
 ctimes alone had every copy hashed whole after any environment was deleted (0.13 s of a warm install of 4,000
-files; a real CUDA environment has 10-50x as many).  A check that passes a copy whose link counts moved stamps it
-anew, as does each install after linking from it.  What the quick check misses, then: a write in place that keeps
-the size and puts the mtime back (or a file replaced by one of the same size and mtime that got the old inode
-number back), made between two checks of that copy across which its link count also moved (an environment made or
-removed) — by someone who can write the cache's files, and so the environments' (the same inodes).
+files; a real CUDA environment has 10-50x as many).  Each install stamps the copies it linked from anew, right
+after linking.  What the quick check misses, then: a write in place that keeps the size and puts the mtime back (or
+a file replaced by one of the same size and mtime that got the old inode number back), made after the copy was
+last stamped, when its link count has also moved since (an environment made or removed) — by someone who can
+write the cache's files, and so the environments' (the same inodes).
 
 The bytes come through download.py, imported only when an archive is missing.
 """
@@ -231,13 +231,17 @@ class Cache:
         the embedded engine's) whose files differ from their package's paths.json (full: hash every file; else only
         copies whose sizes or mtimes moved since their last full check).  Returns the names of the copies removed
         (the engine unpacks them again from the checked archives), sorted."""
-        def check(path: Path) -> str | None:
+        def check(path: Path, quick: bool = False) -> str | None:
+            """None when the copy passes (QUICK: by its stamp alone; a copy that does not is left for a full
+            check: "full"), else the name of the copy removed."""
             folder = (extracted or self.root / "extracted") / dist_name(path.name)
             if not folder.is_dir():
                 return None
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
                 entries = self.inspect(path)["entries"]
-                bad = _extracted_damage(folder, entries, full=full)
+                if quick:
+                    return None if _stamped(folder, entries) else "full"
+                bad = _extracted_damage(folder, entries)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")
@@ -245,9 +249,15 @@ class Cache:
                     return folder.name
             return None
 
-        # A few threads, each with a share of the packages balanced by archive size, each share checked in turn: a
-        # copy whose stats moved is hashed whole, outside the GIL.  (A future a package, or a file, made two threads
-        # slower than one: the threads queued for the GIL between short hashes.)
+        # The quick check first, in this thread: stats and their stamp (threads only queued for the GIL between
+        # short lstat calls: the large set's 4,000 files took 30-40 ms in two threads, 20 ms in one).
+        if not full:
+            archives = [path for path in archives if check(path, quick=True) == "full"]
+        # Then a few threads, each with a share of the packages balanced by archive size, each share checked in
+        # turn: a copy is hashed whole, outside the GIL.  (A future a package, or a file, made two threads slower
+        # than one: the threads queued for the GIL between short hashes.)
+        if not archives:
+            return []
         sizes = {path: _size(path) + 1 for path in archives}
         shares: list[list[Path]] = [[] for _ in range(max(1, min(4, os.cpu_count() or 1, len(archives))))]
         loads = [0] * len(shares)
@@ -315,9 +325,9 @@ def _paths_differ(folder: Path, entries: list[dict]) -> str | None:
     return None
 
 
-def _stats(folder: Path, entries: list[dict]) -> dict[str, str] | str:
-    """"SIZE:MTIME:INODE:CTIME:LINKS" of the copy's own info/paths.json and of each file ENTRIES list as a hard link
-    (what a stamp records); a string saying what is wrong when one is missing or not a file."""
+def _stats(folder: Path, entries: list[dict]) -> dict[str, list] | str:
+    """[size, mtime, inode, ctime, link count] of the copy's own info/paths.json and of each file ENTRIES list as a
+    hard link (what a stamp records); a string saying what is wrong when one is missing or not a file."""
     stats = {}
     base = f"{folder}/"
     for rel in [OWN_PATHS] + [e["_path"] for e in entries if e.get("path_type", "hardlink") == "hardlink"]:
@@ -327,21 +337,19 @@ def _stats(folder: Path, entries: list[dict]) -> dict[str, str] | str:
             return f"{rel} missing"
         if not stat.S_ISREG(st.st_mode):
             return f"{rel} is not a file"
-        stats[rel] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}:{st.st_nlink}"
+        stats[rel] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, st.st_nlink]
     return stats
 
 
-def _unmoved(stamped: dict, stats: dict[str, str]) -> bool:
+def _unmoved(stamped: dict, stats: dict[str, list]) -> bool:
     """Whether each file kept the stats STAMPED recorded: size, mtime and inode, and its ctime unless its link count
     moved (a hard link made or dropped moves the ctime, not the bytes)."""
     if type(stamped) is not dict or stamped.keys() != stats.keys():
         return False
     for rel, now in stats.items():
         then = stamped[rel]
-        if then != now:  # the same size, mtime and inode, and another link count
-            was, is_ = str(then).split(":"), now.split(":")
-            if len(was) != 5 or was[:3] != is_[:3] or was[4] == is_[4]:
-                return False
+        if then != now and not (type(then) is list and len(then) == 5 and then[:3] == now[:3] and then[4] != now[4]):
+            return False  # not the same size, mtime and inode with another link count
     return True
 
 
@@ -368,11 +376,19 @@ def restamp(folder: Path, entries: list[dict]) -> None:
         fsutil.write_atomic(folder / STAMP, json.dumps(stats, sort_keys=True), durable=False)
 
 
-def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str | None:
+def _stamped(folder: Path, entries: list[dict]) -> bool:
+    """The quick check: whether the copy's files (and own info/paths.json) kept the stats its stamp recorded
+    (_unmoved).  Not stamped anew when it passes: the install that checked it stamps it right after linking from
+    it (restamp), when the link counts moved again."""
+    stats = _stats(folder, entries)
+    return isinstance(stats, dict) and (stamped := _read_stamp(folder / STAMP)) is not None and \
+        _unmoved(stamped, stats)
+
+
+def _extracted_damage(folder: Path, entries: list[dict]) -> str | None:
     """None when the extracted copy matches ENTRIES (the checked archive's own info/paths.json, so a copy unpacked
-    from another archive cannot vouch for itself), else the first difference.  Quick (not full): a copy whose
-    files (and own info/paths.json) kept the stats its stamp recorded at the last check (_unmoved) passes as it
-    is."""
+    from another archive cannot vouch for itself: each file hashed), else the first difference; a copy that
+    matches is stamped (its files' stats, for the quick check: _stamped)."""
     import json
     stats = _stats(folder, entries)
     if isinstance(stats, str):
@@ -380,12 +396,6 @@ def _extracted_damage(folder: Path, entries: list[dict], *, full: bool) -> str |
     for left in folder.glob(f".{STAMP}.*.tmp"):  # a writer killed mid-write (writes happen under the folder's lock)
         left.unlink(missing_ok=True)
     stamp = folder / STAMP
-    if not full:
-        stamped = _read_stamp(stamp)
-        if stamped is not None and _unmoved(stamped, stats):
-            if stamped != stats:  # link counts moved (an environment made or removed): from now on, a ctime that
-                fsutil.write_atomic(stamp, json.dumps(stats, sort_keys=True), durable=False)  # moves is an edit
-            return None
     bad = _paths_differ(folder, entries)
     if bad:
         return bad
