@@ -464,39 +464,6 @@ def test_a_large_file_comes_in_segments_over_several_connections_and_sooner(tmp_
     assert not _leftovers(tmp_path / "pkgs")  # the sidecar went with the part
 
 
-def test_helpers_join_only_a_slow_first_connection_and_one_connection_hashes_as_it_goes(tmp_path, six):
-    """A file from a fast server comes over its first connection alone (more connections would only share the
-    same bandwidth), hashed as it comes: into() returns its sha256 with no second read.  From a server that caps
-    each connection, helpers join once the first connection's pace is known (download.HELP_AFTER), and the file,
-    written in pieces, is hashed from the file afterwards (into() returns no sha256 then)."""
-    root, sha = six
-    fast, capped = NetSim(root).start(), NetSim(root, rate=4 * 2**20).start()
-    try:
-        got = download.into(f"{fast.url}/six.conda", tmp_path / ".fast.part")
-        split = download.into(f"{capped.url}/six.conda", tmp_path / ".capped.part")
-    finally:
-        fast.shutdown()
-        capped.shutdown()
-    assert got == (SIX, sha) and cache.sha256_file(tmp_path / ".fast.part") == sha
-    assert fast.requests["six.conda"] == 1 and fast.max_active == 1
-    assert split == (SIX, None) and cache.sha256_file(tmp_path / ".capped.part") == sha
-    assert capped.range_requests["six.conda"] >= 3 and capped.max_active >= 3
-
-
-def test_a_hash_taken_on_the_way_never_refuses_an_archive_by_itself(tmp_path, six, monkeypatch):
-    """The sha256 computed as the bytes came decides only a match; a mismatch is hashed again from the file before
-    the archive is refused (a bug in the hashing on the way must never cost a good archive)."""
-    root, sha = six
-    real = download.into
-    monkeypatch.setattr(download, "into", lambda *a, **kw: (real(*a, **kw)[0], "0" * 64))
-    srv = NetSim(root).start()
-    try:
-        path, got = _fetch_six(tmp_path / "pkgs", srv, sha)
-    finally:
-        srv.shutdown()
-    assert got == SIX and cache.sha256_file(path) == sha
-
-
 def test_a_server_that_ignores_range_gets_one_plain_download(tmp_path, six):
     root, sha = six
     srv = NetSim(root, ranges=False).start()

@@ -22,15 +22,6 @@ from lorastrap.core.errors import DiskError, IntegrityError, NetworkError
 
 
 @pytest.fixture(autouse=True)
-def helpers_at_once(monkeypatch):
-    """These probes hold the segments against lying servers on loopback, where a first connection is never slow:
-    helpers join every download at once, whatever its pace (download.HELP_BELOW; tests/test_download.py holds
-    the pace rule itself)."""
-    monkeypatch.setattr(download, "HELP_BELOW", float("inf"))
-    monkeypatch.setattr(download, "HELP_AFTER", 0.0)
-
-
-@pytest.fixture(autouse=True)
 def permits(monkeypatch):
     """A fresh process-wide bound for each probe; every permit must be back when the download ended, however."""
     sem = threading.BoundedSemaphore(download.EXTRA_CONNECTIONS)

@@ -136,18 +136,15 @@ class Cache:
                 narrate(f"{filename}: a complete earlier download matches the lock; using it")
                 got, got_bytes = sha256, 0
             else:
-                got_bytes, got = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
-                                               hosts=self.redirect_hosts)
-                got = got or sha256_file(tmp)  # hashed as it came, unless it came in pieces or was resumed
+                got_bytes = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                      hosts=self.redirect_hosts)
+                got = sha256_file(tmp)
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 download.discard(tmp)
-                more, got = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
-                                          hosts=self.redirect_hosts)
-                got_bytes += more
-                got = got or sha256_file(tmp)
-            if got != sha256:
-                got = sha256_file(tmp)  # from the file itself before the download is refused
+                got_bytes += download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                       hosts=self.redirect_hosts)
+                got = sha256_file(tmp)
             if got != sha256:
                 download.discard(tmp)
                 raise IntegrityError(

@@ -40,13 +40,6 @@ MAX_REDIRECTS = 5
 SEGMENTS = 8  # a large archive comes as up to this many byte ranges at once, each over its own connection
 SEGMENT_MIN = 1 << 20  # the least a segment holds (a file is split when at least twice this remains)
 EXTRA_CONNECTIONS = 16  # the connections segments add, in the whole process (beyond each fetch thread's own)
-# Helpers join a download only when its first connection alone is slow: on a fast link more connections only
-# share the same bandwidth and cost CPU on both ends (a cold install of two 320 MiB archives over loopback from a
-# Python server on two cores, alternating runs: 2.23 s with one connection each, hashed on the way, 2.43 s in 8
-# segments each), while a link that caps each connection (a CDN, a proxy, 5-40 MiB/s) is where they gain several
-# times over (the large set over 5 MiB/s a connection: 3.18 s with helpers from the 0.1 s mark, 3.13 s at once).
-HELP_AFTER = 0.1  # seconds the first connection reads alone before its pace is judged
-HELP_BELOW = 64 * 2**20  # bytes/s: a first connection slower than this gets helpers
 SIDECAR_EVERY = 0.5  # seconds between writes of a segmented part's sidecar (its progress, for the next run)
 FULL = (errno.ENOSPC, errno.EDQUOT)  # a disk that is full, or a quota used up (a shared filesystem's usual limit)
 
@@ -369,19 +362,15 @@ def _copy_local(url: str, dest: Path) -> int:
 
 
 def into(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
-         stop: threading.Event | None = None, hosts: frozenset[str] = frozenset()) -> tuple[int, str | None]:
+              stop: threading.Event | None = None, hosts: frozenset[str] = frozenset()) -> int:
     """Download url into dest, resuming what dest already holds when the server honours Range (a contiguous
-    start, or the segments its sidecar records).  A large file from a server that honours Range, whose first
-    connection is slow, comes as several byte ranges at once, each over its own connection (see _Job).  Returns
-    the bytes transferred, and the file's sha256 when every byte of it came through this call in order (computed
-    as they came: no second read of the file), else None.  A cut connection, a short body, a read that waits
-    longer than read_timeout() or a 5xx is retried (RETRIES attempts for each range, narrated); a 4xx, or running
-    out of attempts, is a NetworkError."""
+    start, or the segments its sidecar records).  A large file from a server that honours Range comes as several
+    byte ranges at once, each over its own connection (see _Job).  Returns the bytes transferred.  A cut
+    connection, a short body, a read that waits longer than read_timeout() or a 5xx is retried (RETRIES attempts
+    for each range, narrated); a 4xx, or running out of attempts, is a NetworkError."""
     if url.startswith("file://") or url.startswith("/"):
-        return _copy_local(url, dest), None
-    job = _Job(url, dest, progress=progress, narrate=narrate, stop=stop, hosts=hosts)
-    got = job.run()
-    return got, job.sha256()
+        return _copy_local(url, dest)
+    return _Job(url, dest, progress=progress, narrate=narrate, stop=stop, hosts=hosts).run()
 
 
 class _Segment:
@@ -489,7 +478,6 @@ class _Job:
     os.pwrite and retries its own segment from where it stopped.  The first failure stops the others."""
 
     def __init__(self, url: str, dest: Path, *, progress, narrate, stop, hosts):
-        import hashlib
         self.url = self.final = url  # final: the URL the first request landed on (segments ask it)
         self.dest, self.progress, self.narrate, self.stop, self.hosts = dest, progress, narrate, stop, hosts
         self.name = dest.name[1:-5]
@@ -513,11 +501,6 @@ class _Job:
         self.helped = True  # False once the server answered a helper's closed range with the whole file
         self.permits = _EXTRA
         self.socks: list = []  # the sockets this download reads from (see Stop)
-        self.helping = False  # helpers may join (see HELP_BELOW): a resumed split at once, else a slow first read
-        self.began = time.monotonic()
-        # The sha256 of the bytes 0..hashed, fed by whichever thread writes the block that starts at `hashed`
-        # (the first connection, reading in order): the whole file's when `hashed` reaches the end.
-        self.hasher, self.hashed, self.hash_lock = hashlib.sha256(), 0, threading.Lock()
 
     def run(self) -> int:
         if isinstance(self.stop, Stop):
@@ -638,7 +621,6 @@ class _Job:
                 discard(self.dest)
                 raise _Afresh()
             self.total, self.segments, self.split = kept[0], kept[1], True
-            self.helping = True  # the earlier run's segments: each resumed over its own connection
             self._open_part()
             self.narrate(f"{self.name}: resuming at {sum(s.done for s in self.segments) / 2**20:.1f} of "
                          f"{self.total / 2**20:.1f} MiB ({len(todo)} segments to finish)")
@@ -670,12 +652,8 @@ class _Job:
         return first, body
 
     def _open_part(self, truncate: bool = False) -> None:
-        import hashlib
         if self.fd is not None:  # an earlier attempt's (its part may have been discarded since)
             os.close(self.fd)
-        with self.hash_lock:  # the bytes come (again) from here: what was hashed before does not count
-            self.hasher, self.hashed = hashlib.sha256(), 0
-        self.began = time.monotonic()
         self.fd = os.open(self.dest, os.O_WRONLY | os.O_CREAT, 0o644)
         if truncate:
             os.ftruncate(self.fd, 0)
@@ -762,10 +740,6 @@ class _Job:
             view = memoryview(block)
             while view:
                 view = view[os.pwrite(self.fd, view, seg.pos + len(block) - len(view)):]
-            with self.hash_lock:
-                if self.hashed == seg.pos:  # the block that goes on where the hash stops: in order
-                    self.hasher.update(block)
-                    self.hashed += len(block)
             self._advance(seg, len(block))
         if seg.end is not None and not seg.finished:
             raise _Cut(f"the connection closed after {seg.pos if not self.split else seg.done} of "
@@ -777,11 +751,6 @@ class _Job:
             self.transferred += n
         if self.progress:
             self.progress.add(n)
-        if not self.helping and self.split:
-            elapsed = time.monotonic() - self.began
-            if elapsed >= HELP_AFTER and self.transferred < HELP_BELOW * elapsed:
-                self.helping = True
-                self._spawn()
         if self.split and time.monotonic() - self.saved >= SIDECAR_EVERY:
             self._save(every=SIDECAR_EVERY)
 
@@ -812,9 +781,8 @@ class _Job:
             return seg
 
     def _spawn(self) -> None:
-        """A helper for each segment no one took, as far as the process's extra connections allow — once the
-        first connection was found slow (see HELP_BELOW); until then it reads on into the next segment itself."""
-        while self.helping and not self.halt.is_set() and self.helped:
+        """A helper for each segment no one took, as far as the process's extra connections allow."""
+        while not self.halt.is_set() and self.helped:
             with self.lock:
                 if sum(not s.taken and not s.finished for s in self.segments) <= self.waiting:
                     return
@@ -835,12 +803,6 @@ class _Job:
             self._failed(exc)
         finally:
             self.permits.release()
-
-    def sha256(self) -> str | None:
-        """The file's sha256, when every byte of it was hashed in order as it was written (see into)."""
-        with self.hash_lock:
-            whole = self.total >= 0 and self.hashed == self.total and all(s.finished for s in self.segments)
-            return self.hasher.hexdigest() if whole else None
 
     def _failed(self, exc: BaseException) -> None:
         _drop(*urllib.parse.urlsplit(self.final)[:2])  # this thread's connection may hold an answer half read
