@@ -64,7 +64,7 @@ def _decorator(frozen: bool):
 
 
 def _frozen_hash(self) -> int:
-    return hash(tuple(getattr(self, name) for name in _spec(type(self))[4]))
+    return hash(tuple(getattr(self, name) for name in _spec(type(self)).hashed))
 
 
 def _frozen_setattr(self, name, value):
@@ -78,18 +78,29 @@ def _frozen_delattr(self, name):
 record = _decorator(frozen=False)  # a plain record's decorator
 frozen_record = _decorator(frozen=True)
 _FROZEN: dict[type, bool] = {}  # each record class → whether it is frozen
-# class → (its __init__'s fields with their defaults, the other fields with theirs, repr's, eq's and hash's names)
-_SPECS: dict[type, tuple] = {}
 
 
-def _spec(cls: type) -> tuple:
+class _Spec(typing.NamedTuple):
+    """What Plain's methods need of a record class's fields, read once from dataclasses.fields."""
+    given: tuple  # (name, default, default factory) of each field __init__ takes
+    rest: tuple  # the same of each field it does not (init=False)
+    shown: tuple  # the names repr shows
+    compared: tuple  # ... __eq__ compares
+    hashed: tuple  # ... a frozen record's hash covers
+
+
+_SPECS: dict[type, _Spec] = {}
+
+
+def _spec(cls: type) -> _Spec:
     spec = _SPECS.get(cls)
     if spec is None:
         fields = dataclasses.fields(cls)
-        spec = _SPECS[cls] = (tuple((f.name, f.default, f.default_factory) for f in fields if f.init),
-                              tuple((f.name, f.default, f.default_factory) for f in fields if not f.init),
-                              tuple(f.name for f in fields if f.repr), tuple(f.name for f in fields if f.compare),
-                              tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)))
+        spec = _SPECS[cls] = _Spec(
+            given=tuple((f.name, f.default, f.default_factory) for f in fields if f.init),
+            rest=tuple((f.name, f.default, f.default_factory) for f in fields if not f.init),
+            shown=tuple(f.name for f in fields if f.repr), compared=tuple(f.name for f in fields if f.compare),
+            hashed=tuple(f.name for f in fields if (f.compare if f.hash is None else f.hash)))
     return spec
 
 
@@ -230,8 +241,8 @@ class Plain:
 
     def __init__(self, **values) -> None:
         cls = type(self)
-        given, rest, *_ = _spec(cls)
-        for name, default, factory in given:
+        spec = _spec(cls)
+        for name, default, factory in spec.given:
             if name in values:
                 value = values.pop(name)
             elif default is not dataclasses.MISSING:
@@ -243,7 +254,7 @@ class Plain:
             object.__setattr__(self, name, value)  # also on a frozen record
         if values:
             raise TypeError(f"{cls.__qualname__}.__init__() got an unexpected keyword argument {next(iter(values))!r}")
-        for name, default, factory in rest:  # init=False: set as the dataclass sets it, when it has a default
+        for name, default, factory in spec.rest:  # init=False: set as the dataclass sets it, when it has a default
             if default is not dataclasses.MISSING:
                 object.__setattr__(self, name, default)
             elif factory is not dataclasses.MISSING:
@@ -252,13 +263,13 @@ class Plain:
 
     @reprlib.recursive_repr()
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self))[2])
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self)).shown)
         return f"{type(self).__qualname__}({shown})"
 
     def __eq__(self, other):
         if other.__class__ is not self.__class__:
             return NotImplemented
-        names = _spec(type(self))[3]
+        names = _spec(type(self)).compared
         return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
 
     def __post_init__(self) -> None:

@@ -229,7 +229,7 @@ class Cache:
                         narrate=lambda m: None) -> list[str]:
         """Remove every extracted copy of ARCHIVES (in EXTRACTED: the engine's folder of unpacked packages, by default
         the embedded engine's) whose files differ from their package's paths.json (full: hash every file; else only
-        copies whose sizes or mtimes moved since their last full check).  Returns the names of the copies removed
+        copies whose files' stats moved since their stamp: _stamped).  Returns the names of the copies removed
         (the engine unpacks them again from the checked archives), sorted."""
         def check(path: Path, quick: bool = False) -> str | None:
             """None when the copy passes (QUICK: by its stamp alone; a copy that does not is left for a full
@@ -367,8 +367,8 @@ def _read_stamp(stamp: Path) -> dict | None:
 
 
 def restamp(folder: Path, entries: list[dict]) -> None:
-    """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link changes
-    a file's ctime, not its bytes), so the next quick check does not hash them all again.  The stamp is a hint
+    """After an engine linked from a checked copy: record the files' stats as they are now (a new hard link moves a
+    file's link count and ctime, not its bytes), so the next quick check does not hash them all again.  The stamp is a hint
     (written without fsync): lost or stale, it only makes the next check a full one."""
     import json
     stats = _stats(folder, entries)
@@ -381,8 +381,10 @@ def _stamped(folder: Path, entries: list[dict]) -> bool:
     (_unmoved).  Not stamped anew when it passes: the install that checked it stamps it right after linking from
     it (restamp), when the link counts moved again."""
     stats = _stats(folder, entries)
-    return isinstance(stats, dict) and (stamped := _read_stamp(folder / STAMP)) is not None and \
-        _unmoved(stamped, stats)
+    if isinstance(stats, str):
+        return False
+    stamped = _read_stamp(folder / STAMP)
+    return stamped is not None and _unmoved(stamped, stats)
 
 
 def _extracted_damage(folder: Path, entries: list[dict]) -> str | None:
