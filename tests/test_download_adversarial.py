@@ -58,6 +58,8 @@ class _Liar(http.server.BaseHTTPRequestHandler):
             n = srv.n
             srv.asked.append((first, last))
             srv.if_range_of[n] = self.headers.get("If-Range")
+        if n > 1:
+            srv.second.set()
         status, headers, body, close = srv.script(n, first, last, srv.data)
         self.send_response(status)
         for k, v in headers.items():
@@ -65,7 +67,17 @@ class _Liar(http.server.BaseHTTPRequestHandler):
         if close:
             self.send_header("Connection", "close")
         self.end_headers()
+        # The server's first answer, when it is one the client splits (an open range of two segments or more),
+        # sends its first segment, then waits for a helper's request before the rest: else a fast first
+        # connection may read the whole file before any helper starts, and a probe of the helpers probes nothing.
+        gated = n == 1 and status == 206 and last is None and len(body) >= 2 * download.SEGMENT_MIN \
+            and download.SEGMENTS > 1
         try:
+            if gated:
+                self.wfile.write(body[:download.SEGMENT_MIN])
+                self.wfile.flush()
+                srv.second.wait(5)
+                body = body[download.SEGMENT_MIN:]
             self.wfile.write(body)
         except OSError:
             pass
@@ -93,6 +105,7 @@ class Liar(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Liar)
         self.data, self.script, self.n, self.asked, self.lock = data, script, 0, [], threading.Lock()
         self.if_range_of: dict[int, str | None] = {}  # request number → its If-Range
+        self.second = threading.Event()  # set when a second request came
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -268,8 +281,8 @@ def test_a_206_that_lies_about_its_bytes_is_an_integrity_error_and_leaves_nothin
 
     def script(n, first, last, data):
         status, headers, body, close = _honest(n, first, last, data)
-        if status == 206:  # the right range said, zeros sent: on every range (the first connection's open one
-            body = bytes(len(body))  # too: on a loaded machine it may read the whole file before a helper starts)
+        if status == 206:  # the right range said, zeros sent: on every range, the first connection's open one too
+            body = bytes(len(body))
         return status, headers, body, close
 
     srv = make(script)
