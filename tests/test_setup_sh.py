@@ -44,10 +44,12 @@ def sh(args, *, cwd, env, stdin=None, timeout=900):
 
 
 def snapshot(root: Path, skip=("logs",)):
+    """Every file's mtime, but Python's own bytecode caches (a run from a checkout imports lorastrap from it, and
+    the interpreter writes __pycache__ there unless PYTHONDONTWRITEBYTECODE is set; .gitignore has them)."""
     out = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if rel.parts and rel.parts[0] in skip:
+        if (rel.parts and rel.parts[0] in skip) or "__pycache__" in rel.parts:
             continue
         if p.name.endswith(".lock"):  # file locks: taken (and stamped with the holder's pid) on every run
             continue
