@@ -411,3 +411,45 @@ def test_engine_auto_skips_shims_and_falls_back_to_rattler(tmp_path, monkeypatch
     with pytest.raises(Exception) as info:
         engines.find("micromamba")
     assert "no usable micromamba found" in str(info.value)
+
+
+def test_a_private_channels_login_is_used_and_never_written_down(tmp_path, home, channel, monkeypatch):
+    """--channel and --pip-index-url with user:password: the lock (shared, committed), the environment's record and
+    whatever else lorastrap writes hold no password, as conda-lock keeps only an environment variable's name; an
+    install of that lock takes the login from the flags given then, or from .netrc; with neither, the 401 says how
+    to give it, and no password is shown."""
+    from netsim import NetSim
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    srv = NetSim(channel["root"], auth="bob:s3cret").start()
+    host = srv.url.split("://", 1)[1]
+    private = {"url": f"http://bob:s3cret@{host}/channel", "simple": f"http://bob:s3cret@{host}/simple"}
+    try:
+        res = install(private, tmp_path / "env1", "--no-verify")
+        assert res.returncode == 0, res.stderr
+        lock = next((home / "locks").glob("*.conda-lock.yml")).read_text()
+        assert f"url: http://{host}/channel/" in lock and "bob" not in lock
+        assert json.loads(run_cli("list", "--json").stdout)  # the record reads back
+        # Nothing written holds the password: but rattler's own cache of the repodata it fetched (its state
+        # file names the URL it was asked for, as the engine keeps it).
+        written = [p for root in (home, tmp_path / "env1") for p in root.rglob("*")
+                   if p.is_file() and not p.is_symlink() and "repodata" not in p.relative_to(root).parts]
+        assert written and not [p for p in written if b"s3cret" in p.read_bytes()]
+        shutil.rmtree(home / "pkgs")  # every archive downloaded again, with the lock made above
+        res = install(private, tmp_path / "env2", "--no-verify")
+        assert res.returncode == 0, res.stderr
+        assert "locking" not in res.stderr  # the same lock: its channels are the ones given, login aside
+        shutil.rmtree(home / "pkgs")
+        res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--prefix", str(tmp_path / "env3"), "--no-verify")
+        assert res.returncode == 5, res.stderr  # NetworkError
+        assert "retrying" not in res.stderr  # the other downloads were stopped by the 401, not failed in turn
+        assert "wants credentials" in res.stderr and ".netrc" in res.stderr and "s3cret" not in res.stderr
+        assert not (tmp_path / "env3").exists()
+        netrc = tmp_path / "netrc"
+        netrc.write_text(f"machine {host.split(':')[0]} login bob password s3cret\n")
+        netrc.chmod(0o600)
+        res = run_cli("install", "--envs-dir", str(TEST_ENVS), "--prefix", str(tmp_path / "env3"), "--no-verify",
+                      env={"NETRC": str(netrc)})
+        assert res.returncode == 0, res.stderr
+        assert smoke(tmp_path / "env3")
+    finally:
+        srv.shutdown()

@@ -865,6 +865,8 @@ class _Job:
         """After a failed attempt: narrated, then a pause before the next; a NetworkError after the last."""
         for u in {self.url, self.final}:
             _drop(*urllib.parse.urlsplit(u)[:2])
+        if self._stopped():  # the failure of a stop (another archive failed, Ctrl-C): nothing to retry nor tell
+            raise Cancelled()
         if attempt >= RETRIES:
             self._give_up(last)
         self.narrate(f"{label}: {last}; retrying ({attempt}/{RETRIES - 1})")

@@ -254,7 +254,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             if ahead.unpack(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
         worker_unpacks = eng.kind == "rattler"
-        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url), e.sha256, e.filename)
+        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url, channels), e.sha256,
+                                    e.filename)
                                    for e in entries], inspect=True,
                                   on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
@@ -327,9 +328,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 pfx.write_record(prefix, EnvRecord(
                     profile=name, platform=platform, lock_digest=lk.digest(platform), lock_source=str(lk.path),
                     engine=result.engine, installed_at=pfx.now(), plan=plan_info, verify=result.verify,
-                    built_with=BuiltWith(envs_dir=str(envs_dir.absolute()), channels=channels, mirror=mirror,
-                                         pip_index_url=pip_index_url, link_mode=link_mode,
-                                         engine=engine or os.environ.get("LORASTRAP_ENGINE"))), lk.path)
+                    built_with=_built_with(envs_dir, channels, mirror, pip_index_url, link_mode,
+                                           engine or os.environ.get("LORASTRAP_ENGINE"))), lk.path)
                 commit_signals = txn.deferred_signals(f"after the commit: {prefix} is the new environment")
                 commit_signals.__enter__()  # held from before the point of no return to the end of the commit
             except BaseException as exc:
@@ -359,6 +359,20 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         result.changed = True
         timings["total"] = time.perf_counter() - t0
         return result
+
+
+def _built_with(envs_dir: Path, channels, mirror, pip_index_url: str, link_mode: str, engine) -> BuiltWith:
+    """What the record keeps of the sources, for `update` and `repair` to reuse: no user:password (the record is
+    in the environment, readable by whoever may run it; PEP 610's direct_url.json redacts them likewise) — a
+    later run gets them from the flags given then, or from .netrc."""
+    from lorastrap.core.credentials import without_login
+    if isinstance(mirror, dict):
+        mirror = {channel: without_login(url) for channel, url in mirror.items()}
+    elif mirror:
+        mirror = without_login(mirror)
+    return BuiltWith(envs_dir=str(envs_dir.absolute()),
+                     channels=None if channels is None else [without_login(c) for c in channels], mirror=mirror,
+                     pip_index_url=pip_index_url and without_login(pip_index_url), link_mode=link_mode, engine=engine)
 
 
 def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path, fresh: frozenset) -> None:
@@ -423,11 +437,15 @@ def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str],
     timings["check"] = time.perf_counter() - t
 
 
-def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str) -> str:
+def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str,
+                given: list[str] | None = None) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
-    same file, found by name on the index's simple page: the lock's sha256 still decides)."""
+    same file, found by name on the index's simple page: the lock's sha256 still decides).  A lock holds no
+    login: the one of a --channel (GIVEN) or --mirror URL the archive's URL lies under goes with it."""
     url = chans.mirrored(e.url, channels, mirror)
+    url = chans.logged_in(url, [*(given or []), *((mirror.values() if isinstance(mirror, dict) else [mirror])
+                                                  if mirror else [])])
     if (e.manager == "pip" and url == e.url and pip_index_url != chans.DEFAULT_PIP_INDEX
             and not url.startswith(pip_index_url.rstrip("/") + "/")):
         from lorastrap.install.download import read_timeout

@@ -47,6 +47,19 @@ def channel_url(channel: str) -> str:
     return f"{DEFAULT_CHANNEL_ALIAS}/{channel}"
 
 
+def logged_in(url: str, given: list[str]) -> str:
+    """A lock's package URL (written without user:password: a lock is shared, committed, read by others) with the
+    login of the --channel or --mirror URL given now that it lies under, if that one names a login; else as it
+    is (the host's .netrc entry, if any, then applies)."""
+    from lorastrap.core.credentials import without_login
+    bare = without_login(url)
+    for source in sorted((channel_url(g) for g in given if "@" in g), key=len, reverse=True):
+        base = without_login(source)
+        if base != source and bare.startswith(base + "/"):
+            return source + bare[len(base):]
+    return url
+
+
 def mirrored(url: str, channels: list[str], mirror: str | dict[str, str] | None) -> str:
     """Rewrite a package URL of one of the lock's channels onto a mirror (same layout: CHANNEL/SUBDIR/FILE).
     MIRROR: one URL (for every channel: a lock of one channel), or {channel: URL} (--mirror CHANNEL=URL, like

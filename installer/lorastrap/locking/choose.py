@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lorastrap.core import paths
+from lorastrap.core.credentials import without_login
 from lorastrap.core.errors import NoLockError
 from lorastrap.locking.channels import channel_url
 from lorastrap.locking.lockfile import Lock, is_stale, read_lock
@@ -30,7 +31,7 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
             return lk
     if not frozen and local.exists():  # locked on an earlier run here, for the same spec and channels
         lk = read_lock(local, keep=True)
-        wanted = [channel_url(c) for c in channels] if channels else None
+        wanted = [without_login(channel_url(c)) for c in channels] if channels else None  # as a lock has them
         if not is_stale(lk, envs_dir, profile) and (wanted is None or lk.channels == wanted):
             return lk
     if frozen:

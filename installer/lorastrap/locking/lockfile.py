@@ -37,7 +37,12 @@ def write(out: Path, *, spec: Path, virtual_packages: Path, channels: list[str],
 
     Platforms already in the output lock and not re-locked now are kept (if its channels are the same)."""
     from lorastrap.locking import condalock  # only when a lock is written
-    entries = [condalock.package_entry(p) for p in packages]
+    from lorastrap.core.credentials import without_login
+    # No user:password goes into a lock (it is shared and committed, like conda-lock's, whose locks hold a
+    # credential only as an environment variable's name): the install gets them from the --channel/--mirror given
+    # then (channels.logged_in) or from .netrc.
+    channels = [without_login(c) for c in channels]
+    entries = [condalock.package_entry(dict(p, url=without_login(p["url"]))) for p in packages]
     wanted = set(platforms)
     if out.exists() and not _nothing_to_keep(out, wanted, channels):
         try:
