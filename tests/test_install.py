@@ -453,3 +453,32 @@ def test_a_private_channels_login_is_used_and_never_written_down(tmp_path, home,
         assert smoke(tmp_path / "env3")
     finally:
         srv.shutdown()
+
+
+def test_a_private_channel_is_locked_with_the_netrc_login_and_a_401_says_so(tmp_path, home, channel, monkeypatch):
+    """The solver reads a login from the channel's URL only: lock gives it the host's .netrc entry (what `update`
+    and `repair` of such an environment need, its record holding no password); without one, the 401 is a network
+    error that says how to give credentials, not a spec that "cannot be solved"."""
+    from netsim import NetSim
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    srv = NetSim(channel["root"], auth="bob:s3cret").start()
+    host = srv.url.split("://", 1)[1]
+    def lock(login="", **kw):
+        return run_cli("lock", "--envs-dir", str(TEST_ENVS), "--profile", "test-cpu", "--platform", "linux-64",
+                       "--channel", f"http://{login}{host}/channel", "--pip-index-url", f"http://{login}{host}/simple",
+                       "-o", str(tmp_path / "l.yml"), **kw)
+    try:
+        res = lock()
+        assert res.returncode == 5, res.stderr
+        assert "wants credentials" in res.stderr and ".netrc" in res.stderr and "cannot be solved" not in res.stderr
+        res = lock("bob:wrong@")
+        assert res.returncode == 5 and "wrong" not in res.stderr, res.stderr  # a password is never shown
+        netrc = tmp_path / "netrc"
+        netrc.write_text(f"machine {host.split(':')[0]} login bob password s3cret\n")
+        netrc.chmod(0o600)
+        res = lock(env={"NETRC": str(netrc)})
+        assert res.returncode == 0, res.stderr
+        lock = (tmp_path / "l.yml").read_text()
+        assert f"url: http://{host}/channel/" in lock and "s3cret" not in lock
+    finally:
+        srv.shutdown()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lorastrap
 from lorastrap.core import subproc
+from lorastrap.core.credentials import redacted, shown, with_netrc
 from lorastrap.core.errors import ConfigError, NetworkError
 from lorastrap.locking.spec import Spec
 
@@ -60,12 +61,19 @@ def explain_solve(text: str, vps: dict[str, str], vps_file: Path) -> str:
 
 
 def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str, str], vps_file: Path) -> Exception:
-    text = answer.get("error", "")
+    text = redacted(answer.get("error", ""))
     low = text.lower()
     explained = "cannot be installed" in low or "for which no candidates were found" in low or "cannot solve" in low
+    shown_channels = ", ".join(shown(c) for c in channels)
+    if not explained and any(w in low for w in ("401 unauthorized", "403 forbidden")):
+        return NetworkError(f"could not read the channel(s) {shown_channels} for {platform}: the server wants "
+                            "credentials", why=text.splitlines()[0][:500],
+                            fix="Give them in ~/.netrc (or the file $NETRC names): `machine HOST login USER password "
+                                "PASSWORD`, or in the channel's URL (https://USER:PASSWORD@HOST/…); a lock keeps no "
+                                "password, so later runs (update, repair) want .netrc or the flag again.")
     if not explained and any(w in low for w in ("connect", "dns", "resolve", "timed out", "network", "404",
                                                 "not found", "io error", "failed to fetch", "no such file")):
-        return NetworkError(f"could not read the channel(s) {', '.join(channels)} for {platform}",
+        return NetworkError(f"could not read the channel(s) {shown_channels} for {platform}",
                             why=text.splitlines()[0][:500],
                             fix="Check the network or proxy (https_proxy); use --mirror URL for a reachable mirror, "
                                 "--channel for a local channel (file:// or a path), or an offline bundle "
@@ -77,7 +85,9 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
 
 def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
           vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
-    request = {"op": "solve", "channels": channels, "specs": spec.conda, "platform": platform,
+    # The solver reads a private channel's login from its URL only: a .netrc login goes there (in memory, never
+    # into the lock: lockfile.write drops it).
+    request = {"op": "solve", "channels": [with_netrc(c) for c in channels], "specs": spec.conda, "platform": platform,
                "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}
     if getattr(lorastrap, "ENGINE_EXITS_HARD", False):
         from lorastrap.locking import rattler_worker
