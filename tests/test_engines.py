@@ -362,6 +362,28 @@ def test_a_worker_started_ahead_that_died_is_replaced_at_the_link_step(warm_home
     assert fresh == frozenset() and (tmp_path / "env" / "conda-meta").is_dir()
 
 
+def test_a_worker_started_ahead_that_dies_after_the_link_step_took_it_is_replaced_too(warm_home, tmp_path):
+    """The worker started ahead was alive when the link step took it, and died before it began to link (killed
+    while it unpacked ahead, or a crash there): a fresh worker links, and the install goes on."""
+    import signal
+    import threading
+
+    from lorastrap.core import subproc
+    _, _, lock = _handed_over(warm_home, tmp_path)
+    doomed = subproc.Worker("locking.rattler_worker")
+    os.kill(doomed.proc.pid, signal.SIGSTOP)  # it reads nothing: it dies before it begins to link
+    ahead.WORKERS.append(doomed)
+    narrated = []
+    threading.Timer(0.5, lambda: os.killpg(doomed.proc.pid, signal.SIGKILL)).start()
+    try:
+        fresh = engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=lock, platform="linux-64",
+                             cache_dir=tmp_path / "cache", narrate=narrated.append)
+    finally:
+        ahead.WORKERS.clear()
+    assert fresh == frozenset() and (tmp_path / "env" / "conda-meta").is_dir()
+    assert any("linking with a fresh one" in m for m in narrated), narrated
+
+
 def test_what_is_still_queued_when_the_link_request_comes_is_left_to_the_link_step(warm_home, tmp_path):
     """The worker unpacks one archive at a time; the link step unpacks several at once.  So once the request it
     answers has come, the extract requests still queued are left ("left") to rattler.install, which unpacks them

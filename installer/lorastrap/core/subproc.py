@@ -375,7 +375,7 @@ class Worker:
                 return answer
             tail = Result([], self.proc.returncode, out, err or "").tail()
             return {"ok": False, "error": f"the engine exited with {self.proc.returncode} before answering: {tail}",
-                    "exit_code": self.proc.returncode}
+                    "exit_code": self.proc.returncode, "unanswered": True}
 
     def discard(self, *, wait: bool = True) -> None:
         """Not needed after all: end it (its stdin closed; killed if it does not leave at once, or when it was sent

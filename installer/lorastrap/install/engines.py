@@ -264,9 +264,18 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
     """Create the environment at prefix from the hand-over lock_file.  Raises EngineError on failure.  Returns
     the packages (dist names) the worker unpacked into CACHE_DIR ahead of the link in this run (ahead.unpack)."""
     if engine.kind == "rattler":
-        worker = ahead.take() or subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
-        answer = worker.ask({"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
-                             "cache_dir": str(cache_dir)}, timeout=ENGINE_TIMEOUT_S)
+        def fresh() -> subproc.Worker:
+            return subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
+        request = {"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
+                   "cache_dir": str(cache_dir)}
+        started_ahead = ahead.take()
+        answer = (started_ahead or fresh()).ask(request, timeout=ENGINE_TIMEOUT_S)
+        if started_ahead is not None and answer.get("unanswered") and not os.path.lexists(prefix):
+            # The worker started ahead ended (killed, or crashed unpacking ahead) before it began to link: that was
+            # a speed-up only; a fresh worker links, unpacking what it needs itself.
+            narrate(f"the engine's worker started ahead ended before linking ({answer.get('error', '')[:200]}); "
+                    "linking with a fresh one")
+            answer = fresh().ask(request, timeout=ENGINE_TIMEOUT_S)
         if not answer.get("ok"):
             _raise_if_disk_full(answer.get("error", ""), prefix)
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
