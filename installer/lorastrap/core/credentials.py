@@ -25,19 +25,6 @@ def without_login(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
-def with_netrc(url: str) -> str:
-    """URL with its host's .netrc login in it, when it names none (for an engine that reads credentials only from
-    the URL: the solver's repodata requests); else URL as it is."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or "@" in parts.netloc or not parts.hostname:
-        return url
-    login = netrc_login(parts.hostname)
-    if login is None:
-        return url
-    user, password = (urllib.parse.quote(x, safe="") for x in login)
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.netloc}"))
-
-
 def redacted(text: str) -> str:
     """TEXT (an engine's message) with the password of every URL in it as ***."""
     import re

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from lorastrap.install import ahead, archive, engines, generations, prefix as pfx, txn, verify
 from lorastrap.core import fsutil, locks, paths, signals, subproc
+from lorastrap.core.credentials import shown
 from lorastrap.locking import channels as chans, choose, lockfile
 from lorastrap.install.cache import Cache, dist_name, redirect_hosts_from
 from lorastrap.machine.host import existing_parent
@@ -202,13 +203,13 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                               why="each locked package is one archive (…/NAME-VERSION-BUILD.conda, a wheel); a URL "
                                   "ending in / or /.. names none",
                               fix="Re-lock: `lorastrap lock`, or correct that URL. Nothing was changed.")
-        own = {chans.channel_url(c) for c in lk.channels}
-        if isinstance(mirror, str) and len(own) > 1 and chans.channel_url(mirror) not in own:
-            raise UsageError(f"--mirror {mirror}: the lock uses {len(lk.channels)} channels "
+        own = {chans.channel_key(c) for c in lk.channels}  # a lock's channels hold no login
+        if isinstance(mirror, str) and len(own) > 1 and chans.channel_key(mirror) not in own:
+            raise UsageError(f"--mirror {shown(mirror)}: the lock uses {len(lk.channels)} channels "
                              f"({', '.join(lk.channels)})",
                              why="one mirror without its channel would stand for all of them (wrong URLs)",
                              fix="Name the channel each mirror stands for: --mirror CHANNEL=URL (repeatable), "
-                                 f"e.g. --mirror {lk.channels[0]}={mirror}.")
+                                 f"e.g. --mirror {lk.channels[0]}={shown(mirror)}.")
         conda_entries = [e for e in entries if e.manager == "conda"]
         pip_entries = [e for e in entries if e.manager == "pip"]
         unmet = lockfile.missing_dependencies(entries)
@@ -254,8 +255,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             if ahead.unpack(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
         worker_unpacks = eng.kind == "rattler"
-        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url, channels), e.sha256,
-                                    e.filename)
+        logins = _login_sources(channels, mirror, envs_dir, profile)
+        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url, logins)
+                                    if not cache.is_ready(e.sha256, e.filename) else e.url, e.sha256, e.filename)
                                    for e in entries], inspect=True,
                                   on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
@@ -367,7 +369,7 @@ def _built_with(envs_dir: Path, channels, mirror, pip_index_url: str, link_mode:
     later run gets them from the flags given then, or from .netrc."""
     from lorastrap.core.credentials import without_login
     if isinstance(mirror, dict):
-        mirror = {channel: without_login(url) for channel, url in mirror.items()}
+        mirror = {without_login(channel): without_login(url) for channel, url in mirror.items()}
     elif mirror:
         mirror = without_login(mirror)
     return BuiltWith(envs_dir=str(envs_dir.absolute()),
@@ -437,15 +439,34 @@ def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str],
     timings["check"] = time.perf_counter() - t
 
 
-def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str,
-                given: list[str] | None = None) -> str:
+def _login_sources(channels, mirror, envs_dir: Path, profile: Profile):
+    """The URLs whose login a lock's archive URL (which holds none) takes when it lies under one: the --channel
+    and --mirror URLs given now, else the spec's channels (what the lock was made from); read when first asked
+    (the spec's YAML only when an archive is downloaded), then kept."""
+    kept: list[list[str]] = []
+
+    def sources() -> list[str]:
+        if not kept:
+            given = list(channels or [])
+            if not given:
+                from lorastrap.locking.spec import read_spec
+                try:
+                    given = read_spec(envs_dir / profile.spec).channels
+                except LorastrapError:
+                    given = []
+            mirrors = (list(mirror.values()) if isinstance(mirror, dict) else [mirror]) if mirror else []
+            kept.append([*given, *mirrors])
+        return kept[0]
+    return sources
+
+
+def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str, logins=lambda: []) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
     same file, found by name on the index's simple page: the lock's sha256 still decides).  A lock holds no
-    login: the one of a --channel (GIVEN) or --mirror URL the archive's URL lies under goes with it."""
+    login: the one of the URL from LOGINS() (login_sources) the archive's URL lies under goes with it."""
     url = chans.mirrored(e.url, channels, mirror)
-    url = chans.logged_in(url, [*(given or []), *((mirror.values() if isinstance(mirror, dict) else [mirror])
-                                                  if mirror else [])])
+    url = chans.logged_in(url, logins())
     if (e.manager == "pip" and url == e.url and pip_index_url != chans.DEFAULT_PIP_INDEX
             and not url.startswith(pip_index_url.rstrip("/") + "/")):
         from lorastrap.install.download import read_timeout

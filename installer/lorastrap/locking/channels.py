@@ -51,13 +51,40 @@ def logged_in(url: str, given: list[str]) -> str:
     """A lock's package URL (written without user:password: a lock is shared, committed, read by others) with the
     login of the --channel or --mirror URL given now that it lies under, if that one names a login; else as it
     is (the host's .netrc entry, if any, then applies)."""
-    from lorastrap.core.credentials import without_login
-    bare = without_login(url)
-    for source in sorted((channel_url(g) for g in given if "@" in g), key=len, reverse=True):
-        base = without_login(source)
-        if base != source and bare.startswith(base + "/"):
-            return source + bare[len(base):]
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    if "@" in parts.netloc:
+        return url
+    for source in sorted((channel_url(g) for g in given if "@" in g), key=lambda g: len(channel_key(g)[2]),
+                         reverse=True):
+        login = urllib.parse.urlsplit(source).netloc.rpartition("@")[0]
+        if login and _rest(url, source) is not None:
+            return urllib.parse.urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc}"))
     return url
+
+
+def channel_key(channel: str) -> tuple[str, str, str]:
+    """Where a channel (or a URL) is, however it is spelled: (scheme, host[:port], path), without its login, the
+    scheme and host lower-cased, the scheme's own port dropped and the path without its trailing /.  The solver
+    writes a lock's package URLs in that form (http://HOST:80/ch gives http://host/ch/linux-64/…)."""
+    import urllib.parse
+    url = channel_url(channel)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        return (parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"))
+    hostport = parts.netloc.rsplit("@", 1)[-1]
+    host, _, port = hostport.rpartition(":") if hostport.rpartition(":")[2].isdigit() else (hostport, "", "")
+    default = {"http": "80", "https": "443"}[parts.scheme.lower()]
+    host = host.lower() + (f":{int(port)}" if port and str(int(port)) != default else "")
+    return (parts.scheme.lower(), host, parts.path.rstrip("/"))
+
+
+def _rest(url: str, channel: str) -> str | None:
+    """What of URL lies under CHANNEL ("/SUBDIR/FILE"), compared as channel_key does; None when it is not."""
+    (scheme, host, path), (c_scheme, c_host, c_path) = channel_key(url), channel_key(channel)
+    if (scheme, host) != (c_scheme, c_host) or not path.startswith(c_path + "/"):
+        return None
+    return path[len(c_path):]
 
 
 def mirrored(url: str, channels: list[str], mirror: str | dict[str, str] | None) -> str:
@@ -66,11 +93,11 @@ def mirrored(url: str, channels: list[str], mirror: str | dict[str, str] | None)
     pixi's [mirrors]; a channel given by name or URL), which rewrites only the channels it names."""
     if not mirror:
         return url
-    for ch in sorted(channels, key=len, reverse=True):
-        base = channel_url(ch)
-        if url.startswith(base + "/"):
+    for ch in sorted(channels, key=lambda c: len(channel_key(c)[2]), reverse=True):
+        rest = _rest(url, ch)
+        if rest is not None:
             if isinstance(mirror, str):
-                return channel_url(mirror) + url[len(base):]
-            target = next((m for k, m in mirror.items() if channel_url(k) == base), None)
-            return channel_url(target) + url[len(base):] if target else url
+                return channel_url(mirror) + rest
+            target = next((m for k, m in mirror.items() if channel_key(k) == channel_key(ch)), None)
+            return channel_url(target) + rest if target else url
     return url

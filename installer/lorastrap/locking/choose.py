@@ -8,7 +8,7 @@ from pathlib import Path
 from lorastrap.core import paths
 from lorastrap.core.credentials import without_login
 from lorastrap.core.errors import NoLockError
-from lorastrap.locking.channels import channel_url
+from lorastrap.locking.channels import channel_key
 from lorastrap.locking.lockfile import Lock, is_stale, read_lock
 from lorastrap.locking.spec import lock_path
 from lorastrap.matrix.profiles import Profile
@@ -31,8 +31,10 @@ def choose(*, envs_dir: Path, name: str, profile: Profile, platform: str, frozen
             return lk
     if not frozen and local.exists():  # locked on an earlier run here, for the same spec and channels
         lk = read_lock(local, keep=True)
-        wanted = [without_login(channel_url(c)) for c in channels] if channels else None  # as a lock has them
-        if not is_stale(lk, envs_dir, profile) and (wanted is None or lk.channels == wanted):
+        wanted = [channel_key(c) for c in channels] if channels else None  # a lock's channels hold no login
+        if not is_stale(lk, envs_dir, profile) and (wanted is None or (
+                [channel_key(c) for c in lk.channels] == wanted
+                and all(without_login(c) == c for c in lk.channels))):  # one written with a login: made anew
             return lk
     if frozen:
         raise NoLockError(f"--frozen: no committed lock for profile {name} on {platform} ({reason} in "

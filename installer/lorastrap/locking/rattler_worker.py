@@ -31,10 +31,22 @@ def _solve(req: dict) -> dict:
 
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
-    records = asyncio.run(asyncio.wait_for(rattler.solve(
-        sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
-        platforms=[req["platform"], "noarch"], virtual_packages=vps,
-        gateway=Gateway(cache_dir=req["cache_dir"])), req.get("timeout")))
+    client, before = None, os.environ.get("RATTLER_AUTH_FILE")
+    try:
+        if req.get("auth_file"):  # private channels' logins (solve._auth_file): read by rattler's auth middleware
+            from rattler.networking import AuthenticationMiddleware, Client
+            os.environ["RATTLER_AUTH_FILE"] = req["auth_file"]
+            client = Client([AuthenticationMiddleware()])
+        records = asyncio.run(asyncio.wait_for(rattler.solve(
+            sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
+            platforms=[req["platform"], "noarch"], virtual_packages=vps,
+            gateway=Gateway(cache_dir=req["cache_dir"], client=client)), req.get("timeout")))
+    finally:
+        if req.get("auth_file"):
+            if before is None:
+                os.environ.pop("RATTLER_AUTH_FILE", None)
+            else:
+                os.environ["RATTLER_AUTH_FILE"] = before
     out = []
     for r in records:
         out.append({

@@ -8,12 +8,14 @@ it saves a second interpreter, lorastrap's imports and the JSON hand-over (~0.15
 
 from __future__ import annotations
 
+import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import lorastrap
 from lorastrap.core import subproc
-from lorastrap.core.credentials import redacted, shown, with_netrc
+from lorastrap.core.credentials import netrc_login, redacted, shown, without_login
 from lorastrap.core.errors import ConfigError, NetworkError
 from lorastrap.locking.spec import Spec
 
@@ -83,17 +85,51 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
                        fix=explain_solve(text, vps, vps_file))
 
 
+@contextmanager
+def _auth_file(channels: list[str]):
+    """The channels' logins (a URL's own user:password, else its host's .netrc entry) as the solver's credentials
+    file (rattler_networking's RATTLER_AUTH_FILE: {host: {"BasicHTTP": …}}), in a private folder for the solve only;
+    None when no channel has one.  The solver then gets URLs without logins, so its repodata cache (pkgs/repodata,
+    which a shared LORASTRAP_PKGS_DIR exposes) names none, nor does the lock."""
+    import json
+    import shutil
+    import tempfile
+    import urllib.parse
+    hosts = {}
+    for c in channels:
+        parts = urllib.parse.urlsplit(c)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            continue
+        login = ((urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+                 if parts.username is not None else netrc_login(parts.hostname))
+        if login is not None:
+            hosts.setdefault(parts.hostname, {"BasicHTTP": {"username": login[0], "password": login[1]}})
+    if not hosts:
+        yield None
+        return
+    folder = Path(tempfile.mkdtemp(prefix="lorastrap-auth-"))  # 0700
+    try:
+        path = folder / "credentials.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(hosts, f)
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
           vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
-    # The solver reads a private channel's login from its URL only: a .netrc login goes there (in memory, never
-    # into the lock: lockfile.write drops it).
-    request = {"op": "solve", "channels": [with_netrc(c) for c in channels], "specs": spec.conda, "platform": platform,
-               "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}
-    if getattr(lorastrap, "ENGINE_EXITS_HARD", False):
-        from lorastrap.locking import rattler_worker
-        answer = rattler_worker.answer({**request, "timeout": SOLVE_TIMEOUT_S})
-    else:
-        answer = subproc.worker("locking.rattler_worker", request, timeout=SOLVE_TIMEOUT_S)
+    request = {"op": "solve", "channels": [without_login(c) for c in channels], "specs": spec.conda,
+               "platform": platform, "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}
+    with _auth_file(channels) as auth:
+        if auth:
+            request["auth_file"] = str(auth)
+        if getattr(lorastrap, "ENGINE_EXITS_HARD", False):
+            from lorastrap.locking import rattler_worker
+            answer = rattler_worker.answer({**request, "timeout": SOLVE_TIMEOUT_S})
+        else:
+            answer = subproc.worker("locking.rattler_worker", request, timeout=SOLVE_TIMEOUT_S)
     if not answer.get("ok"):
         raise _solve_error(answer, channels, platform, vps, vps_file)
     return answer["records"]
