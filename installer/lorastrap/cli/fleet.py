@@ -120,7 +120,10 @@ def cmd_bundle(args) -> int:
     lk = choose.choose(envs_dir=envs, name=name, profile=profile, platform=platform, frozen=False,
                        channels=src["channels"], pip_index_url=src["pip_index_url"], narrate=say)
     out = args.output.absolute()
+    from lorastrap.install.transaction import login_sources
     manifest = bundle.make(envs_dir=envs, name=name, lock_file=lk, platform=platform, out=out, mirror=src["mirror"],
+                           pip_index_url=src["pip_index_url"],
+                           logins=login_sources(src["channels"], src["mirror"], envs, profile),
                            virtual_packages=spec.virtual_packages(envs, profile, platform),
                            python_version=args.python_version, self_contained=args.self_contained, narrate=say)
     store = out.parent / bundle.RUNTIME_STORE

@@ -34,6 +34,7 @@ from lorastrap.locking import channels, lockfile, wheels
 from lorastrap.core import locks, paths, subproc
 from lorastrap.install import prefix as pfx
 from lorastrap.install.cache import Cache, sha256_file
+from lorastrap.install.transaction import source_url
 from lorastrap.core.errors import ConfigError, IntegrityError, NetworkError
 from lorastrap.core.records import BundleFile, BundleManifest, RuntimeWheels
 
@@ -125,9 +126,12 @@ def _into_store(downloaded: Path, store: Path, narrate) -> dict[str, BundleFile]
 def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, virtual_packages: dict[str, str],
          out: Path,
          mirror: str | None = None, python_version: str | None = None, self_contained: bool = False,
+         pip_index_url: str = channels.DEFAULT_PIP_INDEX, logins=lambda: [],
          narrate=lambda m: None) -> BundleManifest:
     """Build the bundle at out (a folder, or a .tar file), its runtime wheels in the store beside it
-    (OUT's folder/lorastrap-runtime), or inside it with self_contained.  Returns the manifest."""
+    (OUT's folder/lorastrap-runtime), or inside it with self_contained.  Each archive comes from where an install
+    would fetch it (transaction.source_url: --mirror, --pip-index-url, and the login of LOGINS() the lock's
+    URL lies under).  Returns the manifest."""
     entries = lock_file.for_platform(platform)
     if not entries:
         raise ConfigError(f"{lock_file.path} has no {platform} section",
@@ -142,7 +146,8 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
         cache = Cache(paths.cache_dir())
         pip_bytes = conda_bytes = 0
         for e in entries:
-            url = channels.mirrored(e.url, lock_file.channels, mirror)
+            url = (source_url(e, lock_file.channels, mirror, pip_index_url, logins)
+                   if not cache.is_ready(e.sha256, e.filename) else e.url)
             cached, _ = cache.fetch(url, e.sha256, e.filename)  # sha256 checked here
             if e.manager == "conda":
                 subdir = e.url.rsplit("/", 2)[-2]

@@ -255,8 +255,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
             if ahead.unpack(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
         worker_unpacks = eng.kind == "rattler"
-        logins = _login_sources(channels, mirror, envs_dir, profile)
-        fetched = cache.fetch_all([(_source_url(e, lk.channels, mirror, pip_index_url, logins)
+        logins = login_sources(channels, mirror, envs_dir, profile)
+        fetched = cache.fetch_all([(source_url(e, lk.channels, mirror, pip_index_url, logins)
                                     if not cache.is_ready(e.sha256, e.filename) else e.url, e.sha256, e.filename)
                                    for e in entries], inspect=True,
                                   on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
@@ -439,7 +439,7 @@ def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str],
     timings["check"] = time.perf_counter() - t
 
 
-def _login_sources(channels, mirror, envs_dir: Path, profile: Profile):
+def login_sources(channels, mirror, envs_dir: Path, profile: Profile):
     """The URLs whose login a lock's archive URL (which holds none) takes when it lies under one: the --channel
     and --mirror URLs given now, else the spec's channels (what the lock was made from); read when first asked
     (the spec's YAML only when an archive is downloaded), then kept."""
@@ -460,7 +460,7 @@ def _login_sources(channels, mirror, envs_dir: Path, profile: Profile):
     return sources
 
 
-def _source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str, logins=lambda: []) -> str:
+def source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str, logins=lambda: []) -> str:
     """Where an entry is fetched from: a conda archive (or a wheel under a lock channel) from --mirror when given;
     a wheel from --pip-index-url when that is not the default and the lock's URL is not already under it (the
     same file, found by name on the index's simple page: the lock's sha256 still decides).  A lock holds no

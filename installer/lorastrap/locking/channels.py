@@ -40,8 +40,9 @@ def check_source(value: str, flag: str, *, index: bool = False) -> str:
 
 def channel_url(channel: str) -> str:
     """'conda-forge' → https://conda.anaconda.org/conda-forge; URLs (http, https, file) and paths pass through."""
-    if re.match(r"^[a-z][a-z0-9+.-]*://", channel):
-        return channel.rstrip("/")
+    if re.match(r"^[a-z][a-z0-9+.-]*://", channel, re.I):  # HTTP://… is a URL too, never a channel name
+        scheme, rest = channel.split("://", 1)
+        return f"{scheme.lower()}://{rest}".rstrip("/")
     if channel.startswith("/") or channel.startswith("."):
         return Path(channel).resolve().as_uri()
     return f"{DEFAULT_CHANNEL_ALIAS}/{channel}"
@@ -55,8 +56,8 @@ def logged_in(url: str, given: list[str]) -> str:
     parts = urllib.parse.urlsplit(url)
     if "@" in parts.netloc:
         return url
-    for source in sorted((channel_url(g) for g in given if "@" in g), key=lambda g: len(channel_key(g)[2]),
-                         reverse=True):
+    for source in sorted((channel_url(g) for g in given if "@" in g), reverse=True,  # the longest path first;
+                         key=lambda g: (len(channel_key(g)[2]), urllib.parse.urlsplit(g).password is not None)):
         login = urllib.parse.urlsplit(source).netloc.rpartition("@")[0]
         if login and _rest(url, source) is not None:
             return urllib.parse.urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc}"))
@@ -73,6 +74,7 @@ def channel_key(channel: str) -> tuple[str, str, str]:
     if parts.scheme.lower() not in ("http", "https"):
         return (parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"))
     hostport = parts.netloc.rsplit("@", 1)[-1]
+    hostport = hostport[:-1] if hostport.endswith(":") else hostport  # "host:" is the scheme's own port
     host, _, port = hostport.rpartition(":") if hostport.rpartition(":")[2].isdigit() else (hostport, "", "")
     default = {"http": "80", "https": "443"}[parts.scheme.lower()]
     host = host.lower() + (f":{int(port)}" if port and str(int(port)) != default else "")

@@ -36,7 +36,11 @@ def _solve(req: dict) -> dict:
         if req.get("auth_file"):  # private channels' logins (solve._auth_file): read by rattler's auth middleware
             from rattler.networking import AuthenticationMiddleware, Client
             os.environ["RATTLER_AUTH_FILE"] = req["auth_file"]
-            client = Client([AuthenticationMiddleware()])
+            client = Client([AuthenticationMiddleware()])  # it reads the file now: the file has done its work
+            try:
+                os.unlink(req["auth_file"])
+            except OSError:
+                pass
         records = asyncio.run(asyncio.wait_for(rattler.solve(
             sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
             platforms=[req["platform"], "noarch"], virtual_packages=vps,
@@ -96,6 +100,9 @@ def answer(req: dict) -> dict:
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # everything goes into the answer; the parent decides
+        from lorastrap.core.errors import Interrupted
+        if isinstance(exc, Interrupted):  # in lorastrap's own process: a SIGTERM/SIGHUP is its stop, not an answer
+            raise
         if isinstance(exc, asyncio.TimeoutError):
             return {"ok": False, "error": f"the solve did not finish within {req.get('timeout'):.0f} s",
                     "timed_out": True}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import lorastrap
@@ -86,43 +86,71 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
 
 
 @contextmanager
-def _auth_file(channels: list[str]):
-    """The channels' logins (a URL's own user:password, else its host's .netrc entry) as the solver's credentials
-    file (rattler_networking's RATTLER_AUTH_FILE: {host: {"BasicHTTP": …}}), in a private folder for the solve only;
-    None when no channel has one.  The solver then gets URLs without logins, so its repodata cache (pkgs/repodata,
-    which a shared LORASTRAP_PKGS_DIR exposes) names none, nor does the lock."""
+def _solver_logins(channels: list[str]):
+    """(the channel URLs the solver gets, its credentials file or None), for the length of a solve.
+
+    py-rattler's gateway reads a login from the URL, or from a credentials file (rattler_networking's
+    RATTLER_AUTH_FILE: {host: {"BasicHTTP": …}}) that its auth middleware reads once, when it is made (the worker
+    then removes it).  A login in a URL ends up in the solver's repodata cache (pkgs/repodata, which a shared
+    LORASTRAP_PKGS_DIR exposes): so a host's login goes in that file — 0600, in a private folder, removed however
+    the solve ends (SIGTERM and SIGHUP included) — and its URLs go without it.  The file keys a login by host alone
+    (no port, path or scheme): a .netrc entry is a host's anyway; a URL's own login goes there only when every
+    channel of that host has that same login and the same scheme and port — else it stays in its URL, as a login
+    given for one channel never goes to another."""
     import json
     import shutil
+    import signal
     import tempfile
+    import threading
     import urllib.parse
-    hosts = {}
+
+    from lorastrap.core import signals
+    from lorastrap.core.errors import Interrupted
+    hosts: dict[str, list[tuple[urllib.parse.SplitResult, tuple[str, str] | None]]] = {}
     for c in channels:
         parts = urllib.parse.urlsplit(c)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            continue
-        login = ((urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
-                 if parts.username is not None else netrc_login(parts.hostname))
+        if parts.scheme.lower() in ("http", "https") and parts.hostname:
+            own = ((urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+                   if parts.username is not None else None)
+            hosts.setdefault(parts.hostname, []).append((parts, own))
+    filed: dict[str, tuple[str, str]] = {}
+    for host, group in hosts.items():
+        owns = [own for _, own in group if own is not None]
+        if not owns:
+            login = netrc_login(host)
+        elif len(owns) == len(group) and len(set(owns)) == 1 and len({(p.scheme.lower(), p.port) for p, _ in group}) == 1:
+            login = owns[0]
+        else:
+            continue  # logins of their own that differ on one host: each stays in its URL
         if login is not None:
-            hosts.setdefault(parts.hostname, {"BasicHTTP": {"username": login[0], "password": login[1]}})
-    if not hosts:
-        yield None
+            filed[host] = login
+    urls = [without_login(c) if urllib.parse.urlsplit(c).hostname in filed else c for c in channels]
+    if not filed:
+        yield urls, None
         return
+
+    def stopped(signum, frame):
+        raise Interrupted(f"stopped by signal {signal.Signals(signum).name}", why="the solve was interrupted",
+                          fix="Run the same command again.")
     folder = Path(tempfile.mkdtemp(prefix="lorastrap-auth-"))  # 0700
     try:
-        path = folder / "credentials.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(hosts, f)
-        yield path
+        with (signals.handled((signal.SIGTERM, signal.SIGHUP), stopped)
+              if threading.current_thread() is threading.main_thread() else nullcontext()):
+            path = folder / "credentials.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:  # rattler's key of an IPv6 host is in brackets
+                json.dump({(f"[{h}]" if ":" in h else h): {"BasicHTTP": {"username": u, "password": p}}
+                           for h, (u, p) in filed.items()}, f)
+            yield urls, path
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def solve(spec: Spec, channels: list[str], platform: str, vps: dict[str, str], cache_dir: Path,
           vps_file: Path = Path("virtual-packages.yml")) -> list[dict]:
-    request = {"op": "solve", "channels": [without_login(c) for c in channels], "specs": spec.conda,
-               "platform": platform, "virtual_packages": vps, "cache_dir": str(cache_dir / "repodata")}
-    with _auth_file(channels) as auth:
+    request = {"op": "solve", "specs": spec.conda, "platform": platform, "virtual_packages": vps,
+               "cache_dir": str(cache_dir / "repodata")}
+    with _solver_logins(channels) as (request["channels"], auth):
         if auth:
             request["auth_file"] = str(auth)
         if getattr(lorastrap, "ENGINE_EXITS_HARD", False):
