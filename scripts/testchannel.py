@@ -526,7 +526,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def serve(root: Path, port: int = 0) -> tuple[http.server.ThreadingHTTPServer, str]:
     """Serve root on 127.0.0.1 in a background thread; returns (server, base URL).  server.shutdown() stops it."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # socketserver's 5 drops SYNs when many downloads start at once (see netsim.py)
+    server = Server(("127.0.0.1", port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
