@@ -20,6 +20,7 @@ from netsim import NetSim
 
 from lorastrap.install import cache, download
 from lorastrap.core.errors import IntegrityError, NetworkError
+from lorastrap.core import credentials
 
 SIZE = 3 * 2**20 + 123  # more than one read block, so a cut lands mid-body
 
@@ -765,7 +766,7 @@ def test_a_private_index_gets_its_credentials_and_passes_them_to_its_own_files_o
         assert pypi_index.file_url(index, "demo", "demo-1.1-py3-none-any.whl") == \
             "http://elsewhere.invalid/demo-1.1-py3-none-any.whl"
         # The same origin however written (host case, the scheme's own port spelled out); not another port or scheme.
-        o = lambda u: pypi_index._origin(urllib.parse.urlsplit(u))  # noqa: E731
+        o = lambda u: credentials.origin(urllib.parse.urlsplit(u))  # noqa: E731
         assert o("https://Files.Example:443/a") == o("https://files.example/b") != o("http://files.example/b")
         assert o("https://files.example:8443/a") != o("https://files.example/a")
         netrc_file = tmp_path / "netrc"

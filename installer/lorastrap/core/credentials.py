@@ -25,6 +25,16 @@ def without_login(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
+def origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int | None]:
+    """Scheme, host (any case) and port (the scheme's own when not written) of a URL: where a login given with
+    one URL may go along."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
 def redacted(text: str) -> str:
     """TEXT (an engine's message) with the password of every URL in it as ***."""
     import re

@@ -34,7 +34,7 @@ from lorastrap.locking import channels, lockfile, wheels
 from lorastrap.core import locks, paths, subproc
 from lorastrap.install import prefix as pfx
 from lorastrap.install.cache import Cache, sha256_file
-from lorastrap.install.transaction import source_url
+from lorastrap.install.transaction import sources_to_fetch
 from lorastrap.core.errors import ConfigError, IntegrityError, NetworkError
 from lorastrap.core.records import BundleFile, BundleManifest, RuntimeWheels
 
@@ -130,7 +130,7 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
          narrate=lambda m: None) -> BundleManifest:
     """Build the bundle at out (a folder, or a .tar file), its runtime wheels in the store beside it
     (OUT's folder/lorastrap-runtime), or inside it with self_contained.  Each archive comes from where an install
-    would fetch it (transaction.source_url: --mirror, --pip-index-url, and the login of LOGINS() the lock's
+    would fetch it (transaction.sources_to_fetch: --mirror, --pip-index-url, and the login of LOGINS() the lock's
     URL lies under).  Returns the manifest."""
     entries = lock_file.for_platform(platform)
     if not entries:
@@ -145,10 +145,9 @@ def make(*, envs_dir: Path, name: str, lock_file: lockfile.Lock, platform: str, 
         shutil.copyfile(lock_file.path, root / "lock" / f"{name}.conda-lock.yml")
         cache = Cache(paths.cache_dir())
         pip_bytes = conda_bytes = 0
-        for e in entries:
-            url = (source_url(e, lock_file.channels, mirror, pip_index_url, logins)
-                   if not cache.is_ready(e.sha256, e.filename) else e.url)
-            cached, _ = cache.fetch(url, e.sha256, e.filename)  # sha256 checked here
+        for e, source in zip(entries, sources_to_fetch(cache, entries, lock_file.channels, mirror, pip_index_url,
+                                                       logins)):
+            cached, _ = cache.fetch(*source)  # sha256 checked here
             if e.manager == "conda":
                 subdir = e.url.rsplit("/", 2)[-2]
                 target = root / "channel" / subdir / e.filename

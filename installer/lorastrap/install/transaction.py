@@ -256,9 +256,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                 unpacked_ahead.add(dist_name(path.name))
         worker_unpacks = eng.kind == "rattler"
         logins = login_sources(channels, mirror, envs_dir, profile)
-        fetched = cache.fetch_all([(source_url(e, lk.channels, mirror, pip_index_url, logins)
-                                    if not cache.is_ready(e.sha256, e.filename) else e.url, e.sha256, e.filename)
-                                   for e in entries], inspect=True,
+        fetched = cache.fetch_all(sources_to_fetch(cache, entries, lk.channels, mirror, pip_index_url, logins),
+                                  inspect=True,
                                   on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
@@ -443,21 +442,27 @@ def login_sources(channels, mirror, envs_dir: Path, profile: Profile):
     """The URLs whose login a lock's archive URL (which holds none) takes when it lies under one: the --channel
     and --mirror URLs given now, else the spec's channels (what the lock was made from); read when first asked
     (the spec's YAML only when an archive is downloaded), then kept."""
-    kept: list[list[str]] = []
+    import functools
 
+    @functools.cache
     def sources() -> list[str]:
-        if not kept:
-            given = list(channels or [])
-            if not given:
-                from lorastrap.locking.spec import read_spec
-                try:
-                    given = read_spec(envs_dir / profile.spec).channels
-                except LorastrapError:
-                    given = []
-            mirrors = (list(mirror.values()) if isinstance(mirror, dict) else [mirror]) if mirror else []
-            kept.append([*given, *mirrors])
-        return kept[0]
+        given = list(channels or [])
+        if not given:
+            from lorastrap.locking.spec import read_spec
+            try:
+                given = read_spec(envs_dir / profile.spec).channels
+            except LorastrapError:
+                given = []
+        return [*given, *((list(mirror.values()) if isinstance(mirror, dict) else [mirror]) if mirror else [])]
     return sources
+
+
+def sources_to_fetch(cache: Cache, entries: list, channels: list[str], mirror, pip_index_url: str,
+                     logins) -> list[tuple[str, str, str]]:
+    """(URL, sha256, file name) of each entry, for Cache.fetch/fetch_all: source_url for what the cache lacks, the
+    lock's own URL for what it holds (never read: no spec, no index page looked up for it)."""
+    return [(source_url(e, channels, mirror, pip_index_url, logins) if not cache.is_ready(e.sha256, e.filename)
+             else e.url, e.sha256, e.filename) for e in entries]
 
 
 def source_url(e: lockfile.Entry, channels: list[str], mirror, pip_index_url: str, logins=lambda: []) -> str:

@@ -57,34 +57,29 @@ def logged_in(url: str, given: list[str]) -> str:
     if "@" in parts.netloc:
         return url
     for source in sorted((channel_url(g) for g in given if "@" in g), reverse=True,  # the longest path first;
-                         key=lambda g: (len(channel_key(g)[2]), urllib.parse.urlsplit(g).password is not None)):
+                         key=lambda g: (len(channel_key(g)[3]), urllib.parse.urlsplit(g).password is not None)):
         login = urllib.parse.urlsplit(source).netloc.rpartition("@")[0]
         if login and _rest(url, source) is not None:
             return urllib.parse.urlunsplit(parts._replace(netloc=f"{login}@{parts.netloc}"))
     return url
 
 
-def channel_key(channel: str) -> tuple[str, str, str]:
-    """Where a channel (or a URL) is, however it is spelled: (scheme, host[:port], path), without its login, the
-    scheme and host lower-cased, the scheme's own port dropped and the path without its trailing /.  The solver
+def channel_key(channel: str) -> tuple[str, str, int | None, str]:
+    """Where a channel (or a URL) is, however it is spelled: its origin (credentials.origin: scheme, host in lower
+    case, port — the scheme's own when not written), then its path without the trailing /; no login.  The solver
     writes a lock's package URLs in that form (http://HOST:80/ch gives http://host/ch/linux-64/…)."""
     import urllib.parse
-    url = channel_url(channel)
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        return (parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"))
-    hostport = parts.netloc.rsplit("@", 1)[-1]
-    hostport = hostport[:-1] if hostport.endswith(":") else hostport  # "host:" is the scheme's own port
-    host, _, port = hostport.rpartition(":") if hostport.rpartition(":")[2].isdigit() else (hostport, "", "")
-    default = {"http": "80", "https": "443"}[parts.scheme.lower()]
-    host = host.lower() + (f":{int(port)}" if port and str(int(port)) != default else "")
-    return (parts.scheme.lower(), host, parts.path.rstrip("/"))
+
+    from lorastrap.core.credentials import origin
+    parts = urllib.parse.urlsplit(channel_url(channel))
+    return (*origin(parts), parts.path.rstrip("/"))
 
 
 def _rest(url: str, channel: str) -> str | None:
     """What of URL lies under CHANNEL ("/SUBDIR/FILE"), compared as channel_key does; None when it is not."""
-    (scheme, host, path), (c_scheme, c_host, c_path) = channel_key(url), channel_key(channel)
-    if (scheme, host) != (c_scheme, c_host) or not path.startswith(c_path + "/"):
+    *where, path = channel_key(url)
+    *c_where, c_path = channel_key(channel)
+    if where != c_where or not path.startswith(c_path + "/"):
         return None
     return path[len(c_path):]
 
@@ -95,7 +90,7 @@ def mirrored(url: str, channels: list[str], mirror: str | dict[str, str] | None)
     pixi's [mirrors]; a channel given by name or URL), which rewrites only the channels it names."""
     if not mirror:
         return url
-    for ch in sorted(channels, key=lambda c: len(channel_key(c)[2]), reverse=True):
+    for ch in sorted(channels, key=lambda c: len(channel_key(c)[3]), reverse=True):
         rest = _rest(url, ch)
         if rest is not None:
             if isinstance(mirror, str):

@@ -132,15 +132,6 @@ def files(index_url: str, name: str, *, timeout: float = INDEX_TIMEOUT_S) -> lis
                            fix="Check that --pip-index-url names a PEP 503/691 simple index.")
 
 
-def _origin(parts: urllib.parse.SplitResult) -> tuple[str, str, int | None]:
-    """Scheme, host (any case) and port (the scheme's own when not written) of a URL."""
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return parts.scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme)
-
-
 def file_url(index_url: str, name: str, filename: str, *, timeout: float = INDEX_TIMEOUT_S) -> str:
     """The URL of one file of a project on the index (a PyPI mirror holding the lock's exact wheel), to download it
     now: on the index's own host it carries the index URL's user:password, as pip passes them on (the URLs files()
@@ -149,7 +140,7 @@ def file_url(index_url: str, name: str, filename: str, *, timeout: float = INDEX
     for f in files(index_url, name, timeout=timeout):
         if f.filename == filename:
             at = urllib.parse.urlsplit(f.url)
-            if index.username is not None and "@" not in at.netloc and _origin(at) == _origin(index):
+            if index.username is not None and "@" not in at.netloc and credentials.origin(at) == credentials.origin(index):
                 return urllib.parse.urlunsplit(at._replace(netloc=f"{index.netloc.rsplit('@', 1)[0]}@{at.netloc}"))
             return f.url
     raise NetworkError(f"{filename} is not on the pip index {shown(index_url)}",

@@ -25,32 +25,37 @@ import traceback
 from pathlib import Path
 
 
+def _authenticated(auth_file: str):
+    """A client whose auth middleware holds the private channels' logins of AUTH_FILE (solve._solver_logins):
+    rattler_networking reads RATTLER_AUTH_FILE once, when the middleware is made — so the variable is put back
+    and the file removed right after."""
+    from rattler.networking import AuthenticationMiddleware, Client
+    before = os.environ.get("RATTLER_AUTH_FILE")
+    os.environ["RATTLER_AUTH_FILE"] = auth_file
+    try:
+        return Client([AuthenticationMiddleware()])
+    finally:
+        if before is None:
+            os.environ.pop("RATTLER_AUTH_FILE", None)
+        else:
+            os.environ["RATTLER_AUTH_FILE"] = before
+        try:
+            os.unlink(auth_file)
+        except OSError:
+            pass
+
+
 def _solve(req: dict) -> dict:
     import rattler
     from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
 
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
-    client, before = None, os.environ.get("RATTLER_AUTH_FILE")
-    try:
-        if req.get("auth_file"):  # private channels' logins (solve._auth_file): read by rattler's auth middleware
-            from rattler.networking import AuthenticationMiddleware, Client
-            os.environ["RATTLER_AUTH_FILE"] = req["auth_file"]
-            client = Client([AuthenticationMiddleware()])  # it reads the file now: the file has done its work
-            try:
-                os.unlink(req["auth_file"])
-            except OSError:
-                pass
-        records = asyncio.run(asyncio.wait_for(rattler.solve(
-            sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
-            platforms=[req["platform"], "noarch"], virtual_packages=vps,
-            gateway=Gateway(cache_dir=req["cache_dir"], client=client)), req.get("timeout")))
-    finally:
-        if req.get("auth_file"):
-            if before is None:
-                os.environ.pop("RATTLER_AUTH_FILE", None)
-            else:
-                os.environ["RATTLER_AUTH_FILE"] = before
+    client = _authenticated(req["auth_file"]) if req.get("auth_file") else None
+    records = asyncio.run(asyncio.wait_for(rattler.solve(
+        sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
+        platforms=[req["platform"], "noarch"], virtual_packages=vps,
+        gateway=Gateway(cache_dir=req["cache_dir"], client=client)), req.get("timeout")))
     out = []
     for r in records:
         out.append({

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import lorastrap
 from lorastrap.core import subproc
-from lorastrap.core.credentials import netrc_login, redacted, shown, without_login
+from lorastrap.core.credentials import netrc_login, origin, redacted, shown, without_login
 from lorastrap.core.errors import ConfigError, NetworkError
-from lorastrap.locking.channels import channel_key
 from lorastrap.locking.spec import Spec
 
 SOLVE_TIMEOUT_S = 900
@@ -119,9 +118,8 @@ def _solver_logins(channels: list[str]):
         owns = [own for _, own in group if own is not None]
         if not owns:
             login = netrc_login(host)
-        elif len(owns) == len(group) and len(set(owns)) == 1 and len({channel_key(p.geturl())[:2]
-                                                                       for p, _ in group}) == 1:
-            login = owns[0]  # (scheme, host and port) the same for all
+        elif len(owns) == len(group) and len(set(owns)) == 1 and len({origin(p) for p, _ in group}) == 1:
+            login = owns[0]  # one scheme, host and port for all
         else:
             continue  # logins of their own that differ on one host: each stays in its URL
         if login is not None:
