@@ -291,3 +291,24 @@ def test_a_scheme_in_capitals_is_a_url_not_a_channel_name(tmp_path, home, channe
         assert "anaconda.org" not in (tmp_path / "l.yml").read_text() and "s3cret" not in res.stderr
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize("text", [
+    # prefix-dev/pixi#3585 (an Artifactory channel), prefix-dev/pixi#753, and prefix-dev/pixi-build-backends#288:
+    # over HTTP/2 there is no reason phrase
+    "GatewayError: HTTP status client error (401 Unauthorized) for url (https://artifactory.ramboll.com/artifactory/"
+    "api/conda/renopexconda-pytools/noarch/repodata_shards.msgpack.zst)",
+    "failed to fetch repodata from channels: HTTP status client error (403 Forbidden) for url (http://mirrors.tuna."
+    "tsinghua.edu.cn/anaconda/cloud/conda-forge/linux-64/repodata.json.bz2)",
+    "Failed to resolve dependencies: HTTP status client error (401 ) for url (https://private-artifactory.io/"
+    "artifactory/api/conda/private-channel/win-64/repodata_shards.msgpack.zst)",
+])
+def test_the_solvers_real_refusals_are_a_network_error_that_asks_for_credentials(text):
+    """What rattler's gateway says when a channel refuses the request, as users reported it: a network error that
+    says how to give credentials (and shows no password of the channels), never a spec that "cannot be solved"."""
+    from lorastrap.core.errors import NetworkError
+    from lorastrap.locking.solve import _solve_error
+    err = _solve_error({"ok": False, "error": text}, ["https://bob:s3cret@private.example/channel"], "linux-64",
+                       {"__glibc": "2.17"}, Path("vps.yml"))
+    assert isinstance(err, NetworkError) and "wants credentials" in err.what and ".netrc" in err.fix
+    assert "s3cret" not in str(err.to_dict())

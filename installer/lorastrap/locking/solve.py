@@ -67,7 +67,9 @@ def _solve_error(answer: dict, channels: list[str], platform: str, vps: dict[str
     low = text.lower()
     explained = "cannot be installed" in low or "for which no candidates were found" in low or "cannot solve" in low
     shown_channels = ", ".join(shown(c) for c in channels)
-    if not explained and any(w in low for w in ("401 unauthorized", "403 forbidden")):
+    # rattler's text: "HTTP status client error (401 Unauthorized) for url (…)"; over HTTP/2, which has no reason
+    # phrase, "(401 ) for url" (prefix-dev/pixi-build-backends#288)
+    if not explained and re.search(r"client error \(40[13]\b|\b40[13] (unauthorized|forbidden)\b", low):
         return NetworkError(f"could not read the channel(s) {shown_channels} for {platform}: the server wants "
                             "credentials", why=text.splitlines()[0][:500],
                             fix="Give them in ~/.netrc (or the file $NETRC names): `machine HOST login USER password "
