@@ -195,3 +195,25 @@ def test_a_warm_install_imports_none_of_the_heavy_modules_while_it_runs(channel,
     order = [line.split("|")[-1].strip() for line in res.stderr.splitlines() if line.startswith("import time:")]
     assert order.index("lorastrap.install.ahead") < order.index("lorastrap.cli")  # the worker was started first
     assert not _heavy(names, RUNTIME_NEVER), _heavy(names, RUNTIME_NEVER)
+
+
+# The worker itself: before its first request it loads py-rattler's compiled module alone (rattler_worker._native),
+# not the package's __init__ with its wrappers of every API — 25-30 ms of the ~95 ms a warm install waited for it.
+# The module is loaded once: a later `import rattler` (a solve in lorastrap's own process) must find that one.
+WORKER_START = """
+import sys
+from lorastrap.locking import rattler_worker
+native = rattler_worker._native()
+alone = sorted(m for m in sys.modules if m == "rattler" or m.startswith("rattler."))
+import rattler  # the package's wrappers then work on that same module
+print(alone, sys.modules["rattler.rattler"] is native, str(rattler.Version("1.2")), hasattr(native, "py_install"),
+      flush=True)
+import os
+os._exit(0)
+"""
+
+
+def test_the_worker_loads_the_engine_without_its_python_wrappers():
+    res = subprocess.run([sys.executable, "-c", WORKER_START], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["['rattler.rattler']", "True", "1.2", "True"], res.stdout

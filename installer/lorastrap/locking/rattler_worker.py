@@ -67,24 +67,64 @@ def _solve(req: dict) -> dict:
     return {"ok": True, "records": out}
 
 
-def _install(req: dict) -> dict:
-    import rattler
+def _native():
+    """py-rattler's compiled module (``rattler.rattler``) alone: what an install and an unpacking need
+    (``PyLockFile``, ``py_install``, ``extract``) without the package's own ``__init__``, whose Python wrappers of
+    every other API (index, sigstore, the gateway, typing and inspect) took 25-30 ms of the worker's ~95 ms start on
+    these machines — the time a warm install waits for the worker.  The release is pinned (pyproject.toml); where
+    the module is not where that release keeps it, the package is imported the usual way, which loads the same
+    module."""
+    import importlib.machinery
+    import importlib.util
+    if "rattler.rattler" in sys.modules:
+        return sys.modules["rattler.rattler"]
+    spec = importlib.util.find_spec("rattler")  # finds the package without running it
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    found = [Path(d) / f"rattler{suffix}" for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [f for f in found if f.is_file()]
+    if not found:
+        import rattler.rattler
+        return rattler.rattler
+    native_spec = importlib.util.spec_from_file_location("rattler.rattler", found[0])
+    module = importlib.util.module_from_spec(native_spec)
+    sys.modules["rattler.rattler"] = module  # one load a process: `import rattler` later finds this one
+    native_spec.loader.exec_module(module)
+    return module
 
-    lock = rattler.LockFile.from_path(req["lock"])
+
+class _Record:
+    """What py_install takes for a record: an object holding the native one as ``_record`` (as the package's
+    RepoDataRecord does)."""
+    __slots__ = ("_record",)
+
+    def __init__(self, record) -> None:
+        self._record = record
+
+
+def _install(req: dict) -> dict:
+    native = _native()
+    lock = native.PyLockFile.from_path(req["lock"])
     env = lock.default_environment()
-    platform = next((p for p in env.platforms() if str(p) == req["platform"]), None)
+    platform = next((p for p in env.platforms() if p.name == req["platform"]), None) if env else None
     if platform is None:
         return {"ok": False, "error": f"platform {req['platform']} is not in {req['lock']}"}
-    records = env.conda_repodata_records_for_platform(platform) or []
+    records = [_Record(r) for r in env.conda_repodata_records_for_platform(platform) or []]
+
+    async def linked(chosen: list, show_progress: bool) -> None:  # py_install wants a running event loop
+        await native.py_install(
+            records=chosen, target_prefix=req["prefix"], cache_dir=req["cache_dir"], installed_packages=None,
+            reinstall_packages=None, ignored_packages=None, platform=None, client=None, execute_link_scripts=False,
+            show_progress=show_progress, requested_specs=None, reporter=None, alternative_target_prefix=None,
+            config=None, attestation_policy=None, package_cache=None)
+
+    def link(chosen: list, *, show_progress: bool = False) -> None:
+        asyncio.run(linked(chosen, show_progress))
     if os.environ.get("LORASTRAP_PAUSE_AT") == "mid-link":  # crash-test hook: half linked, then wait to be killed
-        first = [r for r in records if not r.noarch.python]  # noarch: python ones need python in the same install
-        asyncio.run(rattler.install(first, target_prefix=req["prefix"],
-                                    cache_dir=req["cache_dir"], execute_link_scripts=False))
+        link([r for r in records if not r._record.noarch.is_python])  # noarch: python ones need python with them
         Path(req["prefix"] + ".paused-mid-link").write_text(str(os.getpid()))
         while True:
             time.sleep(60)
-    asyncio.run(rattler.install(records, target_prefix=req["prefix"], cache_dir=req["cache_dir"],
-                                show_progress=bool(req.get("show_progress")), execute_link_scripts=False))
+    link(records, show_progress=bool(req.get("show_progress")))
     if req.get("show_progress"):  # py-rattler's bar stops mid-line: end it, so the next line starts on its own
         sys.stderr.write("\n")
         sys.stderr.flush()
@@ -130,8 +170,6 @@ def _extract(req: dict) -> str:
     import shutil
     import struct
 
-    from rattler.package_streaming import extract
-
     from lorastrap.core import fsutil, paths
     cache, dist, sha = Path(req["cache_dir"]), req["dist"], req["sha256"]
     folder, record = cache / dist, cache / f"{dist}.lock"
@@ -143,7 +181,7 @@ def _extract(req: dict) -> str:
         fsutil.remove_orphans(cache, paths.PARTIAL, marked=True)
     tmp = cache / f".{dist}{paths.PARTIAL}{fsutil.owner_tag()}.d"
     try:
-        got, _ = extract(req["archive"], tmp)
+        got, _ = _native().extract(Path(req["archive"]), tmp)
         if bytes(got).hex() != sha:
             return f"unpacked bytes have sha256 {bytes(got).hex()}, the lock says {sha}"
         with open(cache / ".cache.lock", "a+b") as held:
@@ -185,8 +223,8 @@ def _requests():
 
 
 def main() -> None:
-    try:  # before the request: a worker started ahead of its request imports py-rattler while the parent works
-        import rattler  # noqa: F401
+    try:  # before the request: a worker started ahead of its request loads py-rattler while the parent works
+        _native()
     except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
         pass
     extracted: dict[str, str] = {}
