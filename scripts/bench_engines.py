@@ -15,6 +15,9 @@ lock's conda records, the engine lorastrap embeds, in a Python process of its ow
 the lock's conda entries: the test channel's `pip` is a stand-in, so their pip step cannot run there; lorastrap's
 figures include its pip step. Scenarios: cold (empty caches, over HTTP), warm (caches filled, a fresh prefix),
 no-op (lorastrap re-run on an environment that matches); and `detect` against the bare interpreter.
+A warm run follows its tool's own cold run, after `sync` (the same for every tool): without it the timed run
+also pays the writeback of what the cold run just wrote, through the engine's fsyncs (py-rattler fsyncs each
+conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too.
 Targets: warm <= 1.25x micromamba, cold <= 0.8x, no-op <= 0.15 s, detect <= 60 ms over the interpreter.
 """
 
@@ -67,8 +70,8 @@ def timed(argv, env) -> tuple[float, subprocess.CompletedProcess]:
 
 
 class Bench:
-    def __init__(self, tmp: Path, mm: Path, url: str, lock: dict):
-        self.tmp, self.mm, self.url, self.lock = tmp, mm, url, lock
+    def __init__(self, tmp: Path, mm: Path, url: str, lock: dict, sync: bool = True):
+        self.tmp, self.mm, self.url, self.lock, self.sync = tmp, mm, url, lock, sync
         self.n = 0
 
     def _home(self) -> Path:
@@ -106,6 +109,11 @@ class Bench:
         wall, _ = timed([sys.executable, "-c", RATTLER_ALONE, str(lock_file), str(prefix), str(cache)], dict(os.environ))
         return wall
 
+    def settle(self) -> None:
+        """What the warm-up run wrote reaches the disk before the timed run (see the module's docstring)."""
+        if self.sync:
+            os.sync()
+
     def scenario(self, kind: str, runs: int) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {w: [] for w in WHO}
         out.update(pip=[], noop=[], files=[])
@@ -116,17 +124,20 @@ class Bench:
                     if kind == "warm":
                         self.rattler_alone(home / "rc", prefix)
                         shutil.rmtree(prefix)
+                        self.settle()
                     out[who].append(self.rattler_alone(home / "rc", prefix))
                 elif who == "micromamba":
                     if kind == "warm":
                         self.micromamba(home / "mm", prefix)
                         shutil.rmtree(prefix)
+                        self.settle()
                     out[who].append(self.micromamba(home / "mm", prefix))
                 else:
                     engine = "rattler" if who == "rattler" else "micromamba"
                     if kind == "warm":
                         self.lorastrap(engine, home, prefix)
                         shutil.rmtree(prefix)
+                        self.settle()
                     wall, result = self.lorastrap(engine, home, prefix)
                     out[who].append(wall)
                     out["files"].append(sum(len(f) for _, _, f in os.walk(prefix)))
@@ -140,7 +151,7 @@ class Bench:
         return out
 
 
-def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path) -> list[tuple]:
+def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path, sync: bool = True) -> list[tuple]:
     tc = tmp / name / "tc"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(tc)], check=True,
                    capture_output=True, env=dict(os.environ, **extra_env))
@@ -159,7 +170,7 @@ def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path) -> list[
         rows = []
         for kind, url, lk in ((("warm", plain.url, lock),) if name != "big" else ()) + (
                 ("cold", plain.url, lock), ("cold-shaped", shaped.url, shaped_lock)):
-            b = Bench(tmp / name / kind, mm, url, lk)
+            b = Bench(tmp / name / kind, mm, url, lk, sync=sync)
             b.tmp.mkdir(parents=True)
             r = b.scenario(kind.split("-")[0], runs)
             rows.append((name, kind, len(conda), len(lock["package"]) - len(conda), size, r))
@@ -188,6 +199,7 @@ def main() -> None:
     ap.add_argument("--micromamba", type=Path,
                     default=Path(os.environ.get("MAMBA_EXE") or ROOT.parent / "shared/tools/micromamba/bin/micromamba"))
     ap.add_argument("--sets", default="test,large,big")
+    ap.add_argument("--no-sync", action="store_true", help="time a warm run right after the cold one, unsettled")
     args = ap.parse_args()
     if not args.micromamba.is_file():
         sys.exit(f"no micromamba at {args.micromamba}: pass --micromamba PATH or set MAMBA_EXE")
@@ -198,9 +210,10 @@ def main() -> None:
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     with tempfile.TemporaryDirectory(prefix="lorastrap-bench-engines-") as tmp:
         for name in args.sets.split(","):
-            rows += measure(name, SETS[name], args.runs, args.micromamba, Path(tmp))
+            rows += measure(name, SETS[name], args.runs, args.micromamba, Path(tmp), sync=not args.no_sync)
     detect = bench_detect(args.runs * 3)
-    print(f"medians of {args.runs} runs, wall time of the whole process; micromamba {args.micromamba}")
+    print(f"medians of {args.runs} runs, wall time of the whole process; micromamba {args.micromamba}; warm runs "
+          f"{'right after the cold one (--no-sync)' if args.no_sync else 'after sync'}")
     print("| set | scenario | packages | archives | files | lorastrap (embedded) | lorastrap (--engine micromamba) | "
           "micromamba create -f | py-rattler alone | best lorastrap / micromamba | target |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
