@@ -88,7 +88,11 @@ def _native():
     native_spec = importlib.util.spec_from_file_location("rattler.rattler", found[0])
     module = importlib.util.module_from_spec(native_spec)
     sys.modules["rattler.rattler"] = module  # one load a process: `import rattler` later finds this one
-    native_spec.loader.exec_module(module)
+    try:
+        native_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["rattler.rattler"]  # not left half loaded: the request's own call says what failed
+        raise
     return module
 
 
