@@ -13,10 +13,12 @@ CONDA_OVERRIDE_CUDA=12.x) is refused with what / why / fix, as an input error, n
 from __future__ import annotations
 
 import re
-
-from packaging.version import InvalidVersion, Version
+from typing import TYPE_CHECKING
 
 from lorastrap.core.errors import UsageError
+
+if TYPE_CHECKING:
+    from packaging.version import Version
 
 PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")  # ASCII digits only: \d also matches fullwidth and other scripts' digits
 
@@ -36,7 +38,9 @@ def key(text: str) -> tuple[int, ...]:
 
 
 def pypi(text: str) -> Version:
-    """A PEP 440 version; raises packaging's InvalidVersion for one that is not."""
+    """A PEP 440 version; raises packaging's InvalidVersion for one that is not.  (packaging is imported here: the
+    dotted numbers that detection and the plan compare need none of it.)"""
+    from packaging.version import Version
     return Version(str(text))
 
 
@@ -50,6 +54,7 @@ def compare(a: str, b: str, manager: str = "conda") -> int:
     """-1, 0, 1 as version a is older, the same as, newer than b: conda's ordering for conda packages, PEP 440 for
     pip ones (conda's ordering for a pip version PEP 440 cannot read)."""
     if manager == "pip":
+        from packaging.version import InvalidVersion
         try:
             va, vb = pypi(a), pypi(b)
             return (va > vb) - (va < vb)

@@ -4,7 +4,6 @@ module's version, memory and the free disk where environments go."""
 from __future__ import annotations
 
 import os
-import platform as _platform
 import re
 import sys
 from pathlib import Path
@@ -27,12 +26,24 @@ def _glibc() -> str | None:
         value = None
     if value and value.startswith("glibc "):
         return value.split()[1]
-    lib, version = _platform.libc_ver()
+    import platform
+    lib, version = platform.libc_ver()
     return version if lib == "glibc" and version else None
 
 
+def uname() -> tuple[str, str, str]:
+    """(system, machine, release) as platform.system(), .machine() and .release() answer them, from os.uname():
+    the platform module costs ~5 ms of every command's start-up and is imported only where there is no uname
+    (Windows)."""
+    if hasattr(os, "uname"):
+        u = os.uname()
+        return u.sysname, u.machine, u.release
+    import platform
+    return platform.system(), platform.machine(), platform.release()
+
+
 def _machine_name(system: str) -> str:
-    machine = _platform.machine().lower()
+    machine = uname()[1].lower()
     if system == "darwin" and machine == "x86_64":  # an x86_64 Python under Rosetta 2 on Apple silicon
         translated = subproc.run(["sysctl", "-n", "sysctl.proc_translated"], timeout=5) if Path(
             "/usr/sbin/sysctl").exists() else None
@@ -121,10 +132,11 @@ def resources(disk_path: Path) -> Resources:
 
 
 def host_facts(disk_path: Path) -> Host:
-    system = _platform.system().lower()
+    system, _, release = uname()
+    system = system.lower()
     osrelease = (read("/proc/sys/kernel/osrelease") or "").lower()
     return Host(system=system, machine=_machine_name(system), glibc=_glibc() if system == "linux" else None,
                 wsl="microsoft" in osrelease or "wsl" in osrelease, container=_container(),
                 kernel_module_version=_kernel_module_version() if system == "linux" else None,
-                kernel=re.match(r"[\d.]*", _platform.release()).group(0).strip(".") or None,
+                kernel=re.match(r"[\d.]*", release).group(0).strip(".") or None,
                 resources=resources(disk_path))

@@ -12,13 +12,12 @@ loader skips the others, e.g. a 32-bit copy in a multilib folder).
 from __future__ import annotations
 
 import os
-import platform
 import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.machine import platforms
+from lorastrap.machine import host, platforms
 
 CACHE_MAGIC = b"glibc-ld.so.cache1.1"
 OLD_MAGIC = b"ld.so-1.7.0"
@@ -85,7 +84,7 @@ def _usable(path: str) -> bool:
 
 def search_dirs(root: Path, *, wsl: bool) -> tuple[list[Path], list[Path]]:
     """The loader's default directories, and the folders tried by absolute path, under ``root``."""
-    triplet = platforms.triplet(platform.machine().lower()) or ""
+    triplet = platforms.triplet(host.uname()[1].lower()) or ""
     default = ["lib64", "usr/lib64", "lib", "usr/lib"] + ([f"lib/{triplet}", f"usr/lib/{triplet}"] if triplet else [])
     # conda (plugins/virtual_packages/cuda.py) and rattler (rattler_virtual_packages cuda.rs) try these by path;
     # JetPack puts the driver in the tegra/nvidia subfolders (normally listed in ld.so.conf.d).
