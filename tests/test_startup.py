@@ -23,7 +23,7 @@ HEAVY = ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "rattler", "
 BUDGETS = {
     ("--version",): (10.0, HEAVY),
     ("--help",): (10.0, HEAVY),
-    ("detect", "--json"): (16.0, HEAVY),
+    ("detect", "--json"): (16.0, HEAVY + ("platform", "packaging")),  # os.uname() answers; dotted numbers need no PEP 440
 }
 # What `lorastrap install` imports before it works (the command, its orchestration, the transaction): the code it
 # needs, none of what only checks or writes other files (pydantic, yaml: read from what an earlier check kept), nor
@@ -32,7 +32,8 @@ BUDGETS = {
 INSTALL_PATH_IMPORTS = "import lorastrap.cli.install, lorastrap.install.provision, lorastrap.machine.detect"
 INSTALL_BUDGET = (30.0, ("pydantic", "pydantic_core", "yaml", "importlib.metadata", "rattler", "conda_lock", "psutil",
                          "html.parser", "lorastrap.care", "lorastrap.fleet", "lorastrap.locking.lock",
-                         "lorastrap.locking.solve", "lorastrap.install.download", "http.client", "ssl"))
+                         "lorastrap.locking.solve", "lorastrap.install.download", "http.client", "ssl", "platform",
+                         "packaging"))
 RUNS = 5
 
 
