@@ -337,6 +337,41 @@ def test_a_stamp_that_cannot_be_one_makes_the_check_a_full_one(tmp_path, monkeyp
     assert done == [[]], "the check blocked on a stamp that is a FIFO"
 
 
+def test_the_copies_the_link_step_unpacked_are_hashed_and_stamped_and_a_wrong_one_fails_the_install(tmp_path):
+    """The engine's link step unpacks an archive without checking its sha256 again: right after linking, the copies
+    it unpacked (none before the link, not unpacked ahead by the worker) are hashed whole against their archive's
+    paths.json and stamped, beside the pip step — a copy whose files differ fails the install (EngineError, the
+    transaction rolls back), and the others need no hashing on the next install."""
+    from lorastrap.install import cache, engines, transaction
+    from lorastrap.install.engines import Engine
+    c, archives, extracted = _copies(tmp_path, 4)
+    eng = Engine("rattler")
+    # p00: there before (stamped by an earlier check); p01: unpacked ahead by the worker (fresh); p02, p03: by the
+    # link step, p03 wrongly.
+    assert c.check_extracted(archives[:1], full=True, extracted=extracted) == []
+    transaction._restamp(c, eng, archives, extracted, frozenset({"p01-1.0-0"}), at_link=archives[1:])
+    assert all((extracted / f"p{i:02d}-1.0-0" / cache.STAMP).is_file() for i in range(4))
+    assert c.check_extracted(archives, full=False, extracted=extracted) == []  # the quick check passes for all
+    (extracted / "p03-1.0-0" / cache.STAMP).unlink()
+    (extracted / "p03-1.0-0" / "lib" / "f2").write_bytes(b"not what the archive holds")
+    with pytest.raises(engines.EngineError, match="p03-1.0-0") as err:
+        transaction._restamp(c, eng, archives, extracted, frozenset(), at_link=archives[3:])
+    assert transaction.RESTORED in err.value.fix
+    assert not (extracted / "p03-1.0-0").exists()  # removed: the next install unpacks it again
+    assert (extracted / "p02-1.0-0" / cache.STAMP).is_file()
+
+
+def test_after_a_cold_install_every_copy_it_linked_from_is_stamped(channel, home, tmp_path):
+    """Whichever unpacked them (the worker ahead, or the link step when the link request came first), every copy a
+    cold install linked from carries a stamp afterwards: the next install's quick check hashes none of them."""
+    from lorastrap.install import cache
+    res = run_cli("install", *_args(channel, tmp_path / "env"), "--no-verify", "--engine", "rattler")
+    assert res.returncode == 0, res.stderr[-2000:]
+    copies = [d for d in (home / "pkgs" / "extracted").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert len(copies) >= 39, copies
+    assert sorted(d.name for d in copies if not (d / cache.STAMP).is_file()) == []
+
+
 # --------------------------------------------------------------------------------------------------------------
 # doctor while a transaction runs, after one died, and on a lock that lacks a dependency
 

@@ -285,6 +285,9 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         with engines.engine_cache_held(eng, cache.root / "extracted", narrate=narrate):  # not while it unpacks
             cache.check_extracted([p for p in archives.values() if dist_name(p.name) not in unpacked_ahead],
                                   full=check_cache, extracted=unpacked, narrate=narrate)
+        # The copies not there yet: the worker may still unpack some ahead (those it did are "fresh"), the link
+        # step unpacks the others itself — checked once it has, beside the pip step (_restamp).
+        at_link = [p for p in archives.values() if not (unpacked / dist_name(p.name)).is_dir()]
 
         work = Path(tempfile.mkdtemp(prefix=f".lorastrap-install-{fsutil.owner_tag()}.", dir=cache.root))
         try:
@@ -318,7 +321,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        # The copies the engine just linked from were checked above (or unpacked in this run from
                        # the checked archives); the new links moved their link counts and ctimes: record those, so
                        # that the next quick check takes a ctime moved without a link count for an edit.
-                       after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh))
+                       after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh,
+                                                         at_link))
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -376,12 +380,31 @@ def _built_with(envs_dir: Path, channels, mirror, pip_index_url: str, link_mode:
                      pip_index_url=pip_index_url and without_login(pip_index_url), link_mode=link_mode, engine=engine)
 
 
-def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path, fresh: frozenset) -> None:
+def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path, fresh: frozenset,
+             at_link: list[Path] = ()) -> None:
     """Restamp the unpacked copies just linked from — unless another installer's micromamba holds its cache now
-    (not waited for: without the new stamps the next check hashes those copies again, nothing worse)."""
+    (not waited for: without the new stamps the next check hashes those copies again, nothing worse).
+
+    The copies the link step unpacked itself (AT_LINK: not there before the link, less the FRESH ones the worker
+    unpacked ahead meanwhile) are hashed whole against their archive's paths.json instead, and stamped: the engine reads the archive without
+    checking its sha256 again (py-rattler 0.28 records the lock's sha256 in its cache entry, not the one of the
+    bytes it read), so this is what says that the new environment's files are the checked package's; a copy that
+    differs fails the install (rolled back) — and the next install does not hash them all (the large set's first
+    warm install after a cold one: 120 ms of its quick check)."""
     try:
         with engines.engine_cache_held(eng, cache.root / "extracted", wait=False):
-            cache.restamp_extracted(archives, extracted=unpacked, fresh=fresh)
+            unchecked = [p for p in at_link if dist_name(p.name) not in fresh]
+            bad = cache.check_extracted(unchecked, full=True, extracted=unpacked)
+            if bad:
+                raise engines.EngineError(
+                    f"the engine unpacked {len(bad)} package(s) whose files differ from the checked archive: "
+                    f"{', '.join(bad[:5])}",
+                    why="an archive in the package cache changed while the engine read it, or the engine "
+                        "unpacked it wrongly; the environment linked those files",
+                    fix="Nothing changed: the previous environment was restored. Run the install again (the copies "
+                        "were removed); if it persists, run `lorastrap repair` and report it.")
+            checked = set(unchecked)
+            cache.restamp_extracted([p for p in archives if p not in checked], extracted=unpacked, fresh=fresh)
     except BusyError:
         pass
 
