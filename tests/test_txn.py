@@ -1,6 +1,7 @@
 """The transaction's edges with real processes: signals held at the point of no return, the repair races, children
 that die with lorastrap, and the package cache that environments share (poisoning, healing, --link-mode copy)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -340,25 +341,72 @@ def test_a_stamp_that_cannot_be_one_makes_the_check_a_full_one(tmp_path, monkeyp
 def test_the_copies_the_link_step_unpacked_are_hashed_and_stamped_and_a_wrong_one_fails_the_install(tmp_path):
     """The engine's link step unpacks an archive without checking its sha256 again: right after linking, the copies
     it unpacked (none before the link, not unpacked ahead by the worker) are hashed whole against their archive's
-    paths.json and stamped, beside the pip step — a copy whose files differ fails the install (EngineError, the
-    transaction rolls back), and the others need no hashing on the next install."""
+    paths.json as inspected when the archive was checked, and stamped, beside the pip step — a copy whose files
+    differ fails the install (EngineError, the transaction rolls back), and the others need no hashing on the next
+    install."""
     from lorastrap.install import cache, engines, transaction
     from lorastrap.install.engines import Engine
     c, archives, extracted = _copies(tmp_path, 4)
+    checked = {p: c.inspect(p)["entries"] for p in archives}
     eng = Engine("rattler")
     # p00: there before (stamped by an earlier check); p01: unpacked ahead by the worker (fresh); p02, p03: by the
     # link step, p03 wrongly.
     assert c.check_extracted(archives[:1], full=True, extracted=extracted) == []
-    transaction._restamp(c, eng, archives, extracted, frozenset({"p01-1.0-0"}), at_link=archives[1:])
+    transaction._restamp(c, eng, archives, extracted, frozenset({"p01-1.0-0"}), archives[1:], checked)
     assert all((extracted / f"p{i:02d}-1.0-0" / cache.STAMP).is_file() for i in range(4))
     assert c.check_extracted(archives, full=False, extracted=extracted) == []  # the quick check passes for all
     (extracted / "p03-1.0-0" / cache.STAMP).unlink()
     (extracted / "p03-1.0-0" / "lib" / "f2").write_bytes(b"not what the archive holds")
     with pytest.raises(engines.EngineError, match="p03-1.0-0") as err:
-        transaction._restamp(c, eng, archives, extracted, frozenset(), at_link=archives[3:])
+        transaction._restamp(c, eng, archives, extracted, frozenset(), archives[3:], checked)
     assert transaction.RESTORED in err.value.fix
     assert not (extracted / "p03-1.0-0").exists()  # removed: the next install unpacks it again
     assert (extracted / "p02-1.0-0" / cache.STAMP).is_file()
+
+
+def test_an_archive_replaced_after_its_check_cannot_vouch_for_its_own_copy(tmp_path):
+    """The archive changed between its sha256 check and the engine's read (another file added, listed in its own
+    paths.json): the copy the link step unpacked from it is held against the paths.json inspected at the check,
+    not against the archive as it is now, and fails."""
+    from lorastrap.install import engines, transaction
+    from lorastrap.install.engines import Engine
+    c, archives, extracted = _copies(tmp_path, 2)
+    checked = {p: list(c.inspect(p)["entries"]) for p in archives}
+    copy = extracted / "p01-1.0-0"
+    (copy / "lib" / "extra").write_bytes(b"x")
+    swapped = checked[archives[1]] + [{"_path": "lib/extra", "path_type": "hardlink",
+                                       "sha256": hashlib.sha256(b"x").hexdigest()}]
+    (copy / "info" / "paths.json").write_text(json.dumps({"paths": swapped}))
+    c.inspect = {archives[0]: {"entries": checked[archives[0]]}, archives[1]: {"entries": swapped}}.__getitem__
+    with pytest.raises(engines.EngineError, match="p01-1.0-0"):
+        transaction._restamp(c, Engine("rattler"), archives, extracted, frozenset(), archives, checked)
+
+
+def test_the_check_after_the_link_waits_for_a_cache_another_installer_holds(tmp_path):
+    """With micromamba, another installer may hold its package cache right after this one's link: the plain
+    restamp is skipped then (a hint), the check of the copies the link step unpacked is not — it waits."""
+    import threading
+    from lorastrap.install import engines, transaction
+    from lorastrap.install.engines import Engine
+    c, archives, extracted = _copies(tmp_path, 2)
+    checked = {p: c.inspect(p)["entries"] for p in archives}
+    eng = Engine("micromamba", "/nonexistent/micromamba", "1.5.12")
+    (extracted / "p01-1.0-0" / "lib" / "f2").write_bytes(b"damaged")
+    got = []
+
+    def restamp():
+        try:
+            transaction._restamp(c, eng, archives, extracted, frozenset(), archives, checked)
+            got.append("passed")
+        except engines.EngineError as exc:
+            got.append(str(exc))
+    with engines.engine_cache_held(eng, c.root / "extracted"):
+        t = threading.Thread(target=restamp, daemon=True)
+        t.start()
+        t.join(1.0)
+        assert t.is_alive() and got == []  # waiting for the other installer
+    t.join(30)
+    assert len(got) == 1 and "p01-1.0-0" in got[0], got
 
 
 def test_after_a_cold_install_every_copy_it_linked_from_is_stamped(channel, home, tmp_path):

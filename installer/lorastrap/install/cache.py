@@ -226,11 +226,12 @@ class Cache:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
 
     def check_extracted(self, archives: list[Path], *, full: bool, extracted: Path | None = None,
-                        narrate=lambda m: None) -> list[str]:
+                        entries: dict[Path, list] | None = None, narrate=lambda m: None) -> list[str]:
         """Remove every extracted copy of ARCHIVES (in EXTRACTED: the engine's folder of unpacked packages, by default
         the embedded engine's) whose files differ from their package's paths.json (full: hash every file; else only
-        copies whose files' stats moved since their stamp: _stamped).  Returns the names of the copies removed
-        (the engine unpacks them again from the checked archives), sorted."""
+        copies whose files' stats moved since their stamp: _stamped) — ENTRIES[archive] when given (what was
+        inspected when the archive was checked), else the archive's as it is now.  Returns the names of the copies
+        removed (the engine unpacks them again from the checked archives), sorted."""
         def check(path: Path, quick: bool = False) -> str | None:
             """None when the copy passes (QUICK: by its stamp alone; a copy that does not is left for a full
             check: "full"), else the name of the copy removed."""
@@ -238,10 +239,10 @@ class Cache:
             if not folder.is_dir():
                 return None
             with locks.held(folder.with_name(folder.name + ".lorastrap.lock"), what=f"extracted {folder.name}"):
-                entries = self.inspect(path)["entries"]
+                listed = entries[path] if entries is not None else self.inspect(path)["entries"]
                 if quick:
-                    return None if _stamped(folder, entries) else "full"
-                bad = _extracted_damage(folder, entries)
+                    return None if _stamped(folder, listed) else "full"
+                bad = _extracted_damage(folder, listed)
                 if bad:
                     narrate(f"the package cache's copy of {folder.name} differs from its package ({bad}): "
                             "unpacking it again")

@@ -322,7 +322,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        # the checked archives); the new links moved their link counts and ctimes: record those, so
                        # that the next quick check takes a ctime moved without a link count for an edit.
                        after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh,
-                                                         at_link))
+                                                         at_link, {p: inspected[n]["entries"]
+                                                                   for n, p in archives.items()}))
                 journal("verifying")
                 if run_verify:
                     t = time.perf_counter()
@@ -381,30 +382,34 @@ def _built_with(envs_dir: Path, channels, mirror, pip_index_url: str, link_mode:
 
 
 def _restamp(cache: Cache, eng, archives: list[Path], unpacked: Path, fresh: frozenset,
-             at_link: list[Path] = ()) -> None:
+             at_link: list[Path] = (), checked: dict[Path, list] | None = None) -> None:
     """Restamp the unpacked copies just linked from — unless another installer's micromamba holds its cache now
     (not waited for: without the new stamps the next check hashes those copies again, nothing worse).
 
     The copies the link step unpacked itself (AT_LINK: not there before the link, less the FRESH ones the worker
-    unpacked ahead meanwhile) are hashed whole against their archive's paths.json instead, and stamped: the engine reads the archive without
-    checking its sha256 again (py-rattler 0.28 records the lock's sha256 in its cache entry, not the one of the
-    bytes it read), so this is what says that the new environment's files are the checked package's; a copy that
-    differs fails the install (rolled back) — and the next install does not hash them all (the large set's first
-    warm install after a cold one: 120 ms of its quick check)."""
+    unpacked ahead meanwhile) are hashed whole instead, against CHECKED (each archive's paths.json as inspected
+    right after its sha256 was checked, not as the archive is now), and stamped: the engine reads the archive
+    without checking its sha256 again (py-rattler 0.28 records the lock's sha256 in its cache entry, not the one
+    of the bytes it read), so this is what says that the new environment's files are the checked package's; a copy
+    that differs fails the install (rolled back).  That check is no hint: it waits for a cache another installer
+    holds.  And the next install does not hash those copies again (the large set's first warm install after a
+    cold one: 120 ms of its quick check)."""
+    unchecked = [p for p in at_link if dist_name(p.name) not in fresh]
+    if unchecked:
+        with engines.engine_cache_held(eng, cache.root / "extracted"):
+            bad = cache.check_extracted(unchecked, full=True, extracted=unpacked, entries=checked)
+        if bad:
+            raise engines.EngineError(
+                f"the engine unpacked {len(bad)} package(s) whose files differ from the checked archive: "
+                f"{', '.join(bad[:5])}",
+                why="an archive in the package cache changed after it was checked, or the engine unpacked it "
+                    "wrongly; the environment linked those files",
+                fix="Nothing changed: the previous environment was restored. Run the install again (the copies "
+                    "were removed); if it persists, run `lorastrap repair` and report it.")
+    done = set(unchecked)
     try:
         with engines.engine_cache_held(eng, cache.root / "extracted", wait=False):
-            unchecked = [p for p in at_link if dist_name(p.name) not in fresh]
-            bad = cache.check_extracted(unchecked, full=True, extracted=unpacked)
-            if bad:
-                raise engines.EngineError(
-                    f"the engine unpacked {len(bad)} package(s) whose files differ from the checked archive: "
-                    f"{', '.join(bad[:5])}",
-                    why="an archive in the package cache changed while the engine read it, or the engine "
-                        "unpacked it wrongly; the environment linked those files",
-                    fix="Nothing changed: the previous environment was restored. Run the install again (the copies "
-                        "were removed); if it persists, run `lorastrap repair` and report it.")
-            checked = set(unchecked)
-            cache.restamp_extracted([p for p in archives if p not in checked], extracted=unpacked, fresh=fresh)
+            cache.restamp_extracted([p for p in archives if p not in done], extracted=unpacked, fresh=fresh)
     except BusyError:
         pass
 
