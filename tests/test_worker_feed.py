@@ -153,3 +153,60 @@ def test_a_request_sent_once_the_answered_one_is_on_its_way_is_refused_not_dropp
     os.kill(worker.proc.pid, signal.SIGCONT)
     asking.join(timeout=60)
     assert not late or "late-1.0-h0_0" in answer.get("extracted", {}), (late, answer.get("extracted"))
+
+
+def test_big_archives_are_unpacked_ahead_each_by_a_worker_of_its_own(channel, home, tmp_path, monkeypatch):
+    """An archive over UNPACK_MAX is not queued behind the small ones: it gets a worker of its own as soon as it is
+    checked (at most BIG_MOST at once; past that the link step unpacks it), and the link step collects what they
+    unpacked — rattler's own cache entries (the folder and its metadata file, naming the archive's sha256)."""
+    import hashlib
+    from lorastrap.core import subproc
+    monkeypatch.setattr(ahead, "UNPACK_MAX", 0)  # every archive is a big one here
+    monkeypatch.setattr(ahead, "BIG_MOST", 2)
+    archives = sorted((channel["dir"] / "linux-64").glob("*.conda"))[:3]
+    cache = tmp_path / "extracted"
+    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))  # what `lorastrap install` starts first
+    try:
+        sha = {a: hashlib.sha256(a.read_bytes()).hexdigest() for a in archives}
+        handed = [ahead.unpack(a, sha[a], cache) for a in archives]
+        assert handed == [True, True, False] and len(ahead.BIG) == 2  # the third: left to the link step
+        deadline = time.monotonic() + 60  # collected once both have begun (a request that comes first is "left")
+        while time.monotonic() < deadline and len([p for p in cache.glob("*") if p.name != ".cache.lock"]) < 2:
+            time.sleep(0.02)
+        done = ahead.collect(timeout=120)
+        assert ahead.BIG == []
+        for a in archives[:2]:
+            dist = a.name[:-len(".conda")]
+            assert done[dist] == "ok", done
+            assert (cache / dist / "info" / "paths.json").is_file()
+            assert (cache / f"{dist}.lock").read_bytes()[8:].hex() == sha[a]
+        assert not (cache / archives[2].name[:-len(".conda")]).exists()
+    finally:
+        ahead.discard()
+    assert ahead.WORKERS == [] and ahead.BIG == []
+
+
+@pytest.mark.slow
+def test_a_cold_install_unpacks_a_big_archive_ahead_and_needs_no_check_after_the_link(home, tmp_path):
+    """A channel with one archive over UNPACK_MAX (numpy, 70 MiB incompressible): a cold install hands it to a
+    worker of its own as soon as it is checked, links from that copy (the worker compared the sha256 of the bytes
+    it unpacked with the lock's), and every copy carries a stamp afterwards."""
+    import subprocess
+    import sys
+    import testchannel
+    from conftest import ROOT, run_cli
+    from lorastrap.install import cache
+    out = tmp_path / "tc"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "testchannel.py"), "build", str(out)], check=True,
+                   capture_output=True, timeout=600, env=dict(os.environ, LORASTRAP_TESTCHANNEL_BIG="numpy=70"))
+    server, url = testchannel.serve(out)
+    try:
+        res = run_cli("install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", f"{url}/channel",
+                      "--pip-index-url", f"{url}/simple", "--prefix", str(tmp_path / "env"), "--engine", "rattler",
+                      "--no-verify", timeout=600)
+    finally:
+        server.shutdown()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "unpacked ahead, each in a worker of its own: numpy-" in res.stderr, res.stderr[-3000:]
+    copies = [d for d in (home / "pkgs" / "extracted").iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert sorted(d.name for d in copies if not (d / cache.STAMP).is_file()) == []

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 from lorastrap.core import fsutil, paths, subproc
 
 WORKERS: list[subproc.Worker] = []  # the one started ahead, until the link step takes it or it is let go
+BIG: list[subproc.Worker] = []  # one a big archive, unpacking it while the downloads go on (see unpack)
+BIG_MOST = 4  # big archives unpacked ahead at once, each in a worker of its own; more are left to the link step
 
 
 def candidates(choice: str) -> list[tuple[str, str, str]]:
@@ -66,10 +69,10 @@ def start_guessing(argv: list[str]) -> None:
 
 
 # The worker unpacks one archive at a time (py-rattler 0.28's extract holds the GIL: 2 or 4 threads unpacked the
-# large set's 39 archives no faster than 1), while the link step unpacks several at once.  Big archives, which
-# also arrive last, are left to the link step: handed over ahead, two of 320 MiB made a cold install over a
-# 40 MiB/s link 0.8 s slower (the worker's 1.6 s against rattler's 0.9 s); the large set's many small ones over
-# 5 MiB/s came 0.3-0.5 s sooner (link step 0.24 s instead of 0.73-0.95 s).
+# large set's 39 archives no faster than 1), while the link step unpacks several at once.  So a big archive is not
+# queued behind the others in that worker (two of 320 MiB one after the other made a cold install over a 40 MiB/s
+# link 0.8 s slower: the worker's 1.6 s against rattler's 0.9 s): each gets a worker of its own, started when it
+# is checked, at most BIG_MOST at once; the link step waits for what they are unpacking (collect).
 UNPACK_MAX = 64 * 2**20
 
 
@@ -77,18 +80,70 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
     """Give a checked archive to the worker started ahead, to unpack into its package cache (CACHE_DIR) while the
     other downloads go on, instead of every archive being unpacked only at the link step.  True when handed over;
     False when no worker was started ahead, the cache has a copy already (check_extracted looks at that one), or
-    the archive is big (UNPACK_MAX)."""
+    BIG_MOST big archives (over UNPACK_MAX) are unpacked already."""
     from lorastrap.install.cache import dist_name
     dist = dist_name(archive.name)
     if not WORKERS or os.path.lexists(cache_dir / dist) or os.path.lexists(cache_dir / f"{dist}.lock"):
         return False
     try:
-        if archive.stat().st_size > UNPACK_MAX:
-            return False
+        big = archive.stat().st_size > UNPACK_MAX
     except OSError:
         return False
-    return WORKERS[0].send({"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256,
-                            "cache_dir": str(cache_dir)})
+    request = {"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256, "cache_dir": str(cache_dir)}
+    if not big:
+        return WORKERS[0].send(request)
+    with _BIG_LOCK:  # archives are checked in the download threads
+        if len(BIG) >= BIG_MOST:
+            return False
+        try:
+            BIG.append(_started_by_a_lasting_thread())
+        except OSError:  # no process to be had (a limit): the link step unpacks it, as it would have
+            return False
+        return BIG[-1].send(request)
+
+
+_BIG_LOCK = threading.Lock()
+_SPAWNS: list = []  # the queue of the thread that starts the big archives' workers, once there is one
+
+
+def _started_by_a_lasting_thread() -> subproc.Worker:
+    """A worker started by a thread that lives as long as this process: a child dies with the thread that started
+    it (setpriv --pdeathsig: PR_SET_PDEATHSIG is the parent thread's), and the download threads that check a big
+    archive end with the downloads, before the link step asks what the worker unpacked."""
+    import queue
+    if not _SPAWNS:
+        _SPAWNS.append(queue.Queue())
+
+        def serve(jobs: queue.Queue) -> None:
+            while True:
+                box, done = jobs.get()
+                try:
+                    box.append(subproc.Worker("locking.rattler_worker"))
+                except BaseException as exc:  # handed to the caller, which decides
+                    box.append(exc)
+                done.set()
+        threading.Thread(target=serve, args=(_SPAWNS[0],), name="lorastrap-worker-start", daemon=True).start()
+    box: list = []
+    done = threading.Event()
+    _SPAWNS[0].put((box, done))
+    done.wait()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+def collect(timeout: float) -> dict[str, str]:
+    """What the big archives' workers unpacked ({dist: "ok", or why not}), once each has unpacked its archive —
+    before the link step, which would otherwise unpack the same archive beside it.  Waited for even when it has
+    only just started (the last archive to arrive is often a big one): the link step would take as long to unpack
+    it, and then hash the copy whole after the link; the worker compares the sha256 of the bytes it unpacked with
+    the lock's as it goes.  A worker that died answers nothing: the link step unpacks its archive (and the check
+    after the link covers that copy)."""
+    done: dict[str, str] = {}
+    while BIG:
+        answer = BIG.pop(0).ask({"op": "unpacked"}, timeout=timeout)
+        done.update(answer.get("extracted") or {})
+    return done
 
 
 def take() -> subproc.Worker | None:
@@ -102,6 +157,8 @@ def take() -> subproc.Worker | None:
 
 
 def discard(*, wait: bool = True) -> None:
-    """Let the worker started ahead go: the install ends without linking (see subproc.Worker.discard)."""
+    """Let the workers started ahead go: the install ends without linking (see subproc.Worker.discard)."""
     while WORKERS:
         WORKERS.pop().discard(wait=wait)
+    while BIG:
+        BIG.pop().discard(wait=wait)

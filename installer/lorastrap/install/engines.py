@@ -269,6 +269,10 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
         request = {"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                    "cache_dir": str(cache_dir)}
         started_ahead = ahead.take()
+        big = ahead.collect(timeout=ENGINE_TIMEOUT_S)  # the big archives unpacked ahead, each by its own worker
+        if any(how == "ok" for how in big.values()):
+            narrate(f"unpacked ahead, each in a worker of its own: "
+                    f"{', '.join(sorted(d for d, how in big.items() if how == 'ok'))}")
         answer = (started_ahead or fresh()).ask(request, timeout=ENGINE_TIMEOUT_S)
         if started_ahead is not None and answer.get("unanswered") and not os.path.lexists(prefix):
             # The worker started ahead ended (killed, or crashed unpacking ahead) before it began to link: that was
@@ -280,7 +284,7 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             _raise_if_disk_full(answer.get("error", ""), prefix)
             raise EngineError(f"the embedded engine could not create {prefix}", why=answer.get("error", "")[:800],
                               fix="Rerun with --debug; if it persists, try --engine micromamba.")
-        unpacked = answer.get("extracted") or {}
+        unpacked = {**big, **(answer.get("extracted") or {})}
         failed = {dist: why for dist, why in unpacked.items() if why not in ("ok", "present", "left")}
         if failed:
             narrate(f"unpacked at the link step instead of ahead: {', '.join(sorted(failed))} "

@@ -12,6 +12,7 @@ Requests, one JSON document a line on stdin: any number of "extract" ones, then 
    "cache_dir": "...", "result": "/path/result.json"}
   {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
    "result": "..."}
+  {"op": "unpacked", "result": "..."}  (a worker that only unpacked big archives ahead: what it did, see "extracted")
 """
 
 from __future__ import annotations
@@ -141,11 +142,16 @@ def _index(req: dict) -> dict:
     return {"ok": True}
 
 
+def _unpacked(req: dict) -> dict:
+    """The answer of a worker that only unpacked archives ahead (ahead.collect): what it unpacked goes with it."""
+    return {"ok": True}
+
+
 def answer(req: dict) -> dict:
     """The answer to one request; a failure is an answer too (the caller decides).  Also called in the lorastrap
     process itself for a solve when that process leaves with os._exit (solve.py)."""
     try:
-        return {"solve": _solve, "install": _install, "index": _index}[req["op"]](req)
+        return {"solve": _solve, "install": _install, "index": _index, "unpacked": _unpacked}[req["op"]](req)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # everything goes into the answer; the parent decides
@@ -216,8 +222,8 @@ def _requests():
                     req = json.loads(line)
                 except ValueError:  # main reads it again and fails as it always did
                     req = line
-                if not (isinstance(req, dict) and req.get("op") == "extract"):
-                    last.set()
+                if not (isinstance(req, dict) and req.get("op") in ("extract", "unpacked")):
+                    last.set()  # (a big archive's worker unpacks what it was given before it answers "unpacked")
                 lines.put(req)
         lines.put(None)
     threading.Thread(target=read, daemon=True).start()
