@@ -210,3 +210,66 @@ def test_a_cold_install_unpacks_a_big_archive_ahead_and_needs_no_check_after_the
     assert "unpacked ahead, each in a worker of its own: numpy-" in res.stderr, res.stderr[-3000:]
     copies = [d for d in (home / "pkgs" / "extracted").iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert sorted(d.name for d in copies if not (d / cache.STAMP).is_file()) == []
+
+
+def test_an_interrupt_while_the_link_step_waits_for_a_big_archive_leaves_no_worker(channel, tmp_path, monkeypatch):
+    """Ctrl-C while the link step waits for a big archive's worker: the worker started ahead is still the
+    install's to let go (it is taken only after), so discard() ends both — none is left to a library caller."""
+    import hashlib
+    from lorastrap.core import subproc
+    monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
+    archive = sorted((channel["dir"] / "linux-64").glob("*.conda"))[0]
+    cache = tmp_path / "extracted"
+    started = subproc.Worker("locking.rattler_worker")
+    ahead.WORKERS.append(started)
+    try:
+        assert ahead.unpack(archive, hashlib.sha256(archive.read_bytes()).hexdigest(), cache)
+        big = ahead.BIG[0]
+        time.sleep(1.0)
+        os.kill(big.proc.pid, signal.SIGSTOP)  # still unpacking when the link step comes
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=tmp_path / "x-lock.yml",
+                         platform="linux-64", cache_dir=cache)
+        ahead.discard(wait=False)  # what cli/install.py's finally does
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (started.proc.poll() is None or big.proc.poll() is None):
+            time.sleep(0.05)
+        assert started.proc.poll() is not None and big.proc.poll() is not None
+    finally:
+        for w in (started, *ahead.BIG):
+            if w.proc.poll() is None:
+                os.killpg(w.proc.pid, signal.SIGKILL)
+                w.proc.wait()
+        ahead.BIG.clear()
+        ahead.WORKERS.clear()
+
+
+def test_no_thread_to_start_big_archives_workers_leaves_them_to_the_link_step(channel, tmp_path, monkeypatch):
+    """The thread that starts big archives' workers cannot be started (a thread limit): unpack says no — the link
+    step unpacks the archive — and a later big archive tries again instead of waiting for a thread that is not
+    there."""
+    import hashlib
+    from lorastrap.core import subproc
+    monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
+    monkeypatch.setattr(ahead, "_SPAWNS", [])  # a process that has not started that thread yet
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "lorastrap-worker-start":
+            monkeypatch.setattr(threading.Thread, "start", real_start)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    archives = sorted((channel["dir"] / "linux-64").glob("*.conda"))[:2]
+    cache = tmp_path / "extracted"
+    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
+    try:
+        got = []
+        t = threading.Thread(target=lambda: got.extend(
+            ahead.unpack(a, hashlib.sha256(a.read_bytes()).hexdigest(), cache) for a in archives), daemon=True)
+        real_start(t)
+        t.join(30)
+        assert got == [False, True], got  # the first left to the link step, the second given a worker
+    finally:
+        ahead.discard()

@@ -97,13 +97,13 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
             return False
         try:
             BIG.append(_started_by_a_lasting_thread())
-        except OSError:  # no process to be had (a limit): the link step unpacks it, as it would have
+        except (OSError, RuntimeError):  # no process or thread to be had (a limit): the link step unpacks it
             return False
         return BIG[-1].send(request)
 
 
 _BIG_LOCK = threading.Lock()
-_SPAWNS: list = []  # the queue of the thread that starts the big archives' workers, once there is one
+_SPAWNS: list = []  # (its queue, the thread) that starts the big archives' workers, once there is one
 
 
 def _started_by_a_lasting_thread() -> subproc.Worker:
@@ -111,10 +111,10 @@ def _started_by_a_lasting_thread() -> subproc.Worker:
     it (setpriv --pdeathsig: PR_SET_PDEATHSIG is the parent thread's), and the download threads that check a big
     archive end with the downloads, before the link step asks what the worker unpacked."""
     import queue
-    if not _SPAWNS:
-        _SPAWNS.append(queue.Queue())
+    if not (_SPAWNS and _SPAWNS[0][1].is_alive()):
+        jobs: queue.Queue = queue.Queue()
 
-        def serve(jobs: queue.Queue) -> None:
+        def serve() -> None:
             while True:
                 box, done = jobs.get()
                 try:
@@ -122,11 +122,16 @@ def _started_by_a_lasting_thread() -> subproc.Worker:
                 except BaseException as exc:  # handed to the caller, which decides
                     box.append(exc)
                 done.set()
-        threading.Thread(target=serve, args=(_SPAWNS[0],), name="lorastrap-worker-start", daemon=True).start()
+        thread = threading.Thread(target=serve, name="lorastrap-worker-start", daemon=True)
+        thread.start()  # RuntimeError when no thread can be had: the caller leaves the archive to the link step
+        _SPAWNS[:] = [(jobs, thread)]
+    jobs, thread = _SPAWNS[0]
     box: list = []
     done = threading.Event()
-    _SPAWNS[0].put((box, done))
-    done.wait()
+    jobs.put((box, done))
+    while not done.wait(1.0):
+        if not thread.is_alive():
+            raise RuntimeError("the thread that starts the workers ended")
     if isinstance(box[0], BaseException):
         raise box[0]
     return box[0]

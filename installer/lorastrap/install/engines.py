@@ -268,8 +268,10 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             return subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
         request = {"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                    "cache_dir": str(cache_dir)}
+        # The big archives unpacked ahead, each by its own worker — waited for before the worker started ahead is
+        # taken: interrupted here, that one is still the install's to let go (cli/install.py's discard).
+        big = ahead.collect(timeout=ENGINE_TIMEOUT_S)
         started_ahead = ahead.take()
-        big = ahead.collect(timeout=ENGINE_TIMEOUT_S)  # the big archives unpacked ahead, each by its own worker
         if any(how == "ok" for how in big.values()):
             narrate(f"unpacked ahead, each in a worker of its own: "
                     f"{', '.join(sorted(d for d, how in big.items() if how == 'ok'))}")
