@@ -21,6 +21,19 @@ def _fill(worker, tmp_path, n=1000):
                      "sha256": "0" * 64, "cache_dir": str(tmp_path / "cache")})
 
 
+def _children() -> list[int]:
+    """This process's children still running (not zombies)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(os.getpid()) and fields[0] != "Z":
+            found.append(int(pid))
+    return found
+
+
 def _closed(worker):
     return all(p is None or p.closed for p in (worker.proc.stdin, worker.proc.stdout, worker.proc.stderr))
 
@@ -252,11 +265,11 @@ def test_no_thread_to_start_big_archives_workers_leaves_them_to_the_link_step(ch
     import hashlib
     from lorastrap.core import subproc
     monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
-    monkeypatch.setattr(ahead, "_SPAWNS", [])  # a process that has not started that thread yet
+    monkeypatch.setattr(ahead, "_STARTER", [])  # a process that has not started that thread yet
     real_start = threading.Thread.start
 
     def start(self):
-        if self.name == "lorastrap-worker-start":
+        if self.name.startswith("lorastrap-worker-start"):
             monkeypatch.setattr(threading.Thread, "start", real_start)
             raise RuntimeError("can't start new thread")
         return real_start(self)
@@ -271,5 +284,10 @@ def test_no_thread_to_start_big_archives_workers_leaves_them_to_the_link_step(ch
         real_start(t)
         t.join(30)
         assert got == [False, True], got  # the first left to the link step, the second given a worker
+        ahead.discard()
+        deadline = time.monotonic() + 10  # and no worker started for the first one later, owned by no one
+        while time.monotonic() < deadline and _children():
+            time.sleep(0.05)
+        assert _children() == []
     finally:
         ahead.discard()

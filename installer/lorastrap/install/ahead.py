@@ -103,38 +103,20 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
 
 
 _BIG_LOCK = threading.Lock()
-_SPAWNS: list = []  # (its queue, the thread) that starts the big archives' workers, once there is one
+_STARTER: list = []  # the one-thread executor that starts the big archives' workers, once there is one
 
 
 def _started_by_a_lasting_thread() -> subproc.Worker:
-    """A worker started by a thread that lives as long as this process: a child dies with the thread that started
-    it (setpriv --pdeathsig: PR_SET_PDEATHSIG is the parent thread's), and the download threads that check a big
-    archive end with the downloads, before the link step asks what the worker unpacked."""
-    import queue
-    if not (_SPAWNS and _SPAWNS[0][1].is_alive()):
-        jobs: queue.Queue = queue.Queue()
-
-        def serve() -> None:
-            while True:
-                box, done = jobs.get()
-                try:
-                    box.append(subproc.Worker("locking.rattler_worker"))
-                except BaseException as exc:  # handed to the caller, which decides
-                    box.append(exc)
-                done.set()
-        thread = threading.Thread(target=serve, name="lorastrap-worker-start", daemon=True)
-        thread.start()  # RuntimeError when no thread can be had: the caller leaves the archive to the link step
-        _SPAWNS[:] = [(jobs, thread)]
-    jobs, thread = _SPAWNS[0]
-    box: list = []
-    done = threading.Event()
-    jobs.put((box, done))
-    while not done.wait(1.0):
-        if not thread.is_alive():
-            raise RuntimeError("the thread that starts the workers ended")
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+    """A worker started by a thread that lives as long as this process (an executor's: its thread waits for the
+    next job until shutdown): a child dies with the thread that started it (setpriv --pdeathsig: PR_SET_PDEATHSIG
+    is the parent thread's), and the download threads that check a big archive end with the downloads, before the
+    link step asks what the worker unpacked.  RuntimeError when no thread can be had."""
+    from concurrent.futures import ThreadPoolExecutor  # here: this module is imported before the worker starts
+    if not _STARTER:
+        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-worker-start")
+        starter.submit(int).result()  # its thread started by a job that starts nothing; the executor kept only then
+        _STARTER.append(starter)
+    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker").result()
 
 
 def collect(timeout: float) -> dict[str, str]:
