@@ -36,7 +36,6 @@ import re
 import stat
 import threading
 import urllib.parse
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from lorastrap.install import archive
@@ -168,6 +167,7 @@ class Cache:
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
         from lorastrap.install.download import Cancelled, Progress, Stop
         stop = Stop()  # set: every download's connections are shut down too, so none waits on a silent server
         progress = Progress(todo)
@@ -266,6 +266,7 @@ class Cache:
             i = loads.index(min(loads))
             shares[i].append(path)
             loads[i] += sizes[path]
+        from concurrent.futures import ThreadPoolExecutor  # here: a warm install's quick check needs no threads
         with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="lorastrap-check") as pool:
             done = pool.map(lambda share: [name for name in map(check, share) if name], shares)
             return sorted(name for names in done for name in names)

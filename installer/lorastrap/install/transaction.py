@@ -32,8 +32,8 @@ import filecmp
 import signal
 import stat
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -429,14 +429,22 @@ def _build(*, prefix: Path, eng, local_lock: Path, platform: str, cache: Cache, 
         files, reflinked = fsutil.unshare_tree(prefix)
         narrate(f"link mode copy: {files} files made the environment's own ({reflinked} as reflinks)")
     timings["engine"] = time.perf_counter() - t
-    beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-after-link")
+    failed: list[BaseException] = []
+
+    def beside_the_pip_step() -> None:  # a plain thread: a warm install never imports concurrent.futures (~4 ms)
+        try:
+            after_link(fresh)
+        except BaseException as exc:  # raised in the main thread once the pip step and the checks are done
+            failed.append(exc)
+    beside = threading.Thread(target=beside_the_pip_step, name="lorastrap-after-link")
+    beside.start()
     try:
-        done = beside.submit(after_link, fresh)
         _pip_and_check(prefix=prefix, entries=entries, wheels=wheels, profile=profile, work=work, cache=cache,
                        carry_from=carry_from, carry_over=carry_over, timings=timings, narrate=narrate)
-        done.result()
     finally:
-        beside.shutdown(wait=True)
+        beside.join()
+    if failed:
+        raise failed[0]
 
 
 def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str], Path], profile: Profile,
