@@ -17,13 +17,31 @@ Requests, one JSON document a line on stdin: any number of "extract" ones, then 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 import time
 import traceback
 from pathlib import Path
+
+
+def _asyncio_without_tls():
+    """asyncio (py-rattler's awaitables want its running loop), imported without its TLS transports: every request's
+    networking is py-rattler's own, and asyncio's optional `import ssl` (OpenSSL's libraries, ssl.py's enums) was
+    ~5 ms of this worker's start-up, which a warm install waits for.  asyncio takes ssl as missing then (its modules
+    keep ssl = None); ssl itself stays importable afterwards."""
+    if "ssl" in sys.modules:
+        import asyncio
+        return asyncio
+    sys.modules["ssl"] = None  # type: ignore[assignment]  (None: the import system's "not importable")
+    try:
+        import asyncio
+    finally:
+        del sys.modules["ssl"]
+    return asyncio
+
+
+asyncio = _asyncio_without_tls()
 
 
 def _authenticated(auth_file: str):
