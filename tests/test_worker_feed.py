@@ -291,3 +291,119 @@ def test_no_thread_to_start_big_archives_workers_leaves_them_to_the_link_step(ch
         assert _children() == []
     finally:
         ahead.discard()
+
+
+# A big download is checked by the worker that unpacks it (Cache.fetch's defer_over, Cache.settle): py-rattler's
+# extract hashes the bytes it reads, so the cache does not hash the archive a second time.  These installs run in
+# this process (cli.main) with UNPACK_MAX just under the lock's largest archive: that one alone is "big".
+def _largest_in_lock(home, channel_dir):
+    import yaml
+    lock = yaml.safe_load(next((home / "locks").glob("test-cpu.linux-64*.yml")).read_text())
+    files = [channel_dir / "/".join(p["url"].rsplit("/", 2)[1:]) for p in lock["package"] if p["manager"] == "conda"]
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+def _big_install(monkeypatch, home, prefix, args, session_state, channel_dir):
+    """(exit code, the largest archive, sha256_file's paths, what ahead.unpack was given) of an in-process install."""
+    import shutil
+
+    from lorastrap import cli
+    from lorastrap.install import cache as cachemod
+    shutil.copytree(session_state / "locks", home / "locks")
+    monkeypatch.setenv("LORASTRAP_HOME", str(home))
+    monkeypatch.setenv("CONDA_OVERRIDE_CUDA", "")
+    monkeypatch.delenv("LORASTRAP_PKGS_DIR", raising=False)
+    big = _largest_in_lock(home, channel_dir)
+    monkeypatch.setattr(ahead, "UNPACK_MAX", big.stat().st_size - 1)
+    hashed, handed = [], []
+    real_hash, real_unpack = cachemod.sha256_file, ahead.unpack
+    monkeypatch.setattr(cachemod, "sha256_file", lambda p: hashed.append(str(p)) or real_hash(p))
+    monkeypatch.setattr(ahead, "unpack", lambda a, *r: (handed.append(a), real_unpack(a, *r))[1])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rc = cli.main(["install", "--envs-dir", os.path.join(root, "tests", "envs"), "--prefix", str(prefix),
+                   "--engine", "rattler", "--no-verify", *args])
+    return rc, big, hashed, handed
+
+
+def _entry(home, name):
+    return [p for p in (home / "pkgs" / "archives").glob(f"*/{name}")]
+
+
+def _pending_left(home):
+    return list((home / "pkgs" / "archives").glob("*/.partial.*"))
+
+
+def test_a_big_download_is_checked_by_the_worker_that_unpacks_it(channel, session_state, tmp_path, monkeypatch):
+    from lorastrap.install.cache import Cache
+    home = tmp_path / "home"
+    rc, big, hashed, handed = _big_install(monkeypatch, home, tmp_path / "env",
+                                           ["--channel", channel["url"], "--pip-index-url", channel["simple"]],
+                                           session_state, channel["dir"])
+    assert rc == 0
+    assert [a for a in handed if a.name == big.name and ".partial." in str(a)], handed  # handed over unchecked
+    assert not [h for h in hashed if h.endswith(big.name)], hashed  # and never hashed in this process
+    entry = _entry(home, big.name)
+    assert len(entry) == 1 and Cache(home / "pkgs").is_ready(entry[0].parent.name, big.name)
+    assert entry[0].read_bytes() == big.read_bytes() and _pending_left(home) == []
+    assert (tmp_path / "env" / "conda-meta").is_dir()
+
+
+@pytest.mark.parametrize("where", ["payload", "end"])
+def test_a_big_download_that_was_altered_is_refused_though_no_one_hashed_it_before(channel, session_state, tmp_path,
+                                                                                   monkeypatch, capsys, where):
+    """The mirror serves the largest archive altered (same size).  In its payload: the worker that unpacks it finds
+    another sha256 than the lock's, so the cache hashes the download itself.  At its end (the zip's directory): it
+    cannot even be inspected, and the download is judged first.  Either way a checksum mismatch, exit 6, nothing in
+    place, nothing pending left, no environment."""
+    import shutil
+
+    import testchannel
+    mirror = tmp_path / "mirror"  # the channel and the pip index, on a server of its own
+    shutil.copytree(channel["root"], mirror)
+    victim = _largest_in_lock(session_state, mirror / "channel")
+    data = victim.read_bytes()
+    at = len(data) // 2 if where == "payload" else len(data) - 100
+    victim.write_bytes(data[:at] + bytes(b ^ 0xFF for b in data[at:at + 100]) + data[at + 100:])
+    import socketserver  # the test server runs in this process: its report of a client that hung up (as this
+    monkeypatch.setattr(socketserver.BaseServer, "handle_error", lambda *a: None)  # one does) is no output of ours
+    server, url = testchannel.serve(mirror)
+    locks = tmp_path / "locks"  # the session's lock, naming this server (the same sha256s)
+    shutil.copytree(session_state / "locks", locks)
+    for lock in locks.glob("*.yml"):
+        lock.write_text(lock.read_text().replace(channel["base"], url))
+    try:
+        rc, big, hashed, handed = _big_install(monkeypatch, tmp_path / "home", tmp_path / "env",
+                                               ["--channel", f"{url}/channel", "--pip-index-url", f"{url}/simple"],
+                                               locks.parent, mirror / "channel")
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert rc == 6, err[-2000:]
+    assert "checksum mismatch" in err and big.name in err and "Traceback" not in err
+    if where == "payload":
+        assert [a for a in handed if a.name == big.name and ".partial." in str(a)], handed  # the worker had it
+    assert [h for h in hashed if h.endswith(big.name)], hashed  # the cache hashed it
+    assert _entry(tmp_path / "home", big.name) == [] and _pending_left(tmp_path / "home") == []
+    assert not (tmp_path / "env").exists()
+
+
+def test_a_big_download_changed_after_its_worker_read_it_is_hashed(channel, session_state, tmp_path, monkeypatch):
+    """The worker vouched for the bytes it read, but the file's ctime moved since it was handed over: the cache
+    does not take the worker's word for it and hashes it (the same bytes here: the install goes on)."""
+    real_collect = ahead.collect
+    touched = []
+
+    def collect(timeout):
+        done = real_collect(timeout)
+        for pending in (home / "pkgs" / "archives").glob("*/.partial.*/*.conda"):
+            os.utime(pending)  # a write would do the same to the signature; these bytes stay right
+            touched.append(pending.name)
+        return done
+    monkeypatch.setattr(ahead, "collect", collect)
+    home = tmp_path / "home"
+    rc, big, hashed, handed = _big_install(monkeypatch, home, tmp_path / "env",
+                                           ["--channel", channel["url"], "--pip-index-url", channel["simple"]],
+                                           session_state, channel["dir"])
+    assert rc == 0 and touched == [big.name]
+    assert [h for h in hashed if h.endswith(big.name)], hashed
+    assert len(_entry(home, big.name)) == 1 and _pending_left(home) == []

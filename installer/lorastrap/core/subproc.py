@@ -288,9 +288,9 @@ class Worker:
     (the interpreter, py-rattler's import) overlaps whatever this process does meanwhile.  One that is never asked
     reads the end of its stdin and leaves (``discard``, or this process's exit closing the pipe)."""
 
-    def __init__(self, module: str, *, show_progress: bool = False):
+    def __init__(self, module: str, *args: str, show_progress: bool = False):
         self.module, self.show_progress = module, show_progress
-        self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}"], stdin=subprocess.PIPE,
+        self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}", *args], stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
         self.sent, self._queue, self._feeder, self._closed = False, None, None, False

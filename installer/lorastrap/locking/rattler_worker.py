@@ -13,10 +13,12 @@ Requests, one JSON document a line on stdin: any number of "extract" ones, then 
   {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
    "result": "..."}
   {"op": "unpacked", "result": "..."}  (a worker that only unpacked big archives ahead: what it did, see "extracted")
+A big archive's worker is started with --unpack-only (install/ahead.py): it never imports asyncio.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -25,23 +27,19 @@ import traceback
 from pathlib import Path
 
 
-def _asyncio_without_tls():
-    """asyncio (py-rattler's awaitables want its running loop), imported without its TLS transports: every request's
-    networking is py-rattler's own, and asyncio's optional `import ssl` (OpenSSL's libraries, ssl.py's enums) was
-    ~5 ms of this worker's start-up, which a warm install waits for.  asyncio takes ssl as missing then (its modules
-    keep ssl = None); ssl itself stays importable afterwards."""
-    if "ssl" in sys.modules:
-        import asyncio
-        return asyncio
+def _asyncio_without_tls() -> None:
+    """Import asyncio (py-rattler's awaitables want its running loop) in this worker without its TLS transports:
+    every request's networking is py-rattler's own, and asyncio's optional `import ssl` (OpenSSL's libraries,
+    ssl.py's enums) was ~5 ms of the worker's start-up, which a warm install waits for.  asyncio takes ssl as
+    missing then (its modules keep ssl = None); ssl itself stays importable afterwards.  The functions below import
+    asyncio where they use it: in lorastrap's own process (answer, for a solve) it is imported as usual."""
+    if "ssl" in sys.modules or "asyncio" in sys.modules:
+        return
     sys.modules["ssl"] = None  # type: ignore[assignment]  (None: the import system's "not importable")
     try:
-        import asyncio
+        importlib.import_module("asyncio")
     finally:
         del sys.modules["ssl"]
-    return asyncio
-
-
-asyncio = _asyncio_without_tls()
 
 
 def _authenticated(auth_file: str):
@@ -71,6 +69,7 @@ def _solve(req: dict) -> dict:
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
     client = _authenticated(req["auth_file"]) if req.get("auth_file") else None
+    import asyncio
     records = asyncio.run(asyncio.wait_for(rattler.solve(
         sources=req["channels"], specs=[MatchSpec(s) for s in req["specs"]],
         platforms=[req["platform"], "noarch"], virtual_packages=vps,
@@ -141,6 +140,7 @@ def _install(req: dict) -> dict:
             config=None, attestation_policy=None, package_cache=None)
 
     def link(chosen: list, *, show_progress: bool = False) -> None:
+        import asyncio
         asyncio.run(linked(chosen, show_progress))
     if os.environ.get("LORASTRAP_PAUSE_AT") == "mid-link":  # crash-test hook: half linked, then wait to be killed
         link([r for r in records if not r._record.noarch.is_python])  # noarch: python ones need python with them
@@ -156,6 +156,7 @@ def _install(req: dict) -> dict:
 
 def _index(req: dict) -> dict:
     import rattler
+    import asyncio
     asyncio.run(rattler.index.index_fs(req["channel"], write_zst=False, write_shards=False, force=True))
     return {"ok": True}
 
@@ -176,6 +177,7 @@ def answer(req: dict) -> dict:
         from lorastrap.core.errors import Interrupted
         if isinstance(exc, Interrupted):  # in lorastrap's own process: a SIGTERM/SIGHUP is its stop, not an answer
             raise
+        import asyncio
         if isinstance(exc, asyncio.TimeoutError):
             return {"ok": False, "error": f"the solve did not finish within {req.get('timeout'):.0f} s",
                     "timed_out": True}
@@ -251,6 +253,8 @@ def _requests():
 
 
 def main() -> None:
+    if "--unpack-only" not in sys.argv[1:]:  # a big archive's worker (ahead.py) only unpacks: no event loop
+        _asyncio_without_tls()
     try:  # before the request: a worker started ahead of its request loads py-rattler while the parent works
         _native()
     except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
