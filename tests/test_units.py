@@ -521,6 +521,18 @@ def test_a_tar_header_that_claims_an_absurd_size_is_an_unreadable_archive(tmp_pa
     assert "cannot be read" in info.value.what
 
 
+def test_an_info_paths_json_nested_past_the_recursion_limit_is_an_unreadable_archive(tmp_path):
+    # json raises RecursionError (a RuntimeError) for "[[[[…": an archive that cannot be read (exit 6), never an
+    # internal error.
+    from lorastrap.install import archive
+    body = b"[" * 200_000
+    tar = _tar_header("info/paths.json", len(body)) + body + bytes(-len(body) % 512) + bytes(1024)
+    bad = _with_pkg_tar(_conda(tmp_path), tmp_path / "bad" / "hostile-inner-link-1.0-h0_0.conda", tar)
+    with pytest.raises(IntegrityError) as info:
+        archive.inspect(bad)
+    assert "cannot be read" in info.value.what
+
+
 @pytest.mark.parametrize("field,value", [(8, 1), (10, 99)])  # the general-purpose flags: encrypted; the method: 99
 @pytest.mark.parametrize("member", ["pkg-", "info-"])
 def test_an_encrypted_member_or_an_unknown_compression_method_is_an_unreadable_archive(tmp_path, field, value, member):

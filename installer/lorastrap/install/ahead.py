@@ -22,7 +22,6 @@ from lorastrap.core import fsutil, paths, subproc
 
 WORKERS: list[subproc.Worker] = []  # the one started ahead, until the link step takes it or it is let go
 BIG: list[subproc.Worker] = []  # one a big archive, unpacking it while the downloads go on (see unpack)
-COLLECTED: dict[str, str] = {}  # what they unpacked (collect), until the link step takes the worker or lets go
 BIG_MOST = 4  # big archives unpacked ahead at once, each in a worker of its own; more are left to the link step
 
 
@@ -117,7 +116,7 @@ def _started_by_a_lasting_thread() -> subproc.Worker:
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-worker-start")
         starter.submit(int).result()  # its thread started by a job that starts nothing; the executor kept only then
         _STARTER.append(starter)
-    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker", "--unpack-only").result()
+    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker").result()
 
 
 def collect(timeout: float) -> dict[str, str]:
@@ -125,20 +124,19 @@ def collect(timeout: float) -> dict[str, str]:
     before the link step, which would otherwise unpack the same archive beside it.  Waited for even when it has
     only just started (the last archive to arrive is often a big one): the link step would take as long to unpack
     it, and then hash the copy whole after the link; the worker compares the sha256 of the bytes it unpacked with
-    the lock's as it goes ("ok": they were the lock's — the check of an archive the cache left pending).  A worker
-    that died answers nothing: the link step unpacks its archive (and the check after the link covers that copy).
-    Every answer since the link step last took the worker (take) or let the workers go (discard)."""
+    the lock's as it goes.  A worker that died answers nothing: the link step unpacks its archive (and the check
+    after the link covers that copy)."""
+    done: dict[str, str] = {}
     while BIG:
         answer = BIG.pop(0).ask({"op": "unpacked"}, timeout=timeout)
-        COLLECTED.update(answer.get("extracted") or {})
-    return dict(COLLECTED)
+        done.update(answer.get("extracted") or {})
+    return done
 
 
 def take() -> subproc.Worker | None:
     """The worker started ahead, for the link step: None when none was, or it died meanwhile (unpacking ahead is
     a speed-up only: its pipes and feeder end here, and a fresh worker unpacks what it needs)."""
     worker = WORKERS.pop() if WORKERS else None
-    COLLECTED.clear()
     if worker is not None and worker.proc.poll() is not None:
         worker.discard()
         worker = None
@@ -151,4 +149,3 @@ def discard(*, wait: bool = True) -> None:
         WORKERS.pop().discard(wait=wait)
     while BIG:
         BIG.pop().discard(wait=wait)
-    COLLECTED.clear()

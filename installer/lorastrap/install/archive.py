@@ -242,7 +242,8 @@ def inspect(archive: Path) -> dict:
             size += max(m.size, 0)
     except UnsafePackageError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, ValueError, RecursionError, zipfile.BadZipFile, tarfile.TarError,
+            zstandard.ZstdError) as exc:  # RecursionError: json's, for an info/paths.json nested "[[[[…"
         raise IntegrityError(f"{archive.name}: the archive cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
     for name in names:  # once every link is known (one may come after the files below it in the tar)

@@ -6,12 +6,6 @@ Several installers (one node, or many nodes on a shared filesystem) may fill one
 fetched under its own lock, and an entry another installer finished is used as is.  py-rattler does not check
 hashes of file:// URLs — this module checks every archive, whatever its URL, before an engine sees it.
 
-A big download may be checked by the worker that unpacks it instead (fetch's DEFER_OVER): it waits, unchecked, in
-a folder of the run's own (``archives/<sha256>/.partial.<HOST>.<PID>.d/``) while the worker's extract hashes the
-bytes it unpacks (py-rattler hashes what it reads as it goes), and ``settle`` moves it into place once that sha256
-was the lock's and the file has not changed since — else it hashes the file itself.  One pass over the bytes
-instead of two (a CUDA environment's archives are 0.5-1.5 GB each).
-
 An entry counts as verified while its size, mtime, ctime and inode are those recorded when its sha256 matched.
 The ctime is what a same-size swap with its mtime put back cannot fake (any write or utime sets it to "now");
 otherwise the archive is hashed again.
@@ -39,14 +33,13 @@ import hashlib
 import functools
 import os
 import re
-import shutil
 import stat
 import threading
 import urllib.parse
 from pathlib import Path
 
 from lorastrap.install import archive
-from lorastrap.core import fsutil, locks, paths
+from lorastrap.core import fsutil, locks
 from lorastrap.core.credentials import shown
 from lorastrap.core.errors import IntegrityError, LorastrapError
 
@@ -93,8 +86,6 @@ class Cache:
         self.archives = root / "archives"
         self.redirect_hosts = redirect_hosts  # besides each URL's own host: see redirect_hosts_from
         self._inspected: dict[Path, tuple[str, dict]] = {}  # path → (signature, inspect's answer)
-        self._pending: dict[Path, tuple[Path, str, str, str]] = {}  # unchecked → (entry, url, sha256, signature)
-        self._pending_lock = threading.Lock()  # filled by the download threads
 
     def entry(self, sha256: str, filename: str) -> Path:
         return self.archives / sha256 / filename
@@ -111,10 +102,8 @@ class Cache:
             return False
 
     def fetch(self, url: str, sha256: str, filename: str, *, progress=None, narrate=lambda m: None,
-              stop: threading.Event | None = None, defer_over: int | None = None) -> tuple[Path, int]:
-        """The verified archive's path, and how many bytes were downloaded for it (0 when cached).  DEFER_OVER: a
-        fresh download larger than that is not hashed here but left pending (see the module's docstring): the path
-        returned is then the pending one, for a worker to unpack and ``settle`` to put in place.
+              stop: threading.Event | None = None) -> tuple[Path, int]:
+        """The verified archive's path, and how many bytes were downloaded for it (0 when cached).
 
         A cut or stalled download is retried and resumed (a NetworkError when it never completes); only a complete
         download whose sha256 differs is an IntegrityError.  A partial file is kept (`.FILE.part`, under the
@@ -133,7 +122,6 @@ class Cache:
             for stale in path.parent.glob(".*.part*"):  # other names: killed downloads of older releases
                 if _PART.fullmatch(stale.name) and stale.name not in (tmp.name, download.sidecar(tmp).name):
                     stale.unlink(missing_ok=True)
-            fsutil.remove_orphans(path.parent, paths.PARTIAL)  # pending downloads of runs that were killed
             if path.exists():
                 got = sha256_file(path)
                 if got == sha256:
@@ -149,8 +137,6 @@ class Cache:
             else:
                 got_bytes = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
                                       hosts=self.redirect_hosts)
-                if defer_over is not None and not resumed and _size(tmp) > defer_over:
-                    return self._defer(tmp, path, url, sha256), got_bytes
                 got = sha256_file(tmp)
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
@@ -160,73 +146,24 @@ class Cache:
                 got = sha256_file(tmp)
             if got != sha256:
                 download.discard(tmp)
-                raise _mismatch(filename, url, sha256, got)
+                raise IntegrityError(
+                    f"{filename}: checksum mismatch (want sha256 {sha256}, got {got})",
+                    why=f"the archive at {shown(url)} was downloaded completely and is not the one the lock names: "
+                        f"altered, corrupted, or a different build on the mirror",
+                    fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock "
+                        "with `lorastrap lock`.")
             download.sidecar(tmp).unlink(missing_ok=True)  # before the rename: a part left complete is used as it is
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
             self._mark(path)
             return path, got_bytes
 
-    def _defer(self, tmp: Path, path: Path, url: str, sha256: str) -> Path:
-        """A complete download left unchecked, under its own name in a folder of this run's (HOST.PID: one a killed
-        run left is removed by the next fetch of the entry), so that nothing takes it for the entry meanwhile."""
-        from lorastrap.install import download
-        download.sidecar(tmp).unlink(missing_ok=True)
-        os.chmod(tmp, 0o644)
-        folder = path.parent / f"{paths.PARTIAL}{fsutil.owner_tag()}.d"
-        folder.mkdir(exist_ok=True)
-        pending = folder / path.name
-        os.replace(tmp, pending)
-        with self._pending_lock:
-            self._pending[pending] = (path, url, sha256, _signature(pending))
-        return pending
-
-    def is_pending(self, path: Path) -> bool:
-        return path in self._pending
-
-    def settle(self, pending: Path, *, vouched: bool) -> Path:
-        """The entry of a download fetch left pending, put in place: VOUCHED (the worker that unpacked it found
-        the lock's sha256 for the bytes it read) and unchanged since it was left (size, mtime, ctime, inode), or
-        else hashed here; a mismatch is an IntegrityError, as in fetch.  Returns the entry's path."""
-        with self._pending_lock:
-            path, url, sha256, signature = self._pending.pop(pending)
-        try:
-            with locks.held(path.parent / ".lock", what=f"cache entry {path.name}"):
-                if self.is_ready(sha256, path.name):  # another installer checked the entry meanwhile
-                    return path
-                try:
-                    unchanged = _signature(pending) == signature
-                    if not (vouched and unchanged):
-                        got = sha256_file(pending)
-                        if got != sha256:
-                            raise _mismatch(path.name, url, sha256, got)
-                    os.replace(pending, path)
-                except FileNotFoundError:  # not ours any more (removed as a killed run's): fetched as usual below
-                    pass
-                else:
-                    self._mark(path)
-                    kept = self._inspected.pop(pending, None)
-                    if kept is not None and unchanged:  # what inspect found in it holds: the same bytes
-                        self._remember(path, kept[1])
-                    return path
-        finally:
-            shutil.rmtree(pending.parent, ignore_errors=True)  # what is left: inspect's marker, a mismatch
-        return self.fetch(url, sha256, path.name)[0]
-
-    def drop_pending(self) -> None:
-        """Remove the downloads left pending (an install that ends before settling them)."""
-        with self._pending_lock:
-            left, self._pending = list(self._pending), {}
-        for pending in left:
-            shutil.rmtree(pending.parent, ignore_errors=True)
-
     def fetch_all(self, items: list[tuple[str, str, str]], *, jobs: int = JOBS, inspect: bool = False,
-                  on_ready=None, defer_over: int | None = None, narrate=lambda m: None) -> list[tuple[Path, int]]:
+                  on_ready=None, narrate=lambda m: None) -> list[tuple[Path, int]]:
         """fetch() for every (url, sha256, filename), JOBS at a time; the results in the same order.  The first
         failure (or Ctrl-C / SIGTERM) stops the others at their next block and is raised.  inspect: each conda
         archive downloaded is also inspected (the containment check) in its thread while the others download, and
-        then given to ON_READY(path, sha256) there, which says whether a worker unpacks it — one over DEFER_OVER
-        is then left pending for that worker to check (see fetch); any other is checked here."""
+        then given to ON_READY(path, sha256) there."""
         todo = sum(1 for _, sha, fn in items if not self.is_ready(sha, fn))
         if not todo:
             return [self.fetch(*item) for item in items]
@@ -236,9 +173,7 @@ class Cache:
         progress = Progress(todo)
         pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, todo)), thread_name_prefix="lorastrap-fetch")
         try:
-            job = (functools.partial(self._fetch_inspected, on_ready=on_ready,
-                                     defer_over=defer_over if on_ready is not None else None)
-                   if inspect else self.fetch)
+            job = functools.partial(self._fetch_inspected, on_ready=on_ready) if inspect else self.fetch
             futures = [pool.submit(job, url, sha, fn, progress=progress, narrate=narrate, stop=stop)
                        for url, sha, fn in items]
             wait(futures, return_when=FIRST_EXCEPTION)  # a failure of any item, not only of the first ones
@@ -260,18 +195,9 @@ class Cache:
     def _fetch_inspected(self, url: str, sha256: str, filename: str, *, on_ready=None, **kw) -> tuple[Path, int]:
         path, got = self.fetch(url, sha256, filename, **kw)
         if got and filename.endswith((".conda", ".tar.bz2")):
-            try:
-                self.inspect(path)
-            except LorastrapError:
-                if not self.is_pending(path):
-                    raise
-                # Unreadable, or not contained, before its sha256 was checked: the download is judged first (a
-                # mismatch is what is wrong then), else the lock's own archive is inspected, as any other.
-                path = self.settle(path, vouched=False)
-                self.inspect(path)
-            handed = on_ready(path, sha256) if on_ready is not None else False
-            if self.is_pending(path) and not handed:  # no worker checks it: checked here, as any other
-                path = self.settle(path, vouched=False)
+            self.inspect(path)
+            if on_ready is not None:
+                on_ready(path, sha256)
         return path, got
 
     def inspect(self, path: Path) -> dict:
@@ -291,17 +217,10 @@ class Cache:
         except (OSError, ValueError, AttributeError, KeyError):
             pass
         info = archive.inspect(path)
-        self._remember(path, info)
-        return info
-
-    def _remember(self, path: Path, info: dict) -> None:
-        """INFO, inspect's answer for the entry PATH, kept beside it (keyed by its signature) and in this process."""
-        import json
-        sig = _signature(path)
-        marker = path.with_name("." + path.name + ".inspected")
         fsutil.write_atomic(marker, json.dumps({"signature": sig, "version": INSPECTED_VERSION, "info": info}),
                             durable=False)
         self._inspected[path] = (sig, info)
+        return info
 
     def _mark(self, path: Path) -> None:
         fsutil.write_atomic(self._verified_marker(path), _signature(path))
@@ -364,14 +283,6 @@ class Cache:
 
 
 _PART = re.compile(r"\..+\.part(\.segments(\.\d+\.tmp)?)?")  # a part, its sidecar, a sidecar being written
-
-
-def _mismatch(filename: str, url: str, want: str, got: str) -> IntegrityError:
-    return IntegrityError(
-        f"{filename}: checksum mismatch (want sha256 {want}, got {got})",
-        why=f"the archive at {shown(url)} was downloaded completely and is not the one the lock names: "
-            f"altered, corrupted, or a different build on the mirror",
-        fix="Nothing was installed. Check the mirror/channel; if the lock is outdated, re-lock with `lorastrap lock`.")
 
 
 def _size(path: Path) -> int:

@@ -251,21 +251,14 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
         _pause_point("download", narrate)
         unpacked_ahead: set[str] = set()  # what the embedded engine's worker unpacks while the downloads go on
 
-        def unpack_ahead(path: Path, sha256: str) -> bool:  # an archive just checked (or a big one pending: its
-            if ahead.unpack(path, sha256, cache.root / "extracted"):  # worker checks it), its containment too
+        def unpack_ahead(path: Path, sha256: str) -> None:  # an archive just checked: its sha256, its containment
+            if ahead.unpack(path, sha256, cache.root / "extracted"):
                 unpacked_ahead.add(dist_name(path.name))
-                return True
-            return False
         worker_unpacks = eng.kind == "rattler"
         logins = login_sources(channels, mirror, envs_dir, profile)
-        try:
-            fetched = cache.fetch_all(sources_to_fetch(cache, entries, lk.channels, mirror, pip_index_url, logins),
-                                      inspect=True, on_ready=unpack_ahead if worker_unpacks else None,
-                                      defer_over=ahead.UNPACK_MAX, narrate=narrate)
-            fetched = _settled(cache, fetched)
-        except BaseException:
-            cache.drop_pending()
-            raise
+        fetched = cache.fetch_all(sources_to_fetch(cache, entries, lk.channels, mirror, pip_index_url, logins),
+                                  inspect=True,
+                                  on_ready=unpack_ahead if worker_unpacks else None, narrate=narrate)
         local: dict[tuple[str, str], Path] = {(e.manager, e.name): path for e, (path, _) in zip(entries, fetched)}
         archives = {n: p for (m, n), p in local.items() if m == "conda"}
         for e in conda_entries if worker_unpacks else []:  # the ones the cache had already: checked when they
@@ -479,16 +472,6 @@ def _pip_and_check(*, prefix: Path, entries: list, wheels: dict[tuple[str, str],
         raise VerifyError("the new environment failed its smoke test: " + " ".join(profile.smoke),
                           why=smoke.tail(5), fix="Nothing changed: the previous environment was restored.")
     timings["check"] = time.perf_counter() - t
-
-
-def _settled(cache: Cache, fetched: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
-    """The big downloads the cache left pending, checked: each by the worker that unpacked it (waited for here,
-    before anything of the user's is touched), else hashed (Cache.settle)."""
-    if not any(cache.is_pending(path) for path, _ in fetched):
-        return fetched
-    unpacked = ahead.collect(timeout=engines.ENGINE_TIMEOUT_S)
-    return [(cache.settle(path, vouched=unpacked.get(dist_name(path.name)) == "ok") if cache.is_pending(path)
-             else path, got) for path, got in fetched]
 
 
 def login_sources(channels, mirror, envs_dir: Path, profile: Profile):
