@@ -116,7 +116,7 @@ def _started_by_a_lasting_thread() -> subproc.Worker:
         starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-worker-start")
         starter.submit(int).result()  # its thread started by a job that starts nothing; the executor kept only then
         _STARTER.append(starter)
-    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker").result()
+    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker", "--unpack-only").result()
 
 
 def collect(timeout: float) -> dict[str, str]:
