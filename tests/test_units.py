@@ -769,3 +769,17 @@ def test_plain_records_keep_what_dataclass_does_with_the_rarer_fields():
         class OwnEq(plain.Plain):
             def __eq__(self, other):
                 return True
+
+
+def test_the_yaml_reader_reads_as_the_pure_loader_and_says_what_character_stopped_it():
+    # libyaml's loader when there is one; on a syntax error the pure loader's message, which names the character
+    # (libyaml's alone: "found character that cannot start any token").  The text is the start of conda-forge's
+    # pytorch-cpu-feedstock recipe/meta.yaml (Jinja, not YAML), as a file someone might hand over.
+    import yaml
+    from lorastrap.core import yamlio
+    doc = "a: 1\nb: [x, 'y', 2.5, null, yes]\nc: {d: e}\n"
+    assert yamlio.load(doc) == yaml.load(doc, Loader=yaml.SafeLoader)
+    with pytest.raises(yaml.YAMLError) as info:
+        yamlio.load('# if you wish to build release candidate number X, append the version string with "-rcX"\n'
+                    '{% set version = "2.13.0" %}\n{% set build = 2 %}\n')
+    assert "'%'" in str(info.value.problem) and info.value.problem_mark.line == 1

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.core import locks, paths, subproc
+from lorastrap.core import locks, paths, subproc, yamlio
 from lorastrap.install import ahead
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
 
@@ -94,7 +94,7 @@ def facts(envs_dir: Path | None = None) -> Facts:
     import yaml
     path = (envs_dir or paths.ENVS) / FACTS
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
         if raw.get("schema_version") != 1 or set(raw) - {"schema_version", "minimum", "refused", "tested"}:
             raise ValueError("expected the keys schema_version (1), tested, minimum and refused")
         tested = {str(kind): [str(v) for v in versions] for kind, versions in (raw.get("tested") or {}).items()}

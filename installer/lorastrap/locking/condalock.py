@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from lorastrap.core import yamlio
+
 _NAME = r"[a-z0-9][a-z0-9_.\-]*"
 _CLAUSE = r"(?:>=|<=|<|>|!=)?[0-9][0-9a-z_.]*(?:\.\*)?"
 _CONDA_LINE = re.compile(rf"^(?P<name>{_NAME})(?: (?P<version>{_CLAUSE}(?:,{_CLAUSE})*)(?: (?P<build>[a-z0-9_.*]+))?)?$")
@@ -83,8 +85,7 @@ def _virtual_repodata(raw: dict, platform: str) -> dict | None:
 def content_hashes(spec: Path, virtual_packages: Path, channels: list[str], platforms: list[str]) -> dict | None:
     """conda-lock's content hash for each platform, or None when conda-lock must compute it."""
     text = spec.read_text()
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    raw, vps = yaml.load(text, Loader=loader), yaml.load(virtual_packages.read_text(), Loader=loader)
+    raw, vps = yamlio.load(text), yamlio.load(virtual_packages.read_text())
     if not isinstance(raw, dict) or not isinstance(vps, dict) or not all(_PLAIN_URL.match(c) for c in channels):
         return None
     specs = _specs(raw, text)

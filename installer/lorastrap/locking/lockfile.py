@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorastrap.core import kept, paths
+from lorastrap.core import kept, paths, yamlio
 from lorastrap.core.errors import ConfigError
 from lorastrap.locking.spec import inputs_sha256
 from lorastrap.matrix.profiles import Profile
@@ -90,7 +90,7 @@ def _nothing_to_keep(path: Path, platforms: set[str], channels: list[str]) -> bo
                 head.append(line)
                 if len(head) > 10_000:
                     return False
-        meta = (yaml.load("".join(head), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {})["metadata"]
+        meta = (yamlio.load("".join(head)) or {})["metadata"]
         old = [c.get("url") if isinstance(c, dict) else str(c) for c in meta["channels"]]
         return set(meta["platforms"]) <= platforms or old != channels
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
@@ -166,7 +166,7 @@ def _parsed(path: Path, keep: bool):
         return raw
     import yaml
     try:
-        raw = yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        raw = yamlio.load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorastrap.core import yamlio
 from lorastrap.core.errors import ConfigError
 from lorastrap.matrix.profiles import Profile
 
@@ -31,7 +32,7 @@ class Spec:
 def read_spec(path: Path) -> Spec:
     import yaml
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist", fix="Restore the profile's spec or correct profiles.yaml.")
     except yaml.YAMLError as exc:
@@ -69,7 +70,7 @@ def virtual_packages(envs_dir: Path, profile: Profile, platform: str) -> dict[st
     import yaml
     path = envs_dir / profile.virtual_packages
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
         return {str(k): str(v) for k, v in raw["subdirs"][platform]["packages"].items()}
     except KeyError:
         raise ConfigError(f"{path}: no 'subdirs.{platform}.packages'",

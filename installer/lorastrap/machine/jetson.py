@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from lorastrap.core import yamlio
 from lorastrap.core.errors import ConfigError, Finding
 from lorastrap.machine.host import read
 from lorastrap.machine.model import Jetson
@@ -55,7 +56,7 @@ def table(envs_dir: Path | None = None) -> list[dict]:
     from lorastrap.core import paths
     path = (envs_dir or paths.ENVS) / "jetson.yaml"
     try:
-        return [row.model_dump() for row in JetsonTable.model_validate(yaml.safe_load(path.read_text())).l4t]
+        return [row.model_dump() for row in JetsonTable.model_validate(yamlio.load(path.read_text())).l4t]
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"{path}: cannot be read as the L4T release table",
                           why=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from lorastrap.core import kept, paths
+from lorastrap.core import kept, paths, yamlio
 from lorastrap.core.errors import ConfigError, LorastrapError
 from lorastrap.core.plain import Checked, Field, Plain, frozen_record as record
 
@@ -192,8 +192,8 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 def _parse_yaml(path: Path, data: bytes):
     import yaml
-    try:  # libyaml's safe loader when the wheel has it (envs/profiles.yaml: ~2 ms instead of ~19), as lockfile.py
-        return yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    try:
+        return yamlio.load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
