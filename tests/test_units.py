@@ -771,6 +771,65 @@ def test_plain_records_keep_what_dataclass_does_with_the_rarer_fields():
                 return True
 
 
+def test_plain_structs_behave_as_the_dataclasses_they_replace():
+    """core/plain.py's struct and frozen_struct (the dataclasses kept in memory only: an engine, a lock's entry)
+    share one __init__ that takes positional arguments too, in field order: Python's own dataclass of the same
+    class is the oracle, call for call, errors included."""
+    import copy
+    import dataclasses
+
+    from lorastrap.core import plain
+
+    for frozen in (False, True):
+        made = []
+        for deco in ((plain.frozen_struct if frozen else plain.struct), dataclasses.dataclass(frozen=frozen)):
+            class S(plain.Struct):
+                name: str
+                size: int
+                tags: tuple = ()
+                extra: list = dataclasses.field(default_factory=list, compare=False)
+                late: str = dataclasses.field(default="k", kw_only=True)
+
+                @property
+                def label(self) -> str:
+                    return f"{self.name}:{self.size}"
+            made.append(deco(S))
+        ours, theirs = made
+        calls = [(("a", 1), {}), (("a",), {"size": 2}), ((), {"name": "a", "size": 3, "tags": (1,)}),
+                 (("a", 1, (2,), [3]), {"late": "z"})]
+        for args, kw in calls:
+            a, b = ours(*args, **kw), theirs(*args, **kw)
+            assert repr(a) == repr(b) and dataclasses.asdict(a) == dataclasses.asdict(b) and a.label == b.label
+            assert a == ours(*args, **kw) and (a == b) is False
+            assert copy.deepcopy(a) == a and dataclasses.replace(a, size=9).size == 9
+            if frozen:
+                assert hash(a) == hash(b)
+                with pytest.raises(dataclasses.FrozenInstanceError):
+                    a.size = 2
+            else:
+                with pytest.raises(TypeError):
+                    hash(a)
+        assert ours("a", 1).extra is not ours("a", 1).extra
+        assert ours("a", 1, (), [1]) == ours("a", 1, (), [2])  # extra: compare=False
+        for args, kw in [((), {}), (("a",), {}), (("a", 1, (), [], "x"), {}), (("a", 1), {"name": "b"}),
+                         (("a", 1), {"nope": 1})]:
+            with pytest.raises(TypeError) as mine:
+                ours(*args, **kw)
+            with pytest.raises(TypeError) as real:
+                theirs(*args, **kw)
+            assert str(mine.value).split("() ", 1)[1] == str(real.value).split("() ", 1)[1]
+        assert [f.name for f in dataclasses.fields(ours)] == [f.name for f in dataclasses.fields(theirs)]
+    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+        @plain.struct
+        class Bad(plain.Struct):
+            a: int = 0
+            b: int
+    with pytest.raises(TypeError, match="must subclass Struct"):
+        @plain.struct
+        class NotOne:
+            a: int = 0
+
+
 def test_the_yaml_reader_reads_as_the_pure_loader_and_says_what_character_stopped_it():
     # libyaml's loader when there is one; on a syntax error the pure loader's message, which names the character
     # (libyaml's alone: "found character that cannot start any token").  The text is the start of conda-forge's

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -38,6 +38,7 @@ from lorastrap.install.cache import sha256_file
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import BUSY, DOCTOR_REPAIRABLE, DOCTOR_UNREPAIRABLE, OK, Finding, UsageError
 from lorastrap.core.records import EnvRecord
+from lorastrap.core.plain import Struct, struct
 
 
 def finding(severity: str, code: str, what: str, why: str = "", fix: str = "", repair: str = "rebuild") -> Finding:
@@ -45,8 +46,8 @@ def finding(severity: str, code: str, what: str, why: str = "", fix: str = "", r
     return Finding(severity=severity, code=code, what=what, why=why, fix=fix, repair=repair)
 
 
-@dataclass
-class Diagnosis:
+@struct
+class Diagnosis(Struct):
     prefix: str
     profile: str | None
     lock: str | None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal, Mapping
 
@@ -38,6 +38,7 @@ from lorastrap.install import prefix as pfx
 from lorastrap.matrix import profiles
 from lorastrap.machine.model import Machine
 from lorastrap.core.errors import ConfigError, UsageError
+from lorastrap.core.plain import Struct, struct
 
 TABLE = "known-errors.yaml"
 FACTS_LIMIT = 1 << 20  # an environment description is a few KiB
@@ -230,8 +231,8 @@ def _search(pattern: str, text: str, flat: str) -> re.Match | None:
     return re.search(pattern, text) or re.search(pattern, flat)
 
 
-@dataclass
-class Evidence:
+@struct
+class Evidence(Struct):
     """What the text shows about the environment that produced it (None: it does not say)."""
     os: str | None = None
     packages: dict[str, tuple[str, Version]] = field(default_factory=dict)  # name → ("==" | "<", version)
@@ -368,8 +369,8 @@ def _build_word(build: str | None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Judging a cause
 
-@dataclass
-class View:
+@struct
+class View(Struct):
     """What is known of the environment: its description when there is one (complete), the text's evidence where
     the description does not say."""
     text: str

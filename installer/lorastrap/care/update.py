@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 from lorastrap.care import envs
@@ -25,6 +25,7 @@ from lorastrap.locking import diff as lockdiff, lock as locking, lockfile
 from lorastrap.locking.channels import DEFAULT_PIP_INDEX
 from lorastrap.matrix import profiles
 from lorastrap.core.errors import LorastrapError, NoEnvError, UsageError
+from lorastrap.core.plain import Struct, struct
 from lorastrap.matrix.profiles import Matrix
 
 
@@ -49,8 +50,8 @@ def lock_diff(old_prefix: Path, new_prefix: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------
 # update
 
-@dataclass
-class UpdateResult:
+@struct
+class UpdateResult(Struct):
     prefix: str
     profile: str
     platform: str
@@ -125,8 +126,8 @@ def update(*, prefix: Path, envs_dir: Path, matrix: Matrix, profile_name: str | 
 # --------------------------------------------------------------------------------------------------------------
 # rollback
 
-@dataclass
-class RollbackResult:
+@struct
+class RollbackResult(Struct):
     prefix: str
     recovered: str | None
     swapped: bool

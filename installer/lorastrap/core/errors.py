@@ -7,10 +7,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
-from lorastrap.core.plain import Plain
+from lorastrap.core.plain import Plain, record
 
 # Exit codes: documented in README.md ("Exit codes") and used by setup.sh.
 OK = 0
@@ -97,7 +96,7 @@ def render(label: str, what: str, why: str = "", fix: str = "", indent: str = " 
     return "\n".join(lines)
 
 
-@dataclass(kw_only=True)
+@record
 class Finding(Plain):
     """An observation about the machine (detect) or an environment (doctor): what, why, fix, how serious.
 

@@ -1,6 +1,7 @@
 """Plain records: dataclasses with the part of pydantic's surface lorastrap uses (``model_dump``,
 ``model_dump_json``, ``model_validate``, ``model_validate_json``, ``model_json_schema``), so that a command which
-only builds, reads and prints them (``detect``, an install) never imports pydantic.
+only builds, reads and prints them (``detect``, an install) never imports pydantic.  And plain structs: the
+dataclasses lorastrap keeps in memory only (an engine, a lock's entry), made as cheaply (``Struct``, below).
 
     @record  # dataclass(kw_only=True); frozen_record: also frozen
     class Gpu(Plain):
@@ -33,28 +34,43 @@ _BAD = object()  # what the plain check answers for data it does not vouch for
 _SURROGATE = re.compile(r"[\ud800-\udfff]|\\u[dD][89a-fA-F]")
 
 
-def _decorator(frozen: bool):
-    """A dataclass (kw_only; frozen if FROZEN) whose __init__, __repr__, __eq__ and __hash__ are Plain's, written
-    once, not made for each class: a dataclass compiles those from source for every class it makes (0.3 ms a
-    class, 0.5 ms a frozen one: ~20 ms of each install's start-up, in the ~40 records it imports), these take
-    0.05 ms.  They behave as the dataclass's own would (keyword arguments only, defaults and default factories,
-    fields left out of __init__, __post_init__, equality by type and compared fields, frozen records hashable by
-    their hashed fields and immutable, a repr that stops at a record inside itself); tests/test_units.py holds
-    them against dataclass.  What a record may not use (its own __init__/__repr__/__eq__/__hash__, InitVar, a
-    frozen and a non-frozen record in one line of inheritance) is refused when the class is made."""
+def _decorator(frozen: bool, kw_only: bool = True):
+    """A dataclass (kw_only, or not for a Struct; frozen if FROZEN) whose __init__, __repr__, __eq__ and __hash__
+    are Plain's (or Struct's), written once, not made for each class: a dataclass compiles those from source for
+    every class it makes (0.3 ms a class, 0.5 ms a frozen one: ~20 ms of each install's start-up, in the ~40
+    records it imports; 0.5-2.6 ms each for the 15 structs an install imports, ~14 ms, on a slower hour), these
+    take 0.05 ms.  They behave as the dataclass's own would (keyword arguments only for a record, positional ones
+    too for a struct, defaults and default factories, fields left out of __init__, __post_init__, equality by type
+    and compared fields, frozen ones hashable by their hashed fields and immutable, a repr that stops at a record
+    inside itself); tests/test_units.py holds them against dataclass.  What one may not use (its own
+    __init__/__repr__/__eq__/__hash__, InitVar, a frozen and a non-frozen one in one line of inheritance, a struct
+    field without a default after one with) is refused when the class is made."""
+    base = Plain if kw_only else Struct
+
     def decorate(cls: type) -> type:
+        if not issubclass(cls, base):
+            raise TypeError(f"{cls.__name__} must subclass {base.__name__} to be made with this decorator")
         own = {"__init__", "__repr__", "__eq__", "__hash__"} & cls.__dict__.keys()
         if own:
             raise TypeError(f"{cls.__name__} defines {sorted(own)}: make it with dataclasses.dataclass instead")
-        for base in cls.__mro__[1:]:
-            if base in _FROZEN and _FROZEN[base] != frozen:
+        for parent in cls.__mro__[1:]:
+            if parent in _FROZEN and _FROZEN[parent] != frozen:
                 raise TypeError(f"cannot inherit {'' if frozen else 'non-'}frozen record {cls.__name__} from a "
-                                f"{'non-' if frozen else ''}frozen one ({base.__name__})")
+                                f"{'non-' if frozen else ''}frozen one ({parent.__name__})")
         if not cls.__dict__.get("__doc__"):  # what dataclass would write, without its inspect.signature
             cls.__doc__ = f"{cls.__name__}(...)"
-        cls = dataclasses.dataclass(kw_only=True, init=False, repr=False, eq=False)(cls)
+        cls = dataclasses.dataclass(kw_only=kw_only, init=False, repr=False, eq=False)(cls)
         if any(f._field_type is dataclasses._FIELD_INITVAR for f in cls.__dataclass_fields__.values()):
             raise TypeError(f"{cls.__name__} has an InitVar: make it with dataclasses.dataclass instead")
+        if not kw_only:  # dataclass checks this in the __init__ it writes; this one is shared, so here
+            defaulted = None
+            for f in dataclasses.fields(cls):
+                if not f.init or f.kw_only:
+                    continue
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    defaulted = f.name
+                elif defaulted:
+                    raise TypeError(f"non-default argument {f.name!r} follows default argument")
         cls.__hash__ = _frozen_hash if frozen else None  # as dataclass(eq=True) sets it
         if frozen:
             cls.__setattr__, cls.__delattr__ = _frozen_setattr, _frozen_delattr
@@ -75,8 +91,6 @@ def _frozen_delattr(self, name):
     raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
 
 
-record = _decorator(frozen=False)  # a plain record's decorator
-frozen_record = _decorator(frozen=True)
 _FROZEN: dict[type, bool] = {}  # each record class → whether it is frozen
 
 
@@ -230,6 +244,90 @@ def _value(annotation, value):
     return _BAD
 
 
+def _fill(self, spec: _Spec, values: dict, kind: str) -> None:
+    """Set the fields of SELF from VALUES (keyword arguments) as the dataclass's __init__ would."""
+    cls = type(self)
+    missing = []
+    for name, default, factory in spec.given:
+        if name in values:
+            value = values.pop(name)
+        elif default is not dataclasses.MISSING:
+            value = default
+        elif factory is not dataclasses.MISSING:
+            value = factory()
+        else:
+            missing.append(repr(name))
+            continue
+        object.__setattr__(self, name, value)  # also on a frozen one
+    if missing:  # worded as Python words it
+        names = (missing[0] if len(missing) == 1 else " and ".join(missing) if len(missing) == 2
+                 else ", ".join(missing[:-1]) + ", and " + missing[-1])
+        raise TypeError(f"{cls.__qualname__}.__init__() missing {len(missing)} required {kind}"
+                        f"argument{'s' if len(missing) > 1 else ''}: {names}")
+    if values:
+        raise TypeError(f"{cls.__qualname__}.__init__() got an unexpected keyword argument {next(iter(values))!r}")
+    for name, default, factory in spec.rest:  # init=False: set as the dataclass sets it, when it has a default
+        if default is not dataclasses.MISSING:
+            object.__setattr__(self, name, default)
+        elif factory is not dataclasses.MISSING:
+            object.__setattr__(self, name, factory())
+
+
+@reprlib.recursive_repr()
+def _repr(self) -> str:
+    shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self)).shown)
+    return f"{type(self).__qualname__}({shown})"
+
+
+def _eq(self, other):
+    if other.__class__ is not self.__class__:
+        return NotImplemented
+    names = _spec(type(self)).compared
+    return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
+
+
+class Struct:
+    """Base of a plain struct (decorate the subclass with ``@struct`` or ``@frozen_struct``): a dataclass kept in
+    memory only — never read from outside, so no checks and no model methods — whose __init__ takes positional
+    arguments too, in field order, as the dataclass's does."""
+
+    def __init__(self, *args, **values) -> None:
+        cls = type(self)
+        if args:
+            names, required = _positional(cls)
+            if len(args) > len(names):  # worded as Python words it, self counted
+                most, least = len(names) + 1, required + 1
+                takes = f"from {least} to {most}" if least < most else f"{most}"
+                raise TypeError(f"{cls.__qualname__}.__init__() takes {takes} positional argument"
+                                f"{'s' if most > 1 else ''} but {len(args) + 1} were given")
+            for name, value in zip(names, args):
+                if name in values:
+                    raise TypeError(f"{cls.__qualname__}.__init__() got multiple values for argument {name!r}")
+                values[name] = value
+        _fill(self, _spec(cls), values, "positional ")
+        self.__post_init__()
+
+    __repr__ = _repr
+    __eq__ = _eq
+
+    def __post_init__(self) -> None:
+        pass
+
+
+_POSITIONAL: dict[type, tuple[tuple[str, ...], int]] = {}
+
+
+def _positional(cls: type) -> tuple[tuple[str, ...], int]:
+    """The fields a struct's __init__ takes by position (those in __init__ and not keyword-only, in order), and
+    how many of them it requires."""
+    known = _POSITIONAL.get(cls)
+    if known is None:
+        fields = [f for f in dataclasses.fields(cls) if f.init and not f.kw_only]
+        known = _POSITIONAL[cls] = (tuple(f.name for f in fields), sum(
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields))
+    return known
+
+
 class Plain:
     """Base of plain records (decorate the subclass with ``@record`` or ``@frozen_record``)."""
 
@@ -240,37 +338,11 @@ class Plain:
         _REGISTRY[cls.__name__] = cls
 
     def __init__(self, **values) -> None:
-        cls = type(self)
-        spec = _spec(cls)
-        for name, default, factory in spec.given:
-            if name in values:
-                value = values.pop(name)
-            elif default is not dataclasses.MISSING:
-                value = default
-            elif factory is not dataclasses.MISSING:
-                value = factory()
-            else:
-                raise TypeError(f"{cls.__qualname__}.__init__() missing 1 required keyword-only argument: {name!r}")
-            object.__setattr__(self, name, value)  # also on a frozen record
-        if values:
-            raise TypeError(f"{cls.__qualname__}.__init__() got an unexpected keyword argument {next(iter(values))!r}")
-        for name, default, factory in spec.rest:  # init=False: set as the dataclass sets it, when it has a default
-            if default is not dataclasses.MISSING:
-                object.__setattr__(self, name, default)
-            elif factory is not dataclasses.MISSING:
-                object.__setattr__(self, name, factory())
+        _fill(self, _spec(type(self)), values, "keyword-only ")
         self.__post_init__()
 
-    @reprlib.recursive_repr()
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in _spec(type(self)).shown)
-        return f"{type(self).__qualname__}({shown})"
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        names = _spec(type(self)).compared
-        return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
+    __repr__ = _repr
+    __eq__ = _eq
 
     def __post_init__(self) -> None:
         for name, (kind, sub) in _nested(type(self)).items():
@@ -349,3 +421,9 @@ class Plain:
                     value = f.default_factory()
                     prop["default"] = value.model_dump() if isinstance(value, Plain) else value
         return schema
+
+
+record = _decorator(frozen=False)  # a plain record's decorator
+frozen_record = _decorator(frozen=True)
+struct = _decorator(frozen=False, kw_only=False)  # a plain struct's
+frozen_struct = _decorator(frozen=True, kw_only=False)

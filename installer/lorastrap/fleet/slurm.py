@@ -26,12 +26,13 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from lorastrap.core import fsutil, paths, signals, subproc
 from lorastrap.core.errors import (FLEET_INCOMPLETE, INTERNAL, INTERRUPTED, PREREQ, VERIFY, ConfigError, LorastrapError, NoProfileError,
                               UsageError)
+from lorastrap.core.plain import Struct, struct
 
 RUN_FILE = "slurm-run.json"  # what the login node asked Slurm for: the nodes, and why some were not started
 FLEET_FILE = "fleet.json"
@@ -44,8 +45,8 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
          "OUT_OF_MEMORY"}
 
 
-@dataclass
-class NodeOptions:
+@struct
+class NodeOptions(Struct):
     """What every node does; the same flags for `fleet node`, `fleet report` and the batch script."""
     bundles: list[Path]
     report_dir: Path

@@ -18,20 +18,20 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core import locks, paths, subproc, yamlio
 from lorastrap.install import ahead
 from lorastrap.core.errors import ConfigError, DiskError, LorastrapError, UsageError
+from lorastrap.core.plain import Struct, frozen_struct, struct
 
 ENGINE_TIMEOUT_S = 3600
 VERSION_TIMEOUT_S = 30
 FACTS = "engines.yaml"
 
 
-@dataclass
-class Engine:
+@struct
+class Engine(Struct):
     kind: str  # "micromamba", "mamba" or "rattler"
     exe: str | None = None
     version: str | None = None
@@ -67,23 +67,23 @@ def _rattler_version() -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Which releases lorastrap hands a lock to (envs/engines.yaml)
 
-@dataclass(frozen=True)
-class Minimum:
+@frozen_struct
+class Minimum(Struct):
     version: str
     why: str
     source: str
 
 
-@dataclass(frozen=True)
-class Refused:
+@frozen_struct
+class Refused(Struct):
     start: str  # "from" in the file
     end: str  # "to"
     why: str
     source: str
 
 
-@dataclass(frozen=True)
-class Facts:
+@frozen_struct
+class Facts(Struct):
     minimum: dict[str, Minimum]
     refused: list[Refused]
     tested: dict[str, list[str]] = None  # kind → releases `auto` may pick

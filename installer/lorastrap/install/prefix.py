@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lorastrap.core import fsutil, subproc
+from lorastrap.core.plain import Struct, struct
 
 if TYPE_CHECKING:
     from lorastrap.core.records import EnvRecord
@@ -25,8 +26,8 @@ RECORD_DIR = Path("conda-meta") / "lorastrap"  # the environment's record and th
 # --------------------------------------------------------------------------------------------------------------
 # conda-meta
 
-@dataclass
-class CondaRecord:
+@struct
+class CondaRecord(Struct):
     file: str  # conda-meta/<file>
     name: str
     version: str
@@ -35,8 +36,8 @@ class CondaRecord:
     paths: list[dict]  # paths_data.paths entries ({"_path", "path_type", "sha256", "sha256_in_prefix", ...})
 
 
-@dataclass
-class CondaMeta:
+@struct
+class CondaMeta(Struct):
     records: dict[str, CondaRecord] = field(default_factory=dict)
     broken: dict[str, str] = field(default_factory=dict)  # file name → why it cannot be read
 
@@ -81,8 +82,8 @@ def site_packages(prefix: Path) -> Path | None:
     return found[-1] if found else None
 
 
-@dataclass
-class Distribution:
+@struct
+class Distribution(Struct):
     name: str  # canonical (PEP 503)
     version: str
     installer: str  # what wrote it: "pip", "conda", "uv", … ("" when unknown)

@@ -7,11 +7,11 @@ Ansible run that command, so every path goes through here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core.errors import VERIFY, LorastrapError, NoProfileError
 from lorastrap.core.records import NodeReport
+from lorastrap.core.plain import Struct, struct
 from lorastrap.install import bundles, generations, transaction, verify
 from lorastrap.install.transaction import InstallResult
 from lorastrap.locking import channels as chans
@@ -19,8 +19,8 @@ from lorastrap.machine.model import Machine
 from lorastrap.matrix import plan as planner, profiles
 
 
-@dataclass
-class Provisioned:
+@struct
+class Provisioned(Struct):
     result: InstallResult
     report: NodeReport
 

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
 
 from lorastrap.install import ahead, archive, engines, generations, prefix as pfx, txn, verify
@@ -49,6 +49,7 @@ from lorastrap.core.errors import (BusyError, ConfigError, DiskError, Interrupte
                                    UnsafePackageError, UsageError, VerifyError)
 from lorastrap.matrix.profiles import Matrix, Profile
 from lorastrap.core.records import BuiltWith, EnvRecord, Journal, NodeReport
+from lorastrap.core.plain import Struct, struct
 
 EXTRACT_FACTOR = 3  # disk an environment takes, as a multiple of its archives (extracted + linked)
 SMOKE_TIMEOUT_S = 300

@@ -4,11 +4,11 @@ sha256, written with conda-lock's writer (lockfile.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core import paths
 from lorastrap.core.errors import ConfigError
+from lorastrap.core.plain import Struct, struct
 from lorastrap.locking.channels import DEFAULT_PIP_INDEX, channel_url
 from lorastrap.locking.lockfile import write
 from lorastrap.locking.solve import solve
@@ -29,8 +29,8 @@ def _split_dep(dep: str) -> tuple[str, str]:
     return name, rest.strip() or "*"
 
 
-@dataclass
-class Locked:
+@struct
+class Locked(Struct):
     """A lock just written: where, and how many packages it holds for each of its platforms."""
     path: Path
     packages: dict[str, int]

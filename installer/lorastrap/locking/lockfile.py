@@ -10,11 +10,11 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from lorastrap.core import kept, paths, yamlio
 from lorastrap.core.errors import ConfigError
+from lorastrap.core.plain import Struct, struct
 from lorastrap.locking.spec import inputs_sha256
 from lorastrap.matrix.profiles import Profile
 
@@ -103,8 +103,8 @@ def _umask() -> int:
     return mask
 
 
-@dataclass
-class Entry:
+@struct
+class Entry(Struct):
     name: str
     version: str
     manager: str
@@ -120,8 +120,8 @@ class Entry:
         return self.url.rsplit("/", 1)[-1]
 
 
-@dataclass
-class Lock:
+@struct
+class Lock(Struct):
     path: Path
     raw: dict
     platforms: list[str]

@@ -5,19 +5,19 @@ none); a name the mapping lacks is its own normalised name (PEP 503)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
 from lorastrap.core import paths
 from lorastrap.core.errors import ConfigError
+from lorastrap.core.plain import Struct, frozen_struct
 
 MAPPING = "pypi-to-conda.json"
 
 
-@dataclass(frozen=True)
-class NameMap:
+@frozen_struct
+class NameMap(Struct):
     to_pypi: dict[str, str]  # conda name → PyPI name (normalised)
     to_conda: dict[str, str]  # PyPI name (normalised) → conda name
 

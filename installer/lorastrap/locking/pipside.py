@@ -22,7 +22,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -33,6 +32,7 @@ from packaging.version import InvalidVersion, Version
 from lorastrap.core import subproc
 from lorastrap.core.credentials import shown
 from lorastrap.core.errors import ConfigError, NetworkError
+from lorastrap.core.plain import Struct, struct
 from lorastrap.locking import names, pypi_index, uvexe, wheels
 from lorastrap.machine import platforms
 
@@ -46,8 +46,8 @@ UV_MACOS_TARGET = "15.0"
 # --------------------------------------------------------------------------------------------------------------
 # Resolution
 
-@dataclass
-class Context:
+@struct
+class Context(Struct):
     """What the pip side is resolved for: the profile's platform, virtual packages and Python."""
     platform: str
     python: str  # full version of the solved python, e.g. 3.12.12

@@ -12,7 +12,6 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
@@ -21,6 +20,7 @@ from packaging.version import InvalidVersion, Version
 from lorastrap.core import credentials
 from lorastrap.core.credentials import shown
 from lorastrap.core.errors import NetworkError
+from lorastrap.core.plain import Struct, struct
 
 INDEX_TIMEOUT_S = 60
 MAX_PAGE_BYTES = 64 * 2**20  # a project page of PyPI's largest projects is a few MiB
@@ -28,8 +28,8 @@ JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 ACCEPT = f"{JSON_TYPE}, text/html;q=0.1"  # PEP 691's negotiation: JSON preferred, HTML accepted
 
 
-@dataclass
-class IndexFile:
+@struct
+class IndexFile(Struct):
     filename: str
     url: str
     sha256: str | None

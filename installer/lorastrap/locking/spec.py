@@ -4,11 +4,12 @@ its virtual-packages file for each platform, the staleness key over both, and wh
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from lorastrap.core import yamlio
 from lorastrap.core.errors import ConfigError
+from lorastrap.core.plain import Struct, struct
 from lorastrap.matrix.profiles import Profile
 
 # How a pip entry's dependencies are found: locked from PyPI ("lock"), or required from the conda side ("conda").
@@ -20,8 +21,8 @@ def lock_path(envs_dir: Path, profile: str) -> Path:
     return envs_dir / f"{profile}.conda-lock.yml"
 
 
-@dataclass
-class Spec:
+@struct
+class Spec(Struct):
     path: Path
     channels: list[str]
     conda: list[str]

@@ -14,17 +14,17 @@ from __future__ import annotations
 import os
 import struct
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from lorastrap.core.plain import Struct, frozen_struct
 from lorastrap.machine import host, platforms
 
 CACHE_MAGIC = b"glibc-ld.so.cache1.1"
 OLD_MAGIC = b"ld.so-1.7.0"
 
 
-@dataclass(frozen=True)
-class Found:
+@frozen_struct
+class Found(Struct):
     path: str
     via: str  # "LD_LIBRARY_PATH", "ld.so.cache", "default directory", "extra directory"
 

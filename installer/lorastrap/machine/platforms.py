@@ -10,11 +10,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from lorastrap.core.plain import Struct, frozen_struct
 
 
-@dataclass(frozen=True)
-class Platform:
+@frozen_struct
+class Platform(Struct):
     subdir: str
     os: str  # conda's name: linux, osx, win
     uname: tuple[tuple[str, str], ...]
