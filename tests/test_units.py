@@ -771,6 +771,27 @@ def test_plain_records_keep_what_dataclass_does_with_the_rarer_fields():
                 return True
 
 
+def test_own_python_children_skip_site_yet_import_what_this_process_imports(tmp_path):
+    """lorastrap's own Python children (the engine's worker, the probes) start with -S: no site module and no .pth
+    files read (~5 ms of each start), the folders this process's site added handed over on PYTHONPATH — so the
+    child still imports lorastrap and py-rattler's compiled module from wherever this process found them."""
+    import subprocess
+    import sys
+
+    from lorastrap.core import subproc
+    argv, env = subproc.own_python("locking.rattler_worker", "--unpack-only")
+    assert argv == [sys.executable, "-S", "-m", "lorastrap.locking.rattler_worker", "--unpack-only"]
+    code = ("import sys, lorastrap.locking.rattler_worker, rattler.rattler as r; "
+            "print('site' in sys.modules, r.__file__, lorastrap.locking.rattler_worker.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.split()
+    import lorastrap.locking.rattler_worker
+    import rattler.rattler
+    assert out == ["False", rattler.rattler.__file__, lorastrap.locking.rattler_worker.__file__]
+    assert subprocess.run([sys.executable, "-S", "-c", "import lorastrap"], cwd=tmp_path, capture_output=True,
+                          env={k: v for k, v in env.items() if k != "PYTHONPATH"}).returncode != 0  # what it needs
+
+
 def test_plain_structs_behave_as_the_dataclasses_they_replace():
     """core/plain.py's struct and frozen_struct (the dataclasses kept in memory only: an engine, a lock's entry)
     share one __init__ that takes positional arguments too, in field order: Python's own dataclass of the same

@@ -240,6 +240,17 @@ def _popen(argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subp
     return proc
 
 
+def own_python(module: str, *args: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of ``python -S -m lorastrap.MODULE ARGS``, this interpreter: without the site module (its .pth
+    files, ~5 ms of each start on a runtime with setuptools' distutils-precedence.pth and an editable install),
+    the folders it would have added given instead, as this process has them: its sys.path on PYTHONPATH (but the
+    current folder, which -m puts first anyway)."""
+    here = {"", os.getcwd()}
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p not in here)
+    return [sys.executable, "-S", "-m", f"lorastrap.{module}", *args], env
+
+
 def _start(argv: list[str], env: dict[str, str] | None, cwd: str | Path | None = None,
            stdin: str | None = None) -> subprocess.Popen:
     return _popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -261,7 +272,7 @@ def python_modules(calls: list[tuple[str, dict[str, str]]], *, timeout: float) -
     procs: list[tuple[list[str], subprocess.Popen]] = []
     try:
         for module, env in calls:
-            argv = [sys.executable, "-m", f"lorastrap.{module}"]
+            argv, env = own_python(module, env=env)
             procs.append((argv, _start(argv, env)))
         results = []
         for argv, proc in procs:
@@ -279,8 +290,9 @@ def python_modules(calls: list[tuple[str, dict[str, str]]], *, timeout: float) -
 
 def python_module(module: str, *args: str, timeout: float, env: dict[str, str] | None = None,
                   stdin: str | None = None) -> Result:
-    """Run ``python -m lorastrap.<module>`` with this interpreter (lorastrap is importable there: it is this one)."""
-    return run([sys.executable, "-m", f"lorastrap.{module}", *args], timeout=timeout, env=env, stdin=stdin)
+    """Run ``python -S -m lorastrap.<module>`` with this interpreter (own_python: lorastrap is importable there)."""
+    argv, env = own_python(module, *args, env=env)
+    return run(argv, timeout=timeout, env=env, stdin=stdin)
 
 
 class Worker:
@@ -290,8 +302,9 @@ class Worker:
 
     def __init__(self, module: str, *args: str, show_progress: bool = False):
         self.module, self.show_progress = module, show_progress
-        self.proc = _popen([sys.executable, "-m", f"lorastrap.{module}", *args], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=None if show_progress else subprocess.PIPE)
+        argv, env = own_python(module, *args)
+        self.proc = _popen(argv, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=None if show_progress else subprocess.PIPE)
         self.recorded_in = {path for path, _ in _RECORDS}
         self.sent, self._queue, self._feeder, self._closed = False, None, None, False
         self._sending = threading.Lock()  # the feeder started once; nothing queued after the answered request
