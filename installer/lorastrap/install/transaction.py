@@ -57,8 +57,8 @@ KEY_PACKAGES = ("python", "pytorch", "transformers", "peft", "accelerate", "bits
 RESTORED = "the previous environment was restored."  # a failure's fix text, true only when there was one
 
 
-@dataclass
-class InstallResult:
+@struct
+class InstallResult(Struct):
     prefix: str
     profile: str
     platform: str
@@ -308,8 +308,11 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
 
             try:
                 with txn.deferred_signals("while moving the previous environment aside"):
-                    journal("aside")
+                    # Each state is a durable write (two fsyncs); a recovery tells only "committing" from the rest,
+                    # so a state that changes nothing is not written: "aside" with nothing to move aside (the
+                    # "linking" one is written before PREFIX is made), "verifying" when nothing verifies.
                     if had_old:
+                        journal("aside")
                         os.rename(prefix, backup)
                         fsutil.fsync_dir(prefix.parent)
                         result.backup = str(backup)
@@ -325,8 +328,8 @@ def install_locked(*, prefix: Path, envs_dir: Path, name: str, profile: Profile,
                        after_link=lambda fresh: _restamp(cache, eng, list(archives.values()), unpacked, fresh,
                                                          at_link, {p: inspected[n]["entries"]
                                                                    for n, p in archives.items()}))
-                journal("verifying")
                 if run_verify:
+                    journal("verifying")
                     t = time.perf_counter()
                     narrate("verifying: " + " ".join(profile.verify))
                     _pause_point("verify", narrate)
