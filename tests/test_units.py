@@ -781,6 +781,8 @@ def test_own_python_children_skip_site_yet_import_what_this_process_imports(tmp_
     from lorastrap.core import subproc
     argv, env = subproc.own_python("locking.rattler_worker", "--unpack-only")
     assert argv == [sys.executable, "-S", "-m", "lorastrap.locking.rattler_worker", "--unpack-only"]
+    import os
+    assert os.path.dirname(os.__file__) not in env["PYTHONPATH"].split(os.pathsep)  # the interpreter's own
     code = ("import sys, lorastrap.locking.rattler_worker, rattler.rattler as r; "
             "print('site' in sys.modules, r.__file__, lorastrap.locking.rattler_worker.__file__)")
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
