@@ -24,7 +24,6 @@ import os
 import sys
 import time
 import traceback
-from pathlib import Path
 
 
 def _asyncio_without_tls() -> None:
@@ -98,8 +97,9 @@ def _native():
         return sys.modules["rattler.rattler"]
     spec = importlib.util.find_spec("rattler")  # finds the package without running it
     folders = list(spec.submodule_search_locations or []) if spec else []
-    found = [Path(d) / f"rattler{suffix}" for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES]
-    found = [f for f in found if f.is_file()]
+    found = [os.path.join(d, f"rattler{suffix}")
+             for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    found = [f for f in found if os.path.isfile(f)]
     if not found:
         import rattler.rattler
         return rattler.rattler
@@ -144,7 +144,8 @@ def _install(req: dict) -> dict:
         asyncio.run(linked(chosen, show_progress))
     if os.environ.get("LORASTRAP_PAUSE_AT") == "mid-link":  # crash-test hook: half linked, then wait to be killed
         link([r for r in records if not r._record.noarch.is_python])  # noarch: python ones need python with them
-        Path(req["prefix"] + ".paused-mid-link").write_text(str(os.getpid()))
+        with open(req["prefix"] + ".paused-mid-link", "w") as f:
+            f.write(str(os.getpid()))
         while True:
             time.sleep(60)
     link(records, show_progress=bool(req.get("show_progress")))
@@ -184,7 +185,7 @@ def answer(req: dict) -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
 
 
-_SWEPT: list[Path] = []
+_SWEPT: list = []  # the package cache, once swept in this process
 
 
 def _extract(req: dict) -> str:
@@ -199,6 +200,7 @@ def _extract(req: dict) -> str:
     import fcntl
     import shutil
     import struct
+    from pathlib import Path  # here: a worker that only links (a warm install) never imports it (~3 ms)
 
     from lorastrap.core import fsutil, paths
     cache, dist, sha = Path(req["cache_dir"]), req["dist"], req["sha256"]
