@@ -771,42 +771,6 @@ def test_plain_records_keep_what_dataclass_does_with_the_rarer_fields():
                 return True
 
 
-def test_conda_meta_is_read_again_whenever_a_record_changed(tmp_path):
-    """A second read of conda-meta in one run answers the first read's records only while each record is the file
-    it was (inode, size, mtime, ctime) and none came or went; any change, even one that keeps a record's size and
-    mtime, is read again."""
-    import json
-    import os
-
-    from lorastrap.install import prefix as pfx
-    meta = tmp_path / "conda-meta"
-    meta.mkdir()
-
-    def write(name: str, version: str) -> Path:
-        f = meta / f"{name}-{version}-0.json"
-        f.write_text(json.dumps({"name": name, "version": version, "files": [f"lib/{name}"]}))
-        return f
-    a, b = write("a", "1.0"), write("b", "2.0")
-    first = pfx.conda_meta(tmp_path)
-    assert pfx.conda_meta(tmp_path) is first and first.records["a"].version == "1.0"
-    st = a.stat()
-    a.write_text(a.read_text().replace("1.0", "1.1"))  # in place: same inode, same size
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the mtime put back: the ctime moved
-    assert pfx.conda_meta(tmp_path).records["a"].version == "1.1"
-    again = pfx.conda_meta(tmp_path)
-    tmp = meta / "new"
-    tmp.write_text(b.read_text().replace("2.0", "2.1"))
-    os.utime(tmp, ns=(b.stat().st_atime_ns, b.stat().st_mtime_ns))
-    os.replace(tmp, b)  # another file under the same name, same size and mtime
-    assert pfx.conda_meta(tmp_path) is not again and pfx.conda_meta(tmp_path).records["b"].version == "2.1"
-    c = write("c", "3.0")
-    assert "c" in pfx.conda_meta(tmp_path).records
-    c.unlink()
-    (meta / "bad.json").write_text("{")
-    now = pfx.conda_meta(tmp_path)
-    assert "c" not in now.records and "bad.json" in now.broken and pfx.conda_meta(tmp_path) is now
-
-
 def test_own_python_children_skip_site_yet_import_what_this_process_imports(tmp_path):
     """lorastrap's own Python children (the engine's worker, the probes) start with -S: no site module and no .pth
     files read (~5 ms of each start), the folders this process's site added handed over on PYTHONPATH — so the

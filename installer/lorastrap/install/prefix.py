@@ -47,25 +47,11 @@ def is_conda_env(prefix: Path) -> bool:
 
 
 def conda_meta(prefix: Path) -> CondaMeta:
-    """Every conda-meta/*.json record of PREFIX; the ones that cannot be read are listed with the reason.
-
-    Read once while the records stay as they were: a later call in the same run (the no-op's damage manifest,
-    after the install's own check of the new environment) stats them and, when every record has the inode, size,
-    mtime and ctime it had when it was read — and no record came or went —, answers what that read found (its JSON
-    was ~7 ms of the large test set's warm install; read-only, as every caller takes it)."""
-    folder = prefix / "conda-meta"
-    files = sorted(folder.glob("*.json"))
-    known = _READ.get(str(folder))
-    if known is not None and known[0] == tuple(_stamp(f) for f in files):
-        return known[1]
-    out, stamps = CondaMeta(), []
-    for f in files:
-        stamp: tuple = (f.name, None)  # not opened: never taken for unchanged
+    """Every conda-meta/*.json record of PREFIX; the ones that cannot be read are listed with the reason."""
+    out = CondaMeta()
+    for f in sorted((prefix / "conda-meta").glob("*.json")):
         try:
-            with open(f, "rb") as fh:
-                st = os.fstat(fh.fileno())  # of what is read, not of what a name pointed to before
-                stamp = (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                rec = json.loads(fh.read())
+            rec = json.loads(f.read_text())
             name = rec["name"]
             paths = rec["paths_data"]["paths"] if "paths_data" in rec else [{"_path": p} for p in rec["files"]]
             if not isinstance(name, str) or not isinstance(paths, list):
@@ -73,23 +59,9 @@ def conda_meta(prefix: Path) -> CondaMeta:
         except (ValueError, KeyError, TypeError, OSError) as exc:
             out.broken[f.name] = f"{type(exc).__name__}: {exc}"
             continue
-        finally:
-            stamps.append(stamp)
         out.records[name] = CondaRecord(file=f.name, name=name, version=str(rec.get("version")),
                                         build=rec.get("build"), sha256=rec.get("sha256"), paths=paths)
-    _READ[str(folder)] = (tuple(stamps), out)
     return out
-
-
-_READ: dict[str, tuple[tuple, CondaMeta]] = {}  # conda-meta folder → (its records' stamps when read, what they said)
-
-
-def _stamp(f: Path) -> tuple:
-    try:
-        st = f.stat()
-    except OSError:
-        return (f.name, "gone")
-    return (f.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 # --------------------------------------------------------------------------------------------------------------
