@@ -792,6 +792,22 @@ def test_own_python_children_skip_site_yet_import_what_this_process_imports(tmp_
     assert out == ["False", rattler.rattler.__file__, lorastrap.locking.rattler_worker.__file__]
     assert subprocess.run([sys.executable, "-S", "-c", "import lorastrap"], cwd=tmp_path, capture_output=True,
                           env={k: v for k, v in env.items() if k != "PYTHONPATH"}).returncode != 0  # what it needs
+    # Found through an entry that is also the current folder, under PYTHONSAFEPATH (which the child inherits: -m
+    # then adds no current folder); and from a current folder that was removed (os.getcwd() fails there).
+    installer = Path(lorastrap.locking.rattler_worker.__file__).parents[2]
+    parent = ("import os, sys; from lorastrap.core import subproc; "
+              "r = subproc.python_module('machine.nvml_probe', timeout=60); print(r.returncode, r.stderr[-300:])")
+    site_dirs = [d for d in sys.path if d.endswith("site-packages")]
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    path = os.pathsep.join([str(installer), *site_dirs])
+    safe = subprocess.run([sys.executable, "-c", parent], cwd=installer, capture_output=True, text=True, timeout=120,
+                          env={**base, "PYTHONSAFEPATH": "1", "PYTHONPATH": path})
+    assert safe.returncode == 0 and safe.stdout.startswith("0 "), (safe.stdout, safe.stderr[-2000:])
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    removed = subprocess.run(["sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" -c "$1"', sys.executable,
+                              parent], capture_output=True, text=True, timeout=120, env={**base, "PYTHONPATH": path})
+    assert removed.returncode == 0 and removed.stdout.startswith("0 "), (removed.stdout, removed.stderr[-2000:])
 
 
 def test_plain_structs_behave_as_the_dataclasses_they_replace():

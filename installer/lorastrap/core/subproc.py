@@ -243,11 +243,13 @@ def _popen(argv: list[str], env: dict[str, str] | None = None, **kwargs) -> subp
 def own_python(module: str, *args: str, env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, env) of ``python -S -m lorastrap.MODULE ARGS``, this interpreter: without the site module (its .pth
     files, ~5 ms of each start on a runtime with setuptools' distutils-precedence.pth and an editable install),
-    the folders it would have added given instead, as this process has them: its sys.path on PYTHONPATH — but the
-    current folder (-m puts it first anyway) and the standard library's own three, which the interpreter puts there
-    itself (nothing of another Python's could be shadowed by them, were the variable to reach one)."""
+    the folders it would have added given instead, as this process has them: its sys.path on PYTHONPATH — every
+    entry but "" (the current folder of whatever reads it: -m puts the child's own first, unless PYTHONSAFEPATH
+    says not to, as it said to this process) and the standard library's own three, which the interpreter puts
+    there itself (nothing of another Python's could be shadowed by them, were the variable to reach one).  An
+    entry that is the current folder too is kept: it may be where lorastrap is (a .pth naming it, PYTHONPATH)."""
     stdlib = os.path.dirname(os.__file__)
-    own = {"", os.getcwd(), stdlib, os.path.join(stdlib, "lib-dynload"),
+    own = {"", stdlib, os.path.join(stdlib, "lib-dynload"),
            os.path.join(os.path.dirname(stdlib), f"python{sys.version_info[0]}{sys.version_info[1]}.zip")}
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p not in own)
