@@ -412,3 +412,15 @@ def test_engine_auto_skips_shims_and_falls_back_to_rattler(tmp_path, monkeypatch
         engines.find("micromamba")
     assert "no usable micromamba found" in str(info.value)
 
+
+def test_an_install_from_a_current_folder_that_was_removed(channel, warm_home, tmp_path):
+    """Run from a folder removed meanwhile (a user still in an environment's folder after `lorastrap remove`):
+    os.getcwd() fails there, and uv refused to start ("Current directory does not exist"); lorastrap's own
+    children and uv get folders of their own."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = ("install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", channel["url"], "--pip-index-url",
+            channel["simple"], "--engine", "rattler", "--no-verify", "--json", "--prefix", str(tmp_path / "env"))
+    res = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
+                          sys.executable, "-m", "lorastrap", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and json.loads(res.stdout)["changed"], res.stderr[-2000:]

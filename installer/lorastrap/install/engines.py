@@ -345,7 +345,7 @@ def pip_install(prefix: Path, wheels: list[tuple[str, Path, str]], work: Path, *
     env = subproc.clean_env(drop=("SSL_CERT_DIR", "SSL_CERT_FILE"), prefixes=("PIP_", "UV_"))
     stray = prefix / ".lock"  # uv locks the environment with PREFIX/.lock and leaves it: not the user's file
     had_stray = stray.exists()
-    res = subproc.run(argv, timeout=timeout, env=env)
+    res = subproc.run(argv, timeout=timeout, env=env, cwd=work)  # uv refuses a current folder that was removed
     if not had_stray and stray.is_file():
         stray.unlink()
     if not res.ok:
