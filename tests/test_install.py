@@ -413,14 +413,33 @@ def test_engine_auto_skips_shims_and_falls_back_to_rattler(tmp_path, monkeypatch
     assert "no usable micromamba found" in str(info.value)
 
 
+def _from_a_removed_folder(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    return subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone), *argv],
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_an_install_from_a_current_folder_that_was_removed(channel, warm_home, tmp_path):
     """Run from a folder removed meanwhile (a user still in an environment's folder after `lorastrap remove`):
     os.getcwd() fails there, and uv refused to start ("Current directory does not exist"); lorastrap's own
     children and uv get folders of their own."""
-    gone = tmp_path / "gone"
-    gone.mkdir()
     args = ("install", "--envs-dir", str(ROOT / "tests" / "envs"), "--channel", channel["url"], "--pip-index-url",
             channel["simple"], "--engine", "rattler", "--no-verify", "--json", "--prefix", str(tmp_path / "env"))
-    res = subprocess.run(["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone),
-                          sys.executable, "-m", "lorastrap", *args], capture_output=True, text=True, timeout=120)
+    res = _from_a_removed_folder(tmp_path, sys.executable, "-m", "lorastrap", *args)
     assert res.returncode == 0 and json.loads(res.stdout)["changed"], res.stderr[-2000:]
+
+
+def test_a_lock_and_a_conda_version_from_a_current_folder_that_was_removed(channel, home, tmp_path):
+    """py-rattler 0.28 asks for the current folder when it is imported (ChannelConfig's default root_dir): from a
+    removed one, `lorastrap lock` said it "could not read the channel(s)" (FileNotFoundError) and told the user to
+    check the network.  Imported from / there (core.fsutil.sound_cwd), and the folder given back."""
+    out = tmp_path / "out.conda-lock.yml"
+    res = _from_a_removed_folder(tmp_path, sys.executable, "-m", "lorastrap", "lock", "--envs-dir",
+                                 str(ROOT / "tests" / "envs"), "--profile", "test-cpu", "--platform", "linux-64",
+                                 "--channel", channel["url"], "--pip-index-url", channel["simple"], "-o", str(out))
+    assert res.returncode == 0 and out.is_file(), res.stderr[-2000:]
+    code = ("import os; from lorastrap.core import versions; print(versions.compare('1.10', '1.9'), "
+            "os.path.exists('.'), os.stat('.').st_nlink)")
+    res = _from_a_removed_folder(tmp_path, sys.executable, "-c", code)
+    assert res.returncode == 0 and res.stdout.split() == ["1", "True", "0"], res.stderr[-2000:]  # still there

@@ -46,7 +46,9 @@ def pypi(text: str) -> Version:
 
 def conda(text: str):
     """A conda version with conda's ordering (rattler's Version, imported here: only what compares conda needs it)."""
-    from rattler import Version as CondaVersion
+    from lorastrap.core.fsutil import sound_cwd
+    with sound_cwd():  # py-rattler asks for the current folder when imported
+        from rattler import Version as CondaVersion
     return CondaVersion(str(text))
 
 

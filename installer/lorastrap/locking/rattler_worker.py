@@ -45,7 +45,9 @@ def _authenticated(auth_file: str):
     """A client whose auth middleware holds the private channels' logins of AUTH_FILE (solve._solver_logins):
     rattler_networking reads RATTLER_AUTH_FILE once, when the middleware is made — so the variable is put back
     and the file removed right after."""
-    from rattler.networking import AuthenticationMiddleware, Client
+    from lorastrap.core.fsutil import sound_cwd
+    with sound_cwd():
+        from rattler.networking import AuthenticationMiddleware, Client
     before = os.environ.get("RATTLER_AUTH_FILE")
     os.environ["RATTLER_AUTH_FILE"] = auth_file
     try:
@@ -62,8 +64,10 @@ def _authenticated(auth_file: str):
 
 
 def _solve(req: dict) -> dict:
-    import rattler
-    from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
+    from lorastrap.core.fsutil import sound_cwd
+    with sound_cwd():  # py-rattler asks for the current folder when imported
+        import rattler
+        from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
 
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
@@ -101,7 +105,9 @@ def _native():
              for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES]
     found = [f for f in found if os.path.isfile(f)]
     if not found:
-        import rattler.rattler
+        from lorastrap.core.fsutil import sound_cwd
+        with sound_cwd():  # the package's __init__ asks for the current folder
+            import rattler.rattler
         return rattler.rattler
     native_spec = importlib.util.spec_from_file_location("rattler.rattler", found[0])
     module = importlib.util.module_from_spec(native_spec)
@@ -156,7 +162,9 @@ def _install(req: dict) -> dict:
 
 
 def _index(req: dict) -> dict:
-    import rattler
+    from lorastrap.core.fsutil import sound_cwd
+    with sound_cwd():
+        import rattler
     import asyncio
     asyncio.run(rattler.index.index_fs(req["channel"], write_zst=False, write_shards=False, force=True))
     return {"ok": True}
