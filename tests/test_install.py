@@ -443,3 +443,14 @@ def test_a_lock_and_a_conda_version_from_a_current_folder_that_was_removed(chann
             "os.path.exists('.'), os.stat('.').st_nlink)")
     res = _from_a_removed_folder(tmp_path, sys.executable, "-c", code)
     assert res.returncode == 0 and res.stdout.split() == ["1", "True", "0"], res.stderr[-2000:]  # still there
+
+
+def test_a_relative_path_from_a_removed_current_folder_is_a_usage_error(home, tmp_path):
+    """A relative --prefix cannot be resolved from a removed current folder: said as such (exit 2, what, why, fix;
+    the JSON document with --json), not as an internal error."""
+    res = _from_a_removed_folder(tmp_path, sys.executable, "-m", "lorastrap", "install", "--envs-dir",
+                                 str(ROOT / "tests" / "envs"), "--prefix", "relative-env", "--no-verify", "--json")
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "the current folder no longer exists" in res.stderr and "Traceback" not in res.stderr
+    assert "internal error" not in res.stderr and "cd to a folder that exists" in res.stderr
+    assert json.loads(res.stdout)["exit_code"] == 2

@@ -104,9 +104,26 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
+        if isinstance(exc, FileNotFoundError) and _cwd_removed():  # a relative path met a removed current folder
+            usage = errors.UsageError(f"the current folder no longer exists: it was removed ({exc})",
+                                      why="a relative path is resolved from the current folder, which no longer "
+                                          "exists",
+                                      fix="cd to a folder that exists (or give absolute paths) and run it again.")
+            print(usage.render(), file=sys.stderr)
+            if getattr(args, "json", False):
+                print(json.dumps(usage.to_dict(), indent=2))
+            return usage.exit_code
         print(f"error: internal error: {type(exc).__name__}: {exc}\n"
               f"  fix: this is a bug in lorastrap; rerun with --debug and report the output", file=sys.stderr)
         return errors.INTERNAL
+
+
+def _cwd_removed() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _watch_interrupts() -> list:
