@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        if isinstance(exc, FileNotFoundError) and _cwd_removed():  # a relative path met a removed current folder
+        from lorastrap.core.fsutil import cwd_removed
+        if isinstance(exc, FileNotFoundError) and cwd_removed():  # a relative path met a removed current folder
             usage = errors.UsageError(f"the current folder no longer exists: it was removed ({exc})",
                                       why="a relative path is resolved from the current folder, which no longer "
                                           "exists",
@@ -116,14 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: internal error: {type(exc).__name__}: {exc}\n"
               f"  fix: this is a bug in lorastrap; rerun with --debug and report the output", file=sys.stderr)
         return errors.INTERNAL
-
-
-def _cwd_removed() -> bool:
-    try:
-        os.getcwd()
-    except FileNotFoundError:
-        return True
-    return False
 
 
 def _watch_interrupts() -> list:

@@ -78,24 +78,32 @@ def unshare_tree(root: Path) -> tuple[int, int]:
     return files, reflinked
 
 
-@contextlib.contextmanager
-def sound_cwd():
-    """Run the block from / when the current folder was removed meanwhile (os.getcwd() fails there: a user still in
-    an environment's folder after removing it), and give that folder back after, by descriptor — so a relative path
-    still means what it meant (nothing: nothing can be made there).  For an import that asks for the current folder:
-    py-rattler 0.28's ChannelConfig takes os.getcwd() as a default argument, evaluated when `rattler` is imported."""
+def cwd_removed() -> bool:
+    """The current folder was removed meanwhile (os.getcwd() fails there: a user still in an environment's folder
+    after removing it)."""
     try:
         os.getcwd()
     except FileNotFoundError:
-        here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.chdir("/")
-            yield
-        finally:
-            os.fchdir(here)
-            os.close(here)
-    else:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def sound_cwd():
+    """Run the block from / when the current folder was removed (cwd_removed), and give that folder back after, by
+    descriptor — so a relative path still means what it meant (nothing: nothing can be made there).  For an import
+    that asks for the current folder: py-rattler 0.28's ChannelConfig takes os.getcwd() as a default argument,
+    evaluated when `rattler` is imported."""
+    if not cwd_removed():
         yield
+        return
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir("/")
+        yield
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def on_path(name: str) -> str | None:

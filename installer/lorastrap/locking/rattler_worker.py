@@ -45,9 +45,7 @@ def _authenticated(auth_file: str):
     """A client whose auth middleware holds the private channels' logins of AUTH_FILE (solve._solver_logins):
     rattler_networking reads RATTLER_AUTH_FILE once, when the middleware is made — so the variable is put back
     and the file removed right after."""
-    from lorastrap.core.fsutil import sound_cwd
-    with sound_cwd():
-        from rattler.networking import AuthenticationMiddleware, Client
+    from rattler.networking import AuthenticationMiddleware, Client  # after _solve's _rattler()
     before = os.environ.get("RATTLER_AUTH_FILE")
     os.environ["RATTLER_AUTH_FILE"] = auth_file
     try:
@@ -63,11 +61,18 @@ def _authenticated(auth_file: str):
             pass
 
 
-def _solve(req: dict) -> dict:
+def _rattler():
+    """py-rattler's package with its Python wrappers, imported from / when the current folder was removed: its
+    ChannelConfig takes os.getcwd() as a default argument, evaluated at import (core.fsutil.sound_cwd)."""
     from lorastrap.core.fsutil import sound_cwd
-    with sound_cwd():  # py-rattler asks for the current folder when imported
+    with sound_cwd():
         import rattler
-        from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
+    return rattler
+
+
+def _solve(req: dict) -> dict:
+    rattler = _rattler()
+    from rattler import BuildString, Gateway, GenericVirtualPackage, MatchSpec, PackageName, Version
 
     vps = [GenericVirtualPackage(PackageName(n), Version(v), BuildString("0"))
            for n, v in req["virtual_packages"].items()]
@@ -105,10 +110,7 @@ def _native():
              for d in folders for suffix in importlib.machinery.EXTENSION_SUFFIXES]
     found = [f for f in found if os.path.isfile(f)]
     if not found:
-        from lorastrap.core.fsutil import sound_cwd
-        with sound_cwd():  # the package's __init__ asks for the current folder
-            import rattler.rattler
-        return rattler.rattler
+        return _rattler().rattler  # the package's __init__ loads its compiled module
     native_spec = importlib.util.spec_from_file_location("rattler.rattler", found[0])
     module = importlib.util.module_from_spec(native_spec)
     sys.modules["rattler.rattler"] = module  # one load a process: `import rattler` later finds this one
@@ -162,9 +164,7 @@ def _install(req: dict) -> dict:
 
 
 def _index(req: dict) -> dict:
-    from lorastrap.core.fsutil import sound_cwd
-    with sound_cwd():
-        import rattler
+    rattler = _rattler()
     import asyncio
     asyncio.run(rattler.index.index_fs(req["channel"], write_zst=False, write_shards=False, force=True))
     return {"ok": True}
