@@ -225,6 +225,8 @@ def _with_members(archive: Path, members: list[tuple[tarfile.TarInfo, bytes | No
             if m.name == "info/paths.json":
                 doc = json.loads(data)
                 for tm, body in members:
+                    if tm.isdir():  # paths.json lists files and links only
+                        continue
                     entry = {"_path": tm.name, "path_type": "softlink" if tm.issym() else "hardlink"}
                     if tm.isfile():
                         entry.update(sha256=hashlib.sha256(body).hexdigest(), size_in_bytes=len(body))
@@ -281,7 +283,9 @@ def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64")
       script            bin/.hostile-script-post-link.sh that writes OUTSIDE/ran
       inner-link        lib/ok.txt and lib64 → lib (a link inside the package: allowed)
       oversized         share/zeros: 512 MiB of zeros in a tiny archive
-      fifo              a FIFO member"""
+      fifo              a FIFO member
+      modes             not hostile, unusual: a group-writable file, a setuid one, a hard link, a folder of mode
+                        775, members owned by uid 4321 (what an unpacker must lay out as the engines do)"""
     name = f"hostile-{kind}"
     with tempfile.TemporaryDirectory(prefix="lorastrap-hostile-") as tmp:
         work = Path(tmp)
@@ -314,6 +318,14 @@ def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64")
         _with_members_stream(path, m)
     elif kind == "fifo":
         _with_members(path, [_member("share/pipe", kind=tarfile.FIFOTYPE)])
+    elif kind == "modes":
+        members = [_member("share/odd", kind=tarfile.DIRTYPE), _member("share/odd/shared.txt", b"group\n"),
+                   _member("share/odd/suid.sh", b"#!/bin/sh\n"), _member("share/odd/again.txt", b"")]
+        members[0][0].mode, members[1][0].mode, members[2][0].mode = 0o775, 0o664, 0o4755
+        members[3][0].type, members[3][0].linkname = tarfile.LNKTYPE, "share/odd/shared.txt"
+        for m, _ in members:
+            m.uid, m.gid, m.uname, m.gname = 4321, 4321, "builder", "builder"
+        _with_members(path, members)
     else:
         raise ValueError(kind)
     return path

@@ -255,3 +255,32 @@ def growing_channel(channel, tmp_path):
                         version], check=True, capture_output=True, timeout=120)
     yield {"url": f"{url}/channel", "simple": f"{url}/simple", "publish": publish}
     server.shutdown()
+
+
+def rattler_extract(into: dict) -> None:
+    """py-rattler's own extract of each archive into its folder ({folder: archive}), in a process of its own (it
+    may crash at shutdown: the process leaves before that)."""
+    code = ("import os, sys\nfrom rattler.package_streaming import extract\n"
+            "for folder, archive in zip(sys.argv[1::2], sys.argv[2::2]):\n    extract(archive, folder)\n"
+            "sys.stdout.flush()\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, *[str(p) for pair in into.items() for p in pair]], check=True,
+                   timeout=300)
+
+
+def unpacked_tree(folder: Path) -> dict:
+    """Everything an unpacked copy holds, as the link step sees it: each entry's type, permission bits, size, bytes
+    (sha256), a file's mtime, a link's target, and which files are one (hard links)."""
+    import hashlib
+    import stat
+    out, inodes = {}, {}
+    for p in sorted(folder.rglob("*")):
+        st = p.lstat()
+        rel = str(p.relative_to(folder))
+        kind = stat.S_IFMT(st.st_mode)
+        out[rel] = (kind, oct(stat.S_IMODE(st.st_mode)) if kind != stat.S_IFLNK else None,
+                    st.st_size if kind == stat.S_IFREG else None,
+                    hashlib.sha256(p.read_bytes()).hexdigest() if kind == stat.S_IFREG else None,
+                    int(st.st_mtime) if kind == stat.S_IFREG else None,
+                    os.readlink(p) if kind == stat.S_IFLNK else None,
+                    inodes.setdefault(st.st_ino, rel) if kind == stat.S_IFREG else None)
+    return out

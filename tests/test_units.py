@@ -591,28 +591,52 @@ def test_a_tar_bz2_member_that_claims_an_absurd_size_is_unreadable_at_once(tmp_p
     assert "cannot be read" in info.value.what and time.monotonic() - t < 5
 
 
-@pytest.mark.skipif(MAMBA is None, reason="no micromamba")
-def test_archives_another_writer_made_read_the_same(tmp_path):
-    """The same package rewritten by the real micromamba (`package transmute`: libarchive writes its .conda with
-    data descriptors, and a .tar.bz2): the containment check reads the same paths, links and sizes from all three."""
-    from lorastrap.install import archive
+def _transmuted(tmp_path) -> tuple[Path, Path, Path]:
+    """One package as lorastrap's test channel writes it, and as the real micromamba rewrites it (`package
+    transmute`): a .tar.bz2, then a .conda again (libarchive's: its members' sizes after their data)."""
     ours = _conda(tmp_path)
     work = tmp_path / "mm"
     work.mkdir()
     shutil.copy(ours, work / ours.name)
     subprocess.run([str(MAMBA), "package", "transmute", ours.name], cwd=work, check=True, capture_output=True)
     bz2 = next(work.glob("*.tar.bz2"))
-    subprocess.run([str(MAMBA), "package", "transmute", bz2.name], cwd=work, check=True, capture_output=True)
-    theirs = [p for p in work.glob("*.conda") if p.name != ours.name]
-    assert len(theirs) == 1
+    (work / "again").mkdir()
+    bz2 = Path(shutil.move(bz2, work / "again" / bz2.name))
+    subprocess.run([str(MAMBA), "package", "transmute", bz2.name], cwd=bz2.parent, check=True, capture_output=True)
+    return ours, bz2, next(bz2.parent.glob("*.conda"))
+
+
+@pytest.mark.skipif(MAMBA is None, reason="no micromamba")
+def test_archives_another_writer_made_read_the_same(tmp_path):
+    """The same package rewritten by the real micromamba (`package transmute`: libarchive writes its .conda with
+    data descriptors, and a .tar.bz2): the containment check reads the same paths, links and sizes from all three."""
+    from lorastrap.install import archive
+    ours, bz2, libarchives = _transmuted(tmp_path)
     import zipfile
-    with zipfile.ZipFile(theirs[0]) as z:
+    with zipfile.ZipFile(libarchives) as z:
         assert any(i.flag_bits & 0x8 for i in z.infolist())  # sizes after the data: another writer's layout
     want = archive.inspect(ours)
-    for p in (bz2, theirs[0]):
+    for p in (bz2, libarchives):
         got = archive.inspect(p)
         assert (got["paths"], got["softlinks"], got["unpacked_bytes"]) == \
             (want["paths"], want["softlinks"], want["unpacked_bytes"]), p.name
+
+
+@pytest.mark.skipif(MAMBA is None, reason="no micromamba")
+def test_own_unpacking_of_archives_another_writer_made_is_rattlers(tmp_path):
+    """lorastrap's own unpacker (big archives) on the .tar.bz2 and the .conda the real micromamba writes (`package
+    transmute`, libarchive) of one package: each unpacked as py-rattler's extract unpacks the package — the
+    .tar.bz2 as it unpacks that one, the libarchive .conda (its members' sizes after their data, which py-rattler
+    0.28's streaming extract refuses: "The file length is not available in the local header") as it unpacks the
+    package's original .conda."""
+    from conftest import rattler_extract, unpacked_tree
+    from lorastrap.install import archive
+    ours, bz2, libarchives = _transmuted(tmp_path)
+    rattler_extract({tmp_path / "theirs" / "conda": ours, tmp_path / "theirs" / "bz2": bz2})
+    for p, oracle in ((bz2, "bz2"), (libarchives, "conda")):
+        archive.unpack(p, tmp_path / "ours" / p.name, unchanged=lambda st: True)
+        mine, rattlers = unpacked_tree(tmp_path / "ours" / p.name), unpacked_tree(tmp_path / "theirs" / oracle)
+        assert mine == rattlers and "lib/ok.txt" in mine, p.name
 
 
 def test_pip_records_read_with_csv_are_what_importlib_metadata_reads():

@@ -3,6 +3,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -168,24 +169,32 @@ def test_a_request_sent_once_the_answered_one_is_on_its_way_is_refused_not_dropp
     assert not late or "late-1.0-h0_0" in answer.get("extracted", {}), (late, answer.get("extracted"))
 
 
-def test_big_archives_are_unpacked_ahead_each_by_a_worker_of_its_own(channel, home, tmp_path, monkeypatch):
-    """An archive over UNPACK_MAX is not queued behind the small ones: it gets a worker of its own as soon as it is
-    checked (at most BIG_MOST at once; past that the link step unpacks it), and the link step collects what they
-    unpacked — rattler's own cache entries (the folder and its metadata file, naming the archive's sha256)."""
+def _checked(archive):
+    """ARCHIVE as the package cache leaves a checked one: its .verified marker holds its stats (cache._mark)."""
+    from lorastrap.install import cache
+    archive.with_name(f".{archive.name}.verified").write_text(cache.signature(archive.stat()))
     import hashlib
+    return hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_big_archives_are_unpacked_ahead_each_in_a_thread_of_its_own(channel, home, tmp_path, monkeypatch):
+    """An archive over UNPACK_MAX is not queued behind the small ones: it is unpacked as soon as it is checked, in a
+    thread of this process (at most BIG_MOST at once; past that the link step unpacks it), and the link step
+    collects what they unpacked — rattler's own cache entries (the folder and its metadata file, naming the
+    archive's sha256)."""
+    import shutil
     from lorastrap.core import subproc
     monkeypatch.setattr(ahead, "UNPACK_MAX", 0)  # every archive is a big one here
     monkeypatch.setattr(ahead, "BIG_MOST", 2)
-    archives = sorted((channel["dir"] / "linux-64").glob("*.conda"))[:3]
+    (tmp_path / "archives").mkdir()
+    archives = [Path(shutil.copy2(a, tmp_path / "archives"))
+                for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))[:3]]
     cache = tmp_path / "extracted"
     ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))  # what `lorastrap install` starts first
     try:
-        sha = {a: hashlib.sha256(a.read_bytes()).hexdigest() for a in archives}
+        sha = {a: _checked(a) for a in archives}
         handed = [ahead.unpack(a, sha[a], cache) for a in archives]
         assert handed == [True, True, False] and len(ahead.BIG) == 2  # the third: left to the link step
-        deadline = time.monotonic() + 60  # collected once both have begun (a request that comes first is "left")
-        while time.monotonic() < deadline and len([p for p in cache.glob("*") if p.name != ".cache.lock"]) < 2:
-            time.sleep(0.02)
         done = ahead.collect(timeout=120)
         assert ahead.BIG == []
         for a in archives[:2]:
@@ -194,16 +203,119 @@ def test_big_archives_are_unpacked_ahead_each_by_a_worker_of_its_own(channel, ho
             assert (cache / dist / "info" / "paths.json").is_file()
             assert (cache / f"{dist}.lock").read_bytes()[8:].hex() == sha[a]
         assert not (cache / archives[2].name[:-len(".conda")]).exists()
+        assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [".cache.lock"]  # nothing left
     finally:
         ahead.discard()
     assert ahead.WORKERS == [] and ahead.BIG == []
 
 
+def test_a_big_archive_changed_after_its_check_is_not_unpacked_ahead(channel, tmp_path, monkeypatch):
+    """The archive is written to after its sha256 matched (its ctime moves): its unpacking ahead says so and
+    enters nothing — the link step unpacks it, after the cache has checked it again."""
+    import shutil
+    from lorastrap.core import subproc
+    monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
+    archive = Path(shutil.copy2(sorted((channel["dir"] / "linux-64").glob("*.conda"))[0], tmp_path))
+    cache = tmp_path / "extracted"
+    sha = _checked(archive)
+    with open(archive, "r+b") as f:  # the same bytes written again: only the ctime says so
+        f.write(f.read(16))
+    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
+    try:
+        assert ahead.unpack(archive, sha, cache)
+        dist = archive.name[:-len(".conda")]
+        assert ahead.collect(timeout=120) == {dist: "the archive changed after it was checked"}
+        assert [p.name for p in cache.iterdir()] == []  # no entry, no folder left half filled
+    finally:
+        ahead.discard()
+
+
+def _dist(a: Path) -> str:
+    return f"{a.parent.name}.{a.name[:-len('.conda')]}"  # one test channel has an archive of one name per platform
+
+
+def test_own_unpacking_lays_out_what_rattlers_extract_does(channel, tmp_path):
+    """lorastrap's own unpacker (big archives, archive.unpack) against py-rattler's extract, the engine's own, on
+    every archive of the test channel and on one with unusual members (a group-writable file, a setuid one, a hard
+    link, a 775 folder, a foreign owner): the same tree, bit for bit, but for symbolic links' own mtimes (the link
+    step makes links anew)."""
+    import hashlib
+    import testchannel
+    from conftest import rattler_extract, unpacked_tree
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archives = sorted(channel["dir"].glob("*/*.conda")) + [testchannel.hostile(tmp_path / "odd", kind, outside)
+                                                              for kind in ("modes", "inner-link")]
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    sha = {a: hashlib.sha256(a.read_bytes()).hexdigest() for a in archives}
+    rattler_extract({theirs / _dist(a): a for a in archives})
+    for a in archives:
+        unpacked = enter(ours, _dist(a), sha[a], lambda folder: archive.unpack(a, folder, unchanged=lambda st: True))
+        assert unpacked == "ok", unpacked
+    assert sorted(p.name for p in ours.iterdir() if p.is_dir()) == sorted(p.name for p in theirs.iterdir())
+    for a in archives:
+        mine, rattlers = unpacked_tree(ours / _dist(a)), unpacked_tree(theirs / _dist(a))
+        assert mine == rattlers, (a.name, {k: (mine.get(k), rattlers.get(k)) for k in set(mine) | set(rattlers)
+                                            if mine.get(k) != rattlers.get(k)})
+    odd = unpacked_tree(ours / "linux-64.hostile-modes-1.0-h0_0")
+    assert odd["share/odd/shared.txt"][1] == "0o664" and odd["share/odd/suid.sh"][1] == "0o755"  # as rattler's
+    assert odd["share/odd/again.txt"][6] == odd["share/odd/shared.txt"][6]  # one file, two names
+    assert (ours / "linux-64.hostile-modes-1.0-h0_0" / "share/odd/shared.txt").stat().st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("kind", ["tar-traversal", "symlink-out", "fifo"])
+def test_own_unpacking_refuses_what_inspect_refuses(tmp_path, kind):
+    """Containment is inspect's, before anything is unpacked; the unpacker refuses the same members again by
+    itself (by name, and by the links it has made): nothing lands outside, and what it unpacked is removed."""
+    import testchannel
+    from lorastrap.core.errors import UnsafePackageError
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    a = testchannel.hostile(tmp_path / "hostile", kind, outside)
+    with pytest.raises(UnsafePackageError):
+        archive.inspect(a)
+    cache = tmp_path / "extracted"
+    with pytest.raises(UnsafePackageError):
+        enter(cache, "x-1.0-h0_0", "0" * 64, lambda folder: archive.unpack(a, folder, unchanged=lambda st: True))
+    assert list(outside.iterdir()) == [] and [p.name for p in cache.iterdir()] == []
+
+
+def test_own_unpacking_stops_within_a_block_and_leaves_nothing(tmp_path):
+    """An unpacking told to stop (an interrupt, another archive's failure) ends at its next read and removes what
+    it had unpacked: an archive of 48 MiB of incompressible data, stopped after its first blocks."""
+    import random
+    import testchannel
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    a = testchannel.hostile(tmp_path / "big", "inner-link", outside)
+    import tarfile
+    m = tarfile.TarInfo("lib/big.bin")
+    data = random.Random(7).randbytes(48 << 20)
+    m.size, m.mode = len(data), 0o644
+    testchannel._with_members(a, [(m, data)])
+    reads = []
+
+    def stopped() -> bool:
+        reads.append(1)
+        return len(reads) > 3
+    cache = tmp_path / "extracted"
+    with pytest.raises(archive.Stopped):
+        enter(cache, "x-1.0-h0_0", "0" * 64, lambda folder: archive.unpack(a, folder, unchanged=lambda st: True,
+                                                                           stopped=stopped))
+    assert len(reads) == 4 and [p.name for p in cache.iterdir()] == []
+
+
 @pytest.mark.slow
 def test_a_cold_install_unpacks_a_big_archive_ahead_and_needs_no_check_after_the_link(home, tmp_path):
-    """A channel with one archive over UNPACK_MAX (numpy, 70 MiB incompressible): a cold install hands it to a
-    worker of its own as soon as it is checked, links from that copy (the worker compared the sha256 of the bytes
-    it unpacked with the lock's), and every copy carries a stamp afterwards."""
+    """A channel with one archive over UNPACK_MAX (numpy, 70 MiB incompressible): a cold install unpacks it in a
+    thread of its own as soon as it is checked, links from that copy (unpacked from the archive whose stats are
+    still those it had when its sha256 matched), and every copy carries a stamp afterwards."""
     import subprocess
     import sys
     import testchannel
@@ -220,74 +332,82 @@ def test_a_cold_install_unpacks_a_big_archive_ahead_and_needs_no_check_after_the
     finally:
         server.shutdown()
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "unpacked ahead, each in a worker of its own: numpy-" in res.stderr, res.stderr[-3000:]
+    assert "unpacked ahead, each in a thread of its own: numpy-" in res.stderr, res.stderr[-3000:]
     copies = [d for d in (home / "pkgs" / "extracted").iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert sorted(d.name for d in copies if not (d / cache.STAMP).is_file()) == []
 
 
-def test_an_interrupt_while_the_link_step_waits_for_a_big_archive_leaves_no_worker(channel, tmp_path, monkeypatch):
-    """Ctrl-C while the link step waits for a big archive's worker: the worker started ahead is still the
-    install's to let go (it is taken only after), so discard() ends both — none is left to a library caller."""
-    import hashlib
+def test_an_interrupt_while_the_link_step_waits_for_a_big_archive_leaves_nothing_running(channel, tmp_path,
+                                                                                         monkeypatch):
+    """Ctrl-C while the link step waits for a big archive being unpacked: the worker started ahead is still the
+    install's to let go (it is taken only after), so discard() ends it, and the unpacking stops at its next block
+    and removes what it had unpacked — nothing is left running or half made for a library caller."""
+    import shutil
     from lorastrap.core import subproc
+    from lorastrap.install import archive
     monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
-    archive = sorted((channel["dir"] / "linux-64").glob("*.conda"))[0]
+    real, reading = archive.unpack, threading.Event()
+
+    def unhurried(path, dest, *, unchanged, stopped):  # the real unpacker, still reading when the link step comes
+        def later() -> bool:
+            reading.set()
+            while not stopped():
+                time.sleep(0.01)
+            return True
+        return real(path, dest, unchanged=unchanged, stopped=later)
+    monkeypatch.setattr(archive, "unpack", unhurried)
+    one = Path(shutil.copy2(sorted((channel["dir"] / "linux-64").glob("*.conda"))[0], tmp_path))
     cache = tmp_path / "extracted"
     started = subproc.Worker("locking.rattler_worker")
     ahead.WORKERS.append(started)
     try:
-        assert ahead.unpack(archive, hashlib.sha256(archive.read_bytes()).hexdigest(), cache)
-        big = ahead.BIG[0]
-        time.sleep(1.0)
-        os.kill(big.proc.pid, signal.SIGSTOP)  # still unpacking when the link step comes
+        assert ahead.unpack(one, _checked(one), cache)
+        future = ahead.BIG[0][1]
+        assert reading.wait(30)
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         with pytest.raises(KeyboardInterrupt):
             engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=tmp_path / "x-lock.yml",
                          platform="linux-64", cache_dir=cache)
         ahead.discard(wait=False)  # what cli/install.py's finally does
+        assert future.result(timeout=30) == "stopped"
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and (started.proc.poll() is None or big.proc.poll() is None):
+        while time.monotonic() < deadline and started.proc.poll() is None:
             time.sleep(0.05)
-        assert started.proc.poll() is not None and big.proc.poll() is not None
+        assert started.proc.poll() is not None
+        assert [p.name for p in cache.iterdir() if p.name != ".cache.lock"] == []
     finally:
-        for w in (started, *ahead.BIG):
-            if w.proc.poll() is None:
-                os.killpg(w.proc.pid, signal.SIGKILL)
-                w.proc.wait()
-        ahead.BIG.clear()
-        ahead.WORKERS.clear()
+        if started.proc.poll() is None:
+            os.killpg(started.proc.pid, signal.SIGKILL)
+            started.proc.wait()
+        ahead.discard()
 
 
-def test_no_thread_to_start_big_archives_workers_leaves_them_to_the_link_step(channel, tmp_path, monkeypatch):
-    """The thread that starts big archives' workers cannot be started (a thread limit): unpack says no — the link
-    step unpacks the archive — and a later big archive tries again instead of waiting for a thread that is not
-    there."""
-    import hashlib
+def test_no_thread_to_unpack_a_big_archive_leaves_it_to_the_link_step(channel, tmp_path, monkeypatch):
+    """No thread can be started to unpack a big archive (a thread limit): unpack says no — the link step unpacks
+    that archive — and a later big archive tries again; the first is never unpacked later by a thread that came
+    after, owned by no one."""
+    import shutil
     from lorastrap.core import subproc
     monkeypatch.setattr(ahead, "UNPACK_MAX", 0)
-    monkeypatch.setattr(ahead, "_STARTER", [])  # a process that has not started that thread yet
+    monkeypatch.setattr(ahead, "_POOL", [])  # a process that has not started that pool yet
     real_start = threading.Thread.start
 
     def start(self):
-        if self.name.startswith("lorastrap-worker-start"):
+        if self.name.startswith("lorastrap-unpack"):
             monkeypatch.setattr(threading.Thread, "start", real_start)
             raise RuntimeError("can't start new thread")
         return real_start(self)
     monkeypatch.setattr(threading.Thread, "start", start)
-    archives = sorted((channel["dir"] / "linux-64").glob("*.conda"))[:2]
+    (tmp_path / "archives").mkdir()
+    archives = [Path(shutil.copy2(a, tmp_path / "archives"))
+                for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))[:2]]
     cache = tmp_path / "extracted"
     ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
     try:
-        got = []
-        t = threading.Thread(target=lambda: got.extend(
-            ahead.unpack(a, hashlib.sha256(a.read_bytes()).hexdigest(), cache) for a in archives), daemon=True)
-        real_start(t)
-        t.join(30)
-        assert got == [False, True], got  # the first left to the link step, the second given a worker
-        ahead.discard()
-        deadline = time.monotonic() + 10  # and no worker started for the first one later, owned by no one
-        while time.monotonic() < deadline and _children():
-            time.sleep(0.05)
-        assert _children() == []
+        got = [ahead.unpack(a, _checked(a), cache) for a in archives]
+        assert got == [False, True], got  # the first left to the link step, the second unpacked ahead
+        assert ahead.collect(timeout=120) == {archives[1].name[:-6]: "ok"}
+        time.sleep(0.5)
+        assert not (cache / archives[0].name[:-6]).exists()
     finally:
         ahead.discard()

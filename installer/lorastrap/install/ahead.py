@@ -21,8 +21,7 @@ from pathlib import Path
 from lorastrap.core import fsutil, paths, subproc
 
 WORKERS: list[subproc.Worker] = []  # the one started ahead, until the link step takes it or it is let go
-BIG: list[subproc.Worker] = []  # one a big archive, unpacking it while the downloads go on (see unpack)
-BIG_MOST = 4  # big archives unpacked ahead at once, each in a worker of its own; more are left to the link step
+BIG_MOST = 4  # big archives unpacked ahead at once, each in a thread of its own; more are left to the link step
 
 
 def candidates(choice: str) -> list[tuple[str, str, str]]:
@@ -71,16 +70,23 @@ def start_guessing(argv: list[str]) -> None:
 # The worker unpacks one archive at a time (py-rattler 0.28's extract holds the GIL: 2 or 4 threads unpacked the
 # large set's 39 archives no faster than 1), while the link step unpacks several at once.  So a big archive is not
 # queued behind the others in that worker (two of 320 MiB one after the other made a cold install over a 40 MiB/s
-# link 0.8 s slower: the worker's 1.6 s against rattler's 0.9 s): each gets a worker of its own, started when it
-# is checked, at most BIG_MOST at once; the link step waits for what they are unpacking (collect).
+# link 0.8 s slower): each is unpacked as soon as it is checked, in a thread of this process, at most BIG_MOST at
+# once, by lorastrap's own unpacker (archive.unpack: zstandard and tarfile, which leave the GIL while they
+# decompress and write), not py-rattler's extract, which hashes the archive again, sha256 and md5 (320 MiB: ~1.0 s
+# against ~0.35 s).  The link step waits for what they are unpacking (collect).
 UNPACK_MAX = 64 * 2**20
+_BIG_LOCK = threading.Lock()
+BIG: list = []  # (dist, future) of each big archive being unpacked, until the link step collects them
+_STOP = [threading.Event()]  # this install's: set, each big archive's unpacking ends within one block (_stopped)
+_POOL: list = []  # the executor that unpacks them, once there is one
 
 
 def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
-    """Give a checked archive to the worker started ahead, to unpack into its package cache (CACHE_DIR) while the
-    other downloads go on, instead of every archive being unpacked only at the link step.  True when handed over;
-    False when no worker was started ahead, the cache has a copy already (check_extracted looks at that one), or
-    BIG_MOST big archives (over UNPACK_MAX) are unpacked already."""
+    """Give a checked archive to the worker started ahead (or, a big one, to a thread of this process), to unpack
+    into the embedded engine's package cache (CACHE_DIR) while the other downloads go on, instead of every archive
+    being unpacked only at the link step.  True when handed over; False when no worker was started ahead (the
+    embedded engine will not link), the cache has a copy already (check_extracted looks at that one), or BIG_MOST
+    big archives (over UNPACK_MAX) are being unpacked already."""
     from lorastrap.install.cache import dist_name
     dist = dist_name(archive.name)
     if not WORKERS or os.path.lexists(cache_dir / dist) or os.path.lexists(cache_dir / f"{dist}.lock"):
@@ -89,48 +95,71 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
         big = archive.stat().st_size > UNPACK_MAX
     except OSError:
         return False
-    request = {"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256, "cache_dir": str(cache_dir)}
     if not big:
-        return WORKERS[0].send(request)
+        return WORKERS[0].send({"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256,
+                                "cache_dir": str(cache_dir)})
     with _BIG_LOCK:  # archives are checked in the download threads
         if len(BIG) >= BIG_MOST:
             return False
         try:
-            BIG.append(_started_by_a_lasting_thread())
-        except (OSError, RuntimeError):  # no process or thread to be had (a limit): the link step unpacks it
+            if not _POOL:
+                from concurrent.futures import ThreadPoolExecutor  # here: a warm install unpacks nothing
+                _POOL.append(ThreadPoolExecutor(max_workers=BIG_MOST, thread_name_prefix="lorastrap-unpack"))
+            BIG.append((dist, _POOL[0].submit(_unpack_big, archive, dist, sha256, cache_dir, _STOP[0])))
+        except RuntimeError:  # no thread to be had (a limit), or the interpreter is shutting down: the link step
+            if _POOL:  # unpacks it; its job, queued already, is cancelled with the pool (a later one gets a new pool)
+                _POOL.pop().shutdown(wait=False, cancel_futures=True)
             return False
-        return BIG[-1].send(request)
+        return True
 
 
-_BIG_LOCK = threading.Lock()
-_STARTER: list = []  # the one-thread executor that starts the big archives' workers, once there is one
+def _unpack_big(archive: Path, dist: str, sha256: str, cache_dir: Path, stop: threading.Event) -> str:
+    """One big archive into the package cache (rattler_worker.enter, the entry rattler itself makes): "ok", or why
+    not — never raises (the link step unpacks what this did not)."""
+    from lorastrap.install import archive as archives
+    from lorastrap.install.cache import signature, verified_signature
+    from lorastrap.locking.rattler_worker import enter
+    checked = verified_signature(archive)  # what the archive's stats were when its sha256 was the lock's
 
-
-def _started_by_a_lasting_thread() -> subproc.Worker:
-    """A worker started by a thread that lives as long as this process (an executor's: its thread waits for the
-    next job until shutdown): a child dies with the thread that started it (setpriv --pdeathsig: PR_SET_PDEATHSIG
-    is the parent thread's), and the download threads that check a big archive end with the downloads, before the
-    link step asks what the worker unpacked.  RuntimeError when no thread can be had."""
-    from concurrent.futures import ThreadPoolExecutor  # here: this module is imported before the worker starts
-    if not _STARTER:
-        starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastrap-worker-start")
-        starter.submit(int).result()  # its thread started by a job that starts nothing; the executor kept only then
-        _STARTER.append(starter)
-    return _STARTER[0].submit(subproc.Worker, "locking.rattler_worker", "--unpack-only").result()
+    def fill(folder: Path) -> None:
+        archives.unpack(archive, folder, unchanged=lambda st: checked is not None and signature(st) == checked,
+                        stopped=stop.is_set)
+    try:
+        return enter(cache_dir, dist, sha256, fill)
+    except archives.Changed:
+        return "the archive changed after it was checked"
+    except archives.Stopped:
+        return "stopped"
+    except Exception as exc:  # noqa: BLE001 - see the docstring: said by the link step, which unpacks it instead
+        return f"{type(exc).__name__}: {exc}"
 
 
 def collect(timeout: float) -> dict[str, str]:
-    """What the big archives' workers unpacked ({dist: "ok", or why not}), once each has unpacked its archive —
+    """What the big archives' threads unpacked ({dist: "ok", or why not}), once each has unpacked its archive —
     before the link step, which would otherwise unpack the same archive beside it.  Waited for even when it has
     only just started (the last archive to arrive is often a big one): the link step would take as long to unpack
-    it, and then hash the copy whole after the link; the worker compares the sha256 of the bytes it unpacked with
-    the lock's as it goes.  A worker that died answers nothing: the link step unpacks its archive (and the check
-    after the link covers that copy)."""
-    done: dict[str, str] = {}
-    while BIG:
-        answer = BIG.pop(0).ask({"op": "unpacked"}, timeout=timeout)
-        done.update(answer.get("extracted") or {})
-    return done
+    it, and then hash the copy whole after the link.  One that does not finish within TIMEOUT seconds is told to
+    stop (its archive: the link step's)."""
+    with _BIG_LOCK:
+        futures = dict(BIG)  # kept in BIG until done: interrupted here, discard still stops them
+    if not futures:
+        return {}
+    import time
+    from concurrent.futures import wait  # here: a warm install imports no concurrent.futures (nor its logging)
+    deadline = time.monotonic() + timeout
+    wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+    if not all(future.done() for future in futures.values()):
+        _stopped()
+        wait(futures.values())
+    with _BIG_LOCK:
+        BIG[:] = [(dist, future) for dist, future in BIG if dist not in futures]
+    return {dist: future.result() for dist, future in futures.items()}
+
+
+def _stopped() -> None:
+    """Tell the big archives' unpacking under way to stop (under _BIG_LOCK or not); the next ones get a new event."""
+    _STOP[0].set()
+    _STOP[0] = threading.Event()
 
 
 def take() -> subproc.Worker | None:
@@ -147,5 +176,11 @@ def discard(*, wait: bool = True) -> None:
     """Let the workers started ahead go: the install ends without linking (see subproc.Worker.discard)."""
     while WORKERS:
         WORKERS.pop().discard(wait=wait)
-    while BIG:
-        BIG.pop().discard(wait=wait)
+    with _BIG_LOCK:
+        futures = [future for _, future in BIG]
+        BIG.clear()
+        if futures:
+            _stopped()  # each ends within one block, and removes what it unpacked
+    if futures and wait:
+        from concurrent.futures import wait as all_done
+        all_done(futures)

@@ -90,14 +90,11 @@ class Cache:
     def entry(self, sha256: str, filename: str) -> Path:
         return self.archives / sha256 / filename
 
-    def _verified_marker(self, path: Path) -> Path:
-        return path.with_name("." + path.name + ".verified")
-
     def is_ready(self, sha256: str, filename: str) -> bool:
         """Present, and unchanged since it was verified (size, mtime, ctime and inode as recorded then)."""
         path = self.entry(sha256, filename)
         try:
-            return self._verified_marker(path).read_text() == _signature(path)
+            return verified_signature(path) == _signature(path)
         except OSError:
             return False
 
@@ -223,7 +220,7 @@ class Cache:
         return info
 
     def _mark(self, path: Path) -> None:
-        fsutil.write_atomic(self._verified_marker(path), _signature(path))
+        fsutil.write_atomic(_verified_marker(path), _signature(path))
 
     def check_extracted(self, archives: list[Path], *, full: bool, extracted: Path | None = None,
                         entries: dict[Path, list] | None = None, narrate=lambda m: None) -> list[str]:
@@ -293,8 +290,25 @@ def _size(path: Path) -> int:
 
 
 def _signature(path: Path) -> str:
-    st = path.stat()
+    return signature(path.stat())
+
+
+def signature(st: os.stat_result) -> str:
+    """What an entry's .verified marker records of its stats when its sha256 matched (see the module's docstring)."""
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {st.st_ino}"
+
+
+def verified_signature(path: Path) -> str | None:
+    """The stats the entry at PATH had when its sha256 matched the lock's (its .verified marker); None when it has
+    no marker."""
+    try:
+        return _verified_marker(path).read_text()
+    except OSError:
+        return None
+
+
+def _verified_marker(path: Path) -> Path:
+    return path.with_name("." + path.name + ".verified")
 
 
 def dist_name(filename: str) -> str:

@@ -268,12 +268,12 @@ def link(engine: Engine, *, prefix: Path, lock_file: Path, platform: str, cache_
             return subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty())
         request = {"op": "install", "lock": str(lock_file), "platform": platform, "prefix": str(prefix),
                    "cache_dir": str(cache_dir)}
-        # The big archives unpacked ahead, each by its own worker — waited for before the worker started ahead is
-        # taken: interrupted here, that one is still the install's to let go (cli/install.py's discard).
+        # The big archives unpacked ahead, each in a thread of its own — waited for before the worker started ahead
+        # is taken: interrupted here, that one is still the install's to let go (cli/install.py's discard).
         big = ahead.collect(timeout=ENGINE_TIMEOUT_S)
         started_ahead = ahead.take()
         if any(how == "ok" for how in big.values()):
-            narrate(f"unpacked ahead, each in a worker of its own: "
+            narrate(f"unpacked ahead, each in a thread of its own: "
                     f"{', '.join(sorted(d for d, how in big.items() if how == 'ok'))}")
         answer = (started_ahead or fresh()).ask(request, timeout=ENGINE_TIMEOUT_S)
         if started_ahead is not None and answer.get("unanswered") and not os.path.lexists(prefix):

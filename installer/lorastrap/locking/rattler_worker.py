@@ -12,8 +12,8 @@ Requests, one JSON document a line on stdin: any number of "extract" ones, then 
    "cache_dir": "...", "result": "/path/result.json"}
   {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
    "result": "..."}
-  {"op": "unpacked", "result": "..."}  (a worker that only unpacked big archives ahead: what it did, see "extracted")
-A big archive's worker is started with --unpack-only (install/ahead.py): it never imports asyncio.
+The answer carries "extracted" when "extract" requests came before it: what each came to ({dist: "ok", or why
+not}).  (A big archive is unpacked by lorastrap's own unpacker instead: install/ahead.py.)
 """
 
 from __future__ import annotations
@@ -170,16 +170,11 @@ def _index(req: dict) -> dict:
     return {"ok": True}
 
 
-def _unpacked(req: dict) -> dict:
-    """The answer of a worker that only unpacked archives ahead (ahead.collect): what it unpacked goes with it."""
-    return {"ok": True}
-
-
 def answer(req: dict) -> dict:
     """The answer to one request; a failure is an answer too (the caller decides).  Also called in the lorastrap
     process itself for a solve when that process leaves with os._exit (solve.py)."""
     try:
-        return {"solve": _solve, "install": _install, "index": _index, "unpacked": _unpacked}[req["op"]](req)
+        return {"solve": _solve, "install": _install, "index": _index}[req["op"]](req)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # everything goes into the answer; the parent decides
@@ -198,39 +193,50 @@ _SWEPT: list = []  # the package cache, once swept in this process
 
 def _extract(req: dict) -> str:
     """Unpack one checked archive into the embedded engine's package cache while the parent still downloads the
-    others (py-rattler 0.28's own unpacking; rattler.install then only links it).  The entry is what rattler itself
-    leaves: the folder CACHE/DIST and its metadata file CACHE/DIST.lock — the revision (8 bytes, big-endian) and the
-    archive's sha256 (32 bytes), rattler_cache's CacheMetadataFile — made under rattler's own cache lock
-    (CACHE/.cache.lock, flock).  The folder is filled under a private name and renamed into place; the sha256
-    extract() computed of the bytes it unpacked must be the lock's.  An entry already there is left alone (the
-    parent's check, then rattler, decide about it).  Answers "ok", "present", or why not (the link step then
-    unpacks it as before); "left" (in main) when the answered request came before its turn."""
+    others (py-rattler 0.28's own unpacking; rattler.install then only links it): ``enter``, filled by py-rattler's
+    extract, whose sha256 of the bytes it unpacked must be the lock's.  Answers as ``enter`` does; "left" (in main)
+    when the answered request came before its turn."""
+    from pathlib import Path  # here: a worker that only links (a warm install) never imports it (~3 ms)
+
+    def fill(tmp: Path) -> str | None:
+        got, _ = _native().extract(Path(req["archive"]), tmp)
+        if bytes(got).hex() != req["sha256"]:
+            return f"unpacked bytes have sha256 {bytes(got).hex()}, the lock says {req['sha256']}"
+        return None
+    return enter(Path(req["cache_dir"]), req["dist"], req["sha256"], fill)
+
+
+def enter(cache, dist: str, sha256: str, fill) -> str:
+    """Make the package cache entry of DIST in CACHE (a pathlib.Path) as rattler itself leaves one: the folder
+    CACHE/DIST and its metadata file CACHE/DIST.lock — the revision (8 bytes, big-endian) and the archive's sha256
+    (32 bytes), rattler_cache's CacheMetadataFile — made under rattler's own cache lock (CACHE/.cache.lock, flock).
+    FILL(folder) fills the folder under a private name (None when it did; else why not, and nothing is entered);
+    it is renamed into place after.  An entry already there is left alone (the parent's check, then rattler,
+    decide about it).  Answers "ok", "present", or why not (the link step then unpacks it as before)."""
     import fcntl
     import shutil
     import struct
-    from pathlib import Path  # here: a worker that only links (a warm install) never imports it (~3 ms)
 
     from lorastrap.core import fsutil, paths
-    cache, dist, sha = Path(req["cache_dir"]), req["dist"], req["sha256"]
     folder, record = cache / dist, cache / f"{dist}.lock"
     if folder.exists() or record.exists():
         return "present"
     cache.mkdir(parents=True, exist_ok=True)
-    if not _SWEPT:  # what workers killed while unpacking left, on this node: once a run, every package's
+    if cache not in _SWEPT:  # what unpackers killed while unpacking left, on this node: once a run, every package's
         _SWEPT.append(cache)
         fsutil.remove_orphans(cache, paths.PARTIAL, marked=True)
     tmp = cache / f".{dist}{paths.PARTIAL}{fsutil.owner_tag()}.d"
     try:
-        got, _ = _native().extract(Path(req["archive"]), tmp)
-        if bytes(got).hex() != sha:
-            return f"unpacked bytes have sha256 {bytes(got).hex()}, the lock says {sha}"
+        why_not = fill(tmp)
+        if why_not:
+            return why_not
         with open(cache / ".cache.lock", "a+b") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             if folder.exists() or record.exists():
                 return "present"
             os.rename(tmp, folder)
             with open(record, "wb") as f:
-                f.write(struct.pack(">Q", 1) + bytes.fromhex(sha))
+                f.write(struct.pack(">Q", 1) + bytes.fromhex(sha256))
         return "ok"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,8 +258,8 @@ def _requests():
                     req = json.loads(line)
                 except ValueError:  # main reads it again and fails as it always did
                     req = line
-                if not (isinstance(req, dict) and req.get("op") in ("extract", "unpacked")):
-                    last.set()  # (a big archive's worker unpacks what it was given before it answers "unpacked")
+                if not (isinstance(req, dict) and req.get("op") == "extract"):
+                    last.set()
                 lines.put(req)
         lines.put(None)
     threading.Thread(target=read, daemon=True).start()
@@ -263,8 +269,7 @@ def _requests():
 
 
 def main() -> None:
-    if "--unpack-only" not in sys.argv[1:]:  # a big archive's worker (ahead.py) only unpacks: no event loop
-        _asyncio_without_tls()
+    _asyncio_without_tls()
     try:  # before the request: a worker started ahead of its request loads py-rattler while the parent works
         _native()
     except BaseException:  # ImportError, or an interrupt: the request's own import says so in the answer
