@@ -285,7 +285,8 @@ def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64")
       oversized         share/zeros: 512 MiB of zeros in a tiny archive
       fifo              a FIFO member
       modes             not hostile, unusual: a group-writable file, a setuid one, a hard link, a folder of mode
-                        775, members owned by uid 4321 (what an unpacker must lay out as the engines do)"""
+                        775, members owned by uid 4321, mtimes before 1980, fractional or past 8**11 s (what an
+                        unpacker must lay out as the engines do)"""
     name = f"hostile-{kind}"
     with tempfile.TemporaryDirectory(prefix="lorastrap-hostile-") as tmp:
         work = Path(tmp)
@@ -325,6 +326,9 @@ def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64")
         members[3][0].type, members[3][0].linkname = tarfile.LNKTYPE, "share/odd/shared.txt"
         for m, _ in members:
             m.uid, m.gid, m.uname, m.gname = 4321, 4321, "builder", "builder"
+        for i, mtime in enumerate((0, 315532799, 1600000000.5, 1600000001.5, 8 ** 11 - 1, 8 ** 11)):
+            members.append(_member(f"share/odd/time{i}.txt", b"t\n"))
+            members[-1][0].mtime = mtime
         _with_members(path, members)
     else:
         raise ValueError(kind)

@@ -284,6 +284,98 @@ def test_own_unpacking_refuses_what_inspect_refuses(tmp_path, kind):
     assert list(outside.iterdir()) == [] and [p.name for p in cache.iterdir()] == []
 
 
+def _members(outside, case):
+    """Tar members that use a link the package makes to reach OUTSIDE, in ways inspect's names alone do not show
+    (each found by an adversarial review of the unpacker; py-rattler's extract refuses or skips every one)."""
+    import tarfile
+    import testchannel
+    link = lambda name, to: testchannel._member(name, link=to)  # noqa: E731
+    file = lambda name, data=b"pwned\n": testchannel._member(name, data)  # noqa: E731
+
+    def kind(member, type_, linkname="", mode=None):
+        member[0].type, member[0].linkname = type_, linkname
+        if mode is not None:
+            member[0].mode = mode
+        return member
+    (outside / "dir").mkdir()
+    (outside / "dir" / "secret.txt").write_text("original\n")
+    return {"hard link through a link, then its name written":
+            [link("a", str(outside / "dir")), kind(file("x", b""), tarfile.LNKTYPE, "a/secret.txt"), file("x")],
+            "a folder member named as a link": [link("d", str(outside / "dir")),
+                                                kind(file("d", b""), tarfile.DIRTYPE, mode=0o777)],
+            "a hard link to a link, then a file below it": [link("s", str(outside / "dir")),
+                                                           kind(file("h", b""), tarfile.LNKTYPE, "s"),
+                                                           file("h/pwned.txt")],
+            "a folder member named LINK/.": [link("s", str(outside / "dir")),
+                                             kind(file("s/.", b""), tarfile.DIRTYPE, mode=0o707)],
+            "LINK/..": [link("d", str(outside / "dir")), file("d/../pwned.txt"),
+                        kind(file("d/../newdir", b""), tarfile.DIRTYPE)]}[case]
+
+
+@pytest.mark.parametrize("case", ["hard link through a link, then its name written", "a folder member named as a link",
+                                  "a hard link to a link, then a file below it", "a folder member named LINK/.",
+                                  "LINK/.."])
+def test_own_unpacking_never_writes_through_a_link(tmp_path, case):
+    """Whatever the names say: nothing is written, made or changed outside the unpacked folder — every path is
+    walked from the folder's own descriptor without following a link — and the archive is refused (the engine at
+    the link step unpacks it, and refuses it too); nothing is left in the cache."""
+    import stat
+    import testchannel
+    from lorastrap.core.errors import LorastrapError
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    a = testchannel.hostile(tmp_path / "pkg", "inner-link", outside)
+    testchannel._with_members(a, _members(outside, case))
+
+    def state():
+        return sorted((str(p.relative_to(outside)), stat.S_IMODE(p.lstat().st_mode), p.read_bytes() if p.is_file()
+                       else None) for p in [outside, *outside.rglob("*")])
+    before = state()
+    cache = tmp_path / "extracted"
+    with pytest.raises(LorastrapError):
+        enter(cache, "x-1.0-h0_0", "0" * 64, lambda folder: archive.unpack(a, folder, unchanged=lambda st: True))
+    assert state() == before and [p.name for p in cache.iterdir()] == []
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])
+def test_own_unpacking_leaves_a_sparse_file_to_the_engine(tmp_path, fmt):
+    """A sparse member (GNU tar's own --sparse, in its two formats) is refused, not written with the bytes of its
+    data area as if they were the file's: the engine at the link step unpacks it (py-rattler expands it)."""
+    import shutil
+    import subprocess
+    import zipfile
+
+    import zstandard
+    import testchannel
+    from lorastrap.core.errors import IntegrityError
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    if shutil.which("tar") is None:
+        pytest.skip("no tar")
+    src = tmp_path / "src"
+    (src / "lib").mkdir(parents=True)
+    with open(src / "lib" / "sparse.bin", "wb") as f:
+        f.write(b"HEAD" * 1000)
+        f.seek(3 << 20)
+        f.write(b"TAIL" * 1000)
+    raw = subprocess.run(["tar", "-C", str(src), f"--format={fmt}", "--sparse", "-cf", "-", "lib/sparse.bin"],
+                         capture_output=True, check=True).stdout
+    a = testchannel.hostile(tmp_path / "pkg", "inner-link", tmp_path)
+    with zipfile.ZipFile(a) as z:
+        blobs = {i.filename: z.read(i) for i in z.infolist()}
+    pkg = next(n for n in blobs if n.startswith("pkg-"))
+    blobs[pkg] = zstandard.ZstdCompressor().compress(raw)
+    with zipfile.ZipFile(a, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in blobs.items():
+            z.writestr(name, data)
+    cache = tmp_path / "extracted"
+    with pytest.raises(IntegrityError, match="cannot be unpacked"):
+        enter(cache, "x-1.0-h0_0", "0" * 64, lambda folder: archive.unpack(a, folder, unchanged=lambda st: True))
+    assert [p.name for p in cache.iterdir()] == []
+
+
 def test_own_unpacking_stops_within_a_block_and_leaves_nothing(tmp_path):
     """An unpacking told to stop (an interrupt, another archive's failure) ends at its next read and removes what
     it had unpacked: an archive of 48 MiB of incompressible data, stopped after its first blocks."""
@@ -368,8 +460,8 @@ def test_an_interrupt_while_the_link_step_waits_for_a_big_archive_leaves_nothing
         with pytest.raises(KeyboardInterrupt):
             engines.link(engines.Engine("rattler"), prefix=tmp_path / "env", lock_file=tmp_path / "x-lock.yml",
                          platform="linux-64", cache_dir=cache)
-        ahead.discard(wait=False)  # what cli/install.py's finally does
-        assert future.result(timeout=30) == "stopped"
+        ahead.discard(wait=False)  # what cli/install.py's finally does, right before the CLI's os._exit
+        assert future.done() and future.result() == "stopped"  # its half-unpacked folder removed already
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and started.proc.poll() is None:
             time.sleep(0.05)

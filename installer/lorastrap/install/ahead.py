@@ -85,8 +85,9 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
     """Give a checked archive to the worker started ahead (or, a big one, to a thread of this process), to unpack
     into the embedded engine's package cache (CACHE_DIR) while the other downloads go on, instead of every archive
     being unpacked only at the link step.  True when handed over; False when no worker was started ahead (the
-    embedded engine will not link), the cache has a copy already (check_extracted looks at that one), or BIG_MOST
-    big archives (over UNPACK_MAX) are being unpacked already."""
+    embedded engine will not link), the cache has a copy already (check_extracted looks at that one), BIG_MOST big
+    archives (over UNPACK_MAX) are being unpacked already, or a big one is a .tar.bz2 (archive.unpack reads .conda
+    archives only)."""
     from lorastrap.install.cache import dist_name
     dist = dist_name(archive.name)
     if not WORKERS or os.path.lexists(cache_dir / dist) or os.path.lexists(cache_dir / f"{dist}.lock"):
@@ -99,7 +100,7 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
         return WORKERS[0].send({"op": "extract", "archive": str(archive), "dist": dist, "sha256": sha256,
                                 "cache_dir": str(cache_dir)})
     with _BIG_LOCK:  # archives are checked in the download threads
-        if len(BIG) >= BIG_MOST:
+        if len(BIG) >= BIG_MOST or not archive.name.endswith(".conda"):  # a big .tar.bz2: the link step's
             return False
         try:
             if not _POOL:
@@ -173,7 +174,8 @@ def take() -> subproc.Worker | None:
 
 
 def discard(*, wait: bool = True) -> None:
-    """Let the workers started ahead go: the install ends without linking (see subproc.Worker.discard)."""
+    """Let the workers started ahead go: the install ends without linking (see subproc.Worker.discard); the big
+    archives' unpacking is stopped, and waited for (a block, and the removal of what it had unpacked)."""
     while WORKERS:
         WORKERS.pop().discard(wait=wait)
     with _BIG_LOCK:
@@ -181,6 +183,6 @@ def discard(*, wait: bool = True) -> None:
         BIG.clear()
         if futures:
             _stopped()  # each ends within one block, and removes what it unpacked
-    if futures and wait:
-        from concurrent.futures import wait as all_done
+    if futures:  # waited for whatever WAIT says: the CLI leaves with os._exit right after, which would end them
+        from concurrent.futures import wait as all_done  # before they removed their half-unpacked folders
         all_done(futures)

@@ -238,21 +238,27 @@ def _refuse(archive: Path, name: str, m: tarfile.TarInfo) -> None:
 
 def _admitted(archive: Path):
     """unpack's check of each member (one per archive): containment was inspect's, on these same bytes; this
-    refuses again, by name and by the links unpacked so far, what inspect refuses (tarfile's own extraction filters
-    resolve each member's path on disk, ~50 us a member: a second or more for an archive of tens of thousands of
-    files)."""
+    refuses again what inspect refuses, and what it would take apart only on disk (tarfile's own extraction filters
+    resolve each member's path there, ~50 us a member).  Returns the member's path as its parts."""
+    import tarfile
     links: dict[str, str] = {}
 
-    def admit(member: tarfile.TarInfo) -> str:
+    def admit(member: tarfile.TarInfo) -> list[str]:
         name = member.name[2:] if member.name.startswith("./") else member.name
         _refuse(archive, name, member)
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if not parts or ".." in parts:  # "..", kept by the kernel after a link: never normalised away here
+            raise _unsafe(archive, f"its member {name!r} names a parent folder",
+                          why="a path with .. may leave the environment through a link it passes")
+        if member.issparse():
+            raise tarfile.TarError(f"its member {name!r} is a sparse file")  # unpacked by the engine instead
         through = _through_link(name, links)
         if through:
             raise _unsafe(archive, f"its member {name!r} is written through the link {through}",
                           why="a file below a symbolic link the package makes lands wherever that link points")
         if member.issym():
             links[posixpath.normpath(name)] = member.linkname
-        return name
+        return parts
     return admit
 
 
@@ -260,47 +266,51 @@ UNPACK_BLOCK = 64 << 10  # what unpack decompresses and writes at a time, into o
 
 
 def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> None:
-    """Unpack a checked archive into DEST (a new folder) as the engines do: every member of every inner tar (a
-    .conda's info and pkg tars), nothing else, without hashing its bytes again (py-rattler's extract hashes them,
-    sha256 and md5: a 320 MiB archive ~1.0 s, here ~0.25-0.6 s).  As rattler's tar-rs does, a file or folder gets
-    its mode's permission bits (mode & 0o777: group write kept, setuid dropped) and a file its mtime; a hard link
-    leaves its file's alone; nothing is owned by the archive's owner (tarfile would chown to it when run as root).
-    test_worker_feed and test_units compare the result with py-rattler's extract, file by file.  A file's bytes are decompressed into one buffer
-    of UNPACK_BLOCK and written from it: 1 MiB blocks, each a fresh allocation (tarfile's copy, zstandard's reads),
-    cost ~100,000 page faults and ~1.2 s of system time for 320 MiB on these machines.
+    """Unpack a checked .conda into DEST (a new folder) as the engines do: every member of both inner tars (info and
+    pkg), nothing else, without hashing its bytes again (py-rattler's extract hashes them, sha256 and md5: a 320 MiB
+    archive ~1.0 s, here ~0.25-0.6 s).  As rattler's tar-rs does, a file or folder gets its mode's permission bits
+    (mode & 0o777: group write kept, setuid dropped) and a file its mtime (_mtime); a hard link leaves its file's
+    alone; a member replaces a file or link of the same name; nothing is owned by the archive's owner.  test_worker_feed and
+    test_units compare the result with py-rattler's extract, file by file.
+
+    Nothing is written, made or changed through a link: each path is walked from DEST's own descriptor, one folder
+    at a time, none of them a symbolic link (O_NOFOLLOW) — a package whose members pass through a link, its own or
+    one a hard link named, is refused here (the link step's engine unpacks it then), whatever its names say.  A
+    file's bytes are decompressed into one buffer of UNPACK_BLOCK and written from it: 1 MiB blocks, each a fresh
+    allocation (tarfile's copy, zstandard's reads), cost ~100,000 page faults and ~1.2 s of system time for 320
+    MiB on these machines.
 
     UNCHANGED(os.stat_result) says whether the file opened is still the one that was checked (its stats as
     recorded then), asked before its first byte is read and after its last: the bytes unpacked are the checked ones
     (a write in between moves the ctime).  Raises Changed when it is not, IntegrityError when the archive cannot be
     read or unpacked, UnsafePackageError for a member inspect refuses, Stopped once STOPPED() is true (asked each
     block); what was unpacked is then the caller's to remove."""
-    import bz2
     import tarfile
     import zipfile
 
     import zstandard
+    if not archive.name.endswith(".conda"):
+        raise IntegrityError(f"{archive.name}: lorastrap unpacks .conda archives only", why="a .tar.bz2",
+                             fix="The engine unpacks it.")
     admit = _admitted(archive)
     view = memoryview(bytearray(UNPACK_BLOCK))
-    folders: list[tuple[str, int]] = []
+    folders: dict[tuple[str, ...], int] = {}
     try:
         with open(archive, "rb") as f:
             if not unchanged(os.fstat(f.fileno())):
                 raise Changed(archive.name)
             dest.mkdir(parents=True, exist_ok=True)
-            if archive.name.endswith(".conda"):
-                with zipfile.ZipFile(f) as z:
-                    for info in z.infolist():
-                        if info.filename.endswith(".tar.zst"):
-                            with _member_stream(z, f, info) as raw, \
-                                    zstandard.ZstdDecompressor().stream_reader(raw, read_size=UNPACK_BLOCK) as s:
-                                _unpack_tar(s, str(dest), admit, view, folders, stopped)
-            else:
-                with bz2.BZ2File(f) as s:
-                    _unpack_tar(s, str(dest), admit, view, folders, stopped)
+            with _Folders(dest) as at, zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    if info.filename.endswith(".tar.zst"):
+                        with _member_stream(z, f, info) as raw, \
+                                zstandard.ZstdDecompressor().stream_reader(raw, read_size=UNPACK_BLOCK) as s:
+                            _unpack_tar(s, at, admit, view, folders, stopped)
+                for parts, mode in sorted(folders.items(), key=lambda item: -len(item[0])):  # last, deepest first
+                    fd = at.folder(parts, make=False)
+                    os.fchmod(fd, mode)
             if not unchanged(os.fstat(f.fileno())):
                 raise Changed(archive.name)
-        for folder, mode in reversed(folders):  # last: a folder without write permission is filled already
-            os.chmod(folder, mode)
     except (Changed, Stopped):
         raise
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError) as exc:
@@ -308,33 +318,105 @@ def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> No
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
 
 
-def _unpack_tar(stream, dest: str, admit, view: memoryview, folders: list, stopped) -> None:
-    """One decompressed inner tar into DEST: tarfile reads the headers (forward only, as inspect does), the files'
-    bytes go from STREAM through VIEW; each member once ADMIT passed it.  A file is written without following a
-    link at its own name (the package's links to its own folders, as lib64 -> lib, are followed above it, as the
-    engines do); folders' modes are set once all is unpacked (FOLDERS)."""
+class _Folders:
+    """Descriptors of the folders below a root, opened one level at a time without following a link (O_NOFOLLOW:
+    a link anywhere on the way is ELOOP or ENOTDIR), made when missing.  Kept for the path last asked and its
+    parents (tar members come folder by folder), so a member costs one open at most."""
+
+    OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+    def __init__(self, root: Path):
+        self.root = os.open(root, self.OPEN)
+        self.held: list[tuple[str, int]] = []  # (name, descriptor) from the root down: the path last asked
+
+    def __enter__(self) -> _Folders:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, fd in self.held:
+            os.close(fd)
+        os.close(self.root)
+
+    def walk(self, parts) -> int:
+        """A descriptor of its own (the caller's to close) of the existing folder ROOT/PARTS."""
+        fd = os.dup(self.root)
+        for name in parts:
+            try:
+                inner = os.open(name, self.OPEN, dir_fd=fd)
+            finally:
+                os.close(fd)
+            fd = inner
+        return fd
+
+    def folder(self, parts, *, make: bool = True) -> int:
+        """The descriptor of the folder ROOT/PARTS (valid until the next call)."""
+        same = 0
+        while same < min(len(parts), len(self.held)) and self.held[same][0] == parts[same]:
+            same += 1
+        for _, fd in self.held[same:]:
+            os.close(fd)
+        del self.held[same:]
+        for name in parts[same:]:
+            parent = self.held[-1][1] if self.held else self.root
+            if make:
+                try:
+                    os.mkdir(name, 0o777, dir_fd=parent)
+                except FileExistsError:
+                    pass
+            self.held.append((name, os.open(name, self.OPEN, dir_fd=parent)))
+        return self.held[-1][1] if self.held else self.root
+
+
+def _clear(name: str, parent: int) -> None:
+    """Make room for a member named NAME in the folder PARENT: a file or link there already is removed (the engines
+    replace it; writing into it would write into every other name it has), a folder is left (the member's own
+    creation then fails)."""
+    import stat
+    try:
+        if not stat.S_ISDIR(os.lstat(name, dir_fd=parent).st_mode):
+            os.unlink(name, dir_fd=parent)
+    except FileNotFoundError:
+        pass
+
+
+def _mtime(t: float) -> int:
+    """A file's mtime as py-rattler's extract sets it (read off its output, tests/test_worker_feed.py): whole
+    seconds, rounded half to even; before 1980-01-01 (the zip epoch, 315532800) or past the ustar header's reach
+    (8**11 s), 1980-01-01."""
+    t = round(t)
+    return t if 315532800 <= t < 8 ** 11 else 315532800
+
+
+def _unpack_tar(stream, at: _Folders, admit, view: memoryview, folders: dict, stopped) -> None:
+    """One decompressed inner tar: tarfile reads the headers (forward only, as inspect does), the files' bytes go
+    from STREAM through VIEW; each member once ADMIT passed it, made in its folder's descriptor (AT); folders'
+    modes are set once all is unpacked (FOLDERS, the last mode named for each)."""
     import tarfile
     with tarfile.open(fileobj=_Forward(stream), mode="r:") as t:
         for _, m in _sized(t):
             if stopped():
                 raise Stopped()
-            name = admit(m)
-            target = os.path.join(dest, name)
+            parts = admit(m)
             if m.isdir():
-                os.makedirs(target, exist_ok=True)
-                folders.append((target, m.mode & 0o777))
+                at.folder(parts)
+                folders[tuple(parts)] = m.mode & 0o777
                 continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if m.issym() or m.islnk():
-                if os.path.lexists(target) and not os.path.isdir(target):
-                    os.unlink(target)
-                if m.issym():
-                    os.symlink(m.linkname, target)
-                else:
-                    os.link(os.path.join(dest, m.linkname), target, follow_symlinks=False)
+            parent, leaf = at.folder(parts[:-1]), parts[-1]
+            _clear(leaf, parent)
+            if m.issym():
+                os.symlink(m.linkname, leaf, dir_fd=parent)
+                continue
+            if m.islnk():  # its target: a file this tar made already, reached without a link on the way
+                source = admit(tarfile.TarInfo(m.linkname))
+                held = at.walk(source[:-1])
+                try:
+                    os.link(source[-1], leaf, src_dir_fd=held, dst_dir_fd=parent, follow_symlinks=False)
+                finally:
+                    os.close(held)
                 continue
             stream.seek(m.offset_data)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
             try:
                 left = m.size
                 while left:
@@ -342,13 +424,13 @@ def _unpack_tar(stream, dest: str, admit, view: memoryview, folders: list, stopp
                         raise Stopped()
                     got = stream.readinto(view[:min(len(view), left)])
                     if not got:
-                        raise EOFError(f"the archive ends inside {name}")
+                        raise EOFError(f"the archive ends inside {'/'.join(parts)}")
                     block = view[:got]
                     while block:
                         block = block[os.write(fd, block):]
                     left -= got
                 os.fchmod(fd, m.mode & 0o777)
-                os.utime(fd, (m.mtime, m.mtime))
+                os.utime(fd, (_mtime(m.mtime),) * 2)
             finally:
                 os.close(fd)
 
