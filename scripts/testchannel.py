@@ -324,6 +324,7 @@ def hostile(out_dir: Path, kind: str, outside: Path, platform: str = "linux-64")
                    _member("share/odd/suid.sh", b"#!/bin/sh\n"), _member("share/odd/again.txt", b"")]
         members[0][0].mode, members[1][0].mode, members[2][0].mode = 0o775, 0o664, 0o4755
         members[3][0].type, members[3][0].linkname = tarfile.LNKTYPE, "share/odd/shared.txt"
+        members[3][0].mtime = 1700000000  # a hard link's own mtime: the engines give it to the file
         for m, _ in members:
             m.uid, m.gid, m.uname, m.gname = 4321, 4321, "builder", "builder"
         for i, mtime in enumerate((0, 315532799, 1600000000.5, 1600000001.5, 8 ** 11 - 1, 8 ** 11)):

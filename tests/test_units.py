@@ -591,6 +591,51 @@ def test_a_tar_bz2_member_that_claims_an_absurd_size_is_unreadable_at_once(tmp_p
     assert "cannot be read" in info.value.what and time.monotonic() - t < 5
 
 
+def test_a_folder_deeper_than_the_recursion_limit_is_removed_and_never_stops_an_install(tmp_path):
+    """A half-unpacked folder 1,200 levels deep that a killed run left (shutil.rmtree recurses once a level on
+    Python 3.11: RecursionError, whatever ignore_errors says): the sweep of orphans removes it, and raises
+    nothing — it used to stop every later install with "internal error: RecursionError"."""
+    from lorastrap.core import fsutil, paths
+    cache = tmp_path / "extracted"
+    left = cache / f".x-1.0-h0_0{paths.PARTIAL}{fsutil.hostname()}.999999999.d"  # no such process
+    deep = left
+    deep.mkdir(parents=True)
+    for _ in range(1200):  # os.makedirs recurses too
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "f").write_text("x")
+    with pytest.raises(RecursionError):
+        shutil.rmtree(left, ignore_errors=True)  # what it met (this interpreter's limit)
+    assert fsutil.remove_orphans(cache, paths.PARTIAL, marked=True) == [left]
+    assert not left.exists()
+
+
+def test_a_damaged_member_of_another_compression_is_an_unreadable_archive(tmp_path):
+    """A .conda whose members are LZMA- or deflate-compressed (zipfile reads them; conda writes them stored) and
+    damaged: an IntegrityError that says the archive cannot be read — zipfile's decompressors raise lzma.LZMAError
+    and zlib.error, neither an OSError — not an internal error."""
+    import zipfile
+    from lorastrap.core.errors import IntegrityError
+    from lorastrap.install import archive
+    stored = _conda(tmp_path)
+    with zipfile.ZipFile(stored) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    for method in (zipfile.ZIP_LZMA, zipfile.ZIP_DEFLATED):
+        damaged = tmp_path / str(method) / stored.name
+        damaged.parent.mkdir()
+        with zipfile.ZipFile(damaged, "w", compression=method) as z:
+            for name, data in members:
+                z.writestr(name, data)
+        data = bytearray(damaged.read_bytes())
+        with zipfile.ZipFile(damaged) as z:
+            info = next(i for i in z.infolist() if i.filename.startswith("info-"))
+        at = info.header_offset + 30 + len(info.filename) + len(info.extra) + 20
+        data[at:at + 64] = bytes(64)
+        damaged.write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match="cannot be read"):
+            archive.inspect(damaged)
+
+
 def _transmuted(tmp_path) -> tuple[Path, Path, Path]:
     """One package as lorastrap's test channel writes it, and as the real micromamba rewrites it (`package
     transmute`): a .tar.bz2, then a .conda again (libarchive's: its members' sizes after their data)."""

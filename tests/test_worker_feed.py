@@ -376,6 +376,21 @@ def test_own_unpacking_leaves_a_sparse_file_to_the_engine(tmp_path, fmt):
     assert [p.name for p in cache.iterdir()] == []
 
 
+def test_own_unpacking_refuses_a_member_folders_deeper_than_any_package(tmp_path):
+    """A member 200 folders down is refused before anything is made for it (each level holds a descriptor while
+    its bytes are written, and Python 3.11's shutil.rmtree cannot remove a tree 1,000 deep): the engine unpacks it."""
+    import testchannel
+    from lorastrap.core.errors import IntegrityError
+    from lorastrap.install import archive
+    from lorastrap.locking.rattler_worker import enter
+    a = testchannel.hostile(tmp_path / "pkg", "inner-link", tmp_path)
+    testchannel._with_members(a, [testchannel._member("/".join(["d"] * 200) + "/f", b"deep\n")])
+    cache = tmp_path / "extracted"
+    with pytest.raises(IntegrityError) as refused:
+        enter(cache, "x-1.0-h0_0", "0" * 64, lambda folder: archive.unpack(a, folder, unchanged=lambda st: True))
+    assert "is 201 folders deep" in refused.value.why and [p.name for p in cache.iterdir()] == []
+
+
 def test_own_unpacking_stops_within_a_block_and_leaves_nothing(tmp_path):
     """An unpacking told to stop (an interrupt, another archive's failure) ends at its next read and removes what
     it had unpacked: an archive of 48 MiB of incompressible data, stopped after its first blocks."""

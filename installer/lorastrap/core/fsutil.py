@@ -52,7 +52,38 @@ def remove_tree(path: Path) -> None:
         return
     trash = path.with_name(f"{path.name}.lorastrap-trash-{os.getpid()}-{time.monotonic_ns()}")
     os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    rmtree_quietly(trash)
+
+
+def rmtree_quietly(path) -> None:
+    """shutil.rmtree, errors ignored — a folder deeper than the interpreter's recursion limit too (shutil.rmtree
+    recurses once a level on Python 3.11 and raises RecursionError whatever ignore_errors says): then removed
+    level by level without recursion, as far as paths reach (PATH_MAX)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except RecursionError:
+        todo: list[tuple[str, bool]] = [(os.fspath(path), False)]
+        while todo:
+            folder, emptied = todo.pop()
+            if emptied:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+                continue
+            todo.append((folder, True))
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append((entry.path, False))
+                else:
+                    try:
+                        os.unlink(entry.path)
+                    except OSError:
+                        pass
 
 
 def unshare_tree(root: Path) -> tuple[int, int]:
@@ -193,7 +224,7 @@ def remove_orphans(folder: Path, prefix: str, *, marked: bool = False) -> list[P
         m = _re.fullmatch(_re.escape(head) + r"(.+)\.(\d+)\.[^/]*", p.name)
         if m and _dead(m.group(1), int(m.group(2))):
             if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
+                rmtree_quietly(p)
             else:
                 p.unlink(missing_ok=True)
             removed.append(p)

@@ -49,9 +49,20 @@ def paths_json(archive: Path) -> dict:
         with tarfile.open(archive, "r:bz2") as t:
             return json.load(t.extractfile("info/paths.json"))
     except (OSError, KeyError, StopIteration, ValueError, RuntimeError, zipfile.BadZipFile, tarfile.TarError,
-            zstandard.ZstdError) as exc:  # RuntimeError: zipfile's for an encrypted member or an unknown method
+            zstandard.ZstdError, *_codec_errors()) as exc:  # RuntimeError: zipfile's for an encrypted member or an unknown method
         raise IntegrityError(f"{archive.name}: its info/paths.json cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
+
+
+def _codec_errors() -> tuple:
+    """What zipfile's decompressors raise for a damaged member of another method than a .conda's stored ones
+    (deflate: zlib.error; LZMA: lzma.LZMAError — neither an OSError)."""
+    import zlib
+    try:
+        import lzma
+    except ImportError:  # an interpreter built without it: zipfile cannot read such a member either
+        return (zlib.error,)
+    return (zlib.error, lzma.LZMAError)
 
 
 def binary_placeholder_length(entries: list[dict]) -> int | None:
@@ -250,6 +261,8 @@ def _admitted(archive: Path):
         if not parts or ".." in parts:  # "..", kept by the kernel after a link: never normalised away here
             raise _unsafe(archive, f"its member {name!r} names a parent folder",
                           why="a path with .. may leave the environment through a link it passes")
+        if len(parts) > UNPACK_DEPTH:  # a descriptor held a level, and a tree shutil.rmtree cannot remove
+            raise tarfile.TarError(f"its member {name[:80]!r}... is {len(parts)} folders deep")
         if member.issparse():
             raise tarfile.TarError(f"its member {name!r} is a sparse file")  # unpacked by the engine instead
         through = _through_link(name, links)
@@ -263,14 +276,15 @@ def _admitted(archive: Path):
 
 
 UNPACK_BLOCK = 64 << 10  # what unpack decompresses and writes at a time, into one buffer (see unpack)
+UNPACK_DEPTH = 128  # the most folders a member's path may go down (a real package's deepest: a few dozen)
 
 
 def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> None:
     """Unpack a checked .conda into DEST (a new folder) as the engines do: every member of both inner tars (info and
     pkg), nothing else, without hashing its bytes again (py-rattler's extract hashes them, sha256 and md5: a 320 MiB
     archive ~1.0 s, here ~0.25-0.6 s).  As rattler's tar-rs does, a file or folder gets its mode's permission bits
-    (mode & 0o777: group write kept, setuid dropped) and a file its mtime (_mtime); a hard link leaves its file's
-    alone; a member replaces a file or link of the same name; nothing is owned by the archive's owner.  test_worker_feed and
+    (mode & 0o777: group write kept, setuid dropped) and a file its mtime (_mtime); a hard link gives its file its
+    own mtime, not its mode; a member replaces a file or link of the same name; nothing is owned by the archive's owner.  test_worker_feed and
     test_units compare the result with py-rattler's extract, file by file.
 
     Nothing is written, made or changed through a link: each path is walked from DEST's own descriptor, one folder
@@ -313,7 +327,8 @@ def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> No
                 raise Changed(archive.name)
     except (Changed, Stopped):
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, tarfile.TarError, zstandard.ZstdError,
+            *_codec_errors()) as exc:
         raise IntegrityError(f"{archive.name}: the archive cannot be unpacked", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
 
@@ -413,6 +428,7 @@ def _unpack_tar(stream, at: _Folders, admit, view: memoryview, folders: dict, st
                     os.link(source[-1], leaf, src_dir_fd=held, dst_dir_fd=parent, follow_symlinks=False)
                 finally:
                     os.close(held)
+                os.utime(leaf, (_mtime(m.mtime),) * 2, dir_fd=parent, follow_symlinks=False)  # its own, as rattler
                 continue
             stream.seek(m.offset_data)
             fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -460,7 +476,7 @@ def inspect(archive: Path) -> dict:
     except UnsafePackageError:
         raise
     except (OSError, EOFError, ValueError, RecursionError, zipfile.BadZipFile, tarfile.TarError,
-            zstandard.ZstdError) as exc:  # RecursionError: json's, for an info/paths.json nested "[[[[…"
+            zstandard.ZstdError, *_codec_errors()) as exc:  # RecursionError: json's, for an info/paths.json nested "[[[[…"
         raise IntegrityError(f"{archive.name}: the archive cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
     for name in names:  # once every link is known (one may come after the files below it in the tar)

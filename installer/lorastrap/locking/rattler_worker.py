@@ -214,7 +214,6 @@ def enter(cache, dist: str, sha256: str, fill) -> str:
     it is renamed into place after.  An entry already there is left alone (the parent's check, then rattler,
     decide about it).  Answers "ok", "present", or why not (the link step then unpacks it as before)."""
     import fcntl
-    import shutil
     import struct
 
     from lorastrap.core import fsutil, paths
@@ -239,7 +238,7 @@ def enter(cache, dist: str, sha256: str, fill) -> str:
                 f.write(struct.pack(">Q", 1) + bytes.fromhex(sha256))
         return "ok"
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.rmtree_quietly(tmp)
 
 
 def _requests():
