@@ -604,8 +604,12 @@ def test_a_folder_deeper_than_the_recursion_limit_is_removed_and_never_stops_an_
         deep = deep / "a"
         deep.mkdir()
     (deep / "f").write_text("x")
-    with pytest.raises(RecursionError):
-        shutil.rmtree(left, ignore_errors=True)  # what it met (this interpreter's limit)
+    try:
+        shutil.rmtree(left, ignore_errors=True)  # what the sweep met (Python 3.11: it removes nothing, then raises)
+    except RecursionError:
+        pass
+    else:
+        pytest.skip("this interpreter's shutil.rmtree removes a tree this deep by itself")
     assert fsutil.remove_orphans(cache, paths.PARTIAL, marked=True) == [left]
     assert not left.exists()
 
