@@ -853,8 +853,8 @@ def test_own_python_children_skip_site_yet_import_what_this_process_imports(tmp_
     import sys
 
     from lorastrap.core import subproc
-    argv, env = subproc.own_python("locking.rattler_worker", "--unpack-only")
-    assert argv == [sys.executable, "-S", "-m", "lorastrap.locking.rattler_worker", "--unpack-only"]
+    argv, env = subproc.own_python("locking.rattler_worker", "--an-argument")
+    assert argv == [sys.executable, "-S", "-m", "lorastrap.locking.rattler_worker", "--an-argument"]
     import os
     assert os.path.dirname(os.__file__) not in env["PYTHONPATH"].split(os.pathsep)  # the interpreter's own
     code = ("import sys, lorastrap.locking.rattler_worker, rattler.rattler as r; "

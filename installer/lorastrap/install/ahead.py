@@ -145,10 +145,8 @@ def collect(timeout: float) -> dict[str, str]:
         futures = dict(BIG)  # kept in BIG until done: interrupted here, discard still stops them
     if not futures:
         return {}
-    import time
     from concurrent.futures import wait  # here: a warm install imports no concurrent.futures (nor its logging)
-    deadline = time.monotonic() + timeout
-    wait(futures.values(), timeout=max(0.0, deadline - time.monotonic()))
+    wait(futures.values(), timeout=timeout)
     if not all(future.done() for future in futures.values()):
         _stopped()
         wait(futures.values())

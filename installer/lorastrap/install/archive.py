@@ -49,7 +49,7 @@ def paths_json(archive: Path) -> dict:
         with tarfile.open(archive, "r:bz2") as t:
             return json.load(t.extractfile("info/paths.json"))
     except (OSError, KeyError, StopIteration, ValueError, RuntimeError, zipfile.BadZipFile, tarfile.TarError,
-            zstandard.ZstdError, *_codec_errors()) as exc:  # RuntimeError: zipfile's for an encrypted member or an unknown method
+            zstandard.ZstdError, *_codec_errors()) as exc:  # RuntimeError: zipfile's, encrypted or unknown method
         raise IntegrityError(f"{archive.name}: its info/paths.json cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
 
@@ -247,6 +247,20 @@ def _refuse(archive: Path, name: str, m: tarfile.TarInfo) -> None:
                       why="conda packages hold files, folders and links only")
 
 
+def _parts(archive: Path, name: str) -> list[str]:
+    """The folders and name of a member's path NAME (a member's own, or the file a hard link names), for unpack:
+    refused with "..", kept by the kernel after a link and so never normalised away here, or deeper than
+    UNPACK_DEPTH (a descriptor held a level, and a tree shutil.rmtree cannot remove)."""
+    import tarfile
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise _unsafe(archive, f"its member {name!r} names a parent folder",
+                      why="a path with .. may leave the environment through a link it passes")
+    if len(parts) > UNPACK_DEPTH:
+        raise tarfile.TarError(f"its member {name[:80]!r}... is {len(parts)} folders deep")
+    return parts
+
+
 def _admitted(archive: Path):
     """unpack's check of each member (one per archive): containment was inspect's, on these same bytes; this
     refuses again what inspect refuses, and what it would take apart only on disk (tarfile's own extraction filters
@@ -257,12 +271,7 @@ def _admitted(archive: Path):
     def admit(member: tarfile.TarInfo) -> list[str]:
         name = member.name[2:] if member.name.startswith("./") else member.name
         _refuse(archive, name, member)
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if not parts or ".." in parts:  # "..", kept by the kernel after a link: never normalised away here
-            raise _unsafe(archive, f"its member {name!r} names a parent folder",
-                          why="a path with .. may leave the environment through a link it passes")
-        if len(parts) > UNPACK_DEPTH:  # a descriptor held a level, and a tree shutil.rmtree cannot remove
-            raise tarfile.TarError(f"its member {name[:80]!r}... is {len(parts)} folders deep")
+        parts = _parts(archive, name)
         if member.issparse():
             raise tarfile.TarError(f"its member {name!r} is a sparse file")  # unpacked by the engine instead
         through = _through_link(name, links)
@@ -284,8 +293,8 @@ def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> No
     pkg), nothing else, without hashing its bytes again (py-rattler's extract hashes them, sha256 and md5: a 320 MiB
     archive ~1.0 s, here ~0.25-0.6 s).  As rattler's tar-rs does, a file or folder gets its mode's permission bits
     (mode & 0o777: group write kept, setuid dropped) and a file its mtime (_mtime); a hard link gives its file its
-    own mtime, not its mode; a member replaces a file or link of the same name; nothing is owned by the archive's owner.  test_worker_feed and
-    test_units compare the result with py-rattler's extract, file by file.
+    own mtime, not its mode; a member replaces a file or link of the same name; nothing is owned by the archive's
+    owner.  test_worker_feed and test_units compare the result with py-rattler's extract, file by file.
 
     Nothing is written, made or changed through a link: each path is walked from DEST's own descriptor, one folder
     at a time, none of them a symbolic link (O_NOFOLLOW) — a package whose members pass through a link, its own or
@@ -319,7 +328,7 @@ def unpack(archive: Path, dest: Path, *, unchanged, stopped=lambda: False) -> No
                     if info.filename.endswith(".tar.zst"):
                         with _member_stream(z, f, info) as raw, \
                                 zstandard.ZstdDecompressor().stream_reader(raw, read_size=UNPACK_BLOCK) as s:
-                            _unpack_tar(s, at, admit, view, folders, stopped)
+                            _unpack_tar(archive, s, at, admit, view, folders, stopped)
                 for parts, mode in sorted(folders.items(), key=lambda item: -len(item[0])):  # last, deepest first
                     fd = at.folder(parts, make=False)
                     os.fchmod(fd, mode)
@@ -402,7 +411,7 @@ def _mtime(t: float) -> int:
     return t if 315532800 <= t < 8 ** 11 else 315532800
 
 
-def _unpack_tar(stream, at: _Folders, admit, view: memoryview, folders: dict, stopped) -> None:
+def _unpack_tar(archive: Path, stream, at: _Folders, admit, view: memoryview, folders: dict, stopped) -> None:
     """One decompressed inner tar: tarfile reads the headers (forward only, as inspect does), the files' bytes go
     from STREAM through VIEW; each member once ADMIT passed it, made in its folder's descriptor (AT); folders'
     modes are set once all is unpacked (FOLDERS, the last mode named for each)."""
@@ -422,7 +431,7 @@ def _unpack_tar(stream, at: _Folders, admit, view: memoryview, folders: dict, st
                 os.symlink(m.linkname, leaf, dir_fd=parent)
                 continue
             if m.islnk():  # its target: a file this tar made already, reached without a link on the way
-                source = admit(tarfile.TarInfo(m.linkname))
+                source = _parts(archive, m.linkname[2:] if m.linkname.startswith("./") else m.linkname)
                 held = at.walk(source[:-1])
                 try:
                     os.link(source[-1], leaf, src_dir_fd=held, dst_dir_fd=parent, follow_symlinks=False)
@@ -476,7 +485,7 @@ def inspect(archive: Path) -> dict:
     except UnsafePackageError:
         raise
     except (OSError, EOFError, ValueError, RecursionError, zipfile.BadZipFile, tarfile.TarError,
-            zstandard.ZstdError, *_codec_errors()) as exc:  # RecursionError: json's, for an info/paths.json nested "[[[[…"
+            zstandard.ZstdError, *_codec_errors()) as exc:  # RecursionError: json's, an info/paths.json nested "[[[…"
         raise IntegrityError(f"{archive.name}: the archive cannot be read", why=str(exc) or type(exc).__name__,
                              fix="Delete the package cache entry (the data dir's pkgs/) and rerun.")
     for name in names:  # once every link is known (one may come after the files below it in the tar)
