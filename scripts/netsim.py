@@ -6,10 +6,12 @@ It serves DIR with keep-alive and Range requests (`bytes=A-` and `bytes=A-B`: 20
 both, closed_ranges=False the second), each file with an ETag and a Last-Modified in nginx's way (`"MTIME-SIZE"` in
 hex, seconds), and If-Range as RFC 9110 13.1.5 has it (the range only while the validator is the file's, else the
 whole file: 200); and it can
-- add a delay to every request (latency) and cap each connection's bandwidth (bytes per second);
+- add a delay to every request (latency) and cap each connection's bandwidth (bytes per second), after a burst
+  of `burst` bytes an answer if asked (a server that slows a connection down once it has sent that much);
 - inject faults per file name, consumed one a request: "500", "404", "cut" (half the body, then the connection
   closes), "stall" (half the body, then silence for `stall_s`, then close), "lie" (a complete body whose bytes
-  differ — a mirror serving something else under the right name), "redirect:URL" (a 302 to URL).
+  differ — a mirror serving something else under the right name), "lie-cut" (both: altered, then cut),
+  "redirect:URL" (a 302 to URL).
 It counts requests, Range requests (and records where each started), connections, the most connections open at
 once and the most requests answered at once.
 """
@@ -124,7 +126,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with open(path, "rb") as f:  # only the bytes asked for (a server reads a range, not the whole file)
             f.seek(start)
             body = f.read(end - start)
-        if fault == "lie":  # the file's first 64 bytes altered
+        if fault in ("lie", "lie-cut"):  # the file's first 64 bytes altered
             body = bytes(b ^ 0xFF if start + i < 64 else b for i, b in enumerate(body[:64])) + body[64:]
         data_len = size
         self.send_response(status)
@@ -136,7 +138,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{data_len}")
         self.end_headers()
-        if fault in ("cut", "stall"):
+        if fault in ("cut", "stall", "lie-cut"):
             self._send(body[:len(body) // 2])
             if fault == "stall":
                 time.sleep(srv.stall_s)
@@ -149,6 +151,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not rate:
             self.wfile.write(body)
             return
+        if self.server.burst:  # the first bytes of each answer at once, the rest at the capped rate
+            self.wfile.write(body[:self.server.burst])
+            body = body[self.server.burst:]
         step = max(1, rate // 50)  # 20 ms slices at the capped rate
         started = time.monotonic()
         for i in range(0, len(body), step):
@@ -170,11 +175,12 @@ class NetSim(http.server.ThreadingHTTPServer):
         pass  # a client that hung up (a cancelled or timed-out download) is part of the game
 
     def __init__(self, root: Path, *, port: int = 0, delay_s: float = 0.0, rate: int = 0, ranges: bool = True,
-                 stall_s: float = 5.0, closed_ranges: bool = True, auth: str | None = None):
+                 stall_s: float = 5.0, closed_ranges: bool = True, auth: str | None = None, burst: int = 0):
         super().__init__(("127.0.0.1", port), Handler)
         self.auth = auth  # "USER:PASSWORD": every GET must carry it as HTTP Basic auth (else 401)
         self.root = root.resolve()
         self.delay_s, self.rate, self.ranges, self.stall_s = delay_s, rate, ranges, stall_s
+        self.burst = burst  # with a rate: the bytes of each answer sent before the cap applies (a server's burst)
         self.closed_ranges = closed_ranges  # False: `bytes=A-B` is answered with the whole file (200)
         self.faults: dict[str, deque[str]] = defaultdict(deque)
         self.requests: dict[str, int] = defaultdict(int)

@@ -2,6 +2,7 @@
 a stall that is narrated and bounded, tampering only for a complete download, parallel pooled connections, large
 files in segments over several connections (resumed across runs from their sidecar)."""
 
+import hashlib
 import http.server
 import json
 import os
@@ -465,6 +466,70 @@ def test_a_large_file_comes_in_segments_over_several_connections_and_sooner(tmp_
     assert not _leftovers(tmp_path / "pkgs")  # the sidecar went with the part
 
 
+def test_a_connection_that_keeps_up_stays_alone_and_one_that_slows_down_is_joined(tmp_path, monkeypatch):
+    """Helpers join the first connection only while it brings less than SPLIT_BELOW bytes a second: taken every
+    PACE_EVERY seconds for as long as it reads, so a server that slows a connection down after a burst gets them
+    then, for what is left."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    data = os.urandom(12 * 2**20)
+    (root / "twelve.conda").write_bytes(data)
+    sha = cache.sha256_file(root / "twelve.conda")
+    monkeypatch.setattr(download, "SPLIT_BELOW", 64 << 10)  # kept up with: only a half-second stall is slower
+    monkeypatch.setattr(download, "PACE_EVERY", 0.5)
+    srv = NetSim(root, rate=16 * 2**20).start()
+    try:
+        path, got = cache.Cache(tmp_path / "pkgs").fetch(f"{srv.url}/twelve.conda", sha, "twelve.conda")
+        alone = srv.requests["twelve.conda"]
+    finally:
+        srv.shutdown()
+    assert alone == 1 and got == len(data) and cache.sha256_file(path) == sha
+
+    monkeypatch.setattr(download, "SPLIT_BELOW", 8 * 2**20)
+    monkeypatch.setattr(download, "PACE_EVERY", 0.1)
+    srv = NetSim(root, rate=2**20, burst=4 * 2**20).start()  # 4 MiB at once, then 1 MiB/s a connection
+    try:
+        path, got = cache.Cache(tmp_path / "pkgs2").fetch(f"{srv.url}/twelve.conda", sha, "twelve.conda")
+        starts = srv.range_starts["twelve.conda"]
+    finally:
+        srv.shutdown()
+    assert got == len(data) and cache.sha256_file(path) == sha
+    assert len(starts) >= 3 and min(starts[1:]) > 4 * 2**20, starts  # joined after the burst, for the rest
+
+
+@pytest.mark.parametrize("case", ["segments", "whole-again", "resumed", "lie"])
+def test_the_sha256_taken_while_a_file_comes_is_that_of_the_part_on_disk(tmp_path, monkeypatch, case):
+    """download.into's sha256 (taken while the bytes come, from the part on disk) is the part's as it ends,
+    against hashlib on the finished file: in segments, after a cut answered by a server without Range (the part
+    starts over with the file's bytes where other ones were: so does the hash), resumed from a part a killed run kept, and for bytes that are not the file's
+    (a lie: the hash vouches for what is on disk, not for what was asked)."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    data = os.urandom(12 * 2**20)
+    (root / "f.conda").write_bytes(data)
+    part = tmp_path / ".f.conda.part"
+    srv = NetSim(root, rate=8 * 2**20 if case == "segments" else 0, ranges=case != "whole-again").start()
+    if case == "whole-again":
+        srv.inject("f.conda", "lie-cut")  # other bytes first: hashed on, they would spoil the sum
+    elif case == "lie":
+        srv.inject("f.conda", "lie")
+    elif case == "resumed":
+        part.write_bytes(data[:5 * 2**20 + 7])
+    try:
+        got, sha = download.into(f"{srv.url}/f.conda", part)
+        requests, ranged = srv.requests["f.conda"], srv.range_requests["f.conda"]
+    finally:
+        srv.shutdown()
+    assert sha == hashlib.sha256(part.read_bytes()).hexdigest()
+    assert (sha == hashlib.sha256(data).hexdigest()) == (case != "lie")
+    if case == "segments":
+        assert ranged >= 3, ranged
+    elif case == "whole-again":
+        assert requests == 2 and got == len(data) + len(data) // 2, (requests, got)
+    elif case == "resumed":
+        assert got == len(data) - (5 * 2**20 + 7)
+
+
 def test_a_server_that_ignores_range_gets_one_plain_download(tmp_path, six):
     root, sha = six
     srv = NetSim(root, ranges=False).start()
@@ -551,7 +616,7 @@ cache.Cache(Path(sys.argv[2])).fetch(sys.argv[3], sys.argv[4], "six.conda")
 
 def test_a_download_killed_mid_way_resumes_its_segments_in_the_next_run(tmp_path, six):
     root, sha = six
-    srv = NetSim(root, rate=2**20).start()  # six segments of a second each
+    srv = NetSim(root, rate=2**20).start()  # slow: the first connection is joined by helpers
     pkgs = tmp_path / "pkgs"
     sidecar = pkgs / "archives" / sha / ".six.conda.part.segments"
     try:
@@ -561,7 +626,7 @@ def test_a_download_killed_mid_way_resumes_its_segments_in_the_next_run(tmp_path
         while time.monotonic() < deadline:  # until the sidecar records some bytes of each segment
             try:
                 segments = json.loads(sidecar.read_text())["segments"]
-                if len(segments) == 6 and all(done > 0 for _, _, done in segments):
+                if len(segments) >= 3 and all(done > 0 for _, _, done in segments):
                     break
             except (OSError, ValueError, KeyError):
                 pass

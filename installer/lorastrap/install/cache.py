@@ -132,15 +132,16 @@ class Cache:
                 narrate(f"{filename}: a complete earlier download matches the lock; using it")
                 got, got_bytes = sha256, 0
             else:
-                got_bytes = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
-                                      hosts=self.redirect_hosts)
-                got = sha256_file(tmp)
+                got_bytes, got = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                               hosts=self.redirect_hosts)
+                got = got or sha256_file(tmp)  # taken while its segments came, or now
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 download.discard(tmp)
-                got_bytes += download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
-                                       hosts=self.redirect_hosts)
-                got = sha256_file(tmp)
+                more, got = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
+                                          hosts=self.redirect_hosts)
+                got_bytes += more
+                got = got or sha256_file(tmp)
             if got != sha256:
                 download.discard(tmp)
                 raise IntegrityError(
