@@ -17,7 +17,8 @@ figures include its pip step. Scenarios: cold (empty caches, over HTTP), warm (c
 no-op (lorastrap re-run on an environment that matches); and `detect` against the bare interpreter.
 A warm run follows its tool's own cold run, after `sync` (the same for every tool): without it the timed run
 also pays the writeback of what the cold run just wrote, through the engine's fsyncs (py-rattler fsyncs each
-conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too.
+conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too. A run's files are removed only
+once its set is measured, not before the next run (see Bench.discard).
 Targets: warm <= 1.25x micromamba, cold <= 0.8x, no-op <= 0.15 s, detect <= 60 ms over the interpreter.
 """
 
@@ -146,9 +147,19 @@ class Bench:
                         wall, result = self.lorastrap(engine, home, prefix)
                         assert not result["changed"]
                         out["noop"].append(wall)
-                shutil.rmtree(home, ignore_errors=True)
-                shutil.rmtree(prefix, ignore_errors=True)
+                self.discard(home, prefix)
         return out
+
+    def discard(self, *trees: Path) -> None:
+        """A run's trees, moved aside into the set's trash (removed once the set is measured, see measure): removed
+        here, each run would follow the removal of the one before's thousands of files, which ext4 without a
+        journal (these machines) makes every new file scan for a while (`recently_deleted`, up to 5 minutes): the
+        next run paid for the last one's files, by a cost that moved ~1 s with nothing else changed."""
+        trash = self.tmp.parent / "trash"
+        trash.mkdir(exist_ok=True)
+        for tree in trees:
+            if tree.exists():
+                tree.rename(trash / f"{self.tmp.name}-{tree.name}")
 
 
 def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path, sync: bool = True) -> list[tuple]:
@@ -179,6 +190,7 @@ def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path, sync: bo
     finally:
         plain.shutdown()
         shaped.shutdown()
+        shutil.rmtree(tmp / name / "trash", ignore_errors=True)
 
 
 def bench_detect(runs: int) -> dict[str, float]:

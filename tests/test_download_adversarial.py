@@ -3,6 +3,7 @@ touch: every probe ends in the right bytes or in a clear NetworkError / Integrit
 extra-connection permits given back and nothing written beside the part."""
 
 import errno
+import hashlib
 import http.server
 import json
 import os
@@ -689,3 +690,112 @@ def test_a_stop_ends_a_tls_handshake_or_a_proxy_that_is_silent(tmp_path, monkeyp
         listener.close()
         for conn, _ in held:
             conn.close()
+
+
+# --- the first connection, split while it reads ----------------------------------------------------------------
+
+class _SplitThenWhole(http.server.BaseHTTPRequestHandler):
+    """A 206 from byte 0, fast, cut at three quarters; the first connection's retry answered late with the whole
+    file (200, its last byte held back a second); the helpers' closed ranges answered later still with other bytes
+    (a stale backend, or someone on the path)."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        good, other, size = srv.good, srv.other, len(srv.good)
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
+        first, last = int(m.group(1)), (int(m.group(2)) if m.group(2) else None)
+        with srv.lock:
+            srv.n += 1
+            n, whole = srv.n, srv.whole
+            srv.whole = srv.whole or (n > 1 and last is None)
+        try:
+            if n == 1:
+                self.send_response(206)
+                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Range", f"bytes 0-{size - 1}/{size}")
+                self.end_headers()
+                self.wfile.write(good[:size * 3 // 4])
+                self.close_connection = True
+                return
+            if last is None and not whole:
+                time.sleep(1.0)
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                self.wfile.write(good[:-1])
+                self.wfile.flush()
+                time.sleep(1.0)
+                self.wfile.write(good[-1:])
+                return
+            body = good[first:] if last is None else other[first:last + 1]
+            if last is not None:
+                time.sleep(3.0)
+            self.send_response(206)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Range", f"bytes {first}-{first + len(body) - 1}/{size}")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+
+def test_a_whole_file_answered_to_a_retry_after_the_part_was_split_is_not_spliced_in(tmp_path, monkeypatch):
+    """The first connection's retry is answered with the whole file (200) while its part was split meanwhile and
+    helpers write other bytes into it: that answer is refused (decided under the split's lock), not taken as a
+    fresh start over the helpers' segments, which the sha256 taken on the way had not seen — it vouched for the
+    right file while the part held other bytes.  The hash is slowed to ~300 MB/s (a CPU without SHA instructions,
+    or a busy one), so that the split comes while the retry waits for its answer."""
+    class SlowSha:
+        def __init__(self):
+            self.h = hashlib.sha256()
+
+        def update(self, data):
+            time.sleep(len(data) / 300e6)
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    class SlowHashlib:
+        sha256 = SlowSha
+    monkeypatch.setattr(download, "hashlib", SlowHashlib)
+    size = 64_000_000
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SplitThenWhole)
+    srv.daemon_threads, srv.lock, srv.n, srv.whole = True, threading.Lock(), 0, False
+    srv.good = os.urandom(size)
+    srv.other = bytes(b ^ 0xFF for b in srv.good[:1 << 20]) * (size // (1 << 20) + 1)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    want = hashlib.sha256(srv.good).hexdigest()
+    pkgs = tmp_path / "pkgs"
+    try:
+        with pytest.raises(IntegrityError):
+            cache.Cache(pkgs).fetch(f"http://127.0.0.1:{srv.server_address[1]}/f.conda", want, "f.conda")
+    finally:
+        srv.shutdown()
+    assert not cache.Cache(pkgs).is_ready(want, "f.conda")
+
+
+def test_a_first_connection_that_stalls_is_split_and_not_waited_for(tmp_path, monkeypatch):
+    """A fast server whose first answer stalls halfway (then silence, longer than the test): the part is split and
+    the stalled connection is shut down at once, not waited for until the read timeout — its segment ends where
+    it stalled, the helpers fetch the rest."""
+    monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "60")
+    root = tmp_path / "srv"
+    root.mkdir()
+    data = os.urandom(64 << 20)
+    (root / "s.conda").write_bytes(data)
+    srv = NetSim(root, stall_s=60).start()
+    srv.inject("s.conda", "stall")
+    part = tmp_path / ".s.conda.part"
+    t = time.monotonic()
+    try:
+        got, sha = download.into(f"{srv.url}/s.conda", part)
+        took = time.monotonic() - t
+    finally:
+        srv.shutdown()
+    assert took < 20, took  # the stall would hold it 60 s
+    assert sha == hashlib.sha256(data).hexdigest() == hashlib.sha256(part.read_bytes()).hexdigest()

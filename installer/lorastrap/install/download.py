@@ -386,6 +386,7 @@ class _Segment:
 
     def __init__(self, start: int, end: int | None, done: int = 0):
         self.start, self.end, self.done, self.taken = start, end, done, False
+        self.writing = 0  # where the block being written ends (0: none), under the job's lock: no cut lies below
 
     @property
     def pos(self) -> int:
@@ -521,8 +522,11 @@ class _Job:
         self.helped = True  # False once the server answered a helper's closed range with the whole file
         self.permits = _EXTRA
         self.socks: list = []  # the sockets this download reads from (see Stop)
+        self.first_thread = 0  # the thread of the first connection, and the socket it reads now (see _split)
+        self.first_sock = None
 
     def run(self) -> int:
+        self.first_thread = threading.get_ident()
         if isinstance(self.stop, Stop):
             self.stop.hook(self._shut_all)
         try:
@@ -536,6 +540,8 @@ class _Job:
             return
         with self.lock:
             self.socks.append(sock)
+            if threading.get_ident() == self.first_thread:
+                self.first_sock = sock
         if self._stopped():
             _shut(sock)
 
@@ -678,20 +684,23 @@ class _Job:
         with self.lock:
             if not self.splittable or self.split or now - self.paced[0] < PACE_EVERY:
                 return
-            slow = self.transferred - self.paced[1] < SPLIT_BELOW * (now - self.paced[0])
+            came = self.transferred - self.paced[1]
+            slow = came < SPLIT_BELOW * (now - self.paced[0])
             self.paced = (now, self.transferred)
         if slow:
-            self._split()
+            self._split(stalled=not came)
 
-    def _split(self) -> None:
-        """Cut what the first connection has not read yet into segments (see the class): it goes on up to the
-        first cut, which lies past the end of any read it may be in (at most CHUNK bytes), and helpers start.  All
-        under the lock, the part's descriptor included: the follower's thread may call this as the download ends
-        (which makes it unsplittable under the lock first)."""
+    def _split(self, *, stalled: bool = False) -> None:
+        """Cut what the first connection has not written yet into segments (see the class), helpers start, and the
+        first connection takes one of them too: a block it reads past the cut is not written (_fill), and when it
+        STALLED (no byte since the pace was last taken) its socket is shut down, so that its thread is not held
+        until the read timeout for bytes the others fetch meanwhile.  All under the lock, the part's descriptor
+        included: the follower's thread may call this as the download ends (which makes it unsplittable under the
+        lock first)."""
         import json
         with self.lock:
             first = self.segments[-1]
-            at = first.pos + CHUNK
+            at = max(first.pos, first.writing)  # never below a block being written
             if not self.splittable or self.split or self.halt.is_set() or first.end is None \
                     or first.end - at < 2 * SEGMENT_MIN:
                 return
@@ -703,6 +712,8 @@ class _Job:
             self.saved = time.monotonic()
             fsutil.write_atomic(sidecar(self.dest), json.dumps(self._doc()), durable=False)  # before the holes
             os.ftruncate(self.fd, self.total)
+            if stalled and self.first_sock is not None:
+                _shut(self.first_sock)
         self._spawn()
 
     def _open_part(self, truncate: bool = False) -> None:
@@ -721,9 +732,9 @@ class _Job:
             try:
                 if body is None:
                     body = self._ranged(seg, open_ended=first)
-                self._fill(seg, body)
+                goes_on = self._fill(seg, body)
                 attempt = 1
-                nxt = self._take(after=seg.end) if first and not body.isclosed() else None
+                nxt = self._take(after=seg.end) if first and goes_on and not body.isclosed() else None
                 if nxt is None:
                     if not body.isclosed():  # the answer goes on past what this connection still needs
                         self._hang_up(body)
@@ -740,12 +751,15 @@ class _Job:
                 return
             except (_HttpStatus, _Cut, http.client.HTTPException, OSError) as exc:
                 body = None
+                if seg.finished:  # its connection was shut down by a split that left it nothing (see _split)
+                    _drop(*urllib.parse.urlsplit(self.final)[:2])
+                    seg, attempt = self._take(), 1
+                    continue
                 self._retry(attempt, self._failure(exc), self._label(seg))
                 attempt += 1
 
     def _ranged(self, seg: _Segment, *, open_ended: bool):
         """Ask for what SEG still lacks; a server that now answers the whole file starts an unsplit download over."""
-        single = not self.split
         try:
             status, headers, body, _ = _request(self.final, seg.pos if seg.pos or self.may_split else None,
                                                 None if open_ended or seg.end is None else seg.end - 1,
@@ -758,15 +772,18 @@ class _Job:
                 self.narrate(f"{self._label(seg)}: resuming at {seg.pos / 2**20:.1f} MiB")
             self._seen(headers)
             return body
-        if status == 200 and single:
-            with self.lock:
-                seg.done, seg.end, self.total = 0, (total if total >= 0 else None), total
-                self.splittable = False
-                self.generation += 1  # before the bytes the follower may have hashed go
-                self.etags, self.dates = set(), set()  # the file from its first byte: what this answer says
-            os.ftruncate(self.fd, 0)
-            self._seen(headers)
-            return body
+        if status == 200:
+            with self.lock:  # decided under the split's own lock: split meanwhile, helpers may be writing
+                single = not self.split
+                if single:
+                    seg.done, seg.end, self.total = 0, (total if total >= 0 else None), total
+                    self.splittable = False  # ... and from now on no split
+                    self.generation += 1  # before the bytes the follower may have hashed go
+                    self.etags, self.dates = set(), set()  # the file from its first byte: what this answer says
+            if single:
+                os.ftruncate(self.fd, 0)
+                self._seen(headers)
+                return body
         self._hang_up(body)
         if status == 200 and not open_ended:
             raise _Whole()
@@ -784,7 +801,10 @@ class _Job:
             one = lambda seen: next(iter(seen)) if len(seen) == 1 else None  # noqa: E731
             self.validator = one(self.etags) or one(self.dates)
 
-    def _fill(self, seg: _Segment, body) -> None:
+    def _fill(self, seg: _Segment, body) -> bool:
+        """Write the answer BODY into SEG until SEG is whole.  True when the answer may go on into the segment after
+        SEG (it stands at SEG's end); False when it cannot: it ended, or the segment was cut short while a block was
+        read (see _split: the bytes past the cut are another segment's, and not written here)."""
         while not seg.finished:
             if (self.stop is not None and self.stop.is_set()) or self.halt.is_set():
                 raise Cancelled()
@@ -792,20 +812,28 @@ class _Job:
             if not block:
                 if seg.end is None:  # an answer of unknown size ends where its body ends
                     seg.end = seg.pos
-                break
-            view = memoryview(block)
+                if seg.end is not None and not seg.finished:
+                    raise _Cut(f"the connection closed after {seg.pos if not self.split else seg.done} of "
+                               f"{seg.end if not self.split else seg.end - seg.start} bytes")
+                return False
+            at = seg.pos
+            with self.lock:
+                room = len(block) if seg.end is None else min(len(block), seg.end - at)
+                seg.writing = at + room
+            view = memoryview(block)[:room]
             while view:
-                view = view[os.pwrite(self.fd, view, seg.pos + len(block) - len(view)):]
-            self._advance(seg, len(block))
+                view = view[os.pwrite(self.fd, view, at + room - len(view)):]
+            self._advance(seg, room)
+            if room < len(block):
+                return False
             if self.splittable:
                 self._pace()
-        if seg.end is not None and not seg.finished:
-            raise _Cut(f"the connection closed after {seg.pos if not self.split else seg.done} of "
-                       f"{seg.end if not self.split else seg.end - seg.start} bytes")
+        return True
 
     def _advance(self, seg: _Segment, n: int) -> None:
         with self.lock:
             seg.done += n
+            seg.writing = 0
             self.transferred += n
         if self.follower is not None:
             self.follower.moved.set()
@@ -1006,7 +1034,8 @@ class _Follower:
                 self.moved.clear()
                 self.job._pace()  # a connection that stalls brings no block that would take its pace
                 ended, edge = self.ended, self._edge()
-                while self.at < edge and not self.failed:
+                least = 1 if ended else HASH_BLOCK  # whole blocks while the bytes come: fewer wake-ups and reads
+                while edge - self.at >= least and not self.failed:
                     n = os.preadv(fd, [view[:min(len(buf), edge - self.at)]], self.at)
                     if not self._same():  # started over while this was read: those bytes may be the new ones
                         break
