@@ -15,10 +15,10 @@ lock's conda records, the engine lorastrap embeds, in a Python process of its ow
 the lock's conda entries: the test channel's `pip` is a stand-in, so their pip step cannot run there; lorastrap's
 figures include its pip step. Scenarios: cold (empty caches, over HTTP), warm (caches filled, a fresh prefix),
 no-op (lorastrap re-run on an environment that matches); and `detect` against the bare interpreter.
-A warm run follows its tool's own cold run, after `sync` (the same for every tool): without it the timed run
-also pays the writeback of what the cold run just wrote, through the engine's fsyncs (py-rattler fsyncs each
-conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too. A run's files are removed only
-once its set is measured, not before the next run (see Bench.discard).
+Every timed run starts after `sync` (the same for every tool); a warm run follows its tool's own cold run: without
+it the timed run also pays the writeback of what the runs before wrote — a warm one through the engine's fsyncs
+(py-rattler fsyncs each conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too. A run's
+thousands of files are removed only once its set is measured, not before the next run (see Bench.discard).
 Targets: warm <= 1.25x micromamba, cold <= 0.8x, no-op <= 0.15 s, detect <= 60 ms over the interpreter.
 """
 
@@ -46,6 +46,7 @@ LOCK_NAME = "test-cpu.linux-64.conda-lock.yml"
 SETS = {"test": {}, "large": {"LORASTRAP_TESTCHANNEL_FILES": "106", "LORASTRAP_TESTCHANNEL_FILE_KIB": "40"},
         "big": {"LORASTRAP_TESTCHANNEL_BIG": "pytorch=320,python=320,numpy=320,bitsandbytes=320"}}
 SHAPED_RATE = {"test": 5 * 2**20, "large": 5 * 2**20, "big": 40 * 2**20}
+MANY_FILES = 1000  # a run's tree of this many files is removed only once its set is measured (Bench.discard)
 TARGETS = {"warm": 1.25, "cold": 0.8, "cold-shaped": 0.8}
 WHO = ("rattler", "micromamba-engine", "micromamba", "py-rattler")
 RATTLER_ALONE = """
@@ -111,7 +112,7 @@ class Bench:
         return wall
 
     def settle(self) -> None:
-        """What the warm-up run wrote reaches the disk before the timed run (see the module's docstring)."""
+        """What the runs before wrote reaches the disk before the timed run (see the module's docstring)."""
         if self.sync:
             os.sync()
 
@@ -125,20 +126,20 @@ class Bench:
                     if kind == "warm":
                         self.rattler_alone(home / "rc", prefix)
                         shutil.rmtree(prefix)
-                        self.settle()
+                    self.settle()
                     out[who].append(self.rattler_alone(home / "rc", prefix))
                 elif who == "micromamba":
                     if kind == "warm":
                         self.micromamba(home / "mm", prefix)
                         shutil.rmtree(prefix)
-                        self.settle()
+                    self.settle()
                     out[who].append(self.micromamba(home / "mm", prefix))
                 else:
                     engine = "rattler" if who == "rattler" else "micromamba"
                     if kind == "warm":
                         self.lorastrap(engine, home, prefix)
                         shutil.rmtree(prefix)
-                        self.settle()
+                    self.settle()
                     wall, result = self.lorastrap(engine, home, prefix)
                     out[who].append(wall)
                     out["files"].append(sum(len(f) for _, _, f in os.walk(prefix)))
@@ -151,14 +152,18 @@ class Bench:
         return out
 
     def discard(self, *trees: Path) -> None:
-        """A run's trees, moved aside into the set's trash (removed once the set is measured, see measure): removed
-        here, each run would follow the removal of the one before's thousands of files, which ext4 without a
-        journal (these machines) makes every new file scan for a while (`recently_deleted`, up to 5 minutes): the
-        next run paid for the last one's files, by a cost that moved ~1 s with nothing else changed."""
+        """A run's trees: removed, or, when they hold thousands of files, moved aside into the set's trash (removed
+        once the set is measured, see measure) — removed here, each run would follow the removal of the one
+        before's thousands of files, which ext4 without a journal (these machines) makes every new file scan for a
+        while (`recently_deleted`, up to 5 minutes): the next run paid for the last one's files, by a cost that
+        moved ~1 s with nothing else changed.  A few big files are removed at once: kept, their gigabytes would be
+        written back to the disk during the next runs (each timed run starts after `sync`, see settle)."""
         trash = self.tmp.parent / "trash"
         trash.mkdir(exist_ok=True)
         for tree in trees:
-            if tree.exists():
+            if sum(len(files) for _, _, files in os.walk(tree)) < MANY_FILES:
+                shutil.rmtree(tree, ignore_errors=True)
+            elif tree.exists():
                 tree.rename(trash / f"{self.tmp.name}-{tree.name}")
 
 
@@ -211,7 +216,7 @@ def main() -> None:
     ap.add_argument("--micromamba", type=Path,
                     default=Path(os.environ.get("MAMBA_EXE") or ROOT.parent / "shared/tools/micromamba/bin/micromamba"))
     ap.add_argument("--sets", default="test,large,big")
-    ap.add_argument("--no-sync", action="store_true", help="time a warm run right after the cold one, unsettled")
+    ap.add_argument("--no-sync", action="store_true", help="time each run unsettled (a warm one right after the cold one)")
     args = ap.parse_args()
     if not args.micromamba.is_file():
         sys.exit(f"no micromamba at {args.micromamba}: pass --micromamba PATH or set MAMBA_EXE")
@@ -224,8 +229,8 @@ def main() -> None:
         for name in args.sets.split(","):
             rows += measure(name, SETS[name], args.runs, args.micromamba, Path(tmp), sync=not args.no_sync)
     detect = bench_detect(args.runs * 3)
-    print(f"medians of {args.runs} runs, wall time of the whole process; micromamba {args.micromamba}; warm runs "
-          f"{'right after the cold one (--no-sync)' if args.no_sync else 'after sync'}")
+    print(f"medians of {args.runs} runs, wall time of the whole process; micromamba {args.micromamba}; each run "
+          f"{'unsettled, a warm one right after the cold one (--no-sync)' if args.no_sync else 'after sync'}")
     print("| set | scenario | packages | archives | files | lorastrap (embedded) | lorastrap (--engine micromamba) | "
           "micromamba create -f | py-rattler alone | best lorastrap / micromamba | target |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

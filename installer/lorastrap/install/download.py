@@ -4,9 +4,10 @@ http.client with a kept-alive connection per host and thread (measured against u
 small files, faster on big ones), proxies through urllib (https_proxy, no_proxy), redirects only to the URL's own
 host or hosts the user named, HTTP Basic credentials from the URL (its own host only) or .netrc.
 
-A large archive from a server that honours Range is downloaded in segments, several byte ranges at once, each over
-its own connection (a link that caps each connection's bandwidth is then bounded by the archive's share of the
-link, not by one connection); a sidecar beside its `.part` records what each segment wrote, for the next run.
+A large archive from a server that honours Range, over a connection that brings it slowly, is downloaded in
+segments, several byte ranges at once, each over its own connection (a link that caps each connection's bandwidth
+is then bounded by the archive's share of the link, not by one connection); a sidecar beside its `.part` records
+what each segment wrote, for the next run.  Its sha256 is taken while it comes (see _Follower).
 A part kept for the next run is resumed with If-Range (its file's ETag, else Last-Modified, kept in that sidecar):
 a file the server changed meanwhile comes whole in the same answer, never spliced onto the old one's bytes.
 Imported only when something is downloaded: a warm install never pays for http.client and ssl.
