@@ -779,14 +779,16 @@ def test_a_whole_file_answered_to_a_retry_after_the_part_was_split_is_not_splice
     assert not cache.Cache(pkgs).is_ready(want, "f.conda")
 
 
-def test_a_first_connection_that_stalls_is_split_and_not_waited_for(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mib", [16, 64])
+def test_a_first_connection_that_stalls_is_split_and_not_waited_for(tmp_path, monkeypatch, mib):
     """A fast server whose first answer stalls halfway (then silence, longer than the test): the part is split and
     the stalled connection is shut down at once, not waited for until the read timeout — its segment ends where
-    it stalled, the helpers fetch the rest."""
+    it stalled, the helpers fetch the rest.  16 MiB: the stall begins inside a pace window that brought bytes
+    (slow, not empty); 64 MiB: one that brought none."""
     monkeypatch.setenv("LORASTRAP_READ_TIMEOUT", "60")
     root = tmp_path / "srv"
     root.mkdir()
-    data = os.urandom(64 << 20)
+    data = os.urandom(mib << 20)
     (root / "s.conda").write_bytes(data)
     srv = NetSim(root, stall_s=60).start()
     srv.inject("s.conda", "stall")
@@ -799,3 +801,24 @@ def test_a_first_connection_that_stalls_is_split_and_not_waited_for(tmp_path, mo
         srv.shutdown()
     assert took < 20, took  # the stall would hold it 60 s
     assert sha == hashlib.sha256(data).hexdigest() == hashlib.sha256(part.read_bytes()).hexdigest()
+
+
+def test_one_cut_of_a_fast_connection_is_one_retry_not_a_split(tmp_path):
+    """The pause before a retry is no slow connection: a fast server that cuts the first answer once gets the
+    rest in one more request from where it stopped, without helpers, and the narration says so once."""
+    root = tmp_path / "srv"
+    root.mkdir()
+    data = os.urandom(64 << 20)
+    (root / "c.conda").write_bytes(data)
+    srv = NetSim(root).start()
+    srv.inject("c.conda", "cut")
+    part = tmp_path / ".c.conda.part"
+    narrated = []
+    try:
+        got, sha = download.into(f"{srv.url}/c.conda", part, narrate=narrated.append)
+        starts = srv.range_starts["c.conda"]
+    finally:
+        srv.shutdown()
+    assert starts == [0, 32 << 20], starts
+    assert sha == hashlib.sha256(data).hexdigest() and got == len(data)
+    assert sum("retrying" in m for m in narrated) == 1 and not any("segment" in m for m in narrated), narrated

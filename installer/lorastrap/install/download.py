@@ -388,6 +388,7 @@ class _Segment:
     def __init__(self, start: int, end: int | None, done: int = 0):
         self.start, self.end, self.done, self.taken = start, end, done, False
         self.writing = 0  # where the block being written ends (0: none), under the job's lock: no cut lies below
+        self.cut = False  # ended by a split that shut its connection down (see _Job._split)
 
     @property
     def pos(self) -> int:
@@ -525,6 +526,8 @@ class _Job:
         self.socks: list = []  # the sockets this download reads from (see Stop)
         self.first_thread = 0  # the thread of the first connection, and the socket it reads now (see _split)
         self.first_sock = None
+        self.first_waits = False  # the first connection waits to try again: its pace is not taken meanwhile
+        self.ending = False  # the download is ending: no helper starts any more
 
     def run(self) -> int:
         self.first_thread = threading.get_ident()
@@ -572,7 +575,7 @@ class _Job:
                 self._failed(exc)
             finally:
                 with self.lock:
-                    self.splittable = False  # no helper starts from here on
+                    self.splittable, self.ending = False, True  # no split, no helper from here on
                 self._join()
         finally:
             if self.follower is not None:
@@ -683,22 +686,23 @@ class _Job:
         has not read yet is split."""
         now = time.monotonic()
         with self.lock:
-            if not self.splittable or self.split or now - self.paced[0] < PACE_EVERY:
+            if not self.splittable or self.split or self.first_waits or now - self.paced[0] < PACE_EVERY:
                 return
-            came = self.transferred - self.paced[1]
-            slow = came < SPLIT_BELOW * (now - self.paced[0])
+            slow = self.transferred - self.paced[1] < SPLIT_BELOW * (now - self.paced[0])
             self.paced = (now, self.transferred)
         if slow:
-            self._split(stalled=not came)
+            self._split()
 
-    def _split(self, *, stalled: bool = False) -> None:
-        """Cut what the first connection has not written yet into segments (see the class), helpers start, and the
-        first connection takes one of them too: a block it reads past the cut is not written (_fill), and when it
-        STALLED (no byte since the pace was last taken) its socket is shut down, so that its thread is not held
-        until the read timeout for bytes the others fetch meanwhile.  All under the lock, the part's descriptor
-        included: the follower's thread may call this as the download ends (which makes it unsplittable under the
-        lock first)."""
+    def _split(self) -> None:
+        """Cut what the first connection has not written yet into segments (see the class), and helpers start.
+        Called from the first connection's own thread (between two reads), it reads on through the first of them.
+        Called from the follower's, while that connection may wait in a read that will not end before the read
+        timeout (a stall, from any point of the last pace), it keeps only the block it is writing, if any: a block
+        it reads past the cut is not written (_fill), and when the cut leaves it nothing its socket is shut down (its
+        thread goes on with a segment no one took).  All under the lock, the part's descriptor included: the
+        follower's thread may call this as the download ends (which makes it unsplittable under the lock first)."""
         import json
+        reader = threading.get_ident() == self.first_thread
         with self.lock:
             first = self.segments[-1]
             at = max(first.pos, first.writing)  # never below a block being written
@@ -707,13 +711,16 @@ class _Job:
                 return
             n = min(PIECES, (first.end - at) // SEGMENT_MIN)
             cuts = [at + (first.end - at) * i // n for i in range(n + 1)]
-            first.end = at
+            if reader:
+                cuts = cuts[1:]
+            first.end = cuts[0]
             self.segments += [_Segment(a, b) for a, b in zip(cuts, cuts[1:])]
             self.split = True
             self.saved = time.monotonic()
             fsutil.write_atomic(sidecar(self.dest), json.dumps(self._doc()), durable=False)  # before the holes
             os.ftruncate(self.fd, self.total)
-            if stalled and self.first_sock is not None:
+            first.cut = not reader and first.finished and self.first_sock is not None
+            if first.cut:
                 _shut(self.first_sock)
         self._spawn()
 
@@ -732,6 +739,9 @@ class _Job:
         while seg is not None:
             try:
                 if body is None:
+                    if seg.finished:  # cut short by a split while this connection waited to try again
+                        seg = self._take()
+                        continue
                     body = self._ranged(seg, open_ended=first)
                 goes_on = self._fill(seg, body)
                 attempt = 1
@@ -829,7 +839,7 @@ class _Job:
                 return False
             if self.splittable:
                 self._pace()
-        return True
+        return not seg.cut
 
     def _advance(self, seg: _Segment, n: int) -> None:
         with self.lock:
@@ -880,7 +890,10 @@ class _Job:
                     return
             if not self.permits.acquire(blocking=False):
                 return
-            with self.lock:
+            with self.lock:  # with _run's `ending` under the same lock: every helper started is joined
+                if self.ending:
+                    self.permits.release()
+                    return
                 self.waiting += 1
                 self.running += 1
                 self.helpers.append(_helpers().submit(self._helper))
@@ -966,8 +979,17 @@ class _Job:
             self._give_up(last)
         self.narrate(f"{label}: {last}; retrying ({attempt}/{RETRIES - 1})")
         until = time.monotonic() + min(0.25 * 2 ** (attempt - 1), 4)
-        while not self._stopped() and time.monotonic() < until:  # a stop is seen during the pause, not after it
-            self.halt.wait(min(0.05, max(0.0, until - time.monotonic())))
+        first = threading.get_ident() == self.first_thread
+        if first:
+            with self.lock:
+                self.first_waits = True  # a pause, not a slow connection
+        try:
+            while not self._stopped() and time.monotonic() < until:  # a stop is seen during the pause, not after it
+                self.halt.wait(min(0.05, max(0.0, until - time.monotonic())))
+        finally:
+            if first:
+                with self.lock:
+                    self.first_waits, self.paced = False, (time.monotonic(), self.transferred)
         if self._stopped():
             raise Cancelled()
 
