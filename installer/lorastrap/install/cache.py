@@ -134,7 +134,7 @@ class Cache:
             else:
                 got_bytes, got = download.into(url, tmp, progress=progress, narrate=narrate, stop=stop,
                                                hosts=self.redirect_hosts)
-                got = got or sha256_file(tmp)  # taken while its segments came, or now
+                got = got or sha256_file(tmp)  # taken while it came, or now
             if got != sha256 and resumed:  # the kept part may be of another file: once more, from the start
                 narrate(f"{filename}: the resumed download does not match; downloading it again from the start")
                 download.discard(tmp)

@@ -372,7 +372,7 @@ def into(url: str, dest: Path, *, progress=None, narrate=lambda m: None,
     """Download url into dest, resuming what dest already holds when the server honours Range (a contiguous
     start, or the segments its sidecar records).  A large file from a server that honours Range comes as several
     byte ranges at once, each over its own connection (see _Job).  Returns the bytes transferred, and the sha256 of
-    dest as it ends when it was taken while the segments came (see _Follower; else None: the caller hashes dest).
+    dest as it ends when it was taken while the bytes came (see _Follower; else None: the caller hashes dest).
     A cut connection, a short body, a read that waits longer than read_timeout() or a 5xx is retried (RETRIES
     attempts for each range, narrated); a 4xx, or running out of attempts, is a NetworkError."""
     if url.startswith("file://") or url.startswith("/"):
@@ -701,7 +701,6 @@ class _Job:
         it reads past the cut is not written (_fill), and when the cut leaves it nothing its socket is shut down (its
         thread goes on with a segment no one took).  All under the lock, the part's descriptor included: the
         follower's thread may call this as the download ends (which makes it unsplittable under the lock first)."""
-        import json
         reader = threading.get_ident() == self.first_thread
         with self.lock:
             first = self.segments[-1]
@@ -716,8 +715,7 @@ class _Job:
             first.end = cuts[0]
             self.segments += [_Segment(a, b) for a, b in zip(cuts, cuts[1:])]
             self.split = True
-            self.saved = time.monotonic()
-            fsutil.write_atomic(sidecar(self.dest), json.dumps(self._doc()), durable=False)  # before the holes
+            self._write(self._doc())  # the sidecar before the holes
             os.ftruncate(self.fd, self.total)
             first.cut = not reader and first.finished and self.first_sock is not None
             if first.cut:
@@ -856,14 +854,17 @@ class _Job:
     def _save(self, every: float = 0.0) -> None:
         """The sidecar: the segments' progress as it is now (written atomically; no fsync — see fetch), unless it
         was written less than EVERY seconds ago."""
-        import json
         with self.save_lock:
             if every and time.monotonic() - self.saved < every:
                 return
             with self.lock:
                 doc = self._doc()
-            self.saved = time.monotonic()
-            fsutil.write_atomic(sidecar(self.dest), json.dumps(doc), durable=False)
+            self._write(doc)
+
+    def _write(self, doc: dict) -> None:
+        import json
+        self.saved = time.monotonic()
+        fsutil.write_atomic(sidecar(self.dest), json.dumps(doc), durable=False)
 
     def _doc(self) -> dict:  # under self.lock
         return {"total": self.total, "segments": [[s.start, s.end, s.done] for s in self.segments],
@@ -1009,12 +1010,13 @@ class _Job:
 
 
 class _Follower:
-    """The sha256 of a part written in segments, taken while they come: a thread reads the part from its first
-    byte on, as far as the segments have written it without a gap, and hashes it (outside the GIL); what is left
-    when the last byte came is hashed then (end).  It reads the part on disk, as the check after the download did:
-    a byte below that point is never written again (a segment's retry resumes where it stopped; an answer of the
-    whole file is refused while the part is in segments, see _Whole), and the bytes a killed run kept are the
-    part's like the others."""
+    """The sha256 of a part (of 2 × SEGMENT_MIN or more), taken while its bytes come: a thread reads the part from
+    its first byte on, as far as it is written without a gap, and hashes it (outside the GIL); what is left when
+    the last byte came is hashed then (end).  It reads the part on disk, as the check after the download did: a
+    byte below that point is written again only when the part starts over from its first byte (an answer of the
+    whole file before any split, see _ranged: the hash starts over too, by the job's generation); a segment's retry
+    resumes where it stopped; the bytes a killed run kept are the part's like the others.  The same thread takes
+    the first connection's pace while it waits (_Job._pace): a stalled connection brings no block that would."""
 
     def __init__(self, job: _Job):
         self.job = job
