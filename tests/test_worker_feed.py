@@ -190,7 +190,7 @@ def test_big_archives_are_unpacked_ahead_each_in_a_thread_of_its_own(channel, ho
     archives = [Path(shutil.copy2(a, tmp_path / "archives"))
                 for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))[:3]]
     cache = tmp_path / "extracted"
-    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))  # what `lorastrap install` starts first
+    ahead.WORKERS.append(subproc.Worker("install.worker"))  # what `lorastrap install` starts first
     try:
         sha = {a: _checked(a) for a in archives}
         handed = [ahead.unpack(a, sha[a], cache) for a in archives]
@@ -220,7 +220,7 @@ def test_a_big_archive_changed_after_its_check_is_not_unpacked_ahead(channel, tm
     sha = _checked(archive)
     with open(archive, "r+b") as f:  # the same bytes written again: only the ctime says so
         f.write(f.read(16))
-    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
+    ahead.WORKERS.append(subproc.Worker("install.worker"))
     try:
         assert ahead.unpack(archive, sha, cache)
         dist = archive.name[:-len(".conda")]
@@ -228,6 +228,80 @@ def test_a_big_archive_changed_after_its_check_is_not_unpacked_ahead(channel, tm
         assert [p.name for p in cache.iterdir()] == []  # no entry, no folder left half filled
     finally:
         ahead.discard()
+
+
+def test_the_install_worker_unpacks_each_conda_itself_before_it_answers(channel, tmp_path):
+    """The worker `lorastrap install` starts ahead (install/worker.py) unpacks every .conda it is sent with
+    lorastrap's own unpacker, several at once, and all of them before it answers — none is "left" to the link step,
+    even those sent right before the answered request — each as py-rattler's extract lays it out.  The unpacker
+    is lorastrap's, not py-rattler's: an archive written to after its check (the same bytes again: its ctime
+    moved) is refused, which py-rattler's extract (its sha256 of the same bytes matches) would have taken."""
+    import shutil
+    from conftest import rattler_extract, unpacked_tree
+    from lorastrap.core import subproc
+    (tmp_path / "archives").mkdir()
+    archives = [Path(shutil.copy2(a, tmp_path / "archives")) for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))]
+    assert len(archives) >= 4
+    sha = {a: _checked(a) for a in archives}
+    changed = archives[-1]
+    with open(changed, "r+b") as f:
+        f.write(f.read(16))
+    cache = tmp_path / "extracted"
+    worker = subproc.Worker("install.worker")
+    try:
+        for a in archives:
+            assert worker.send({"op": "extract", "archive": str(a), "dist": a.name[:-len(".conda")],
+                                "sha256": sha[a], "cache_dir": str(cache)})
+        answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-channel")}, timeout=120)
+    finally:
+        worker.discard()
+    dists = {a: a.name[:-len(".conda")] for a in archives}
+    assert answer.get("extracted") == {**{dists[a]: "ok" for a in archives[:-1]},
+                                       dists[changed]: "the archive changed after it was checked"}, answer
+    assert not (cache / dists[changed]).exists()
+    rattler_extract({tmp_path / "theirs" / dists[a]: a for a in archives[:-1]})
+    for a in archives[:-1]:
+        assert (cache / f"{dists[a]}.lock").read_bytes()[8:].hex() == sha[a]
+        assert unpacked_tree(cache / dists[a]) == unpacked_tree(tmp_path / "theirs" / dists[a]), a.name
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [".cache.lock"]  # nothing half made
+
+
+def _incompressible(tmp_path: Path) -> Path:
+    """A .conda with a member of 48 MiB of incompressible data: still being unpacked a while after it began."""
+    import random
+    import tarfile
+    import testchannel
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    a = testchannel.hostile(tmp_path / "big", "inner-link", outside)
+    m = tarfile.TarInfo("lib/big.bin")
+    data = random.Random(7).randbytes(48 << 20)
+    m.size, m.mode = len(data), 0o644
+    testchannel._with_members(a, [(m, data)])
+    return a
+
+
+def test_the_install_worker_left_by_its_parent_stops_unpacking_and_leaves_nothing(tmp_path):
+    """The install's process dies while the worker unpacks (its stdin ends, no answered request came): the
+    unpacking stops within a block, what it had unpacked is removed, and the worker leaves — an archive of 48 MiB
+    of incompressible data, so it is still being unpacked when stdin closes."""
+    from lorastrap.core import subproc
+    a = _incompressible(tmp_path)
+    sha = _checked(a)
+    cache = tmp_path / "extracted"
+    worker = subproc.Worker("install.worker")
+    try:
+        assert worker.send({"op": "extract", "archive": str(a), "dist": "x-1.0-h0_0", "sha256": sha,
+                            "cache_dir": str(cache)})
+        deadline = time.monotonic() + 60
+        while not (cache.is_dir() and any(p.name.startswith(".x-1.0-h0_0") for p in cache.iterdir())):
+            assert time.monotonic() < deadline, "the worker never began to unpack"
+            time.sleep(0.005)
+        worker.proc.stdin.close()  # as when the install's process is gone: its end of the pipe closes
+        assert worker.proc.wait(timeout=60) == 0
+    finally:
+        worker.discard()
+    assert sorted(p.name for p in cache.iterdir()) in ([".cache.lock"], []), list(cache.iterdir())
 
 
 def _dist(a: Path) -> str:
@@ -394,18 +468,9 @@ def test_own_unpacking_refuses_a_member_folders_deeper_than_any_package(tmp_path
 def test_own_unpacking_stops_within_a_block_and_leaves_nothing(tmp_path):
     """An unpacking told to stop (an interrupt, another archive's failure) ends at its next read and removes what
     it had unpacked: an archive of 48 MiB of incompressible data, stopped after its first blocks."""
-    import random
-    import testchannel
     from lorastrap.install import archive
     from lorastrap.locking.rattler_worker import enter
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    a = testchannel.hostile(tmp_path / "big", "inner-link", outside)
-    import tarfile
-    m = tarfile.TarInfo("lib/big.bin")
-    data = random.Random(7).randbytes(48 << 20)
-    m.size, m.mode = len(data), 0o644
-    testchannel._with_members(a, [(m, data)])
+    a = _incompressible(tmp_path)
     reads = []
 
     def stopped() -> bool:
@@ -465,7 +530,7 @@ def test_an_interrupt_while_the_link_step_waits_for_a_big_archive_leaves_nothing
     monkeypatch.setattr(archive, "unpack", unhurried)
     one = Path(shutil.copy2(sorted((channel["dir"] / "linux-64").glob("*.conda"))[0], tmp_path))
     cache = tmp_path / "extracted"
-    started = subproc.Worker("locking.rattler_worker")
+    started = subproc.Worker("install.worker")
     ahead.WORKERS.append(started)
     try:
         assert ahead.unpack(one, _checked(one), cache)
@@ -509,7 +574,7 @@ def test_no_thread_to_unpack_a_big_archive_leaves_it_to_the_link_step(channel, t
     archives = [Path(shutil.copy2(a, tmp_path / "archives"))
                 for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))[:2]]
     cache = tmp_path / "extracted"
-    ahead.WORKERS.append(subproc.Worker("locking.rattler_worker"))
+    ahead.WORKERS.append(subproc.Worker("install.worker"))
     try:
         got = [ahead.unpack(a, _checked(a), cache) for a in archives]
         assert got == [False, True], got  # the first left to the link step, the second unpacked ahead

@@ -1,11 +1,12 @@
 """Which engine will link, found before anything else is done; and the embedded engine's worker, started then.
 
-The worker (``python -m lorastrap.locking.rattler_worker``: an interpreter, asyncio and py-rattler's 80 MB
-library, ~70 ms on an idle core) is what a new environment's install waits for longest.  ``python -m lorastrap
+The worker (``python -m lorastrap.install.worker``: an interpreter, asyncio and py-rattler's 80 MB library, ~70
+ms on an idle core) is what a new environment's install waits for longest.  ``python -m lorastrap
 install`` starts it first thing (lorastrap/__main__.py), before the command line's own modules are imported, so its
 start-up overlaps all of the install's preparation; the link step takes it (``take``), and an install that ends
 without linking lets it go (``discard``).  While the downloads go on it unpacks each checked archive into its
-package cache (``unpack``), as the engines themselves do.
+package cache (``unpack``), as the engines themselves do — with lorastrap's own unpacker (``into_cache``), in a few
+threads of its own (install/worker.py).
 
 This module is imported before the rest, so it imports only the light part of core (no records, no errors module
 at import time): each millisecond here is one the worker starts later.
@@ -47,7 +48,7 @@ def start(choice: str | None) -> None:
     choice = choice or os.environ.get("LORASTRAP_ENGINE") or "auto"
     if WORKERS or not (choice == "rattler" or (choice == "auto" and not candidates("auto"))):
         return
-    WORKERS.append(subproc.Worker("locking.rattler_worker", show_progress=sys.stderr.isatty()))
+    WORKERS.append(subproc.Worker("install.worker", show_progress=sys.stderr.isatty()))
 
 
 def start_guessing(argv: list[str]) -> None:
@@ -67,13 +68,13 @@ def start_guessing(argv: list[str]) -> None:
         pass
 
 
-# The worker unpacks one archive at a time (py-rattler 0.28's extract holds the GIL: 2 or 4 threads unpacked the
-# large set's 39 archives no faster than 1), while the link step unpacks several at once.  So a big archive is not
-# queued behind the others in that worker (two of 320 MiB one after the other made a cold install over a 40 MiB/s
+# The worker unpacks a few archives at a time (install/worker.py), in the order they were checked.  A big archive
+# is not queued behind the others there (two of 320 MiB behind the small ones made a cold install over a 40 MiB/s
 # link 0.8 s slower): each is unpacked as soon as it is checked, in a thread of this process, at most BIG_MOST at
-# once, by lorastrap's own unpacker (archive.unpack: zstandard and tarfile, which leave the GIL while they
-# decompress and write), not py-rattler's extract, which hashes the archive again, sha256 and md5 (320 MiB: ~1.0 s
-# against ~0.35 s).  The link step waits for what they are unpacking (collect).
+# once, by the same unpacker (archive.unpack: zstandard and tarfile, which leave the GIL while they decompress and
+# write — a big archive's members are few, so the downloads' threads hardly hold it up), not py-rattler's extract,
+# which hashes the archive again, sha256 and md5 (320 MiB: ~1.0 s against ~0.35 s).  The link step waits for what
+# they are unpacking (collect).
 UNPACK_MAX = 64 * 2**20
 _BIG_LOCK = threading.Lock()
 BIG: list = []  # (dist, future) of each big archive being unpacked, until the link step collects them
@@ -106,7 +107,7 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
             if not _POOL:
                 from concurrent.futures import ThreadPoolExecutor  # here: a warm install unpacks nothing
                 _POOL.append(ThreadPoolExecutor(max_workers=BIG_MOST, thread_name_prefix="lorastrap-unpack"))
-            BIG.append((dist, _POOL[0].submit(_unpack_big, archive, dist, sha256, cache_dir, _STOP[0])))
+            BIG.append((dist, _POOL[0].submit(into_cache, archive, dist, sha256, cache_dir, _STOP[0])))
         except RuntimeError:  # no thread to be had (a limit), or the interpreter is shutting down: the link step
             if _POOL:  # unpacks it; its job, queued already, is cancelled with the pool (a later one gets a new pool)
                 _POOL.pop().shutdown(wait=False, cancel_futures=True)
@@ -114,9 +115,11 @@ def unpack(archive: Path, sha256: str, cache_dir: Path) -> bool:
         return True
 
 
-def _unpack_big(archive: Path, dist: str, sha256: str, cache_dir: Path, stop: threading.Event) -> str:
-    """One big archive into the package cache (rattler_worker.enter, the entry rattler itself makes): "ok", or why
-    not — never raises (the link step unpacks what this did not)."""
+def into_cache(archive: Path, dist: str, sha256: str, cache_dir: Path, stop: threading.Event) -> str:
+    """One checked .conda archive into the package cache by lorastrap's own unpacker (rattler_worker.enter, the
+    entry rattler itself makes) — a big one here, in a thread of this process, the others in the worker's threads
+    (install/worker.py): "ok", or why not — never raises (the link step unpacks what this did not).  STOP set: it
+    ends within one block, and what it unpacked is removed."""
     from lorastrap.install import archive as archives
     from lorastrap.install.cache import signature, verified_signature
     from lorastrap.locking.rattler_worker import enter

@@ -13,7 +13,8 @@ Requests, one JSON document a line on stdin: any number of "extract" ones, then 
   {"op": "install", "lock": "/path/x.conda-lock.yml", "platform": "linux-64", "prefix": "...", "cache_dir": "...",
    "result": "..."}
 The answer carries "extracted" when "extract" requests came before it: what each came to ({dist: "ok", or why
-not}).  (A big archive is unpacked by lorastrap's own unpacker instead: install/ahead.py.)
+not}).  Here each is py-rattler's extract; the worker ``lorastrap install`` starts ahead (install/worker.py) unpacks
+.conda archives with lorastrap's own unpacker instead, in a few threads, and hands this loop the rest.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def _extract(req: dict) -> str:
     """Unpack one checked archive into the embedded engine's package cache while the parent still downloads the
     others (py-rattler 0.28's own unpacking; rattler.install then only links it): ``enter``, filled by py-rattler's
     extract, whose sha256 of the bytes it unpacked must be the lock's.  Answers as ``enter`` does; "left" (in main)
-    when the answered request came before its turn."""
+    when the answered request came before its turn.  (install/worker.py's worker: a .tar.bz2 only.)"""
     from pathlib import Path  # here: a worker that only links (a warm install) never imports it (~3 ms)
 
     def fill(tmp: Path) -> str | None:
@@ -267,7 +268,10 @@ def _requests():
     yield None, True
 
 
-def main() -> None:
+def main(unpackers=None) -> None:
+    """The worker's loop.  UNPACKERS: the install room's own unpacking of "extract" requests (install/worker.py:
+    take(req) -> whether it took it, results() -> {dist: "ok" or why not} once all are done, halt()), else each is
+    py-rattler's extract, one after the other."""
     _asyncio_without_tls()
     try:  # before the request: a worker started ahead of its request loads py-rattler while the parent works
         _native()
@@ -276,9 +280,17 @@ def main() -> None:
     extracted: dict[str, str] = {}
     for req, last_came in _requests():  # "extract" requests as the parent's downloads finish, then the one to answer
         if req is None:  # started ahead and not needed after all
+            if unpackers is not None:
+                unpackers.halt()  # nothing half unpacked left behind
             os._exit(0)
         if req.get("op") != "extract":
             break
+        try:
+            if unpackers is not None and unpackers.take(req):
+                continue
+        except BaseException as exc:  # noqa: BLE001 - no thread to be had: left to the link step, as below
+            extracted[req["dist"]] = f"{type(exc).__name__}: {exc}"
+            continue
         if last_came:  # the link step is waiting: what is still queued it unpacks, several at once, not one by one
             extracted[req["dist"]] = "left"
             continue
@@ -286,6 +298,8 @@ def main() -> None:
             extracted[req["dist"]] = _extract(req)
         except BaseException as exc:  # not fatal (a pyo3 PanicException is no Exception): the link step unpacks it
             extracted[req["dist"]] = f"{type(exc).__name__}: {exc}"
+    if unpackers is not None:  # all of them before the link: none is left to rattler's extract, which hashes again
+        extracted.update(unpackers.results())
     try:
         result = answer(req)
     except BaseException as exc:  # an interrupt too: it goes into the answer
