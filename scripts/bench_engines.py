@@ -18,7 +18,8 @@ no-op (lorastrap re-run on an environment that matches); and `detect` against th
 Every timed run starts after `sync` (the same for every tool); a warm run follows its tool's own cold run: without
 it the timed run also pays the writeback of what the runs before wrote — a warm one through the engine's fsyncs
 (py-rattler fsyncs each conda-meta record; micromamba 1.5 does none) — `--no-sync` measures that way too. A run's
-thousands of files are removed only once its set is measured, not before the next run (see Bench.discard).
+thousands of files (the environment a warm run's caches were filled by too) are removed only once every set is
+measured, not before the next run (see Bench.discard).
 Targets: warm <= 1.25x micromamba, cold <= 0.8x, no-op <= 0.15 s, detect <= 60 ms over the interpreter.
 """
 
@@ -46,7 +47,7 @@ LOCK_NAME = "test-cpu.linux-64.conda-lock.yml"
 SETS = {"test": {}, "large": {"LORASTRAP_TESTCHANNEL_FILES": "106", "LORASTRAP_TESTCHANNEL_FILE_KIB": "40"},
         "big": {"LORASTRAP_TESTCHANNEL_BIG": "pytorch=320,python=320,numpy=320,bitsandbytes=320"}}
 SHAPED_RATE = {"test": 5 * 2**20, "large": 5 * 2**20, "big": 40 * 2**20}
-MANY_FILES = 1000  # a run's tree of this many files is removed only once its set is measured (Bench.discard)
+MANY_FILES = 1000  # a run's tree of this many files is removed only once every set is measured (Bench.discard)
 TARGETS = {"warm": 1.25, "cold": 0.8, "cold-shaped": 0.8}
 WHO = ("rattler", "micromamba-engine", "micromamba", "py-rattler")
 RATTLER_ALONE = """
@@ -74,6 +75,7 @@ def timed(argv, env) -> tuple[float, subprocess.CompletedProcess]:
 class Bench:
     def __init__(self, tmp: Path, mm: Path, url: str, lock: dict, sync: bool = True):
         self.tmp, self.mm, self.url, self.lock, self.sync = tmp, mm, url, lock, sync
+        self.set_aside = 0  # trees moved into the set's trash (discard)
         self.n = 0
 
     def _home(self) -> Path:
@@ -125,20 +127,20 @@ class Bench:
                 if who == "py-rattler":
                     if kind == "warm":
                         self.rattler_alone(home / "rc", prefix)
-                        shutil.rmtree(prefix)
+                        self.discard(prefix)  # not removed: see discard
                     self.settle()
                     out[who].append(self.rattler_alone(home / "rc", prefix))
                 elif who == "micromamba":
                     if kind == "warm":
                         self.micromamba(home / "mm", prefix)
-                        shutil.rmtree(prefix)
+                        self.discard(prefix)  # not removed: see discard
                     self.settle()
                     out[who].append(self.micromamba(home / "mm", prefix))
                 else:
                     engine = "rattler" if who == "rattler" else "micromamba"
                     if kind == "warm":
                         self.lorastrap(engine, home, prefix)
-                        shutil.rmtree(prefix)
+                        self.discard(prefix)  # not removed: see discard
                     self.settle()
                     wall, result = self.lorastrap(engine, home, prefix)
                     out[who].append(wall)
@@ -153,10 +155,12 @@ class Bench:
 
     def discard(self, *trees: Path) -> None:
         """A run's trees: removed, or, when they hold thousands of files, moved aside into the set's trash (removed
-        once the set is measured, see measure) — removed here, each run would follow the removal of the one
+        with the benchmark's temporary folder once every set is measured: removed after its own set, the large set's
+        ~250,000 files made the big set's first runs pay for them) — removed here, each run would follow the removal of the one
         before's thousands of files, which ext4 without a journal (these machines) makes every new file scan for a
         while (`recently_deleted`, up to 5 minutes): the next run paid for the last one's files, by a cost that
-        moved ~1 s with nothing else changed.  A few big files are removed at once: kept, their gigabytes would be
+        moved ~1 s with nothing else changed.  The same for the environment a warm run's caches were filled by (its
+        4,041 files removed right before the timed run, until this was seen).  A few big files are removed at once: kept, their gigabytes would be
         written back to the disk during the next runs (each timed run starts after `sync`, see settle)."""
         trash = self.tmp.parent / "trash"
         trash.mkdir(exist_ok=True)
@@ -164,7 +168,8 @@ class Bench:
             if sum(len(files) for _, _, files in os.walk(tree)) < MANY_FILES:
                 shutil.rmtree(tree, ignore_errors=True)
             elif tree.exists():
-                tree.rename(trash / f"{self.tmp.name}-{tree.name}")
+                self.set_aside += 1
+                tree.rename(trash / f"{self.tmp.name}-{self.set_aside}-{tree.name}")
 
 
 def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path, sync: bool = True) -> list[tuple]:
@@ -194,8 +199,7 @@ def measure(name: str, extra_env: dict, runs: int, mm: Path, tmp: Path, sync: bo
         return rows
     finally:
         plain.shutdown()
-        shaped.shutdown()
-        shutil.rmtree(tmp / name / "trash", ignore_errors=True)
+        shaped.shutdown()  # the set's trash stays until every set is measured (Bench.discard)
 
 
 def bench_detect(runs: int) -> dict[str, float]:
