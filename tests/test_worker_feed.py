@@ -235,7 +235,8 @@ def test_the_install_worker_unpacks_each_conda_itself_before_it_answers(channel,
     lorastrap's own unpacker, several at once, and all of them before it answers — none is "left" to the link step,
     even those sent right before the answered request — each as py-rattler's extract lays it out.  The unpacker
     is lorastrap's, not py-rattler's: an archive written to after its check (the same bytes again: its ctime
-    moved) is refused, which py-rattler's extract (its sha256 of the same bytes matches) would have taken."""
+    moved) is refused, which py-rattler's extract (its sha256 of the same bytes matches) would have taken.  An
+    archive sent twice is unpacked once (two threads writing one folder could enter it half removed)."""
     import shutil
     from conftest import rattler_extract, unpacked_tree
     from lorastrap.core import subproc
@@ -249,7 +250,7 @@ def test_the_install_worker_unpacks_each_conda_itself_before_it_answers(channel,
     cache = tmp_path / "extracted"
     worker = subproc.Worker("install.worker")
     try:
-        for a in archives:
+        for a in archives + archives[:2]:  # two sent twice: unpacked once each
             assert worker.send({"op": "extract", "archive": str(a), "dist": a.name[:-len(".conda")],
                                 "sha256": sha[a], "cache_dir": str(cache)})
         answer = worker.ask({"op": "index", "channel": str(tmp_path / "no-channel")}, timeout=120)

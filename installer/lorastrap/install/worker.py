@@ -49,6 +49,8 @@ class Unpackers:
         """Start unpacking the archive of REQ; False for one that is not a .conda (py-rattler's extract's)."""
         if not str(req.get("archive", "")).endswith(".conda"):
             return False
+        if req["dist"] in self.futures:  # sent twice: one unpacking, not two threads writing the one folder
+            return True
         from pathlib import Path
 
         from lorastrap.install import ahead
