@@ -1,6 +1,7 @@
 """The engine worker's feeder (subproc.Worker.send/_fed/ask/discard): timeouts, interrupts, leaks."""
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -303,6 +304,92 @@ def test_the_install_worker_left_by_its_parent_stops_unpacking_and_leaves_nothin
     finally:
         worker.discard()
     assert sorted(p.name for p in cache.iterdir()) in ([".cache.lock"], []), list(cache.iterdir())
+
+
+def test_an_unpacker_thread_that_cannot_start_leaves_no_unpacking_behind(channel, tmp_path, monkeypatch):
+    """A thread limit refuses the install worker's first unpacking thread: the pool had queued that archive all the
+    same, and a thread started for the next one would have unpacked it untracked — past the answer, beside the
+    link step's own.  Now the pool is dropped (what it had not begun, cancelled): the archive is unpacked by no one
+    here, and the later ones as usual."""
+    import shutil
+    from lorastrap.install import worker
+    big = _incompressible(tmp_path)
+    (tmp_path / "archives").mkdir()
+    small = [Path(shutil.copy2(a, tmp_path / "archives"))
+             for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))[:2]]
+    cache = tmp_path / "extracted"
+    real_start, refused = threading.Thread.start, []
+
+    def start(thread):
+        if thread.name.startswith("lorastrap-unpack") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    unpackers = worker.Unpackers()
+    with pytest.raises(RuntimeError):
+        unpackers.take({"archive": str(big), "dist": "big-1.0-h0_0", "sha256": _checked(big), "cache_dir": str(cache)})
+    for a in small:
+        assert unpackers.take({"archive": str(a), "dist": a.name[:-len(".conda")], "sha256": _checked(a),
+                               "cache_dir": str(cache)})
+    assert unpackers.results() == {a.name[:-len(".conda")]: "ok" for a in small}
+    unpackers.pool.shutdown(wait=True)  # every thread it ever started has ended: whatever they ran is done
+    assert refused and not (cache / "big-1.0-h0_0").exists()
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".big")]
+
+
+def test_halting_the_install_worker_does_not_begin_what_is_queued(tmp_path):
+    """Its stdin ends with many archives queued: the ones being unpacked stop within a block, the others are not
+    begun at all (each would have opened its archive and made its folder only to stop and remove it)."""
+    from lorastrap.install import worker
+    big = _incompressible(tmp_path)
+    sha = _checked(big)
+    cache = tmp_path / "extracted"
+    unpackers = worker.Unpackers()
+    for i in range(30):
+        assert unpackers.take({"archive": str(big), "dist": f"big{i}-1.0-h0_0", "sha256": sha, "cache_dir": str(cache)})
+    unpackers.halt()
+    how = unpackers.results()
+    assert sum(why.startswith("CancelledError") for why in how.values()) >= 30 - worker.UNPACKERS, how
+    assert set(how.values()) <= {"stopped", "ok", "CancelledError: "}, how
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith("big")) in ([".cache.lock"], []), \
+        list(cache.iterdir())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_at_a_random_moment_leaves_no_record_half_written(channel, tmp_path):
+    """SIGKILL at a random moment (what discard does to a worker it sent work to) while the install worker enters
+    many packages: a package's metadata file (DIST.lock: revision and sha256, 40 bytes) is whole or not there — it
+    was written in place after the folder's rename, and a kill between the two left it empty (4 of 40 kills)."""
+    import json
+    import random
+    import shutil
+    from lorastrap.core import subproc
+    (tmp_path / "archives").mkdir()
+    small = sorted((Path(shutil.copy2(a, tmp_path / "archives"))
+                    for a in sorted((channel["dir"] / "linux-64").glob("*.conda"))), key=lambda a: a.stat().st_size)[:6]
+    sha = {a: _checked(a) for a in small}
+    rnd, short = random.Random(), []
+    for trial in range(40):
+        cache = tmp_path / f"c{trial}"
+        argv, env = subproc.own_python("install.worker")
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, text=True)
+        for i in range(200):
+            a = small[i % len(small)]
+            proc.stdin.write(json.dumps({"op": "extract", "archive": str(a), "dist": f"d{i}-{a.name[:-6]}",
+                                         "sha256": sha[a], "cache_dir": str(cache)}) + "\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 60
+        while not cache.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rnd.uniform(0, 0.3))
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        short += [(trial, r.name, r.stat().st_size) for r in cache.glob("*.lock")
+                  if not r.name.startswith(".") and r.stat().st_size != 40]
+        shutil.rmtree(cache)
+    assert short == []
 
 
 def _dist(a: Path) -> str:

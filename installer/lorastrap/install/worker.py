@@ -57,9 +57,20 @@ class Unpackers:
         if self.pool is None:
             from concurrent.futures import ThreadPoolExecutor  # here: a worker that only links never imports it
             self.pool = ThreadPoolExecutor(max_workers=UNPACKERS, thread_name_prefix="lorastrap-unpack")
-        self.futures[req["dist"]] = self.pool.submit(ahead.into_cache, Path(req["archive"]), req["dist"],
-                                                     req["sha256"], Path(req["cache_dir"]), self.stop)
+        try:
+            self.futures[req["dist"]] = self.pool.submit(ahead.into_cache, Path(req["archive"]), req["dist"],
+                                                         req["sha256"], Path(req["cache_dir"]), self.stop)
+        except BaseException:  # no thread to be had (a limit): submit had queued the job all the same — a thread
+            self._drop_pool()  # started later would unpack it untracked, past the answer, beside the link step
+            raise
         return True
+
+    def _drop_pool(self) -> None:
+        """Cancel what the pool has not begun (its futures: CancelledError in results) and let it go; the next
+        request gets a new one."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
 
     def results(self) -> dict[str, str]:
         """{dist: "ok", or why not} of every archive taken, once each has been unpacked."""
@@ -72,8 +83,10 @@ class Unpackers:
         return out
 
     def halt(self) -> None:
-        """Stop them all (each within one block, removing what it unpacked) and wait for that."""
+        """Stop them all — what has not begun is not begun, what has ends within one block and removes what it
+        unpacked — and wait for that."""
         self.stop.set()
+        self._drop_pool()
         self.results()
 
 

@@ -226,6 +226,7 @@ def enter(cache, dist: str, sha256: str, fill) -> str:
         _SWEPT.append(cache)
         fsutil.remove_orphans(cache, paths.PARTIAL, marked=True)
     tmp = cache / f".{dist}{paths.PARTIAL}{fsutil.owner_tag()}.d"
+    pending = cache / f".{dist}.lock{paths.PARTIAL}{fsutil.owner_tag()}.r"  # the record, whole or not at all
     try:
         why_not = fill(tmp)
         if why_not:
@@ -234,12 +235,17 @@ def enter(cache, dist: str, sha256: str, fill) -> str:
             fcntl.flock(held, fcntl.LOCK_EX)
             if folder.exists() or record.exists():
                 return "present"
-            os.rename(tmp, folder)
-            with open(record, "wb") as f:
+            with open(pending, "wb") as f:  # written in place after the rename, a kill in between left it empty
                 f.write(struct.pack(">Q", 1) + bytes.fromhex(sha256))
+            os.rename(tmp, folder)
+            os.replace(pending, record)
         return "ok"
     finally:
         fsutil.rmtree_quietly(tmp)
+        try:
+            pending.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _requests():
