@@ -78,7 +78,7 @@ class Unpackers:
         for dist, future in self.futures.items():
             try:
                 out[dist] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - into_cache never raises; a thread that could not start
+            except BaseException as exc:  # noqa: BLE001 - into_cache never raises: cancelled with a dropped pool
                 out[dist] = f"{type(exc).__name__}: {exc}"
         return out
 
