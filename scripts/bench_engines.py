@@ -154,14 +154,15 @@ class Bench:
         return out
 
     def discard(self, *trees: Path) -> None:
-        """A run's trees: removed, or, when they hold thousands of files, moved aside into the set's trash (removed
-        with the benchmark's temporary folder once every set is measured: removed after its own set, the large set's
-        ~250,000 files made the big set's first runs pay for them) — removed here, each run would follow the removal of the one
-        before's thousands of files, which ext4 without a journal (these machines) makes every new file scan for a
-        while (`recently_deleted`, up to 5 minutes): the next run paid for the last one's files, by a cost that
-        moved ~1 s with nothing else changed.  The same for the environment a warm run's caches were filled by (its
-        4,041 files removed right before the timed run, until this was seen).  A few big files are removed at once: kept, their gigabytes would be
-        written back to the disk during the next runs (each timed run starts after `sync`, see settle)."""
+        """A run's trees: removed, or, when they hold thousands of files, moved aside into the set's trash, which
+        goes with the benchmark's temporary folder once every set is measured.  Removed here, each run would follow
+        the removal of the one before's thousands of files, which ext4 without a journal (these machines) makes
+        every new file scan for a while (`recently_deleted`: a minute, six while the inode table is not written
+        back): the next run paid for the last one's files, by a cost that moved ~1 s with nothing else changed.  So
+        is the environment a warm run's caches were filled by (its 4,041 files were removed right before the timed
+        run), and so are a set's trees kept until the last set is measured, for the same reason.  A few big files
+        are removed at once: kept, their gigabytes would be written back to the disk during the next runs (each
+        timed run starts after `sync`, see settle)."""
         trash = self.tmp.parent / "trash"
         trash.mkdir(exist_ok=True)
         for tree in trees:
@@ -220,7 +221,8 @@ def main() -> None:
     ap.add_argument("--micromamba", type=Path,
                     default=Path(os.environ.get("MAMBA_EXE") or ROOT.parent / "shared/tools/micromamba/bin/micromamba"))
     ap.add_argument("--sets", default="test,large,big")
-    ap.add_argument("--no-sync", action="store_true", help="time each run unsettled (a warm one right after the cold one)")
+    ap.add_argument("--no-sync", action="store_true",
+                    help="time each run unsettled (a warm one right after the cold one)")
     args = ap.parse_args()
     if not args.micromamba.is_file():
         sys.exit(f"no micromamba at {args.micromamba}: pass --micromamba PATH or set MAMBA_EXE")

@@ -72,7 +72,7 @@ def start_guessing(argv: list[str]) -> None:
 # is not queued behind the others there (two of 320 MiB behind the small ones made a cold install over a 40 MiB/s
 # link 0.8 s slower): each is unpacked as soon as it is checked, in a thread of this process, at most BIG_MOST at
 # once, by the same unpacker (archive.unpack: zstandard and tarfile, which leave the GIL while they decompress and
-# write — a big archive's members are few, so the downloads' threads hardly hold it up), not py-rattler's extract,
+# write — a big archive's GIL is taken a block at a time, its members being few), not py-rattler's extract,
 # which hashes the archive again, sha256 and md5 (320 MiB: ~1.0 s against ~0.35 s).  The link step waits for what
 # they are unpacking (collect).
 UNPACK_MAX = 64 * 2**20
